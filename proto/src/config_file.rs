@@ -1,0 +1,154 @@
+//! The config-file loader every Detour binary shares: TOML, overridden by environment
+//! variables, with every unknown key and every bad value reported at once.
+//!
+//! An environment variable `{PREFIX}{PATH}` overrides the key at `PATH`, where `PATH` is the
+//! key's dotted path in upper case with `__` between levels: with prefix `DETOUR_`,
+//! `DETOUR_ADMIN__LISTEN=127.0.0.1:9990` sets `[admin] listen`. The value is read as a TOML
+//! value when it parses as one (`5`, `true`, `"x"`), else as a plain string.
+
+use serde::de::DeserializeOwned;
+
+/// Everything wrong with one config, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration ({source_name}):\n  - {}", problems.join("\n  - "))]
+pub struct ConfigError {
+    /// Where the config came from (a file path, or "defaults").
+    pub source_name: String,
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+/// Parses `text` (TOML) as `T`, after applying environment overrides from `env` whose names
+/// start with `prefix`. Unknown keys anywhere are errors, all listed at once.
+pub fn load<T: DeserializeOwned>(
+    source_name: &str,
+    text: &str,
+    prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let fail = |problems| ConfigError {
+        source_name: source_name.to_owned(),
+        problems,
+    };
+    let mut root: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(vec![e.to_string()]))?;
+    let mut problems = Vec::new();
+    for (name, value) in env {
+        let Some(path) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(String::is_empty) {
+            problems.push(format!("environment variable {name}: empty key"));
+            continue;
+        }
+        let parsed = parse_env_value(&value);
+        if let Err(e) = set_path(&mut root, &keys, parsed) {
+            problems.push(format!("environment variable {name}: {e}"));
+        }
+    }
+    let mut unknown = Vec::new();
+    let value = toml::Value::Table(root);
+    let result: Result<T, _> = serde_ignored::deserialize(value, |path| {
+        unknown.push(format!("unknown key `{path}`"));
+    });
+    problems.extend(unknown);
+    match result {
+        Ok(cfg) if problems.is_empty() => Ok(cfg),
+        Ok(_) => Err(fail(problems)),
+        Err(e) => {
+            problems.push(e.to_string());
+            Err(fail(problems))
+        }
+    }
+}
+
+fn parse_env_value(value: &str) -> toml::Value {
+    let doc = format!("v = {value}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(value.to_owned())),
+        Err(_) => toml::Value::String(value.to_owned()),
+    }
+}
+
+fn set_path(root: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = keys.split_last().ok_or("empty key")?;
+    let mut table = root;
+    for k in parents {
+        let entry = table
+            .entry(k.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{k}` is not a table"))?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, Default)]
+    #[serde(default)]
+    struct Admin {
+        listen: String,
+        port: u16,
+    }
+
+    #[derive(Debug, Deserialize, Default)]
+    #[serde(default)]
+    struct Cfg {
+        host: String,
+        admin: Admin,
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let cfg: Cfg = load(
+            "t",
+            "host = \"a\"\n[admin]\nlisten = \"x\"\n",
+            "D_",
+            env(&[("D_ADMIN__PORT", "99"), ("D_HOST", "b"), ("OTHER", "1")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.host, "b");
+        assert_eq!(cfg.admin.listen, "x");
+        assert_eq!(cfg.admin.port, 99);
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported() {
+        let err = load::<Cfg>(
+            "t",
+            "hots = \"a\"\n[admin]\nlisten = \"x\"\nlsten = 1\n",
+            "D_",
+            env(&[("D_ADMN__X", "1")]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for k in ["hots", "admin.lsten", "admn"] {
+            assert!(text.contains(k), "{k} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn bad_values_and_syntax_are_reported() {
+        let err = load::<Cfg>("t", "[admin]\nport = \"nope\"\n", "D_", env(&[])).unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+        let err = load::<Cfg>("t", "host = ", "D_", env(&[])).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+    }
+}

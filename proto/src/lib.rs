@@ -1,0 +1,28 @@
+//! The local control API (generated from `proto/detour/control/v1/control.proto`), the value
+//! types every Detour crate shares (names, endpoints, host status) and the config-file loader
+//! every Detour binary shares.
+
+pub mod config_file;
+pub mod types;
+
+pub use types::{
+    AppProtocol, Endpoint, EndpointSet, HostId, HostStatus, InstanceId, NameError, ServiceName,
+    SidecarState, Source,
+};
+
+/// Generated code of the `detour.control.v1` package.
+pub mod control {
+    #![allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+    tonic::include_proto!("detour.control.v1");
+}
+
+/// The `:authority` under which a sidecar's outbound listener serves the control API.
+pub const CONTROL_AUTHORITY: &str = "detour.control";
+
+/// The response header that marks an error produced by the mesh itself (not by a provider).
+pub const ERROR_HEADER: &str = "x-detour-error";
+
+/// The response header that names the sidecar instance that produced a mesh error.
+pub const PROXY_HEADER: &str = "x-detour-proxy";
+
+mod convert;

@@ -1,0 +1,302 @@
+//! Shared value types: validated names, endpoints as stored in the registry, host status.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A name that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind} {value:?}: {reason}")]
+pub struct NameError {
+    /// What kind of name it was meant to be.
+    pub kind: &'static str,
+    /// The rejected text.
+    pub value: String,
+    /// Why it was rejected.
+    pub reason: &'static str,
+}
+
+fn validate(kind: &'static str, value: &str) -> Result<(), NameError> {
+    let err = |reason| NameError {
+        kind,
+        value: value.to_owned(),
+        reason,
+    };
+    if value.is_empty() {
+        return Err(err("empty"));
+    }
+    if value.len() > 253 {
+        return Err(err("longer than 253 bytes"));
+    }
+    let ok = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return Err(err(
+            "only ASCII letters, digits, '-', '_' and '.' are allowed",
+        ));
+    }
+    if value.starts_with('.') || value.ends_with('.') {
+        return Err(err("must not start or end with '.'"));
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates and wraps a name.
+            pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
+                let value = value.into();
+                validate($kind, &value)?;
+                Ok(Self(value))
+            }
+
+            /// The name as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(value: String) -> Result<Self, NameError> {
+                Self::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, NameError> {
+                Self::new(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A logical service name, as callers put it in `Host` / `:authority`.
+    ServiceName,
+    "service name"
+);
+name_type!(
+    /// One host of the mesh (one sidecar, one watchdog).
+    HostId,
+    "host id"
+);
+name_type!(
+    /// One provider instance of a service.
+    InstanceId,
+    "instance id"
+);
+
+/// The protocol a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), also used for gRPC.
+    Http2,
+}
+
+impl AppProtocol {
+    /// The name used in config files and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Http1 => "http1",
+            AppProtocol::Http2 => "http2",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "http1" => Some(AppProtocol::Http1),
+            "http2" | "grpc" => Some(AppProtocol::Http2),
+            _ => None,
+        }
+    }
+}
+
+/// Who put an endpoint into the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Registered by a Detour sidecar for a local provider.
+    #[default]
+    Native,
+    /// Mirrored from a legacy registry by the sync agent.
+    Sync(String),
+}
+
+/// One provider instance as stored in the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// The service it provides.
+    pub service: ServiceName,
+    /// Unique within the service.
+    pub instance: InstanceId,
+    /// The host it runs on.
+    pub host: HostId,
+    /// Where the provider itself listens (the direct path dials this).
+    pub app_address: SocketAddr,
+    /// That host's inbound sidecar (PA); `None` when the host has no sidecar.
+    pub pa_address: Option<SocketAddr>,
+    /// The provider's protocol.
+    #[serde(default)]
+    pub protocol: AppProtocol,
+    /// Relative share of traffic (1 when absent).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Failure domain, for zone-aware routing later.
+    #[serde(default)]
+    pub zone: String,
+    /// Provider version, free text.
+    #[serde(default)]
+    pub version: String,
+    /// Who registered it.
+    #[serde(default)]
+    pub source: Source,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// All known endpoints of one service, sorted by instance id.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct EndpointSet {
+    /// Whether the registry knows the service at all (it may know it with no live instance).
+    pub known: bool,
+    /// The live endpoints.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl EndpointSet {
+    /// A set the registry knows, sorted by instance id.
+    pub fn known(mut endpoints: Vec<Endpoint>) -> Self {
+        endpoints.sort_by(|a, b| a.instance.cmp(&b.instance));
+        Self {
+            known: true,
+            endpoints,
+        }
+    }
+}
+
+/// The lifecycle state of a host's sidecar, as published in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SidecarState {
+    /// Started, not yet ready to serve.
+    #[default]
+    Starting,
+    /// Serving.
+    Ready,
+    /// Announced its stop: callers should move away.
+    Draining,
+    /// Exited on purpose.
+    Stopped,
+    /// Crashed or hung.
+    Failed,
+}
+
+impl SidecarState {
+    /// The lowercase name used in JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SidecarState::Starting => "starting",
+            SidecarState::Ready => "ready",
+            SidecarState::Draining => "draining",
+            SidecarState::Stopped => "stopped",
+            SidecarState::Failed => "failed",
+        }
+    }
+}
+
+/// What a host publishes about its sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// The host.
+    pub host: HostId,
+    /// Its sidecar's state.
+    pub sidecar: SidecarState,
+    /// Its sidecar's version.
+    pub version: String,
+    /// When this status was written, in milliseconds since the Unix epoch.
+    pub updated_unix_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(ServiceName::new("echo").is_ok());
+        assert!(ServiceName::new("orders.v2-eu_1").is_ok());
+        assert!(ServiceName::new("").is_err());
+        assert!(ServiceName::new("a b").is_err());
+        assert!(ServiceName::new("echo:80").is_err());
+        assert!(ServiceName::new(".echo").is_err());
+        let err = HostId::new("x/y").unwrap_err();
+        assert!(err.to_string().contains("host id"), "{err}");
+    }
+
+    #[test]
+    fn endpoint_json_round_trip_and_defaults() {
+        let json = r#"{"service":"echo","instance":"h1-echo","host":"h1",
+            "app_address":"127.0.0.1:80","pa_address":null}"#;
+        let ep: Endpoint = serde_json::from_str(json).unwrap();
+        assert_eq!(ep.weight, 1);
+        assert_eq!(ep.protocol, AppProtocol::Http1);
+        assert_eq!(ep.source, Source::Native);
+        let back: Endpoint = serde_json::from_str(&serde_json::to_string(&ep).unwrap()).unwrap();
+        assert_eq!(ep, back);
+        let bad = json.replace("\"echo\"", "\"bad name\"");
+        assert!(serde_json::from_str::<Endpoint>(&bad).is_err());
+    }
+
+    #[test]
+    fn endpoint_sets_are_sorted() {
+        let ep = |i: &str| Endpoint {
+            service: ServiceName::new("s").unwrap(),
+            instance: InstanceId::new(i).unwrap(),
+            host: HostId::new("h").unwrap(),
+            app_address: "127.0.0.1:1".parse().unwrap(),
+            pa_address: None,
+            protocol: AppProtocol::Http1,
+            weight: 1,
+            zone: String::new(),
+            version: String::new(),
+            source: Source::Native,
+        };
+        let set = EndpointSet::known(vec![ep("b"), ep("a")]);
+        assert_eq!(set.endpoints[0].instance.as_str(), "a");
+    }
+}

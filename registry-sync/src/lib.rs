@@ -1,0 +1,13 @@
+//! Detour's view of the service registry: the [`Registry`] trait every back-end implements, the
+//! embedded directory back-end ([`dir::DirRegistry`]) and the in-memory endpoint
+//! [`catalog::Catalog`] that sidecars route from.
+//!
+//! Everything above the trait is identical whichever back-end is configured.
+
+pub mod catalog;
+pub mod dir;
+pub mod memory;
+mod registry;
+
+pub use catalog::Catalog;
+pub use registry::{Registry, RegistryError, RegistrySpec, now_unix_ms};

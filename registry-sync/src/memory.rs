@@ -1,0 +1,108 @@
+//! An in-memory [`Registry`] for unit tests of the layers above the trait. Records never
+//! expire; every client made from one store sees the same data at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName};
+use tokio::sync::watch;
+
+use crate::registry::{Registry, RegistryError};
+
+#[derive(Default)]
+struct Store {
+    endpoints: HashMap<ServiceName, Vec<Endpoint>>,
+    hosts: HashMap<HostId, HostStatus>,
+    watchers: HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>,
+}
+
+impl Store {
+    fn set_of(&self, service: &ServiceName) -> EndpointSet {
+        match self.endpoints.get(service) {
+            Some(eps) => EndpointSet::known(eps.clone()),
+            None => EndpointSet::default(),
+        }
+    }
+
+    fn publish(&self, service: &ServiceName) {
+        if let Some(tx) = self.watchers.get(service) {
+            tx.send_replace(Arc::new(self.set_of(service)));
+        }
+    }
+}
+
+/// A shared in-memory registry.
+#[derive(Clone, Default)]
+pub struct MemoryRegistry {
+    store: Arc<Mutex<Store>>,
+}
+
+impl std::fmt::Debug for MemoryRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryRegistry")
+    }
+}
+
+impl MemoryRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Registry for MemoryRegistry {
+    async fn register(&self, endpoint: Endpoint) -> Result<(), RegistryError> {
+        let mut store = self.lock();
+        let service = endpoint.service.clone();
+        let list = store.endpoints.entry(service.clone()).or_default();
+        list.retain(|e| e.instance != endpoint.instance);
+        list.push(endpoint);
+        store.publish(&service);
+        Ok(())
+    }
+
+    async fn deregister(
+        &self,
+        service: &ServiceName,
+        instance: &InstanceId,
+    ) -> Result<(), RegistryError> {
+        let mut store = self.lock();
+        if let Some(list) = store.endpoints.get_mut(service) {
+            list.retain(|e| &e.instance != instance);
+        }
+        store.publish(service);
+        Ok(())
+    }
+
+    async fn watch(
+        &self,
+        service: &ServiceName,
+    ) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
+        let mut store = self.lock();
+        if let Some(tx) = store.watchers.get(service) {
+            return Ok(tx.subscribe());
+        }
+        let (tx, rx) = watch::channel(Arc::new(store.set_of(service)));
+        store.watchers.insert(service.clone(), tx);
+        Ok(rx)
+    }
+
+    async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError> {
+        self.lock().hosts.insert(status.host.clone(), status);
+        Ok(())
+    }
+
+    async fn host_status(&self, host: &HostId) -> Result<Option<HostStatus>, RegistryError> {
+        Ok(self.lock().hosts.get(host).cloned())
+    }
+
+    async fn withdraw(&self) -> Result<(), RegistryError> {
+        Ok(())
+    }
+}

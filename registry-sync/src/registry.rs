@@ -1,0 +1,114 @@
+//! The `Registry` seam: register, keep alive, de-register, watch, host status.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName};
+use tokio::sync::watch;
+
+/// A registry operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The back-end could not be reached or written; a retry may succeed.
+    #[error("registry {backend} unavailable: {source}")]
+    Unavailable {
+        /// Which back-end.
+        backend: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The caller asked for something the back-end refuses; a retry will not help.
+    #[error("registry refused: {0}")]
+    Refused(String),
+    /// The registry specification in the config did not parse.
+    #[error("invalid registry {spec:?}: {reason}")]
+    InvalidSpec {
+        /// The text from the config.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// One registry client. A client belongs to one host: what it registers is kept alive by the
+/// client until it is de-registered, withdrawn, or the client's process dies (then it expires
+/// after its time-to-live).
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Registers (or replaces) an endpoint of this client's host.
+    async fn register(&self, endpoint: Endpoint) -> Result<(), RegistryError>;
+
+    /// Removes one endpoint this client registered.
+    async fn deregister(
+        &self,
+        service: &ServiceName,
+        instance: &InstanceId,
+    ) -> Result<(), RegistryError>;
+
+    /// Watches one service. The receiver holds the current set at once and is updated on every
+    /// change (within the back-end's propagation delay).
+    async fn watch(
+        &self,
+        service: &ServiceName,
+    ) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError>;
+
+    /// Publishes this client's host status.
+    async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError>;
+
+    /// Reads any host's status; `None` when the host is unknown or its record expired.
+    async fn host_status(&self, host: &HostId) -> Result<Option<HostStatus>, RegistryError>;
+
+    /// Withdraws everything this client registered (a planned stop) and stops keeping it alive.
+    async fn withdraw(&self) -> Result<(), RegistryError>;
+}
+
+/// Which back-end a config names: `dir:PATH` (the embedded default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrySpec {
+    /// The directory registry rooted at this path.
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for RegistrySpec {
+    type Err = RegistryError;
+
+    fn from_str(s: &str) -> Result<Self, RegistryError> {
+        let invalid = |reason: &str| RegistryError::InvalidSpec {
+            spec: s.to_owned(),
+            reason: reason.to_owned(),
+        };
+        match s.split_once(':') {
+            Some(("dir", path)) if !path.is_empty() => Ok(RegistrySpec::Dir(PathBuf::from(path))),
+            Some(("dir", _)) => Err(invalid("dir: needs a path")),
+            Some(("etcd", _)) => Err(invalid("the etcd back-end is not built into this version")),
+            _ => Err(invalid("expected dir:PATH")),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        assert_eq!(
+            "dir:/tmp/r".parse::<RegistrySpec>().unwrap(),
+            RegistrySpec::Dir("/tmp/r".into())
+        );
+        assert!("dir:".parse::<RegistrySpec>().is_err());
+        assert!("zk:foo".parse::<RegistrySpec>().is_err());
+        assert!("/tmp/r".parse::<RegistrySpec>().is_err());
+    }
+}

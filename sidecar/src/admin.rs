@@ -1,0 +1,141 @@
+//! The admin API, on loopback only:
+//!
+//! | endpoint | answer |
+//! |---|---|
+//! | `GET /live` | 200 while the process runs |
+//! | `GET /ready` | 200 when ready to route, 503 while starting or draining |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /state` | JSON: host, state, listeners, providers, catalog per service |
+//! | `POST /drain` | starts a graceful stop (as SIGTERM) |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use detour_proto::SidecarState;
+use detour_registry_sync::Catalog;
+use detour_thin_sdk::BoxBody;
+use detour_thin_sdk::body::full;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::app::Bound;
+use crate::config::Config;
+use crate::lifecycle::Lifecycle;
+use crate::telemetry::prometheus;
+
+/// What the admin API reads.
+pub struct Admin {
+    /// Config, for `/state`.
+    pub cfg: Arc<Config>,
+    /// Readiness and drain.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Catalog, for `/state`.
+    pub catalog: Arc<Catalog>,
+    /// Bound addresses, for `/state`.
+    pub bound: Bound,
+}
+
+impl Admin {
+    /// Serves the admin API on `listener` until the task is aborted.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(req)) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+            (&Method::GET, "/ready") => match self.lifecycle.state() {
+                SidecarState::Ready => text(StatusCode::OK, "ready\n"),
+                s => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{}\n", s.as_str()),
+                ),
+            },
+            (&Method::GET, "/metrics") => {
+                let mut r = text(StatusCode::OK, &prometheus().render());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            (&Method::GET, "/state") => {
+                let mut r = Response::new(full(self.state_json().to_string()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            (&Method::POST, "/drain") => {
+                tracing::info!("drain requested on the admin API");
+                self.lifecycle.request_drain();
+                text(StatusCode::ACCEPTED, "draining\n")
+            }
+            (_, "/live" | "/ready" | "/metrics" | "/state" | "/drain") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    fn state_json(&self) -> serde_json::Value {
+        let services: serde_json::Map<String, serde_json::Value> = self
+            .catalog
+            .snapshot()
+            .into_iter()
+            .map(|(name, set)| {
+                (
+                    name.to_string(),
+                    json!({ "known": set.known, "endpoints": set.endpoints }),
+                )
+            })
+            .collect();
+        let providers: Vec<serde_json::Value> = self
+            .cfg
+            .provide
+            .iter()
+            .map(|p| {
+                json!({
+                    "service": p.service, "instance": p.instance,
+                    "address": p.address.to_string(), "protocol": p.protocol,
+                })
+            })
+            .collect();
+        json!({
+            "host": self.cfg.host,
+            "version": crate::VERSION,
+            "state": self.lifecycle.state().as_str(),
+            "draining": self.lifecycle.is_draining(),
+            "listeners": self.bound,
+            "open_connections": self.lifecycle.open_connections(),
+            "providers": providers,
+            "services": services,
+        })
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<BoxBody> {
+    let mut r = Response::new(full(body.to_owned()));
+    *r.status_mut() = status;
+    r
+}

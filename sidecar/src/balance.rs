@@ -1,0 +1,211 @@
+//! Endpoint selection for one service: power-of-two-choices on in-flight requests (weighted)
+//! or round-robin, passing over endpoints recently ejected for refusing connections — unless
+//! every endpoint is ejected, in which case all are eligible again (as Envoy's panic mode).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use detour_proto::{Endpoint, InstanceId};
+use detour_registry_sync::now_unix_ms;
+
+use crate::config::Balance;
+
+/// Live load of one endpoint.
+#[derive(Debug, Default)]
+pub struct Load {
+    /// Requests sent and not yet finished.
+    in_flight: AtomicUsize,
+    /// Passed over until this time (ms since the epoch); 0 when not ejected.
+    ejected_until_ms: AtomicU64,
+}
+
+impl Load {
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+}
+
+/// Counts one request in flight on an endpoint until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Load>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The selector of one service.
+#[derive(Debug)]
+pub struct Balancer {
+    policy: Balance,
+    next: AtomicUsize,
+    loads: Mutex<HashMap<InstanceId, Arc<Load>>>,
+}
+
+impl Balancer {
+    /// A selector with `policy`.
+    pub fn new(policy: Balance) -> Self {
+        Self {
+            policy,
+            next: AtomicUsize::new(0),
+            loads: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn load_of(&self, id: &InstanceId) -> Arc<Load> {
+        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        loads.entry(id.clone()).or_default().clone()
+    }
+
+    /// Picks an endpoint among `endpoints`, skipping those in `exclude` (already tried for this
+    /// request). Returns the endpoint and its in-flight guard.
+    pub fn pick<'a>(
+        &self,
+        endpoints: &'a [Endpoint],
+        exclude: &[InstanceId],
+    ) -> Option<(&'a Endpoint, InFlight)> {
+        let now = now_unix_ms();
+        let candidates: Vec<(&Endpoint, Arc<Load>)> = endpoints
+            .iter()
+            .filter(|e| !exclude.contains(&e.instance))
+            .map(|e| (e, self.load_of(&e.instance)))
+            .collect();
+        let healthy: Vec<&(&Endpoint, Arc<Load>)> =
+            candidates.iter().filter(|(_, l)| !l.ejected(now)).collect();
+        let pool: Vec<&(&Endpoint, Arc<Load>)> = if healthy.is_empty() {
+            candidates.iter().collect()
+        } else {
+            healthy
+        };
+        let chosen = match pool.len() {
+            0 => return None,
+            1 => pool[0],
+            n => match self.policy {
+                Balance::RoundRobin => pool[self.next.fetch_add(1, Ordering::Relaxed) % n],
+                Balance::P2c => {
+                    let a = fastrand::usize(..n);
+                    let mut b = fastrand::usize(..n - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    if cost(pool[a]) <= cost(pool[b]) {
+                        pool[a]
+                    } else {
+                        pool[b]
+                    }
+                }
+            },
+        };
+        chosen.1.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some((chosen.0, InFlight(chosen.1.clone())))
+    }
+
+    /// Passes over `id` for `period` (it refused a connection).
+    pub fn eject(&self, id: &InstanceId, period: Duration) {
+        let until = now_unix_ms() + period.as_millis() as u64;
+        self.load_of(id)
+            .ejected_until_ms
+            .store(until, Ordering::Relaxed);
+    }
+
+    /// Forgets endpoints no longer in `endpoints`.
+    pub fn retain(&self, endpoints: &[Endpoint]) {
+        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        loads.retain(|id, _| endpoints.iter().any(|e| &e.instance == id));
+    }
+}
+
+/// In-flight requests per unit of weight (scaled to stay in integers).
+fn cost((ep, load): &(&Endpoint, Arc<Load>)) -> u64 {
+    (load.in_flight() as u64 + 1) * 1000 / u64::from(ep.weight.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detour_proto::{AppProtocol, HostId, ServiceName, Source};
+
+    fn eps(n: usize) -> Vec<Endpoint> {
+        (0..n)
+            .map(|i| Endpoint {
+                service: ServiceName::new("s").unwrap(),
+                instance: InstanceId::new(format!("i{i}")).unwrap(),
+                host: HostId::new(format!("h{i}")).unwrap(),
+                app_address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                pa_address: None,
+                protocol: AppProtocol::Http1,
+                weight: 1,
+                zone: String::new(),
+                version: String::new(),
+                source: Source::Native,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let b = Balancer::new(Balance::RoundRobin);
+        let e = eps(3);
+        let picks: Vec<String> = (0..6)
+            .map(|_| b.pick(&e, &[]).unwrap().0.instance.to_string())
+            .collect();
+        assert_eq!(picks, ["i0", "i1", "i2", "i0", "i1", "i2"]);
+    }
+
+    #[test]
+    fn p2c_avoids_the_loaded_endpoint() {
+        let b = Balancer::new(Balance::P2c);
+        let e = eps(2);
+        // Hold 10 requests on i0.
+        let held: Vec<InFlight> = (0..10)
+            .map(|_| {
+                InFlight({
+                    let l = b.load_of(&e[0].instance);
+                    l.in_flight.fetch_add(1, Ordering::Relaxed);
+                    l
+                })
+            })
+            .collect();
+        for _ in 0..20 {
+            let (ep, _g) = b.pick(&e, &[]).unwrap();
+            assert_eq!(ep.instance.as_str(), "i1");
+        }
+        drop(held);
+        assert_eq!(b.load_of(&e[0].instance).in_flight(), 0);
+    }
+
+    #[test]
+    fn ejected_endpoints_are_passed_over_unless_all_are() {
+        let b = Balancer::new(Balance::RoundRobin);
+        let e = eps(2);
+        b.eject(&e[0].instance, Duration::from_secs(60));
+        for _ in 0..4 {
+            assert_eq!(b.pick(&e, &[]).unwrap().0.instance.as_str(), "i1");
+        }
+        b.eject(&e[1].instance, Duration::from_secs(60));
+        assert!(
+            b.pick(&e, &[]).is_some(),
+            "panic mode: all ejected means all eligible"
+        );
+        assert_eq!(
+            b.pick(&e, &[e[1].instance.clone()])
+                .unwrap()
+                .0
+                .instance
+                .as_str(),
+            "i0"
+        );
+        assert!(
+            b.pick(&e, &[e[0].instance.clone(), e[1].instance.clone()])
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,496 @@
+//! The sidecar's configuration: one TOML file, every key overridable by a `DETOUR_…`
+//! environment variable, validated as a whole before anything starts.
+//!
+//! `docs/configuration.md` lists every key; keep the two in step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use detour_proto::config_file::{self, ConfigError};
+use detour_proto::{AppProtocol, HostId, InstanceId, ServiceName};
+use detour_registry_sync::RegistrySpec;
+use serde::Deserialize;
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "DETOUR_";
+
+/// The sidecar's configuration as written in the file (before validation).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    /// This host's id in the registry. Required.
+    pub host: String,
+    /// Directory for the sidecar's own files (Unix socket, address file). Created if missing.
+    pub run_dir: PathBuf,
+    /// Registry back-end: `dir:PATH`.
+    pub registry: String,
+    /// Outbound (CA) listeners for local callers.
+    pub outbound: OutboundRaw,
+    /// Inbound (PA) listener for remote callers' sidecars.
+    pub inbound: InboundRaw,
+    /// Admin listener.
+    pub admin: AdminRaw,
+    /// Proxy behaviour.
+    pub proxy: ProxyRaw,
+    /// Lifecycle.
+    pub lifecycle: LifecycleRaw,
+    /// Directory-registry tuning.
+    pub registry_dir: RegistryDirRaw,
+    /// Local providers this sidecar serves inbound and registers.
+    pub provide: Vec<ProvideRaw>,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            run_dir: PathBuf::from("run"),
+            registry: "dir:registry".into(),
+            outbound: OutboundRaw::default(),
+            inbound: InboundRaw::default(),
+            admin: AdminRaw::default(),
+            proxy: ProxyRaw::default(),
+            lifecycle: LifecycleRaw::default(),
+            registry_dir: RegistryDirRaw::default(),
+            provide: Vec::new(),
+        }
+    }
+}
+
+/// `[outbound]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct OutboundRaw {
+    /// Loopback TCP address for local callers (`""` disables it).
+    pub listen: String,
+    /// Unix socket path, relative to `run_dir` unless absolute (`""` disables it).
+    pub unix: String,
+}
+
+impl Default for OutboundRaw {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4140".into(),
+            unix: "outbound.sock".into(),
+        }
+    }
+}
+
+/// `[inbound]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct InboundRaw {
+    /// The host address remote sidecars connect to.
+    pub listen: String,
+}
+
+impl Default for InboundRaw {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4143".into(),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AdminRaw {
+    /// Loopback address of the admin API.
+    pub listen: String,
+}
+
+impl Default for AdminRaw {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4191".into(),
+        }
+    }
+}
+
+/// `[proxy]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ProxyRaw {
+    /// `p2c` (least loaded of two random picks) or `round-robin`.
+    pub balance: String,
+    /// Upstream connect timeout.
+    pub connect_timeout_ms: u64,
+    /// Time allowed for a response head to arrive.
+    pub request_timeout_ms: u64,
+    /// Largest request head accepted (bytes); larger gets 431.
+    pub max_header_bytes: usize,
+    /// How long an endpoint that refused a connection is passed over.
+    pub eject_ms: u64,
+}
+
+impl Default for ProxyRaw {
+    fn default() -> Self {
+        Self {
+            balance: "p2c".into(),
+            connect_timeout_ms: 1000,
+            request_timeout_ms: 30_000,
+            max_header_bytes: 16 * 1024,
+            eject_ms: 2000,
+        }
+    }
+}
+
+/// `[lifecycle]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LifecycleRaw {
+    /// Upper bound on a graceful stop.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for LifecycleRaw {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[registry_dir]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RegistryDirRaw {
+    /// Time-to-live of this host's record without a heartbeat.
+    pub ttl_ms: u64,
+    /// How often the directory is rescanned.
+    pub poll_ms: u64,
+}
+
+impl Default for RegistryDirRaw {
+    fn default() -> Self {
+        Self {
+            ttl_ms: 10_000,
+            poll_ms: 250,
+        }
+    }
+}
+
+/// One `[[provide]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvideRaw {
+    /// Service name.
+    pub service: String,
+    /// Where the local provider listens.
+    pub address: String,
+    /// `http1` (default), `http2` or `grpc`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Relative share of traffic.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Instance id (default `{host}-{service}`).
+    #[serde(default)]
+    pub instance: Option<String>,
+}
+
+/// Load-balancing policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Power of two choices, least in-flight requests.
+    P2c,
+    /// Each endpoint in turn.
+    RoundRobin,
+}
+
+/// A validated local provider.
+#[derive(Debug, Clone)]
+pub struct Provide {
+    /// Service name.
+    pub service: ServiceName,
+    /// Instance id.
+    pub instance: InstanceId,
+    /// Where the provider listens.
+    pub address: SocketAddr,
+    /// Its protocol.
+    pub protocol: AppProtocol,
+    /// Its weight.
+    pub weight: u32,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This host.
+    pub host: HostId,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// The registry back-end.
+    pub registry: RegistrySpec,
+    /// Outbound TCP listener.
+    pub outbound_tcp: Option<SocketAddr>,
+    /// Outbound Unix socket.
+    pub outbound_unix: Option<PathBuf>,
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Load balancing.
+    pub balance: Balance,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Response-head timeout.
+    pub request_timeout: Duration,
+    /// Request-head size limit.
+    pub max_header_bytes: usize,
+    /// Ejection time after a refused connection.
+    pub eject: Duration,
+    /// Graceful-stop bound.
+    pub drain_timeout: Duration,
+    /// Directory-registry record TTL.
+    pub registry_ttl: Duration,
+    /// Directory-registry rescan interval.
+    pub registry_poll: Duration,
+    /// Local providers.
+    pub provide: Vec<Provide>,
+}
+
+impl Config {
+    /// Reads `path` (or only defaults and environment when `None`) and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (name, text) = match path {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => (p.display().to_string(), t),
+                Err(e) => {
+                    return Err(ConfigError {
+                        source_name: p.display().to_string(),
+                        problems: vec![format!("cannot read: {e}")],
+                    });
+                }
+            },
+            None => ("defaults".to_owned(), String::new()),
+        };
+        Self::parse(&name, &text, std::env::vars())
+    }
+
+    /// Parses and validates config text with the given environment.
+    pub fn parse(
+        name: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = config_file::load(name, text, ENV_PREFIX, env)?;
+        raw.validate().map_err(|problems| ConfigError {
+            source_name: name.to_owned(),
+            problems,
+        })
+    }
+}
+
+impl RawConfig {
+    /// Checks every value, collecting every problem.
+    pub fn validate(self) -> Result<Config, Vec<String>> {
+        let mut p = Vec::new();
+        let host = HostId::new(self.host.clone())
+            .map_err(|e| p.push(format!("host: {e}")))
+            .ok();
+        let registry = self
+            .registry
+            .parse::<RegistrySpec>()
+            .map_err(|e| p.push(format!("registry: {e}")))
+            .ok();
+        let addr = |p: &mut Vec<String>, key: &str, v: &str| -> Option<SocketAddr> {
+            v.parse()
+                .map_err(|_| p.push(format!("{key}: {v:?} is not ip:port")))
+                .ok()
+        };
+        let outbound_tcp = if self.outbound.listen.is_empty() {
+            None
+        } else {
+            addr(&mut p, "outbound.listen", &self.outbound.listen)
+        };
+        let outbound_unix = (!self.outbound.unix.is_empty()).then(|| {
+            let u = PathBuf::from(&self.outbound.unix);
+            if u.is_absolute() {
+                u
+            } else {
+                self.run_dir.join(u)
+            }
+        });
+        if outbound_tcp.is_none() && outbound_unix.is_none() && self.outbound.listen.is_empty() {
+            p.push("outbound: at least one of listen and unix must be set".into());
+        }
+        let inbound = addr(&mut p, "inbound.listen", &self.inbound.listen);
+        let admin = addr(&mut p, "admin.listen", &self.admin.listen);
+        if let Some(a) = admin
+            && !a.ip().is_loopback()
+        {
+            p.push(format!("admin.listen: {a} is not a loopback address"));
+        }
+        let balance = match self.proxy.balance.as_str() {
+            "p2c" => Some(Balance::P2c),
+            "round-robin" => Some(Balance::RoundRobin),
+            other => {
+                p.push(format!(
+                    "proxy.balance: {other:?} is not one of \"p2c\", \"round-robin\""
+                ));
+                None
+            }
+        };
+        let positive = |p: &mut Vec<String>, key: &str, v: u64| {
+            if v == 0 {
+                p.push(format!("{key}: must be greater than 0"));
+            }
+            Duration::from_millis(v)
+        };
+        let connect_timeout = positive(
+            &mut p,
+            "proxy.connect_timeout_ms",
+            self.proxy.connect_timeout_ms,
+        );
+        let request_timeout = positive(
+            &mut p,
+            "proxy.request_timeout_ms",
+            self.proxy.request_timeout_ms,
+        );
+        let drain_timeout = positive(
+            &mut p,
+            "lifecycle.drain_timeout_ms",
+            self.lifecycle.drain_timeout_ms,
+        );
+        let registry_ttl = positive(&mut p, "registry_dir.ttl_ms", self.registry_dir.ttl_ms);
+        let registry_poll = positive(&mut p, "registry_dir.poll_ms", self.registry_dir.poll_ms);
+        if !(1024..=1 << 20).contains(&self.proxy.max_header_bytes) {
+            p.push("proxy.max_header_bytes: must be between 1024 and 1048576".into());
+        }
+        let mut provide = Vec::new();
+        for (i, raw) in self.provide.iter().enumerate() {
+            let key = format!("provide[{i}]");
+            let service = ServiceName::new(raw.service.clone())
+                .map_err(|e| p.push(format!("{key}.service: {e}")))
+                .ok();
+            let address = addr(&mut p, &format!("{key}.address"), &raw.address);
+            let protocol = match raw.protocol.as_deref() {
+                None => Some(AppProtocol::Http1),
+                Some(s) => AppProtocol::parse(s).or_else(|| {
+                    p.push(format!("{key}.protocol: {s:?} is not http1, http2 or grpc"));
+                    None
+                }),
+            };
+            let instance_text = raw
+                .instance
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", self.host, raw.service));
+            let instance = InstanceId::new(instance_text)
+                .map_err(|e| p.push(format!("{key}.instance: {e}")))
+                .ok();
+            if let (Some(service), Some(address), Some(protocol), Some(instance)) =
+                (service, address, protocol, instance)
+            {
+                if provide.iter().any(|x: &Provide| x.service == service) {
+                    p.push(format!("{key}: service {service} is provided twice"));
+                }
+                provide.push(Provide {
+                    service,
+                    instance,
+                    address,
+                    protocol,
+                    weight: raw.weight.unwrap_or(1).max(1),
+                });
+            }
+        }
+        match (host, registry, inbound, admin, balance) {
+            (Some(host), Some(registry), Some(inbound), Some(admin), Some(balance))
+                if p.is_empty() =>
+            {
+                Ok(Config {
+                    host,
+                    run_dir: self.run_dir,
+                    registry,
+                    outbound_tcp,
+                    outbound_unix,
+                    inbound,
+                    admin,
+                    balance,
+                    connect_timeout,
+                    request_timeout,
+                    max_header_bytes: self.proxy.max_header_bytes,
+                    eject: Duration::from_millis(self.proxy.eject_ms),
+                    drain_timeout,
+                    registry_ttl,
+                    registry_poll,
+                    provide,
+                })
+            }
+            _ => Err(p),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = Config::parse("t", "host = \"h1\"\n", Vec::new()).unwrap();
+        assert_eq!(cfg.balance, Balance::P2c);
+        assert_eq!(cfg.outbound_unix, Some(PathBuf::from("run/outbound.sock")));
+        assert_eq!(cfg.drain_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn providers_are_validated() {
+        let text = r#"
+host = "h1"
+[[provide]]
+service = "echo"
+address = "127.0.0.1:8080"
+protocol = "grpc"
+"#;
+        let cfg = Config::parse("t", text, Vec::new()).unwrap();
+        assert_eq!(cfg.provide[0].protocol, AppProtocol::Http2);
+        assert_eq!(cfg.provide[0].instance.as_str(), "h1-echo");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+host = "bad host"
+registry = "zk:x"
+[admin]
+listen = "0.0.0.0:1"
+[proxy]
+balance = "random"
+request_timeout_ms = 0
+[[provide]]
+service = "echo"
+address = "nowhere"
+protocol = "ftp"
+"#;
+        let err = Config::parse("t", text, Vec::new()).unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "host:",
+            "registry:",
+            "admin.listen",
+            "proxy.balance",
+            "request_timeout_ms",
+            "provide[0].address",
+            "provide[0].protocol",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let env = vec![
+            ("DETOUR_HOST".to_string(), "h9".to_string()),
+            (
+                "DETOUR_PROXY__BALANCE".to_string(),
+                "round-robin".to_string(),
+            ),
+        ];
+        let cfg = Config::parse("t", "host = \"h1\"\n", env).unwrap();
+        assert_eq!(cfg.host.as_str(), "h9");
+        assert_eq!(cfg.balance, Balance::RoundRobin);
+    }
+}

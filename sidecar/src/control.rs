@@ -1,0 +1,137 @@
+//! The local control API (`detour.control.v1.LocalControl`) the thin SDK subscribes to: the
+//! sidecar's state, and endpoint snapshots of every service the app says it calls.
+//!
+//! A session ends right after announcing `draining`, so a drain never waits on it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use detour_proto::control::control_event::Event;
+use detour_proto::control::local_control_server::LocalControl;
+use detour_proto::control::{
+    ControlEvent, EndpointInfo, EndpointSnapshot, SessionRequest, SidecarStatus,
+};
+use detour_proto::{HostId, ServiceName, SidecarState};
+use detour_registry_sync::Catalog;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::lifecycle::Lifecycle;
+
+/// Serves control sessions.
+#[derive(Clone)]
+pub struct ControlService {
+    /// Whose state is reported.
+    lifecycle: Arc<Lifecycle>,
+    /// Where snapshots come from.
+    catalog: Arc<Catalog>,
+    /// This host, reported in status events.
+    host: HostId,
+}
+
+impl ControlService {
+    /// A control service over `catalog` reporting `lifecycle`.
+    pub fn new(lifecycle: Arc<Lifecycle>, catalog: Arc<Catalog>, host: HostId) -> Self {
+        Self {
+            lifecycle,
+            catalog,
+            host,
+        }
+    }
+
+    fn status(&self, state: SidecarState) -> ControlEvent {
+        let pb: detour_proto::control::SidecarState = state.into();
+        ControlEvent {
+            event: Some(Event::Status(SidecarStatus {
+                state: pb as i32,
+                host: self.host.to_string(),
+                version: crate::VERSION.to_owned(),
+            })),
+        }
+    }
+}
+
+type Tx = mpsc::Sender<Result<ControlEvent, Status>>;
+
+#[tonic::async_trait]
+impl LocalControl for ControlService {
+    type SessionStream = ReceiverStream<Result<ControlEvent, Status>>;
+
+    async fn session(
+        &self,
+        request: tonic::Request<Streaming<SessionRequest>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move { this.run(request.into_inner(), tx).await });
+        metrics::counter!("detour_control_sessions_total").increment(1);
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl ControlService {
+    async fn run(self, mut incoming: Streaming<SessionRequest>, tx: Tx) {
+        let mut state = self.lifecycle.subscribe();
+        let mut watchers = JoinSet::new();
+        let mut seen: HashSet<ServiceName> = HashSet::new();
+        let first = *state.borrow_and_update();
+        if tx.send(Ok(self.status(first))).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                msg = incoming.message() => match msg {
+                    Ok(Some(req)) => {
+                        if !req.app.is_empty() {
+                            tracing::debug!(app = %req.app, "control session opened");
+                        }
+                        for name in req.services {
+                            let Ok(service) = ServiceName::new(name) else { continue };
+                            if seen.insert(service.clone()) {
+                                watchers.spawn(forward_snapshots(self.catalog.clone(), service, tx.clone()));
+                            }
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                },
+                changed = state.changed() => {
+                    if changed.is_err() { break; }
+                    let s = *state.borrow_and_update();
+                    if tx.send(Ok(self.status(s))).await.is_err() { break; }
+                    if matches!(s, SidecarState::Draining | SidecarState::Stopped) { break; }
+                }
+                _ = tx.closed() => break,
+            }
+        }
+        watchers.abort_all();
+    }
+}
+
+/// Sends `service`'s snapshot now and after every change, until the session ends.
+async fn forward_snapshots(catalog: Arc<Catalog>, service: ServiceName, tx: Tx) {
+    let mut rx = match catalog.subscribe(&service).await {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::warn!(%service, error = %e, "no snapshot for control session");
+            return;
+        }
+    };
+    let mut revision = 0u64;
+    loop {
+        let set = rx.borrow_and_update().clone();
+        revision += 1;
+        let snap = EndpointSnapshot {
+            service: service.to_string(),
+            endpoints: set.endpoints.iter().map(EndpointInfo::from).collect(),
+            revision,
+        };
+        let ev = ControlEvent {
+            event: Some(Event::Snapshot(snap)),
+        };
+        if tx.send(Ok(ev)).await.is_err() || rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

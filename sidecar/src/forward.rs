@@ -1,0 +1,58 @@
+//! One forwarding attempt to an upstream (a PA or a local provider), shared by both
+//! directions: set the target, send with a timeout, clean the response.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use detour_proto::AppProtocol;
+use detour_thin_sdk::transport::set_target;
+use detour_thin_sdk::{BoxBody, Dial, Failed, Pool};
+use http::{Request, Response};
+
+use crate::headers::strip_hop_by_hop;
+use crate::respond::MeshError;
+
+/// Why an attempt produced no response.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// Nothing usable came back; the request is lost to this attempt.
+    Fatal(MeshError),
+    /// The request never left and is handed back (a connect failure, a refused stream).
+    NeverLeft {
+        /// What happened.
+        error: MeshError,
+        /// The request, to send elsewhere.
+        request: Request<BoxBody>,
+    },
+}
+
+/// Sends `req` to `dial` over `protocol` with `authority` as its target.
+pub async fn attempt(
+    pool: &Arc<Pool>,
+    dial: &Dial,
+    protocol: AppProtocol,
+    authority: &str,
+    req: Request<BoxBody>,
+    timeout: Duration,
+) -> Result<Response<BoxBody>, AttemptError> {
+    let req = set_target(authority, protocol, req)
+        .map_err(|e| AttemptError::Fatal(MeshError::Malformed(e.to_string())))?;
+    match tokio::time::timeout(timeout, pool.send(dial, protocol, req)).await {
+        Err(_) => Err(AttemptError::Fatal(MeshError::Timeout(
+            timeout.as_millis() as u64
+        ))),
+        Ok(Ok(mut resp)) => {
+            strip_hop_by_hop(resp.headers_mut());
+            Ok(resp)
+        }
+        Ok(Err(Failed { error, request })) => match request {
+            Some(request) => Err(AttemptError::NeverLeft {
+                error: MeshError::UpstreamConnect(error.to_string()),
+                request,
+            }),
+            None => Err(AttemptError::Fatal(MeshError::UpstreamReset(
+                error.to_string(),
+            ))),
+        },
+    }
+}

@@ -1,0 +1,111 @@
+//! Header handling shared by both directions: the target authority, the request-head size,
+//! and removal of hop-by-hop headers.
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::request::Parts;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross a proxy.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// The request's target authority without a port: `:authority` for HTTP/2, `Host` for
+/// HTTP/1.1.
+pub fn authority(parts: &Parts) -> Option<&str> {
+    let raw = match parts.uri.authority() {
+        Some(a) => a.host(),
+        None => parts.headers.get(header::HOST)?.to_str().ok()?,
+    };
+    let host = match raw.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw,
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// Approximate size of the request head in bytes (as HTTP/1.1 would encode it).
+pub fn head_size(parts: &Parts) -> usize {
+    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    parts
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`, and any `TE` other than
+/// `trailers` (which gRPC needs).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(n);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(req: http::Request<()>) -> Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn authority_from_uri_or_host() {
+        let p = parts(http::Request::get("http://echo:80/x").body(()).unwrap());
+        assert_eq!(authority(&p), Some("echo"));
+        let p = parts(
+            http::Request::get("/x")
+                .header("host", "echo:4140")
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(authority(&p), Some("echo"));
+        let p = parts(http::Request::get("/x").body(()).unwrap());
+        assert_eq!(authority(&p), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut p = parts(
+            http::Request::get("/")
+                .header("connection", "close, x-secret")
+                .header("x-secret", "1")
+                .header("keep-alive", "5")
+                .header("te", "gzip, trailers")
+                .header("x-keep", "1")
+                .body(())
+                .unwrap(),
+        );
+        strip_hop_by_hop(&mut p.headers);
+        assert!(p.headers.get("x-secret").is_none());
+        assert!(p.headers.get("connection").is_none());
+        assert!(p.headers.get("keep-alive").is_none());
+        assert_eq!(p.headers["te"], "trailers");
+        assert_eq!(p.headers["x-keep"], "1");
+        assert!(head_size(&p) > 10);
+    }
+}

@@ -1,0 +1,24 @@
+//! The Detour sidecar: one proxy per host. Its outbound side (CA) takes calls from local apps
+//! and routes them by service name to a provider host's inbound side (PA), which hands them to
+//! the local provider. One process plays both roles.
+//!
+//! The binary (`src/main.rs`) only reads the config, calls [`app::Sidecar::start`], waits for
+//! a signal and drains; everything else is here.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod control;
+pub mod detect;
+pub mod forward;
+pub mod headers;
+pub mod inbound;
+pub mod lifecycle;
+pub mod outbound;
+pub mod respond;
+pub mod server;
+pub mod telemetry;
+
+/// This sidecar's version, reported in `/state`, host status and control events.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,62 @@
+//! Errors a call through the SDK can end with, each saying whether a retry is safe.
+
+use std::time::Duration;
+
+use detour_proto::ServiceName;
+
+use crate::transport::{Dial, TransportError};
+
+/// Why a call failed before the application got a response.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request could not be built into something the mesh can carry.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The local sidecar could not be reached; the request never left, so a retry is safe.
+    #[error("sidecar {sidecar} unavailable: {source}")]
+    SidecarUnavailable {
+        /// The sidecar address.
+        sidecar: Dial,
+        /// The transport failure.
+        #[source]
+        source: TransportError,
+    },
+    /// The request was sent and then its connection failed: it may or may not have been
+    /// processed. Retry only if it is idempotent.
+    #[error("outcome unknown for a request to {service}: {source}")]
+    OutcomeUnknown {
+        /// The service called.
+        service: ServiceName,
+        /// The transport failure.
+        #[source]
+        source: TransportError,
+    },
+    /// No response arrived within the client's timeout; the outcome is unknown.
+    #[error("request to {service} timed out after {after:?}")]
+    Timeout {
+        /// The service called.
+        service: ServiceName,
+        /// The configured timeout.
+        after: Duration,
+    },
+}
+
+impl Error {
+    /// A short, stable name for metrics and load reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::SidecarUnavailable { .. } => "sidecar_unavailable",
+            Error::OutcomeUnknown { .. } => "outcome_unknown",
+            Error::Timeout { .. } => "timeout",
+        }
+    }
+
+    /// Whether the request certainly did not reach any provider.
+    pub fn never_left(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidRequest(_) | Error::SidecarUnavailable { .. }
+        )
+    }
+}

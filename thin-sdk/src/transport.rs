@@ -1,0 +1,606 @@
+//! Dialing and connection pooling over TCP or Unix sockets, at hyper's connection level.
+//!
+//! HTTP/1.1 connections are kept in a small LIFO pool per target and returned only after the
+//! response body reached its end. HTTP/2 uses one multiplexed connection per target. Working at
+//! the connection level (not hyper-util's pooled client) is what lets a failure say whether the
+//! request ever left: see [`TransportError::never_left`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use detour_proto::AppProtocol;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::body::{BoxBody, BoxError, boxed};
+
+/// Where to connect: a TCP address or a Unix socket path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Dial {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix stream socket.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Dial {
+    type Err = String;
+
+    /// `unix:/path`, an absolute path, or `ip:port`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Ok(Dial::Unix(PathBuf::from(path)));
+        }
+        if s.starts_with('/') {
+            return Ok(Dial::Unix(PathBuf::from(s)));
+        }
+        s.parse()
+            .map(Dial::Tcp)
+            .map_err(|_| format!("{s:?} is neither ip:port nor unix:/path"))
+    }
+}
+
+impl fmt::Display for Dial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dial::Tcp(a) => write!(f, "{a}"),
+            Dial::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A connected TCP or Unix stream.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP (with `TCP_NODELAY` set).
+    Tcp(TcpStream),
+    /// Unix.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Connects to `dial`.
+    pub async fn connect(dial: &Dial) -> io::Result<Stream> {
+        match dial {
+            Dial::Tcp(addr) => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Dial::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match Pin::get_mut($self) {
+            Stream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Rewrites a request's target for `protocol`: origin-form plus `Host: authority` for HTTP/1.1,
+/// an absolute `http://authority/...` URI (`:authority`) for HTTP/2.
+pub fn set_target(
+    authority: &str,
+    protocol: AppProtocol,
+    req: Request<BoxBody>,
+) -> Result<Request<BoxBody>, http::Error> {
+    let (mut parts, body) = req.into_parts();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match protocol {
+        AppProtocol::Http1 => {
+            parts.uri = http::Uri::builder().path_and_query(pq).build()?;
+            let host = http::HeaderValue::from_str(authority)?;
+            parts.headers.insert(http::header::HOST, host);
+        }
+        AppProtocol::Http2 => {
+            parts.uri = http::Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(pq)
+                .build()?;
+            parts.headers.remove(http::header::HOST);
+        }
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// A request that failed in transport, saying whether it ever left.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The connection could not be opened; the request never left.
+    #[error("connect to {target}: {source}")]
+    Connect {
+        /// The target.
+        target: Dial,
+        /// The socket error.
+        #[source]
+        source: io::Error,
+    },
+    /// The connection was not opened in time; the request never left.
+    #[error("connect to {target}: timed out after {after:?}")]
+    ConnectTimeout {
+        /// The target.
+        target: Dial,
+        /// The connect timeout.
+        after: Duration,
+    },
+    /// The HTTP handshake failed, or the connection closed before the request was written;
+    /// the request never left.
+    #[error("request to {target} was not sent: {source}")]
+    NotSent {
+        /// The target.
+        target: Dial,
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The request was (at least partly) sent and then the exchange failed: the outcome at the
+    /// server is unknown.
+    #[error("request to {target} failed after it was sent: {source}")]
+    AfterSent {
+        /// The target.
+        target: Dial,
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl TransportError {
+    /// Whether the request certainly never reached the server (safe to send elsewhere).
+    pub fn never_left(&self) -> bool {
+        !matches!(self, TransportError::AfterSent { .. })
+    }
+}
+
+/// A failed send: the error, and the request itself whenever it never left (so the caller can
+/// send it elsewhere, whatever its method).
+#[derive(Debug)]
+pub struct Failed {
+    /// What went wrong.
+    pub error: TransportError,
+    /// The untouched request, when it was never written to any connection.
+    pub request: Option<Request<BoxBody>>,
+}
+
+impl Failed {
+    fn never_sent(error: TransportError, request: Request<BoxBody>) -> Self {
+        Failed {
+            error,
+            request: Some(request),
+        }
+    }
+
+    fn after_sent(error: TransportError) -> Self {
+        Failed {
+            error,
+            request: None,
+        }
+    }
+}
+
+/// Tuning of a [`Pool`].
+#[derive(Debug, Clone, Copy)]
+pub struct PoolOptions {
+    /// Time allowed for TCP/Unix connect.
+    pub connect_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per target.
+    pub max_idle_per_target: usize,
+    /// HTTP/2 initial stream window.
+    pub h2_stream_window: u32,
+    /// HTTP/2 initial connection window.
+    pub h2_connection_window: u32,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            max_idle_per_target: 64,
+            h2_stream_window: 1 << 20,
+            h2_connection_window: 16 << 20,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    h1_idle: Vec<http1::SendRequest<BoxBody>>,
+    h2: Option<http2::SendRequest<BoxBody>>,
+}
+
+/// Connections to many targets, by protocol.
+pub struct Pool {
+    opts: PoolOptions,
+    entries: Mutex<HashMap<Dial, Entry>>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("opts", &self.opts).finish()
+    }
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(opts: PoolOptions) -> Arc<Pool> {
+        Arc::new(Pool {
+            opts,
+            entries: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Dial, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `req` to `dial` over `proto`. The request's URI must already be in the form the
+    /// protocol needs (origin-form with `Host` for HTTP/1.1, absolute for HTTP/2).
+    pub async fn send(
+        self: &Arc<Self>,
+        dial: &Dial,
+        proto: AppProtocol,
+        req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, Failed> {
+        match proto {
+            AppProtocol::Http1 => self.send_h1(dial, req).await,
+            AppProtocol::Http2 => self.send_h2(dial, req).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        dial: &Dial,
+        mut req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, Failed> {
+        loop {
+            let (mut sender, reused) = match self.take_h1(dial).await {
+                Some(s) => (s, true),
+                None => match self.connect_h1(dial).await {
+                    Ok(s) => (s, false),
+                    Err(e) => return Err(Failed::never_sent(e, req)),
+                },
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let ret = Return {
+                        sender: Some(sender),
+                        pool: Arc::downgrade(self),
+                        dial: dial.clone(),
+                    };
+                    return Ok(resp.map(|inner| boxed(PooledBody { inner, ret })));
+                }
+                Err(mut e) => match e.take_message() {
+                    // A reused connection closed under us before the request was written:
+                    // try again (eventually on a fresh connection).
+                    Some(back) if reused => req = back,
+                    Some(back) => {
+                        let error = TransportError::NotSent {
+                            target: dial.clone(),
+                            source: e.into_error(),
+                        };
+                        return Err(Failed::never_sent(error, back));
+                    }
+                    None => {
+                        return Err(Failed::after_sent(TransportError::AfterSent {
+                            target: dial.clone(),
+                            source: e.into_error(),
+                        }));
+                    }
+                },
+            }
+        }
+    }
+
+    async fn take_h1(&self, dial: &Dial) -> Option<http1::SendRequest<BoxBody>> {
+        loop {
+            let mut sender = self.lock().get_mut(dial)?.h1_idle.pop()?;
+            if sender.is_closed() {
+                continue;
+            }
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn give_back_h1(&self, dial: Dial, sender: http1::SendRequest<BoxBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut entries = self.lock();
+        let idle = &mut entries.entry(dial).or_default().h1_idle;
+        if idle.len() < self.opts.max_idle_per_target {
+            idle.push(sender);
+        }
+    }
+
+    async fn dial(&self, dial: &Dial) -> Result<TokioIo<Stream>, TransportError> {
+        match tokio::time::timeout(self.opts.connect_timeout, Stream::connect(dial)).await {
+            Ok(Ok(s)) => Ok(TokioIo::new(s)),
+            Ok(Err(source)) => Err(TransportError::Connect {
+                target: dial.clone(),
+                source,
+            }),
+            Err(_) => Err(TransportError::ConnectTimeout {
+                target: dial.clone(),
+                after: self.opts.connect_timeout,
+            }),
+        }
+    }
+
+    async fn connect_h1(&self, dial: &Dial) -> Result<http1::SendRequest<BoxBody>, TransportError> {
+        let io = self.dial(dial).await?;
+        let not_sent = |source| TransportError::NotSent {
+            target: dial.clone(),
+            source,
+        };
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(not_sent)?;
+        let target = dial.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%target, error = %e, "http/1 upstream connection ended");
+            }
+        });
+        sender.ready().await.map_err(not_sent)?;
+        Ok(sender)
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        dial: &Dial,
+        mut req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, Failed> {
+        let mut fresh = false;
+        loop {
+            let cached = self
+                .lock()
+                .get(dial)
+                .and_then(|e| e.h2.clone())
+                .filter(|s| !s.is_closed());
+            let mut sender = match cached {
+                Some(s) => s,
+                None => {
+                    fresh = true;
+                    match self.connect_h2(dial).await {
+                        Ok(s) => s,
+                        Err(e) => return Err(Failed::never_sent(e, req)),
+                    }
+                }
+            };
+            if let Err(source) = sender.ready().await {
+                if fresh {
+                    let error = TransportError::NotSent {
+                        target: dial.clone(),
+                        source,
+                    };
+                    return Err(Failed::never_sent(error, req));
+                }
+                self.forget_h2(dial);
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(boxed)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => {
+                        self.forget_h2(dial);
+                        req = back;
+                    }
+                    Some(back) => {
+                        let error = TransportError::NotSent {
+                            target: dial.clone(),
+                            source: e.into_error(),
+                        };
+                        return Err(Failed::never_sent(error, back));
+                    }
+                    None => {
+                        return Err(Failed::after_sent(TransportError::AfterSent {
+                            target: dial.clone(),
+                            source: e.into_error(),
+                        }));
+                    }
+                },
+            }
+        }
+    }
+
+    fn forget_h2(&self, dial: &Dial) {
+        if let Some(e) = self.lock().get_mut(dial) {
+            e.h2 = None;
+        }
+    }
+
+    async fn connect_h2(&self, dial: &Dial) -> Result<http2::SendRequest<BoxBody>, TransportError> {
+        let io = self.dial(dial).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(self.opts.h2_stream_window)
+            .initial_connection_window_size(self.opts.h2_connection_window)
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .handshake(io)
+            .await
+            .map_err(|source| TransportError::NotSent {
+                target: dial.clone(),
+                source,
+            })?;
+        let target = dial.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%target, error = %e, "http/2 upstream connection ended");
+            }
+        });
+        self.lock().entry(dial.clone()).or_default().h2 = Some(sender.clone());
+        Ok(sender)
+    }
+}
+
+/// Hands an HTTP/1.1 connection back to its pool.
+struct Return {
+    sender: Option<http1::SendRequest<BoxBody>>,
+    pool: Weak<Pool>,
+    dial: Dial,
+}
+
+impl Return {
+    fn give_back(&mut self) {
+        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
+            pool.give_back_h1(self.dial.clone(), sender);
+        }
+    }
+}
+
+/// A response body that returns its connection to the pool when it reaches its end. Dropped
+/// early, it drops the connection instead (its state is unknown).
+struct PooledBody {
+    inner: Incoming,
+    ret: Return,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match frame {
+            None => {
+                this.ret.give_back();
+                Poll::Ready(None)
+            }
+            Some(Ok(f)) => {
+                if this.inner.is_end_stream() {
+                    this.ret.give_back();
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_parses() {
+        assert_eq!(
+            "127.0.0.1:80".parse::<Dial>().unwrap(),
+            Dial::Tcp("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(
+            "unix:/run/x.sock".parse::<Dial>().unwrap(),
+            Dial::Unix("/run/x.sock".into())
+        );
+        assert_eq!(
+            "/run/x.sock".parse::<Dial>().unwrap(),
+            Dial::Unix("/run/x.sock".into())
+        );
+        assert!("localhost".parse::<Dial>().is_err());
+    }
+
+    #[tokio::test]
+    async fn connect_refused_never_left() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let pool = Pool::new(PoolOptions::default());
+        let req = Request::get("/").body(crate::body::empty()).unwrap();
+        let err = pool
+            .send(&Dial::Tcp(addr), AppProtocol::Http1, req)
+            .await
+            .unwrap_err();
+        assert!(
+            err.request.is_some(),
+            "a request that never left comes back"
+        );
+        assert!(err.error.never_left(), "{}", err.error);
+        assert!(
+            matches!(err.error, TransportError::Connect { .. }),
+            "{}",
+            err.error
+        );
+    }
+}
