@@ -252,6 +252,25 @@ pub struct HostStatus {
     pub updated_unix_ms: u64,
 }
 
+/// Where a running sidecar's listeners are, as it writes them to `{run_dir}/sidecar.json`
+/// once it is ready (ports chosen by the OS are resolved here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SidecarAddresses {
+    /// The sidecar's process id.
+    pub pid: u32,
+    /// Outbound TCP listener, if enabled.
+    pub outbound_tcp: Option<SocketAddr>,
+    /// Outbound Unix socket, if enabled.
+    pub outbound_unix: Option<std::path::PathBuf>,
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+}
+
+/// The file name, inside a sidecar's run directory, of its [`SidecarAddresses`].
+pub const ADDRESS_FILE: &str = "sidecar.json";
+
 #[cfg(test)]
 mod tests {
     use super::*;

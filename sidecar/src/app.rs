@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use detour_proto::{Endpoint, HostStatus, SidecarState, Source};
+use detour_proto::{ADDRESS_FILE, Endpoint, HostStatus, SidecarAddresses, SidecarState, Source};
 use detour_registry_sync::dir::{DirOptions, DirRegistry};
 use detour_registry_sync::{Catalog, Registry, RegistryError, RegistrySpec, now_unix_ms};
 use detour_thin_sdk::{Pool, PoolOptions};
-use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 
@@ -21,9 +20,6 @@ use crate::inbound::Inbound;
 use crate::lifecycle::Lifecycle;
 use crate::outbound::Outbound;
 use crate::server::{ConnOptions, Listener, accept_loop};
-
-/// The file in `run_dir` where a running sidecar writes its bound addresses.
-pub const ADDRESS_FILE: &str = "sidecar.json";
 
 /// A sidecar that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,19 +50,7 @@ pub enum StartError {
 }
 
 /// Where the listeners ended up (ports chosen by the OS when configured as 0).
-#[derive(Debug, Clone, Serialize)]
-pub struct Bound {
-    /// Process id.
-    pub pid: u32,
-    /// Outbound TCP listener.
-    pub outbound_tcp: Option<SocketAddr>,
-    /// Outbound Unix socket.
-    pub outbound_unix: Option<PathBuf>,
-    /// Inbound listener.
-    pub inbound: SocketAddr,
-    /// Admin listener.
-    pub admin: SocketAddr,
-}
+pub type Bound = SidecarAddresses;
 
 /// A running sidecar.
 pub struct Sidecar {

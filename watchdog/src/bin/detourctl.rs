@@ -1,0 +1,184 @@
+//! `detourctl`: the operator CLI. `demo` runs a small mesh on loopback; `load` drives a fixed
+//! request rate through the SDK (or straight at one provider) and reports every outcome.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use detour_proto::{AppProtocol, ServiceName};
+use detour_thin_sdk::{Client, Dial};
+use detour_watchdog::demo::{self, DemoOptions};
+use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Detour operator CLI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a three-host mesh on loopback and drive traffic through it.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Requests per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+    },
+    /// Drive a fixed request rate at a service and report every outcome.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// The local sidecar's outbound address (ip:port or unix:/path): calls go through the SDK.
+    #[arg(long, conflicts_with = "direct", required_unless_present = "direct")]
+    sidecar: Option<String>,
+    /// Call one provider straight (http://ip:port), without the mesh.
+    #[arg(long)]
+    direct: Option<String>,
+    /// Service name.
+    #[arg(long, default_value = "hello")]
+    service: String,
+    /// Requests per second.
+    #[arg(long)]
+    rate: u32,
+    /// Seconds to send for.
+    #[arg(long)]
+    duration: u64,
+    /// GET, POST, PUT, or MIX (GET and POST alternately).
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// Body size of POST/PUT requests.
+    #[arg(long, default_value_t = 0)]
+    body_bytes: usize,
+    /// Most requests in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Request path and query.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Protocol to the sidecar or provider: http1 or http2.
+    #[arg(long, default_value = "http1")]
+    protocol: String,
+    /// Per-request timeout in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Print a line every second.
+    #[arg(long)]
+    progress: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("detourctl: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("detourctl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo { duration, rate } => {
+            let opts = DemoOptions {
+                duration: duration.map(Duration::from_secs),
+                rate,
+            };
+            let stats = demo::run(&opts, ctrl_c()).await?;
+            println!("{}", stats.failure_line());
+            println!(
+                "demo: sent={} ok={} failed={} p50_ms={:.2} p99_ms={:.2}",
+                stats.sent,
+                stats.ok,
+                stats.failed,
+                stats.ms(0.5),
+                stats.ms(0.99)
+            );
+            Ok(exit_for(&stats))
+        }
+        Command::Load(args) => {
+            let protocol = AppProtocol::parse(&args.protocol)
+                .with_context(|| format!("--protocol {:?}: expected http1 or http2", args.protocol))?;
+            let target = match (&args.sidecar, &args.direct) {
+                (Some(s), _) => {
+                    let dial: Dial = s.parse().map_err(anyhow::Error::msg)?;
+                    let client = Client::builder(dial)
+                        .protocol(protocol)
+                        .app("detourctl-load")
+                        .build();
+                    Target::Sdk(client)
+                }
+                (None, Some(url)) => {
+                    let hostport = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
+                    let addr = hostport
+                        .parse()
+                        .with_context(|| format!("--direct {url:?}: expected http://ip:port"))?;
+                    Target::Direct {
+                        dial: Dial::Tcp(addr),
+                        protocol,
+                    }
+                }
+                (None, None) => anyhow::bail!("one of --sidecar and --direct is required"),
+            };
+            let spec = LoadSpec {
+                service: ServiceName::new(args.service.clone())?,
+                rate: args.rate,
+                duration: Duration::from_secs(args.duration),
+                methods: args.method.parse::<MethodMix>().map_err(anyhow::Error::msg)?,
+                body_bytes: args.body_bytes,
+                concurrency: args.concurrency,
+                path: args.path.clone(),
+                timeout: Duration::from_millis(args.timeout_ms),
+            };
+            let progress = args.progress;
+            let stats = load::run(
+                &spec,
+                &target,
+                |s, w| {
+                    if progress {
+                        println!("{}", w.summary(&format!("t={s}s")));
+                    }
+                },
+                ctrl_c(),
+            )
+            .await;
+            println!("{}", stats.summary("load"));
+            println!("{}", stats.failure_line());
+            Ok(exit_for(&stats))
+        }
+    }
+}
+
+fn exit_for(stats: &Stats) -> ExitCode {
+    if stats.failed == 0 && stats.ok > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}

@@ -1,0 +1,367 @@
+//! The load generator behind `detourctl load`: a fixed request rate through the SDK (or
+//! straight to one provider), open loop — a request that could not start on time is sent late
+//! and its latency counted from when it was due, never skipped — with every request counted by
+//! outcome.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use detour_proto::{AppProtocol, ServiceName};
+use detour_thin_sdk::body::{empty, full};
+use detour_thin_sdk::transport::set_target;
+use detour_thin_sdk::{BoxBody, Client, Dial, Pool, PoolOptions, mesh_error};
+use hdrhistogram::Histogram;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::provider::SERVED_BY;
+
+/// Which methods to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodMix {
+    /// Always this method.
+    One(MethodKind),
+    /// GET and POST alternately.
+    Mix,
+}
+
+/// The methods the generator sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodKind {
+    /// GET.
+    Get,
+    /// POST with the configured body.
+    Post,
+    /// PUT with the configured body.
+    Put,
+}
+
+impl std::str::FromStr for MethodMix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "GET" => Ok(MethodMix::One(MethodKind::Get)),
+            "POST" => Ok(MethodMix::One(MethodKind::Post)),
+            "PUT" => Ok(MethodMix::One(MethodKind::Put)),
+            "MIX" => Ok(MethodMix::Mix),
+            _ => Err(format!("{s:?}: expected GET, POST, PUT or MIX")),
+        }
+    }
+}
+
+/// Where requests go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Through the SDK to the local sidecar.
+    Sdk(Client),
+    /// Straight to one provider.
+    Direct {
+        /// The provider's address.
+        dial: Dial,
+        /// Its protocol.
+        protocol: AppProtocol,
+    },
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The service called.
+    pub service: ServiceName,
+    /// Requests per second.
+    pub rate: u32,
+    /// How long to send.
+    pub duration: Duration,
+    /// Methods.
+    pub methods: MethodMix,
+    /// Body size of POST/PUT requests.
+    pub body_bytes: usize,
+    /// Most requests in flight at once.
+    pub concurrency: usize,
+    /// Request path and query.
+    pub path: String,
+    /// Time allowed per request (head and body).
+    pub timeout: Duration,
+}
+
+/// Counts of a run (or of one second of it).
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Requests started.
+    pub sent: u64,
+    /// Requests answered 2xx/3xx with no mesh error.
+    pub ok: u64,
+    /// Everything else.
+    pub failed: u64,
+    /// Failures of idempotent requests (GET, PUT).
+    pub failed_idempotent: u64,
+    /// Failures whose outcome at the provider is unknown.
+    pub unknown_outcome: u64,
+    /// Failures by kind (`sidecar_unavailable`, `mesh:upstream-connect`, `http_500`, …).
+    pub failures: BTreeMap<String, u64>,
+    /// Which instance answered (from `x-served-by`), when the provider says.
+    pub served_by: BTreeMap<String, u64>,
+    /// Latency in microseconds, from when each request was due.
+    pub latency_us: Histogram<u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            sent: 0,
+            ok: 0,
+            failed: 0,
+            failed_idempotent: 0,
+            unknown_outcome: 0,
+            failures: BTreeMap::new(),
+            served_by: BTreeMap::new(),
+            // Constant, valid bounds: 1 µs to 1 h at 3 significant figures.
+            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("constant histogram bounds are valid"),
+        }
+    }
+}
+
+impl Stats {
+    /// Latency quantile `q` in milliseconds.
+    pub fn ms(&self, q: f64) -> f64 {
+        if self.latency_us.is_empty() {
+            return 0.0;
+        }
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// The `load: …` summary line.
+    pub fn summary(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}: sent={} ok={} failed={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2}",
+            self.sent,
+            self.ok,
+            self.failed,
+            self.ms(0.5),
+            self.ms(0.9),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.latency_us.max() as f64 / 1000.0,
+        )
+    }
+
+    /// The failure breakdown line.
+    pub fn failure_line(&self) -> String {
+        if self.failures.is_empty() {
+            return "failures: none".into();
+        }
+        let parts: Vec<String> = self
+            .failures
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        format!(
+            "failures: {} (idempotent={} unknown_outcome={})",
+            parts.join(" "),
+            self.failed_idempotent,
+            self.unknown_outcome
+        )
+    }
+
+    fn record(&mut self, outcome: &Outcome, idempotent: bool, latency: Duration) {
+        self.sent += 1;
+        let _ = self
+            .latency_us
+            .record((latency.as_micros() as u64).max(1));
+        if let Some(by) = &outcome.served_by {
+            *self.served_by.entry(by.clone()).or_default() += 1;
+        }
+        match &outcome.failure {
+            None => self.ok += 1,
+            Some(kind) => {
+                self.failed += 1;
+                if idempotent {
+                    self.failed_idempotent += 1;
+                }
+                if kind == "outcome_unknown" || kind == "timeout" {
+                    self.unknown_outcome += 1;
+                }
+                *self.failures.entry(kind.clone()).or_default() += 1;
+            }
+        }
+    }
+}
+
+struct Outcome {
+    failure: Option<String>,
+    served_by: Option<String>,
+}
+
+/// Runs `spec` against `target`; `tick` is called about once a second with that second's
+/// counts. Stops early when `stop` resolves.
+pub async fn run(
+    spec: &LoadSpec,
+    target: &Target,
+    mut tick: impl FnMut(u64, &Stats),
+    stop: impl std::future::Future<Output = ()>,
+) -> Stats {
+    let total = Arc::new(Mutex::new(Stats::default()));
+    let window = Arc::new(Mutex::new(Stats::default()));
+    let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let body = Bytes::from(vec![b'x'; spec.body_bytes]);
+    let pool = Pool::new(PoolOptions::default());
+    let interval = Duration::from_secs_f64(1.0 / f64::from(spec.rate.max(1)));
+    let start = Instant::now();
+    let end = start + spec.duration;
+    let mut next_tick = start + Duration::from_secs(1);
+    let mut second = 0u64;
+    tokio::pin!(stop);
+    let mut i: u64 = 0;
+    loop {
+        let due = start + interval.mul_f64(i as f64);
+        if due >= end {
+            break;
+        }
+        while next_tick <= due {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_tick) => {}
+                _ = &mut stop => return finish(total, sem, spec).await,
+            }
+            second += 1;
+            let w = std::mem::take(&mut *lock(&window));
+            tick(second, &w);
+            next_tick += Duration::from_secs(1);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = &mut stop => return finish(total, sem, spec).await,
+        }
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
+        let kind = match spec.methods {
+            MethodMix::One(k) => k,
+            MethodMix::Mix if i % 2 == 0 => MethodKind::Get,
+            MethodMix::Mix => MethodKind::Post,
+        };
+        let req = build(kind, &spec.path, &body);
+        let (target, service, pool) = (target.clone(), spec.service.clone(), pool.clone());
+        let (total, window, timeout) = (total.clone(), window.clone(), spec.timeout);
+        tokio::spawn(async move {
+            let outcome = match req {
+                Ok(req) => {
+                    match tokio::time::timeout(timeout, send(&target, &pool, &service, req)).await {
+                        Ok(o) => o,
+                        Err(_) => Outcome {
+                            failure: Some("timeout".into()),
+                            served_by: None,
+                        },
+                    }
+                }
+                Err(e) => Outcome {
+                    failure: Some(format!("invalid_request:{e}")),
+                    served_by: None,
+                },
+            };
+            let latency = due.elapsed();
+            let idempotent = kind != MethodKind::Post;
+            lock(&total).record(&outcome, idempotent, latency);
+            lock(&window).record(&outcome, idempotent, latency);
+            drop(permit);
+        });
+        i += 1;
+    }
+    finish(total, sem, spec).await
+}
+
+async fn finish(total: Arc<Mutex<Stats>>, sem: Arc<Semaphore>, spec: &LoadSpec) -> Stats {
+    // Wait for the requests still in flight (each is bounded by the request timeout).
+    let all = spec.concurrency.max(1) as u32;
+    let _ = tokio::time::timeout(spec.timeout + Duration::from_secs(1), sem.acquire_many(all)).await;
+    let stats = lock(&total).clone();
+    stats
+}
+
+fn lock(m: &Mutex<Stats>) -> std::sync::MutexGuard<'_, Stats> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn build(kind: MethodKind, path: &str, body: &Bytes) -> Result<Request<BoxBody>, http::Error> {
+    let (method, body) = match kind {
+        MethodKind::Get => (Method::GET, empty()),
+        MethodKind::Post => (Method::POST, full(body.clone())),
+        MethodKind::Put => (Method::PUT, full(body.clone())),
+    };
+    Request::builder().method(method).uri(path).body(body)
+}
+
+async fn send(target: &Target, pool: &Arc<Pool>, service: &ServiceName, req: Request<BoxBody>) -> Outcome {
+    let resp: Result<Response<BoxBody>, String> = match target {
+        Target::Sdk(client) => client
+            .send(service, req)
+            .await
+            .map_err(|e| e.kind().to_owned()),
+        Target::Direct { dial, protocol } => match set_target(service.as_str(), *protocol, req) {
+            Ok(req) => pool
+                .send(dial, *protocol, req)
+                .await
+                .map_err(|f| if f.error.never_left() { "connect".into() } else { "outcome_unknown".into() }),
+            Err(e) => Err(format!("invalid_request:{e}")),
+        },
+    };
+    match resp {
+        Err(kind) => Outcome {
+            failure: Some(kind),
+            served_by: None,
+        },
+        Ok(resp) => {
+            let served_by = resp
+                .headers()
+                .get(SERVED_BY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let mesh = mesh_error(&resp).map(|r| format!("mesh:{r}"));
+            let status = resp.status();
+            let body_ok = resp.into_body().collect().await.is_ok();
+            let failure = if let Some(m) = mesh {
+                Some(m)
+            } else if !body_ok {
+                Some("body_error".into())
+            } else if status.is_client_error() || status.is_server_error() {
+                Some(format!("http_{}", status.as_u16()))
+            } else {
+                None
+            };
+            Outcome { failure, served_by }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_count_by_outcome() {
+        let mut s = Stats::default();
+        let ok = Outcome {
+            failure: None,
+            served_by: Some("a".into()),
+        };
+        let bad = Outcome {
+            failure: Some("outcome_unknown".into()),
+            served_by: None,
+        };
+        s.record(&ok, true, Duration::from_millis(2));
+        s.record(&bad, false, Duration::from_millis(4));
+        s.record(&bad, true, Duration::from_millis(4));
+        assert_eq!((s.sent, s.ok, s.failed), (3, 1, 2));
+        assert_eq!(s.failed_idempotent, 1);
+        assert_eq!(s.unknown_outcome, 2);
+        assert_eq!(s.served_by["a"], 1);
+        assert!(s.summary("load").starts_with("load: sent=3 ok=1 failed=2 p50_ms="));
+        assert!(s.failure_line().contains("outcome_unknown=2"));
+        assert!("mix".parse::<MethodMix>().is_ok());
+        assert!("PATCH".parse::<MethodMix>().is_err());
+    }
+}

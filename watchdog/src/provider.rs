@@ -1,0 +1,132 @@
+//! A small demo provider (HTTP/1.1 and HTTP/2 on one port), used by `detourctl demo` and the
+//! integration tests.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /…` | `hello from {instance}` |
+//! | `POST /…` | the number of body bytes received (the body is streamed, never held) |
+//! | `…?ms=N` | waits N ms before answering |
+//! | `/status/NNN` | answers with status NNN |
+//!
+//! Every answer carries `x-served-by: {instance}`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use detour_thin_sdk::BoxBody;
+use detour_thin_sdk::body::full;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The header naming the instance that answered.
+pub const SERVED_BY: &str = "x-served-by";
+
+/// A running demo provider; stops when dropped.
+#[derive(Debug)]
+pub struct DemoProvider {
+    addr: SocketAddr,
+    served: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for DemoProvider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DemoProvider {
+    /// Binds `addr` (port 0 for any) and serves as `instance`.
+    pub async fn start(addr: SocketAddr, instance: &str) -> std::io::Result<DemoProvider> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let served = Arc::new(AtomicU64::new(0));
+        let instance = HeaderValue::from_str(instance)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let task = tokio::spawn(serve(listener, instance, served.clone()));
+        Ok(DemoProvider { addr, served, task })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Requests answered so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+async fn serve(listener: TcpListener, instance: HeaderValue, served: Arc<AtomicU64>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let instance = instance.clone();
+        let served = served.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let instance = instance.clone();
+                let served = served.clone();
+                async move { Ok::<_, Infallible>(answer(req, instance, served).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn answer(req: Request<Incoming>, instance: HeaderValue, served: Arc<AtomicU64>) -> Response<BoxBody> {
+    let wait_ms = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+        .and_then(|v| v.parse::<u64>().ok());
+    let forced = req
+        .uri()
+        .path()
+        .strip_prefix("/status/")
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok());
+    let is_post = req.method() == Method::POST || req.method() == Method::PUT;
+    let mut received = 0u64;
+    let mut body = req.into_body();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    received += d.len() as u64;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if let Some(ms) = wait_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    served.fetch_add(1, Ordering::Relaxed);
+    let text = if is_post {
+        format!("{received}\n")
+    } else {
+        format!("hello from {}\n", instance.to_str().unwrap_or("?"))
+    };
+    let mut resp = Response::new(full(Bytes::from(text)));
+    if let Some(s) = forced {
+        *resp.status_mut() = s;
+    }
+    resp.headers_mut().insert(SERVED_BY, instance);
+    resp
+}
