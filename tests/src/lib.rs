@@ -1,1 +1,232 @@
+//! A small builder language for integration tests: a [`Mesh`] of real sidecar processes on
+//! loopback sharing one directory registry, real providers (HTTP and gRPC), and SDK clients.
+//!
+//! Every process is owned by a guard and killed by PID when the mesh drops; every port is
+//! chosen by the OS; readiness is probed, never slept on.
 
+pub mod grpc;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use detour_proto::{AppProtocol, ServiceName};
+use detour_thin_sdk::{Client, Dial};
+use detour_watchdog::sidecar::{SidecarProcess, find_sidecar_binary};
+
+/// One provider a host offers.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    /// Service name.
+    pub service: String,
+    /// Where the provider listens.
+    pub address: SocketAddr,
+    /// Its protocol.
+    pub protocol: AppProtocol,
+}
+
+impl Offer {
+    /// An HTTP/1.1 provider.
+    pub fn http1(service: &str, address: SocketAddr) -> Self {
+        Self {
+            service: service.into(),
+            address,
+            protocol: AppProtocol::Http1,
+        }
+    }
+
+    /// An HTTP/2 (gRPC) provider.
+    pub fn grpc(service: &str, address: SocketAddr) -> Self {
+        Self {
+            service: service.into(),
+            address,
+            protocol: AppProtocol::Http2,
+        }
+    }
+}
+
+/// Real sidecars on loopback sharing a directory registry under a temporary directory.
+pub struct Mesh {
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+    /// Sidecars by host name.
+    pub sidecars: BTreeMap<String, SidecarProcess>,
+}
+
+impl Mesh {
+    /// An empty mesh. Panics with a clear message when `detour-sidecar` has not been built.
+    pub fn new() -> Mesh {
+        let binary = find_sidecar_binary().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("detour-test-")
+            .tempdir()
+            .expect("temporary directory");
+        Mesh {
+            dir,
+            binary,
+            sidecars: BTreeMap::new(),
+        }
+    }
+
+    /// The mesh's temporary root.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The config text of host `host` on loopback address `ip`, with `extra` TOML appended.
+    pub fn config(&self, host: &str, ip: &str, offers: &[Offer], extra: &str) -> String {
+        let root = self.root().display();
+        let mut cfg = format!(
+            r#"host = "{host}"
+run_dir = "{root}/{host}"
+registry = "dir:{root}/registry"
+[outbound]
+listen = "{ip}:0"
+unix = "outbound.sock"
+[inbound]
+listen = "{ip}:0"
+[admin]
+listen = "{ip}:0"
+[registry_dir]
+poll_ms = 50
+ttl_ms = 3000
+{extra}
+"#
+        );
+        for o in offers {
+            cfg.push_str(&format!(
+                "[[provide]]\nservice = \"{}\"\naddress = \"{}\"\nprotocol = \"{}\"\n",
+                o.service,
+                o.address,
+                o.protocol.as_str()
+            ));
+        }
+        cfg
+    }
+
+    /// Starts the sidecar of `host` on `ip` offering `offers`; waits until it is ready.
+    pub async fn start(&mut self, host: &str, ip: &str, offers: &[Offer]) -> &SidecarProcess {
+        self.start_with(host, ip, offers, "").await
+    }
+
+    /// As [`Mesh::start`], with extra config sections.
+    pub async fn start_with(
+        &mut self,
+        host: &str,
+        ip: &str,
+        offers: &[Offer],
+        extra: &str,
+    ) -> &SidecarProcess {
+        let cfg = self.config(host, ip, offers, extra);
+        let run_dir = self.root().join(host);
+        let sc = SidecarProcess::start(&self.binary, &run_dir, &cfg, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("starting sidecar {host}: {e}"));
+        self.sidecars.insert(host.to_owned(), sc);
+        &self.sidecars[host]
+    }
+
+    /// The sidecar of `host`.
+    pub fn sidecar(&self, host: &str) -> &SidecarProcess {
+        &self.sidecars[host]
+    }
+
+    /// An SDK client on `host` speaking `protocol` to its sidecar's Unix socket.
+    pub fn client(&self, host: &str, protocol: AppProtocol) -> Client {
+        Client::builder(self.sidecar(host).outbound())
+            .protocol(protocol)
+            .app("test")
+            .timeout(Duration::from_secs(30))
+            .build()
+    }
+
+    /// An SDK client on `host` using the sidecar's loopback TCP listener.
+    pub fn tcp_client(&self, host: &str, protocol: AppProtocol) -> Client {
+        let addr = self.sidecar(host).addrs.outbound_tcp.expect("outbound TCP listener");
+        Client::builder(Dial::Tcp(addr))
+            .protocol(protocol)
+            .app("test")
+            .timeout(Duration::from_secs(30))
+            .build()
+    }
+
+    /// Waits until `host`'s sidecar routes `service` to `n` endpoints (registrations travel
+    /// through the registry), by probing its `/state`.
+    pub async fn wait_endpoints(&self, host: &str, service: &str, n: usize) {
+        let admin = self.sidecar(host).addrs.admin;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let client = Client::builder(Dial::Tcp(admin)).control(false).build();
+        // Asking once makes the catalog watch the service.
+        let svc = ServiceName::new(service).expect("service name");
+        let sdk = self.client(host, AppProtocol::Http1);
+        loop {
+            let state = admin_get_json(&client, "/state").await;
+            let have = state["services"][service]["endpoints"]
+                .as_array()
+                .map_or(0, Vec::len);
+            if have == n {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("{host} sees {have} endpoints of {service}, wanted {n}: {state}");
+            }
+            // Touch the service through the outbound side so the catalog watches it.
+            let _ = sdk
+                .send(&svc, http::Request::get("/").body(detour_thin_sdk::body::empty()).expect("request"))
+                .await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// GETs `path` from an admin API through `client` (built on the admin address) as JSON.
+pub async fn admin_get_json(client: &Client, path: &str) -> serde_json::Value {
+    let (status, body) = admin_get(client, path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+/// GETs `path` from an admin API, returning status and body text.
+pub async fn admin_get(client: &Client, path: &str) -> (u16, String) {
+    let svc = ServiceName::new("admin").expect("name");
+    let req = http::Request::get(path)
+        .body(detour_thin_sdk::body::empty())
+        .expect("request");
+    let resp = client.send(&svc, req).await.expect("admin API answers");
+    let status = resp.status().as_u16();
+    (status, body_text(resp).await)
+}
+
+/// Reads a response body as text.
+pub async fn body_text(resp: http::Response<detour_thin_sdk::BoxBody>) -> String {
+    use http_body_util::BodyExt;
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Peak resident memory (VmHWM) of process `pid`, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    read_status_kib(pid, "VmHWM:")
+}
+
+/// Current resident memory (VmRSS) of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    read_status_kib(pid, "VmRSS:")
+}
+
+fn read_status_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -152,13 +152,17 @@ pub fn set_target(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    // The version follows the protocol of the next hop, not the one the request arrived on:
+    // hyper only chunks an HTTP/1.1 body of unknown length when the request says HTTP/1.1.
     match protocol {
         AppProtocol::Http1 => {
+            parts.version = http::Version::HTTP_11;
             parts.uri = http::Uri::builder().path_and_query(pq).build()?;
             let host = http::HeaderValue::from_str(authority)?;
             parts.headers.insert(http::header::HOST, host);
         }
         AppProtocol::Http2 => {
+            parts.version = http::Version::HTTP_2;
             parts.uri = http::Uri::builder()
                 .scheme("http")
                 .authority(authority)

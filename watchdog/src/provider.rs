@@ -35,7 +35,7 @@ pub const SERVED_BY: &str = "x-served-by";
 #[derive(Debug)]
 pub struct DemoProvider {
     addr: SocketAddr,
-    served: Arc<AtomicU64>,
+    counts: Arc<Counts>,
     task: JoinHandle<()>,
 }
 
@@ -50,11 +50,11 @@ impl DemoProvider {
     pub async fn start(addr: SocketAddr, instance: &str) -> std::io::Result<DemoProvider> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let served = Arc::new(AtomicU64::new(0));
+        let counts = Arc::new(Counts::default());
         let instance = HeaderValue::from_str(instance)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let task = tokio::spawn(serve(listener, instance, served.clone()));
-        Ok(DemoProvider { addr, served, task })
+        let task = tokio::spawn(serve(listener, instance, counts.clone()));
+        Ok(DemoProvider { addr, counts, task })
     }
 
     /// Where it listens.
@@ -64,11 +64,23 @@ impl DemoProvider {
 
     /// Requests answered so far.
     pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
+        self.counts.served.load(Ordering::Relaxed)
+    }
+
+    /// Requests whose head arrived so far (answered or not yet).
+    pub fn received(&self) -> u64 {
+        self.counts.received.load(Ordering::Relaxed)
     }
 }
 
-async fn serve(listener: TcpListener, instance: HeaderValue, served: Arc<AtomicU64>) {
+/// Request counters.
+#[derive(Debug, Default)]
+struct Counts {
+    received: AtomicU64,
+    served: AtomicU64,
+}
+
+async fn serve(listener: TcpListener, instance: HeaderValue, served: Arc<Counts>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -89,7 +101,8 @@ async fn serve(listener: TcpListener, instance: HeaderValue, served: Arc<AtomicU
     }
 }
 
-async fn answer(req: Request<Incoming>, instance: HeaderValue, served: Arc<AtomicU64>) -> Response<BoxBody> {
+async fn answer(req: Request<Incoming>, instance: HeaderValue, counts: Arc<Counts>) -> Response<BoxBody> {
+    counts.received.fetch_add(1, Ordering::Relaxed);
     let wait_ms = req
         .uri()
         .query()
@@ -117,7 +130,7 @@ async fn answer(req: Request<Incoming>, instance: HeaderValue, served: Arc<Atomi
     if let Some(ms) = wait_ms {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    served.fetch_add(1, Ordering::Relaxed);
+    counts.served.fetch_add(1, Ordering::Relaxed);
     let text = if is_post {
         format!("{received}\n")
     } else {
