@@ -18,14 +18,50 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
+/// A parsed config and the problems found on the way (unknown keys, bad environment
+/// variables): the caller adds its own validation problems and reports them all together.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    /// The parsed value (unknown keys ignored).
+    pub value: T,
+    /// Problems that did not stop parsing.
+    pub problems: Vec<String>,
+}
+
+impl<T> Loaded<T> {
+    /// Merges the caller's validation of `value` with the problems found while loading.
+    pub fn validate<C>(
+        self,
+        source_name: &str,
+        check: impl FnOnce(T) -> Result<C, Vec<String>>,
+    ) -> Result<C, ConfigError> {
+        let mut problems = self.problems;
+        match check(self.value) {
+            Ok(c) if problems.is_empty() => Ok(c),
+            Ok(_) => Err(ConfigError {
+                source_name: source_name.to_owned(),
+                problems,
+            }),
+            Err(more) => {
+                problems.extend(more);
+                Err(ConfigError {
+                    source_name: source_name.to_owned(),
+                    problems,
+                })
+            }
+        }
+    }
+}
+
 /// Parses `text` (TOML) as `T`, after applying environment overrides from `env` whose names
-/// start with `prefix`. Unknown keys anywhere are errors, all listed at once.
+/// start with `prefix`. Unknown keys anywhere are collected in [`Loaded::problems`]; a value of
+/// the wrong type or broken TOML is an error at once.
 pub fn load<T: DeserializeOwned>(
     source_name: &str,
     text: &str,
     prefix: &str,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<T, ConfigError> {
+) -> Result<Loaded<T>, ConfigError> {
     let fail = |problems| ConfigError {
         source_name: source_name.to_owned(),
         problems,
@@ -55,8 +91,7 @@ pub fn load<T: DeserializeOwned>(
     });
     problems.extend(unknown);
     match result {
-        Ok(cfg) if problems.is_empty() => Ok(cfg),
-        Ok(_) => Err(fail(problems)),
+        Ok(value) => Ok(Loaded { value, problems }),
         Err(e) => {
             problems.push(e.to_string());
             Err(fail(problems))
@@ -123,6 +158,8 @@ mod tests {
             "D_",
             env(&[("D_ADMIN__PORT", "99"), ("D_HOST", "b"), ("OTHER", "1")]),
         )
+        .unwrap()
+        .validate("t", Ok)
         .unwrap();
         assert_eq!(cfg.host, "b");
         assert_eq!(cfg.admin.listen, "x");
@@ -137,9 +174,11 @@ mod tests {
             "D_",
             env(&[("D_ADMN__X", "1")]),
         )
+        .unwrap()
+        .validate("t", |_| Err::<(), _>(vec!["own check".to_string()]))
         .unwrap_err();
         let text = err.to_string();
-        for k in ["hots", "admin.lsten", "admn"] {
+        for k in ["hots", "admin.lsten", "admn", "own check"] {
             assert!(text.contains(k), "{k} missing from {text}");
         }
     }

@@ -276,11 +276,8 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = config_file::load(name, text, ENV_PREFIX, env)?;
-        raw.validate().map_err(|problems| ConfigError {
-            source_name: name.to_owned(),
-            problems,
-        })
+        config_file::load::<RawConfig>(name, text, ENV_PREFIX, env)?
+            .validate(name, RawConfig::validate)
     }
 }
 

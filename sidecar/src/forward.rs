@@ -21,8 +21,8 @@ pub enum AttemptError {
     NeverLeft {
         /// What happened.
         error: MeshError,
-        /// The request, to send elsewhere.
-        request: Request<BoxBody>,
+        /// The request, to send elsewhere (boxed: it is much larger than the other variant).
+        request: Box<Request<BoxBody>>,
     },
 }
 
@@ -48,7 +48,7 @@ pub async fn attempt(
         Ok(Err(Failed { error, request })) => match request {
             Some(request) => Err(AttemptError::NeverLeft {
                 error: MeshError::UpstreamConnect(error.to_string()),
-                request,
+                request: Box::new(request),
             }),
             None => Err(AttemptError::Fatal(MeshError::UpstreamReset(
                 error.to_string(),

@@ -105,7 +105,7 @@ impl Outbound {
                     tracing::info!(%service, endpoint = %ep.instance, %error, "endpoint refused; trying another");
                     balancer.eject(&ep.instance, self.cfg.eject);
                     tried.push(ep.instance.clone());
-                    req = request;
+                    req = *request;
                     last = error;
                 }
             }

@@ -33,7 +33,10 @@ impl Echo for EchoService {
 
     type CountStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
 
-    async fn count(&self, req: Request<CountRequest>) -> Result<Response<Self::CountStream>, Status> {
+    async fn count(
+        &self,
+        req: Request<CountRequest>,
+    ) -> Result<Response<Self::CountStream>, Status> {
         let n = req.into_inner().n;
         let name = self.name.clone();
         let items = (1..=n).map(move |i| {
@@ -62,7 +65,9 @@ impl Drop for GrpcProvider {
 impl GrpcProvider {
     /// Serves the echo service on `ip` (port chosen by the OS) as `name`.
     pub async fn start(ip: &str, name: &str) -> GrpcProvider {
-        let listener = TcpListener::bind((ip, 0)).await.expect("bind gRPC provider");
+        let listener = TcpListener::bind((ip, 0))
+            .await
+            .expect("bind gRPC provider");
         let addr = listener.local_addr().expect("local addr");
         let svc = EchoServer::new(EchoService { name: name.into() });
         let task = tokio::spawn(async move {

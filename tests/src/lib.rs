@@ -143,7 +143,11 @@ ttl_ms = 3000
 
     /// An SDK client on `host` using the sidecar's loopback TCP listener.
     pub fn tcp_client(&self, host: &str, protocol: AppProtocol) -> Client {
-        let addr = self.sidecar(host).addrs.outbound_tcp.expect("outbound TCP listener");
+        let addr = self
+            .sidecar(host)
+            .addrs
+            .outbound_tcp
+            .expect("outbound TCP listener");
         Client::builder(Dial::Tcp(addr))
             .protocol(protocol)
             .app("test")
@@ -173,7 +177,12 @@ ttl_ms = 3000
             }
             // Touch the service through the outbound side so the catalog watches it.
             let _ = sdk
-                .send(&svc, http::Request::get("/").body(detour_thin_sdk::body::empty()).expect("request"))
+                .send(
+                    &svc,
+                    http::Request::get("/")
+                        .body(detour_thin_sdk::body::empty())
+                        .expect("request"),
+                )
                 .await;
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

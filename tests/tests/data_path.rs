@@ -1,6 +1,8 @@
 //! The mesh path end to end on real processes: C→CA→PA→P over HTTP/1.1, HTTP/2 and gRPC,
 //! load sharing, mesh errors, bad input, streaming, drain.
 
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,7 +34,11 @@ async fn two_hosts() -> (Mesh, DemoProvider) {
     (mesh, provider)
 }
 
-async fn get(client: &Client, service: &str, path: &str) -> http::Response<detour_thin_sdk::BoxBody> {
+async fn get(
+    client: &Client,
+    service: &str,
+    path: &str,
+) -> http::Response<detour_thin_sdk::BoxBody> {
     let req = Request::get(path).body(empty()).unwrap();
     client.send(&svc(service), req).await.unwrap()
 }
@@ -49,7 +55,9 @@ async fn http1_get_and_post_cross_the_mesh() {
         assert_eq!(resp.headers()[SERVED_BY], "h2-hello");
         assert_eq!(body_text(resp).await, "hello from h2-hello\n");
 
-        let req = Request::post("/upload").body(full(vec![7u8; 100_000])).unwrap();
+        let req = Request::post("/upload")
+            .body(full(vec![7u8; 100_000]))
+            .unwrap();
         let resp = client.send(&svc("hello"), req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(body_text(resp).await, "100000\n");
@@ -78,7 +86,8 @@ async fn http2_callers_cross_the_mesh() {
 async fn grpc_unary_and_streaming_calls() {
     let grpc = GrpcProvider::start("127.0.0.2", "h2-echo").await;
     let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::grpc("echo", grpc.addr)]).await;
+    mesh.start("h2", "127.0.0.2", &[Offer::grpc("echo", grpc.addr)])
+        .await;
     mesh.start("h1", "127.0.0.1", &[]).await;
     mesh.wait_endpoints("h1", "echo", 1).await;
     let client = mesh.client("h1", AppProtocol::Http1);
@@ -92,7 +101,11 @@ async fn grpc_unary_and_streaming_calls() {
     assert_eq!(reply.text, "hi");
     assert_eq!(reply.served_by, "h2-echo");
 
-    let mut stream = echo.count(CountRequest { n: 50 }).await.unwrap().into_inner();
+    let mut stream = echo
+        .count(CountRequest { n: 50 })
+        .await
+        .unwrap()
+        .into_inner();
     let mut got = Vec::new();
     while let Some(item) = stream.message().await.unwrap() {
         got.push(item.text.parse::<u32>().unwrap());
@@ -101,18 +114,30 @@ async fn grpc_unary_and_streaming_calls() {
 
     // A gRPC call to a service nobody provides gets a gRPC status, not an HTTP error.
     let mut nowhere = EchoClient::new(client.grpc(svc("nowhere")));
-    let status = nowhere.say(EchoRequest { text: "x".into() }).await.unwrap_err();
+    let status = nowhere
+        .say(EchoRequest { text: "x".into() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
-    assert_eq!(status.metadata().get(ERROR_HEADER).unwrap(), "unknown-service");
+    assert_eq!(
+        status.metadata().get(ERROR_HEADER).unwrap(),
+        "unknown-service"
+    );
 }
 
 #[tokio::test]
 async fn two_providers_share_the_load() {
-    let p2 = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello").await.unwrap();
-    let p3 = DemoProvider::start("127.0.0.3:0".parse().unwrap(), "h3-hello").await.unwrap();
+    let p2 = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let p3 = DemoProvider::start("127.0.0.3:0".parse().unwrap(), "h3-hello")
+        .await
+        .unwrap();
     let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p2.addr())]).await;
-    mesh.start("h3", "127.0.0.3", &[Offer::http1("hello", p3.addr())]).await;
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p2.addr())])
+        .await;
+    mesh.start("h3", "127.0.0.3", &[Offer::http1("hello", p3.addr())])
+        .await;
     mesh.start("h1", "127.0.0.1", &[]).await;
     mesh.wait_endpoints("h1", "hello", 2).await;
     let client = mesh.client("h1", AppProtocol::Http1);
@@ -133,19 +158,29 @@ async fn a_provider_that_is_down_gets_502_with_the_mesh_header() {
     let dead = closed.local_addr().unwrap();
     drop(closed);
     let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", dead)]).await;
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", dead)])
+        .await;
     mesh.start("h1", "127.0.0.1", &[]).await;
     mesh.wait_endpoints("h1", "hello", 1).await;
     let resp = get(&mesh.client("h1", AppProtocol::Http1), "hello", "/").await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(mesh_error(&resp), Some("upstream-connect"));
-    assert_eq!(resp.headers()[detour_proto::PROXY_HEADER], "h2", "PA produced it");
+    assert_eq!(
+        resp.headers()[detour_proto::PROXY_HEADER],
+        "h2",
+        "PA produced it"
+    );
 }
 
 #[tokio::test]
 async fn provider_errors_are_not_marked_as_mesh_errors() {
     let (mesh, _p) = two_hosts().await;
-    let resp = get(&mesh.client("h1", AppProtocol::Http1), "hello", "/status/500").await;
+    let resp = get(
+        &mesh.client("h1", AppProtocol::Http1),
+        "hello",
+        "/status/500",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(mesh_error(&resp), None);
 }
@@ -156,7 +191,11 @@ async fn an_unknown_service_gets_503_with_the_mesh_header() {
     let resp = get(&mesh.client("h1", AppProtocol::Http1), "nosuch", "/").await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(mesh_error(&resp), Some("unknown-service"));
-    assert_eq!(resp.headers()[detour_proto::PROXY_HEADER], "h1", "CA produced it");
+    assert_eq!(
+        resp.headers()[detour_proto::PROXY_HEADER],
+        "h1",
+        "CA produced it"
+    );
 }
 
 async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
@@ -179,12 +218,19 @@ async fn malformed_and_oversized_requests_get_clear_errors_and_break_nothing() {
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("x-detour-error: malformed-request"), "{out}");
 
-    let big = format!("GET / HTTP/1.1\r\nhost: hello\r\nx-big: {}\r\n\r\n", "a".repeat(40_000));
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: hello\r\nx-big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
     let out = raw_exchange(addr, big.as_bytes()).await;
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
     assert!(out.contains("x-detour-error: header-too-large"), "{out}");
 
-    let out = raw_exchange(addr, b"GET / HTTP/1.1\r\nhost: bad name!\r\nconnection: close\r\n\r\n").await;
+    let out = raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nhost: bad name!\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("x-detour-error: malformed-request"), "{out}");
 
@@ -213,10 +259,14 @@ async fn a_256_mib_upload_streams_without_growing_the_sidecars() {
     let (mesh, _p) = two_hosts().await;
     let ca = mesh.sidecar("h1").child.pid();
     let pa = mesh.sidecar("h2").child.pid();
-    let (ca_before, pa_before) = (detour_tests::peak_rss_kib(ca), detour_tests::peak_rss_kib(pa));
+    let (ca_before, pa_before) = (
+        detour_tests::peak_rss_kib(ca),
+        detour_tests::peak_rss_kib(pa),
+    );
     let chunk = Bytes::from(vec![0x5a; CHUNK]);
     let frames = futures_util::stream::iter(
-        (0..(TOTAL as usize / CHUNK)).map(move |_| Ok::<_, std::io::Error>(http_body::Frame::data(chunk.clone()))),
+        (0..(TOTAL as usize / CHUNK))
+            .map(move |_| Ok::<_, std::io::Error>(http_body::Frame::data(chunk.clone()))),
     );
     let body = http_body_util::StreamBody::new(frames);
     let req = Request::post("/upload").body(body).unwrap();
@@ -227,7 +277,10 @@ async fn a_256_mib_upload_streams_without_growing_the_sidecars() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(body_text(resp).await, format!("{TOTAL}\n"));
-    let (ca_after, pa_after) = (detour_tests::peak_rss_kib(ca), detour_tests::peak_rss_kib(pa));
+    let (ca_after, pa_after) = (
+        detour_tests::peak_rss_kib(ca),
+        detour_tests::peak_rss_kib(pa),
+    );
     let (ca_growth, pa_growth) = (ca_after - ca_before, pa_after - pa_before);
     println!(
         "upload-256MiB: ca_peak_rss_kib before={ca_before} after={ca_after} growth={ca_growth}; \
@@ -246,7 +299,11 @@ async fn sigterm_drains_in_flight_requests_before_exit() {
     let before = provider.received();
     let mut calls = Vec::new();
     for i in 0..20 {
-        let c = if i % 2 == 0 { client.clone() } else { h2client.clone() };
+        let c = if i % 2 == 0 {
+            client.clone()
+        } else {
+            h2client.clone()
+        };
         let method = if i % 4 < 2 { "GET" } else { "POST" };
         calls.push(tokio::spawn(async move {
             let req = Request::builder()
@@ -263,13 +320,19 @@ async fn sigterm_drains_in_flight_requests_before_exit() {
     // Wait until every call reached the provider: they are all in flight.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while provider.received() - before < 20 {
-        assert!(tokio::time::Instant::now() < deadline, "calls never reached the provider");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls never reached the provider"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let ca = mesh.sidecars.get_mut("h1").unwrap();
     ca.child.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     for call in calls {
-        let status = call.await.unwrap().expect("in-flight request survives the drain");
+        let status = call
+            .await
+            .unwrap()
+            .expect("in-flight request survives the drain");
         assert_eq!(status, StatusCode::OK);
     }
     let exit = ca.child.wait_exit(Duration::from_secs(10)).await.unwrap();

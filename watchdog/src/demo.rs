@@ -60,7 +60,10 @@ drain_timeout_ms = 5000
 }
 
 /// Runs the demo, printing progress; returns the totals. `stop` ends it early (Ctrl-C).
-pub async fn run(opts: &DemoOptions, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<Stats> {
+pub async fn run(
+    opts: &DemoOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Stats> {
     let binary = find_sidecar_binary()?;
     let dir = tempfile::Builder::new()
         .prefix("detour-demo-")
@@ -85,7 +88,9 @@ pub async fn run(opts: &DemoOptions, stop: impl std::future::Future<Output = ()>
             sc.child.pid(),
             sc.addrs.inbound,
             sc.addrs.admin,
-            provider.map(|a| format!(" provider hello@{a}")).unwrap_or_default()
+            provider
+                .map(|a| format!(" provider hello@{a}"))
+                .unwrap_or_default()
         );
         sidecars.push(sc);
     }
@@ -103,7 +108,9 @@ pub async fn run(opts: &DemoOptions, stop: impl std::future::Future<Output = ()>
     let spec = LoadSpec {
         service,
         rate: opts.rate,
-        duration: opts.duration.unwrap_or(Duration::from_secs(365 * 24 * 3600)),
+        duration: opts
+            .duration
+            .unwrap_or(Duration::from_secs(365 * 24 * 3600)),
         methods: MethodMix::One(MethodKind::Get),
         body_bytes: 0,
         concurrency: 256,
@@ -119,7 +126,11 @@ pub async fn run(opts: &DemoOptions, stop: impl std::future::Future<Output = ()>
 }
 
 fn print_tick(second: u64, w: &Stats) {
-    let by: Vec<String> = w.served_by.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let by: Vec<String> = w
+        .served_by
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     println!(
         "t={second}s requests={} ok={} failed={} p50_ms={:.2} p99_ms={:.2} answered_by: {}",
         w.sent,
@@ -127,7 +138,11 @@ fn print_tick(second: u64, w: &Stats) {
         w.failed,
         w.ms(0.5),
         w.ms(0.99),
-        if by.is_empty() { "-".into() } else { by.join(" ") }
+        if by.is_empty() {
+            "-".into()
+        } else {
+            by.join(" ")
+        }
     );
 }
 

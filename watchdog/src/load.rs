@@ -170,9 +170,7 @@ impl Stats {
 
     fn record(&mut self, outcome: &Outcome, idempotent: bool, latency: Duration) {
         self.sent += 1;
-        let _ = self
-            .latency_us
-            .record((latency.as_micros() as u64).max(1));
+        let _ = self.latency_us.record((latency.as_micros() as u64).max(1));
         if let Some(by) = &outcome.served_by {
             *self.served_by.entry(by.clone()).or_default() += 1;
         }
@@ -241,7 +239,7 @@ pub async fn run(
         };
         let kind = match spec.methods {
             MethodMix::One(k) => k,
-            MethodMix::Mix if i % 2 == 0 => MethodKind::Get,
+            MethodMix::Mix if i.is_multiple_of(2) => MethodKind::Get,
             MethodMix::Mix => MethodKind::Post,
         };
         let req = build(kind, &spec.path, &body);
@@ -277,9 +275,9 @@ pub async fn run(
 async fn finish(total: Arc<Mutex<Stats>>, sem: Arc<Semaphore>, spec: &LoadSpec) -> Stats {
     // Wait for the requests still in flight (each is bounded by the request timeout).
     let all = spec.concurrency.max(1) as u32;
-    let _ = tokio::time::timeout(spec.timeout + Duration::from_secs(1), sem.acquire_many(all)).await;
-    let stats = lock(&total).clone();
-    stats
+    let _ =
+        tokio::time::timeout(spec.timeout + Duration::from_secs(1), sem.acquire_many(all)).await;
+    lock(&total).clone()
 }
 
 fn lock(m: &Mutex<Stats>) -> std::sync::MutexGuard<'_, Stats> {
@@ -295,17 +293,25 @@ fn build(kind: MethodKind, path: &str, body: &Bytes) -> Result<Request<BoxBody>,
     Request::builder().method(method).uri(path).body(body)
 }
 
-async fn send(target: &Target, pool: &Arc<Pool>, service: &ServiceName, req: Request<BoxBody>) -> Outcome {
+async fn send(
+    target: &Target,
+    pool: &Arc<Pool>,
+    service: &ServiceName,
+    req: Request<BoxBody>,
+) -> Outcome {
     let resp: Result<Response<BoxBody>, String> = match target {
         Target::Sdk(client) => client
             .send(service, req)
             .await
             .map_err(|e| e.kind().to_owned()),
         Target::Direct { dial, protocol } => match set_target(service.as_str(), *protocol, req) {
-            Ok(req) => pool
-                .send(dial, *protocol, req)
-                .await
-                .map_err(|f| if f.error.never_left() { "connect".into() } else { "outcome_unknown".into() }),
+            Ok(req) => pool.send(dial, *protocol, req).await.map_err(|f| {
+                if f.error.never_left() {
+                    "connect".into()
+                } else {
+                    "outcome_unknown".into()
+                }
+            }),
             Err(e) => Err(format!("invalid_request:{e}")),
         },
     };
@@ -359,7 +365,10 @@ mod tests {
         assert_eq!(s.failed_idempotent, 1);
         assert_eq!(s.unknown_outcome, 2);
         assert_eq!(s.served_by["a"], 1);
-        assert!(s.summary("load").starts_with("load: sent=3 ok=1 failed=2 p50_ms="));
+        assert!(
+            s.summary("load")
+                .starts_with("load: sent=3 ok=1 failed=2 p50_ms=")
+        );
         assert!(s.failure_line().contains("outcome_unknown=2"));
         assert!("mix".parse::<MethodMix>().is_ok());
         assert!("PATCH".parse::<MethodMix>().is_err());

@@ -101,7 +101,11 @@ async fn serve(listener: TcpListener, instance: HeaderValue, served: Arc<Counts>
     }
 }
 
-async fn answer(req: Request<Incoming>, instance: HeaderValue, counts: Arc<Counts>) -> Response<BoxBody> {
+async fn answer(
+    req: Request<Incoming>,
+    instance: HeaderValue,
+    counts: Arc<Counts>,
+) -> Response<BoxBody> {
     counts.received.fetch_add(1, Ordering::Relaxed);
     let wait_ms = req
         .uri()

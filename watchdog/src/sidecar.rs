@@ -18,14 +18,20 @@ use crate::process::ChildGuard;
 /// Where the `detour-sidecar` binary is: `$DETOUR_SIDECAR_BIN`, else beside the current
 /// executable, else one directory up (test binaries live in `target/<profile>/deps`).
 pub fn find_sidecar_binary() -> io::Result<PathBuf> {
-    if let Ok(p) = std::env::var("DETOUR_SIDECAR_BIN") {
+    find_binary("detour-sidecar", "DETOUR_SIDECAR_BIN")
+}
+
+/// Finds the workspace binary `name`: `$env_var` if set, else beside the current executable,
+/// else one directory up.
+pub fn find_binary(name: &str, env_var: &str) -> io::Result<PathBuf> {
+    if let Ok(p) = std::env::var(env_var) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
     let mut dir = exe.parent();
     for _ in 0..2 {
         let Some(d) = dir else { break };
-        let candidate = d.join("detour-sidecar");
+        let candidate = d.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
@@ -33,8 +39,10 @@ pub fn find_sidecar_binary() -> io::Result<PathBuf> {
     }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
-        "detour-sidecar not found beside this program; build it with `cargo build --bins` \
-         (or set DETOUR_SIDECAR_BIN)",
+        format!(
+            "{name} not found beside this program; build it with `cargo build --bins` \
+             (or set {env_var})"
+        ),
     ))
 }
 
@@ -129,7 +137,10 @@ async fn wait_ready(
         if Instant::now() >= deadline {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("sidecar in {} not ready within {within:?}", run_dir.display()),
+                format!(
+                    "sidecar in {} not ready within {within:?}",
+                    run_dir.display()
+                ),
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

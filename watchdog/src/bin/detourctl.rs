@@ -81,7 +81,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("detourctl: {e}");
@@ -123,8 +126,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(exit_for(&stats))
         }
         Command::Load(args) => {
-            let protocol = AppProtocol::parse(&args.protocol)
-                .with_context(|| format!("--protocol {:?}: expected http1 or http2", args.protocol))?;
+            let protocol = AppProtocol::parse(&args.protocol).with_context(|| {
+                format!("--protocol {:?}: expected http1 or http2", args.protocol)
+            })?;
             let target = match (&args.sidecar, &args.direct) {
                 (Some(s), _) => {
                     let dial: Dial = s.parse().map_err(anyhow::Error::msg)?;
@@ -135,7 +139,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Target::Sdk(client)
                 }
                 (None, Some(url)) => {
-                    let hostport = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
+                    let hostport = url
+                        .strip_prefix("http://")
+                        .unwrap_or(url)
+                        .trim_end_matches('/');
                     let addr = hostport
                         .parse()
                         .with_context(|| format!("--direct {url:?}: expected http://ip:port"))?;
@@ -150,7 +157,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 service: ServiceName::new(args.service.clone())?,
                 rate: args.rate,
                 duration: Duration::from_secs(args.duration),
-                methods: args.method.parse::<MethodMix>().map_err(anyhow::Error::msg)?,
+                methods: args
+                    .method
+                    .parse::<MethodMix>()
+                    .map_err(anyhow::Error::msg)?,
                 body_bytes: args.body_bytes,
                 concurrency: args.concurrency,
                 path: args.path.clone(),

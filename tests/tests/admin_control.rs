@@ -1,0 +1,174 @@
+//! The admin API, the control stream the SDK subscribes to, configuration errors, and the
+//! drain timeout — on real sidecar processes.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::time::{Duration, Instant};
+
+use detour_proto::{AppProtocol, ServiceName, SidecarState};
+use detour_tests::{Mesh, Offer, admin_get, admin_get_json};
+use detour_thin_sdk::body::empty;
+use detour_thin_sdk::{Client, Dial};
+use detour_watchdog::provider::DemoProvider;
+use detour_watchdog::sidecar::find_sidecar_binary;
+use http::Request;
+
+fn admin_client(mesh: &Mesh, host: &str) -> Client {
+    Client::builder(Dial::Tcp(mesh.sidecar(host).addrs.admin))
+        .control(false)
+        .build()
+}
+
+async fn provider_mesh() -> (Mesh, DemoProvider) {
+    let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let mut mesh = Mesh::new();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())])
+        .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    (mesh, p)
+}
+
+#[tokio::test]
+async fn admin_endpoints_answer() {
+    let (mesh, _p) = provider_mesh().await;
+    let admin = admin_client(&mesh, "h1");
+    assert_eq!(admin_get(&admin, "/live").await.0, 200);
+    assert_eq!(admin_get(&admin, "/ready").await.0, 200);
+    assert_eq!(admin_get(&admin, "/nope").await.0, 404);
+
+    let state = admin_get_json(&admin, "/state").await;
+    assert_eq!(state["host"], "h1");
+    assert_eq!(state["state"], "ready");
+    assert!(state["version"].is_string());
+    assert!(state["listeners"]["inbound"].is_string());
+    let eps = state["services"]["hello"]["endpoints"].as_array().unwrap();
+    // PA registered its provider with its own inbound address.
+    let pa = mesh.sidecar("h2").addrs.inbound.to_string();
+    assert_eq!(eps[0]["pa_address"], pa.as_str());
+    assert_eq!(eps[0]["instance"], "h2-hello");
+
+    let (status, metrics) = admin_get(&admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .contains("detour_requests_total{direction=\"outbound\",path=\"mesh\",class=\"2xx\"}"),
+        "{metrics}"
+    );
+    let pa_admin = admin_client(&mesh, "h2");
+    let (_, pa_metrics) = admin_get(&pa_admin, "/metrics").await;
+    assert!(pa_metrics.contains("direction=\"inbound\""), "{pa_metrics}");
+}
+
+#[tokio::test]
+async fn control_stream_reports_ready_and_snapshots() {
+    let (mesh, p) = provider_mesh().await;
+    let client = mesh.client("h1", AppProtocol::Http1);
+    assert!(
+        client.wait_ready(Duration::from_secs(5)).await,
+        "sidecar reported ready"
+    );
+    assert_eq!(client.sidecar_state(), Some(SidecarState::Ready));
+    let hello = ServiceName::new("hello").unwrap();
+    let resp = client
+        .send(&hello, Request::get("/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let snap = loop {
+        if let Some(s) = client.snapshot(&hello) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no snapshot arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(snap.endpoints.len(), 1);
+    assert_eq!(
+        snap.endpoints[0].app_address,
+        p.addr(),
+        "direct path needs the app address"
+    );
+
+    // Draining is announced on the stream before the sidecar goes away.
+    let mut mesh = mesh;
+    let ca = mesh.sidecars.get_mut("h1").unwrap();
+    let admin = Client::builder(Dial::Tcp(ca.addrs.admin))
+        .control(false)
+        .build();
+    let resp = admin
+        .send(
+            &ServiceName::new("admin").unwrap(),
+            Request::post("/drain").body(empty()).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.sidecar_state() == Some(SidecarState::Ready) {
+        assert!(Instant::now() < deadline, "drain never announced");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let exit = ca.child.wait_exit(Duration::from_secs(10)).await.unwrap();
+    assert!(exit.expect("exits after POST /drain").success());
+}
+
+#[tokio::test]
+async fn drain_is_bounded_by_the_drain_timeout() {
+    let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let mut mesh = Mesh::new();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())])
+        .await;
+    mesh.start_with(
+        "h1",
+        "127.0.0.1",
+        &[],
+        "[lifecycle]\ndrain_timeout_ms = 500\n",
+    )
+    .await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = mesh.client("h1", AppProtocol::Http1);
+    let call = tokio::spawn(async move {
+        let req = Request::get("/slow?ms=20000").body(empty()).unwrap();
+        client.send(&ServiceName::new("hello").unwrap(), req).await
+    });
+    while p.received() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ca = mesh.sidecars.get_mut("h1").unwrap();
+    let t0 = Instant::now();
+    ca.child.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let exit = ca.child.wait_exit(Duration::from_secs(10)).await.unwrap();
+    assert!(exit.is_some(), "sidecar still running 10 s after SIGTERM");
+    println!(
+        "drain-timeout: exited {:?} after SIGTERM (limit 500 ms)",
+        t0.elapsed()
+    );
+    // The long call could not finish inside the drain window; it fails, it does not hang.
+    assert!(call.await.unwrap().is_err());
+}
+
+#[test]
+fn a_bad_config_is_refused_with_every_problem_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "host = \"h1\"\nregistri = \"dir:/tmp/x\"\n[proxy]\nbalance = \"random\"\n[admin]\nlisten = \"nope\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(find_sidecar_binary().unwrap())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["unknown key `registri`", "proxy.balance", "admin.listen"] {
+        assert!(err.contains(needle), "{needle} missing from: {err}");
+    }
+}

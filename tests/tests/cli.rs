@@ -1,0 +1,120 @@
+//! `detourctl demo` and `detourctl load` as an operator runs them.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::process::Command;
+use std::time::Duration;
+
+use detour_proto::AppProtocol;
+use detour_tests::{Mesh, Offer};
+use detour_watchdog::provider::DemoProvider;
+use detour_watchdog::sidecar::find_binary;
+
+fn detourctl() -> Command {
+    Command::new(find_binary("detourctl", "DETOURCTL_BIN").unwrap())
+}
+
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} missing in {line:?}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn demo_runs_a_mesh_and_ends_with_its_summary() {
+    let out = detourctl()
+        .args(["demo", "--duration", "3", "--rate", "100"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    assert!(last.starts_with("demo: sent="), "{last}");
+    assert!(
+        last.contains(" p50_ms=") && last.contains(" p99_ms="),
+        "{last}"
+    );
+    assert_eq!(field(last, "failed"), 0);
+    assert!(field(last, "ok") >= 250, "{last}");
+    assert!(
+        stdout.contains("h2-hello=") && stdout.contains("h3-hello="),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn load_reports_outcomes_through_the_mesh_and_direct() {
+    let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let mut mesh = Mesh::new();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())])
+        .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let _ = AppProtocol::Http1;
+    let sidecar = mesh.sidecar("h1").outbound().to_string();
+    let direct = format!("http://{}", p.addr());
+    let runs = [
+        vec![
+            "--sidecar",
+            sidecar.as_str(),
+            "--method",
+            "MIX",
+            "--body-bytes",
+            "512",
+        ],
+        vec!["--direct", direct.as_str()],
+    ];
+    for extra in runs {
+        let mut cmd = detourctl();
+        cmd.args([
+            "load",
+            "--service",
+            "hello",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+        ])
+        .args(&extra);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}");
+        let summary = stdout.lines().find(|l| l.starts_with("load: ")).unwrap();
+        assert_eq!(field(summary, "sent"), 400, "{summary}");
+        assert_eq!(field(summary, "ok"), 400, "{summary}");
+        assert_eq!(stdout.lines().last(), Some("failures: none"));
+    }
+
+    // Failures are counted by kind: a service nobody provides.
+    let mut cmd = detourctl();
+    cmd.args([
+        "load",
+        "--service",
+        "nosuch",
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--sidecar",
+    ])
+    .arg(&sidecar);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(stdout.contains("mesh:unknown-service=50"), "{stdout}");
+    let _ = Duration::ZERO;
+}
