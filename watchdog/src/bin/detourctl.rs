@@ -1,5 +1,6 @@
 //! `detourctl`: the operator CLI. `demo` runs a small mesh on loopback; `load` drives a fixed
-//! request rate through the SDK (or straight at one provider) and reports every outcome.
+//! request rate through the SDK (or straight at one provider) and reports every outcome;
+//! `provider` runs the demo provider as a process for scripts.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use detour_proto::{AppProtocol, ServiceName};
 use detour_thin_sdk::{Client, Dial};
 use detour_watchdog::demo::{self, DemoOptions};
 use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
+use detour_watchdog::provider::DemoProvider;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Detour operator CLI")]
@@ -31,6 +33,18 @@ enum Command {
     },
     /// Drive a fixed request rate at a service and report every outcome.
     Load(LoadArgs),
+    /// Run the demo provider (for scripts and benchmarks) until SIGINT/SIGTERM.
+    Provider {
+        /// Address to listen on (port 0 for any).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Instance name reported in `x-served-by`.
+        #[arg(long)]
+        instance: String,
+        /// Write the bound address to this file once listening.
+        #[arg(long)]
+        addr_file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +122,27 @@ async fn ctrl_c() {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Provider {
+            listen,
+            instance,
+            addr_file,
+        } => {
+            let provider = DemoProvider::start(listen, &instance).await?;
+            if let Some(path) = addr_file {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, provider.addr().to_string())?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            println!("provider: {instance} listening on {}", provider.addr());
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            println!("provider: {instance} served {}", provider.served());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { duration, rate } => {
             let opts = DemoOptions {
                 duration: duration.map(Duration::from_secs),
