@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use detour_proto::{AppProtocol, ServiceName};
 use detour_thin_sdk::{Client, Dial};
+use detour_watchdog::provider::DemoProvider;
 use detour_watchdog::sidecar::{SidecarProcess, find_sidecar_binary};
 
 /// One provider a host offers.
@@ -187,6 +188,21 @@ ttl_ms = 3000
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+/// The common test topology: a caller host `h1` (127.0.0.1, config `h1_extra` appended) and a
+/// provider host `h2` (127.0.0.2) whose demo provider `h2-hello` offers `hello`; returns once
+/// `h1` routes `hello`.
+pub async fn caller_and_provider(h1_extra: &str) -> (Mesh, DemoProvider) {
+    let provider = DemoProvider::start("127.0.0.2:0".parse().expect("addr"), "h2-hello")
+        .await
+        .expect("demo provider starts");
+    let mut mesh = Mesh::new();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
+        .await;
+    mesh.start_with("h1", "127.0.0.1", &[], h1_extra).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    (mesh, provider)
 }
 
 impl Default for Mesh {

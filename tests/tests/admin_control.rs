@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use detour_proto::{AppProtocol, ServiceName, SidecarState};
-use detour_tests::{Mesh, Offer, admin_get, admin_get_json};
+use detour_tests::{Mesh, admin_get, admin_get_json, caller_and_provider};
 use detour_thin_sdk::body::empty;
 use detour_thin_sdk::{Client, Dial};
 use detour_watchdog::provider::DemoProvider;
@@ -20,15 +20,7 @@ fn admin_client(mesh: &Mesh, host: &str) -> Client {
 }
 
 async fn provider_mesh() -> (Mesh, DemoProvider) {
-    let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
-    (mesh, p)
+    caller_and_provider("").await
 }
 
 #[tokio::test]
@@ -117,20 +109,7 @@ async fn control_stream_reports_ready_and_snapshots() {
 
 #[tokio::test]
 async fn drain_is_bounded_by_the_drain_timeout() {
-    let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())])
-        .await;
-    mesh.start_with(
-        "h1",
-        "127.0.0.1",
-        &[],
-        "[lifecycle]\ndrain_timeout_ms = 500\n",
-    )
-    .await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
+    let (mut mesh, p) = caller_and_provider("[lifecycle]\ndrain_timeout_ms = 500\n").await;
     let client = mesh.client("h1", AppProtocol::Http1);
     let call = tokio::spawn(async move {
         let req = Request::get("/slow?ms=20000").body(empty()).unwrap();

@@ -3,11 +3,8 @@
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
 use std::process::Command;
-use std::time::Duration;
 
-use detour_proto::AppProtocol;
-use detour_tests::{Mesh, Offer};
-use detour_watchdog::provider::DemoProvider;
+use detour_tests::caller_and_provider;
 use detour_watchdog::sidecar::find_binary;
 
 fn detourctl() -> Command {
@@ -50,15 +47,7 @@ fn demo_runs_a_mesh_and_ends_with_its_summary() {
 
 #[tokio::test]
 async fn load_reports_outcomes_through_the_mesh_and_direct() {
-    let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
-    let _ = AppProtocol::Http1;
+    let (mesh, p) = caller_and_provider("").await;
     let sidecar = mesh.sidecar("h1").outbound().to_string();
     let direct = format!("http://{}", p.addr());
     let runs = [
@@ -116,5 +105,4 @@ async fn load_reports_outcomes_through_the_mesh_and_direct() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(2), "{stdout}");
     assert!(stdout.contains("mesh:unknown-service=50"), "{stdout}");
-    let _ = Duration::ZERO;
 }

@@ -10,7 +10,7 @@ use detour_proto::{AppProtocol, ERROR_HEADER, ServiceName};
 use detour_tests::grpc::GrpcProvider;
 use detour_tests::grpc::pb::echo_client::EchoClient;
 use detour_tests::grpc::pb::{CountRequest, EchoRequest};
-use detour_tests::{Mesh, Offer, body_text};
+use detour_tests::{Mesh, Offer, body_text, caller_and_provider};
 use detour_thin_sdk::body::{empty, full};
 use detour_thin_sdk::{Client, mesh_error};
 use detour_watchdog::provider::{DemoProvider, SERVED_BY};
@@ -19,19 +19,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn svc(name: &str) -> ServiceName {
     ServiceName::new(name).unwrap()
-}
-
-/// A caller host h1 (127.0.0.1) and a provider host h2 (127.0.0.2) offering `hello`.
-async fn two_hosts() -> (Mesh, DemoProvider) {
-    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
-    (mesh, provider)
 }
 
 async fn get(
@@ -45,7 +32,7 @@ async fn get(
 
 #[tokio::test]
 async fn http1_get_and_post_cross_the_mesh() {
-    let (mesh, provider) = two_hosts().await;
+    let (mesh, provider) = caller_and_provider("").await;
     for client in [
         mesh.client("h1", AppProtocol::Http1),
         mesh.tcp_client("h1", AppProtocol::Http1),
@@ -67,7 +54,7 @@ async fn http1_get_and_post_cross_the_mesh() {
 
 #[tokio::test]
 async fn http2_callers_cross_the_mesh() {
-    let (mesh, _provider) = two_hosts().await;
+    let (mesh, _provider) = caller_and_provider("").await;
     for client in [
         mesh.client("h1", AppProtocol::Http2),
         mesh.tcp_client("h1", AppProtocol::Http2),
@@ -174,7 +161,7 @@ async fn a_provider_that_is_down_gets_502_with_the_mesh_header() {
 
 #[tokio::test]
 async fn provider_errors_are_not_marked_as_mesh_errors() {
-    let (mesh, _p) = two_hosts().await;
+    let (mesh, _p) = caller_and_provider("").await;
     let resp = get(
         &mesh.client("h1", AppProtocol::Http1),
         "hello",
@@ -187,7 +174,7 @@ async fn provider_errors_are_not_marked_as_mesh_errors() {
 
 #[tokio::test]
 async fn an_unknown_service_gets_503_with_the_mesh_header() {
-    let (mesh, _p) = two_hosts().await;
+    let (mesh, _p) = caller_and_provider("").await;
     let resp = get(&mesh.client("h1", AppProtocol::Http1), "nosuch", "/").await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(mesh_error(&resp), Some("unknown-service"));
@@ -211,7 +198,7 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn malformed_and_oversized_requests_get_clear_errors_and_break_nothing() {
-    let (mesh, _p) = two_hosts().await;
+    let (mesh, _p) = caller_and_provider("").await;
     let addr = mesh.sidecar("h1").addrs.outbound_tcp.unwrap();
 
     let out = raw_exchange(addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
@@ -256,7 +243,7 @@ async fn malformed_and_oversized_requests_get_clear_errors_and_break_nothing() {
 async fn a_256_mib_upload_streams_without_growing_the_sidecars() {
     const TOTAL: u64 = 256 << 20;
     const CHUNK: usize = 1 << 20;
-    let (mesh, _p) = two_hosts().await;
+    let (mesh, _p) = caller_and_provider("").await;
     let ca = mesh.sidecar("h1").child.pid();
     let pa = mesh.sidecar("h2").child.pid();
     let (ca_before, pa_before) = (
@@ -293,7 +280,7 @@ async fn a_256_mib_upload_streams_without_growing_the_sidecars() {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_before_exit() {
-    let (mut mesh, provider) = two_hosts().await;
+    let (mut mesh, provider) = caller_and_provider("").await;
     let client = mesh.client("h1", AppProtocol::Http1);
     let h2client = mesh.client("h1", AppProtocol::Http2);
     let before = provider.received();
