@@ -19,6 +19,13 @@ pub mod control {
 /// The `:authority` under which a sidecar's outbound listener serves the control API.
 pub const CONTROL_AUTHORITY: &str = "detour.control";
 
+/// The path, under authority [`CONTROL_AUTHORITY`], that answers 200 while a sidecar is
+/// ready and 503 otherwise: the active probe of SDKs and of remote sidecars.
+pub const PING_PATH: &str = "/detour/ping";
+
+/// The response header in which a CA says which path a request took (`mesh`, `ca-direct`).
+pub const PATH_HEADER: &str = "x-detour-path";
+
 /// The response header that marks an error produced by the mesh itself (not by a provider).
 pub const ERROR_HEADER: &str = "x-detour-error";
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::registry::{Registry, RegistryError, now_unix_ms};
+use crate::registry::{HostStatuses, Registry, RegistryError, now_unix_ms};
 
 /// The record format this version writes and reads.
 const FORMAT: u32 = 1;
@@ -87,6 +87,7 @@ struct Inner {
     own: Mutex<Own>,
     view: RwLock<View>,
     watchers: Mutex<HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>>,
+    hosts: watch::Sender<Arc<HostStatuses>>,
     rescan: Notify,
     /// Files that failed to parse, with the content length seen, so each is logged once.
     bad_files: Mutex<HashMap<PathBuf, u64>>,
@@ -119,6 +120,7 @@ impl DirRegistry {
             own: Mutex::new(Own::default()),
             view: RwLock::new(View::default()),
             watchers: Mutex::new(HashMap::new()),
+            hosts: watch::channel(Arc::new(HostStatuses::new())).0,
             rescan: Notify::new(),
             bad_files: Mutex::new(HashMap::new()),
         });
@@ -217,6 +219,14 @@ impl Inner {
                 });
             }
         }
+        self.hosts.send_if_modified(|cur| {
+            if **cur == view.hosts {
+                false
+            } else {
+                *cur = Arc::new(view.hosts.clone());
+                true
+            }
+        });
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
     }
 
@@ -380,6 +390,10 @@ impl Registry for DirRegistry {
             own.status = Some(status);
         }
         self.inner.write_own().await
+    }
+
+    fn watch_hosts(&self) -> watch::Receiver<Arc<HostStatuses>> {
+        self.inner.hosts.subscribe()
     }
 
     async fn host_status(&self, host: &HostId) -> Result<Option<HostStatus>, RegistryError> {

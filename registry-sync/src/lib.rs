@@ -10,4 +10,4 @@ pub mod memory;
 mod registry;
 
 pub use catalog::Catalog;
-pub use registry::{Registry, RegistryError, RegistrySpec, now_unix_ms};
+pub use registry::{HostStatuses, Registry, RegistryError, RegistrySpec, now_unix_ms};

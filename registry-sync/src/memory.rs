@@ -8,13 +8,22 @@ use async_trait::async_trait;
 use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName};
 use tokio::sync::watch;
 
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{HostStatuses, Registry, RegistryError};
 
-#[derive(Default)]
 struct Store {
     endpoints: HashMap<ServiceName, Vec<Endpoint>>,
-    hosts: HashMap<HostId, HostStatus>,
+    hosts: watch::Sender<Arc<HostStatuses>>,
     watchers: HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self {
+            endpoints: HashMap::new(),
+            hosts: watch::channel(Arc::new(HostStatuses::new())).0,
+            watchers: HashMap::new(),
+        }
+    }
 }
 
 impl Store {
@@ -94,12 +103,18 @@ impl Registry for MemoryRegistry {
     }
 
     async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError> {
-        self.lock().hosts.insert(status.host.clone(), status);
+        self.lock().hosts.send_modify(|h| {
+            Arc::make_mut(h).insert(status.host.clone(), status);
+        });
         Ok(())
     }
 
+    fn watch_hosts(&self) -> watch::Receiver<Arc<HostStatuses>> {
+        self.lock().hosts.subscribe()
+    }
+
     async fn host_status(&self, host: &HostId) -> Result<Option<HostStatus>, RegistryError> {
-        Ok(self.lock().hosts.get(host).cloned())
+        Ok(self.lock().hosts.borrow().get(host).cloned())
     }
 
     async fn withdraw(&self) -> Result<(), RegistryError> {

@@ -33,6 +33,9 @@ pub enum RegistryError {
     },
 }
 
+/// Every live host's status.
+pub type HostStatuses = std::collections::HashMap<HostId, HostStatus>;
+
 /// One registry client. A client belongs to one host: what it registers is kept alive by the
 /// client until it is de-registered, withdrawn, or the client's process dies (then it expires
 /// after its time-to-live).
@@ -57,6 +60,9 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Publishes this client's host status.
     async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError>;
+
+    /// Follows every live host's status (a host whose record expired is absent).
+    fn watch_hosts(&self) -> watch::Receiver<Arc<HostStatuses>>;
 
     /// Reads any host's status; `None` when the host is unknown or its record expired.
     async fn host_status(&self, host: &HostId) -> Result<Option<HostStatus>, RegistryError>;

@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when ready to route, 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /state` | JSON: host, state, listeners, providers, catalog per service |
+//! | `GET /state` | JSON: host, state, listeners, providers, CA links per remote host, catalog per service |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 
 use std::convert::Infallible;
@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use crate::app::Bound;
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
+use crate::links::Links;
 use crate::telemetry::prometheus;
 
 /// What the admin API reads.
@@ -36,6 +37,8 @@ pub struct Admin {
     pub lifecycle: Arc<Lifecycle>,
     /// Catalog, for `/state`.
     pub catalog: Arc<Catalog>,
+    /// CA links per remote host, for `/state`.
+    pub links: Arc<Links>,
     /// Bound addresses, for `/state`.
     pub bound: Bound,
 }
@@ -129,6 +132,7 @@ impl Admin {
             "listeners": self.bound,
             "open_connections": self.lifecycle.open_connections(),
             "providers": providers,
+            "links": self.links.states(),
             "services": services,
         })
     }

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::control::ControlService;
 use crate::inbound::Inbound;
 use crate::lifecycle::Lifecycle;
+use crate::links::Links;
 use crate::outbound::Outbound;
 use crate::server::{ConnOptions, Listener, accept_loop};
 
@@ -137,17 +138,21 @@ impl Sidecar {
             proxy: cfg.host.to_string(),
         });
         let control = ControlService::new(lifecycle.clone(), catalog.clone(), cfg.host.clone());
+        let links = Links::new(cfg.clone(), registry.watch_hosts());
         let outbound = Arc::new(Outbound::new(
             cfg.clone(),
             catalog.clone(),
             Pool::new(pool_opts),
+            links.clone(),
+            lifecycle.clone(),
             control,
         ));
-        let inbound = Arc::new(Inbound::new(cfg.clone(), Pool::new(pool_opts)));
+        let inbound = Arc::new(Inbound::new(cfg.clone(), Pool::new(pool_opts), lifecycle.clone()));
         let admin = Arc::new(Admin {
             cfg: cfg.clone(),
             lifecycle: lifecycle.clone(),
             catalog: catalog.clone(),
+            links,
             bound: bound.clone(),
         });
 
@@ -222,31 +227,33 @@ impl Sidecar {
         &self.lifecycle
     }
 
-    /// Stops gracefully: withdraw the local providers and announce `draining`, stop accepting,
-    /// let in-flight requests finish (bounded by the drain timeout), then leave the registry.
+    /// Stops gracefully, losing nothing:
+    /// 1. announce: state `draining` (control sessions tell their SDKs, `/detour/ping` answers
+    ///    503) and host status `draining` in the registry (remote CAs go straight to this host's
+    ///    providers), while still serving normally for `lifecycle.announce_ms`;
+    /// 2. close the listeners; HTTP/1.1 connections close after their current response, HTTP/2
+    ///    ones get GOAWAY; wait for in-flight requests (bounded by the drain timeout);
+    /// 3. publish `stopped`. The local providers stay registered: they keep serving while this
+    ///    sidecar is away (callers reach them C→CA→P), and the record expires after its TTL
+    ///    unless a new sidecar takes it over.
     pub async fn drain(self) -> DrainReport {
-        tracing::info!(timeout = ?self.cfg.drain_timeout, "draining");
-        for p in &self.cfg.provide {
-            if let Err(e) = self.registry.deregister(&p.service, &p.instance).await {
-                tracing::warn!(service = %p.service, error = %e, "could not de-register");
-            }
-        }
-        let _ = publish_status(&*self.registry, &self.cfg, SidecarState::Draining).await;
+        tracing::info!(announce = ?self.cfg.announce, timeout = ?self.cfg.drain_timeout, "draining");
+        let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
         self.lifecycle.set(SidecarState::Draining);
-        let clean = self
-            .lifecycle
-            .wait_connections_closed(self.cfg.drain_timeout)
-            .await;
+        if let Err(e) = publish_status(&*self.registry, &self.cfg, SidecarState::Draining).await {
+            tracing::warn!(error = %e, "could not announce the drain in the registry");
+        }
+        tokio::time::sleep_until((tokio::time::Instant::now() + self.cfg.announce).min(deadline)).await;
+        self.lifecycle.close();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let clean = self.lifecycle.wait_connections_closed(left).await;
         let left_open = self.lifecycle.open_connections();
         if !clean {
-            tracing::warn!(
-                left_open,
-                "drain timeout reached with connections still open"
-            );
+            tracing::warn!(left_open, "drain timeout reached with connections still open");
         }
         self.lifecycle.set(SidecarState::Stopped);
-        if let Err(e) = self.registry.withdraw().await {
-            tracing::warn!(error = %e, "could not withdraw from the registry");
+        if let Err(e) = publish_status(&*self.registry, &self.cfg, SidecarState::Stopped).await {
+            tracing::warn!(error = %e, "could not publish the stop in the registry");
         }
         if let Some(p) = &self.bound.outbound_unix {
             let _ = std::fs::remove_file(p);

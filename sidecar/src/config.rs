@@ -10,6 +10,7 @@ use std::time::Duration;
 use detour_proto::config_file::{self, ConfigError};
 use detour_proto::{AppProtocol, HostId, InstanceId, ServiceName};
 use detour_registry_sync::RegistrySpec;
+use detour_thin_sdk::link::LinkConfig;
 use serde::Deserialize;
 
 /// Prefix of the environment variables that override config keys.
@@ -37,6 +38,8 @@ pub struct RawConfig {
     pub lifecycle: LifecycleRaw,
     /// Directory-registry tuning.
     pub registry_dir: RegistryDirRaw,
+    /// The CA half of the link state machine.
+    pub link: LinkRaw,
     /// Local providers this sidecar serves inbound and registers.
     pub provide: Vec<ProvideRaw>,
 }
@@ -53,6 +56,7 @@ impl Default for RawConfig {
             proxy: ProxyRaw::default(),
             lifecycle: LifecycleRaw::default(),
             registry_dir: RegistryDirRaw::default(),
+            link: LinkRaw::default(),
             provide: Vec::new(),
         }
     }
@@ -123,6 +127,8 @@ pub struct ProxyRaw {
     pub max_header_bytes: usize,
     /// How long an endpoint that refused a connection is passed over.
     pub eject_ms: u64,
+    /// Request bodies up to this size are kept so a failed attempt can be retried.
+    pub max_replay_bytes: u64,
 }
 
 impl Default for ProxyRaw {
@@ -133,6 +139,7 @@ impl Default for ProxyRaw {
             request_timeout_ms: 30_000,
             max_header_bytes: 16 * 1024,
             eject_ms: 2000,
+            max_replay_bytes: 64 * 1024,
         }
     }
 }
@@ -143,12 +150,44 @@ impl Default for ProxyRaw {
 pub struct LifecycleRaw {
     /// Upper bound on a graceful stop.
     pub drain_timeout_ms: u64,
+    /// How long a drain is announced (control stream, registry, `/detour/ping`) before the
+    /// listeners close, so callers switch paths first.
+    pub announce_ms: u64,
 }
 
 impl Default for LifecycleRaw {
     fn default() -> Self {
         Self {
             drain_timeout_ms: 10_000,
+            announce_ms: 1000,
+        }
+    }
+}
+
+/// `[link]`: how this sidecar's CA watches the PAs it uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LinkRaw {
+    /// Interval of active probes to each PA in use.
+    pub probe_interval_ms: u64,
+    /// Time a probe may take.
+    pub probe_timeout_ms: u64,
+    /// Consecutive failed probes before going straight to the provider.
+    pub fail_after: u32,
+    /// Consecutive good probes (with the host ready) before ramping back.
+    pub recover_after: u32,
+    /// Duration of the ramp back to 100% via the PA.
+    pub ramp_ms: u64,
+}
+
+impl Default for LinkRaw {
+    fn default() -> Self {
+        Self {
+            probe_interval_ms: 200,
+            probe_timeout_ms: 250,
+            fail_after: 2,
+            recover_after: 3,
+            ramp_ms: 2000,
         }
     }
 }
@@ -242,8 +281,18 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Ejection time after a refused connection.
     pub eject: Duration,
+    /// Request bodies kept for retries up to this size.
+    pub max_replay_bytes: u64,
     /// Graceful-stop bound.
     pub drain_timeout: Duration,
+    /// How long a drain is announced before listeners close.
+    pub announce: Duration,
+    /// The CA link machine's thresholds.
+    pub link: LinkConfig,
+    /// Probe interval to PAs.
+    pub probe_interval: Duration,
+    /// Probe timeout.
+    pub probe_timeout: Duration,
     /// Directory-registry record TTL.
     pub registry_ttl: Duration,
     /// Directory-registry rescan interval.
@@ -354,6 +403,11 @@ impl RawConfig {
         );
         let registry_ttl = positive(&mut p, "registry_dir.ttl_ms", self.registry_dir.ttl_ms);
         let registry_poll = positive(&mut p, "registry_dir.poll_ms", self.registry_dir.poll_ms);
+        let probe_interval = positive(&mut p, "link.probe_interval_ms", self.link.probe_interval_ms);
+        let probe_timeout = positive(&mut p, "link.probe_timeout_ms", self.link.probe_timeout_ms);
+        if self.link.fail_after == 0 || self.link.recover_after == 0 {
+            p.push("link.fail_after and link.recover_after: must be at least 1".into());
+        }
         if !(1024..=1 << 20).contains(&self.proxy.max_header_bytes) {
             p.push("proxy.max_header_bytes: must be between 1024 and 1048576".into());
         }
@@ -410,7 +464,17 @@ impl RawConfig {
                     request_timeout,
                     max_header_bytes: self.proxy.max_header_bytes,
                     eject: Duration::from_millis(self.proxy.eject_ms),
+                    max_replay_bytes: self.proxy.max_replay_bytes,
                     drain_timeout,
+                    announce: Duration::from_millis(self.lifecycle.announce_ms),
+                    link: LinkConfig {
+                        fail_after: self.link.fail_after,
+                        recover_after: self.link.recover_after,
+                        ramp_start: 0.1,
+                        ramp: Duration::from_millis(self.link.ramp_ms),
+                    },
+                    probe_interval,
+                    probe_timeout,
                     registry_ttl,
                     registry_poll,
                     provide,

@@ -77,7 +77,9 @@ impl ControlService {
         let mut watchers = JoinSet::new();
         let mut seen: HashSet<ServiceName> = HashSet::new();
         let first = *state.borrow_and_update();
-        if tx.send(Ok(self.status(first))).await.is_err() {
+        if tx.send(Ok(self.status(first))).await.is_err()
+            || matches!(first, SidecarState::Draining | SidecarState::Stopped)
+        {
             return;
         }
         loop {

@@ -17,6 +17,9 @@ use crate::respond::MeshError;
 pub enum AttemptError {
     /// Nothing usable came back; the request is lost to this attempt.
     Fatal(MeshError),
+    /// The upstream refused the stream without processing it (HTTP/2 `REFUSED_STREAM`, or a
+    /// stream above a GOAWAY's last id): safe to send again elsewhere, whatever the method.
+    Refused(MeshError),
     /// The request never left and is handed back (a connect failure, a refused stream).
     NeverLeft {
         /// What happened.
@@ -50,9 +53,26 @@ pub async fn attempt(
                 error: MeshError::UpstreamConnect(error.to_string()),
                 request: Box::new(request),
             }),
+            None if was_refused(&error) => Err(AttemptError::Refused(MeshError::UpstreamReset(
+                error.to_string(),
+            ))),
             None => Err(AttemptError::Fatal(MeshError::UpstreamReset(
                 error.to_string(),
             ))),
         },
     }
+}
+
+/// Whether an HTTP/2 error says the stream was not processed (RFC 9113 §8.7).
+fn was_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }

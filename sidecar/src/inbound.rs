@@ -1,11 +1,12 @@
 //! The inbound side (PA): requests from remote sidecars, forwarded to the local provider of the
-//! service named by `:authority` / `Host`, in that provider's protocol.
+//! service named by `:authority` / `Host`, in that provider's protocol. `GET /detour/ping`
+//! under authority `detour.control` answers the probes of remote CAs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use detour_proto::ServiceName;
+use detour_proto::{CONTROL_AUTHORITY, PING_PATH, ServiceName};
 use detour_thin_sdk::body::boxed;
 use detour_thin_sdk::{BoxBody, Dial, Pool};
 use http::{Request, Response};
@@ -16,7 +17,8 @@ use crate::forward::{AttemptError, attempt};
 use crate::headers::{authority, head_size, strip_hop_by_hop};
 use crate::outbound::record;
 use crate::respond::{MeshError, is_grpc};
-use crate::server::Handler;
+use crate::lifecycle::Lifecycle;
+use crate::server::{Handler, ping_response};
 
 /// The inbound proxy.
 pub struct Inbound {
@@ -26,11 +28,13 @@ pub struct Inbound {
     providers: HashMap<ServiceName, Provide>,
     /// Connections to local providers.
     pool: Arc<Pool>,
+    /// Whether this sidecar is ready (for `/detour/ping`).
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl Inbound {
     /// Builds the inbound proxy for the configured providers.
-    pub fn new(cfg: Arc<Config>, pool: Arc<Pool>) -> Self {
+    pub fn new(cfg: Arc<Config>, pool: Arc<Pool>, lifecycle: Arc<Lifecycle>) -> Self {
         let providers = cfg
             .provide
             .iter()
@@ -40,6 +44,7 @@ impl Inbound {
             cfg,
             providers,
             pool,
+            lifecycle,
         }
     }
 
@@ -76,7 +81,9 @@ impl Inbound {
         )
         .await
         .map_err(|e| match e {
-            AttemptError::Fatal(e) | AttemptError::NeverLeft { error: e, .. } => e,
+            AttemptError::Fatal(e)
+            | AttemptError::Refused(e)
+            | AttemptError::NeverLeft { error: e, .. } => e,
         })
     }
 }
@@ -85,6 +92,9 @@ impl Handler for Inbound {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
         let start = Instant::now();
         let (parts, body) = req.into_parts();
+        if authority(&parts) == Some(CONTROL_AUTHORITY) && parts.uri.path() == PING_PATH {
+            return ping_response(&self.lifecycle);
+        }
         let grpc = is_grpc(&parts.headers);
         let resp = match self.route(parts, body).await {
             Ok(r) => r,

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod headers;
 pub mod inbound;
 pub mod lifecycle;
+pub mod links;
 pub mod outbound;
 pub mod respond;
 pub mod server;

@@ -1,6 +1,6 @@
 //! The sidecar's lifecycle: its state (starting → ready → draining → stopped), the drain
-//! request that SIGTERM and `POST /drain` raise, and the count of open connections a drain
-//! waits for.
+//! request that SIGTERM and `POST /drain` raise, the moment listeners close (after the drain
+//! has been announced for a while), and the count of open connections a drain waits for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +16,8 @@ pub struct Lifecycle {
     state: watch::Sender<SidecarState>,
     /// Raised once when a graceful stop is asked for.
     drain: watch::Sender<bool>,
+    /// Raised once when listeners must stop accepting and connections close gracefully.
+    closing: watch::Sender<bool>,
     /// Open connections on every listener.
     conns: AtomicUsize,
     /// Woken whenever a connection closes.
@@ -28,6 +30,7 @@ impl Lifecycle {
         Arc::new(Self {
             state: watch::channel(SidecarState::Starting).0,
             drain: watch::channel(false).0,
+            closing: watch::channel(false).0,
             conns: AtomicUsize::new(0),
             closed: Notify::new(),
         })
@@ -51,7 +54,18 @@ impl Lifecycle {
         }
     }
 
-    /// Whether new connections should be told to go away.
+    /// Stops the listeners and closes connections gracefully (idempotent).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Lifecycle::close`] has been called.
+    pub async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Whether a drain has been announced.
     pub fn is_draining(&self) -> bool {
         matches!(self.state(), SidecarState::Draining | SidecarState::Stopped)
     }

@@ -1,5 +1,5 @@
 //! Accepting and serving connections on the proxy listeners: protocol detection, HTTP/1.1 or
-//! HTTP/2 serving, and graceful close when the sidecar drains.
+//! HTTP/2 serving, and graceful close when the sidecar closes its listeners.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use detour_proto::SidecarState;
 use detour_thin_sdk::BoxBody;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -58,11 +57,10 @@ pub async fn accept_loop<H: Handler>(
     lifecycle: Arc<Lifecycle>,
     opts: Arc<ConnOptions>,
 ) {
-    let mut state = lifecycle.subscribe();
     loop {
         let accepted = tokio::select! {
             r = accept(&listener) => r,
-            _ = state.wait_for(|s| matches!(s, SidecarState::Draining | SidecarState::Stopped)) => break,
+            _ = lifecycle.closed() => break,
         };
         match accepted {
             Ok(Accepted::Tcp(s)) => {
@@ -141,8 +139,6 @@ where
         let h = handler.clone();
         async move { Ok::<_, Infallible>(h.handle(req).await) }
     });
-    let mut state = lifecycle.subscribe();
-    let draining = |s: &SidecarState| matches!(s, SidecarState::Draining | SidecarState::Stopped);
     match detected {
         Detected::Http1 => {
             let conn = http1::Builder::new()
@@ -154,7 +150,7 @@ where
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => return Ok(r?),
-                _ = state.wait_for(draining) => conn.as_mut().graceful_shutdown(),
+                _ = lifecycle.closed() => conn.as_mut().graceful_shutdown(),
             }
             Ok(conn.await?)
         }
@@ -169,10 +165,20 @@ where
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => return Ok(r?),
-                _ = state.wait_for(draining) => conn.as_mut().graceful_shutdown(),
+                _ = lifecycle.closed() => conn.as_mut().graceful_shutdown(),
             }
             Ok(conn.await?)
         }
         Detected::Closed | Detected::Rejected(_) => Ok(()),
     }
+}
+
+/// The answer to `/detour/ping`: 200 while ready, 503 otherwise (starting, draining).
+pub fn ping_response(lifecycle: &Lifecycle) -> Response<BoxBody> {
+    let state = lifecycle.state();
+    let mut resp = Response::new(detour_thin_sdk::body::full(format!("{}\n", state.as_str())));
+    if state != detour_proto::SidecarState::Ready {
+        *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    resp
 }

@@ -112,7 +112,8 @@ async fn drain_is_bounded_by_the_drain_timeout() {
     let (mut mesh, p) = caller_and_provider("[lifecycle]\ndrain_timeout_ms = 500\n").await;
     let client = mesh.client("h1", AppProtocol::Http1);
     let call = tokio::spawn(async move {
-        let req = Request::get("/slow?ms=20000").body(empty()).unwrap();
+        // Not idempotent: when the drain timeout cuts it off, it must not be retried.
+        let req = Request::post("/slow?ms=20000").body(empty()).unwrap();
         client.send(&ServiceName::new("hello").unwrap(), req).await
     });
     while p.received() == 0 {
@@ -127,8 +128,10 @@ async fn drain_is_bounded_by_the_drain_timeout() {
         "drain-timeout: exited {:?} after SIGTERM (limit 500 ms)",
         t0.elapsed()
     );
-    // The long call could not finish inside the drain window; it fails, it does not hang.
-    assert!(call.await.unwrap().is_err());
+    // The long call could not finish inside the drain window; it fails, it does not hang, and
+    // the app is told its outcome is unknown.
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), "outcome_unknown", "{err}");
 }
 
 #[test]

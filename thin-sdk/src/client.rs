@@ -1,17 +1,56 @@
-//! The SDK client: sends requests for a named service to the local sidecar.
+//! The SDK client: sends requests for a named service through the local sidecar, and falls back
+//! to calling providers directly when the link to the sidecar says so.
+//!
+//! Safe retries: a request that never left is always sent on the other path; one that left and
+//! then lost its connection is sent again only when idempotent (by method or marked
+//! [`crate::Idempotent`]) and its body was small enough to keep (see [`crate::replay`]); else the
+//! app gets [`Error::OutcomeUnknown`].
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use detour_proto::{AppProtocol, ERROR_HEADER, ServiceName, SidecarState};
+use detour_proto::{AppProtocol, ERROR_HEADER, PATH_HEADER, PROXY_HEADER, ServiceName, SidecarState};
 use http::{Request, Response};
 
 use crate::body::{BoxBody, BoxError, boxed};
 use crate::control::{ControlSession, Snapshot};
+use crate::direct::{Direct, DirectError};
 use crate::error::Error;
 use crate::grpc::GrpcChannel;
-use crate::transport::{Dial, Pool, PoolOptions};
+use crate::link::{Event, LinkConfig, LinkState, Reason};
+use crate::link_handle::{LinkHandle, SDK_NAMES};
+use crate::replay::{Replay, is_idempotent, prepare};
+use crate::transport::{Dial, Failed, Pool, PoolOptions, set_target};
+
+/// Which path a response came over (in the response's extensions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PathTaken {
+    /// C→CA→PA→P.
+    Mesh,
+    /// C→CA→P (the provider host's sidecar was bypassed).
+    CaDirect,
+    /// C→P (the local sidecar was bypassed).
+    Direct,
+}
+
+impl PathTaken {
+    /// The label used in metrics and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathTaken::Mesh => "mesh",
+            PathTaken::CaDirect => "ca_direct",
+            PathTaken::Direct => "direct",
+        }
+    }
+}
+
+/// The path a response came over, as the SDK recorded it.
+pub fn path_taken<B>(resp: &Response<B>) -> Option<PathTaken> {
+    resp.extensions().get::<PathTaken>().copied()
+}
 
 /// Builds a [`Client`].
 #[derive(Debug, Clone)]
@@ -22,6 +61,11 @@ pub struct ClientBuilder {
     timeout: Option<Duration>,
     control: bool,
     pool: PoolOptions,
+    snapshot_file: Option<PathBuf>,
+    max_replay_bytes: u64,
+    link: LinkConfig,
+    probe_interval: Duration,
+    probe_timeout: Duration,
 }
 
 impl ClientBuilder {
@@ -37,13 +81,14 @@ impl ClientBuilder {
         self
     }
 
-    /// Time allowed until the response head arrives (none by default).
+    /// Time allowed for a call, fallback included (none by default).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
     }
 
-    /// Whether to hold a control session with the sidecar (on by default).
+    /// Whether to hold a control session with the sidecar, probe it and fall back to direct
+    /// calls (on by default). Off, the client only ever talks to the sidecar.
     pub fn control(mut self, on: bool) -> Self {
         self.control = on;
         self
@@ -55,19 +100,75 @@ impl ClientBuilder {
         self
     }
 
+    /// Keeps endpoint snapshots in this file, so that an app started while its sidecar is
+    /// down can call directly.
+    pub fn snapshot_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.snapshot_file = Some(path.into());
+        self
+    }
+
+    /// Request bodies up to this size are kept so the request can be retried (64 KiB default).
+    pub fn max_replay_bytes(mut self, bytes: u64) -> Self {
+        self.max_replay_bytes = bytes;
+        self
+    }
+
+    /// Link thresholds and the ramp back to the mesh.
+    pub fn link(mut self, link: LinkConfig) -> Self {
+        self.link = link;
+        self
+    }
+
+    /// How often and how patiently the sidecar is probed (200 ms / 250 ms by default).
+    pub fn probe(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.probe_interval = interval;
+        self.probe_timeout = timeout;
+        self
+    }
+
     /// Builds the client. With the control session on, this must run inside a tokio runtime.
     pub fn build(self) -> Client {
         let pool = Pool::new(self.pool);
-        let control = self
-            .control
-            .then(|| ControlSession::spawn(pool.clone(), self.sidecar.clone(), self.app.clone()));
+        let link = Arc::new(LinkHandle::new(
+            SDK_NAMES,
+            self.sidecar.to_string(),
+            self.link,
+            // Start on the mesh: if the sidecar is down, the first call's refused connect (a
+            // request that never left) moves the link to direct and the call goes there.
+            false,
+        ));
+        let (control, prober) = if self.control {
+            let c = ControlSession::spawn(
+                pool.clone(),
+                self.sidecar.clone(),
+                self.app.clone(),
+                link.clone(),
+                self.snapshot_file.clone(),
+            );
+            let p = tokio::spawn(crate::probe::probe_loop(
+                Pool::new(self.pool),
+                self.sidecar.clone(),
+                AppProtocol::Http1,
+                link.clone(),
+                self.probe_interval,
+                self.probe_timeout,
+            ));
+            (Some(c), Some(p))
+        } else {
+            (None, None)
+        };
         Client {
             inner: Arc::new(Inner {
                 sidecar: self.sidecar,
                 protocol: self.protocol,
                 timeout: self.timeout,
+                max_replay: self.max_replay_bytes,
+                direct: Direct::new(pool.clone()),
                 pool,
                 control,
+                prober,
+                link,
+                errors: ErrorWindow::default(),
             }),
         }
     }
@@ -77,8 +178,21 @@ struct Inner {
     sidecar: Dial,
     protocol: AppProtocol,
     timeout: Option<Duration>,
+    max_replay: u64,
     pool: Arc<Pool>,
+    direct: Direct,
     control: Option<ControlSession>,
+    prober: Option<tokio::task::JoinHandle<()>>,
+    link: Arc<LinkHandle>,
+    errors: ErrorWindow,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(p) = &self.prober {
+            p.abort();
+        }
+    }
 }
 
 /// Calls services through the local sidecar. Cheap to clone; clones share connections.
@@ -96,6 +210,21 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// What a response from the sidecar says about the mesh.
+enum Verdict {
+    /// A provider's answer (or no mesh error).
+    Fine,
+    /// An error the mesh produced.
+    Mesh {
+        /// Produced by the local sidecar (counts toward "sick sidecar").
+        local: bool,
+        /// It never reached a provider, so sending it elsewhere is safe.
+        retry_safe: bool,
+        /// The sidecar is draining.
+        draining: bool,
+    },
+}
+
 impl Client {
     /// Starts building a client for the sidecar at `sidecar`.
     pub fn builder(sidecar: Dial) -> ClientBuilder {
@@ -106,24 +235,25 @@ impl Client {
             timeout: None,
             control: true,
             pool: PoolOptions::default(),
+            snapshot_file: None,
+            max_replay_bytes: 64 * 1024,
+            link: LinkConfig::default(),
+            probe_interval: Duration::from_millis(200),
+            probe_timeout: Duration::from_millis(250),
         }
     }
 
     /// Sends `req` to `service` and returns the response head; the body streams.
     ///
     /// Errors the mesh produced come back as responses carrying `x-detour-error` (see
-    /// [`mesh_error`]); `Err` means no response arrived at all.
-    pub async fn send<B>(
-        &self,
-        service: &ServiceName,
-        req: Request<B>,
-    ) -> Result<Response<BoxBody>, Error>
+    /// [`mesh_error`]); `Err` means no response arrived at all. [`path_taken`] tells which
+    /// path answered.
+    pub async fn send<B>(&self, service: &ServiceName, req: Request<B>) -> Result<Response<BoxBody>, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.send_via(service, self.inner.protocol, req.map(boxed))
-            .await
+        self.send_via(service, self.inner.protocol, req.map(boxed)).await
     }
 
     /// A gRPC channel to `service` for tonic-generated clients.
@@ -137,6 +267,11 @@ impl Client {
         self.inner.control.as_ref().and_then(|c| c.sidecar_state())
     }
 
+    /// The SDK's link to its sidecar: `mesh`, `direct` or `recovering`.
+    pub fn link_state(&self) -> LinkState {
+        self.inner.link.state()
+    }
+
     /// Waits until the control session reports the sidecar ready, up to `within`.
     pub async fn wait_ready(&self, within: Duration) -> bool {
         match &self.inner.control {
@@ -145,12 +280,9 @@ impl Client {
         }
     }
 
-    /// The last endpoint snapshot the sidecar sent for `service`.
+    /// The last endpoint snapshot the sidecar sent (or the snapshot file held) for `service`.
     pub fn snapshot(&self, service: &ServiceName) -> Option<Arc<Snapshot>> {
-        self.inner
-            .control
-            .as_ref()
-            .and_then(|c| c.snapshot(service))
+        self.inner.control.as_ref().and_then(|c| c.snapshot(service))
     }
 
     pub(crate) async fn send_via(
@@ -159,38 +291,239 @@ impl Client {
         protocol: AppProtocol,
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Error> {
-        if let Some(c) = &self.inner.control {
-            c.interest(service);
+        let fut = self.route(service, protocol, req);
+        let resp = match self.inner.timeout {
+            Some(after) => tokio::time::timeout(after, fut)
+                .await
+                .map_err(|_| Error::Timeout {
+                    service: service.clone(),
+                    after,
+                })??,
+            None => fut.await?,
+        };
+        let path = path_taken(&resp).map_or("mesh", PathTaken::as_str);
+        metrics::counter!("detour_sdk_requests_total", "path" => path).increment(1);
+        Ok(resp)
+    }
+
+    async fn route(
+        &self,
+        service: &ServiceName,
+        protocol: AppProtocol,
+        req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, Error> {
+        let Some(control) = &self.inner.control else {
+            let req = address(service, protocol, req)?;
+            return self.via_sidecar(protocol, req).await.map_err(|f| self.sidecar_error(service, f));
+        };
+        control.interest(service);
+        let idempotent = is_idempotent(&req);
+        let (req, replay) = prepare(req, self.inner.max_replay)
+            .await
+            .map_err(|e| Error::InvalidRequest(format!("reading the request body: {e}")))?;
+        if self.inner.link.choose_primary() {
+            self.mesh_first(service, protocol, req, replay, idempotent).await
+        } else {
+            self.direct_first(service, protocol, req).await
         }
-        let req = crate::transport::set_target(service.as_str(), protocol, req)
-            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        let fut = self.inner.pool.send(&self.inner.sidecar, protocol, req);
-        let res = match self.inner.timeout {
-            Some(after) => match tokio::time::timeout(after, fut).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(Error::Timeout {
-                        service: service.clone(),
-                        after,
-                    });
+    }
+
+    async fn via_sidecar(&self, protocol: AppProtocol, req: Request<BoxBody>) -> Result<Response<BoxBody>, Failed> {
+        let mut resp = self.inner.pool.send(&self.inner.sidecar, protocol, req).await?;
+        let path = match resp.headers().get(PATH_HEADER).map(|v| v.as_bytes()) {
+            Some(b"ca-direct") => PathTaken::CaDirect,
+            _ => PathTaken::Mesh,
+        };
+        resp.extensions_mut().insert(path);
+        Ok(resp)
+    }
+
+    fn sidecar_error(&self, service: &ServiceName, failed: Failed) -> Error {
+        if failed.error.never_left() {
+            Error::SidecarUnavailable {
+                sidecar: self.inner.sidecar.clone(),
+                source: failed.error,
+            }
+        } else {
+            Error::OutcomeUnknown {
+                service: service.clone(),
+                source: failed.error,
+            }
+        }
+    }
+
+    async fn mesh_first(
+        &self,
+        service: &ServiceName,
+        protocol: AppProtocol,
+        req: Request<BoxBody>,
+        replay: Option<Replay>,
+        idempotent: bool,
+    ) -> Result<Response<BoxBody>, Error> {
+        let link = &self.inner.link;
+        match self.via_sidecar(protocol, address(service, protocol, req)?).await {
+            Ok(resp) => match self.judge(&resp) {
+                Verdict::Fine => {
+                    self.inner.errors.record(false);
+                    Ok(resp)
+                }
+                Verdict::Mesh {
+                    local,
+                    retry_safe,
+                    draining,
+                } => {
+                    if draining {
+                        link.event(Event::Fault(Reason::DrainAnnounced));
+                    }
+                    if local && self.inner.errors.record(true) {
+                        link.event(Event::Fault(Reason::MeshErrors));
+                    }
+                    match replay {
+                        Some(r) if retry_safe => self.direct_only(service, r.request(), resp).await,
+                        _ => Ok(resp),
+                    }
                 }
             },
-            None => fut.await,
-        };
-        res.map_err(|failed| {
-            let source = failed.error;
-            if source.never_left() {
-                Error::SidecarUnavailable {
-                    sidecar: self.inner.sidecar.clone(),
-                    source,
-                }
-            } else {
-                Error::OutcomeUnknown {
-                    service: service.clone(),
-                    source,
+            Err(Failed {
+                error,
+                request: Some(back),
+            }) => {
+                link.event(Event::Fault(Reason::ConnectFailed));
+                self.direct_after_sidecar(service, back, error).await
+            }
+            Err(Failed { error, request: None }) => {
+                link.event(Event::Fault(Reason::ConnectFailed));
+                match replay {
+                    Some(r) if idempotent => self.direct_after_sidecar(service, r.request(), error).await,
+                    _ => Err(Error::OutcomeUnknown {
+                        service: service.clone(),
+                        source: error,
+                    }),
                 }
             }
-        })
+        }
+    }
+
+    /// Direct, after the sidecar could not take the request.
+    async fn direct_after_sidecar(
+        &self,
+        service: &ServiceName,
+        req: Request<BoxBody>,
+        sidecar_error: crate::TransportError,
+    ) -> Result<Response<BoxBody>, Error> {
+        match self.inner.direct.send(service, self.snapshot(service), req).await {
+            Ok(resp) => Ok(tag_direct(resp)),
+            Err(DirectError::NoRoute(cause, _)) => Err(Error::NoRoute {
+                service: service.clone(),
+                cause: format!("the sidecar is unavailable ({sidecar_error}) and {cause}"),
+            }),
+            Err(DirectError::Failed(f)) => Err(self.provider_error(service, f)),
+        }
+    }
+
+    /// Direct, replacing a mesh error response; keeps that response if direct cannot do better.
+    async fn direct_only(
+        &self,
+        service: &ServiceName,
+        req: Request<BoxBody>,
+        mesh_resp: Response<BoxBody>,
+    ) -> Result<Response<BoxBody>, Error> {
+        match self.inner.direct.send(service, self.snapshot(service), req).await {
+            Ok(resp) => Ok(tag_direct(resp)),
+            Err(_) => Ok(mesh_resp),
+        }
+    }
+
+    async fn direct_first(
+        &self,
+        service: &ServiceName,
+        protocol: AppProtocol,
+        req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, Error> {
+        let back = match self.inner.direct.send(service, self.snapshot(service), req).await {
+            Ok(resp) => return Ok(tag_direct(resp)),
+            Err(DirectError::NoRoute(_, back)) => *back,
+            Err(DirectError::Failed(Failed {
+                request: Some(back), ..
+            })) => back,
+            Err(DirectError::Failed(f)) => return Err(self.provider_error(service, f)),
+        };
+        // No provider could be reached directly and the request never left: the sidecar may
+        // well be able to take it.
+        self.via_sidecar(protocol, address(service, protocol, back)?)
+            .await
+            .map_err(|f| self.sidecar_error(service, f))
+    }
+
+    fn provider_error(&self, service: &ServiceName, failed: Failed) -> Error {
+        if failed.error.never_left() {
+            Error::NoRoute {
+                service: service.clone(),
+                cause: format!("no provider accepted a direct connection ({})", failed.error),
+            }
+        } else {
+            Error::OutcomeUnknown {
+                service: service.clone(),
+                source: failed.error,
+            }
+        }
+    }
+
+    fn judge(&self, resp: &Response<BoxBody>) -> Verdict {
+        let Some(reason) = mesh_error(resp) else {
+            return Verdict::Fine;
+        };
+        let proxy = resp.headers().get(PROXY_HEADER).and_then(|v| v.to_str().ok());
+        let local = match (&self.inner.control, proxy) {
+            (Some(c), Some(p)) => c.sidecar_host().is_some_and(|h| h == p),
+            _ => false,
+        };
+        let draining = reason == "draining";
+        let before_any_provider = matches!(reason, "upstream-connect" | "no-endpoint" | "registry-unavailable");
+        Verdict::Mesh {
+            local,
+            retry_safe: draining || (local && before_any_provider),
+            draining,
+        }
+    }
+}
+
+fn tag_direct(mut resp: Response<BoxBody>) -> Response<BoxBody> {
+    resp.extensions_mut().insert(PathTaken::Direct);
+    resp
+}
+
+fn address(service: &ServiceName, protocol: AppProtocol, req: Request<BoxBody>) -> Result<Request<BoxBody>, Error> {
+    set_target(service.as_str(), protocol, req).map_err(|e| Error::InvalidRequest(e.to_string()))
+}
+
+/// The recent share of mesh responses that carried an error the local sidecar produced.
+#[derive(Default)]
+struct ErrorWindow {
+    recent: Mutex<VecDeque<bool>>,
+}
+
+impl ErrorWindow {
+    const SIZE: usize = 50;
+    const MIN: usize = 20;
+
+    /// Records one mesh response; returns true when errors reached half of a full-enough
+    /// window (the window then starts again).
+    fn record(&self, local_error: bool) -> bool {
+        let mut w = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if !local_error && w.is_empty() {
+            return false;
+        }
+        w.push_back(local_error);
+        if w.len() > Self::SIZE {
+            w.pop_front();
+        }
+        let bad = w.iter().filter(|b| **b).count();
+        if w.len() >= Self::MIN && bad * 2 >= w.len() {
+            w.clear();
+            return true;
+        }
+        false
     }
 }
 
@@ -204,21 +537,18 @@ pub fn mesh_error<B>(resp: &Response<B>) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header;
 
     #[test]
-    fn addresses_by_protocol() {
-        let svc = ServiceName::new("echo").unwrap();
-        let req = Request::post("/a?b=1").body(crate::body::empty()).unwrap();
-        let h1 = crate::transport::set_target(svc.as_str(), AppProtocol::Http1, req).unwrap();
-        assert_eq!(h1.uri(), "/a?b=1");
-        assert_eq!(h1.headers()[header::HOST], "echo");
-        let req = Request::get("http://elsewhere/x")
-            .header(header::HOST, "elsewhere")
-            .body(crate::body::empty())
-            .unwrap();
-        let h2 = crate::transport::set_target(svc.as_str(), AppProtocol::Http2, req).unwrap();
-        assert_eq!(h2.uri(), "http://echo/x");
-        assert!(h2.headers().get(header::HOST).is_none());
+    fn error_window_trips_at_half_of_a_full_window() {
+        let w = ErrorWindow::default();
+        for _ in 0..9 {
+            assert!(!w.record(true));
+            assert!(!w.record(false));
+        }
+        assert!(!w.record(false));
+        assert!(w.record(true), "10 of 20 are errors");
+        for _ in 0..100 {
+            assert!(!w.record(false), "provider answers never trip it");
+        }
     }
 }

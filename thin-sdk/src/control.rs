@@ -2,16 +2,20 @@
 //! endpoint snapshot of every service the app calls.
 //!
 //! One background task holds a `LocalControl.Session` stream open and reconnects with backoff
-//! when it drops. It stops when the [`crate::Client`] that owns it is dropped.
+//! when it drops. It stops when the [`crate::Client`] that owns it is dropped. What it hears
+//! feeds the SDK's link: `ready` lets the link recover, `draining` and a dropped stream make it
+//! leave the mesh at once. Snapshots are also written to a file (when configured) so an app that
+//! starts while its sidecar is down can still call directly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use detour_proto::control::control_event::Event;
+use detour_proto::control::control_event::Event as Pb;
 use detour_proto::control::local_control_client::LocalControlClient;
 use detour_proto::control::{SessionRequest, SidecarState as PbState};
 use detour_proto::{AppProtocol, CONTROL_AUTHORITY, Endpoint, ServiceName, SidecarState};
@@ -21,6 +25,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::body::{BoxBody, BoxError, boxed};
+use crate::link::{Event, Reason};
+use crate::link_handle::LinkHandle;
 use crate::transport::{Dial, Pool};
 
 /// The endpoints of one service as the sidecar last reported them.
@@ -32,12 +38,63 @@ pub struct Snapshot {
     pub endpoints: Vec<Endpoint>,
 }
 
-#[derive(Default)]
 struct Shared {
     snapshots: RwLock<HashMap<ServiceName, Arc<Snapshot>>>,
     interest: Mutex<BTreeSet<ServiceName>>,
     /// The open session's request sender, to announce newly used services.
     tx: Mutex<Option<mpsc::UnboundedSender<SessionRequest>>>,
+    /// The link fed by what the session hears.
+    link: Arc<LinkHandle>,
+    /// The sidecar's host id, as it reports it (to recognise errors it produced itself).
+    host: RwLock<Option<String>>,
+    /// Where snapshots are kept across restarts of the app.
+    snapshot_file: Option<PathBuf>,
+}
+
+/// The snapshot file: every service's last endpoints.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SnapshotFile {
+    format: u32,
+    services: BTreeMap<ServiceName, Vec<Endpoint>>,
+}
+
+/// Reads a snapshot file; a missing file is empty, a corrupt one is reported and ignored.
+fn load_snapshot_file(path: &Path) -> HashMap<ServiceName, Arc<Snapshot>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the snapshot file");
+            return HashMap::new();
+        }
+    };
+    match serde_json::from_slice::<SnapshotFile>(&bytes) {
+        Ok(f) if f.format == 1 => f
+            .services
+            .into_iter()
+            .map(|(k, endpoints)| (k, Arc::new(Snapshot { revision: 0, endpoints })))
+            .collect(),
+        Ok(f) => {
+            tracing::warn!(file = %path.display(), format = f.format, "ignoring a snapshot file of an unknown format");
+            HashMap::new()
+        }
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring a corrupt snapshot file");
+            metrics::counter!("detour_sdk_snapshot_file_errors_total").increment(1);
+            HashMap::new()
+        }
+    }
+}
+
+/// Writes every snapshot to `path` atomically (write, then rename).
+fn write_snapshot_file(path: &Path, snaps: &HashMap<ServiceName, Arc<Snapshot>>) -> std::io::Result<()> {
+    let file = SnapshotFile {
+        format: 1,
+        services: snaps.iter().map(|(k, v)| (k.clone(), v.endpoints.clone())).collect(),
+    };
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(&file)?)?;
+    std::fs::rename(tmp, path)
 }
 
 /// A running control session; dropping it stops the task.
@@ -54,8 +111,22 @@ impl Drop for ControlSession {
 }
 
 impl ControlSession {
-    pub(crate) fn spawn(pool: Arc<Pool>, sidecar: Dial, app: String) -> Self {
-        let shared = Arc::new(Shared::default());
+    pub(crate) fn spawn(
+        pool: Arc<Pool>,
+        sidecar: Dial,
+        app: String,
+        link: Arc<LinkHandle>,
+        snapshot_file: Option<PathBuf>,
+    ) -> Self {
+        let snapshots = snapshot_file.as_deref().map(load_snapshot_file).unwrap_or_default();
+        let shared = Arc::new(Shared {
+            snapshots: RwLock::new(snapshots),
+            interest: Mutex::new(BTreeSet::new()),
+            tx: Mutex::new(None),
+            link,
+            host: RwLock::new(None),
+            snapshot_file,
+        });
         let (state_tx, state) = watch::channel(None);
         let channel = SidecarChannel { pool, sidecar };
         let task = tokio::spawn(run(channel, app, shared.clone(), state_tx));
@@ -75,6 +146,11 @@ impl ControlSession {
         tokio::time::timeout(within, rx.wait_for(|s| *s == Some(SidecarState::Ready)))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The sidecar's host id, once it has said it.
+    pub(crate) fn sidecar_host(&self) -> Option<String> {
+        self.shared.host.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub(crate) fn snapshot(&self, service: &ServiceName) -> Option<Arc<Snapshot>> {
@@ -156,16 +232,26 @@ async fn session(
         .into_inner();
     while let Some(ev) = events.message().await? {
         match ev.event {
-            Some(Event::Status(s)) => {
+            Some(Pb::Status(s)) => {
                 let st = match PbState::try_from(s.state) {
                     Ok(PbState::Ready) => SidecarState::Ready,
                     Ok(PbState::Draining) => SidecarState::Draining,
                     Ok(PbState::Stopped) => SidecarState::Stopped,
                     _ => SidecarState::Starting,
                 };
+                if !s.host.is_empty() {
+                    *shared.host.write().unwrap_or_else(|p| p.into_inner()) = Some(s.host.clone());
+                }
                 state.send_replace(Some(st));
+                shared.link.event(match st {
+                    SidecarState::Ready => Event::PeerReady,
+                    SidecarState::Draining | SidecarState::Stopped | SidecarState::Failed => {
+                        Event::Fault(Reason::DrainAnnounced)
+                    }
+                    SidecarState::Starting => Event::PeerNotReady,
+                });
             }
-            Some(Event::Snapshot(snap)) => {
+            Some(Pb::Snapshot(snap)) => {
                 let Ok(service) = ServiceName::new(snap.service.clone()) else {
                     continue;
                 };
@@ -174,19 +260,21 @@ async fn session(
                     .iter()
                     .filter_map(|e| e.to_endpoint(&service))
                     .collect();
-                shared
-                    .snapshots
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(
-                        service,
-                        Arc::new(Snapshot {
-                            revision: snap.revision,
-                            endpoints,
-                        }),
-                    );
+                let mut snaps = shared.snapshots.write().unwrap_or_else(|p| p.into_inner());
+                snaps.insert(
+                    service,
+                    Arc::new(Snapshot {
+                        revision: snap.revision,
+                        endpoints,
+                    }),
+                );
+                if let Some(path) = &shared.snapshot_file
+                    && let Err(e) = write_snapshot_file(path, &snaps)
+                {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot write the snapshot file");
+                }
             }
-            Some(Event::Mesh(_)) | None => {}
+            Some(Pb::Mesh(_)) | None => {}
         }
     }
     Ok(())

@@ -31,6 +31,14 @@ pub enum Error {
         #[source]
         source: TransportError,
     },
+    /// Neither the sidecar nor any provider could be reached; the request never left.
+    #[error("no route to {service}: {cause}")]
+    NoRoute {
+        /// The service called.
+        service: ServiceName,
+        /// Why neither path could take it.
+        cause: String,
+    },
     /// No response arrived within the client's timeout; the outcome is unknown.
     #[error("request to {service} timed out after {after:?}")]
     Timeout {
@@ -49,6 +57,7 @@ impl Error {
             Error::SidecarUnavailable { .. } => "sidecar_unavailable",
             Error::OutcomeUnknown { .. } => "outcome_unknown",
             Error::Timeout { .. } => "timeout",
+            Error::NoRoute { .. } => "no_route",
         }
     }
 
@@ -56,7 +65,7 @@ impl Error {
     pub fn never_left(&self) -> bool {
         matches!(
             self,
-            Error::InvalidRequest(_) | Error::SidecarUnavailable { .. }
+            Error::InvalidRequest(_) | Error::SidecarUnavailable { .. } | Error::NoRoute { .. }
         )
     }
 }

@@ -12,12 +12,18 @@
 pub mod body;
 mod client;
 pub mod control;
+mod direct;
 mod error;
 mod grpc;
+pub mod link;
+pub mod link_handle;
+pub mod probe;
+pub mod replay;
 pub mod transport;
 
 pub use body::BoxBody;
-pub use client::{Client, ClientBuilder, mesh_error};
+pub use client::{Client, ClientBuilder, PathTaken, mesh_error, path_taken};
+pub use replay::Idempotent;
 pub use error::Error;
 pub use grpc::GrpcChannel;
 pub use transport::{Dial, Failed, Pool, PoolOptions, Stream, TransportError};

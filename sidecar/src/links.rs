@@ -1,0 +1,147 @@
+//! The CA half of the link state machine: one [`LinkHandle`] per remote host this sidecar
+//! routes to, fed by the registry's host status, by active probes of that host's PA, and by
+//! connection failures seen on real traffic (reported by `outbound`). While a link is on its
+//! fallback, requests for that host's providers go C→CA→P.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use detour_proto::{AppProtocol, HostId, SidecarState};
+use detour_registry_sync::HostStatuses;
+use detour_thin_sdk::link::{Event, Reason};
+use detour_thin_sdk::link_handle::{LinkHandle, StateNames};
+use detour_thin_sdk::probe::ping;
+use detour_thin_sdk::{Dial, Pool, PoolOptions};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+
+/// The CA half's names for the three states.
+pub const CA_NAMES: StateNames = StateNames {
+    scope: "ca",
+    primary: "via_pa",
+    fallback: "ca_direct",
+};
+
+struct Entry {
+    link: Arc<LinkHandle>,
+    /// The PA address to probe (it changes when the PA restarts on another port).
+    pa: Arc<Mutex<SocketAddr>>,
+    probe: JoinHandle<()>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.probe.abort();
+    }
+}
+
+/// Links to every remote host in use.
+pub struct Links {
+    cfg: Arc<Config>,
+    /// Probe connections, apart from data traffic.
+    pool: Arc<Pool>,
+    entries: Mutex<HashMap<HostId, Entry>>,
+    hosts: watch::Receiver<Arc<HostStatuses>>,
+}
+
+impl Links {
+    /// Links fed by `hosts` (the registry's host statuses); starts the task that applies them.
+    pub fn new(cfg: Arc<Config>, hosts: watch::Receiver<Arc<HostStatuses>>) -> Arc<Self> {
+        let pool = Pool::new(PoolOptions {
+            connect_timeout: cfg.probe_timeout,
+            ..PoolOptions::default()
+        });
+        let links = Arc::new(Self {
+            cfg,
+            pool,
+            entries: Mutex::new(HashMap::new()),
+            hosts: hosts.clone(),
+        });
+        tokio::spawn(follow_hosts(Arc::downgrade(&links), hosts));
+        links
+    }
+
+    /// The link to `host`, whose PA is at `pa`; created (and probed from then on) on first use.
+    pub fn get(&self, host: &HostId, pa: SocketAddr) -> Arc<LinkHandle> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = entries.get(host) {
+            *e.pa.lock().unwrap_or_else(|p| p.into_inner()) = pa;
+            return e.link.clone();
+        }
+        let link = Arc::new(LinkHandle::new(CA_NAMES, host.to_string(), self.cfg.link, false));
+        if let Some(ev) = status_event(self.hosts.borrow().get(host).map(|s| s.sidecar)) {
+            link.event(ev);
+        }
+        let pa = Arc::new(Mutex::new(pa));
+        let probe = tokio::spawn(probe_loop(
+            self.pool.clone(),
+            pa.clone(),
+            link.clone(),
+            self.cfg.probe_interval,
+            self.cfg.probe_timeout,
+        ));
+        entries.insert(host.clone(), Entry {
+            link: link.clone(),
+            pa,
+            probe,
+        });
+        link
+    }
+
+    /// Every link's state, for `/state`.
+    pub fn states(&self) -> BTreeMap<String, &'static str> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .iter()
+            .map(|(h, e)| (h.to_string(), e.link.state_name()))
+            .collect()
+    }
+
+    fn apply(&self, statuses: &HostStatuses) {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        for (host, e) in entries.iter() {
+            if let Some(ev) = status_event(statuses.get(host).map(|s| s.sidecar)) {
+                e.link.event(ev);
+            }
+        }
+    }
+}
+
+/// What a host status means for its link.
+fn status_event(state: Option<SidecarState>) -> Option<Event> {
+    match state {
+        Some(SidecarState::Ready) => Some(Event::PeerReady),
+        Some(SidecarState::Draining | SidecarState::Stopped | SidecarState::Failed) => {
+            Some(Event::Fault(Reason::HostStatus))
+        }
+        Some(SidecarState::Starting) => Some(Event::PeerNotReady),
+        // No record (expired or never written): let probes and traffic decide.
+        None => None,
+    }
+}
+
+async fn follow_hosts(links: std::sync::Weak<Links>, mut hosts: watch::Receiver<Arc<HostStatuses>>) {
+    while hosts.changed().await.is_ok() {
+        let statuses = hosts.borrow_and_update().clone();
+        let Some(links) = links.upgrade() else { return };
+        links.apply(&statuses);
+    }
+}
+
+async fn probe_loop(
+    pool: Arc<Pool>,
+    pa: Arc<Mutex<SocketAddr>>,
+    link: Arc<LinkHandle>,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let addr = *pa.lock().unwrap_or_else(|p| p.into_inner());
+        let ok = ping(&pool, &Dial::Tcp(addr), AppProtocol::Http2, timeout).await;
+        link.event(if ok { Event::ProbeOk } else { Event::ProbeFailed });
+    }
+}

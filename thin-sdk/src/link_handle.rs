@@ -1,0 +1,114 @@
+//! A live link: the pure [`Link`] machine behind a lock, with every transition logged once and
+//! counted, and the `detour_link_state` gauge kept current. Shared by the SDK (scope `sdk`)
+//! and the sidecar's CA half (scope `ca`).
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::link::{Event, Link, LinkConfig, LinkState};
+
+/// The names one scope gives the three states.
+#[derive(Debug, Clone, Copy)]
+pub struct StateNames {
+    /// The scope label (`sdk`, `ca`).
+    pub scope: &'static str,
+    /// Name of the primary state (`mesh`, `via_pa`).
+    pub primary: &'static str,
+    /// Name of the fallback state (`direct`, `ca_direct`).
+    pub fallback: &'static str,
+}
+
+/// The SDK's names.
+pub const SDK_NAMES: StateNames = StateNames {
+    scope: "sdk",
+    primary: "mesh",
+    fallback: "direct",
+};
+
+impl StateNames {
+    /// The name of `state` in this scope.
+    pub fn name(&self, state: LinkState) -> &'static str {
+        match state {
+            LinkState::Primary => self.primary,
+            LinkState::Fallback => self.fallback,
+            LinkState::Recovering { .. } => "recovering",
+        }
+    }
+}
+
+/// Gauge value of a state: 0 primary, 1 fallback, 2 recovering.
+fn gauge(state: LinkState) -> f64 {
+    match state {
+        LinkState::Primary => 0.0,
+        LinkState::Fallback => 1.0,
+        LinkState::Recovering { .. } => 2.0,
+    }
+}
+
+/// One link with its bookkeeping.
+#[derive(Debug)]
+pub struct LinkHandle {
+    names: StateNames,
+    peer: String,
+    link: Mutex<Link>,
+}
+
+impl LinkHandle {
+    /// A link to `peer`, in the primary state (or the fallback one when `start_fallback`).
+    pub fn new(names: StateNames, peer: String, cfg: LinkConfig, start_fallback: bool) -> Self {
+        let link = if start_fallback {
+            Link::new_fallback(cfg)
+        } else {
+            Link::new(cfg)
+        };
+        let h = Self {
+            names,
+            peer,
+            link: Mutex::new(link),
+        };
+        h.publish(h.state());
+        h
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current state.
+    pub fn state(&self) -> LinkState {
+        self.lock().state()
+    }
+
+    /// The current state's name in this scope.
+    pub fn state_name(&self) -> &'static str {
+        self.names.name(self.state())
+    }
+
+    /// Feeds one event.
+    pub fn event(&self, event: Event) {
+        let t = {
+            let mut link = self.lock();
+            link.on(event, Instant::now())
+        };
+        if let Some(t) = t {
+            let (from, to) = (self.names.name(t.from), self.names.name(t.to));
+            tracing::info!(scope = self.names.scope, peer = %self.peer, from, to, reason = t.reason.as_str(), "link switched");
+            metrics::counter!("detour_link_transitions_total",
+                "scope" => self.names.scope, "from" => from, "to" => to, "reason" => t.reason.as_str())
+            .increment(1);
+            self.publish(t.to);
+        }
+    }
+
+    /// Whether this request should take the primary path (drives the ramp, too).
+    pub fn choose_primary(&self) -> bool {
+        self.event(Event::Tick);
+        let share = self.lock().primary_share(Instant::now());
+        share >= 1.0 || (share > 0.0 && fastrand::f64() < share)
+    }
+
+    fn publish(&self, state: LinkState) {
+        metrics::gauge!("detour_link_state", "scope" => self.names.scope, "peer" => self.peer.clone())
+            .set(gauge(state));
+    }
+}

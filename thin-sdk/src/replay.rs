@@ -1,0 +1,107 @@
+//! Keeping a copy of a request so it can be sent again on the other path: only when its body is
+//! empty or known to fit in a bound. Larger bodies stream once and are never retried after
+//! they left.
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+
+use crate::body::{BoxBody, full};
+
+/// Marks a request as safe to send twice although its method is not idempotent
+/// (`req.extensions_mut().insert(Idempotent)`).
+#[derive(Debug, Clone, Copy)]
+pub struct Idempotent;
+
+/// A request that can be rebuilt.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Replay {
+    /// A fresh copy of the request.
+    pub fn request(&self) -> Request<BoxBody> {
+        let mut req = Request::new(full(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Whether `req` may be sent again after it left: its method is idempotent, or the app said so.
+pub fn is_idempotent<B>(req: &Request<B>) -> bool {
+    matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    ) || req.extensions().get::<Idempotent>().is_some()
+}
+
+/// Buffers `req`'s body when it is at most `max` bytes (known from its size hint), returning the
+/// request to send and a copy to replay. A body of unknown or larger size is left streaming.
+pub async fn prepare(
+    req: Request<BoxBody>,
+    max: u64,
+) -> Result<(Request<BoxBody>, Option<Replay>), crate::body::BoxError> {
+    let fits = req.body().is_end_stream() || req.body().size_hint().upper().is_some_and(|u| u <= max);
+    if !fits {
+        return Ok((req, None));
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    let replay = Replay {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+        body: bytes,
+    };
+    Ok((replay.request(), Some(replay)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::{boxed, empty};
+
+    #[tokio::test]
+    async fn small_bodies_are_kept_large_or_unknown_ones_stream() {
+        let req = Request::post("/a").header("x", "1").body(full("hello")).unwrap();
+        let (_, replay) = prepare(req, 10).await.unwrap();
+        let again = replay.unwrap().request();
+        assert_eq!(again.headers()["x"], "1");
+        assert_eq!(again.into_body().collect().await.unwrap().to_bytes(), "hello");
+
+        let req = Request::post("/a").body(full(vec![0u8; 11])).unwrap();
+        assert!(prepare(req, 10).await.unwrap().1.is_none());
+
+        let stream = http_body_util::StreamBody::new(futures_stream());
+        let req = Request::post("/a").body(boxed(stream)).unwrap();
+        assert!(prepare(req, 10).await.unwrap().1.is_none());
+
+        let req = Request::get("/").body(empty()).unwrap();
+        assert!(prepare(req, 0).await.unwrap().1.is_some());
+    }
+
+    fn futures_stream()
+    -> tokio_stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        tokio_stream::iter(vec![Ok(http_body::Frame::data(Bytes::from_static(b"x")))])
+    }
+
+    #[test]
+    fn idempotency_by_method_or_mark() {
+        assert!(is_idempotent(&Request::get("/").body(()).unwrap()));
+        assert!(is_idempotent(&Request::put("/").body(()).unwrap()));
+        assert!(!is_idempotent(&Request::post("/").body(()).unwrap()));
+        let mut post = Request::post("/").body(()).unwrap();
+        post.extensions_mut().insert(Idempotent);
+        assert!(is_idempotent(&post));
+    }
+}
