@@ -147,7 +147,11 @@ impl Sidecar {
             lifecycle.clone(),
             control,
         ));
-        let inbound = Arc::new(Inbound::new(cfg.clone(), Pool::new(pool_opts), lifecycle.clone()));
+        let inbound = Arc::new(Inbound::new(
+            cfg.clone(),
+            Pool::new(pool_opts),
+            lifecycle.clone(),
+        ));
         let admin = Arc::new(Admin {
             cfg: cfg.clone(),
             lifecycle: lifecycle.clone(),
@@ -243,13 +247,17 @@ impl Sidecar {
         if let Err(e) = publish_status(&*self.registry, &self.cfg, SidecarState::Draining).await {
             tracing::warn!(error = %e, "could not announce the drain in the registry");
         }
-        tokio::time::sleep_until((tokio::time::Instant::now() + self.cfg.announce).min(deadline)).await;
+        tokio::time::sleep_until((tokio::time::Instant::now() + self.cfg.announce).min(deadline))
+            .await;
         self.lifecycle.close();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let clean = self.lifecycle.wait_connections_closed(left).await;
         let left_open = self.lifecycle.open_connections();
         if !clean {
-            tracing::warn!(left_open, "drain timeout reached with connections still open");
+            tracing::warn!(
+                left_open,
+                "drain timeout reached with connections still open"
+            );
         }
         self.lifecycle.set(SidecarState::Stopped);
         if let Err(e) = publish_status(&*self.registry, &self.cfg, SidecarState::Stopped).await {

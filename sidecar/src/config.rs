@@ -403,7 +403,11 @@ impl RawConfig {
         );
         let registry_ttl = positive(&mut p, "registry_dir.ttl_ms", self.registry_dir.ttl_ms);
         let registry_poll = positive(&mut p, "registry_dir.poll_ms", self.registry_dir.poll_ms);
-        let probe_interval = positive(&mut p, "link.probe_interval_ms", self.link.probe_interval_ms);
+        let probe_interval = positive(
+            &mut p,
+            "link.probe_interval_ms",
+            self.link.probe_interval_ms,
+        );
         let probe_timeout = positive(&mut p, "link.probe_timeout_ms", self.link.probe_timeout_ms);
         if self.link.fail_after == 0 || self.link.recover_after == 0 {
             p.push("link.fail_after and link.recover_after: must be at least 1".into());

@@ -15,9 +15,9 @@ use hyper::body::Incoming;
 use crate::config::{Config, Provide};
 use crate::forward::{AttemptError, attempt};
 use crate::headers::{authority, head_size, strip_hop_by_hop};
+use crate::lifecycle::Lifecycle;
 use crate::outbound::record;
 use crate::respond::{MeshError, is_grpc};
-use crate::lifecycle::Lifecycle;
 use crate::server::{Handler, ping_response};
 
 /// The inbound proxy.

@@ -71,7 +71,12 @@ impl Links {
             *e.pa.lock().unwrap_or_else(|p| p.into_inner()) = pa;
             return e.link.clone();
         }
-        let link = Arc::new(LinkHandle::new(CA_NAMES, host.to_string(), self.cfg.link, false));
+        let link = Arc::new(LinkHandle::new(
+            CA_NAMES,
+            host.to_string(),
+            self.cfg.link,
+            false,
+        ));
         if let Some(ev) = status_event(self.hosts.borrow().get(host).map(|s| s.sidecar)) {
             link.event(ev);
         }
@@ -83,11 +88,14 @@ impl Links {
             self.cfg.probe_interval,
             self.cfg.probe_timeout,
         ));
-        entries.insert(host.clone(), Entry {
-            link: link.clone(),
-            pa,
-            probe,
-        });
+        entries.insert(
+            host.clone(),
+            Entry {
+                link: link.clone(),
+                pa,
+                probe,
+            },
+        );
         link
     }
 
@@ -123,7 +131,10 @@ fn status_event(state: Option<SidecarState>) -> Option<Event> {
     }
 }
 
-async fn follow_hosts(links: std::sync::Weak<Links>, mut hosts: watch::Receiver<Arc<HostStatuses>>) {
+async fn follow_hosts(
+    links: std::sync::Weak<Links>,
+    mut hosts: watch::Receiver<Arc<HostStatuses>>,
+) {
     while hosts.changed().await.is_ok() {
         let statuses = hosts.borrow_and_update().clone();
         let Some(links) = links.upgrade() else { return };
@@ -142,6 +153,10 @@ async fn probe_loop(
         tokio::time::sleep(interval).await;
         let addr = *pa.lock().unwrap_or_else(|p| p.into_inner());
         let ok = ping(&pool, &Dial::Tcp(addr), AppProtocol::Http2, timeout).await;
-        link.event(if ok { Event::ProbeOk } else { Event::ProbeFailed });
+        link.event(if ok {
+            Event::ProbeOk
+        } else {
+            Event::ProbeFailed
+        });
     }
 }

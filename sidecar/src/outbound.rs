@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use detour_proto::control::local_control_server::LocalControlServer;
-use detour_proto::{AppProtocol, CONTROL_AUTHORITY, Endpoint, InstanceId, PATH_HEADER, ServiceName};
+use detour_proto::{
+    AppProtocol, CONTROL_AUTHORITY, Endpoint, InstanceId, PATH_HEADER, ServiceName,
+};
 use detour_registry_sync::Catalog;
 use detour_thin_sdk::body::{boxed, with_guard};
 use detour_thin_sdk::link::{Event, Reason};
@@ -84,7 +86,9 @@ struct InFlightReq {
 impl InFlightReq {
     /// The request for the next attempt: the original if still held, else a replayed copy.
     fn take(&mut self) -> Option<Request<BoxBody>> {
-        self.req.take().or_else(|| self.replay.as_ref().map(Replay::request))
+        self.req
+            .take()
+            .or_else(|| self.replay.as_ref().map(Replay::request))
     }
 }
 
@@ -186,9 +190,20 @@ impl Outbound {
             let link = self.links.get(&ep.host, pa);
             if link.choose_primary() {
                 let Some(req) = flight.take() else {
-                    return Err(Some(MeshError::UpstreamConnect("request already consumed".into())));
+                    return Err(Some(MeshError::UpstreamConnect(
+                        "request already consumed".into(),
+                    )));
                 };
-                match attempt(&self.pool, &Dial::Tcp(pa), AppProtocol::Http2, service.as_str(), req, timeout).await {
+                match attempt(
+                    &self.pool,
+                    &Dial::Tcp(pa),
+                    AppProtocol::Http2,
+                    service.as_str(),
+                    req,
+                    timeout,
+                )
+                .await
+                {
                     Ok(resp) => return Ok((resp, Path::Mesh)),
                     Err(AttemptError::NeverLeft { error, request }) => {
                         tracing::debug!(%service, host = %ep.host, %error, "PA did not take the request; going to the provider");
@@ -205,7 +220,10 @@ impl Outbound {
                         if matches!(e, MeshError::UpstreamReset(_)) {
                             link.event(Event::Fault(Reason::ConnectFailed));
                         }
-                        if !(flight.idempotent && flight.replay.is_some() && matches!(e, MeshError::UpstreamReset(_))) {
+                        if !(flight.idempotent
+                            && flight.replay.is_some()
+                            && matches!(e, MeshError::UpstreamReset(_)))
+                        {
                             return Err(Some(e));
                         }
                     }
@@ -213,10 +231,21 @@ impl Outbound {
             }
         }
         let Some(req) = flight.take() else {
-            return Err(Some(MeshError::UpstreamConnect("request already consumed".into())));
+            return Err(Some(MeshError::UpstreamConnect(
+                "request already consumed".into(),
+            )));
         };
         let dial = Dial::Tcp(ep.app_address);
-        match attempt(&self.pool, &dial, ep.protocol, service.as_str(), req, timeout).await {
+        match attempt(
+            &self.pool,
+            &dial,
+            ep.protocol,
+            service.as_str(),
+            req,
+            timeout,
+        )
+        .await
+        {
             Ok(resp) => Ok((resp, Path::CaDirect)),
             Err(AttemptError::NeverLeft { request, .. }) => {
                 flight.req = Some(*request);
@@ -261,7 +290,12 @@ impl Handler for Outbound {
 }
 
 /// Counts one finished request head.
-pub fn record(direction: &'static str, path: &'static str, resp: &Response<BoxBody>, took: Duration) {
+pub fn record(
+    direction: &'static str,
+    path: &'static str,
+    resp: &Response<BoxBody>,
+    took: Duration,
+) {
     metrics::counter!(
         "detour_requests_total",
         "direction" => direction,

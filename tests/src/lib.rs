@@ -91,7 +91,7 @@ listen = "{ip}:0"
 listen = "{ip}:0"
 [registry_dir]
 poll_ms = 50
-ttl_ms = 3000
+ttl_ms = 10000
 {extra}
 "#
         );
@@ -131,6 +131,39 @@ ttl_ms = 3000
     /// The sidecar of `host`.
     pub fn sidecar(&self, host: &str) -> &SidecarProcess {
         &self.sidecars[host]
+    }
+
+    /// Sends `signal` to `host`'s sidecar.
+    pub fn signal(&self, host: &str, signal: nix::sys::signal::Signal) {
+        self.sidecar(host)
+            .child
+            .signal(signal)
+            .unwrap_or_else(|e| panic!("signal {signal} to {host}: {e}"));
+    }
+
+    /// Sends `signal` to `host`'s sidecar and waits (up to 30 s) until it has exited.
+    pub async fn stop_with(&mut self, host: &str, signal: nix::sys::signal::Signal) {
+        self.signal(host, signal);
+        let sc = self.sidecars.get_mut(host).expect("known host");
+        let exit = sc
+            .child
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .expect("wait");
+        assert!(exit.is_some(), "{host} still running 30 s after {signal}");
+    }
+
+    /// Starts `host`'s sidecar again with its config; waits until it is ready.
+    pub async fn restart(&mut self, host: &str) {
+        let (run_dir, config) = {
+            let sc = self.sidecar(host);
+            (sc.run_dir.clone(), sc.config.clone())
+        };
+        let sc =
+            SidecarProcess::start_with(&self.binary, &run_dir, &config, Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|e| panic!("restarting sidecar {host}: {e}"));
+        self.sidecars.insert(host.to_owned(), sc);
     }
 
     /// An SDK client on `host` speaking `protocol` to its sidecar's Unix socket.

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use detour_proto::{AppProtocol, ERROR_HEADER, PATH_HEADER, PROXY_HEADER, ServiceName, SidecarState};
+use detour_proto::{
+    AppProtocol, ERROR_HEADER, PATH_HEADER, PROXY_HEADER, ServiceName, SidecarState,
+};
 use http::{Request, Response};
 
 use crate::body::{BoxBody, BoxError, boxed};
@@ -222,6 +224,8 @@ enum Verdict {
         retry_safe: bool,
         /// The sidecar is draining.
         draining: bool,
+        /// A connection broke after the request was sent on (`upstream-reset`).
+        lost: bool,
     },
 }
 
@@ -248,12 +252,17 @@ impl Client {
     /// Errors the mesh produced come back as responses carrying `x-detour-error` (see
     /// [`mesh_error`]); `Err` means no response arrived at all. [`path_taken`] tells which
     /// path answered.
-    pub async fn send<B>(&self, service: &ServiceName, req: Request<B>) -> Result<Response<BoxBody>, Error>
+    pub async fn send<B>(
+        &self,
+        service: &ServiceName,
+        req: Request<B>,
+    ) -> Result<Response<BoxBody>, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.send_via(service, self.inner.protocol, req.map(boxed)).await
+        self.send_via(service, self.inner.protocol, req.map(boxed))
+            .await
     }
 
     /// A gRPC channel to `service` for tonic-generated clients.
@@ -282,7 +291,10 @@ impl Client {
 
     /// The last endpoint snapshot the sidecar sent (or the snapshot file held) for `service`.
     pub fn snapshot(&self, service: &ServiceName) -> Option<Arc<Snapshot>> {
-        self.inner.control.as_ref().and_then(|c| c.snapshot(service))
+        self.inner
+            .control
+            .as_ref()
+            .and_then(|c| c.snapshot(service))
     }
 
     pub(crate) async fn send_via(
@@ -293,12 +305,14 @@ impl Client {
     ) -> Result<Response<BoxBody>, Error> {
         let fut = self.route(service, protocol, req);
         let resp = match self.inner.timeout {
-            Some(after) => tokio::time::timeout(after, fut)
-                .await
-                .map_err(|_| Error::Timeout {
-                    service: service.clone(),
-                    after,
-                })??,
+            Some(after) => {
+                tokio::time::timeout(after, fut)
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        service: service.clone(),
+                        after,
+                    })??
+            }
             None => fut.await?,
         };
         let path = path_taken(&resp).map_or("mesh", PathTaken::as_str);
@@ -314,7 +328,10 @@ impl Client {
     ) -> Result<Response<BoxBody>, Error> {
         let Some(control) = &self.inner.control else {
             let req = address(service, protocol, req)?;
-            return self.via_sidecar(protocol, req).await.map_err(|f| self.sidecar_error(service, f));
+            return self
+                .via_sidecar(protocol, req)
+                .await
+                .map_err(|f| self.sidecar_error(service, f));
         };
         control.interest(service);
         let idempotent = is_idempotent(&req);
@@ -322,14 +339,23 @@ impl Client {
             .await
             .map_err(|e| Error::InvalidRequest(format!("reading the request body: {e}")))?;
         if self.inner.link.choose_primary() {
-            self.mesh_first(service, protocol, req, replay, idempotent).await
+            self.mesh_first(service, protocol, req, replay, idempotent)
+                .await
         } else {
             self.direct_first(service, protocol, req).await
         }
     }
 
-    async fn via_sidecar(&self, protocol: AppProtocol, req: Request<BoxBody>) -> Result<Response<BoxBody>, Failed> {
-        let mut resp = self.inner.pool.send(&self.inner.sidecar, protocol, req).await?;
+    async fn via_sidecar(
+        &self,
+        protocol: AppProtocol,
+        req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, Failed> {
+        let mut resp = self
+            .inner
+            .pool
+            .send(&self.inner.sidecar, protocol, req)
+            .await?;
         let path = match resp.headers().get(PATH_HEADER).map(|v| v.as_bytes()) {
             Some(b"ca-direct") => PathTaken::CaDirect,
             _ => PathTaken::Mesh,
@@ -347,7 +373,7 @@ impl Client {
         } else {
             Error::OutcomeUnknown {
                 service: service.clone(),
-                source: failed.error,
+                detail: failed.error.to_string(),
             }
         }
     }
@@ -361,7 +387,10 @@ impl Client {
         idempotent: bool,
     ) -> Result<Response<BoxBody>, Error> {
         let link = &self.inner.link;
-        match self.via_sidecar(protocol, address(service, protocol, req)?).await {
+        match self
+            .via_sidecar(protocol, address(service, protocol, req)?)
+            .await
+        {
             Ok(resp) => match self.judge(&resp) {
                 Verdict::Fine => {
                     self.inner.errors.record(false);
@@ -371,6 +400,7 @@ impl Client {
                     local,
                     retry_safe,
                     draining,
+                    lost,
                 } => {
                     if draining {
                         link.event(Event::Fault(Reason::DrainAnnounced));
@@ -380,6 +410,16 @@ impl Client {
                     }
                     match replay {
                         Some(r) if retry_safe => self.direct_only(service, r.request(), resp).await,
+                        _ if lost => Err(Error::OutcomeUnknown {
+                            service: service.clone(),
+                            detail: format!(
+                                "the mesh lost the connection after sending ({})",
+                                resp.headers()
+                                    .get(PROXY_HEADER)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("?")
+                            ),
+                        }),
                         _ => Ok(resp),
                     }
                 }
@@ -391,13 +431,18 @@ impl Client {
                 link.event(Event::Fault(Reason::ConnectFailed));
                 self.direct_after_sidecar(service, back, error).await
             }
-            Err(Failed { error, request: None }) => {
+            Err(Failed {
+                error,
+                request: None,
+            }) => {
                 link.event(Event::Fault(Reason::ConnectFailed));
                 match replay {
-                    Some(r) if idempotent => self.direct_after_sidecar(service, r.request(), error).await,
+                    Some(r) if idempotent => {
+                        self.direct_after_sidecar(service, r.request(), error).await
+                    }
                     _ => Err(Error::OutcomeUnknown {
                         service: service.clone(),
-                        source: error,
+                        detail: error.to_string(),
                     }),
                 }
             }
@@ -411,7 +456,12 @@ impl Client {
         req: Request<BoxBody>,
         sidecar_error: crate::TransportError,
     ) -> Result<Response<BoxBody>, Error> {
-        match self.inner.direct.send(service, self.snapshot(service), req).await {
+        match self
+            .inner
+            .direct
+            .send(service, self.snapshot(service), req)
+            .await
+        {
             Ok(resp) => Ok(tag_direct(resp)),
             Err(DirectError::NoRoute(cause, _)) => Err(Error::NoRoute {
                 service: service.clone(),
@@ -428,7 +478,12 @@ impl Client {
         req: Request<BoxBody>,
         mesh_resp: Response<BoxBody>,
     ) -> Result<Response<BoxBody>, Error> {
-        match self.inner.direct.send(service, self.snapshot(service), req).await {
+        match self
+            .inner
+            .direct
+            .send(service, self.snapshot(service), req)
+            .await
+        {
             Ok(resp) => Ok(tag_direct(resp)),
             Err(_) => Ok(mesh_resp),
         }
@@ -440,11 +495,17 @@ impl Client {
         protocol: AppProtocol,
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Error> {
-        let back = match self.inner.direct.send(service, self.snapshot(service), req).await {
+        let back = match self
+            .inner
+            .direct
+            .send(service, self.snapshot(service), req)
+            .await
+        {
             Ok(resp) => return Ok(tag_direct(resp)),
             Err(DirectError::NoRoute(_, back)) => *back,
             Err(DirectError::Failed(Failed {
-                request: Some(back), ..
+                request: Some(back),
+                ..
             })) => back,
             Err(DirectError::Failed(f)) => return Err(self.provider_error(service, f)),
         };
@@ -459,12 +520,15 @@ impl Client {
         if failed.error.never_left() {
             Error::NoRoute {
                 service: service.clone(),
-                cause: format!("no provider accepted a direct connection ({})", failed.error),
+                cause: format!(
+                    "no provider accepted a direct connection ({})",
+                    failed.error
+                ),
             }
         } else {
             Error::OutcomeUnknown {
                 service: service.clone(),
-                source: failed.error,
+                detail: failed.error.to_string(),
             }
         }
     }
@@ -473,17 +537,24 @@ impl Client {
         let Some(reason) = mesh_error(resp) else {
             return Verdict::Fine;
         };
-        let proxy = resp.headers().get(PROXY_HEADER).and_then(|v| v.to_str().ok());
+        let proxy = resp
+            .headers()
+            .get(PROXY_HEADER)
+            .and_then(|v| v.to_str().ok());
         let local = match (&self.inner.control, proxy) {
             (Some(c), Some(p)) => c.sidecar_host().is_some_and(|h| h == p),
             _ => false,
         };
         let draining = reason == "draining";
-        let before_any_provider = matches!(reason, "upstream-connect" | "no-endpoint" | "registry-unavailable");
+        let before_any_provider = matches!(
+            reason,
+            "upstream-connect" | "no-endpoint" | "registry-unavailable"
+        );
         Verdict::Mesh {
             local,
             retry_safe: draining || (local && before_any_provider),
             draining,
+            lost: reason == "upstream-reset",
         }
     }
 }
@@ -493,7 +564,11 @@ fn tag_direct(mut resp: Response<BoxBody>) -> Response<BoxBody> {
     resp
 }
 
-fn address(service: &ServiceName, protocol: AppProtocol, req: Request<BoxBody>) -> Result<Request<BoxBody>, Error> {
+fn address(
+    service: &ServiceName,
+    protocol: AppProtocol,
+    req: Request<BoxBody>,
+) -> Result<Request<BoxBody>, Error> {
     set_target(service.as_str(), protocol, req).map_err(|e| Error::InvalidRequest(e.to_string()))
 }
 

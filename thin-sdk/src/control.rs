@@ -72,7 +72,15 @@ fn load_snapshot_file(path: &Path) -> HashMap<ServiceName, Arc<Snapshot>> {
         Ok(f) if f.format == 1 => f
             .services
             .into_iter()
-            .map(|(k, endpoints)| (k, Arc::new(Snapshot { revision: 0, endpoints })))
+            .map(|(k, endpoints)| {
+                (
+                    k,
+                    Arc::new(Snapshot {
+                        revision: 0,
+                        endpoints,
+                    }),
+                )
+            })
             .collect(),
         Ok(f) => {
             tracing::warn!(file = %path.display(), format = f.format, "ignoring a snapshot file of an unknown format");
@@ -87,10 +95,16 @@ fn load_snapshot_file(path: &Path) -> HashMap<ServiceName, Arc<Snapshot>> {
 }
 
 /// Writes every snapshot to `path` atomically (write, then rename).
-fn write_snapshot_file(path: &Path, snaps: &HashMap<ServiceName, Arc<Snapshot>>) -> std::io::Result<()> {
+fn write_snapshot_file(
+    path: &Path,
+    snaps: &HashMap<ServiceName, Arc<Snapshot>>,
+) -> std::io::Result<()> {
     let file = SnapshotFile {
         format: 1,
-        services: snaps.iter().map(|(k, v)| (k.clone(), v.endpoints.clone())).collect(),
+        services: snaps
+            .iter()
+            .map(|(k, v)| (k.clone(), v.endpoints.clone()))
+            .collect(),
     };
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::write(&tmp, serde_json::to_vec(&file)?)?;
@@ -118,7 +132,10 @@ impl ControlSession {
         link: Arc<LinkHandle>,
         snapshot_file: Option<PathBuf>,
     ) -> Self {
-        let snapshots = snapshot_file.as_deref().map(load_snapshot_file).unwrap_or_default();
+        let snapshots = snapshot_file
+            .as_deref()
+            .map(load_snapshot_file)
+            .unwrap_or_default();
         let shared = Arc::new(Shared {
             snapshots: RwLock::new(snapshots),
             interest: Mutex::new(BTreeSet::new()),
@@ -150,7 +167,11 @@ impl ControlSession {
 
     /// The sidecar's host id, once it has said it.
     pub(crate) fn sidecar_host(&self) -> Option<String> {
-        self.shared.host.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared
+            .host
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn snapshot(&self, service: &ServiceName) -> Option<Arc<Snapshot>> {

@@ -58,7 +58,9 @@ impl Direct {
     ) -> Result<Response<BoxBody>, DirectError> {
         let endpoints = snapshot.map(|s| s.endpoints.clone()).unwrap_or_default();
         if endpoints.is_empty() {
-            let cause = format!("no endpoint of {service} is known (no snapshot from the sidecar, none in the snapshot file)");
+            let cause = format!(
+                "no endpoint of {service} is known (no snapshot from the sidecar, none in the snapshot file)"
+            );
             return Err(DirectError::NoRoute(cause, Box::new(req)));
         }
         let now = Instant::now();
@@ -74,12 +76,22 @@ impl Direct {
                 Ok(r) => r,
                 Err(e) => {
                     let cause = format!("cannot address {service}: {e}");
-                    return Err(DirectError::NoRoute(cause, Box::new(Request::new(crate::body::empty()))));
+                    return Err(DirectError::NoRoute(
+                        cause,
+                        Box::new(Request::new(crate::body::empty())),
+                    ));
                 }
             };
-            match self.pool.send(&Dial::Tcp(ep.app_address), ep.protocol, prepared).await {
+            match self
+                .pool
+                .send(&Dial::Tcp(ep.app_address), ep.protocol, prepared)
+                .await
+            {
                 Ok(resp) => return Ok(resp),
-                Err(Failed { error, request: Some(back) }) => {
+                Err(Failed {
+                    error,
+                    request: Some(back),
+                }) => {
                     self.ejected
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -96,7 +108,10 @@ impl Direct {
                 error,
                 request: Some(req),
             })),
-            None => Err(DirectError::NoRoute(format!("no endpoint of {service}"), Box::new(req))),
+            None => Err(DirectError::NoRoute(
+                format!("no endpoint of {service}"),
+                Box::new(req),
+            )),
         }
     }
 }

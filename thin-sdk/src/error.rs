@@ -21,15 +21,15 @@ pub enum Error {
         #[source]
         source: TransportError,
     },
-    /// The request was sent and then its connection failed: it may or may not have been
-    /// processed. Retry only if it is idempotent.
-    #[error("outcome unknown for a request to {service}: {source}")]
+    /// The request was sent and then a connection on its way failed (between the app and its
+    /// sidecar, or further along, reported by the mesh as `upstream-reset`): it may or may not
+    /// have been processed. Retry only if it is idempotent.
+    #[error("outcome unknown for a request to {service}: {detail}")]
     OutcomeUnknown {
         /// The service called.
         service: ServiceName,
-        /// The transport failure.
-        #[source]
-        source: TransportError,
+        /// What failed.
+        detail: String,
     },
     /// Neither the sidecar nor any provider could be reached; the request never left.
     #[error("no route to {service}: {cause}")]

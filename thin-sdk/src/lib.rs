@@ -23,7 +23,7 @@ pub mod transport;
 
 pub use body::BoxBody;
 pub use client::{Client, ClientBuilder, PathTaken, mesh_error, path_taken};
-pub use replay::Idempotent;
 pub use error::Error;
 pub use grpc::GrpcChannel;
+pub use replay::Idempotent;
 pub use transport::{Dial, Failed, Pool, PoolOptions, Stream, TransportError};

@@ -202,7 +202,8 @@ impl Link {
             }
             (LinkState::Primary, Event::ProbeFailed) => {
                 self.bad_probes += 1;
-                (self.bad_probes >= self.cfg.fail_after).then_some((LinkState::Fallback, Reason::ProbeFailed))
+                (self.bad_probes >= self.cfg.fail_after)
+                    .then_some((LinkState::Fallback, Reason::ProbeFailed))
             }
             (LinkState::Recovering { .. }, Event::ProbeFailed) => {
                 self.good_probes = 0;

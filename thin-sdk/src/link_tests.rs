@@ -84,7 +84,12 @@ fn recovery_needs_readiness_and_consecutive_good_probes_then_ramps() {
     run(
         link.clone(),
         &[
-            (0, Event::Fault(Reason::ConnectFailed), S::Fb, Some(Reason::ConnectFailed)),
+            (
+                0,
+                Event::Fault(Reason::ConnectFailed),
+                S::Fb,
+                Some(Reason::ConnectFailed),
+            ),
             (10, Event::PeerNotReady, S::Fb, None),
             (20, Event::ProbeOk, S::Fb, None),
             (30, Event::ProbeOk, S::Fb, None),
@@ -109,7 +114,12 @@ fn recovery_needs_readiness_and_consecutive_good_probes_then_ramps() {
 #[test]
 fn a_failed_probe_or_fault_during_the_ramp_falls_back() {
     let rows_probe = [
-        (0, Event::Fault(Reason::DrainAnnounced), S::Fb, Some(Reason::DrainAnnounced)),
+        (
+            0,
+            Event::Fault(Reason::DrainAnnounced),
+            S::Fb,
+            Some(Reason::DrainAnnounced),
+        ),
         (1, Event::ProbeOk, S::Fb, None),
         (2, Event::ProbeOk, S::Fb, None),
         (3, Event::ProbeOk, S::Rec, Some(Reason::Recovered)),
@@ -117,7 +127,12 @@ fn a_failed_probe_or_fault_during_the_ramp_falls_back() {
         (5, Event::ProbeOk, S::Fb, None), // the count starts again
         (6, Event::ProbeOk, S::Fb, None),
         (7, Event::ProbeOk, S::Rec, Some(Reason::Recovered)),
-        (8, Event::Fault(Reason::MeshErrors), S::Fb, Some(Reason::MeshErrors)),
+        (
+            8,
+            Event::Fault(Reason::MeshErrors),
+            S::Fb,
+            Some(Reason::MeshErrors),
+        ),
     ];
     run(Link::new(cfg()), &rows_probe);
 }

@@ -30,7 +30,9 @@ pub async fn ping(pool: &Arc<Pool>, dial: &Dial, protocol: AppProtocol, timeout:
             Err(_) => false,
         }
     };
-    tokio::time::timeout(timeout, exchange).await.unwrap_or(false)
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(false)
 }
 
 /// Probes `dial` every `interval` forever, feeding `link`.
@@ -45,6 +47,10 @@ pub async fn probe_loop(
     loop {
         tokio::time::sleep(interval).await;
         let ok = ping(&pool, &dial, protocol, timeout).await;
-        link.event(if ok { Event::ProbeOk } else { Event::ProbeFailed });
+        link.event(if ok {
+            Event::ProbeOk
+        } else {
+            Event::ProbeFailed
+        });
     }
 }

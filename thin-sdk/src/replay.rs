@@ -50,7 +50,8 @@ pub async fn prepare(
     req: Request<BoxBody>,
     max: u64,
 ) -> Result<(Request<BoxBody>, Option<Replay>), crate::body::BoxError> {
-    let fits = req.body().is_end_stream() || req.body().size_hint().upper().is_some_and(|u| u <= max);
+    let fits =
+        req.body().is_end_stream() || req.body().size_hint().upper().is_some_and(|u| u <= max);
     if !fits {
         return Ok((req, None));
     }
@@ -73,11 +74,17 @@ mod tests {
 
     #[tokio::test]
     async fn small_bodies_are_kept_large_or_unknown_ones_stream() {
-        let req = Request::post("/a").header("x", "1").body(full("hello")).unwrap();
+        let req = Request::post("/a")
+            .header("x", "1")
+            .body(full("hello"))
+            .unwrap();
         let (_, replay) = prepare(req, 10).await.unwrap();
         let again = replay.unwrap().request();
         assert_eq!(again.headers()["x"], "1");
-        assert_eq!(again.into_body().collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(
+            again.into_body().collect().await.unwrap().to_bytes(),
+            "hello"
+        );
 
         let req = Request::post("/a").body(full(vec![0u8; 11])).unwrap();
         assert!(prepare(req, 10).await.unwrap().1.is_none());

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use detour_proto::{AppProtocol, ServiceName};
 use detour_thin_sdk::body::{empty, full};
 use detour_thin_sdk::transport::set_target;
-use detour_thin_sdk::{BoxBody, Client, Dial, Pool, PoolOptions, mesh_error};
+use detour_thin_sdk::{
+    BoxBody, Client, Dial, PathTaken, Pool, PoolOptions, mesh_error, path_taken,
+};
 use hdrhistogram::Histogram;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
@@ -108,6 +110,12 @@ pub struct Stats {
     pub failures: BTreeMap<String, u64>,
     /// Which instance answered (from `x-served-by`), when the provider says.
     pub served_by: BTreeMap<String, u64>,
+    /// Answered requests by path: `mesh`, `ca_direct`, `direct`.
+    pub paths: BTreeMap<&'static str, u64>,
+    /// When the first answer came over a path other than the mesh (Unix ms).
+    pub first_off_mesh_unix_ms: Option<u64>,
+    /// When the last answer came over a path other than the mesh (Unix ms).
+    pub last_off_mesh_unix_ms: Option<u64>,
     /// Latency in microseconds, from when each request was due.
     pub latency_us: Histogram<u64>,
 }
@@ -122,6 +130,9 @@ impl Default for Stats {
             unknown_outcome: 0,
             failures: BTreeMap::new(),
             served_by: BTreeMap::new(),
+            paths: BTreeMap::new(),
+            first_off_mesh_unix_ms: None,
+            last_off_mesh_unix_ms: None,
             // Constant, valid bounds: 1 µs to 1 h at 3 significant figures.
             latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .expect("constant histogram bounds are valid"),
@@ -153,6 +164,22 @@ impl Stats {
         )
     }
 
+    /// The path line: answers by path and when traffic was off the mesh path.
+    pub fn path_line(&self) -> String {
+        let n = |k| self.paths.get(k).copied().unwrap_or(0);
+        let t = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+        format!(
+            "paths: mesh={} ca_direct={} direct={} first_off_mesh_unix_ms={} last_off_mesh_unix_ms={} failed_idempotent={} unknown_outcome={}",
+            n("mesh"),
+            n("ca_direct"),
+            n("direct"),
+            t(self.first_off_mesh_unix_ms),
+            t(self.last_off_mesh_unix_ms),
+            self.failed_idempotent,
+            self.unknown_outcome
+        )
+    }
+
     /// The failure breakdown line.
     pub fn failure_line(&self) -> String {
         if self.failures.is_empty() {
@@ -177,6 +204,14 @@ impl Stats {
         if let Some(by) = &outcome.served_by {
             *self.served_by.entry(by.clone()).or_default() += 1;
         }
+        if let Some(path) = outcome.path {
+            *self.paths.entry(path.as_str()).or_default() += 1;
+            if path != PathTaken::Mesh {
+                let now = detour_registry_sync::now_unix_ms();
+                self.first_off_mesh_unix_ms.get_or_insert(now);
+                self.last_off_mesh_unix_ms = Some(now);
+            }
+        }
         match &outcome.failure {
             None => self.ok += 1,
             Some(kind) => {
@@ -196,6 +231,7 @@ impl Stats {
 struct Outcome {
     failure: Option<String>,
     served_by: Option<String>,
+    path: Option<PathTaken>,
 }
 
 /// Runs `spec` against `target`; `tick` is called about once a second with that second's
@@ -266,12 +302,14 @@ pub async fn run(
                         Err(_) => Outcome {
                             failure: Some("timeout".into()),
                             served_by: None,
+                            path: None,
                         },
                     }
                 }
                 Err(e) => Outcome {
                     failure: Some(format!("invalid_request:{e}")),
                     served_by: None,
+                    path: None,
                 },
             };
             let latency = origin.elapsed();
@@ -332,6 +370,7 @@ async fn send(
         Err(kind) => Outcome {
             failure: Some(kind),
             served_by: None,
+            path: None,
         },
         Ok(resp) => {
             let served_by = resp
@@ -339,6 +378,10 @@ async fn send(
                 .get(SERVED_BY)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
+            let path = match target {
+                Target::Sdk(_) => path_taken(&resp),
+                Target::Direct { .. } => Some(PathTaken::Direct),
+            };
             let mesh = mesh_error(&resp).map(|r| format!("mesh:{r}"));
             let status = resp.status();
             let body_ok = resp.into_body().collect().await.is_ok();
@@ -351,7 +394,11 @@ async fn send(
             } else {
                 None
             };
-            Outcome { failure, served_by }
+            Outcome {
+                failure,
+                served_by,
+                path,
+            }
         }
     }
 }
@@ -366,10 +413,12 @@ mod tests {
         let ok = Outcome {
             failure: None,
             served_by: Some("a".into()),
+            path: Some(PathTaken::Direct),
         };
         let bad = Outcome {
             failure: Some("outcome_unknown".into()),
             served_by: None,
+            path: None,
         };
         s.record(&ok, true, Duration::from_millis(2));
         s.record(&bad, false, Duration::from_millis(4));

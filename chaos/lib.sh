@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Shared pieces of the chaos scenarios (sourced, not run): build-if-missing, a two-host mesh on
+# loopback under a temporary directory (caller host h1 on 127.0.0.1, provider host h2 on
+# 127.0.0.2 with a demo provider), steady load through the SDK, and the RESULT line.
+# Every process started here is stopped by PID in the EXIT trap.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${DETOUR_BIN_DIR:-$ROOT/target/release}
+RATE=${RATE:-500}
+SECS=${SECS:-15}
+
+ensure_binaries() {
+  if [ ! -x "$BIN/detour-sidecar" ] || [ ! -x "$BIN/detourctl" ]; then
+    (cd "$ROOT" && cargo build --release --bins)
+  fi
+}
+
+now_ms() { date +%s%3N; }
+
+TMP=$(mktemp -d /tmp/detour-chaos-XXXXXX)
+declare -A PID_OF=()
+EXTRA_PIDS=()
+cleanup() {
+  for p in "${PID_OF[@]}" "${EXTRA_PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill -KILL "$p" 2>/dev/null || true; done
+  for p in "${PID_OF[@]}" "${EXTRA_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_file() { # FILE SECONDS
+  local deadline=$(( $(now_ms) + $2 * 1000 ))
+  while [ ! -s "$1" ]; do
+    [ "$(now_ms)" -gt "$deadline" ] && { echo "chaos: timed out waiting for $1" >&2; exit 1; }
+    sleep 0.02
+  done
+}
+
+# start_sidecar HOST IP [EXTRA_TOML]: writes the config once, starts the sidecar, waits until
+# it is ready (it writes sidecar.json with its own pid only once ready).
+start_sidecar() {
+  local host=$1 ip=$2 extra=${3:-}
+  mkdir -p "$TMP/$host"
+  if [ ! -f "$TMP/$host/sidecar.toml" ]; then
+    cat >"$TMP/$host/sidecar.toml" <<TOML
+host = "$host"
+run_dir = "$TMP/$host"
+registry = "dir:$TMP/registry"
+[outbound]
+listen = "$ip:0"
+unix = "outbound.sock"
+[inbound]
+listen = "$ip:0"
+[admin]
+listen = "$ip:0"
+[registry_dir]
+poll_ms = 100
+$extra
+TOML
+  fi
+  rm -f "$TMP/$host/sidecar.json"
+  RUST_LOG=${RUST_LOG:-warn} "$BIN/detour-sidecar" --config "$TMP/$host/sidecar.toml" 2>>"$TMP/$host/sidecar.log" &
+  PID_OF[$host]=$!
+  wait_file "$TMP/$host/sidecar.json" 20
+}
+
+# stop_sidecar HOST SIGNAL: signals it and waits until it has exited.
+stop_sidecar() {
+  local pid=${PID_OF[$1]}
+  kill "-$2" "$pid"
+  wait "$pid" 2>/dev/null || true
+}
+
+start_mesh() {
+  ensure_binaries
+  "$BIN/detourctl" provider --listen 127.0.0.2:0 --instance h2-hello --addr-file "$TMP/provider.addr" >/dev/null &
+  EXTRA_PIDS+=($!)
+  wait_file "$TMP/provider.addr" 10
+  start_sidecar h2 127.0.0.2 "[[provide]]
+service = \"hello\"
+address = \"$(cat "$TMP/provider.addr")\""
+  start_sidecar h1 127.0.0.1
+}
+
+# start_load: steady load through the SDK on h1, GET and POST alternating, in the background.
+start_load() {
+  LOAD_START=$(now_ms)
+  "$BIN/detourctl" load --sidecar "unix:$TMP/h1/outbound.sock" --service hello --rate "$RATE" \
+    --duration "$SECS" --method MIX --body-bytes 256 --timeout-ms 20000 >"$TMP/load.out" 2>"$TMP/load.err" &
+  LOAD_PID=$!
+  EXTRA_PIDS+=("$LOAD_PID")
+}
+
+# at SECONDS: sleeps until SECONDS after the load started.
+at() {
+  local target=$(( LOAD_START + ${1%.*} * 1000 ))
+  local now; now=$(now_ms)
+  [ "$now" -lt "$target" ] && sleep "$(awk -v d=$(( target - now )) 'BEGIN { printf "%.3f", d / 1000 }')"
+  return 0
+}
+
+field() { # LINE KEY
+  echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1
+}
+
+# finish NAME FAULT_MS HEALED_MS EXPECTATION: waits for the load, prints the RESULT line, and
+# exits 0 only when EXPECTATION (lossless | no-idempotent-loss) holds and traffic went off the
+# mesh and came back.
+finish() {
+  local name=$1 fault=$2 healed=$3 expect=$4
+  wait "$LOAD_PID" || true
+  local paths load
+  paths=$(grep '^paths:' "$TMP/load.out" || true)
+  load=$(grep '^load:' "$TMP/load.out" || true)
+  if [ -z "$load" ]; then
+    echo "chaos: the load generator printed no summary:" >&2; cat "$TMP/load.out" "$TMP/load.err" >&2
+    echo "RESULT $name: sent=0 ok=0 failed=0 failed_idempotent=0 unknown_outcome=0 mesh=0 ca_direct=0 direct=0 switch_ms=- back_ms=-"
+    exit 1
+  fi
+  grep '^failures:' "$TMP/load.out" >&2 || true
+  local sent ok failed fi uo mesh cad dir first last switch back
+  sent=$(field "$load" sent); ok=$(field "$load" ok); failed=$(field "$load" failed)
+  fi=$(field "$paths" failed_idempotent); uo=$(field "$paths" unknown_outcome)
+  mesh=$(field "$paths" mesh); cad=$(field "$paths" ca_direct); dir=$(field "$paths" direct)
+  first=$(field "$paths" first_off_mesh_unix_ms); last=$(field "$paths" last_off_mesh_unix_ms)
+  switch=-; back=-
+  [ "$first" != "-" ] && switch=$(( first - fault ))
+  [ "$last" != "-" ] && back=$(( last - healed ))
+  [ "$back" != "-" ] && [ "$back" -lt 0 ] && back=0
+  local p99; p99=$(field "$load" p99_ms)
+  echo "RESULT $name: sent=$sent ok=$ok failed=$failed failed_idempotent=$fi unknown_outcome=$uo mesh=$mesh ca_direct=$cad direct=$dir switch_ms=$switch back_ms=$back p99_ms=$p99"
+  local okay=1
+  [ "$sent" -eq $(( RATE * SECS )) ] || okay=0
+  case "$expect" in
+    lossless) [ "$failed" -eq 0 ] || okay=0 ;;
+    no-idempotent-loss) { [ "$fi" -eq 0 ] && [ "$failed" -eq "$uo" ]; } || okay=0 ;;
+  esac
+  [ "$first" != "-" ] || okay=0                                  # traffic left the mesh path
+  [ "$last" != "-" ] && [ $(( $(now_ms) - last )) -gt 1500 ] || okay=0  # and came back
+  [ "$okay" -eq 1 ]
+}

@@ -1,0 +1,306 @@
+//! Lossless failover on real processes: steady load through the SDK (500 req/s for 15 s, GET
+//! and POST alternating), one fault per test, every request counted by outcome and path.
+//!
+//! The tests run one at a time (they share two cores with the sidecars they measure).
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::time::Duration;
+
+use detour_proto::{AppProtocol, ServiceName};
+use detour_registry_sync::now_unix_ms;
+use detour_tests::{Mesh, caller_and_provider};
+use detour_thin_sdk::Client;
+use detour_thin_sdk::body::empty;
+use detour_thin_sdk::link::LinkState;
+use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
+use nix::sys::signal::Signal;
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+const RATE: u32 = 500;
+const SECS: u64 = 15;
+
+fn hello() -> ServiceName {
+    ServiceName::new("hello").unwrap()
+}
+
+/// An SDK client on h1 whose snapshot of `hello` is in memory (and in `file`).
+async fn ready_client(mesh: &Mesh, file: &std::path::Path) -> Client {
+    let client = Client::builder(mesh.sidecar("h1").outbound())
+        .protocol(AppProtocol::Http1)
+        .app("failover-test")
+        .timeout(Duration::from_secs(20))
+        .snapshot_file(file)
+        .build();
+    assert!(client.wait_ready(Duration::from_secs(10)).await);
+    let resp = client
+        .send(&hello(), http::Request::get("/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for _ in 0..500 {
+        if client
+            .snapshot(&hello())
+            .is_some_and(|s| !s.endpoints.is_empty())
+            && file.exists()
+        {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no endpoint snapshot for hello");
+}
+
+fn spec() -> LoadSpec {
+    LoadSpec {
+        service: hello(),
+        rate: RATE,
+        duration: Duration::from_secs(SECS),
+        methods: MethodMix::Mix,
+        body_bytes: 256,
+        concurrency: 512,
+        path: "/".into(),
+        timeout: Duration::from_secs(20),
+    }
+}
+
+fn start_load(client: Client) -> tokio::task::JoinHandle<Stats> {
+    tokio::spawn(async move {
+        load::run(
+            &spec(),
+            &Target::Sdk(client),
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await
+    })
+}
+
+/// Prints the one-line summary every failover test reports.
+fn summary(name: &str, s: &Stats, fault_ms: u64, healed_ms: u64) -> String {
+    let n = |k| s.paths.get(k).copied().unwrap_or(0);
+    let switch = s
+        .first_off_mesh_unix_ms
+        .map_or("-".into(), |t| t.saturating_sub(fault_ms).to_string());
+    let back = s
+        .last_off_mesh_unix_ms
+        .map_or("-".into(), |t| t.saturating_sub(healed_ms).to_string());
+    let line = format!(
+        "FAILOVER {name}: sent={} ok={} failed={} failed_idempotent={} unknown_outcome={} mesh={} ca_direct={} direct={} switch_ms={switch} back_ms={back} failures={:?} p99_ms={:.1} max_ms={:.1}",
+        s.sent,
+        s.ok,
+        s.failed,
+        s.failed_idempotent,
+        s.unknown_outcome,
+        n("mesh"),
+        n("ca_direct"),
+        n("direct"),
+        s.failures,
+        s.ms(0.99),
+        s.latency_us.max() as f64 / 1000.0,
+    );
+    println!("{line}");
+    line
+}
+
+/// Waits `secs` of wall time while load runs.
+async fn at(start: tokio::time::Instant, secs: f64) {
+    tokio::time::sleep_until(start + Duration::from_secs_f64(secs)).await;
+}
+
+fn assert_full_load(s: &Stats) {
+    assert_eq!(s.sent, u64::from(RATE) * SECS, "every request was sent");
+}
+
+/// Traffic left the primary path during the fault and came back to the mesh before the end.
+fn assert_went_and_came_back(s: &Stats, off_path: &str, load_end_ms: u64) {
+    assert!(
+        s.paths.get(off_path).copied().unwrap_or(0) > 0,
+        "no request took {off_path}: {:?}",
+        s.paths
+    );
+    let last_off = s.last_off_mesh_unix_ms.unwrap();
+    assert!(
+        last_off + 1500 < load_end_ms,
+        "traffic never settled back on the mesh (last off-mesh answer {} ms before the end)",
+        load_end_ms.saturating_sub(last_off)
+    );
+}
+
+const FAST_LINK: &str = "";
+
+#[tokio::test]
+async fn sigterm_ca_then_restart_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
+    let snap = mesh.root().join("sdk-snapshot.json");
+    let client = ready_client(&mesh, &snap).await;
+    let t0 = tokio::time::Instant::now();
+    let load = start_load(client.clone());
+    at(t0, 4.0).await;
+    let fault = now_unix_ms();
+    mesh.stop_with("h1", Signal::SIGTERM).await;
+    at(t0, 7.0).await;
+    mesh.restart("h1").await;
+    let healed = now_unix_ms();
+    let s = load.await.unwrap();
+    let end = now_unix_ms();
+    summary("ca-sigterm", &s, fault, healed);
+    assert_full_load(&s);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert_went_and_came_back(&s, "direct", end);
+    assert_eq!(client.link_state(), LinkState::Primary);
+}
+
+#[tokio::test]
+async fn kill9_ca_then_restart_loses_no_idempotent_request() {
+    let _serial = SERIAL.lock().await;
+    let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
+    let snap = mesh.root().join("sdk-snapshot.json");
+    let client = ready_client(&mesh, &snap).await;
+    let t0 = tokio::time::Instant::now();
+    let load = start_load(client.clone());
+    at(t0, 4.0).await;
+    let fault = now_unix_ms();
+    mesh.stop_with("h1", Signal::SIGKILL).await;
+    at(t0, 7.0).await;
+    mesh.restart("h1").await;
+    let healed = now_unix_ms();
+    let s = load.await.unwrap();
+    let end = now_unix_ms();
+    summary("ca-kill9", &s, fault, healed);
+    assert_full_load(&s);
+    assert_eq!(s.failed_idempotent, 0, "{:?}", s.failures);
+    // Only POSTs in flight at the kill may fail, each as "outcome unknown".
+    assert_eq!(s.failed, s.unknown_outcome, "{:?}", s.failures);
+    assert!(
+        s.failed <= 50,
+        "more failures than requests in flight: {:?}",
+        s.failures
+    );
+    assert_went_and_came_back(&s, "direct", end);
+}
+
+#[tokio::test]
+async fn sigterm_pa_then_restart_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
+    let snap = mesh.root().join("sdk-snapshot.json");
+    let client = ready_client(&mesh, &snap).await;
+    let t0 = tokio::time::Instant::now();
+    let load = start_load(client.clone());
+    at(t0, 4.0).await;
+    let fault = now_unix_ms();
+    mesh.stop_with("h2", Signal::SIGTERM).await;
+    at(t0, 7.0).await;
+    mesh.restart("h2").await;
+    let healed = now_unix_ms();
+    let s = load.await.unwrap();
+    let end = now_unix_ms();
+    summary("pa-sigterm", &s, fault, healed);
+    assert_full_load(&s);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert_went_and_came_back(&s, "ca_direct", end);
+}
+
+#[tokio::test]
+async fn kill9_pa_then_restart_loses_no_idempotent_request() {
+    let _serial = SERIAL.lock().await;
+    let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
+    let snap = mesh.root().join("sdk-snapshot.json");
+    let client = ready_client(&mesh, &snap).await;
+    let t0 = tokio::time::Instant::now();
+    let load = start_load(client.clone());
+    at(t0, 4.0).await;
+    let fault = now_unix_ms();
+    mesh.stop_with("h2", Signal::SIGKILL).await;
+    at(t0, 7.0).await;
+    mesh.restart("h2").await;
+    let healed = now_unix_ms();
+    let s = load.await.unwrap();
+    let end = now_unix_ms();
+    summary("pa-kill9", &s, fault, healed);
+    assert_full_load(&s);
+    assert_eq!(s.failed_idempotent, 0, "{:?}", s.failures);
+    assert_eq!(s.failed, s.unknown_outcome, "{:?}", s.failures);
+    assert!(
+        s.failed <= 50,
+        "more failures than requests in flight: {:?}",
+        s.failures
+    );
+    assert_went_and_came_back(&s, "ca_direct", end);
+}
+
+#[tokio::test]
+async fn sigstop_ca_is_detected_by_probes() {
+    let _serial = SERIAL.lock().await;
+    let (mesh, _p) = caller_and_provider(FAST_LINK).await;
+    let snap = mesh.root().join("sdk-snapshot.json");
+    let client = ready_client(&mesh, &snap).await;
+    let t0 = tokio::time::Instant::now();
+    let load = start_load(client.clone());
+    at(t0, 4.0).await;
+    let fault = now_unix_ms();
+    mesh.signal("h1", Signal::SIGSTOP);
+    at(t0, 9.0).await;
+    mesh.signal("h1", Signal::SIGCONT);
+    let healed = now_unix_ms();
+    let s = load.await.unwrap();
+    let end = now_unix_ms();
+    summary("ca-hang", &s, fault, healed);
+    assert_full_load(&s);
+    assert_eq!(s.failed_idempotent, 0, "{:?}", s.failures);
+    let switch = s.first_off_mesh_unix_ms.unwrap().saturating_sub(fault);
+    assert!(switch < 2000, "took {switch} ms to leave a hung sidecar");
+    assert_went_and_came_back(&s, "direct", end);
+}
+
+#[tokio::test]
+async fn app_started_while_its_sidecar_is_down_calls_directly_then_mesh() {
+    let _serial = SERIAL.lock().await;
+    let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
+    let snap = mesh.root().join("sdk-snapshot.json");
+    drop(ready_client(&mesh, &snap).await); // an earlier run of the app left its snapshot file
+    mesh.stop_with("h1", Signal::SIGTERM).await;
+    let client = Client::builder(mesh.sidecar("h1").outbound())
+        .app("late-app")
+        .timeout(Duration::from_secs(20))
+        .snapshot_file(&snap)
+        .build();
+    let t0 = tokio::time::Instant::now();
+    let load = start_load(client.clone());
+    at(t0, 5.0).await;
+    mesh.restart("h1").await;
+    let healed = now_unix_ms();
+    let s = load.await.unwrap();
+    let end = now_unix_ms();
+    summary(
+        "app-before-sidecar",
+        &s,
+        s.first_off_mesh_unix_ms.unwrap_or(0),
+        healed,
+    );
+    assert_full_load(&s);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert!(
+        s.paths.get("mesh").copied().unwrap_or(0) > 0,
+        "{:?}",
+        s.paths
+    );
+    assert_went_and_came_back(&s, "direct", end);
+
+    // With neither a sidecar nor a snapshot, the error names the cause.
+    mesh.stop_with("h1", Signal::SIGTERM).await;
+    let bare = Client::builder(mesh.sidecar("h1").outbound()).build();
+    let err = bare
+        .send(&hello(), http::Request::get("/").body(empty()).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "no_route", "{err}");
+    assert!(
+        err.to_string().contains("no endpoint of hello is known"),
+        "{err}"
+    );
+}
