@@ -87,7 +87,7 @@ address = \"$(cat "$TMP/provider.addr")\""
 start_load() {
   LOAD_START=$(now_ms)
   "$BIN/detourctl" load --sidecar "unix:$TMP/h1/outbound.sock" --service hello --rate "$RATE" \
-    --duration "$SECS" --method MIX --body-bytes 256 --timeout-ms 20000 >"$TMP/load.out" 2>"$TMP/load.err" &
+    --duration "$SECS" --method MIX --body-bytes 256 --concurrency 8192 --timeout-ms 20000 >"$TMP/load.out" 2>"$TMP/load.err" &
   LOAD_PID=$!
   EXTRA_PIDS+=("$LOAD_PID")
 }

@@ -429,7 +429,8 @@ impl Client {
                 request: Some(back),
             }) => {
                 link.event(Event::Fault(Reason::ConnectFailed));
-                self.direct_after_sidecar(service, back, error).await
+                self.direct_after_sidecar(service, back, error.to_string())
+                    .await
             }
             Err(Failed {
                 error,
@@ -438,7 +439,8 @@ impl Client {
                 link.event(Event::Fault(Reason::ConnectFailed));
                 match replay {
                     Some(r) if idempotent => {
-                        self.direct_after_sidecar(service, r.request(), error).await
+                        self.direct_after_sidecar(service, r.request(), error.to_string())
+                            .await
                     }
                     _ => Err(Error::OutcomeUnknown {
                         service: service.clone(),
@@ -454,7 +456,7 @@ impl Client {
         &self,
         service: &ServiceName,
         req: Request<BoxBody>,
-        sidecar_error: crate::TransportError,
+        sidecar_error: String,
     ) -> Result<Response<BoxBody>, Error> {
         match self
             .inner
@@ -467,7 +469,7 @@ impl Client {
                 service: service.clone(),
                 cause: format!("the sidecar is unavailable ({sidecar_error}) and {cause}"),
             }),
-            Err(DirectError::Failed(f)) => Err(self.provider_error(service, f)),
+            Err(DirectError::Failed(f)) => Err(self.provider_error(service, *f)),
         }
     }
 
@@ -503,11 +505,13 @@ impl Client {
         {
             Ok(resp) => return Ok(tag_direct(resp)),
             Err(DirectError::NoRoute(_, back)) => *back,
-            Err(DirectError::Failed(Failed {
-                request: Some(back),
-                ..
-            })) => back,
-            Err(DirectError::Failed(f)) => return Err(self.provider_error(service, f)),
+            Err(DirectError::Failed(f)) => match *f {
+                Failed {
+                    request: Some(back),
+                    ..
+                } => back,
+                lost => return Err(self.provider_error(service, lost)),
+            },
         };
         // No provider could be reached directly and the request never left: the sidecar may
         // well be able to take it.

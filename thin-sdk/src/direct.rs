@@ -23,7 +23,7 @@ pub(crate) enum DirectError {
     /// No endpoint is known for the service; the request is handed back.
     NoRoute(String, Box<Request<BoxBody>>),
     /// Every endpoint refused, or the exchange failed after sending.
-    Failed(Failed),
+    Failed(Box<Failed>),
 }
 
 /// Direct calls, round-robin over the snapshot's endpoints.
@@ -100,14 +100,14 @@ impl Direct {
                     last = Some(error);
                     req = back;
                 }
-                Err(f) => return Err(DirectError::Failed(f)),
+                Err(f) => return Err(DirectError::Failed(Box::new(f))),
             }
         }
         match last {
-            Some(error) => Err(DirectError::Failed(Failed {
+            Some(error) => Err(DirectError::Failed(Box::new(Failed {
                 error,
                 request: Some(req),
-            })),
+            }))),
             None => Err(DirectError::NoRoute(
                 format!("no endpoint of {service}"),
                 Box::new(req),

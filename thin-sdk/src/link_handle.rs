@@ -51,6 +51,8 @@ pub struct LinkHandle {
     names: StateNames,
     peer: String,
     link: Mutex<Link>,
+    /// Follows the state, for requests that wait on the primary path.
+    watch: tokio::sync::watch::Sender<LinkState>,
 }
 
 impl LinkHandle {
@@ -64,6 +66,7 @@ impl LinkHandle {
         let h = Self {
             names,
             peer,
+            watch: tokio::sync::watch::channel(link.state()).0,
             link: Mutex::new(link),
         };
         h.publish(h.state());
@@ -97,7 +100,13 @@ impl LinkHandle {
                 "scope" => self.names.scope, "from" => from, "to" => to, "reason" => t.reason.as_str())
             .increment(1);
             self.publish(t.to);
+            self.watch.send_replace(t.to);
         }
+    }
+
+    /// Follows the state (to abandon a request whose path was declared unusable meanwhile).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<LinkState> {
+        self.watch.subscribe()
     }
 
     /// Whether this request should take the primary path (drives the ramp, too).
