@@ -6,15 +6,12 @@
 //! [`crate::Idempotent`]) and its body was small enough to keep (see [`crate::replay`]); else the
 //! app gets [`Error::OutcomeUnknown`].
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use detour_proto::{
-    AppProtocol, ERROR_HEADER, PATH_HEADER, PROXY_HEADER, ServiceName, SidecarState,
-};
+use detour_proto::{AppProtocol, PATH_HEADER, PROXY_HEADER, ServiceName, SidecarState};
 use http::{Request, Response};
 
 use crate::body::{BoxBody, BoxError, boxed};
@@ -24,35 +21,9 @@ use crate::error::Error;
 use crate::grpc::GrpcChannel;
 use crate::link::{Event, LinkConfig, LinkState, Reason};
 use crate::link_handle::{LinkHandle, SDK_NAMES};
+use crate::outcome::{ErrorWindow, PathTaken, mesh_error, path_taken};
 use crate::replay::{Replay, is_idempotent, prepare};
 use crate::transport::{Dial, Failed, Pool, PoolOptions, set_target};
-
-/// Which path a response came over (in the response's extensions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PathTaken {
-    /// C→CA→PA→P.
-    Mesh,
-    /// C→CA→P (the provider host's sidecar was bypassed).
-    CaDirect,
-    /// C→P (the local sidecar was bypassed).
-    Direct,
-}
-
-impl PathTaken {
-    /// The label used in metrics and reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PathTaken::Mesh => "mesh",
-            PathTaken::CaDirect => "ca_direct",
-            PathTaken::Direct => "direct",
-        }
-    }
-}
-
-/// The path a response came over, as the SDK recorded it.
-pub fn path_taken<B>(resp: &Response<B>) -> Option<PathTaken> {
-    resp.extensions().get::<PathTaken>().copied()
-}
 
 /// Builds a [`Client`].
 #[derive(Debug, Clone)]
@@ -574,60 +545,4 @@ fn address(
     req: Request<BoxBody>,
 ) -> Result<Request<BoxBody>, Error> {
     set_target(service.as_str(), protocol, req).map_err(|e| Error::InvalidRequest(e.to_string()))
-}
-
-/// The recent share of mesh responses that carried an error the local sidecar produced.
-#[derive(Default)]
-struct ErrorWindow {
-    recent: Mutex<VecDeque<bool>>,
-}
-
-impl ErrorWindow {
-    const SIZE: usize = 50;
-    const MIN: usize = 20;
-
-    /// Records one mesh response; returns true when errors reached half of a full-enough
-    /// window (the window then starts again).
-    fn record(&self, local_error: bool) -> bool {
-        let mut w = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if !local_error && w.is_empty() {
-            return false;
-        }
-        w.push_back(local_error);
-        if w.len() > Self::SIZE {
-            w.pop_front();
-        }
-        let bad = w.iter().filter(|b| **b).count();
-        if w.len() >= Self::MIN && bad * 2 >= w.len() {
-            w.clear();
-            return true;
-        }
-        false
-    }
-}
-
-/// The mesh error a response carries (`x-detour-error`), if the mesh produced it.
-pub fn mesh_error<B>(resp: &Response<B>) -> Option<&str> {
-    resp.headers()
-        .get(ERROR_HEADER)
-        .and_then(|v| v.to_str().ok())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_window_trips_at_half_of_a_full_window() {
-        let w = ErrorWindow::default();
-        for _ in 0..9 {
-            assert!(!w.record(true));
-            assert!(!w.record(false));
-        }
-        assert!(!w.record(false));
-        assert!(w.record(true), "10 of 20 are errors");
-        for _ in 0..100 {
-            assert!(!w.record(false), "provider answers never trip it");
-        }
-    }
 }

@@ -12,18 +12,21 @@
 pub mod body;
 mod client;
 pub mod control;
+mod dial;
 mod direct;
 mod error;
 mod grpc;
 pub mod link;
 pub mod link_handle;
+mod outcome;
 pub mod probe;
 pub mod replay;
 pub mod transport;
 
 pub use body::BoxBody;
-pub use client::{Client, ClientBuilder, PathTaken, mesh_error, path_taken};
+pub use client::{Client, ClientBuilder};
 pub use error::Error;
 pub use grpc::GrpcChannel;
+pub use outcome::{PathTaken, mesh_error, path_taken};
 pub use replay::Idempotent;
 pub use transport::{Dial, Failed, Pool, PoolOptions, Stream, TransportError};

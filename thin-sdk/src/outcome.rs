@@ -1,0 +1,91 @@
+//! Reading what comes back from the mesh: which path answered, the mesh error a response
+//! carries, and the window of recent errors produced by the local sidecar ("sick sidecar").
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use detour_proto::ERROR_HEADER;
+use http::Response;
+
+/// Which path a response came over (in the response's extensions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PathTaken {
+    /// C→CA→PA→P.
+    Mesh,
+    /// C→CA→P (the provider host's sidecar was bypassed).
+    CaDirect,
+    /// C→P (the local sidecar was bypassed).
+    Direct,
+}
+
+impl PathTaken {
+    /// The label used in metrics and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathTaken::Mesh => "mesh",
+            PathTaken::CaDirect => "ca_direct",
+            PathTaken::Direct => "direct",
+        }
+    }
+}
+
+/// The path a response came over, as the SDK recorded it.
+pub fn path_taken<B>(resp: &Response<B>) -> Option<PathTaken> {
+    resp.extensions().get::<PathTaken>().copied()
+}
+
+/// The recent share of mesh responses that carried an error the local sidecar produced.
+#[derive(Default)]
+pub(crate) struct ErrorWindow {
+    recent: Mutex<VecDeque<bool>>,
+}
+
+impl ErrorWindow {
+    const SIZE: usize = 50;
+    const MIN: usize = 20;
+
+    /// Records one mesh response; returns true when errors reached half of a full-enough
+    /// window (the window then starts again).
+    pub(crate) fn record(&self, local_error: bool) -> bool {
+        let mut w = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if !local_error && w.is_empty() {
+            return false;
+        }
+        w.push_back(local_error);
+        if w.len() > Self::SIZE {
+            w.pop_front();
+        }
+        let bad = w.iter().filter(|b| **b).count();
+        if w.len() >= Self::MIN && bad * 2 >= w.len() {
+            w.clear();
+            return true;
+        }
+        false
+    }
+}
+
+/// The mesh error a response carries (`x-detour-error`), if the mesh produced it.
+pub fn mesh_error<B>(resp: &Response<B>) -> Option<&str> {
+    resp.headers()
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_window_trips_at_half_of_a_full_window() {
+        let w = ErrorWindow::default();
+        for _ in 0..9 {
+            assert!(!w.record(true));
+            assert!(!w.record(false));
+        }
+        assert!(!w.record(false));
+        assert!(w.record(true), "10 of 20 are errors");
+        for _ in 0..100 {
+            assert!(!w.record(false), "provider answers never trip it");
+        }
+    }
+}
