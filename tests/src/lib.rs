@@ -120,8 +120,13 @@ ttl_ms = 10000
         extra: &str,
     ) -> &SidecarProcess {
         let cfg = self.config(host, ip, offers, extra);
+        self.start_config(host, &cfg).await
+    }
+
+    /// Starts the sidecar of `host` with exactly `config` (see [`Mesh::config`]).
+    pub async fn start_config(&mut self, host: &str, config: &str) -> &SidecarProcess {
         let run_dir = self.root().join(host);
-        let sc = SidecarProcess::start(&self.binary, &run_dir, &cfg, Duration::from_secs(20))
+        let sc = SidecarProcess::start(&self.binary, &run_dir, config, Duration::from_secs(20))
             .await
             .unwrap_or_else(|e| panic!("starting sidecar {host}: {e}"));
         self.sidecars.insert(host.to_owned(), sc);

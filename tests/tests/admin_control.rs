@@ -42,6 +42,8 @@ async fn admin_endpoints_answer() {
     assert_eq!(eps[0]["pa_address"], pa.as_str());
     assert_eq!(eps[0]["instance"], "h2-hello");
 
+    assert_eq!(state["links"]["h2"], "via_pa", "{state}");
+
     let (status, metrics) = admin_get(&admin, "/metrics").await;
     assert_eq!(status, 200);
     assert!(

@@ -203,6 +203,24 @@ async fn sigterm_pa_then_restart_loses_nothing() {
     assert_full_load(&s);
     assert_eq!(s.failed, 0, "{:?}", s.failures);
     assert_went_and_came_back(&s, "ca_direct", end);
+    // The CA half is visible: its state in /state, its transitions in /metrics.
+    let admin = Client::builder(detour_thin_sdk::Dial::Tcp(mesh.sidecar("h1").addrs.admin))
+        .control(false)
+        .build();
+    let state = detour_tests::admin_get_json(&admin, "/state").await;
+    assert_eq!(state["links"]["h2"], "via_pa", "{state}");
+    let (_, metrics) = detour_tests::admin_get(&admin, "/metrics").await;
+    for needle in [
+        "detour_link_transitions_total{scope=\"ca\",from=\"via_pa\",to=\"ca_direct\"",
+        "detour_link_transitions_total{scope=\"ca\",from=\"recovering\",to=\"via_pa\",reason=\"ramp_done\"}",
+        "detour_requests_total{direction=\"outbound\",path=\"ca_direct\"",
+        "detour_link_state{scope=\"ca\",peer=\"h2\"} 0",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -303,4 +321,61 @@ async fn app_started_while_its_sidecar_is_down_calls_directly_then_mesh() {
         err.to_string().contains("no endpoint of hello is known"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_sick_sidecar_is_bypassed_while_direct_calls_succeed() {
+    let _serial = SERIAL.lock().await;
+    let (mut mesh, p) = caller_and_provider(FAST_LINK).await;
+    // h9's sidecar looks at an empty registry: it answers every call with its own mesh error.
+    let cfg = mesh
+        .config("h9", "127.0.0.9", &[], "")
+        .replace("/registry\"", "/empty-registry\"");
+    mesh.start_config("h9", &cfg).await;
+    let snap = mesh.root().join("h9-snapshot.json");
+    let endpoint = serde_json::json!({
+        "service": "hello", "instance": "h2-hello", "host": "h2",
+        "app_address": p.addr().to_string(), "pa_address": null,
+    });
+    let file = serde_json::json!({"format": 1, "services": {"hello": [endpoint]}});
+    std::fs::write(&snap, file.to_string()).unwrap();
+    let client = Client::builder(mesh.sidecar("h9").outbound())
+        .snapshot_file(&snap)
+        .timeout(Duration::from_secs(10))
+        .build();
+    assert!(client.wait_ready(Duration::from_secs(10)).await);
+    let mut mesh_errors = 0;
+    let mut direct_ok = 0;
+    for _ in 0..200 {
+        let resp = client
+            .send(&hello(), http::Request::get("/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        if detour_thin_sdk::mesh_error(&resp).is_some() {
+            mesh_errors += 1;
+        } else if detour_thin_sdk::path_taken(&resp) == Some(detour_thin_sdk::PathTaken::Direct) {
+            assert_eq!(resp.status(), 200);
+            direct_ok += 1;
+        }
+    }
+    println!("sick-sidecar: mesh_errors={mesh_errors} direct_ok={direct_ok} of 200");
+    assert!(mesh_errors >= 10, "the window needs errors to trip");
+    assert!(
+        direct_ok >= 100,
+        "calls moved to the direct path ({direct_ok} of 200)"
+    );
+    // A provider's own errors never move the link.
+    let (mesh2, _p2) = caller_and_provider(FAST_LINK).await;
+    let healthy = mesh2.client("h1", AppProtocol::Http1);
+    for _ in 0..60 {
+        let resp = healthy
+            .send(
+                &hello(),
+                http::Request::get("/status/500").body(empty()).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 500);
+    }
+    assert_eq!(healthy.link_state(), LinkState::Primary);
 }

@@ -376,7 +376,9 @@ impl Client {
                     if draining {
                         link.event(Event::Fault(Reason::DrainAnnounced));
                     }
-                    if local && self.inner.errors.record(true) {
+                    // While ramping back, one error of the sidecar's own is enough.
+                    let ramping = matches!(link.state(), LinkState::Recovering { .. });
+                    if local && (self.inner.errors.record(true) || ramping) {
                         link.event(Event::Fault(Reason::MeshErrors));
                     }
                     match replay {

@@ -276,12 +276,21 @@ async fn session(
                 let Ok(service) = ServiceName::new(snap.service.clone()) else {
                     continue;
                 };
-                let endpoints = snap
+                let endpoints: Vec<Endpoint> = snap
                     .endpoints
                     .iter()
                     .filter_map(|e| e.to_endpoint(&service))
                     .collect();
                 let mut snaps = shared.snapshots.write().unwrap_or_else(|p| p.into_inner());
+                // The snapshot exists for the direct path, used when the sidecar is sick: an
+                // empty set from it must not erase the last providers known to work (if they
+                // are really gone, they refuse connections and the call fails just the same).
+                if endpoints.is_empty()
+                    && snaps.get(&service).is_some_and(|s| !s.endpoints.is_empty())
+                {
+                    tracing::debug!(%service, "keeping the last non-empty snapshot for the direct path");
+                    continue;
+                }
                 snaps.insert(
                     service,
                     Arc::new(Snapshot {
@@ -337,5 +346,48 @@ impl tower::Service<Request<tonic::body::Body>> for SidecarChannel {
                 .await
                 .map_err(|f| f.error.into())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_files_round_trip_and_garbage_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.json");
+        assert!(
+            load_snapshot_file(&path).is_empty(),
+            "a missing file is empty"
+        );
+        let ep: Endpoint = serde_json::from_str(
+            r#"{"service":"hello","instance":"i1","host":"h1","app_address":"127.0.0.1:9","pa_address":null}"#,
+        )
+        .unwrap();
+        let mut snaps = HashMap::new();
+        snaps.insert(
+            ServiceName::new("hello").unwrap(),
+            Arc::new(Snapshot {
+                revision: 3,
+                endpoints: vec![ep.clone()],
+            }),
+        );
+        write_snapshot_file(&path, &snaps).unwrap();
+        let back = load_snapshot_file(&path);
+        assert_eq!(
+            back[&ServiceName::new("hello").unwrap()].endpoints,
+            vec![ep]
+        );
+        std::fs::write(&path, b"\x00garbage{").unwrap();
+        assert!(
+            load_snapshot_file(&path).is_empty(),
+            "a corrupt file is ignored"
+        );
+        std::fs::write(&path, br#"{"format":9,"services":{}}"#).unwrap();
+        assert!(
+            load_snapshot_file(&path).is_empty(),
+            "an unknown format is ignored"
+        );
     }
 }
