@@ -1,11 +1,13 @@
 //! Detour's view of the service registry: the [`Registry`] trait every back-end implements, the
-//! embedded directory back-end ([`dir::DirRegistry`]) and the in-memory endpoint
+//! embedded directory back-end ([`dir::DirRegistry`]), the etcd back-end
+//! ([`etcd::EtcdRegistry`]) and the in-memory endpoint
 //! [`catalog::Catalog`] that sidecars route from.
 //!
 //! Everything above the trait is identical whichever back-end is configured.
 
 pub mod catalog;
 pub mod dir;
+pub mod etcd;
 pub mod memory;
 mod registry;
 

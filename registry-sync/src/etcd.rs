@@ -1,0 +1,550 @@
+//! The etcd back-end of [`Registry`], for a real etcd cluster (3.4+).
+//!
+//! Layout under the prefix (default `/detour/v1`), values as versioned JSON so that
+//! `etcdctl get` stays readable:
+//! - `{prefix}/services/{service}/{instance}` → `{"version":1,"endpoint":{…}}`
+//! - `{prefix}/hosts/{host}` → `{"version":1,"status":{…}}`
+//!
+//! Everything this client writes is attached to one lease, kept alive every third of its TTL; a
+//! lost lease is granted again and everything re-registered. One prefix watch feeds every
+//! service watcher and the host statuses; after a disconnect it resumes from the last revision
+//! seen, and when that revision was compacted it re-lists from scratch. Each operation tries
+//! the cluster's members in turn, so one dead member fails nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName};
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::registry::{HostStatuses, Registry, RegistryError};
+
+/// Tuning of the etcd back-end.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// Member URLs (`http://127.0.0.1:2379`, …).
+    pub endpoints: Vec<String>,
+    /// Key prefix, without a trailing slash.
+    pub prefix: String,
+    /// Lease time-to-live.
+    pub ttl: Duration,
+    /// Time allowed for one request to one member.
+    pub request_timeout: Duration,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EndpointValue {
+    version: u32,
+    endpoint: Endpoint,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HostValue {
+    version: u32,
+    status: HostStatus,
+}
+
+/// What the prefix watch has seen.
+#[derive(Default)]
+struct View {
+    /// Parsed endpoints by key.
+    endpoints: BTreeMap<String, Endpoint>,
+    /// Host statuses by key.
+    hosts: BTreeMap<String, HostStatus>,
+    /// Services that ever had a key (a service once seen stays known).
+    known: HashSet<ServiceName>,
+    /// The last revision applied.
+    revision: i64,
+}
+
+#[derive(Default)]
+struct Own {
+    endpoints: HashMap<String, Endpoint>,
+    status: Option<HostStatus>,
+}
+
+struct Inner {
+    opts: EtcdOptions,
+    host: HostId,
+    /// One client per member, connected on first use.
+    clients: tokio::sync::Mutex<Vec<Option<Client>>>,
+    /// The member that answered last.
+    preferred: Mutex<usize>,
+    own: Mutex<Own>,
+    lease: Mutex<Option<i64>>,
+    /// Woken when what this client owns changed or its lease was lost.
+    own_changed: Notify,
+    view: Mutex<View>,
+    watchers: Mutex<HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>>,
+    hosts: watch::Sender<Arc<HostStatuses>>,
+}
+
+/// A client of the etcd registry for one host.
+pub struct EtcdRegistry {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdRegistry")
+            .field("endpoints", &self.inner.opts.endpoints)
+            .field("prefix", &self.inner.opts.prefix)
+            .finish()
+    }
+}
+
+impl Drop for EtcdRegistry {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Unavailable {
+        backend: "etcd".into(),
+        source: std::io::Error::other(format!("{what}: {e}")),
+    }
+}
+
+impl EtcdRegistry {
+    /// Starts the client: lists the prefix once (so watchers start from a full view when etcd
+    /// is reachable; it does not wait for etcd otherwise), then keeps the lease and the watch.
+    pub async fn open(host: HostId, opts: EtcdOptions) -> Result<Self, RegistryError> {
+        if opts.endpoints.is_empty() {
+            return Err(RegistryError::InvalidSpec {
+                spec: "etcd:".into(),
+                reason: "no endpoint".into(),
+            });
+        }
+        let n = opts.endpoints.len();
+        let inner = Arc::new(Inner {
+            opts,
+            host,
+            clients: tokio::sync::Mutex::new(vec![None; n]),
+            preferred: Mutex::new(0),
+            own: Mutex::new(Own::default()),
+            lease: Mutex::new(None),
+            own_changed: Notify::new(),
+            view: Mutex::new(View::default()),
+            watchers: Mutex::new(HashMap::new()),
+            hosts: watch::channel(Arc::new(HostStatuses::new())).0,
+        });
+        if let Err(e) = inner.relist().await {
+            tracing::warn!(error = %e, "etcd not reachable at start; serving what is known and retrying");
+        }
+        let tasks = vec![
+            tokio::spawn(lease_loop(inner.clone())),
+            tokio::spawn(watch_loop(inner.clone())),
+        ];
+        Ok(Self { inner, tasks })
+    }
+}
+
+impl Inner {
+    fn service_key(&self, service: &ServiceName, instance: &InstanceId) -> String {
+        format!("{}/services/{service}/{instance}", self.opts.prefix)
+    }
+
+    fn host_key(&self, host: &HostId) -> String {
+        format!("{}/hosts/{host}", self.opts.prefix)
+    }
+
+    /// Runs `op` against the members in turn, starting with the one that answered last.
+    async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RegistryError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.opts.endpoints.len();
+        let start = *self.preferred.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = String::from("no member tried");
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let client = match self.client(idx).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match tokio::time::timeout(self.opts.request_timeout, op(client)).await {
+                Ok(Ok(v)) => {
+                    *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = idx;
+                    return Ok(v);
+                }
+                Ok(Err(e)) => last = format!("{}: {e}", self.opts.endpoints[idx]),
+                Err(_) => last = format!("{}: timed out", self.opts.endpoints[idx]),
+            }
+            // Forget the connection so the next use reconnects.
+            self.clients.lock().await[idx] = None;
+        }
+        metrics::counter!("detour_registry_errors_total", "op" => what.to_owned()).increment(1);
+        Err(unavailable(what, last))
+    }
+
+    async fn client(&self, idx: usize) -> Result<Client, String> {
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = &clients[idx] {
+            return Ok(c.clone());
+        }
+        let url = &self.opts.endpoints[idx];
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(self.opts.request_timeout)
+            .with_timeout(self.opts.request_timeout);
+        match tokio::time::timeout(self.opts.request_timeout, Client::connect([url.as_str()], Some(opts))).await {
+            Ok(Ok(c)) => {
+                clients[idx] = Some(c.clone());
+                Ok(c)
+            }
+            Ok(Err(e)) => Err(format!("{url}: {e}")),
+            Err(_) => Err(format!("{url}: connect timed out")),
+        }
+    }
+
+    /// Writes one owned key under the current lease (no-op without a lease: the lease loop
+    /// writes everything when it gets one).
+    async fn put_owned(&self, key: String, value: Vec<u8>) -> Result<(), RegistryError> {
+        let Some(lease) = *self.lease.lock().unwrap_or_else(|p| p.into_inner()) else {
+            self.own_changed.notify_one();
+            return Ok(());
+        };
+        self.call("put", |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, Some(PutOptions::new().with_lease(lease))).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Everything this client owns, as key/value pairs.
+    fn owned_pairs(&self) -> Vec<(String, Vec<u8>)> {
+        let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pairs: Vec<(String, Vec<u8>)> = own
+            .endpoints
+            .iter()
+            .filter_map(|(k, ep)| {
+                let v = EndpointValue { version: 1, endpoint: ep.clone() };
+                serde_json::to_vec(&v).ok().map(|v| (k.clone(), v))
+            })
+            .collect();
+        if let Some(st) = &own.status {
+            let v = HostValue { version: 1, status: st.clone() };
+            if let Ok(v) = serde_json::to_vec(&v) {
+                pairs.push((self.host_key(&self.host), v));
+            }
+        }
+        pairs
+    }
+
+    /// Reads the whole prefix and replaces the view.
+    async fn relist(&self) -> Result<(), RegistryError> {
+        let prefix = format!("{}/", self.opts.prefix);
+        let resp = self
+            .call("list", |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let known = std::mem::take(&mut view.known);
+        *view = View {
+            known,
+            revision,
+            ..View::default()
+        };
+        for kv in resp.kvs() {
+            apply_put(&self.opts.prefix, &mut view, kv.key(), kv.value());
+        }
+        drop(view);
+        self.publish();
+        Ok(())
+    }
+
+    /// Tells every watcher its service's current set, and publishes host statuses.
+    fn publish(&self) {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        for (service, tx) in watchers.iter() {
+            let next = service_set(&view, service);
+            tx.send_if_modified(|cur| {
+                if **cur == next {
+                    false
+                } else {
+                    *cur = Arc::new(next);
+                    true
+                }
+            });
+        }
+        let hosts: HostStatuses = view
+            .hosts
+            .values()
+            .map(|s| (s.host.clone(), s.clone()))
+            .collect();
+        self.hosts.send_if_modified(|cur| {
+            if **cur == hosts {
+                false
+            } else {
+                *cur = Arc::new(hosts);
+                true
+            }
+        });
+    }
+}
+
+fn service_set(view: &View, service: &ServiceName) -> EndpointSet {
+    let endpoints: Vec<Endpoint> = view
+        .endpoints
+        .values()
+        .filter(|e| &e.service == service)
+        .cloned()
+        .collect();
+    let mut set = EndpointSet::known(endpoints);
+    set.known = view.known.contains(service);
+    set
+}
+
+/// Applies one key's value to the view; a value that does not parse is logged, counted and
+/// dropped (the key then counts as absent), never fatal.
+fn apply_put(prefix: &str, view: &mut View, key: &[u8], value: &[u8]) {
+    let Ok(key) = std::str::from_utf8(key) else {
+        return;
+    };
+    let Some(rest) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+        return;
+    };
+    if let Some(svc) = rest.strip_prefix("services/") {
+        if let Some(name) = svc.split('/').next().and_then(|n| ServiceName::new(n).ok()) {
+            view.known.insert(name);
+        }
+        match serde_json::from_slice::<EndpointValue>(value) {
+            Ok(v) if v.version == 1 => {
+                view.endpoints.insert(key.to_owned(), v.endpoint);
+            }
+            Ok(v) => bad(key, &format!("unknown version {}", v.version), view),
+            Err(e) => bad(key, &e.to_string(), view),
+        }
+    } else if rest.starts_with("hosts/") {
+        match serde_json::from_slice::<HostValue>(value) {
+            Ok(v) if v.version == 1 => {
+                view.hosts.insert(key.to_owned(), v.status);
+            }
+            Ok(v) => bad(key, &format!("unknown version {}", v.version), view),
+            Err(e) => bad(key, &e.to_string(), view),
+        }
+    }
+}
+
+fn bad(key: &str, why: &str, view: &mut View) {
+    tracing::warn!(key, error = why, "ignoring a malformed registry value");
+    metrics::counter!("detour_registry_invalid_records_total").increment(1);
+    view.endpoints.remove(key);
+    view.hosts.remove(key);
+}
+
+fn apply_delete(view: &mut View, key: &[u8]) {
+    if let Ok(key) = std::str::from_utf8(key) {
+        view.endpoints.remove(key);
+        view.hosts.remove(key);
+    }
+}
+
+/// Keeps a lease, writing everything owned under it; grants a new one when it is lost.
+async fn lease_loop(inner: Arc<Inner>) {
+    let ttl_secs = inner.opts.ttl.as_secs().max(2) as i64;
+    let period = Duration::from_secs_f64(ttl_secs as f64 / 3.0);
+    loop {
+        let granted = inner
+            .call("lease", |mut c| async move { c.lease_grant(ttl_secs, None).await })
+            .await;
+        let id = match granted {
+            Ok(r) => r.id(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot get an etcd lease; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        *inner.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+        tracing::info!(lease = id, ttl_secs, "etcd lease granted");
+        let mut dirty = true;
+        loop {
+            if dirty {
+                let mut ok = true;
+                for (k, v) in inner.owned_pairs() {
+                    if inner.put_owned(k, v).await.is_err() {
+                        ok = false;
+                    }
+                }
+                dirty = !ok;
+            }
+            let alive = inner
+                .call("keepalive", |mut c| async move {
+                    let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                    keeper.keep_alive().await?;
+                    Ok(stream.message().await?.map_or(0, |r| r.ttl()))
+                })
+                .await;
+            match alive {
+                Ok(ttl) if ttl > 0 => {}
+                Ok(_) => {
+                    tracing::warn!(lease = id, "etcd lease expired; registering again");
+                    metrics::counter!("detour_registry_lease_lost_total").increment(1);
+                    break;
+                }
+                Err(e) => tracing::warn!(lease = id, error = %e, "etcd keep-alive failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = inner.own_changed.notified() => dirty = true,
+            }
+        }
+        *inner.lease.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// Follows the whole prefix: resumes after the last revision seen; re-lists when that
+/// revision was compacted away.
+async fn watch_loop(inner: Arc<Inner>) {
+    let prefix = format!("{}/", inner.opts.prefix);
+    loop {
+        let from = inner.view.lock().unwrap_or_else(|p| p.into_inner()).revision + 1;
+        let opened = inner
+            .call("watch", |mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(from)))
+                        .await
+                }
+            })
+            .await;
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd watch not open; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+        };
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => break,
+            };
+            if msg.compact_revision() > 0 || (msg.canceled() && msg.cancel_reason().contains("compacted")) {
+                tracing::info!(compacted = msg.compact_revision(), "watch revision compacted; re-listing");
+                metrics::counter!("detour_registry_relists_total").increment(1);
+                if inner.relist().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                break;
+            }
+            if msg.canceled() {
+                break;
+            }
+            {
+                let mut view = inner.view.lock().unwrap_or_else(|p| p.into_inner());
+                for ev in msg.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    if kv.mod_revision() <= view.revision && ev.event_type() == EventType::Put {
+                        continue; // already applied (a resumed watch may repeat it)
+                    }
+                    match ev.event_type() {
+                        EventType::Put => apply_put(&inner.opts.prefix, &mut view, kv.key(), kv.value()),
+                        EventType::Delete => apply_delete(&mut view, kv.key()),
+                    }
+                    view.revision = view.revision.max(kv.mod_revision());
+                }
+                if let Some(h) = msg.header() {
+                    view.revision = view.revision.max(h.revision());
+                }
+            }
+            inner.publish();
+        }
+    }
+}
+
+#[async_trait]
+impl Registry for EtcdRegistry {
+    async fn register(&self, endpoint: Endpoint) -> Result<(), RegistryError> {
+        if endpoint.host != self.inner.host {
+            return Err(RegistryError::Refused(format!(
+                "host {} cannot register an endpoint of host {}",
+                self.inner.host, endpoint.host
+            )));
+        }
+        let key = self.inner.service_key(&endpoint.service, &endpoint.instance);
+        let value = serde_json::to_vec(&EndpointValue { version: 1, endpoint: endpoint.clone() })
+            .map_err(|e| RegistryError::Refused(e.to_string()))?;
+        self.inner
+            .own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .endpoints
+            .insert(key.clone(), endpoint);
+        self.inner.put_owned(key, value).await
+    }
+
+    async fn deregister(&self, service: &ServiceName, instance: &InstanceId) -> Result<(), RegistryError> {
+        let key = self.inner.service_key(service, instance);
+        self.inner
+            .own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .endpoints
+            .remove(&key);
+        self.inner
+            .call("delete", |mut c| {
+                let key = key.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn watch(&self, service: &ServiceName) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
+        let mut watchers = self.inner.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = watchers.get(service) {
+            return Ok(tx.subscribe());
+        }
+        let set = service_set(&self.inner.view.lock().unwrap_or_else(|p| p.into_inner()), service);
+        let (tx, rx) = watch::channel(Arc::new(set));
+        watchers.insert(service.clone(), tx);
+        Ok(rx)
+    }
+
+    async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError> {
+        let key = self.inner.host_key(&status.host);
+        let value = serde_json::to_vec(&HostValue { version: 1, status: status.clone() })
+            .map_err(|e| RegistryError::Refused(e.to_string()))?;
+        self.inner.own.lock().unwrap_or_else(|p| p.into_inner()).status = Some(status);
+        self.inner.put_owned(key, value).await
+    }
+
+    fn watch_hosts(&self) -> watch::Receiver<Arc<HostStatuses>> {
+        self.inner.hosts.subscribe()
+    }
+
+    async fn host_status(&self, host: &HostId) -> Result<Option<HostStatus>, RegistryError> {
+        Ok(self.inner.hosts.borrow().get(host).cloned())
+    }
+
+    async fn withdraw(&self) -> Result<(), RegistryError> {
+        let lease = self.inner.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        *self.inner.own.lock().unwrap_or_else(|p| p.into_inner()) = Own::default();
+        if let Some(id) = lease {
+            self.inner
+                .call("revoke", |mut c| async move { c.lease_revoke(id).await })
+                .await?;
+        }
+        Ok(())
+    }
+}
