@@ -199,7 +199,12 @@ impl Inner {
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(self.opts.request_timeout)
             .with_timeout(self.opts.request_timeout);
-        match tokio::time::timeout(self.opts.request_timeout, Client::connect([url.as_str()], Some(opts))).await {
+        match tokio::time::timeout(
+            self.opts.request_timeout,
+            Client::connect([url.as_str()], Some(opts)),
+        )
+        .await
+        {
             Ok(Ok(c)) => {
                 clients[idx] = Some(c.clone());
                 Ok(c)
@@ -209,19 +214,28 @@ impl Inner {
         }
     }
 
-    /// Writes one owned key under the current lease (no-op without a lease: the lease loop
-    /// writes everything when it gets one).
+    /// Writes one owned key under the current lease. It never fails: without a lease, or when
+    /// etcd cannot be reached, the lease loop writes everything owned as soon as it can (a
+    /// sidecar must start and serve while etcd is down).
     async fn put_owned(&self, key: String, value: Vec<u8>) -> Result<(), RegistryError> {
         let Some(lease) = *self.lease.lock().unwrap_or_else(|p| p.into_inner()) else {
             self.own_changed.notify_one();
             return Ok(());
         };
-        self.call("put", |mut c| {
-            let (key, value) = (key.clone(), value.clone());
-            async move { c.put(key, value, Some(PutOptions::new().with_lease(lease))).await }
-        })
-        .await
-        .map(|_| ())
+        let written = self
+            .call("put", |mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move {
+                    c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                        .await
+                }
+            })
+            .await;
+        if let Err(e) = written {
+            tracing::warn!(%key, error = %e, "etcd write deferred until etcd answers");
+            self.own_changed.notify_one();
+        }
+        Ok(())
     }
 
     /// Everything this client owns, as key/value pairs.
@@ -231,12 +245,18 @@ impl Inner {
             .endpoints
             .iter()
             .filter_map(|(k, ep)| {
-                let v = EndpointValue { version: 1, endpoint: ep.clone() };
+                let v = EndpointValue {
+                    version: 1,
+                    endpoint: ep.clone(),
+                };
                 serde_json::to_vec(&v).ok().map(|v| (k.clone(), v))
             })
             .collect();
         if let Some(st) = &own.status {
-            let v = HostValue { version: 1, status: st.clone() };
+            let v = HostValue {
+                version: 1,
+                status: st.clone(),
+            };
             if let Ok(v) = serde_json::to_vec(&v) {
                 pairs.push((self.host_key(&self.host), v));
             }
@@ -363,7 +383,9 @@ async fn lease_loop(inner: Arc<Inner>) {
     let period = Duration::from_secs_f64(ttl_secs as f64 / 3.0);
     loop {
         let granted = inner
-            .call("lease", |mut c| async move { c.lease_grant(ttl_secs, None).await })
+            .call("lease", |mut c| async move {
+                c.lease_grant(ttl_secs, None).await
+            })
             .await;
         let id = match granted {
             Ok(r) => r.id(),
@@ -378,13 +400,16 @@ async fn lease_loop(inner: Arc<Inner>) {
         let mut dirty = true;
         loop {
             if dirty {
-                let mut ok = true;
+                dirty = false;
                 for (k, v) in inner.owned_pairs() {
-                    if inner.put_owned(k, v).await.is_err() {
-                        ok = false;
-                    }
+                    let written = inner
+                        .call("put", |mut c| {
+                            let (k, v) = (k.clone(), v.clone());
+                            async move { c.put(k, v, Some(PutOptions::new().with_lease(id))).await }
+                        })
+                        .await;
+                    dirty |= written.is_err();
                 }
-                dirty = !ok;
             }
             let alive = inner
                 .call("keepalive", |mut c| async move {
@@ -402,8 +427,13 @@ async fn lease_loop(inner: Arc<Inner>) {
                 }
                 Err(e) => tracing::warn!(lease = id, error = %e, "etcd keep-alive failed"),
             }
+            let wait = if dirty {
+                Duration::from_millis(300)
+            } else {
+                period
+            };
             tokio::select! {
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = inner.own_changed.notified() => dirty = true,
             }
         }
@@ -416,13 +446,21 @@ async fn lease_loop(inner: Arc<Inner>) {
 async fn watch_loop(inner: Arc<Inner>) {
     let prefix = format!("{}/", inner.opts.prefix);
     loop {
-        let from = inner.view.lock().unwrap_or_else(|p| p.into_inner()).revision + 1;
+        let from = inner
+            .view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .revision
+            + 1;
         let opened = inner
             .call("watch", |mut c| {
                 let prefix = prefix.clone();
                 async move {
-                    c.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(from)))
-                        .await
+                    c.watch(
+                        prefix,
+                        Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+                    )
+                    .await
                 }
             })
             .await;
@@ -439,8 +477,13 @@ async fn watch_loop(inner: Arc<Inner>) {
                 Ok(Some(m)) => m,
                 Ok(None) | Err(_) => break,
             };
-            if msg.compact_revision() > 0 || (msg.canceled() && msg.cancel_reason().contains("compacted")) {
-                tracing::info!(compacted = msg.compact_revision(), "watch revision compacted; re-listing");
+            if msg.compact_revision() > 0
+                || (msg.canceled() && msg.cancel_reason().contains("compacted"))
+            {
+                tracing::info!(
+                    compacted = msg.compact_revision(),
+                    "watch revision compacted; re-listing"
+                );
                 metrics::counter!("detour_registry_relists_total").increment(1);
                 if inner.relist().await.is_err() {
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -458,7 +501,9 @@ async fn watch_loop(inner: Arc<Inner>) {
                         continue; // already applied (a resumed watch may repeat it)
                     }
                     match ev.event_type() {
-                        EventType::Put => apply_put(&inner.opts.prefix, &mut view, kv.key(), kv.value()),
+                        EventType::Put => {
+                            apply_put(&inner.opts.prefix, &mut view, kv.key(), kv.value())
+                        }
                         EventType::Delete => apply_delete(&mut view, kv.key()),
                     }
                     view.revision = view.revision.max(kv.mod_revision());
@@ -481,9 +526,14 @@ impl Registry for EtcdRegistry {
                 self.inner.host, endpoint.host
             )));
         }
-        let key = self.inner.service_key(&endpoint.service, &endpoint.instance);
-        let value = serde_json::to_vec(&EndpointValue { version: 1, endpoint: endpoint.clone() })
-            .map_err(|e| RegistryError::Refused(e.to_string()))?;
+        let key = self
+            .inner
+            .service_key(&endpoint.service, &endpoint.instance);
+        let value = serde_json::to_vec(&EndpointValue {
+            version: 1,
+            endpoint: endpoint.clone(),
+        })
+        .map_err(|e| RegistryError::Refused(e.to_string()))?;
         self.inner
             .own
             .lock()
@@ -493,7 +543,11 @@ impl Registry for EtcdRegistry {
         self.inner.put_owned(key, value).await
     }
 
-    async fn deregister(&self, service: &ServiceName, instance: &InstanceId) -> Result<(), RegistryError> {
+    async fn deregister(
+        &self,
+        service: &ServiceName,
+        instance: &InstanceId,
+    ) -> Result<(), RegistryError> {
         let key = self.inner.service_key(service, instance);
         self.inner
             .own
@@ -510,12 +564,22 @@ impl Registry for EtcdRegistry {
             .map(|_| ())
     }
 
-    async fn watch(&self, service: &ServiceName) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
-        let mut watchers = self.inner.watchers.lock().unwrap_or_else(|p| p.into_inner());
+    async fn watch(
+        &self,
+        service: &ServiceName,
+    ) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
+        let mut watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = watchers.get(service) {
             return Ok(tx.subscribe());
         }
-        let set = service_set(&self.inner.view.lock().unwrap_or_else(|p| p.into_inner()), service);
+        let set = service_set(
+            &self.inner.view.lock().unwrap_or_else(|p| p.into_inner()),
+            service,
+        );
         let (tx, rx) = watch::channel(Arc::new(set));
         watchers.insert(service.clone(), tx);
         Ok(rx)
@@ -523,9 +587,16 @@ impl Registry for EtcdRegistry {
 
     async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError> {
         let key = self.inner.host_key(&status.host);
-        let value = serde_json::to_vec(&HostValue { version: 1, status: status.clone() })
-            .map_err(|e| RegistryError::Refused(e.to_string()))?;
-        self.inner.own.lock().unwrap_or_else(|p| p.into_inner()).status = Some(status);
+        let value = serde_json::to_vec(&HostValue {
+            version: 1,
+            status: status.clone(),
+        })
+        .map_err(|e| RegistryError::Refused(e.to_string()))?;
+        self.inner
+            .own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status = Some(status);
         self.inner.put_owned(key, value).await
     }
 
@@ -538,7 +609,12 @@ impl Registry for EtcdRegistry {
     }
 
     async fn withdraw(&self) -> Result<(), RegistryError> {
-        let lease = self.inner.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let lease = self
+            .inner
+            .lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         *self.inner.own.lock().unwrap_or_else(|p| p.into_inner()) = Own::default();
         if let Some(id) = lease {
             self.inner

@@ -71,11 +71,14 @@ pub trait Registry: Send + Sync + 'static {
     async fn withdraw(&self) -> Result<(), RegistryError>;
 }
 
-/// Which back-end a config names: `dir:PATH` (the embedded default).
+/// Which back-end a config names: `dir:PATH` (the embedded default) or
+/// `etcd:http://HOST:PORT[,http://HOST:PORT…]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrySpec {
     /// The directory registry rooted at this path.
     Dir(PathBuf),
+    /// An etcd cluster with these member URLs.
+    Etcd(Vec<String>),
 }
 
 impl std::str::FromStr for RegistrySpec {
@@ -89,8 +92,22 @@ impl std::str::FromStr for RegistrySpec {
         match s.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => Ok(RegistrySpec::Dir(PathBuf::from(path))),
             Some(("dir", _)) => Err(invalid("dir: needs a path")),
-            Some(("etcd", _)) => Err(invalid("the etcd back-end is not built into this version")),
-            _ => Err(invalid("expected dir:PATH")),
+            Some(("etcd", list)) => {
+                let urls: Vec<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if urls.is_empty() {
+                    return Err(invalid("etcd: needs at least one member URL"));
+                }
+                if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
+                    return Err(invalid(&format!("{bad:?} is not an http:// URL")));
+                }
+                Ok(RegistrySpec::Etcd(urls))
+            }
+            _ => Err(invalid("expected dir:PATH or etcd:http://HOST:PORT[,…]")),
         }
     }
 }
@@ -115,6 +132,17 @@ mod tests {
         );
         assert!("dir:".parse::<RegistrySpec>().is_err());
         assert!("zk:foo".parse::<RegistrySpec>().is_err());
+        assert_eq!(
+            "etcd:http://127.0.0.1:2379, http://127.0.0.1:2479"
+                .parse::<RegistrySpec>()
+                .unwrap(),
+            RegistrySpec::Etcd(vec![
+                "http://127.0.0.1:2379".into(),
+                "http://127.0.0.1:2479".into()
+            ])
+        );
+        assert!("etcd:".parse::<RegistrySpec>().is_err());
+        assert!("etcd:127.0.0.1:2379".parse::<RegistrySpec>().is_err());
         assert!("/tmp/r".parse::<RegistrySpec>().is_err());
     }
 }

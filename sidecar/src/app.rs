@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use detour_proto::{ADDRESS_FILE, Endpoint, HostStatus, SidecarAddresses, SidecarState, Source};
 use detour_registry_sync::dir::{DirOptions, DirRegistry};
+use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::{Catalog, Registry, RegistryError, RegistrySpec, now_unix_ms};
 use detour_thin_sdk::{Pool, PoolOptions};
 use tokio::net::{TcpListener, UnixListener};
@@ -124,6 +125,15 @@ impl Sidecar {
                     poll_interval: cfg.registry_poll,
                 };
                 Arc::new(DirRegistry::open(dir, cfg.host.clone(), opts).await?)
+            }
+            RegistrySpec::Etcd(endpoints) => {
+                let opts = EtcdOptions {
+                    endpoints: endpoints.clone(),
+                    prefix: cfg.etcd_prefix.clone(),
+                    ttl: cfg.etcd_ttl,
+                    request_timeout: cfg.etcd_request_timeout,
+                };
+                Arc::new(EtcdRegistry::open(cfg.host.clone(), opts).await?)
             }
         };
         publish_status(&*registry, &cfg, SidecarState::Starting).await?;

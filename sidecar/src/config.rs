@@ -40,6 +40,8 @@ pub struct RawConfig {
     pub registry_dir: RegistryDirRaw,
     /// The CA half of the link state machine.
     pub link: LinkRaw,
+    /// etcd-registry tuning.
+    pub registry_etcd: RegistryEtcdRaw,
     /// Local providers this sidecar serves inbound and registers.
     pub provide: Vec<ProvideRaw>,
 }
@@ -57,6 +59,7 @@ impl Default for RawConfig {
             lifecycle: LifecycleRaw::default(),
             registry_dir: RegistryDirRaw::default(),
             link: LinkRaw::default(),
+            registry_etcd: RegistryEtcdRaw::default(),
             provide: Vec::new(),
         }
     }
@@ -160,6 +163,28 @@ impl Default for LifecycleRaw {
         Self {
             drain_timeout_ms: 10_000,
             announce_ms: 1000,
+        }
+    }
+}
+
+/// `[registry_etcd]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RegistryEtcdRaw {
+    /// Key prefix.
+    pub prefix: String,
+    /// Lease time-to-live.
+    pub ttl_ms: u64,
+    /// Time allowed for one request to one member.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RegistryEtcdRaw {
+    fn default() -> Self {
+        Self {
+            prefix: "/detour/v1".into(),
+            ttl_ms: 10_000,
+            request_timeout_ms: 1000,
         }
     }
 }
@@ -297,6 +322,12 @@ pub struct Config {
     pub registry_ttl: Duration,
     /// Directory-registry rescan interval.
     pub registry_poll: Duration,
+    /// etcd key prefix.
+    pub etcd_prefix: String,
+    /// etcd lease TTL.
+    pub etcd_ttl: Duration,
+    /// etcd per-request timeout.
+    pub etcd_request_timeout: Duration,
     /// Local providers.
     pub provide: Vec<Provide>,
 }
@@ -403,6 +434,16 @@ impl RawConfig {
         );
         let registry_ttl = positive(&mut p, "registry_dir.ttl_ms", self.registry_dir.ttl_ms);
         let registry_poll = positive(&mut p, "registry_dir.poll_ms", self.registry_dir.poll_ms);
+        let etcd_ttl = positive(&mut p, "registry_etcd.ttl_ms", self.registry_etcd.ttl_ms);
+        let etcd_request_timeout = positive(
+            &mut p,
+            "registry_etcd.request_timeout_ms",
+            self.registry_etcd.request_timeout_ms,
+        );
+        let etcd_prefix = self.registry_etcd.prefix.trim_end_matches('/').to_owned();
+        if !etcd_prefix.starts_with('/') {
+            p.push("registry_etcd.prefix: must start with '/'".into());
+        }
         let probe_interval = positive(
             &mut p,
             "link.probe_interval_ms",
@@ -481,6 +522,9 @@ impl RawConfig {
                     probe_timeout,
                     registry_ttl,
                     registry_poll,
+                    etcd_prefix,
+                    etcd_ttl,
+                    etcd_request_timeout,
                     provide,
                 })
             }
@@ -490,72 +534,5 @@ impl RawConfig {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn minimal_config_gets_defaults() {
-        let cfg = Config::parse("t", "host = \"h1\"\n", Vec::new()).unwrap();
-        assert_eq!(cfg.balance, Balance::P2c);
-        assert_eq!(cfg.outbound_unix, Some(PathBuf::from("run/outbound.sock")));
-        assert_eq!(cfg.drain_timeout, Duration::from_secs(10));
-    }
-
-    #[test]
-    fn providers_are_validated() {
-        let text = r#"
-host = "h1"
-[[provide]]
-service = "echo"
-address = "127.0.0.1:8080"
-protocol = "grpc"
-"#;
-        let cfg = Config::parse("t", text, Vec::new()).unwrap();
-        assert_eq!(cfg.provide[0].protocol, AppProtocol::Http2);
-        assert_eq!(cfg.provide[0].instance.as_str(), "h1-echo");
-    }
-
-    #[test]
-    fn every_problem_is_reported_at_once() {
-        let text = r#"
-host = "bad host"
-registry = "zk:x"
-[admin]
-listen = "0.0.0.0:1"
-[proxy]
-balance = "random"
-request_timeout_ms = 0
-[[provide]]
-service = "echo"
-address = "nowhere"
-protocol = "ftp"
-"#;
-        let err = Config::parse("t", text, Vec::new()).unwrap_err();
-        let text = err.to_string();
-        for needle in [
-            "host:",
-            "registry:",
-            "admin.listen",
-            "proxy.balance",
-            "request_timeout_ms",
-            "provide[0].address",
-            "provide[0].protocol",
-        ] {
-            assert!(text.contains(needle), "{needle} missing from:\n{text}");
-        }
-    }
-
-    #[test]
-    fn environment_overrides() {
-        let env = vec![
-            ("DETOUR_HOST".to_string(), "h9".to_string()),
-            (
-                "DETOUR_PROXY__BALANCE".to_string(),
-                "round-robin".to_string(),
-            ),
-        ];
-        let cfg = Config::parse("t", "host = \"h1\"\n", env).unwrap();
-        assert_eq!(cfg.host.as_str(), "h9");
-        assert_eq!(cfg.balance, Balance::RoundRobin);
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

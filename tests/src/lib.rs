@@ -4,6 +4,7 @@
 //! Every process is owned by a guard and killed by PID when the mesh drops; every port is
 //! chosen by the OS; readiness is probed, never slept on.
 
+pub mod etcd;
 pub mod grpc;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,244 @@
+//! The etcd back-end against a real etcd: registration under a lease, watches, host status,
+//! garbage values, lease expiry, an etcd restart, compaction while a watcher is away, and a
+//! sidecar routing from it.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use detour_proto::{
+    AppProtocol, Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName, SidecarState,
+    Source,
+};
+use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
+use detour_registry_sync::{Registry, now_unix_ms};
+use detour_tests::etcd::Etcd;
+use detour_tests::{Mesh, Offer, body_text};
+use detour_thin_sdk::body::empty;
+use detour_watchdog::provider::DemoProvider;
+use tokio::sync::watch;
+
+fn opts(url: &str) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: vec![url.to_owned()],
+        prefix: "/detour/test".into(),
+        ttl: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(1),
+    }
+}
+
+fn ep(host: &str, instance: &str, port: u16) -> Endpoint {
+    Endpoint {
+        service: ServiceName::new("echo").unwrap(),
+        instance: InstanceId::new(instance).unwrap(),
+        host: HostId::new(host).unwrap(),
+        app_address: format!("127.0.0.1:{port}").parse().unwrap(),
+        pa_address: None,
+        protocol: AppProtocol::Http1,
+        weight: 1,
+        zone: String::new(),
+        version: String::new(),
+        source: Source::Native,
+    }
+}
+
+async fn until(
+    rx: &mut watch::Receiver<Arc<EndpointSet>>,
+    what: &str,
+    pred: impl Fn(&EndpointSet) -> bool,
+) {
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if pred(&rx.borrow_and_update()) {
+                return;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "{what}: last seen {:?}", rx.borrow());
+}
+
+#[tokio::test]
+async fn register_watch_deregister_status_and_garbage() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let b = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let echo = ServiceName::new("echo").unwrap();
+    let mut rx = b.watch(&echo).await.unwrap();
+
+    a.register(ep("h1", "i1", 1)).await.unwrap();
+    a.register(ep("h1", "i2", 2)).await.unwrap();
+    until(&mut rx, "two instances", |s| {
+        s.known && s.endpoints.len() == 2
+    })
+    .await;
+
+    // Garbage next to good values: skipped, the rest of the service keeps working.
+    let mut raw = etcd.raw().await;
+    raw.put("/detour/test/services/echo/broken", "{not json", None)
+        .await
+        .unwrap();
+    a.register(ep("h1", "i3", 3)).await.unwrap();
+    until(&mut rx, "garbage skipped", |s| s.endpoints.len() == 3).await;
+
+    a.deregister(&echo, &InstanceId::new("i1").unwrap())
+        .await
+        .unwrap();
+    until(&mut rx, "deregistered", |s| {
+        s.endpoints.len() == 2 && s.endpoints.iter().all(|e| e.instance.as_str() != "i1")
+    })
+    .await;
+
+    let status = HostStatus {
+        host: HostId::new("h1").unwrap(),
+        sidecar: SidecarState::Draining,
+        version: "t".into(),
+        updated_unix_ms: now_unix_ms(),
+    };
+    a.set_host_status(status.clone()).await.unwrap();
+    let mut hosts = b.watch_hosts();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        hosts.wait_for(|h| h.get(&status.host) == Some(&status)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // The values are readable JSON.
+    let got = raw.get("/detour/test/hosts/h1", None).await.unwrap();
+    let text = got.kvs()[0].value_str().unwrap().to_owned();
+    assert!(text.contains("\"draining\""), "{text}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_keeping_alive_disappears_after_its_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let watcher = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let mut rx = watcher
+        .watch(&ServiceName::new("echo").unwrap())
+        .await
+        .unwrap();
+    let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    a.register(ep("h1", "i1", 1)).await.unwrap();
+    until(&mut rx, "registered", |s| s.endpoints.len() == 1).await;
+    drop(a); // as a crash: no withdraw, no keep-alive
+    until(&mut rx, "expired with the lease", |s| {
+        s.endpoints.is_empty() && s.known
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn registrations_and_watches_survive_an_etcd_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(dir.path()).await;
+    let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let b = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    a.register(ep("h1", "i1", 1)).await.unwrap();
+    until(&mut rx, "registered", |s| s.endpoints.len() == 1).await;
+    etcd.stop().await;
+    // Registering while etcd is down is kept and written once it is back.
+    a.register(ep("h1", "i2", 2)).await.ok();
+    etcd.restart().await;
+    until(&mut rx, "both after the restart", |s| {
+        s.endpoints.len() == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_watcher_that_missed_a_compaction_relists_and_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(dir.path()).await;
+    let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let b = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    a.register(ep("h1", "i1", 1)).await.unwrap();
+    until(&mut rx, "registered", |s| s.endpoints.len() == 1).await;
+    // Take the watcher's view away: stop etcd, and write + compact while its watch is down.
+    etcd.stop().await;
+    etcd.restart().await;
+    let mut raw = etcd.raw().await;
+    for i in 10..20 {
+        let v = serde_json::json!({"version": 1, "endpoint": ep("h9", &format!("x{i}"), 9)});
+        raw.put(
+            format!("/detour/test/services/echo/x{i}"),
+            v.to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    raw.delete("/detour/test/services/echo/x10", None)
+        .await
+        .unwrap();
+    let rev = raw
+        .get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    raw.compact(rev, None).await.unwrap();
+    until(&mut rx, "converged after compaction", |s| {
+        s.endpoints.len() == 10 && s.endpoints.iter().all(|e| e.instance.as_str() != "x10")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sidecar_routes_from_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let mut mesh = Mesh::new();
+    let etcd_cfg = |host, ip, offers: &[Offer], mesh: &Mesh| {
+        mesh.config(host, ip, offers, "").replace(
+            &format!("registry = \"dir:{}/registry\"", mesh.root().display()),
+            &format!("registry = \"etcd:{}\"", etcd.url),
+        )
+    };
+    let c2 = etcd_cfg("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())], &mesh);
+    assert!(c2.contains("registry = \"etcd:"), "{c2}");
+    mesh.start_config("h2", &c2).await;
+    let c1 = etcd_cfg("h1", "127.0.0.1", &[], &mesh);
+    mesh.start_config("h1", &c1).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = mesh.client("h1", AppProtocol::Http1);
+    let resp = client
+        .send(
+            &ServiceName::new("hello").unwrap(),
+            http::Request::get("/").body(empty()).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        detour_thin_sdk::path_taken(&resp),
+        Some(detour_thin_sdk::PathTaken::Mesh)
+    );
+    assert_eq!(body_text(resp).await, "hello from h2-hello\n");
+}
