@@ -1,23 +1,116 @@
-//! The endpoint catalog a sidecar routes from: the current endpoint set of every service it
-//! has been asked about, kept in memory and swapped atomically as the registry changes.
+//! The endpoint catalog a sidecar routes from: per service, the set to route to, kept in memory
+//! (L1, swapped atomically) and on disk (L2, [`DiskCache`]), fed by registry watches through
+//! [`Protection`].
 //!
-//! A read is a map lookup plus an `Arc` clone; the first read of a service starts a registry
-//! watch for it.
+//! A read is a map lookup plus an `Arc` clone. The first read of a service starts its feeder
+//! task: until the registry has been reached (`Registry::synced`), the disk cache answers; after
+//! that every registry change goes through self-protection, then to L1 and L2. While a service is
+//! protected, its kept instances are health-checked every second.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use detour_proto::{EndpointSet, ServiceName};
+use detour_proto::{Endpoint, EndpointSet, ServiceName};
+use serde::Serialize;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::registry::{Registry, RegistryError};
+use crate::cache::DiskCache;
+use crate::protection::{Change, Protection, ProtectionConfig};
+use crate::registry::{Registry, RegistryError, now_unix_ms};
 
-/// Endpoint sets per service, fed by registry watches.
+/// Active health check of one endpoint (the seam for tests).
+pub trait HealthCheck: Send + Sync + 'static {
+    /// Whether `ep` answers.
+    fn check(&self, ep: &Endpoint) -> Pin<Box<dyn Future<Output = bool> + Send>>;
+}
+
+/// Health by TCP connect to the provider's address, within a timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpCheck(pub Duration);
+
+impl HealthCheck for TcpCheck {
+    fn check(&self, ep: &Endpoint) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        let (addr, limit) = (ep.app_address, self.0);
+        Box::pin(async move {
+            matches!(
+                tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            )
+        })
+    }
+}
+
+/// How a catalog is fed.
+#[derive(Clone)]
+pub struct CatalogOptions {
+    /// Self-protection thresholds.
+    pub protection: ProtectionConfig,
+    /// The on-disk level, if any.
+    pub cache: Option<DiskCache>,
+    /// How kept instances are checked while protected.
+    pub health: Arc<dyn HealthCheck>,
+}
+
+impl Default for CatalogOptions {
+    fn default() -> Self {
+        Self {
+            protection: ProtectionConfig::default(),
+            cache: None,
+            health: Arc::new(TcpCheck(Duration::from_millis(500))),
+        }
+    }
+}
+
+/// Where a service's current set came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataSource {
+    /// The registry (through self-protection).
+    Registry,
+    /// The disk cache, while the registry has not been reached.
+    DiskCache,
+}
+
+/// What `/state` shows of one service.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    /// The set routed to.
+    pub set: Arc<EndpointSet>,
+    /// Where it came from.
+    pub source: DataSource,
+    /// When it last changed (ms since the epoch).
+    pub updated_unix_ms: u64,
+    /// Whether self-protection holds it.
+    pub protected: bool,
+}
+
+struct Slot {
+    tx: watch::Sender<Arc<EndpointSet>>,
+    meta: Arc<Mutex<Meta>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Meta {
+    source: DataSource,
+    updated_unix_ms: u64,
+    protection: Protection,
+}
+
+/// Endpoint sets per service.
 pub struct Catalog {
-    /// Where watches come from.
     registry: Arc<dyn Registry>,
-    /// One live watch per service seen so far; the receiver always holds the current set.
-    services: RwLock<HashMap<ServiceName, watch::Receiver<Arc<EndpointSet>>>>,
+    opts: CatalogOptions,
+    services: RwLock<HashMap<ServiceName, Slot>>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -27,10 +120,16 @@ impl std::fmt::Debug for Catalog {
 }
 
 impl Catalog {
-    /// An empty catalog over `registry`.
+    /// A catalog over `registry` with default options (protection on, no disk cache).
     pub fn new(registry: Arc<dyn Registry>) -> Self {
+        Self::with_options(registry, CatalogOptions::default())
+    }
+
+    /// A catalog over `registry`.
+    pub fn with_options(registry: Arc<dyn Registry>, opts: CatalogOptions) -> Self {
         Self {
             registry,
+            opts,
             services: RwLock::new(HashMap::new()),
         }
     }
@@ -40,75 +139,213 @@ impl Catalog {
         &self.registry
     }
 
-    /// The current endpoint set of `service`, starting a watch on first use.
+    /// The current endpoint set of `service`, starting its feeder on first use.
     pub async fn endpoints(
         &self,
         service: &ServiceName,
     ) -> Result<Arc<EndpointSet>, RegistryError> {
-        if let Some(rx) = self.read().get(service) {
-            return Ok(rx.borrow().clone());
+        if let Some(slot) = self.read().get(service) {
+            return Ok(slot.tx.borrow().clone());
         }
         Ok(self.subscribe(service).await?.borrow().clone())
     }
 
-    /// A receiver that follows `service`'s endpoint set.
+    /// A receiver that follows `service`'s routed set.
     pub async fn subscribe(
         &self,
         service: &ServiceName,
     ) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
-        if let Some(rx) = self.read().get(service) {
-            return Ok(rx.clone());
+        if let Some(slot) = self.read().get(service) {
+            return Ok(slot.tx.subscribe());
         }
         let rx = self.registry.watch(service).await?;
         let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
-        Ok(services.entry(service.clone()).or_insert(rx).clone())
+        if let Some(slot) = services.get(service) {
+            return Ok(slot.tx.subscribe());
+        }
+        let mut protection = Protection::new(self.opts.protection);
+        let cached = self.opts.cache.as_ref().and_then(|c| c.get(service));
+        let (initial, source, updated) = match cached {
+            Some(c) if !self.registry.synced() => {
+                tracing::info!(%service, endpoints = c.endpoints.len(), "routing from the disk cache until the registry answers");
+                (
+                    EndpointSet::known(c.endpoints),
+                    DataSource::DiskCache,
+                    c.written_unix_ms,
+                )
+            }
+            _ => {
+                let set = rx.borrow().clone();
+                let out = protection.on_registry(&set, Instant::now()).0;
+                if let Some(cache) = &self.opts.cache
+                    && self.registry.synced()
+                {
+                    cache.put(service, &out, now_unix_ms());
+                }
+                (out, DataSource::Registry, now_unix_ms())
+            }
+        };
+        let (tx, out) = watch::channel(Arc::new(initial));
+        let meta = Arc::new(Mutex::new(Meta {
+            source,
+            updated_unix_ms: updated,
+            protection,
+        }));
+        let task = tokio::spawn(feed(
+            service.clone(),
+            self.registry.clone(),
+            rx,
+            tx.clone(),
+            meta.clone(),
+            self.opts.clone(),
+        ));
+        services.insert(service.clone(), Slot { tx, meta, task });
+        Ok(out)
     }
 
-    /// Every service watched so far with its current set, for `/state`.
-    pub fn snapshot(&self) -> BTreeMap<ServiceName, Arc<EndpointSet>> {
+    /// Every service watched so far, for `/state`.
+    pub fn snapshot(&self) -> BTreeMap<ServiceName, ServiceView> {
         self.read()
             .iter()
-            .map(|(k, rx)| (k.clone(), rx.borrow().clone()))
+            .map(|(k, slot)| {
+                let meta = slot.meta.lock().unwrap_or_else(|p| p.into_inner());
+                let view = ServiceView {
+                    set: slot.tx.borrow().clone(),
+                    source: meta.source,
+                    updated_unix_ms: meta.updated_unix_ms,
+                    protected: meta.protection.is_protected(),
+                };
+                (k.clone(), view)
+            })
             .collect()
     }
 
-    fn read(
-        &self,
-    ) -> std::sync::RwLockReadGuard<'_, HashMap<ServiceName, watch::Receiver<Arc<EndpointSet>>>>
-    {
+    /// Ends `service`'s protection on an operator's word; false when it was not protected.
+    pub fn end_protection(&self, service: &ServiceName) -> bool {
+        let services = self.read();
+        let Some(slot) = services.get(service) else {
+            return false;
+        };
+        let mut meta = slot.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(change) = meta.protection.end_by_operator() else {
+            return false;
+        };
+        let known = slot.tx.borrow().known;
+        slot.tx
+            .send_replace(Arc::new(meta.protection.output(known)));
+        report(service, &change);
+        true
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ServiceName, Slot>> {
         self.services.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::memory::MemoryRegistry;
-    use detour_proto::{AppProtocol, Endpoint, HostId, InstanceId, Source};
-
-    #[tokio::test]
-    async fn follows_the_registry() {
-        let reg = MemoryRegistry::new();
-        let catalog = Catalog::new(Arc::new(reg.clone()));
-        let echo = ServiceName::new("echo").unwrap();
-        assert!(!catalog.endpoints(&echo).await.unwrap().known);
-        reg.register(Endpoint {
-            service: echo.clone(),
-            instance: InstanceId::new("i1").unwrap(),
-            host: HostId::new("h1").unwrap(),
-            app_address: "127.0.0.1:1".parse().unwrap(),
-            pa_address: None,
-            protocol: AppProtocol::Http1,
-            weight: 1,
-            zone: String::new(),
-            version: String::new(),
-            source: Source::Native,
-        })
-        .await
-        .unwrap();
-        let set = catalog.endpoints(&echo).await.unwrap();
-        assert!(set.known);
-        assert_eq!(set.endpoints.len(), 1);
-        assert_eq!(catalog.snapshot().len(), 1);
+fn report(service: &ServiceName, change: &Change) {
+    match change {
+        Change::Entered { kept } => {
+            tracing::warn!(%service, kept, "registry self-protection engaged: keeping vanished instances while they pass health checks");
+            metrics::gauge!("detour_registry_protection_active", "service" => service.to_string())
+                .set(1.0);
+            metrics::counter!("detour_registry_protection_transitions_total", "service" => service.to_string(), "change" => "entered").increment(1);
+        }
+        Change::Left(why) => {
+            tracing::info!(%service, reason = ?why, "registry self-protection ended");
+            metrics::gauge!("detour_registry_protection_active", "service" => service.to_string())
+                .set(0.0);
+            metrics::counter!("detour_registry_protection_transitions_total", "service" => service.to_string(), "change" => "left").increment(1);
+        }
     }
 }
+
+/// Feeds one service: registry changes through protection to L1 and L2; health checks while
+/// protected.
+async fn feed(
+    service: ServiceName,
+    registry: Arc<dyn Registry>,
+    mut rx: watch::Receiver<Arc<EndpointSet>>,
+    tx: watch::Sender<Arc<EndpointSet>>,
+    meta: Arc<Mutex<Meta>>,
+    opts: CatalogOptions,
+) {
+    let publish = |set: EndpointSet, source: DataSource| {
+        {
+            let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.source = source;
+            m.updated_unix_ms = now_unix_ms();
+        }
+        if let Some(cache) = &opts.cache {
+            cache.put(&service, &set, now_unix_ms());
+        }
+        tx.send_replace(Arc::new(set));
+    };
+    // A registry reached since the slot was made counts as a change.
+    let mut pending = registry.synced()
+        && meta.lock().unwrap_or_else(|p| p.into_inner()).source == DataSource::DiskCache;
+    loop {
+        let protected = meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .protection
+            .is_protected();
+        if !pending {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(1)), if protected => {
+                    check_kept(&service, &meta, &tx, &opts).await;
+                    continue;
+                }
+            }
+        }
+        pending = false;
+        if !registry.synced() {
+            continue; // keep what the disk cache said
+        }
+        let set = rx.borrow_and_update().clone();
+        let (out, change) = {
+            let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.protection.on_registry(&set, Instant::now())
+        };
+        if let Some(c) = &change {
+            report(&service, c);
+        }
+        publish(out, DataSource::Registry);
+    }
+}
+
+/// Health-checks the kept instances of a protected service; expires protection.
+async fn check_kept(
+    service: &ServiceName,
+    meta: &Arc<Mutex<Meta>>,
+    tx: &watch::Sender<Arc<EndpointSet>>,
+    opts: &CatalogOptions,
+) {
+    let kept = meta
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .protection
+        .kept();
+    let known = tx.borrow().known;
+    for ep in kept {
+        let healthy = opts.health.check(&ep).await;
+        let next = meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .protection
+            .on_health(&ep.instance, healthy, known);
+        if let Some(set) = next {
+            tracing::info!(%service, instance = %ep.instance, healthy, "kept instance health changed");
+            tx.send_replace(Arc::new(set));
+        }
+    }
+    let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(change) = m.protection.expire(Instant::now()) {
+        report(service, &change);
+        tx.send_replace(Arc::new(m.protection.output(known)));
+    }
+}
+
+#[cfg(test)]
+#[path = "catalog_tests.rs"]
+mod tests;

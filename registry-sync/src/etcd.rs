@@ -76,12 +76,17 @@ struct Inner {
     /// The member that answered last.
     preferred: Mutex<usize>,
     own: Mutex<Own>,
+    /// Serialises writes of owned keys, so a re-write of everything (after a lost lease or an
+    /// outage) cannot resurrect a key de-registered meanwhile.
+    writes: tokio::sync::Mutex<()>,
     lease: Mutex<Option<i64>>,
     /// Woken when what this client owns changed or its lease was lost.
     own_changed: Notify,
     view: Mutex<View>,
     watchers: Mutex<HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>>,
     hosts: watch::Sender<Arc<HostStatuses>>,
+    /// Set once the prefix has been listed.
+    synced: std::sync::atomic::AtomicBool,
 }
 
 /// A client of the etcd registry for one host.
@@ -131,11 +136,13 @@ impl EtcdRegistry {
             clients: tokio::sync::Mutex::new(vec![None; n]),
             preferred: Mutex::new(0),
             own: Mutex::new(Own::default()),
+            writes: tokio::sync::Mutex::new(()),
             lease: Mutex::new(None),
             own_changed: Notify::new(),
             view: Mutex::new(View::default()),
             watchers: Mutex::new(HashMap::new()),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
+            synced: std::sync::atomic::AtomicBool::new(false),
         });
         if let Err(e) = inner.relist().await {
             tracing::warn!(error = %e, "etcd not reachable at start; serving what is known and retrying");
@@ -222,6 +229,7 @@ impl Inner {
             self.own_changed.notify_one();
             return Ok(());
         };
+        let _writing = self.writes.lock().await;
         let written = self
             .call("put", |mut c| {
                 let (key, value) = (key.clone(), value.clone());
@@ -284,7 +292,11 @@ impl Inner {
         for kv in resp.kvs() {
             apply_put(&self.opts.prefix, &mut view, kv.key(), kv.value());
         }
+        let keys = view.endpoints.len() + view.hosts.len();
         drop(view);
+        if !self.synced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::info!(keys, revision, "registry listed from etcd");
+        }
         self.publish();
         Ok(())
     }
@@ -401,6 +413,7 @@ async fn lease_loop(inner: Arc<Inner>) {
         loop {
             if dirty {
                 dirty = false;
+                let _writing = inner.writes.lock().await;
                 for (k, v) in inner.owned_pairs() {
                     let written = inner
                         .call("put", |mut c| {
@@ -446,6 +459,13 @@ async fn lease_loop(inner: Arc<Inner>) {
 async fn watch_loop(inner: Arc<Inner>) {
     let prefix = format!("{}/", inner.opts.prefix);
     loop {
+        if !inner.synced.load(std::sync::atomic::Ordering::SeqCst)
+            && let Err(e) = inner.relist().await
+        {
+            tracing::debug!(error = %e, "etcd not listed yet; retrying");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
+        }
         let from = inner
             .view
             .lock()
@@ -508,9 +528,9 @@ async fn watch_loop(inner: Arc<Inner>) {
                     }
                     view.revision = view.revision.max(kv.mod_revision());
                 }
-                if let Some(h) = msg.header() {
-                    view.revision = view.revision.max(h.revision());
-                }
+                // Not the header's revision: the watch's first ("created") message carries the
+                // store's current revision, and events between the list and that revision are
+                // still to come in later messages.
             }
             inner.publish();
         }
@@ -549,6 +569,7 @@ impl Registry for EtcdRegistry {
         instance: &InstanceId,
     ) -> Result<(), RegistryError> {
         let key = self.inner.service_key(service, instance);
+        let _writing = self.inner.writes.lock().await;
         self.inner
             .own
             .lock()
@@ -606,6 +627,10 @@ impl Registry for EtcdRegistry {
 
     async fn host_status(&self, host: &HostId) -> Result<Option<HostStatus>, RegistryError> {
         Ok(self.inner.hosts.borrow().get(host).cloned())
+    }
+
+    fn synced(&self) -> bool {
+        self.inner.synced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     async fn withdraw(&self) -> Result<(), RegistryError> {

@@ -5,10 +5,12 @@
 //!
 //! Everything above the trait is identical whichever back-end is configured.
 
+pub mod cache;
 pub mod catalog;
 pub mod dir;
 pub mod etcd;
 pub mod memory;
+pub mod protection;
 mod registry;
 
 pub use catalog::Catalog;

@@ -69,6 +69,12 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Withdraws everything this client registered (a planned stop) and stops keeping it alive.
     async fn withdraw(&self) -> Result<(), RegistryError>;
+
+    /// Whether the view has been read from the registry at least once (before that, a catalog
+    /// trusts its disk cache over an empty view).
+    fn synced(&self) -> bool {
+        true
+    }
 }
 
 /// Which back-end a config names: `dir:PATH` (the embedded default) or

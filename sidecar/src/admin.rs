@@ -7,6 +7,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /state` | JSON: host, state, listeners, providers, CA links per remote host, catalog per service |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
+//! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -89,6 +90,21 @@ impl Admin {
                 );
                 r
             }
+            (&Method::POST, "/protection/end") => {
+                let service = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("service=")))
+                    .and_then(|s| detour_proto::ServiceName::new(s).ok());
+                match service {
+                    Some(s) if self.catalog.end_protection(&s) => {
+                        tracing::info!(service = %s, "protection ended by operator");
+                        text(StatusCode::OK, "protection ended\n")
+                    }
+                    Some(_) => text(StatusCode::CONFLICT, "not protected\n"),
+                    None => text(StatusCode::BAD_REQUEST, "expected ?service=NAME\n"),
+                }
+            }
             (&Method::POST, "/drain") => {
                 tracing::info!("drain requested on the admin API");
                 self.lifecycle.request_drain();
@@ -106,11 +122,15 @@ impl Admin {
             .catalog
             .snapshot()
             .into_iter()
-            .map(|(name, set)| {
-                (
-                    name.to_string(),
-                    json!({ "known": set.known, "endpoints": set.endpoints }),
-                )
+            .map(|(name, v)| {
+                let stale_ms =
+                    detour_registry_sync::now_unix_ms().saturating_sub(v.updated_unix_ms);
+                let view = json!({
+                    "known": v.set.known, "endpoints": v.set.endpoints, "source": v.source,
+                    "updated_unix_ms": v.updated_unix_ms, "stale_ms": stale_ms,
+                    "protected": v.protected,
+                });
+                (name.to_string(), view)
             })
             .collect();
         let providers: Vec<serde_json::Value> = self

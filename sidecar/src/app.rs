@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use detour_proto::{ADDRESS_FILE, Endpoint, HostStatus, SidecarAddresses, SidecarState, Source};
+use detour_registry_sync::cache::DiskCache;
+use detour_registry_sync::catalog::{CatalogOptions, TcpCheck};
 use detour_registry_sync::dir::{DirOptions, DirRegistry};
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::{Catalog, Registry, RegistryError, RegistrySpec, now_unix_ms};
@@ -137,7 +139,12 @@ impl Sidecar {
             }
         };
         publish_status(&*registry, &cfg, SidecarState::Starting).await?;
-        let catalog = Arc::new(Catalog::new(registry.clone()));
+        let catalog_opts = CatalogOptions {
+            protection: cfg.protection,
+            cache: cfg.catalog_cache.as_deref().and_then(DiskCache::open),
+            health: Arc::new(TcpCheck(cfg.protection_check_timeout)),
+        };
+        let catalog = Arc::new(Catalog::with_options(registry.clone(), catalog_opts));
         let pool_opts = PoolOptions {
             connect_timeout: cfg.connect_timeout,
             ..PoolOptions::default()

@@ -10,6 +10,7 @@ use std::time::Duration;
 use detour_proto::config_file::{self, ConfigError};
 use detour_proto::{AppProtocol, HostId, InstanceId, ServiceName};
 use detour_registry_sync::RegistrySpec;
+use detour_registry_sync::protection::ProtectionConfig;
 use detour_thin_sdk::link::LinkConfig;
 use serde::Deserialize;
 
@@ -42,6 +43,10 @@ pub struct RawConfig {
     pub link: LinkRaw,
     /// etcd-registry tuning.
     pub registry_etcd: RegistryEtcdRaw,
+    /// The catalog's disk cache (sled), relative to `run_dir` unless absolute; `""` disables.
+    pub catalog_cache: String,
+    /// Registry self-protection.
+    pub protection: ProtectionRaw,
     /// Local providers this sidecar serves inbound and registers.
     pub provide: Vec<ProvideRaw>,
 }
@@ -60,6 +65,8 @@ impl Default for RawConfig {
             registry_dir: RegistryDirRaw::default(),
             link: LinkRaw::default(),
             registry_etcd: RegistryEtcdRaw::default(),
+            catalog_cache: "catalog.sled".into(),
+            protection: ProtectionRaw::default(),
             provide: Vec::new(),
         }
     }
@@ -185,6 +192,34 @@ impl Default for RegistryEtcdRaw {
             prefix: "/detour/v1".into(),
             ttl_ms: 10_000,
             request_timeout_ms: 1000,
+        }
+    }
+}
+
+/// `[protection]`: registry self-protection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ProtectionRaw {
+    /// Whether protection can engage.
+    pub enabled: bool,
+    /// Window in which vanished instances are counted.
+    pub window_ms: u64,
+    /// Share of a service's instances that may vanish in the window before protection engages.
+    pub threshold: f64,
+    /// Longest protection; then the registry is trusted again.
+    pub max_ms: u64,
+    /// Time a health check (TCP connect) of a kept instance may take.
+    pub check_timeout_ms: u64,
+}
+
+impl Default for ProtectionRaw {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_ms: 10_000,
+            threshold: 0.5,
+            max_ms: 300_000,
+            check_timeout_ms: 500,
         }
     }
 }
@@ -322,6 +357,12 @@ pub struct Config {
     pub registry_ttl: Duration,
     /// Directory-registry rescan interval.
     pub registry_poll: Duration,
+    /// The catalog's disk cache.
+    pub catalog_cache: Option<PathBuf>,
+    /// Self-protection thresholds.
+    pub protection: ProtectionConfig,
+    /// Health-check timeout of kept instances.
+    pub protection_check_timeout: Duration,
     /// etcd key prefix.
     pub etcd_prefix: String,
     /// etcd lease TTL.
@@ -441,6 +482,28 @@ impl RawConfig {
             self.registry_etcd.request_timeout_ms,
         );
         let etcd_prefix = self.registry_etcd.prefix.trim_end_matches('/').to_owned();
+        if !(0.0..=1.0).contains(&self.protection.threshold) {
+            p.push("protection.threshold: must be between 0 and 1".into());
+        }
+        let protection = ProtectionConfig {
+            enabled: self.protection.enabled,
+            window: positive(&mut p, "protection.window_ms", self.protection.window_ms),
+            threshold: self.protection.threshold,
+            max: positive(&mut p, "protection.max_ms", self.protection.max_ms),
+        };
+        let protection_check_timeout = positive(
+            &mut p,
+            "protection.check_timeout_ms",
+            self.protection.check_timeout_ms,
+        );
+        let catalog_cache = (!self.catalog_cache.is_empty()).then(|| {
+            let c = PathBuf::from(&self.catalog_cache);
+            if c.is_absolute() {
+                c
+            } else {
+                self.run_dir.join(c)
+            }
+        });
         if !etcd_prefix.starts_with('/') {
             p.push("registry_etcd.prefix: must start with '/'".into());
         }
@@ -522,6 +585,9 @@ impl RawConfig {
                     probe_timeout,
                     registry_ttl,
                     registry_poll,
+                    catalog_cache,
+                    protection,
+                    protection_check_timeout,
                     etcd_prefix,
                     etcd_ttl,
                     etcd_request_timeout,

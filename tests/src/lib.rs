@@ -54,6 +54,8 @@ pub struct Mesh {
     binary: PathBuf,
     /// Sidecars by host name.
     pub sidecars: BTreeMap<String, SidecarProcess>,
+    /// The registry spec sidecars use (`dir:` under the root unless set).
+    registry: Option<String>,
 }
 
 impl Mesh {
@@ -68,7 +70,13 @@ impl Mesh {
             dir,
             binary,
             sidecars: BTreeMap::new(),
+            registry: None,
         }
+    }
+
+    /// Makes every sidecar started from now on use `spec` (e.g. `etcd:http://…`).
+    pub fn use_registry(&mut self, spec: &str) {
+        self.registry = Some(spec.to_owned());
     }
 
     /// The mesh's temporary root.
@@ -79,10 +87,14 @@ impl Mesh {
     /// The config text of host `host` on loopback address `ip`, with `extra` TOML appended.
     pub fn config(&self, host: &str, ip: &str, offers: &[Offer], extra: &str) -> String {
         let root = self.root().display();
+        let registry = self
+            .registry
+            .clone()
+            .unwrap_or_else(|| format!("dir:{root}/registry"));
         let mut cfg = format!(
             r#"host = "{host}"
 run_dir = "{root}/{host}"
-registry = "dir:{root}/registry"
+registry = "{registry}"
 [outbound]
 listen = "{ip}:0"
 unix = "outbound.sock"
@@ -213,7 +225,13 @@ ttl_ms = 10000
                 return;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("{host} sees {have} endpoints of {service}, wanted {n}: {state}");
+                let log = std::fs::read_to_string(self.sidecar(host).run_dir.join("sidecar.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!(
+                    "{host} sees {have} endpoints of {service}, wanted {n}: {state}\n{host}'s log (last lines first):\n{}",
+                    tail.join("\n")
+                );
             }
             // Touch the service through the outbound side so the catalog watches it.
             let _ = sdk

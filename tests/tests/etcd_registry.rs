@@ -215,17 +215,10 @@ async fn a_sidecar_routes_from_etcd() {
         .await
         .unwrap();
     let mut mesh = Mesh::new();
-    let etcd_cfg = |host, ip, offers: &[Offer], mesh: &Mesh| {
-        mesh.config(host, ip, offers, "").replace(
-            &format!("registry = \"dir:{}/registry\"", mesh.root().display()),
-            &format!("registry = \"etcd:{}\"", etcd.url),
-        )
-    };
-    let c2 = etcd_cfg("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())], &mesh);
-    assert!(c2.contains("registry = \"etcd:"), "{c2}");
-    mesh.start_config("h2", &c2).await;
-    let c1 = etcd_cfg("h1", "127.0.0.1", &[], &mesh);
-    mesh.start_config("h1", &c1).await;
+    mesh.use_registry(&format!("etcd:{}", etcd.url));
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())])
+        .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
     mesh.wait_endpoints("h1", "hello", 1).await;
     let client = mesh.client("h1", AppProtocol::Http1);
     let resp = client
@@ -241,4 +234,33 @@ async fn a_sidecar_routes_from_etcd() {
         Some(detour_thin_sdk::PathTaken::Mesh)
     );
     assert_eq!(body_text(resp).await, "hello from h2-hello\n");
+}
+
+#[tokio::test]
+async fn a_burst_of_registrations_right_after_open_is_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let b = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        a.register(ep("h1", &format!("i{i}"), 10 + i))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    until(&mut rx, "all five", |s| s.endpoints.len() == 5).await;
+    let c = EtcdRegistry::open(HostId::new("h3").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let rx2 = c.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    assert_eq!(
+        rx2.borrow().endpoints.len(),
+        5,
+        "a late client lists all five"
+    );
 }

@@ -1,0 +1,309 @@
+//! Sidecars on a real etcd under steady SDK load: a full registry outage with the caller's
+//! sidecar restarted meanwhile, a mass de-registration (self-protection), and a deliberate one.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::time::Duration;
+
+use detour_proto::{AppProtocol, Endpoint, HostId, InstanceId, ServiceName, Source};
+use detour_registry_sync::Registry;
+use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
+use detour_registry_sync::now_unix_ms;
+use detour_tests::etcd::Etcd;
+use detour_tests::{Mesh, Offer, admin_get_json};
+use detour_thin_sdk::body::empty;
+use detour_thin_sdk::{Client, Dial};
+use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
+use detour_watchdog::provider::DemoProvider;
+use nix::sys::signal::Signal;
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn hello() -> ServiceName {
+    ServiceName::new("hello").unwrap()
+}
+
+fn registrar_opts(url: &str) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: vec![url.to_owned()],
+        prefix: "/detour/v1".into(),
+        ttl: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(1),
+    }
+}
+
+/// A provider registered straight into etcd (its host has no sidecar).
+fn bare(host: &str, instance: &str, p: &DemoProvider) -> Endpoint {
+    Endpoint {
+        service: hello(),
+        instance: InstanceId::new(instance).unwrap(),
+        host: HostId::new(host).unwrap(),
+        app_address: p.addr(),
+        pa_address: None,
+        protocol: AppProtocol::Http1,
+        weight: 1,
+        zone: String::new(),
+        version: String::new(),
+        source: Source::Native,
+    }
+}
+
+fn spec(rate: u32, secs: u64) -> LoadSpec {
+    LoadSpec {
+        service: hello(),
+        rate,
+        duration: Duration::from_secs(secs),
+        methods: MethodMix::Mix,
+        body_bytes: 128,
+        concurrency: 4096,
+        path: "/".into(),
+        timeout: Duration::from_secs(20),
+    }
+}
+
+async fn sdk(mesh: &Mesh, snapshot: &std::path::Path) -> Client {
+    let client = Client::builder(mesh.sidecar("h1").outbound())
+        .timeout(Duration::from_secs(20))
+        .snapshot_file(snapshot)
+        .build();
+    assert!(client.wait_ready(Duration::from_secs(10)).await);
+    let resp = client
+        .send(&hello(), http::Request::get("/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for _ in 0..500 {
+        if client
+            .snapshot(&hello())
+            .is_some_and(|s| !s.endpoints.is_empty())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client
+}
+
+fn admin(mesh: &Mesh, host: &str) -> Client {
+    Client::builder(Dial::Tcp(mesh.sidecar(host).addrs.admin))
+        .control(false)
+        .build()
+}
+
+fn line(name: &str, s: &Stats) -> String {
+    let n = |k| s.paths.get(k).copied().unwrap_or(0);
+    let l = format!(
+        "ETCD {name}: sent={} ok={} failed={} mesh={} ca_direct={} direct={} failures={:?} served_by={:?}",
+        s.sent,
+        s.ok,
+        s.failed,
+        n("mesh"),
+        n("ca_direct"),
+        n("direct"),
+        s.failures,
+        s.served_by
+    );
+    println!("{l}");
+    l
+}
+
+#[tokio::test]
+async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::new();
+    let mut etcd = Etcd::start(mesh.root()).await;
+    mesh.use_registry(&format!("etcd:{}", etcd.url));
+    let p2 = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let px = DemoProvider::start("127.0.0.4:0".parse().unwrap(), "x1")
+        .await
+        .unwrap();
+    let py = DemoProvider::start("127.0.0.5:0".parse().unwrap(), "x2")
+        .await
+        .unwrap();
+    let a = EtcdRegistry::open(HostId::new("hx").unwrap(), registrar_opts(&etcd.url))
+        .await
+        .unwrap();
+    a.register(bare("hx", "x1", &px)).await.unwrap();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p2.addr())])
+        .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 2).await;
+    let client = sdk(&mesh, &mesh.root().join("snap.json")).await;
+
+    let t0 = tokio::time::Instant::now();
+    let c = client.clone();
+    let load = tokio::spawn(async move {
+        load::run(
+            &spec(500, 20),
+            &Target::Sdk(c),
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await
+    });
+    tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
+    etcd.stop().await;
+    tokio::time::sleep_until(t0 + Duration::from_secs(5)).await;
+    mesh.stop_with("h1", Signal::SIGTERM).await;
+    mesh.restart("h1").await; // etcd is down: ready from its disk cache alone
+    let state = admin_get_json(&admin(&mesh, "h1"), "/state").await;
+    println!(
+        "restarted during the outage: {}",
+        state["services"]["hello"]
+    );
+    tokio::time::sleep_until(t0 + Duration::from_secs(12)).await;
+    etcd.restart().await;
+    // Changes made once etcd is back: one instance added, one removed.
+    a.deregister(&hello(), &InstanceId::new("x1").unwrap())
+        .await
+        .unwrap();
+    let b = EtcdRegistry::open(HostId::new("hy").unwrap(), registrar_opts(&etcd.url))
+        .await
+        .unwrap();
+    b.register(bare("hy", "x2", &py)).await.unwrap();
+    let s = load.await.unwrap();
+    line("outage", &s);
+    assert_eq!(s.sent, 10_000);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert!(
+        s.paths.get("direct").copied().unwrap_or(0) > 0,
+        "the SDK rode through on the direct path"
+    );
+    assert!(
+        s.served_by.contains_key("x2"),
+        "the added instance took traffic; h1's log:\n{}",
+        std::fs::read_to_string(mesh.sidecar("h1").run_dir.join("sidecar.log")).unwrap_or_default()
+    );
+    // The catalog converged: h2-hello and x2, not x1, from the registry.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = admin_get_json(&admin(&mesh, "h1"), "/state").await;
+        let svc = &state["services"]["hello"];
+        let mut ids: Vec<String> = svc["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["instance"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        if ids == ["h2-hello", "x2"] && svc["source"] == "registry" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not converged: {svc}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Five providers registered straight into etcd, and the caller's sidecar h1.
+async fn five(mesh: &mut Mesh, etcd: &Etcd) -> (EtcdRegistry, Vec<DemoProvider>) {
+    mesh.use_registry(&format!("etcd:{}", etcd.url));
+    let reg = EtcdRegistry::open(HostId::new("hx").unwrap(), registrar_opts(&etcd.url))
+        .await
+        .unwrap();
+    let mut ps = Vec::new();
+    for i in 0..5 {
+        let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), &format!("x{i}"))
+            .await
+            .unwrap();
+        reg.register(bare("hx", &format!("x{i}"), &p))
+            .await
+            .unwrap();
+        ps.push(p);
+    }
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 5).await;
+    (reg, ps)
+}
+
+#[tokio::test]
+async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::new();
+    let etcd = Etcd::start(mesh.root()).await;
+    let (reg, ps) = five(&mut mesh, &etcd).await;
+    let client = sdk(&mesh, &mesh.root().join("snap.json")).await;
+    let t0 = tokio::time::Instant::now();
+    let c = client.clone();
+    let load = tokio::spawn(async move {
+        load::run(
+            &spec(500, 10),
+            &Target::Sdk(c),
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await
+    });
+    tokio::time::sleep_until(t0 + Duration::from_secs(3)).await;
+    for i in 1..5 {
+        reg.deregister(&hello(), &InstanceId::new(format!("x{i}")).unwrap())
+            .await
+            .unwrap();
+    }
+    let after: Vec<u64> = ps.iter().map(DemoProvider::received).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let state = admin_get_json(&admin(&mesh, "h1"), "/state").await;
+    assert_eq!(
+        state["services"]["hello"]["protected"], true,
+        "{}",
+        state["services"]["hello"]
+    );
+    let s = load.await.unwrap();
+    line("mass-deregistration", &s);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    for (i, p) in ps.iter().enumerate().skip(1) {
+        assert!(
+            p.received() > after[i] + 50,
+            "x{i} left rotation although it is healthy"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_deliberate_deregistration_stops_traffic_within_a_second() {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::new();
+    let etcd = Etcd::start(mesh.root()).await;
+    let (reg, ps) = five(&mut mesh, &etcd).await;
+    let client = sdk(&mesh, &mesh.root().join("snap.json")).await;
+    let c = client.clone();
+    let load = tokio::spawn(async move {
+        load::run(
+            &spec(500, 6),
+            &Target::Sdk(c),
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let victim = &ps[2];
+    let t = now_unix_ms();
+    reg.deregister(&hello(), &InstanceId::new("x2").unwrap())
+        .await
+        .unwrap();
+    let mut last_seen = victim.received();
+    let mut last_change = t;
+    while now_unix_ms() < t + 3000 {
+        let n = victim.received();
+        if n != last_seen {
+            last_seen = n;
+            last_change = now_unix_ms();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let s = load.await.unwrap();
+    line("deregister-one", &s);
+    let deregister_ms = last_change - t;
+    println!("ETCD deregister-one: deregister_ms={deregister_ms}");
+    assert!(
+        deregister_ms < 1000,
+        "x2 got requests {deregister_ms} ms after its de-registration"
+    );
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+}
