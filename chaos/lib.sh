@@ -46,7 +46,7 @@ start_sidecar() {
     cat >"$TMP/$host/sidecar.toml" <<TOML
 host = "$host"
 run_dir = "$TMP/$host"
-registry = "dir:$TMP/registry"
+registry = "${REGISTRY:-dir:$TMP/registry}"
 [outbound]
 listen = "$ip:0"
 unix = "outbound.sock"
@@ -72,14 +72,21 @@ stop_sidecar() {
   wait "$pid" 2>/dev/null || true
 }
 
+# start_provider_host HOST IP: a demo provider (instance HOST-hello) and its host's sidecar.
+start_provider_host() {
+  "$BIN/detourctl" provider --listen "$2:0" --instance "$1-hello" --addr-file "$TMP/$1.provider.addr" >/dev/null &
+  EXTRA_PIDS+=($!)
+  wait_file "$TMP/$1.provider.addr" 10
+  start_sidecar "$1" "$2" "[[provide]]
+service = \"hello\"
+address = \"$(cat "$TMP/$1.provider.addr")\""
+}
+
+# start_mesh [N]: N provider hosts h2.. on 127.0.0.2.. (default 1), then the caller host h1.
 start_mesh() {
   ensure_binaries
-  "$BIN/detourctl" provider --listen 127.0.0.2:0 --instance h2-hello --addr-file "$TMP/provider.addr" >/dev/null &
-  EXTRA_PIDS+=($!)
-  wait_file "$TMP/provider.addr" 10
-  start_sidecar h2 127.0.0.2 "[[provide]]
-service = \"hello\"
-address = \"$(cat "$TMP/provider.addr")\""
+  local n=${1:-1} i
+  for i in $(seq 2 $((n + 1))); do start_provider_host "h$i" "127.0.0.$i"; done
   start_sidecar h1 127.0.0.1
 }
 
@@ -104,6 +111,61 @@ field() { # LINE KEY
   echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1
 }
 
+# start_etcd N: N etcd members (1 or 3) on loopback ports chosen now; sets REGISTRY and
+# ETCD_URLS (space-separated) and ETCD_PIDS.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+declare -a ETCD_URLS=() ETCD_PEERS=()
+declare -A ETCD_PID=()
+start_etcd_member() { # INDEX
+  local i=$1 cluster="" j
+  for j in "${!ETCD_PEERS[@]}"; do cluster="$cluster${cluster:+,}e$j=${ETCD_PEERS[$j]}"; done
+  etcd --name "e$i" --data-dir "$TMP/etcd-e$i" --listen-client-urls "${ETCD_URLS[$i]}" \
+    --advertise-client-urls "${ETCD_URLS[$i]}" --listen-peer-urls "${ETCD_PEERS[$i]}" \
+    --initial-advertise-peer-urls "${ETCD_PEERS[$i]}" --initial-cluster "$cluster" \
+    --initial-cluster-token chaos --initial-cluster-state new >"$TMP/etcd-e$i.log" 2>&1 &
+  ETCD_PID[$i]=$!
+  EXTRA_PIDS+=("$!")
+}
+etcd_healthy() { # INDEX
+  local deadline=$(( $(now_ms) + 30000 ))
+  until curl -sf "${ETCD_URLS[$1]}/health" | grep -q '"true"'; do
+    [ "$(now_ms)" -gt "$deadline" ] && { echo "chaos: etcd e$1 not healthy" >&2; exit 1; }
+    sleep 0.1
+  done
+}
+start_etcd() {
+  command -v etcd >/dev/null || { echo "chaos: etcd is required (tests/setup.sh installs it)" >&2; exit 1; }
+  local n=$1 i
+  for i in $(seq 0 $((n - 1))); do
+    ETCD_URLS[$i]="http://127.0.0.1:$(free_port)"; ETCD_PEERS[$i]="http://127.0.0.1:$(free_port)"
+  done
+  for i in $(seq 0 $((n - 1))); do start_etcd_member "$i"; done
+  for i in $(seq 0 $((n - 1))); do etcd_healthy "$i"; done
+  REGISTRY="etcd:$(IFS=,; echo "${ETCD_URLS[*]}")"
+}
+stop_etcd_member() { kill -"${2:-TERM}" "${ETCD_PID[$1]}" 2>/dev/null || true; wait "${ETCD_PID[$1]}" 2>/dev/null || true; }
+# etcd_leader: the index of the member that leads.
+etcd_leader() {
+  local i
+  for i in "${!ETCD_URLS[@]}"; do
+    local st; st=$(curl -sf -X POST "${ETCD_URLS[$i]}/v3/maintenance/status" -d '{}' 2>/dev/null) || continue
+    local leader member
+    leader=$(echo "$st" | sed -n 's/.*"leader":"\([0-9]*\)".*/\1/p')
+    member=$(echo "$st" | sed -n 's/.*"member_id":"\([0-9]*\)".*/\1/p')
+    [ -n "$leader" ] && [ "$leader" = "$member" ] && { echo "$i"; return; }
+  done
+  echo 0
+}
+# etcd_delete KEY: deletes one key through etcd's JSON gateway.
+etcd_delete() {
+  local k; k=$(printf '%s' "$1" | base64 -w0)
+  local i
+  for i in "${!ETCD_URLS[@]}"; do
+    curl -sf -X POST "${ETCD_URLS[$i]}/v3/kv/deleterange" -d "{\"key\":\"$k\"}" >/dev/null && return 0
+  done
+  return 1
+}
+
 # finish NAME FAULT_MS HEALED_MS EXPECTATION: waits for the load, prints the RESULT line, and
 # exits 0 only when EXPECTATION (lossless | no-idempotent-loss) holds and traffic went off the
 # mesh and came back.
@@ -119,6 +181,7 @@ finish() {
     exit 1
   fi
   grep '^failures:' "$TMP/load.out" >&2 || true
+  SERVED=$(grep '^served:' "$TMP/load.out" || true)
   local sent ok failed fi uo mesh cad dir first last switch back
   sent=$(field "$load" sent); ok=$(field "$load" ok); failed=$(field "$load" failed)
   fi=$(field "$paths" failed_idempotent); uo=$(field "$paths" unknown_outcome)
@@ -129,14 +192,17 @@ finish() {
   [ "$last" != "-" ] && back=$(( last - healed ))
   [ "$back" != "-" ] && [ "$back" -lt 0 ] && back=0
   local p99; p99=$(field "$load" p99_ms)
-  echo "RESULT $name: sent=$sent ok=$ok failed=$failed failed_idempotent=$fi unknown_outcome=$uo mesh=$mesh ca_direct=$cad direct=$dir switch_ms=$switch back_ms=$back p99_ms=$p99"
+  echo "RESULT $name: sent=$sent ok=$ok failed=$failed failed_idempotent=$fi unknown_outcome=$uo mesh=$mesh ca_direct=$cad direct=$dir switch_ms=$switch back_ms=$back p99_ms=$p99$(declare -F extra_fields >/dev/null && extra_fields)"
   local okay=1
   [ "$sent" -eq $(( RATE * SECS )) ] || okay=0
   case "$expect" in
     lossless) [ "$failed" -eq 0 ] || okay=0 ;;
     no-idempotent-loss) { [ "$fi" -eq 0 ] && [ "$failed" -eq "$uo" ]; } || okay=0 ;;
   esac
-  [ "$first" != "-" ] || okay=0                                  # traffic left the mesh path
-  [ "$last" != "-" ] && [ $(( $(now_ms) - last )) -gt 1500 ] || okay=0  # and came back
+  if [ "${MOVES:-yes}" = yes ]; then
+    [ "$first" != "-" ] || okay=0                                  # traffic left the mesh path
+    [ "$last" != "-" ] && [ $(( $(now_ms) - last )) -gt 1500 ] || okay=0  # and came back
+  fi
+  if declare -F extra_check >/dev/null; then extra_check || okay=0; fi
   [ "$okay" -eq 1 ]
 }

@@ -111,3 +111,119 @@ impl Etcd {
             .expect("connect to etcd")
     }
 }
+
+/// A 3-member etcd cluster on loopback.
+pub struct EtcdCluster {
+    members: Vec<Option<ChildGuard>>,
+    /// Client URLs, one per member.
+    pub urls: Vec<String>,
+    peers: Vec<String>,
+    dir: PathBuf,
+}
+
+impl EtcdCluster {
+    /// Starts three members under `dir`; waits until every one answers.
+    pub async fn start(dir: &Path) -> EtcdCluster {
+        let urls: Vec<String> = (0..3)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let peers: Vec<String> = (0..3)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let mut c = EtcdCluster {
+            members: vec![None, None, None],
+            urls,
+            peers,
+            dir: dir.to_owned(),
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        for i in 0..3 {
+            c.wait_member(i).await;
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let cluster: Vec<String> = (0..3).map(|j| format!("e{j}={}", self.peers[j])).collect();
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", &format!("e{i}"), "--data-dir"])
+            .arg(self.dir.join(format!("e{i}")))
+            .args([
+                "--listen-client-urls",
+                &self.urls[i],
+                "--advertise-client-urls",
+                &self.urls[i],
+            ])
+            .args([
+                "--listen-peer-urls",
+                &self.peers[i],
+                "--initial-advertise-peer-urls",
+                &self.peers[i],
+            ])
+            .args(["--initial-cluster", &cluster.join(",")])
+            .args([
+                "--initial-cluster-token",
+                "detour-test",
+                "--initial-cluster-state",
+                "new",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.members[i] = Some(ChildGuard::spawn(cmd, format!("etcd e{i}")).expect("etcd starts"));
+    }
+
+    async fn wait_member(&self, i: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut c) = etcd_client::Client::connect([self.urls[i].as_str()], None).await
+                && c.status().await.is_ok_and(|s| s.leader() != 0)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "etcd e{i} not healthy in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The `etcd:` registry spec naming every member.
+    pub fn spec(&self) -> String {
+        format!("etcd:{}", self.urls.join(","))
+    }
+
+    /// The index of the current leader, asked of any live member.
+    pub async fn leader(&self) -> usize {
+        for (i, url) in self.urls.iter().enumerate() {
+            if self.members[i].is_none() {
+                continue;
+            }
+            if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await
+                && let Ok(s) = c.status().await
+                && s.leader() == s.header().map_or(0, |h| h.member_id())
+            {
+                return i;
+            }
+        }
+        panic!("no member says it leads");
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(mut m) = self.members[i].take() {
+            let _ = m.signal(nix::sys::signal::Signal::SIGKILL);
+            let _ = m.wait_exit(Duration::from_secs(10)).await;
+        }
+    }
+
+    /// Restarts member `i` with the same data; it rejoins.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i).await;
+        self.spawn(i);
+        self.wait_member(i).await;
+    }
+}

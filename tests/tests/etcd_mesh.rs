@@ -307,3 +307,60 @@ async fn a_deliberate_deregistration_stops_traffic_within_a_second() {
     );
     assert_eq!(s.failed, 0, "{:?}", s.failures);
 }
+
+#[tokio::test]
+async fn losing_etcd_members_fails_nothing_and_watches_continue() {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::new();
+    let mut cluster = detour_tests::etcd::EtcdCluster::start(mesh.root()).await;
+    mesh.use_registry(&cluster.spec());
+    let p2 = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let px = DemoProvider::start("127.0.0.4:0".parse().unwrap(), "x1")
+        .await
+        .unwrap();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p2.addr())])
+        .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = sdk(&mesh, &mesh.root().join("snap.json")).await;
+    let t0 = tokio::time::Instant::now();
+    let c = client.clone();
+    let load = tokio::spawn(async move {
+        load::run(
+            &spec(500, 15),
+            &Target::Sdk(c),
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await
+    });
+    tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
+    let leader = cluster.leader().await;
+    cluster.kill(leader).await;
+    // A registration made while the leader is gone reaches the watchers.
+    let mut opts = registrar_opts(&cluster.urls[0]);
+    opts.endpoints = cluster.urls.clone();
+    let reg = EtcdRegistry::open(HostId::new("hx").unwrap(), opts)
+        .await
+        .unwrap();
+    reg.register(bare("hx", "x1", &px)).await.unwrap();
+    mesh.wait_endpoints("h1", "hello", 2).await;
+    tokio::time::sleep_until(t0 + Duration::from_secs(7)).await;
+    cluster.restart(leader).await;
+    let now_leader = cluster.leader().await;
+    let follower = (0..3).find(|i| *i != now_leader).unwrap_or(0);
+    cluster.kill(follower).await;
+    reg.deregister(&hello(), &InstanceId::new("x1").unwrap())
+        .await
+        .unwrap();
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let s = load.await.unwrap();
+    line("member-loss", &s);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert!(
+        s.served_by.contains_key("x1"),
+        "the instance registered during the loss took traffic"
+    );
+}

@@ -110,6 +110,8 @@ pub struct Stats {
     pub failures: BTreeMap<String, u64>,
     /// Which instance answered (from `x-served-by`), when the provider says.
     pub served_by: BTreeMap<String, u64>,
+    /// When each instance last answered (ms since the epoch).
+    pub served_last_unix_ms: BTreeMap<String, u64>,
     /// Answered requests by path: `mesh`, `ca_direct`, `direct`.
     pub paths: BTreeMap<&'static str, u64>,
     /// When the first answer came over a path other than the mesh (Unix ms).
@@ -130,6 +132,7 @@ impl Default for Stats {
             unknown_outcome: 0,
             failures: BTreeMap::new(),
             served_by: BTreeMap::new(),
+            served_last_unix_ms: BTreeMap::new(),
             paths: BTreeMap::new(),
             first_off_mesh_unix_ms: None,
             last_off_mesh_unix_ms: None,
@@ -180,6 +183,21 @@ impl Stats {
         )
     }
 
+    /// Who answered, how often, and when last: `served: NAME=COUNT@LAST_UNIX_MS …`.
+    pub fn served_line(&self) -> String {
+        let parts: Vec<String> = self
+            .served_by
+            .iter()
+            .map(|(k, n)| {
+                format!(
+                    "{k}={n}@{}",
+                    self.served_last_unix_ms.get(k).copied().unwrap_or(0)
+                )
+            })
+            .collect();
+        format!("served: {}", parts.join(" "))
+    }
+
     /// The failure breakdown line.
     pub fn failure_line(&self) -> String {
         if self.failures.is_empty() {
@@ -203,6 +221,8 @@ impl Stats {
         let _ = self.latency_us.record((latency.as_micros() as u64).max(1));
         if let Some(by) = &outcome.served_by {
             *self.served_by.entry(by.clone()).or_default() += 1;
+            self.served_last_unix_ms
+                .insert(by.clone(), detour_registry_sync::now_unix_ms());
         }
         if let Some(path) = outcome.path {
             *self.paths.entry(path.as_str()).or_default() += 1;

@@ -213,6 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ctrl_c(),
             )
             .await;
+            println!("{}", stats.served_line());
             println!("{}", stats.path_line());
             println!("{}", stats.summary("load"));
             println!("{}", stats.failure_line());

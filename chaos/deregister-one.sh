@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Chaos: five provider hosts; one registration is deliberately removed from etcd under steady SDK
+# load. Expectation: that instance gets no new request within 1 s of the change (deregister_ms),
+# and nothing fails.
+source "$(dirname "$0")/lib.sh"
+MOVES=no
+start_etcd 1
+start_mesh 5
+start_load
+at 4
+FAULT=$(now_ms)
+etcd_delete /detour/v1/services/hello/h4-hello
+HEALED=$FAULT
+deregister_ms() {
+  local last; last=$(echo "$SERVED" | tr ' ' '\n' | sed -n 's/^h4-hello=[0-9]*@//p')
+  local d=$(( ${last:-0} - FAULT )); [ "$d" -lt 0 ] && d=0; echo "$d"
+}
+extra_fields() { echo " deregister_ms=$(deregister_ms)"; }
+extra_check() { [ "$(deregister_ms)" -lt 1000 ]; }
+finish deregister-one "$FAULT" "$HEALED" lossless
