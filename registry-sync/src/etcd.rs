@@ -111,8 +111,8 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> RegistryError {
 }
 
 impl EtcdRegistry {
-    /// Starts the client: lists the prefix once (so watchers start from a full view when etcd
-    /// is reachable; it does not wait for etcd otherwise), then keeps the lease and the watch.
+    /// Starts the client: gives the first listing of the prefix up to 100 ms (so watchers
+    /// usually start from a full view), then keeps the lease and the watch in the background.
     pub async fn open(host: HostId, opts: EtcdOptions) -> Result<Self, RegistryError> {
         if opts.endpoints.is_empty() {
             return Err(RegistryError::InvalidSpec {
@@ -135,8 +135,16 @@ impl EtcdRegistry {
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
             synced: std::sync::atomic::AtomicBool::new(false),
         });
-        if let Err(e) = inner.relist().await {
-            tracing::warn!(error = %e, "etcd not reachable at start; serving what is known and retrying");
+        // Wait briefly for a first full view; a catalog routes from its disk cache meanwhile,
+        // and the watch task keeps trying, so a slow or absent etcd never delays a start.
+        match tokio::time::timeout(Duration::from_millis(100), inner.relist()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "etcd not reachable at start; serving what is known and retrying")
+            }
+            Err(_) => {
+                tracing::info!("etcd still listing after 100 ms; continuing from the disk cache")
+            }
         }
         let tasks = vec![
             tokio::spawn(lease_loop(inner.clone())),
@@ -265,14 +273,43 @@ impl Inner {
 
     /// Reads the whole prefix and replaces the view.
     async fn relist(&self) -> Result<(), RegistryError> {
+        // In pages at one revision: a whole large prefix does not fit one gRPC message.
+        const PAGE: i64 = 2000;
         let prefix = format!("{}/", self.opts.prefix);
-        let resp = self
-            .call("list", |mut c| {
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut end = prefix.clone().into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let mut start = prefix.into_bytes();
+        let mut revision = 0;
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        loop {
+            let resp = self
+                .call("list", |mut c| {
+                    let (start, end) = (start.clone(), end.clone());
+                    let mut opts = GetOptions::new().with_range(end).with_limit(PAGE);
+                    if revision > 0 {
+                        opts = opts.with_revision(revision);
+                    }
+                    async move { c.get(start, Some(opts)).await }
+                })
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            pairs.extend(
+                resp.kvs()
+                    .iter()
+                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+            );
+            match pairs.last() {
+                Some((last, _)) if resp.more() => {
+                    start = last.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
         let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
         let known = std::mem::take(&mut view.known);
         *view = View {
@@ -280,10 +317,11 @@ impl Inner {
             revision,
             ..View::default()
         };
-        for kv in resp.kvs() {
-            apply_put(&self.opts.prefix, &mut view, kv.key(), kv.value());
+        for (k, v) in &pairs {
+            apply_put(&self.opts.prefix, &mut view, k, v);
         }
-        let keys = view.endpoints.len() + view.hosts.len();
+        view.all_dirty = true;
+        let keys = view.len();
         drop(view);
         if !self.synced.swap(true, std::sync::atomic::Ordering::SeqCst) {
             tracing::info!(keys, revision, "registry listed from etcd");
@@ -294,9 +332,12 @@ impl Inner {
 
     /// Tells every watcher its service's current set, and publishes host statuses.
     fn publish(&self) {
-        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let all = std::mem::take(&mut view.all_dirty);
+        let dirty = std::mem::take(&mut view.dirty);
+        let hosts_dirty = std::mem::take(&mut view.hosts_dirty);
         let watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
-        for (service, tx) in watchers.iter() {
+        let send = |service: &ServiceName, tx: &watch::Sender<Arc<EndpointSet>>| {
             let next = service_set(&view, service);
             tx.send_if_modified(|cur| {
                 if **cur == next {
@@ -306,20 +347,33 @@ impl Inner {
                     true
                 }
             });
-        }
-        let hosts: HostStatuses = view
-            .hosts
-            .values()
-            .map(|s| (s.host.clone(), s.clone()))
-            .collect();
-        self.hosts.send_if_modified(|cur| {
-            if **cur == hosts {
-                false
-            } else {
-                *cur = Arc::new(hosts);
-                true
+        };
+        if all {
+            for (service, tx) in watchers.iter() {
+                send(service, tx);
             }
-        });
+        } else {
+            for service in &dirty {
+                if let Some(tx) = watchers.get(service) {
+                    send(service, tx);
+                }
+            }
+        }
+        if all || hosts_dirty {
+            let hosts: HostStatuses = view
+                .hosts
+                .values()
+                .map(|s| (s.host.clone(), s.clone()))
+                .collect();
+            self.hosts.send_if_modified(|cur| {
+                if **cur == hosts {
+                    false
+                } else {
+                    *cur = Arc::new(hosts);
+                    true
+                }
+            });
+        }
     }
 }
 

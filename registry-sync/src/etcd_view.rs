@@ -1,7 +1,7 @@
 //! The etcd back-end's view of the prefix: the parsed keys, and the watch that keeps them
 //! current (resuming after a disconnect, re-listing after a compaction).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,26 +10,57 @@ use etcd_client::{EventType, WatchOptions};
 
 use super::{EndpointValue, HostValue, Inner};
 
-/// What the prefix watch has seen.
+/// What the prefix watch has seen, indexed by service so that one change costs one service.
 #[derive(Default)]
 pub(super) struct View {
-    /// Parsed endpoints by key.
-    pub(super) endpoints: BTreeMap<String, Endpoint>,
+    /// Parsed endpoints by service, then by key.
+    pub(super) services: HashMap<ServiceName, BTreeMap<String, Endpoint>>,
     /// Host statuses by key.
     pub(super) hosts: BTreeMap<String, HostStatus>,
     /// Services that ever had a key (a service once seen stays known).
     pub(super) known: HashSet<ServiceName>,
     /// The last revision applied.
     pub(super) revision: i64,
+    /// Services changed since the last publish.
+    pub(super) dirty: HashSet<ServiceName>,
+    /// Whether host statuses changed since the last publish.
+    pub(super) hosts_dirty: bool,
+    /// Whether everything must be published (after a re-list).
+    pub(super) all_dirty: bool,
+}
+
+impl View {
+    /// Endpoints and host records held.
+    pub(super) fn len(&self) -> usize {
+        self.services.values().map(BTreeMap::len).sum::<usize>() + self.hosts.len()
+    }
+}
+
+/// What a key is about.
+enum KeyKind {
+    Service(ServiceName),
+    Host,
+}
+
+fn classify<'k>(prefix: &str, key: &'k [u8]) -> Option<(&'k str, KeyKind)> {
+    let key = std::str::from_utf8(key).ok()?;
+    let rest = key.strip_prefix(prefix)?.strip_prefix('/')?;
+    if let Some(svc) = rest.strip_prefix("services/") {
+        let name = ServiceName::new(svc.split('/').next()?).ok()?;
+        Some((key, KeyKind::Service(name)))
+    } else if rest.starts_with("hosts/") {
+        Some((key, KeyKind::Host))
+    } else {
+        None
+    }
 }
 
 pub(super) fn service_set(view: &View, service: &ServiceName) -> EndpointSet {
     let endpoints: Vec<Endpoint> = view
-        .endpoints
-        .values()
-        .filter(|e| &e.service == service)
-        .cloned()
-        .collect();
+        .services
+        .get(service)
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
     let mut set = EndpointSet::known(endpoints);
     set.known = view.known.contains(service);
     set
@@ -38,45 +69,65 @@ pub(super) fn service_set(view: &View, service: &ServiceName) -> EndpointSet {
 /// Applies one key's value to the view; a value that does not parse is logged, counted and
 /// dropped (the key then counts as absent), never fatal.
 pub(super) fn apply_put(prefix: &str, view: &mut View, key: &[u8], value: &[u8]) {
-    let Ok(key) = std::str::from_utf8(key) else {
+    let Some((key, kind)) = classify(prefix, key) else {
         return;
     };
-    let Some(rest) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
-        return;
-    };
-    if let Some(svc) = rest.strip_prefix("services/") {
-        if let Some(name) = svc.split('/').next().and_then(|n| ServiceName::new(n).ok()) {
-            view.known.insert(name);
-        }
-        match serde_json::from_slice::<EndpointValue>(value) {
-            Ok(v) if v.version == 1 => {
-                view.endpoints.insert(key.to_owned(), v.endpoint);
+    match kind {
+        KeyKind::Service(name) => {
+            view.known.insert(name.clone());
+            view.dirty.insert(name.clone());
+            let slot = view.services.entry(name).or_default();
+            match serde_json::from_slice::<EndpointValue>(value) {
+                Ok(v) if v.version == 1 => {
+                    slot.insert(key.to_owned(), v.endpoint);
+                }
+                Ok(v) => {
+                    slot.remove(key);
+                    bad(key, &format!("unknown version {}", v.version));
+                }
+                Err(e) => {
+                    slot.remove(key);
+                    bad(key, &e.to_string());
+                }
             }
-            Ok(v) => bad(key, &format!("unknown version {}", v.version), view),
-            Err(e) => bad(key, &e.to_string(), view),
         }
-    } else if rest.starts_with("hosts/") {
-        match serde_json::from_slice::<HostValue>(value) {
-            Ok(v) if v.version == 1 => {
-                view.hosts.insert(key.to_owned(), v.status);
+        KeyKind::Host => {
+            view.hosts_dirty = true;
+            match serde_json::from_slice::<HostValue>(value) {
+                Ok(v) if v.version == 1 => {
+                    view.hosts.insert(key.to_owned(), v.status);
+                }
+                Ok(v) => {
+                    view.hosts.remove(key);
+                    bad(key, &format!("unknown version {}", v.version));
+                }
+                Err(e) => {
+                    view.hosts.remove(key);
+                    bad(key, &e.to_string());
+                }
             }
-            Ok(v) => bad(key, &format!("unknown version {}", v.version), view),
-            Err(e) => bad(key, &e.to_string(), view),
         }
     }
 }
 
-fn bad(key: &str, why: &str, view: &mut View) {
+fn bad(key: &str, why: &str) {
     tracing::warn!(key, error = why, "ignoring a malformed registry value");
     metrics::counter!("detour_registry_invalid_records_total").increment(1);
-    view.endpoints.remove(key);
-    view.hosts.remove(key);
 }
 
-fn apply_delete(view: &mut View, key: &[u8]) {
-    if let Ok(key) = std::str::from_utf8(key) {
-        view.endpoints.remove(key);
-        view.hosts.remove(key);
+fn apply_delete(prefix: &str, view: &mut View, key: &[u8]) {
+    match classify(prefix, key) {
+        Some((key, KeyKind::Service(name))) => {
+            if let Some(m) = view.services.get_mut(&name) {
+                m.remove(key);
+            }
+            view.dirty.insert(name);
+        }
+        Some((key, KeyKind::Host)) => {
+            view.hosts.remove(key);
+            view.hosts_dirty = true;
+        }
+        None => {}
     }
 }
 
@@ -150,7 +201,7 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
                         EventType::Put => {
                             apply_put(&inner.opts.prefix, &mut view, kv.key(), kv.value())
                         }
-                        EventType::Delete => apply_delete(&mut view, kv.key()),
+                        EventType::Delete => apply_delete(&inner.opts.prefix, &mut view, kv.key()),
                     }
                     view.revision = view.revision.max(kv.mod_revision());
                 }

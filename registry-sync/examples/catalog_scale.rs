@@ -1,0 +1,202 @@
+//! Catalog at scale against a real etcd (run by `bench/catalog-scale.sh`): N services × M
+//! instances; time to full load from etcd and from the disk cache, resident memory, and the
+//! delay from an etcd write to the catalog update.
+//!
+//! `cargo run --release -p detour-registry-sync --example catalog_scale -- ETCD_URL [N] [M]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use detour_proto::{AppProtocol, Endpoint, HostId, InstanceId, ServiceName, Source};
+use detour_registry_sync::cache::DiskCache;
+use detour_registry_sync::catalog::{Catalog, CatalogOptions};
+use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn endpoint(s: usize, i: usize, weight: u32) -> Endpoint {
+    Endpoint {
+        service: ServiceName::new(format!("svc{s}")).expect("name"),
+        instance: InstanceId::new(format!("svc{s}-i{i}")).expect("name"),
+        host: HostId::new(format!("host{i}")).expect("name"),
+        app_address: format!("127.0.{}.{}:{}", s / 250 % 250, s % 250 + 1, 8000 + i)
+            .parse()
+            .expect("addr"),
+        pa_address: Some(
+            format!("127.0.{}.{}:4143", s / 250 % 250, s % 250 + 1)
+                .parse()
+                .expect("addr"),
+        ),
+        protocol: AppProtocol::Http1,
+        weight,
+        zone: String::new(),
+        version: String::new(),
+        source: Source::Native,
+    }
+}
+
+fn value(ep: &Endpoint) -> String {
+    serde_json::json!({"version": 1, "endpoint": ep}).to_string()
+}
+
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let url = args
+        .get(1)
+        .cloned()
+        .ok_or("usage: catalog_scale ETCD_URL [N] [M]")?;
+    let n: usize = args.get(2).map_or(Ok(10_000), |a| a.parse())?;
+    let m: usize = args.get(3).map_or(Ok(10), |a| a.parse())?;
+    let opts = EtcdOptions {
+        endpoints: vec![url.clone()],
+        prefix: "/detour/v1".into(),
+        ttl: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(5),
+    };
+
+    let t = Instant::now();
+    let raw = etcd_client::Client::connect([url.as_str()], None).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..n {
+        let mut c = raw.clone();
+        tasks.spawn(async move {
+            let ops: Vec<etcd_client::TxnOp> = (0..m)
+                .map(|i| {
+                    let ep = endpoint(s, i, 1);
+                    etcd_client::TxnOp::put(
+                        format!("/detour/v1/services/svc{s}/svc{s}-i{i}"),
+                        value(&ep),
+                        None,
+                    )
+                })
+                .collect();
+            c.txn(etcd_client::Txn::new().and_then(ops))
+                .await
+                .map(|_| ())
+        });
+        while tasks.len() >= 64 {
+            tasks.join_next().await.ok_or("join")???;
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    println!(
+        "bench: wrote {} keys in {:.1} s",
+        n * m,
+        t.elapsed().as_secs_f64()
+    );
+
+    let dir = tempfile::tempdir()?;
+    let cache_path = dir.path().join("catalog.sled");
+    let rss0 = rss_kib();
+    let t = Instant::now();
+    let reg = EtcdRegistry::open(HostId::new("bench").expect("name"), opts.clone()).await?;
+    while !detour_registry_sync::Registry::synced(&reg) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let listed = t.elapsed();
+    let cache = DiskCache::open(&cache_path).ok_or("cache")?;
+    let catalog = Catalog::with_options(
+        Arc::new(reg),
+        CatalogOptions {
+            cache: Some(cache.clone()),
+            ..CatalogOptions::default()
+        },
+    );
+    let services: Vec<ServiceName> = (0..n)
+        .map(|s| ServiceName::new(format!("svc{s}")).expect("name"))
+        .collect();
+    let mut receivers = Vec::with_capacity(n);
+    for s in &services {
+        receivers.push(catalog.subscribe(s).await?);
+    }
+    let loaded = t.elapsed();
+    let total: usize = receivers.iter().map(|r| r.borrow().endpoints.len()).sum();
+    assert_eq!(total, n * m, "every endpoint is in the catalog");
+    cache.flush();
+    let rss1 = rss_kib();
+    println!(
+        "bench: load from etcd: list {:.0} ms, catalog of {n} services x {m} ready in {:.0} ms; rss {} MiB -> {} MiB",
+        listed.as_secs_f64() * 1000.0,
+        loaded.as_secs_f64() * 1000.0,
+        rss0 / 1024,
+        rss1 / 1024
+    );
+
+    // Propagation: one instance changes; time until the catalog shows it.
+    let mut c = raw.clone();
+    let mut delays = Vec::new();
+    for k in 0..200 {
+        let s = (k * 7919) % n;
+        let ep = endpoint(s, 0, 2 + k as u32);
+        let rx = &mut receivers[s];
+        rx.borrow_and_update();
+        let t = Instant::now();
+        c.put(
+            format!("/detour/v1/services/svc{s}/svc{s}-i0"),
+            value(&ep),
+            None,
+        )
+        .await?;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|set| set.endpoints.iter().any(|e| e.weight == ep.weight)),
+        )
+        .await??;
+        delays.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    println!(
+        "bench: etcd write -> catalog update: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (200 changes)",
+        pct(&mut delays, 0.5),
+        pct(&mut delays, 0.99),
+        pct(&mut delays, 1.0)
+    );
+    drop(receivers);
+    drop(catalog);
+    drop(cache);
+
+    // Start from the disk cache alone: the registry is unreachable.
+    let dead = EtcdOptions {
+        endpoints: vec!["http://127.0.0.1:9".into()],
+        request_timeout: Duration::from_millis(200),
+        ..opts
+    };
+    let t = Instant::now();
+    let reg = EtcdRegistry::open(HostId::new("bench2").expect("name"), dead).await?;
+    let cache = DiskCache::open(&cache_path).ok_or("cache reopen")?;
+    let catalog = Catalog::with_options(
+        Arc::new(reg),
+        CatalogOptions {
+            cache: Some(cache),
+            ..CatalogOptions::default()
+        },
+    );
+    let opened = t.elapsed();
+    let mut total = 0;
+    let mut keep = Vec::with_capacity(n);
+    for s in &services {
+        let rx = catalog.subscribe(s).await?;
+        total += rx.borrow().endpoints.len();
+        keep.push(rx);
+    }
+    println!(
+        "bench: load from disk cache (etcd down): {total} endpoints ready in {:.0} ms (of which opening {:.0} ms)",
+        t.elapsed().as_secs_f64() * 1000.0,
+        opened.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
