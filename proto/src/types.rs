@@ -189,6 +189,29 @@ fn default_weight() -> u32 {
     1
 }
 
+impl Endpoint {
+    /// A native HTTP/1.1 endpoint of weight 1 without a sidecar; set the other fields as needed.
+    pub fn new(
+        service: ServiceName,
+        instance: InstanceId,
+        host: HostId,
+        app_address: SocketAddr,
+    ) -> Self {
+        Self {
+            service,
+            instance,
+            host,
+            app_address,
+            pa_address: None,
+            protocol: AppProtocol::Http1,
+            weight: 1,
+            zone: String::new(),
+            version: String::new(),
+            source: Source::Native,
+        }
+    }
+}
+
 /// All known endpoints of one service, sorted by instance id.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct EndpointSet {

@@ -6,21 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
 use crate::memory::MemoryRegistry;
-use detour_proto::{AppProtocol, HostId, InstanceId, Source};
+use detour_proto::{HostId, InstanceId};
 
 fn ep(i: usize) -> Endpoint {
-    Endpoint {
-        service: ServiceName::new("echo").unwrap(),
-        instance: InstanceId::new(format!("i{i}")).unwrap(),
-        host: HostId::new("h1").unwrap(),
-        app_address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
-        pa_address: None,
-        protocol: AppProtocol::Http1,
-        weight: 1,
-        zone: String::new(),
-        version: String::new(),
-        source: Source::Native,
-    }
+    Endpoint::new(
+        ServiceName::new("echo").unwrap(),
+        InstanceId::new(format!("i{i}")).unwrap(),
+        HostId::new("h1").unwrap(),
+        format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+    )
 }
 
 /// Healthy unless listed.

@@ -131,21 +131,17 @@ fn cost((ep, load): &(&Endpoint, Arc<Load>)) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use detour_proto::{AppProtocol, HostId, ServiceName, Source};
+    use detour_proto::{HostId, ServiceName};
 
     fn eps(n: usize) -> Vec<Endpoint> {
         (0..n)
-            .map(|i| Endpoint {
-                service: ServiceName::new("s").unwrap(),
-                instance: InstanceId::new(format!("i{i}")).unwrap(),
-                host: HostId::new(format!("h{i}")).unwrap(),
-                app_address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
-                pa_address: None,
-                protocol: AppProtocol::Http1,
-                weight: 1,
-                zone: String::new(),
-                version: String::new(),
-                source: Source::Native,
+            .map(|i| {
+                Endpoint::new(
+                    ServiceName::new("s").unwrap(),
+                    InstanceId::new(format!("i{i}")).unwrap(),
+                    HostId::new(format!("h{i}")).unwrap(),
+                    format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                )
             })
             .collect()
     }

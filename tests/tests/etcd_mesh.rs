@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use detour_proto::{AppProtocol, Endpoint, HostId, InstanceId, ServiceName, Source};
+use detour_proto::{Endpoint, HostId, InstanceId, ServiceName};
 use detour_registry_sync::Registry;
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::now_unix_ms;
@@ -35,18 +35,12 @@ fn registrar_opts(url: &str) -> EtcdOptions {
 
 /// A provider registered straight into etcd (its host has no sidecar).
 fn bare(host: &str, instance: &str, p: &DemoProvider) -> Endpoint {
-    Endpoint {
-        service: hello(),
-        instance: InstanceId::new(instance).unwrap(),
-        host: HostId::new(host).unwrap(),
-        app_address: p.addr(),
-        pa_address: None,
-        protocol: AppProtocol::Http1,
-        weight: 1,
-        zone: String::new(),
-        version: String::new(),
-        source: Source::Native,
-    }
+    Endpoint::new(
+        hello(),
+        InstanceId::new(instance).unwrap(),
+        HostId::new(host).unwrap(),
+        p.addr(),
+    )
 }
 
 fn spec(rate: u32, secs: u64) -> LoadSpec {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use detour_proto::{
     AppProtocol, Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName, SidecarState,
-    Source,
 };
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::{Registry, now_unix_ms};
@@ -29,18 +28,12 @@ fn opts(url: &str) -> EtcdOptions {
 }
 
 fn ep(host: &str, instance: &str, port: u16) -> Endpoint {
-    Endpoint {
-        service: ServiceName::new("echo").unwrap(),
-        instance: InstanceId::new(instance).unwrap(),
-        host: HostId::new(host).unwrap(),
-        app_address: format!("127.0.0.1:{port}").parse().unwrap(),
-        pa_address: None,
-        protocol: AppProtocol::Http1,
-        weight: 1,
-        zone: String::new(),
-        version: String::new(),
-        source: Source::Native,
-    }
+    Endpoint::new(
+        ServiceName::new("echo").unwrap(),
+        InstanceId::new(instance).unwrap(),
+        HostId::new(host).unwrap(),
+        format!("127.0.0.1:{port}").parse().unwrap(),
+    )
 }
 
 async fn until(

@@ -131,9 +131,14 @@ fn assert_went_and_came_back(s: &Stats, off_path: &str, load_end_ms: u64) {
 
 const FAST_LINK: &str = "";
 
-#[tokio::test]
-async fn sigterm_ca_then_restart_loses_nothing() {
-    let _serial = SERIAL.lock().await;
+/// One stop-and-restart scenario: `signal` to `host`'s sidecar at 4 s, restart at 7 s, load
+/// through the caller's SDK throughout. Returns the counts, the mesh and the SDK client.
+async fn stop_and_restart(
+    name: &str,
+    host: &str,
+    signal: Signal,
+    off_path: &str,
+) -> (Stats, Mesh, Client) {
     let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
     let snap = mesh.root().join("sdk-snapshot.json");
     let client = ready_client(&mesh, &snap).await;
@@ -141,68 +146,50 @@ async fn sigterm_ca_then_restart_loses_nothing() {
     let load = start_load(client.clone());
     at(t0, 4.0).await;
     let fault = now_unix_ms();
-    mesh.stop_with("h1", Signal::SIGTERM).await;
+    mesh.stop_with(host, signal).await;
     at(t0, 7.0).await;
-    mesh.restart("h1").await;
+    mesh.restart(host).await;
     let healed = now_unix_ms();
     let s = load.await.unwrap();
     let end = now_unix_ms();
-    summary("ca-sigterm", &s, fault, healed);
+    summary(name, &s, fault, healed);
     assert_full_load(&s);
-    assert_eq!(s.failed, 0, "{:?}", s.failures);
-    assert_went_and_came_back(&s, "direct", end);
-    assert_eq!(client.link_state(), LinkState::Primary);
+    assert_went_and_came_back(&s, off_path, end);
+    (s, mesh, client)
 }
 
-#[tokio::test]
-async fn kill9_ca_then_restart_loses_no_idempotent_request() {
-    let _serial = SERIAL.lock().await;
-    let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
-    let snap = mesh.root().join("sdk-snapshot.json");
-    let client = ready_client(&mesh, &snap).await;
-    let t0 = tokio::time::Instant::now();
-    let load = start_load(client.clone());
-    at(t0, 4.0).await;
-    let fault = now_unix_ms();
-    mesh.stop_with("h1", Signal::SIGKILL).await;
-    at(t0, 7.0).await;
-    mesh.restart("h1").await;
-    let healed = now_unix_ms();
-    let s = load.await.unwrap();
-    let end = now_unix_ms();
-    summary("ca-kill9", &s, fault, healed);
-    assert_full_load(&s);
+/// After a kill -9: no idempotent failure; only requests in flight may fail, as unknown outcome.
+fn assert_only_in_flight_lost(s: &Stats) {
     assert_eq!(s.failed_idempotent, 0, "{:?}", s.failures);
-    // Only POSTs in flight at the kill may fail, each as "outcome unknown".
     assert_eq!(s.failed, s.unknown_outcome, "{:?}", s.failures);
     assert!(
         s.failed <= 50,
         "more failures than requests in flight: {:?}",
         s.failures
     );
-    assert_went_and_came_back(&s, "direct", end);
+}
+
+#[tokio::test]
+async fn sigterm_ca_then_restart_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (s, _mesh, client) = stop_and_restart("ca-sigterm", "h1", Signal::SIGTERM, "direct").await;
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert_eq!(client.link_state(), LinkState::Primary);
+}
+
+#[tokio::test]
+async fn kill9_ca_then_restart_loses_no_idempotent_request() {
+    let _serial = SERIAL.lock().await;
+    let (s, _mesh, _client) = stop_and_restart("ca-kill9", "h1", Signal::SIGKILL, "direct").await;
+    assert_only_in_flight_lost(&s);
 }
 
 #[tokio::test]
 async fn sigterm_pa_then_restart_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
-    let snap = mesh.root().join("sdk-snapshot.json");
-    let client = ready_client(&mesh, &snap).await;
-    let t0 = tokio::time::Instant::now();
-    let load = start_load(client.clone());
-    at(t0, 4.0).await;
-    let fault = now_unix_ms();
-    mesh.stop_with("h2", Signal::SIGTERM).await;
-    at(t0, 7.0).await;
-    mesh.restart("h2").await;
-    let healed = now_unix_ms();
-    let s = load.await.unwrap();
-    let end = now_unix_ms();
-    summary("pa-sigterm", &s, fault, healed);
-    assert_full_load(&s);
+    let (s, mesh, _client) =
+        stop_and_restart("pa-sigterm", "h2", Signal::SIGTERM, "ca_direct").await;
     assert_eq!(s.failed, 0, "{:?}", s.failures);
-    assert_went_and_came_back(&s, "ca_direct", end);
     // The CA half is visible: its state in /state, its transitions in /metrics.
     let admin = Client::builder(detour_thin_sdk::Dial::Tcp(mesh.sidecar("h1").addrs.admin))
         .control(false)
@@ -226,29 +213,9 @@ async fn sigterm_pa_then_restart_loses_nothing() {
 #[tokio::test]
 async fn kill9_pa_then_restart_loses_no_idempotent_request() {
     let _serial = SERIAL.lock().await;
-    let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
-    let snap = mesh.root().join("sdk-snapshot.json");
-    let client = ready_client(&mesh, &snap).await;
-    let t0 = tokio::time::Instant::now();
-    let load = start_load(client.clone());
-    at(t0, 4.0).await;
-    let fault = now_unix_ms();
-    mesh.stop_with("h2", Signal::SIGKILL).await;
-    at(t0, 7.0).await;
-    mesh.restart("h2").await;
-    let healed = now_unix_ms();
-    let s = load.await.unwrap();
-    let end = now_unix_ms();
-    summary("pa-kill9", &s, fault, healed);
-    assert_full_load(&s);
-    assert_eq!(s.failed_idempotent, 0, "{:?}", s.failures);
-    assert_eq!(s.failed, s.unknown_outcome, "{:?}", s.failures);
-    assert!(
-        s.failed <= 50,
-        "more failures than requests in flight: {:?}",
-        s.failures
-    );
-    assert_went_and_came_back(&s, "ca_direct", end);
+    let (s, _mesh, _client) =
+        stop_and_restart("pa-kill9", "h2", Signal::SIGKILL, "ca_direct").await;
+    assert_only_in_flight_lost(&s);
 }
 
 #[tokio::test]
