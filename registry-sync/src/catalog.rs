@@ -185,6 +185,7 @@ impl Catalog {
                 (out, DataSource::Registry, now_unix_ms())
             }
         };
+        source_metrics(service, source, updated);
         let (tx, out) = watch::channel(Arc::new(initial));
         let meta = Arc::new(Mutex::new(Meta {
             source,
@@ -242,6 +243,20 @@ impl Catalog {
     }
 }
 
+/// Where a service's set came from and when it last changed, as metrics (staleness is now minus
+/// the update time).
+fn source_metrics(service: &ServiceName, source: DataSource, updated_unix_ms: u64) {
+    let from_cache = if source == DataSource::DiskCache {
+        1.0
+    } else {
+        0.0
+    };
+    metrics::gauge!("detour_catalog_from_disk_cache", "service" => service.to_string())
+        .set(from_cache);
+    metrics::gauge!("detour_catalog_updated_unix_seconds", "service" => service.to_string())
+        .set(updated_unix_ms as f64 / 1000.0);
+}
+
 fn report(service: &ServiceName, change: &Change) {
     match change {
         Change::Entered { kept } => {
@@ -275,6 +290,7 @@ async fn feed(
             m.source = source;
             m.updated_unix_ms = now_unix_ms();
         }
+        source_metrics(&service, source, now_unix_ms());
         if let Some(cache) = &opts.cache {
             cache.put(&service, &set, now_unix_ms());
         }

@@ -6,6 +6,7 @@
 
 pub mod etcd;
 pub mod grpc;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -159,19 +159,24 @@ async fn registrations_and_watches_survive_an_etcd_restart() {
 #[tokio::test]
 async fn a_watcher_that_missed_a_compaction_relists_and_converges() {
     let dir = tempfile::tempdir().unwrap();
-    let mut etcd = Etcd::start(dir.path()).await;
+    let etcd = Etcd::start(dir.path()).await;
+    let etcd_addr: std::net::SocketAddr = etcd.url.trim_start_matches("http://").parse().unwrap();
+    // The watcher reaches etcd only through a proxy the test can cut.
+    let proxy = detour_tests::proxy::CutProxy::start(etcd_addr).await;
     let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
         .await
         .unwrap();
-    let b = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
-        .await
-        .unwrap();
+    let b = EtcdRegistry::open(
+        HostId::new("h2").unwrap(),
+        opts(&format!("http://{}", proxy.addr)),
+    )
+    .await
+    .unwrap();
     let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
     a.register(ep("h1", "i1", 1)).await.unwrap();
     until(&mut rx, "registered", |s| s.endpoints.len() == 1).await;
-    // Take the watcher's view away: stop etcd, and write + compact while its watch is down.
-    etcd.stop().await;
-    etcd.restart().await;
+    // Disconnect the watcher; change things and compact the history it would resume from.
+    proxy.cut();
     let mut raw = etcd.raw().await;
     for i in 10..20 {
         let v = serde_json::json!({"version": 1, "endpoint": ep("h9", &format!("x{i}"), 9)});
@@ -186,6 +191,12 @@ async fn a_watcher_that_missed_a_compaction_relists_and_converges() {
     raw.delete("/detour/test/services/echo/x10", None)
         .await
         .unwrap();
+    a.deregister(
+        &ServiceName::new("echo").unwrap(),
+        &InstanceId::new("i1").unwrap(),
+    )
+    .await
+    .unwrap();
     let rev = raw
         .get("/", None)
         .await
@@ -194,8 +205,13 @@ async fn a_watcher_that_missed_a_compaction_relists_and_converges() {
         .unwrap()
         .revision();
     raw.compact(rev, None).await.unwrap();
+    assert_eq!(rx.borrow().endpoints.len(), 1, "the watcher is cut off");
+    proxy.restore();
     until(&mut rx, "converged after compaction", |s| {
-        s.endpoints.len() == 10 && s.endpoints.iter().all(|e| e.instance.as_str() != "x10")
+        s.endpoints.len() == 9
+            && s.endpoints
+                .iter()
+                .all(|e| !["x10", "i1"].contains(&e.instance.as_str()))
     })
     .await;
 }
