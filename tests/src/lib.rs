@@ -263,6 +263,39 @@ pub async fn caller_and_provider(h1_extra: &str) -> (Mesh, DemoProvider) {
     (mesh, provider)
 }
 
+/// An SDK client on `host` whose sidecar is ready and whose endpoint snapshot of `service` is in
+/// memory and in `snapshot_file` (so it can fall back to direct calls).
+pub async fn ready_sdk(mesh: &Mesh, host: &str, service: &str, snapshot_file: &Path) -> Client {
+    let svc = ServiceName::new(service).expect("service name");
+    let client = Client::builder(mesh.sidecar(host).outbound())
+        .app("test")
+        .timeout(Duration::from_secs(20))
+        .snapshot_file(snapshot_file)
+        .build();
+    assert!(
+        client.wait_ready(Duration::from_secs(10)).await,
+        "{host}'s sidecar never reported ready"
+    );
+    let req = http::Request::get("/")
+        .body(detour_thin_sdk::body::empty())
+        .expect("request");
+    let resp = client.send(&svc, req).await.expect("first call");
+    assert_eq!(resp.status(), 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !(client
+        .snapshot(&svc)
+        .is_some_and(|s| !s.endpoints.is_empty())
+        && snapshot_file.exists())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no endpoint snapshot of {service}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client
+}
+
 impl Default for Mesh {
     fn default() -> Self {
         Self::new()

@@ -11,7 +11,6 @@ use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::now_unix_ms;
 use detour_tests::etcd::Etcd;
 use detour_tests::{Mesh, Offer, admin_get_json};
-use detour_thin_sdk::body::empty;
 use detour_thin_sdk::{Client, Dial};
 use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
 use detour_watchdog::provider::DemoProvider;
@@ -54,29 +53,6 @@ fn spec(rate: u32, secs: u64) -> LoadSpec {
         path: "/".into(),
         timeout: Duration::from_secs(20),
     }
-}
-
-async fn sdk(mesh: &Mesh, snapshot: &std::path::Path) -> Client {
-    let client = Client::builder(mesh.sidecar("h1").outbound())
-        .timeout(Duration::from_secs(20))
-        .snapshot_file(snapshot)
-        .build();
-    assert!(client.wait_ready(Duration::from_secs(10)).await);
-    let resp = client
-        .send(&hello(), http::Request::get("/").body(empty()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    for _ in 0..500 {
-        if client
-            .snapshot(&hello())
-            .is_some_and(|s| !s.endpoints.is_empty())
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    client
 }
 
 fn admin(mesh: &Mesh, host: &str) -> Client {
@@ -125,7 +101,8 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
         .await;
     mesh.start("h1", "127.0.0.1", &[]).await;
     mesh.wait_endpoints("h1", "hello", 2).await;
-    let client = sdk(&mesh, &mesh.root().join("snap.json")).await;
+    let client =
+        detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
 
     let t0 = tokio::time::Instant::now();
     let c = client.clone();
@@ -221,7 +198,8 @@ async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
     let mut mesh = Mesh::new();
     let etcd = Etcd::start(mesh.root()).await;
     let (reg, ps) = five(&mut mesh, &etcd).await;
-    let client = sdk(&mesh, &mesh.root().join("snap.json")).await;
+    let client =
+        detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
     let t0 = tokio::time::Instant::now();
     let c = client.clone();
     let load = tokio::spawn(async move {
@@ -264,7 +242,8 @@ async fn a_deliberate_deregistration_stops_traffic_within_a_second() {
     let mut mesh = Mesh::new();
     let etcd = Etcd::start(mesh.root()).await;
     let (reg, ps) = five(&mut mesh, &etcd).await;
-    let client = sdk(&mesh, &mesh.root().join("snap.json")).await;
+    let client =
+        detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
     let c = client.clone();
     let load = tokio::spawn(async move {
         load::run(
@@ -318,7 +297,8 @@ async fn losing_etcd_members_fails_nothing_and_watches_continue() {
         .await;
     mesh.start("h1", "127.0.0.1", &[]).await;
     mesh.wait_endpoints("h1", "hello", 1).await;
-    let client = sdk(&mesh, &mesh.root().join("snap.json")).await;
+    let client =
+        detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
     let t0 = tokio::time::Instant::now();
     let c = client.clone();
     let load = tokio::spawn(async move {

@@ -26,33 +26,6 @@ fn hello() -> ServiceName {
     ServiceName::new("hello").unwrap()
 }
 
-/// An SDK client on h1 whose snapshot of `hello` is in memory (and in `file`).
-async fn ready_client(mesh: &Mesh, file: &std::path::Path) -> Client {
-    let client = Client::builder(mesh.sidecar("h1").outbound())
-        .protocol(AppProtocol::Http1)
-        .app("failover-test")
-        .timeout(Duration::from_secs(20))
-        .snapshot_file(file)
-        .build();
-    assert!(client.wait_ready(Duration::from_secs(10)).await);
-    let resp = client
-        .send(&hello(), http::Request::get("/").body(empty()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    for _ in 0..500 {
-        if client
-            .snapshot(&hello())
-            .is_some_and(|s| !s.endpoints.is_empty())
-            && file.exists()
-        {
-            return client;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no endpoint snapshot for hello");
-}
-
 fn spec() -> LoadSpec {
     LoadSpec {
         service: hello(),
@@ -141,7 +114,7 @@ async fn stop_and_restart(
 ) -> (Stats, Mesh, Client) {
     let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
     let snap = mesh.root().join("sdk-snapshot.json");
-    let client = ready_client(&mesh, &snap).await;
+    let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
     let t0 = tokio::time::Instant::now();
     let load = start_load(client.clone());
     at(t0, 4.0).await;
@@ -223,7 +196,7 @@ async fn sigstop_ca_is_detected_by_probes() {
     let _serial = SERIAL.lock().await;
     let (mesh, _p) = caller_and_provider(FAST_LINK).await;
     let snap = mesh.root().join("sdk-snapshot.json");
-    let client = ready_client(&mesh, &snap).await;
+    let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
     let t0 = tokio::time::Instant::now();
     let load = start_load(client.clone());
     at(t0, 4.0).await;
@@ -247,7 +220,7 @@ async fn app_started_while_its_sidecar_is_down_calls_directly_then_mesh() {
     let _serial = SERIAL.lock().await;
     let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
     let snap = mesh.root().join("sdk-snapshot.json");
-    drop(ready_client(&mesh, &snap).await); // an earlier run of the app left its snapshot file
+    drop(detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await); // an earlier run of the app left its snapshot file
     mesh.stop_with("h1", Signal::SIGTERM).await;
     let client = Client::builder(mesh.sidecar("h1").outbound())
         .app("late-app")
