@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::registry::{HostStatuses, Registry, RegistryError, now_unix_ms};
+use crate::registry::{HostStatuses, Registry, RegistryError, now_unix_ms, subscribe_or_insert};
 
 /// The record format this version writes and reads.
 const FORMAT: u32 = 1;
@@ -371,16 +371,10 @@ impl Registry for DirRegistry {
             .watchers
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = watchers.get(service) {
-            return Ok(tx.subscribe());
-        }
-        let current = {
+        Ok(subscribe_or_insert(&mut watchers, service, || {
             let view = self.inner.view.read().unwrap_or_else(|p| p.into_inner());
             view.services.get(service).cloned().unwrap_or_default()
-        };
-        let (tx, rx) = watch::channel(Arc::new(current));
-        watchers.insert(service.clone(), tx);
-        Ok(rx)
+        }))
     }
 
     async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError> {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::registry::{HostStatuses, Registry, RegistryError};
+use crate::registry::{HostStatuses, Registry, RegistryError, subscribe_or_insert};
 
 #[path = "etcd_view.rs"]
 mod view;
@@ -499,16 +499,12 @@ impl Registry for EtcdRegistry {
             .watchers
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = watchers.get(service) {
-            return Ok(tx.subscribe());
-        }
-        let set = service_set(
-            &self.inner.view.lock().unwrap_or_else(|p| p.into_inner()),
-            service,
-        );
-        let (tx, rx) = watch::channel(Arc::new(set));
-        watchers.insert(service.clone(), tx);
-        Ok(rx)
+        Ok(subscribe_or_insert(&mut watchers, service, || {
+            service_set(
+                &self.inner.view.lock().unwrap_or_else(|p| p.into_inner()),
+                service,
+            )
+        }))
     }
 
     async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError> {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName};
 use tokio::sync::watch;
 
-use crate::registry::{HostStatuses, Registry, RegistryError};
+use crate::registry::{HostStatuses, Registry, RegistryError, subscribe_or_insert};
 
 struct Store {
     endpoints: HashMap<ServiceName, Vec<Endpoint>>,
@@ -94,12 +94,10 @@ impl Registry for MemoryRegistry {
         service: &ServiceName,
     ) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
         let mut store = self.lock();
-        if let Some(tx) = store.watchers.get(service) {
-            return Ok(tx.subscribe());
-        }
-        let (tx, rx) = watch::channel(Arc::new(store.set_of(service)));
-        store.watchers.insert(service.clone(), tx);
-        Ok(rx)
+        let current = store.set_of(service);
+        Ok(subscribe_or_insert(&mut store.watchers, service, || {
+            current
+        }))
     }
 
     async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError> {

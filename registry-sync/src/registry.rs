@@ -118,6 +118,21 @@ impl std::str::FromStr for RegistrySpec {
     }
 }
 
+/// The watchers of one back-end: a subscription to an existing watch, or a new one starting
+/// from `current()`.
+pub(crate) fn subscribe_or_insert(
+    watchers: &mut std::collections::HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>,
+    service: &ServiceName,
+    current: impl FnOnce() -> EndpointSet,
+) -> watch::Receiver<Arc<EndpointSet>> {
+    if let Some(tx) = watchers.get(service) {
+        return tx.subscribe();
+    }
+    let (tx, rx) = watch::channel(Arc::new(current()));
+    watchers.insert(service.clone(), tx);
+    rx
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_unix_ms() -> u64 {
     SystemTime::now()

@@ -55,6 +55,20 @@ fn spec(rate: u32, secs: u64) -> LoadSpec {
     }
 }
 
+/// Steady load through `client` in the background (GET and POST alternating).
+fn spawn_load(client: &Client, rate: u32, secs: u64) -> tokio::task::JoinHandle<Stats> {
+    let c = client.clone();
+    tokio::spawn(async move {
+        load::run(
+            &spec(rate, secs),
+            &Target::Sdk(c),
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await
+    })
+}
+
 fn admin(mesh: &Mesh, host: &str) -> Client {
     Client::builder(Dial::Tcp(mesh.sidecar(host).addrs.admin))
         .control(false)
@@ -105,16 +119,7 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
         detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
 
     let t0 = tokio::time::Instant::now();
-    let c = client.clone();
-    let load = tokio::spawn(async move {
-        load::run(
-            &spec(500, 20),
-            &Target::Sdk(c),
-            |_, _| {},
-            std::future::pending(),
-        )
-        .await
-    });
+    let load = spawn_load(&client, 500, 20);
     tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
     etcd.stop().await;
     tokio::time::sleep_until(t0 + Duration::from_secs(5)).await;
@@ -201,16 +206,7 @@ async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
     let client =
         detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
     let t0 = tokio::time::Instant::now();
-    let c = client.clone();
-    let load = tokio::spawn(async move {
-        load::run(
-            &spec(500, 10),
-            &Target::Sdk(c),
-            |_, _| {},
-            std::future::pending(),
-        )
-        .await
-    });
+    let load = spawn_load(&client, 500, 10);
     tokio::time::sleep_until(t0 + Duration::from_secs(3)).await;
     for i in 1..5 {
         reg.deregister(&hello(), &InstanceId::new(format!("x{i}")).unwrap())
@@ -244,16 +240,7 @@ async fn a_deliberate_deregistration_stops_traffic_within_a_second() {
     let (reg, ps) = five(&mut mesh, &etcd).await;
     let client =
         detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
-    let c = client.clone();
-    let load = tokio::spawn(async move {
-        load::run(
-            &spec(500, 6),
-            &Target::Sdk(c),
-            |_, _| {},
-            std::future::pending(),
-        )
-        .await
-    });
+    let load = spawn_load(&client, 500, 6);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let victim = &ps[2];
     let t = now_unix_ms();
@@ -300,16 +287,7 @@ async fn losing_etcd_members_fails_nothing_and_watches_continue() {
     let client =
         detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
     let t0 = tokio::time::Instant::now();
-    let c = client.clone();
-    let load = tokio::spawn(async move {
-        load::run(
-            &spec(500, 15),
-            &Target::Sdk(c),
-            |_, _| {},
-            std::future::pending(),
-        )
-        .await
-    });
+    let load = spawn_load(&client, 500, 15);
     tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
     let leader = cluster.leader().await;
     cluster.kill(leader).await;
