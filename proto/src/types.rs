@@ -155,6 +155,13 @@ pub enum Source {
     Sync(String),
 }
 
+impl Source {
+    /// Whether a Detour sidecar registered it.
+    pub fn is_native(&self) -> bool {
+        *self == Source::Native
+    }
+}
+
 /// One provider instance as stored in the registry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
@@ -174,14 +181,14 @@ pub struct Endpoint {
     /// Relative share of traffic (1 when absent).
     #[serde(default = "default_weight")]
     pub weight: u32,
-    /// Failure domain, for zone-aware routing later.
-    #[serde(default)]
+    /// Failure domain, for zone-aware routing later (left out of JSON when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub zone: String,
-    /// Provider version, free text.
-    #[serde(default)]
+    /// Provider version, free text (left out of JSON when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
-    /// Who registered it.
-    #[serde(default)]
+    /// Who registered it (left out of JSON when native).
+    #[serde(default, skip_serializing_if = "Source::is_native")]
     pub source: Source,
 }
 

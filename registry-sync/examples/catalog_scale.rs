@@ -2,7 +2,9 @@
 //! instances; time to full load from etcd and from the disk cache, resident memory, and the
 //! delay from an etcd write to the catalog update.
 //!
-//! `cargo run --release -p detour-registry-sync --example catalog_scale -- ETCD_URL [N] [M]`
+//! `catalog_scale ETCD_URL N M CACHE_DIR` writes the keys, loads them, measures propagation and
+//! leaves the disk cache in CACHE_DIR; `catalog_scale --from-cache CACHE_DIR N M` is a fresh
+//! process starting with etcd unreachable, as a restarted sidecar would.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,15 +53,35 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Res<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,detour_registry_sync::catalog=info".into()),
+        )
+        .init();
     let args: Vec<String> = std::env::args().collect();
-    let url = args
-        .get(1)
-        .cloned()
-        .ok_or("usage: catalog_scale ETCD_URL [N] [M]")?;
-    let n: usize = args.get(2).map_or(Ok(10_000), |a| a.parse())?;
-    let m: usize = args.get(3).map_or(Ok(10), |a| a.parse())?;
+    let usage =
+        "usage: catalog_scale ETCD_URL N M CACHE_DIR | catalog_scale --from-cache CACHE_DIR N M";
+    let (url, dir) = match (args.get(1), args.get(2), args.get(4)) {
+        (Some(flag), Some(dir), _) if flag == "--from-cache" => (None, dir.clone()),
+        (Some(url), _, Some(dir)) => (Some(url.clone()), dir.clone()),
+        _ => return Err(usage.into()),
+    };
+    let (n_arg, m_arg) = if url.is_some() { (2, 3) } else { (3, 4) };
+    let n: usize = args.get(n_arg).ok_or(usage)?.parse()?;
+    let m: usize = args.get(m_arg).ok_or(usage)?.parse()?;
+    let cache_path = std::path::Path::new(&dir).join("catalog.sled");
+    match url {
+        Some(url) => from_etcd(url, n, m, &cache_path).await,
+        None => from_cache(&cache_path, n, m).await,
+    }
+}
+
+async fn from_etcd(url: String, n: usize, m: usize, cache_path: &std::path::Path) -> Res<()> {
     let opts = EtcdOptions {
         endpoints: vec![url.clone()],
         prefix: "/detour/v1".into(),
@@ -100,8 +122,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         t.elapsed().as_secs_f64()
     );
 
-    let dir = tempfile::tempdir()?;
-    let cache_path = dir.path().join("catalog.sled");
     let rss0 = rss_kib();
     let t = Instant::now();
     let reg = EtcdRegistry::open(HostId::new("bench").expect("name"), opts.clone()).await?;
@@ -109,7 +129,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let listed = t.elapsed();
-    let cache = DiskCache::open(&cache_path).ok_or("cache")?;
+    let rss_view = rss_kib();
+    let cache = DiskCache::open(cache_path).ok_or("cache")?;
     let catalog = Catalog::with_options(
         Arc::new(reg),
         CatalogOptions {
@@ -127,14 +148,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let loaded = t.elapsed();
     let total: usize = receivers.iter().map(|r| r.borrow().endpoints.len()).sum();
     assert_eq!(total, n * m, "every endpoint is in the catalog");
-    cache.flush();
     let rss1 = rss_kib();
     println!(
-        "bench: load from etcd: list {:.0} ms, catalog of {n} services x {m} ready in {:.0} ms; rss {} MiB -> {} MiB",
+        "bench: load from etcd: list {:.0} ms, catalog of {n} services x {m} ready in {:.0} ms; rss {} MiB -> {} MiB (registry view alone {} MiB)",
         listed.as_secs_f64() * 1000.0,
         loaded.as_secs_f64() * 1000.0,
         rss0 / 1024,
-        rss1 / 1024
+        rss1 / 1024,
+        rss_view / 1024,
     );
 
     // Propagation: one instance changes; time until the catalog shows it.
@@ -165,19 +186,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pct(&mut delays, 0.99),
         pct(&mut delays, 1.0)
     );
-    drop(receivers);
-    drop(catalog);
-    drop(cache);
+    catalog.flush_cache();
+    Ok(())
+}
 
-    // Start from the disk cache alone: the registry is unreachable.
+/// A fresh process with etcd unreachable: everything from the disk cache.
+async fn from_cache(cache_path: &std::path::Path, n: usize, m: usize) -> Res<()> {
     let dead = EtcdOptions {
         endpoints: vec!["http://127.0.0.1:9".into()],
+        prefix: "/detour/v1".into(),
+        ttl: Duration::from_secs(10),
         request_timeout: Duration::from_millis(200),
-        ..opts
     };
+    let rss0 = rss_kib();
     let t = Instant::now();
     let reg = EtcdRegistry::open(HostId::new("bench2").expect("name"), dead).await?;
-    let cache = DiskCache::open(&cache_path).ok_or("cache reopen")?;
+    let reg_opened = t.elapsed();
+    let cache = DiskCache::open(cache_path).ok_or("cache reopen")?;
+    let cache_opened = t.elapsed();
     let catalog = Catalog::with_options(
         Arc::new(reg),
         CatalogOptions {
@@ -185,18 +211,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..CatalogOptions::default()
         },
     );
-    let opened = t.elapsed();
+    let services = catalog.preload().await?;
+    let ready = t.elapsed();
     let mut total = 0;
-    let mut keep = Vec::with_capacity(n);
-    for s in &services {
-        let rx = catalog.subscribe(s).await?;
-        total += rx.borrow().endpoints.len();
-        keep.push(rx);
+    for s in 0..n {
+        let name = ServiceName::new(format!("svc{s}")).expect("name");
+        total += catalog.endpoints(&name).await?.endpoints.len();
     }
+    assert_eq!(total, n * m, "every endpoint came from the disk cache");
     println!(
-        "bench: load from disk cache (etcd down): {total} endpoints ready in {:.0} ms (of which opening {:.0} ms)",
-        t.elapsed().as_secs_f64() * 1000.0,
-        opened.as_secs_f64() * 1000.0
+        "bench: load from disk cache (etcd down): {services} services, {total} endpoints ready in {:.0} ms (registry client {:.0} ms, cache open {:.0} ms, catalog {:.0} ms); rss {} MiB -> {} MiB",
+        ready.as_secs_f64() * 1000.0,
+        reg_opened.as_secs_f64() * 1000.0,
+        (cache_opened - reg_opened).as_secs_f64() * 1000.0,
+        (ready - cache_opened).as_secs_f64() * 1000.0,
+        rss0 / 1024,
+        rss_kib() / 1024,
     );
     Ok(())
 }

@@ -1,12 +1,16 @@
 //! The catalog's second level: every service's last endpoint set on local disk (sled), so a
-//! sidecar that starts while the registry is unreachable can route at once. A cache that cannot
-//! be opened, or a value that does not parse, is reported and ignored — never fatal.
+//! sidecar that starts while the registry is unreachable can route at once. Writes are batched
+//! by a [`CacheWriter`] off the request path. A cache that cannot be opened, or a value that
+//! does not parse, is reported and ignored — never fatal.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use detour_proto::{Endpoint, EndpointSet, ServiceName};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 /// One cached service.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,11 +21,12 @@ pub struct Cached {
     pub written_unix_ms: u64,
 }
 
+/// The stored form: `{"version":1,"endpoints":[…],"written_unix_ms":…}`.
 #[derive(Serialize, Deserialize)]
 struct Value {
     version: u32,
-    #[serde(flatten)]
-    cached: Cached,
+    endpoints: Vec<Endpoint>,
+    written_unix_ms: u64,
 }
 
 /// The on-disk cache of one sidecar (sled allows one process per database).
@@ -35,8 +40,11 @@ impl DiskCache {
     /// is still being released; `None` (logged, counted) when it cannot be used.
     pub fn open(path: &Path) -> Option<DiskCache> {
         for attempt in 0..20 {
+            // Large enough to hold a big catalog while it is read at start (a smaller one thrashes
+            // during that scan); sled only fills it with what is there.
             match sled::Config::new()
                 .path(path)
+                .cache_capacity(64 << 20)
                 .flush_every_ms(Some(200))
                 .open()
             {
@@ -67,31 +75,53 @@ impl DiskCache {
                 return None;
             }
         };
-        match serde_json::from_slice::<Value>(&raw) {
-            Ok(v) if v.version == 1 => Some(v.cached),
-            Ok(_) | Err(_) => {
-                tracing::warn!(%service, "ignoring a corrupt catalog cache entry");
-                metrics::counter!("detour_catalog_cache_errors_total", "op" => "parse")
-                    .increment(1);
-                None
+        parse(service.as_str(), &raw)
+    }
+
+    /// Every readable cached service, in one pass (a sidecar's start), parsed on all cores;
+    /// unreadable entries are reported and skipped. Blocking: call it off the async runtime.
+    pub fn load_all(&self) -> Vec<(ServiceName, Cached)> {
+        let mut raw = Vec::new();
+        for item in self.db.iter() {
+            match item {
+                Ok(kv) => raw.push(kv),
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog disk cache scan stopped");
+                    metrics::counter!("detour_catalog_cache_errors_total", "op" => "read")
+                        .increment(1);
+                    break;
+                }
             }
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let chunk = raw.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = raw
+                .chunks(chunk)
+                .map(|part| s.spawn(move || part.iter().filter_map(parse_entry).collect()))
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|p| p.join().unwrap_or_else(|_| Vec::new()))
+                .collect()
+        })
+    }
+
+    /// Writes `service`'s set now (sled flushes to disk in the background).
+    pub fn put(&self, service: &ServiceName, set: &EndpointSet, now_ms: u64) {
+        if let Some(bytes) = encode(set, now_ms) {
+            self.write(vec![(service.clone(), bytes)]);
         }
     }
 
-    /// Writes `service`'s set (sled flushes to disk in the background).
-    pub fn put(&self, service: &ServiceName, set: &EndpointSet, now_ms: u64) {
-        let v = Value {
-            version: 1,
-            cached: Cached {
-                endpoints: set.endpoints.clone(),
-                written_unix_ms: now_ms,
-            },
-        };
-        let Ok(bytes) = serde_json::to_vec(&v) else {
-            return;
-        };
-        if let Err(e) = self.db.insert(service.as_str(), bytes) {
-            tracing::warn!(%service, error = %e, "catalog disk cache write failed");
+    fn write(&self, entries: Vec<(ServiceName, Vec<u8>)>) {
+        let mut batch = sled::Batch::default();
+        let n = entries.len();
+        for (service, bytes) in entries {
+            batch.insert(service.as_str(), bytes);
+        }
+        if let Err(e) = self.db.apply_batch(batch) {
+            tracing::warn!(services = n, error = %e, "catalog disk cache write failed");
             metrics::counter!("detour_catalog_cache_errors_total", "op" => "write").increment(1);
         }
     }
@@ -104,6 +134,112 @@ impl DiskCache {
     /// Flushes to disk now.
     pub fn flush(&self) {
         let _ = self.db.flush();
+    }
+}
+
+fn encode(set: &EndpointSet, now_ms: u64) -> Option<Vec<u8>> {
+    let v = Value {
+        version: 1,
+        endpoints: set.endpoints.clone(),
+        written_unix_ms: now_ms,
+    };
+    serde_json::to_vec(&v).ok()
+}
+
+fn parse_entry((key, raw): &(sled::IVec, sled::IVec)) -> Option<(ServiceName, Cached)> {
+    let key = String::from_utf8_lossy(key);
+    let Ok(service) = ServiceName::new(key.to_string()) else {
+        tracing::warn!(key = %key, "ignoring a catalog cache entry with an invalid name");
+        metrics::counter!("detour_catalog_cache_errors_total", "op" => "parse").increment(1);
+        return None;
+    };
+    parse(&key, raw).map(|c| (service, c))
+}
+
+fn parse(service: &str, raw: &[u8]) -> Option<Cached> {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(v) if v.version == 1 => Some(Cached {
+            endpoints: v.endpoints,
+            written_unix_ms: v.written_unix_ms,
+        }),
+        Ok(_) | Err(_) => {
+            tracing::warn!(%service, "ignoring a corrupt catalog cache entry");
+            metrics::counter!("detour_catalog_cache_errors_total", "op" => "parse").increment(1);
+            None
+        }
+    }
+}
+
+/// Writes sets to a [`DiskCache`] in batches: the latest set of each service changed within
+/// `every` is written once, in one sled batch, by a background task.
+#[derive(Debug)]
+pub struct CacheWriter {
+    cache: DiskCache,
+    pending: Arc<Mutex<HashMap<ServiceName, Vec<u8>>>>,
+    wake: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CacheWriter {
+    /// Starts the writer (inside a Tokio runtime).
+    pub fn spawn(cache: DiskCache, every: Duration) -> Self {
+        let pending = Arc::new(Mutex::new(HashMap::new()));
+        let wake = Arc::new(Notify::new());
+        let task = tokio::spawn({
+            let (cache, pending, wake) = (cache.clone(), pending.clone(), wake.clone());
+            async move {
+                loop {
+                    wake.notified().await;
+                    tokio::time::sleep(every).await;
+                    drain(&cache, &pending);
+                }
+            }
+        });
+        Self {
+            cache,
+            pending,
+            wake,
+            task,
+        }
+    }
+
+    /// The cache written to.
+    pub fn cache(&self) -> &DiskCache {
+        &self.cache
+    }
+
+    /// Queues `service`'s set (replacing any queued one).
+    pub fn put(&self, service: &ServiceName, set: &EndpointSet, now_ms: u64) {
+        let Some(bytes) = encode(set, now_ms) else {
+            return;
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(service.clone(), bytes);
+        self.wake.notify_one();
+    }
+
+    /// Writes everything queued and flushes it to disk (shutdown, tests).
+    pub fn flush(&self) {
+        drain(&self.cache, &self.pending);
+        self.cache.flush();
+    }
+}
+
+impl Drop for CacheWriter {
+    fn drop(&mut self) {
+        self.task.abort();
+        drain(&self.cache, &self.pending);
+    }
+}
+
+fn drain(cache: &DiskCache, pending: &Mutex<HashMap<ServiceName, Vec<u8>>>) {
+    let batch: Vec<_> = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()))
+        .into_iter()
+        .collect();
+    if !batch.is_empty() {
+        cache.write(batch);
     }
 }
 
@@ -130,9 +266,53 @@ mod tests {
         let c = DiskCache::open(&path).expect("reopens after close");
         assert_eq!(c.get(&svc).unwrap().endpoints, vec![ep]);
         assert!(c.get(&ServiceName::new("bad").unwrap()).is_none());
+        // One pass over everything skips the garbage and keeps the rest.
+        let all = c.load_all();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].0, svc);
         // A path that is not a database is reported, not fatal.
         let file = dir.path().join("file");
         std::fs::write(&file, b"not a db").unwrap();
         assert!(DiskCache::open(&file.join("x")).is_none());
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_writer_batches_the_latest_set_of_each_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(&dir.path().join("cache")).unwrap();
+        let w = CacheWriter::spawn(cache.clone(), Duration::from_millis(20));
+        let svc = ServiceName::new("echo").unwrap();
+        let ep = |i: u16| {
+            Endpoint::new(
+                svc.clone(),
+                detour_proto::InstanceId::new(format!("i{i}")).unwrap(),
+                detour_proto::HostId::new("h1").unwrap(),
+                format!("127.0.0.1:{i}").parse().unwrap(),
+            )
+        };
+        for i in 1..=3 {
+            w.put(&svc, &EndpointSet::known(vec![ep(i)]), u64::from(i));
+        }
+        // Nothing is written until the batch interval passes, then only the last set.
+        assert!(cache.get(&svc).is_none());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while cache.get(&svc).is_none() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let got = cache.get(&svc).unwrap();
+        assert_eq!(got.endpoints, vec![ep(3)]);
+        assert_eq!(got.written_unix_ms, 3);
+        // Dropping the writer writes what is still queued.
+        w.put(&svc, &EndpointSet::known(vec![ep(4)]), 4);
+        drop(w);
+        assert_eq!(cache.get(&svc).unwrap().endpoints, vec![ep(4)]);
     }
 }

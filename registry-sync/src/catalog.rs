@@ -8,49 +8,28 @@
 //! protected, its kept instances are health-checked every second.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use detour_proto::{Endpoint, EndpointSet, ServiceName};
+use detour_proto::{EndpointSet, ServiceName};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cache::DiskCache;
-use crate::protection::{Change, Protection, ProtectionConfig};
+use crate::cache::{CacheWriter, Cached, DiskCache};
+use crate::health::{HealthCheck, NetCheck};
+use crate::protection::{Change, Protection, ProtectionPolicy, ServicePolicy};
 use crate::registry::{Registry, RegistryError, now_unix_ms};
-
-/// Active health check of one endpoint (the seam for tests).
-pub trait HealthCheck: Send + Sync + 'static {
-    /// Whether `ep` answers.
-    fn check(&self, ep: &Endpoint) -> Pin<Box<dyn Future<Output = bool> + Send>>;
-}
-
-/// Health by TCP connect to the provider's address, within a timeout.
-#[derive(Debug, Clone, Copy)]
-pub struct TcpCheck(pub Duration);
-
-impl HealthCheck for TcpCheck {
-    fn check(&self, ep: &Endpoint) -> Pin<Box<dyn Future<Output = bool> + Send>> {
-        let (addr, limit) = (ep.app_address, self.0);
-        Box::pin(async move {
-            matches!(
-                tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await,
-                Ok(Ok(_))
-            )
-        })
-    }
-}
 
 /// How a catalog is fed.
 #[derive(Clone)]
 pub struct CatalogOptions {
-    /// Self-protection thresholds.
-    pub protection: ProtectionConfig,
+    /// Self-protection settings, global and per service.
+    pub policy: Arc<ProtectionPolicy>,
     /// The on-disk level, if any.
     pub cache: Option<DiskCache>,
+    /// Changes within this interval reach the disk cache in one batch.
+    pub cache_batch: Duration,
     /// How kept instances are checked while protected.
     pub health: Arc<dyn HealthCheck>,
 }
@@ -58,9 +37,10 @@ pub struct CatalogOptions {
 impl Default for CatalogOptions {
     fn default() -> Self {
         Self {
-            protection: ProtectionConfig::default(),
+            policy: Arc::new(ProtectionPolicy::default()),
             cache: None,
-            health: Arc::new(TcpCheck(Duration::from_millis(500))),
+            cache_batch: Duration::from_millis(100),
+            health: Arc::new(NetCheck),
         }
     }
 }
@@ -106,10 +86,20 @@ struct Meta {
     protection: Protection,
 }
 
+/// What a service's feeder needs besides its channels.
+#[derive(Clone)]
+struct Feed {
+    registry: Arc<dyn Registry>,
+    policy: ServicePolicy,
+    health: Arc<dyn HealthCheck>,
+    writer: Option<Arc<CacheWriter>>,
+}
+
 /// Endpoint sets per service.
 pub struct Catalog {
     registry: Arc<dyn Registry>,
     opts: CatalogOptions,
+    writer: Option<Arc<CacheWriter>>,
     services: RwLock<HashMap<ServiceName, Slot>>,
 }
 
@@ -125,12 +115,54 @@ impl Catalog {
         Self::with_options(registry, CatalogOptions::default())
     }
 
-    /// A catalog over `registry`.
+    /// A catalog over `registry` (inside a Tokio runtime: the disk cache's writer is a task).
     pub fn with_options(registry: Arc<dyn Registry>, opts: CatalogOptions) -> Self {
+        let writer = opts
+            .cache
+            .clone()
+            .map(|c| Arc::new(CacheWriter::spawn(c, opts.cache_batch)));
         Self {
             registry,
             opts,
+            writer,
             services: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Loads every service in the disk cache in one pass, so the catalog can route to all of
+    /// them before the registry answers (a sidecar's start); returns how many. Services the
+    /// registry already answered for are left to it.
+    pub async fn preload(&self) -> Result<usize, RegistryError> {
+        let Some(cache) = &self.opts.cache else {
+            return Ok(0);
+        };
+        let started = Instant::now();
+        let cache = cache.clone();
+        let all = tokio::task::spawn_blocking(move || cache.load_all())
+            .await
+            .unwrap_or_default();
+        let read = started.elapsed();
+        let mut loaded = 0;
+        for (service, cached) in all {
+            if self.read().contains_key(&service) {
+                continue;
+            }
+            self.insert(&service, Some(cached)).await?;
+            loaded += 1;
+        }
+        tracing::info!(
+            services = loaded,
+            read_ms = read.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "catalog loaded from the disk cache"
+        );
+        Ok(loaded)
+    }
+
+    /// Writes what the disk cache has queued (a graceful stop).
+    pub fn flush_cache(&self) {
+        if let Some(w) = &self.writer {
+            w.flush();
         }
     }
 
@@ -158,18 +190,29 @@ impl Catalog {
         if let Some(slot) = self.read().get(service) {
             return Ok(slot.tx.subscribe());
         }
+        let cached = self.opts.cache.as_ref().and_then(|c| c.get(service));
+        self.insert(service, cached).await
+    }
+
+    /// Makes `service`'s slot (unless a racing call did) and starts its feeder.
+    async fn insert(
+        &self,
+        service: &ServiceName,
+        cached: Option<Cached>,
+    ) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
         let rx = self.registry.watch(service).await?;
         let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
         if let Some(slot) = services.get(service) {
             return Ok(slot.tx.subscribe());
         }
-        let mut protection = Protection::new(self.opts.protection);
-        let cached = self.opts.cache.as_ref().and_then(|c| c.get(service));
+        let policy = self.opts.policy.for_service(service).clone();
+        let mut protection = Protection::new(policy.protection);
+        let synced = self.registry.synced();
         let (initial, source, updated) = match cached {
-            Some(c) if !self.registry.synced() => {
-                tracing::info!(%service, endpoints = c.endpoints.len(), "routing from the disk cache until the registry answers");
+            Some(c) if !synced => {
+                tracing::debug!(%service, endpoints = c.endpoints.len(), "routing from the disk cache until the registry answers");
                 (
-                    EndpointSet::known(c.endpoints),
+                    Arc::new(EndpointSet::known(c.endpoints)),
                     DataSource::DiskCache,
                     c.written_unix_ms,
                 )
@@ -177,28 +220,33 @@ impl Catalog {
             _ => {
                 let set = rx.borrow().clone();
                 let out = protection.on_registry(&set, Instant::now()).0;
-                if let Some(cache) = &self.opts.cache
-                    && self.registry.synced()
+                if let Some(w) = &self.writer
+                    && synced
                 {
-                    cache.put(service, &out, now_unix_ms());
+                    w.put(service, &out, now_unix_ms());
                 }
                 (out, DataSource::Registry, now_unix_ms())
             }
         };
         source_metrics(service, source, updated);
-        let (tx, out) = watch::channel(Arc::new(initial));
+        let (tx, out) = watch::channel(initial);
         let meta = Arc::new(Mutex::new(Meta {
             source,
             updated_unix_ms: updated,
             protection,
         }));
+        let feed_ctx = Feed {
+            registry: self.registry.clone(),
+            policy,
+            health: self.opts.health.clone(),
+            writer: self.writer.clone(),
+        };
         let task = tokio::spawn(feed(
             service.clone(),
-            self.registry.clone(),
             rx,
             tx.clone(),
             meta.clone(),
-            self.opts.clone(),
+            feed_ctx,
         ));
         services.insert(service.clone(), Slot { tx, meta, task });
         Ok(out)
@@ -231,9 +279,7 @@ impl Catalog {
         let Some(change) = meta.protection.end_by_operator() else {
             return false;
         };
-        let known = slot.tx.borrow().known;
-        slot.tx
-            .send_replace(Arc::new(meta.protection.output(known)));
+        slot.tx.send_replace(meta.protection.output());
         report(service, &change);
         true
     }
@@ -278,23 +324,23 @@ fn report(service: &ServiceName, change: &Change) {
 /// protected.
 async fn feed(
     service: ServiceName,
-    registry: Arc<dyn Registry>,
     mut rx: watch::Receiver<Arc<EndpointSet>>,
     tx: watch::Sender<Arc<EndpointSet>>,
     meta: Arc<Mutex<Meta>>,
-    opts: CatalogOptions,
+    ctx: Feed,
 ) {
-    let publish = |set: EndpointSet, source: DataSource| {
+    let registry = &ctx.registry;
+    let publish = |set: Arc<EndpointSet>, source: DataSource| {
         {
             let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
             m.source = source;
             m.updated_unix_ms = now_unix_ms();
         }
         source_metrics(&service, source, now_unix_ms());
-        if let Some(cache) = &opts.cache {
-            cache.put(&service, &set, now_unix_ms());
+        if let Some(w) = &ctx.writer {
+            w.put(&service, &set, now_unix_ms());
         }
-        tx.send_replace(Arc::new(set));
+        tx.send_replace(set);
     };
     // A registry reached since the slot was made counts as a change.
     let mut pending = registry.synced()
@@ -309,7 +355,7 @@ async fn feed(
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(Duration::from_secs(1)), if protected => {
-                    check_kept(&service, &meta, &tx, &opts).await;
+                    check_kept(&service, &meta, &tx, &ctx).await;
                     continue;
                 }
             }
@@ -335,30 +381,29 @@ async fn check_kept(
     service: &ServiceName,
     meta: &Arc<Mutex<Meta>>,
     tx: &watch::Sender<Arc<EndpointSet>>,
-    opts: &CatalogOptions,
+    ctx: &Feed,
 ) {
     let kept = meta
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .protection
         .kept();
-    let known = tx.borrow().known;
     for ep in kept {
-        let healthy = opts.health.check(&ep).await;
+        let healthy = ctx.health.check(&ep, &ctx.policy.check).await;
         let next = meta
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .protection
-            .on_health(&ep.instance, healthy, known);
+            .on_health(&ep.instance, healthy);
         if let Some(set) = next {
             tracing::info!(%service, instance = %ep.instance, healthy, "kept instance health changed");
-            tx.send_replace(Arc::new(set));
+            tx.send_replace(set);
         }
     }
     let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(change) = m.protection.expire(Instant::now()) {
         report(service, &change);
-        tx.send_replace(Arc::new(m.protection.output(known)));
+        tx.send_replace(m.protection.output());
     }
 }
 

@@ -2,11 +2,14 @@
 //! cache before the registry answers.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+
+use std::future::Future;
+use std::pin::Pin;
 
 use super::*;
+use crate::health::CheckSpec;
 use crate::memory::MemoryRegistry;
-use detour_proto::{HostId, InstanceId};
+use detour_proto::{Endpoint, HostId, InstanceId};
 
 fn ep(i: usize) -> Endpoint {
     Endpoint::new(
@@ -21,7 +24,7 @@ fn ep(i: usize) -> Endpoint {
 struct Fake(Mutex<HashSet<String>>);
 
 impl HealthCheck for Fake {
-    fn check(&self, ep: &Endpoint) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+    fn check(&self, ep: &Endpoint, _: &CheckSpec) -> Pin<Box<dyn Future<Output = bool> + Send>> {
         let bad = self.0.lock().unwrap().contains(ep.instance.as_str());
         Box::pin(async move { !bad })
     }
@@ -80,50 +83,16 @@ async fn follows_the_registry_and_protects_against_mass_removal() {
 
 #[tokio::test]
 async fn serves_the_disk_cache_until_the_registry_answers() {
-    struct Unsynced(MemoryRegistry, AtomicBool);
-    #[async_trait::async_trait]
-    impl Registry for Unsynced {
-        async fn register(&self, e: Endpoint) -> Result<(), RegistryError> {
-            self.0.register(e).await
-        }
-        async fn deregister(&self, s: &ServiceName, i: &InstanceId) -> Result<(), RegistryError> {
-            self.0.deregister(s, i).await
-        }
-        async fn watch(
-            &self,
-            s: &ServiceName,
-        ) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
-            self.0.watch(s).await
-        }
-        async fn set_host_status(&self, st: detour_proto::HostStatus) -> Result<(), RegistryError> {
-            self.0.set_host_status(st).await
-        }
-        fn watch_hosts(&self) -> watch::Receiver<Arc<crate::HostStatuses>> {
-            self.0.watch_hosts()
-        }
-        async fn host_status(
-            &self,
-            h: &HostId,
-        ) -> Result<Option<detour_proto::HostStatus>, RegistryError> {
-            self.0.host_status(h).await
-        }
-        async fn withdraw(&self) -> Result<(), RegistryError> {
-            Ok(())
-        }
-        fn synced(&self) -> bool {
-            self.1.load(Ordering::SeqCst)
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let cache = DiskCache::open(&dir.path().join("c")).unwrap();
     let echo = ServiceName::new("echo").unwrap();
     cache.put(&echo, &EndpointSet::known(vec![ep(1), ep(2)]), 7);
-    let reg = Arc::new(Unsynced(MemoryRegistry::new(), AtomicBool::new(false)));
+    let reg = MemoryRegistry::unsynced();
     let opts = CatalogOptions {
         cache: Some(cache.clone()),
         ..CatalogOptions::default()
     };
-    let catalog = Catalog::with_options(reg.clone(), opts);
+    let catalog = Catalog::with_options(Arc::new(reg.clone()), opts);
     let mut rx = catalog.subscribe(&echo).await.unwrap();
     assert_eq!(
         rx.borrow().endpoints.len(),
@@ -132,11 +101,125 @@ async fn serves_the_disk_cache_until_the_registry_answers() {
     );
     assert_eq!(catalog.snapshot()[&echo].source, DataSource::DiskCache);
     // The registry answers with a different set: it wins, and the cache follows.
-    reg.1.store(true, Ordering::SeqCst);
+    reg.set_synced(true);
     reg.register(ep(3)).await.unwrap();
     reg.register(ep(1)).await.unwrap();
     reg.register(ep(2)).await.unwrap();
     until(&mut rx, |s| s.endpoints.len() == 3).await;
     assert_eq!(catalog.snapshot()[&echo].source, DataSource::Registry);
+    catalog.flush_cache();
     assert_eq!(cache.get(&echo).unwrap().endpoints.len(), 3);
+}
+
+#[tokio::test]
+async fn preload_makes_every_cached_service_routable_before_the_registry_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(&dir.path().join("c")).unwrap();
+    let names: Vec<ServiceName> = (0..3)
+        .map(|i| ServiceName::new(format!("svc{i}")).unwrap())
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let eps = (0..=i)
+            .map(|k| {
+                let mut e = ep(k);
+                e.service = name.clone();
+                e
+            })
+            .collect();
+        cache.put(name, &EndpointSet::known(eps), 7);
+    }
+    cache.put_raw("svc-garbage", b"{not json");
+    // A registry that never answers: everything comes from the cache.
+    let reg = MemoryRegistry::unsynced();
+    let catalog = Catalog::with_options(
+        Arc::new(reg),
+        CatalogOptions {
+            cache: Some(cache),
+            ..CatalogOptions::default()
+        },
+    );
+    assert_eq!(catalog.preload().await.unwrap(), 3, "garbage is skipped");
+    let snap = catalog.snapshot();
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(snap[name].source, DataSource::DiskCache);
+        assert_eq!(snap[name].set.endpoints.len(), i + 1);
+        assert_eq!(snap[name].updated_unix_ms, 7);
+    }
+    assert_eq!(
+        catalog.endpoints(&names[2]).await.unwrap().endpoints.len(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn per_service_policies_and_http_checks_decide_what_is_kept() {
+    use crate::health::{CheckSpec, answering};
+    use crate::protection::{ProtectionConfig, ProtectionPolicy, ServicePolicy};
+
+    let svc = |name: &str| ServiceName::new(name).unwrap();
+    let at = |service: &ServiceName, i: usize, addr: std::net::SocketAddr| {
+        let mut e = ep(i);
+        e.service = service.clone();
+        e.app_address = addr;
+        e
+    };
+    // "checked": default policy with an HTTP check; "trusting": protection off.
+    let mut policy = ProtectionPolicy {
+        default: ServicePolicy {
+            check: CheckSpec {
+                timeout: Duration::from_secs(2),
+                http_path: Some("/healthz".into()),
+            },
+            ..ServicePolicy::default()
+        },
+        ..ProtectionPolicy::default()
+    };
+    let trusting = svc("trusting");
+    policy.services.insert(
+        trusting.clone(),
+        ServicePolicy {
+            protection: ProtectionConfig {
+                enabled: false,
+                ..ProtectionConfig::default()
+            },
+            ..ServicePolicy::default()
+        },
+    );
+    let reg = MemoryRegistry::new();
+    let catalog = Catalog::with_options(
+        Arc::new(reg.clone()),
+        CatalogOptions {
+            policy: Arc::new(policy),
+            ..CatalogOptions::default()
+        },
+    );
+    let checked = svc("checked");
+    let ok = answering("200 OK").await;
+    let sick = answering("503 Service Unavailable").await;
+    let mut rx_checked = catalog.subscribe(&checked).await.unwrap();
+    let mut rx_trusting = catalog.subscribe(&trusting).await.unwrap();
+    for i in 0..4 {
+        // i0 and i1 answer 200; i2 and i3 accept connections but answer 503.
+        let addr = if i < 2 { ok } else { sick };
+        reg.register(at(&checked, i, addr)).await.unwrap();
+        reg.register(at(&trusting, i, ok)).await.unwrap();
+    }
+    until(&mut rx_checked, |s| s.endpoints.len() == 4).await;
+    until(&mut rx_trusting, |s| s.endpoints.len() == 4).await;
+    for i in 1..4 {
+        let id = InstanceId::new(format!("i{i}")).unwrap();
+        reg.deregister(&checked, &id).await.unwrap();
+        reg.deregister(&trusting, &id).await.unwrap();
+    }
+    // Protection off: the registry is followed at once.
+    until(&mut rx_trusting, |s| s.endpoints.len() == 1).await;
+    assert!(!catalog.snapshot()[&trusting].protected);
+    // Protected: i1 passes its HTTP check and stays; the 503 ones leave although they accept
+    // connections.
+    until(&mut rx_checked, |s| {
+        let ids: Vec<&str> = s.endpoints.iter().map(|e| e.instance.as_str()).collect();
+        ids == ["i0", "i1"]
+    })
+    .await;
+    assert!(catalog.snapshot()[&checked].protected);
 }

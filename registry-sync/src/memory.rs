@@ -2,6 +2,7 @@
 //! expire; every client made from one store sees the same data at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -42,9 +43,20 @@ impl Store {
 }
 
 /// A shared in-memory registry.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryRegistry {
     store: Arc<Mutex<Store>>,
+    /// What `synced` answers (a registry not reached yet, for cache tests).
+    synced: Arc<AtomicBool>,
+}
+
+impl Default for MemoryRegistry {
+    fn default() -> Self {
+        Self {
+            store: Arc::default(),
+            synced: Arc::new(AtomicBool::new(true)),
+        }
+    }
 }
 
 impl std::fmt::Debug for MemoryRegistry {
@@ -57,6 +69,18 @@ impl MemoryRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry that reports not being reached until [`Self::set_synced`].
+    pub fn unsynced() -> Self {
+        let r = Self::default();
+        r.set_synced(false);
+        r
+    }
+
+    /// Sets what `synced` answers.
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::SeqCst);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -117,5 +141,9 @@ impl Registry for MemoryRegistry {
 
     async fn withdraw(&self) -> Result<(), RegistryError> {
         Ok(())
+    }
+
+    fn synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
     }
 }

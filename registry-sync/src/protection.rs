@@ -11,13 +11,16 @@
 //! operator command. References: Eureka self-preservation, Nacos' protect threshold, Envoy's
 //! healthy panic threshold.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use detour_proto::{Endpoint, EndpointSet, InstanceId};
+use detour_proto::{Endpoint, EndpointSet, InstanceId, ServiceName};
+
+use crate::health::CheckSpec;
 
 /// Self-protection thresholds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProtectionConfig {
     /// Whether protection can engage at all.
     pub enabled: bool,
@@ -38,6 +41,31 @@ impl Default for ProtectionConfig {
             threshold: 0.5,
             max: Duration::from_secs(300),
         }
+    }
+}
+
+/// What one service is protected with: thresholds and the health check of kept instances.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServicePolicy {
+    /// Thresholds.
+    pub protection: ProtectionConfig,
+    /// How kept instances are checked.
+    pub check: CheckSpec,
+}
+
+/// Protection settings: global defaults and per-service overrides.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProtectionPolicy {
+    /// For services without their own entry.
+    pub default: ServicePolicy,
+    /// Per-service settings (complete: overrides are merged over the defaults when configured).
+    pub services: HashMap<ServiceName, ServicePolicy>,
+}
+
+impl ProtectionPolicy {
+    /// The settings of `service`.
+    pub fn for_service(&self, service: &ServiceName) -> &ServicePolicy {
+        self.services.get(service).unwrap_or(&self.default)
     }
 }
 
@@ -68,11 +96,11 @@ pub enum Change {
 #[derive(Debug, Clone)]
 pub struct Protection {
     cfg: ProtectionConfig,
-    /// The last set the registry reported (with its instances by id).
-    last_registry: BTreeMap<InstanceId, Endpoint>,
+    /// The last set the registry reported (shared with the registry's watch: routing from it
+    /// costs no copy while nothing is kept).
+    last_registry: Arc<EndpointSet>,
     /// Instances that vanished recently, with when.
     vanished: VecDeque<(Instant, Endpoint)>,
-    /// The largest set size seen inside the window (the base of the share).
     /// While protected: since when, and the instances kept against the registry.
     protected: Option<(Instant, BTreeMap<InstanceId, Endpoint>)>,
     /// Kept instances whose health check failed (dropped from routing).
@@ -84,7 +112,7 @@ impl Protection {
     pub fn new(cfg: ProtectionConfig) -> Self {
         Self {
             cfg,
-            last_registry: BTreeMap::new(),
+            last_registry: Arc::new(EndpointSet::default()),
             vanished: VecDeque::new(),
             protected: None,
             failing: HashSet::new(),
@@ -107,21 +135,18 @@ impl Protection {
     /// Applies a new registry set at `now`; returns what to route to and any change.
     pub fn on_registry(
         &mut self,
-        set: &EndpointSet,
+        set: &Arc<EndpointSet>,
         now: Instant,
-    ) -> (EndpointSet, Option<Change>) {
-        let next: BTreeMap<InstanceId, Endpoint> = set
-            .endpoints
-            .iter()
-            .map(|e| (e.instance.clone(), e.clone()))
-            .collect();
+    ) -> (Arc<EndpointSet>, Option<Change>) {
+        let next: HashSet<&InstanceId> = set.endpoints.iter().map(|e| &e.instance).collect();
         let gone: Vec<Endpoint> = self
             .last_registry
+            .endpoints
             .iter()
-            .filter(|(id, _)| !next.contains_key(*id))
-            .map(|(_, e)| e.clone())
+            .filter(|e| !next.contains(&e.instance))
+            .cloned()
             .collect();
-        let base = self.last_registry.len();
+        let base = self.last_registry.endpoints.len();
         let mut change = None;
         for e in &gone {
             self.vanished.push_back((now, e.clone()));
@@ -144,8 +169,8 @@ impl Protection {
                     let kept: BTreeMap<_, _> = self
                         .vanished
                         .iter()
+                        .filter(|(_, e)| !next.contains(&e.instance))
                         .map(|(_, e)| (e.instance.clone(), e.clone()))
-                        .filter(|(id, _)| !next.contains_key(id))
                         .collect();
                     change = Some(Change::Entered { kept: kept.len() });
                     self.failing.clear();
@@ -157,27 +182,22 @@ impl Protection {
                 for e in gone {
                     kept.insert(e.instance.clone(), e);
                 }
-                kept.retain(|id, _| !next.contains_key(id));
+                kept.retain(|id, _| !next.contains(id));
                 if kept.is_empty() {
                     change = Some(self.leave(Ended::RegistryRecovered));
                 }
             }
             None => {}
         }
-        self.last_registry = next;
+        self.last_registry = set.clone();
         if change.is_none() {
             change = self.expire(now);
         }
-        (self.output(set.known), change)
+        (self.output(), change)
     }
 
     /// Records a health check of a kept instance; returns the new routing set if it changed.
-    pub fn on_health(
-        &mut self,
-        id: &InstanceId,
-        healthy: bool,
-        known: bool,
-    ) -> Option<EndpointSet> {
+    pub fn on_health(&mut self, id: &InstanceId, healthy: bool) -> Option<Arc<EndpointSet>> {
         let kept = self
             .protected
             .as_ref()
@@ -190,7 +210,7 @@ impl Protection {
         } else {
             self.failing.insert(id.clone())
         };
-        changed.then(|| self.output(known))
+        changed.then(|| self.output())
     }
 
     /// Ends protection at `now` if it lasted too long.
@@ -213,18 +233,19 @@ impl Protection {
     }
 
     /// What to route to: the registry's set, plus the kept instances that pass their checks.
-    pub fn output(&self, known: bool) -> EndpointSet {
-        let mut eps: Vec<Endpoint> = self.last_registry.values().cloned().collect();
-        if let Some((_, kept)) = &self.protected {
-            eps.extend(
-                kept.values()
-                    .filter(|e| !self.failing.contains(&e.instance))
-                    .cloned(),
-            );
-        }
+    pub fn output(&self) -> Arc<EndpointSet> {
+        let Some((_, kept)) = &self.protected else {
+            return self.last_registry.clone();
+        };
+        let mut eps = self.last_registry.endpoints.clone();
+        eps.extend(
+            kept.values()
+                .filter(|e| !self.failing.contains(&e.instance))
+                .cloned(),
+        );
         let mut set = EndpointSet::known(eps);
-        set.known = known;
-        set
+        set.known = self.last_registry.known;
+        Arc::new(set)
     }
 }
 

@@ -12,8 +12,8 @@ fn ep(i: usize) -> Endpoint {
     )
 }
 
-fn set(ids: &[usize]) -> EndpointSet {
-    EndpointSet::known(ids.iter().map(|i| ep(*i)).collect())
+fn set(ids: &[usize]) -> Arc<EndpointSet> {
+    Arc::new(EndpointSet::known(ids.iter().map(|i| ep(*i)).collect()))
 }
 
 fn ids(s: &EndpointSet) -> Vec<String> {
@@ -47,18 +47,17 @@ fn a_mass_deregistration_engages_protection_and_health_checks_decide() {
     assert_eq!(out.endpoints.len(), 5, "the last known set is kept");
     assert!(p.is_protected());
     // i1 fails its check: dropped; i2 passes: stays.
-    let out = p
-        .on_health(&InstanceId::new("i1").unwrap(), false, true)
-        .unwrap();
+    let out = p.on_health(&InstanceId::new("i1").unwrap(), false).unwrap();
     assert_eq!(ids(&out), ["i0", "i2", "i3", "i4"]);
-    assert!(
-        p.on_health(&InstanceId::new("i2").unwrap(), true, true)
-            .is_none()
-    );
+    assert!(p.on_health(&InstanceId::new("i2").unwrap(), true).is_none());
     // The registry shows them back: protection ends.
     let (out, change) = p.on_registry(&set(&[0, 1, 2, 3, 4]), t(2000));
     assert_eq!(change, Some(Change::Left(Ended::RegistryRecovered)));
     assert_eq!(out.endpoints.len(), 5);
+    assert!(
+        Arc::ptr_eq(&out, &p.output()),
+        "unprotected, the registry's set is routed as is"
+    );
 }
 
 #[test]
@@ -83,7 +82,7 @@ fn protection_always_ends() {
     assert_eq!(p.expire(t(30_000)), None);
     assert_eq!(p.expire(t(61_000)), Some(Change::Left(Ended::Expired)));
     assert!(
-        p.output(true).endpoints.is_empty(),
+        p.output().endpoints.is_empty(),
         "the registry is trusted again"
     );
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use detour_proto::{ADDRESS_FILE, Endpoint, HostStatus, SidecarAddresses, SidecarState, Source};
 use detour_registry_sync::cache::DiskCache;
-use detour_registry_sync::catalog::{CatalogOptions, TcpCheck};
+use detour_registry_sync::catalog::CatalogOptions;
 use detour_registry_sync::dir::{DirOptions, DirRegistry};
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::{Catalog, Registry, RegistryError, RegistrySpec, now_unix_ms};
@@ -61,6 +61,7 @@ pub struct Sidecar {
     cfg: Arc<Config>,
     lifecycle: Arc<Lifecycle>,
     registry: Arc<dyn Registry>,
+    catalog: Arc<Catalog>,
     bound: Bound,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -140,11 +141,18 @@ impl Sidecar {
         };
         publish_status(&*registry, &cfg, SidecarState::Starting).await?;
         let catalog_opts = CatalogOptions {
-            protection: cfg.protection,
+            policy: Arc::new(cfg.protection.clone()),
             cache: cfg.catalog_cache.as_deref().and_then(DiskCache::open),
-            health: Arc::new(TcpCheck(cfg.protection_check_timeout)),
+            ..CatalogOptions::default()
         };
         let catalog = Arc::new(Catalog::with_options(registry.clone(), catalog_opts));
+        // Every service known to the disk cache is routable before the first request: a start
+        // while the registry is down serves from here.
+        match catalog.preload().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(services = n, "catalog loaded from the disk cache"),
+            Err(e) => tracing::warn!(error = %e, "catalog disk cache not loaded"),
+        }
         let pool_opts = PoolOptions {
             connect_timeout: cfg.connect_timeout,
             ..PoolOptions::default()
@@ -233,6 +241,7 @@ impl Sidecar {
             cfg,
             lifecycle,
             registry,
+            catalog,
             bound,
             tasks,
         })
@@ -284,6 +293,7 @@ impl Sidecar {
             let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_file(self.cfg.run_dir.join(ADDRESS_FILE));
+        self.catalog.flush_cache();
         for t in &self.tasks {
             t.abort();
         }

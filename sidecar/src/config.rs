@@ -10,9 +10,11 @@ use std::time::Duration;
 use detour_proto::config_file::{self, ConfigError};
 use detour_proto::{AppProtocol, HostId, InstanceId, ServiceName};
 use detour_registry_sync::RegistrySpec;
-use detour_registry_sync::protection::ProtectionConfig;
+use detour_registry_sync::protection::ProtectionPolicy;
 use detour_thin_sdk::link::LinkConfig;
 use serde::Deserialize;
+
+pub use crate::config_protection::ProtectionRaw;
 
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "DETOUR_";
@@ -196,34 +198,6 @@ impl Default for RegistryEtcdRaw {
     }
 }
 
-/// `[protection]`: registry self-protection.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct ProtectionRaw {
-    /// Whether protection can engage.
-    pub enabled: bool,
-    /// Window in which vanished instances are counted.
-    pub window_ms: u64,
-    /// Share of a service's instances that may vanish in the window before protection engages.
-    pub threshold: f64,
-    /// Longest protection; then the registry is trusted again.
-    pub max_ms: u64,
-    /// Time a health check (TCP connect) of a kept instance may take.
-    pub check_timeout_ms: u64,
-}
-
-impl Default for ProtectionRaw {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            window_ms: 10_000,
-            threshold: 0.5,
-            max_ms: 300_000,
-            check_timeout_ms: 500,
-        }
-    }
-}
-
 /// `[link]`: how this sidecar's CA watches the PAs it uses.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -359,10 +333,8 @@ pub struct Config {
     pub registry_poll: Duration,
     /// The catalog's disk cache.
     pub catalog_cache: Option<PathBuf>,
-    /// Self-protection thresholds.
-    pub protection: ProtectionConfig,
-    /// Health-check timeout of kept instances.
-    pub protection_check_timeout: Duration,
+    /// Self-protection settings, global and per service.
+    pub protection: ProtectionPolicy,
     /// etcd key prefix.
     pub etcd_prefix: String,
     /// etcd lease TTL.
@@ -482,20 +454,7 @@ impl RawConfig {
             self.registry_etcd.request_timeout_ms,
         );
         let etcd_prefix = self.registry_etcd.prefix.trim_end_matches('/').to_owned();
-        if !(0.0..=1.0).contains(&self.protection.threshold) {
-            p.push("protection.threshold: must be between 0 and 1".into());
-        }
-        let protection = ProtectionConfig {
-            enabled: self.protection.enabled,
-            window: positive(&mut p, "protection.window_ms", self.protection.window_ms),
-            threshold: self.protection.threshold,
-            max: positive(&mut p, "protection.max_ms", self.protection.max_ms),
-        };
-        let protection_check_timeout = positive(
-            &mut p,
-            "protection.check_timeout_ms",
-            self.protection.check_timeout_ms,
-        );
+        let protection = self.protection.validate(&mut p);
         let catalog_cache = (!self.catalog_cache.is_empty()).then(|| {
             let c = PathBuf::from(&self.catalog_cache);
             if c.is_absolute() {
@@ -587,7 +546,6 @@ impl RawConfig {
                     registry_poll,
                     catalog_cache,
                     protection,
-                    protection_check_timeout,
                     etcd_prefix,
                     etcd_ttl,
                     etcd_request_timeout,

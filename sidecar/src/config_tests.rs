@@ -84,3 +84,78 @@ fn etcd_registry_is_configured() {
         "{err}"
     );
 }
+
+#[test]
+fn protection_has_global_defaults_and_per_service_overrides() {
+    let text = r#"
+host = "h1"
+[protection]
+threshold = 0.6
+check_path = "/healthz"
+[protection.service.payments]
+threshold = 0.2
+max_ms = 60000
+[protection.service.ledger]
+enabled = false
+check_path = ""
+"#;
+    let cfg = Config::parse("t", text, Vec::new()).unwrap();
+    let p = &cfg.protection;
+    assert_eq!(p.default.protection.threshold, 0.6);
+    assert_eq!(p.default.check.http_path.as_deref(), Some("/healthz"));
+    let payments = p.for_service(&ServiceName::new("payments").unwrap());
+    assert_eq!(payments.protection.threshold, 0.2);
+    assert_eq!(payments.protection.max, Duration::from_secs(60));
+    assert_eq!(
+        payments.protection.window,
+        Duration::from_secs(10),
+        "default kept"
+    );
+    assert_eq!(
+        payments.check.http_path.as_deref(),
+        Some("/healthz"),
+        "inherited"
+    );
+    let ledger = p.for_service(&ServiceName::new("ledger").unwrap());
+    assert!(!ledger.protection.enabled);
+    assert_eq!(ledger.check.http_path, None, "\"\" means connect only");
+    let other = p.for_service(&ServiceName::new("other").unwrap());
+    assert_eq!(other, &p.default);
+}
+
+#[test]
+fn bad_protection_settings_are_reported_with_their_keys() {
+    let text = r#"
+host = "h1"
+[protection]
+check_path = "healthz"
+[protection.service."bad name"]
+threshold = 0.5
+[protection.service.payments]
+threshold = 1.5
+window_ms = 0
+thresold = 0.3
+"#;
+    let err = Config::parse("t", text, Vec::new())
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "protection.check_path",
+        "protection.service.bad name",
+        "protection.service.payments.threshold",
+        "protection.service.payments.window_ms",
+        "thresold",
+    ] {
+        assert!(err.contains(needle), "{needle} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn the_example_deployment_config_is_valid() {
+    let text = include_str!("../../deploy/sidecar.toml");
+    let cfg = Config::parse("deploy/sidecar.toml", text, Vec::new()).unwrap();
+    let batch = cfg
+        .protection
+        .for_service(&ServiceName::new("batch-jobs").unwrap());
+    assert_eq!(batch.protection.threshold, 0.9);
+}

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod config_protection;
 pub mod control;
 pub mod detect;
 pub mod forward;
