@@ -78,33 +78,57 @@ impl DiskCache {
         parse(service.as_str(), &raw)
     }
 
-    /// Every readable cached service, in one pass (a sidecar's start), parsed on all cores;
-    /// unreadable entries are reported and skipped. Blocking: call it off the async runtime.
+    /// Every readable cached service, in one pass; unreadable entries are reported and
+    /// skipped. Blocking.
     pub fn load_all(&self) -> Vec<(ServiceName, Cached)> {
-        let mut raw = Vec::new();
-        for item in self.db.iter() {
-            match item {
-                Ok(kv) => raw.push(kv),
-                Err(e) => {
-                    tracing::warn!(error = %e, "catalog disk cache scan stopped");
-                    metrics::counter!("detour_catalog_cache_errors_total", "op" => "read")
-                        .increment(1);
-                    break;
+        let out = Mutex::new(Vec::new());
+        self.stream(512, |part| {
+            out.lock().unwrap_or_else(|p| p.into_inner()).extend(part);
+        });
+        out.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands every readable cached service to `sink`, `chunk` at a time, as they are parsed:
+    /// this thread scans while one worker per core parses, so a caller can use the first
+    /// services while the rest are read (a sidecar's start). Blocking: call it off the async
+    /// runtime. Unreadable entries are reported and skipped.
+    pub fn stream(&self, chunk: usize, sink: impl Fn(Vec<(ServiceName, Cached)>) + Sync) {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(sled::IVec, sled::IVec)>>(workers * 2);
+        let rx = Mutex::new(rx);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    loop {
+                        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(raw) = next else { return };
+                        sink(raw.iter().filter_map(parse_entry).collect());
+                    }
+                });
+            }
+            let mut raw = Vec::with_capacity(chunk);
+            for item in self.db.iter() {
+                match item {
+                    Ok(kv) => raw.push(kv),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "catalog disk cache scan stopped");
+                        metrics::counter!("detour_catalog_cache_errors_total", "op" => "read")
+                            .increment(1);
+                        break;
+                    }
+                }
+                if raw.len() == chunk {
+                    let full = std::mem::replace(&mut raw, Vec::with_capacity(chunk));
+                    if tx.send(full).is_err() {
+                        return;
+                    }
                 }
             }
-        }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-        let chunk = raw.len().div_ceil(threads).max(1);
-        std::thread::scope(|s| {
-            let parts: Vec<_> = raw
-                .chunks(chunk)
-                .map(|part| s.spawn(move || part.iter().filter_map(parse_entry).collect()))
-                .collect();
-            parts
-                .into_iter()
-                .flat_map(|p| p.join().unwrap_or_else(|_| Vec::new()))
-                .collect()
-        })
+            if !raw.is_empty() {
+                let _ = tx.send(raw);
+            }
+            drop(tx);
+        });
     }
 
     /// Writes `service`'s set now (sled flushes to disk in the background).

@@ -138,22 +138,27 @@ impl Catalog {
         };
         let started = Instant::now();
         let cache = cache.clone();
-        let all = tokio::task::spawn_blocking(move || cache.load_all())
-            .await
-            .unwrap_or_default();
-        let read = started.elapsed();
+        // Services become routable chunk by chunk while the rest is still being read.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let reader = tokio::task::spawn_blocking(move || {
+            cache.stream(256, |part| {
+                let _ = tx.blocking_send(part);
+            });
+        });
         let mut loaded = 0;
-        for (service, cached) in all {
-            if self.read().contains_key(&service) {
-                continue;
+        while let Some(part) = rx.recv().await {
+            for (service, cached) in part {
+                if self.read().contains_key(&service) {
+                    continue;
+                }
+                self.insert(&service, Some(cached)).await?;
+                loaded += 1;
             }
-            self.insert(&service, Some(cached)).await?;
-            loaded += 1;
         }
+        let _ = reader.await;
         tracing::info!(
             services = loaded,
-            read_ms = read.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64,
+            ms = started.elapsed().as_millis() as u64,
             "catalog loaded from the disk cache"
         );
         Ok(loaded)

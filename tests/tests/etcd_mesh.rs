@@ -176,8 +176,9 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
     }
 }
 
-/// Five providers registered straight into etcd, and the caller's sidecar h1.
-async fn five(mesh: &mut Mesh, etcd: &Etcd) -> (EtcdRegistry, Vec<DemoProvider>) {
+/// Five providers registered straight into etcd, and the caller's sidecar h1 (config `h1_extra`
+/// appended).
+async fn five(mesh: &mut Mesh, etcd: &Etcd, h1_extra: &str) -> (EtcdRegistry, Vec<DemoProvider>) {
     mesh.use_registry(&format!("etcd:{}", etcd.url));
     let reg = EtcdRegistry::open(HostId::new("hx").unwrap(), registrar_opts(&etcd.url))
         .await
@@ -192,7 +193,7 @@ async fn five(mesh: &mut Mesh, etcd: &Etcd) -> (EtcdRegistry, Vec<DemoProvider>)
             .unwrap();
         ps.push(p);
     }
-    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.start_with("h1", "127.0.0.1", &[], h1_extra).await;
     mesh.wait_endpoints("h1", "hello", 5).await;
     (reg, ps)
 }
@@ -202,11 +203,12 @@ async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let mut mesh = Mesh::new();
     let etcd = Etcd::start(mesh.root()).await;
-    let (reg, ps) = five(&mut mesh, &etcd).await;
+    let checked = "[protection]\ncheck_path = \"/healthz\"\n";
+    let (reg, ps) = five(&mut mesh, &etcd, checked).await;
     let client =
         detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
     let t0 = tokio::time::Instant::now();
-    let load = spawn_load(&client, 500, 10);
+    let load = spawn_load(&client, 500, 12);
     tokio::time::sleep_until(t0 + Duration::from_secs(3)).await;
     for i in 1..5 {
         reg.deregister(&hello(), &InstanceId::new(format!("x{i}")).unwrap())
@@ -214,21 +216,58 @@ async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
             .unwrap();
     }
     let after: Vec<u64> = ps.iter().map(DemoProvider::received).collect();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let state = admin_get_json(&admin(&mesh, "h1"), "/state").await;
-    assert_eq!(
-        state["services"]["hello"]["protected"], true,
-        "{}",
-        state["services"]["hello"]
+    let hello_state = |mesh: &Mesh| {
+        let c = admin(mesh, "h1");
+        async move { admin_get_json(&c, "/state").await["services"]["hello"].clone() }
+    };
+    let svc = wait_state(|| hello_state(&mesh), |s| s["protected"] == true).await;
+    assert_eq!(svc["endpoints"].as_array().unwrap().len(), 5, "{svc}");
+    // x4 keeps accepting connections but its health check answers 503: it alone leaves.
+    ps[4].set_healthy(false);
+    let svc = wait_state(
+        || hello_state(&mesh),
+        |s| s["endpoints"].as_array().unwrap().len() == 4,
+    )
+    .await;
+    assert!(
+        !svc["endpoints"].to_string().contains("\"x4\""),
+        "the failing instance left: {svc}"
     );
+    let x4_out = ps[4].received();
     let s = load.await.unwrap();
     line("mass-deregistration", &s);
     assert_eq!(s.failed, 0, "{:?}", s.failures);
-    for (i, p) in ps.iter().enumerate().skip(1) {
+    for (i, p) in ps.iter().enumerate().take(4).skip(1) {
         assert!(
             p.received() > after[i] + 50,
             "x{i} left rotation although it is healthy"
         );
+    }
+    assert!(
+        ps[4].received() <= x4_out + 2,
+        "x4 kept receiving after its check failed: {} -> {}",
+        x4_out,
+        ps[4].received()
+    );
+}
+
+/// Polls `get` every 100 ms until `done` holds (10 s at most); returns the last value.
+async fn wait_state<F, Fut>(get: F, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = serde_json::Value>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = get().await;
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "state never reached: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -237,7 +276,7 @@ async fn a_deliberate_deregistration_stops_traffic_within_a_second() {
     let _serial = SERIAL.lock().await;
     let mut mesh = Mesh::new();
     let etcd = Etcd::start(mesh.root()).await;
-    let (reg, ps) = five(&mut mesh, &etcd).await;
+    let (reg, ps) = five(&mut mesh, &etcd, "").await;
     let client =
         detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
     let load = spawn_load(&client, 500, 6);

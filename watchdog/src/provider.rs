@@ -7,13 +7,14 @@
 //! | `POST /…` | the number of body bytes received (the body is streamed, never held) |
 //! | `…?ms=N` | waits N ms before answering |
 //! | `/status/NNN` | answers with status NNN |
+//! | `GET /healthz` | 200 `ok`, or 503 after [`DemoProvider::set_healthy`]`(false)`; not counted |
 //!
 //! Every answer carries `x-served-by: {instance}`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -71,13 +72,20 @@ impl DemoProvider {
     pub fn received(&self) -> u64 {
         self.counts.received.load(Ordering::Relaxed)
     }
+
+    /// What `GET /healthz` answers from now on (200 or 503); other requests are served as
+    /// before.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.counts.unhealthy.store(!healthy, Ordering::Relaxed);
+    }
 }
 
-/// Request counters.
+/// Request counters and the health flag.
 #[derive(Debug, Default)]
 struct Counts {
     received: AtomicU64,
     served: AtomicU64,
+    unhealthy: AtomicBool,
 }
 
 async fn serve(listener: TcpListener, instance: HeaderValue, served: Arc<Counts>) {
@@ -106,6 +114,17 @@ async fn answer(
     instance: HeaderValue,
     counts: Arc<Counts>,
 ) -> Response<BoxBody> {
+    if req.uri().path() == "/healthz" {
+        let (status, text) = if counts.unhealthy.load(Ordering::Relaxed) {
+            (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n")
+        } else {
+            (StatusCode::OK, "ok\n")
+        };
+        let mut resp = Response::new(full(text));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(SERVED_BY, instance);
+        return resp;
+    }
     counts.received.fetch_add(1, Ordering::Relaxed);
     let wait_ms = req
         .uri()
