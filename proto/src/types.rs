@@ -231,7 +231,9 @@ pub struct EndpointSet {
 impl EndpointSet {
     /// A set the registry knows, sorted by instance id.
     pub fn known(mut endpoints: Vec<Endpoint>) -> Self {
-        endpoints.sort_by(|a, b| a.instance.cmp(&b.instance));
+        if !endpoints.is_sorted_by(|a, b| a.instance <= b.instance) {
+            endpoints.sort_by(|a, b| a.instance.cmp(&b.instance));
+        }
         Self {
             known: true,
             endpoints,
