@@ -185,6 +185,13 @@ ttl_ms = 10000
         self.sidecars.insert(host.to_owned(), sc);
     }
 
+    /// A plain client of `host`'s admin API.
+    pub fn admin(&self, host: &str) -> Client {
+        Client::builder(Dial::Tcp(self.sidecar(host).addrs.admin))
+            .control(false)
+            .build()
+    }
+
     /// An SDK client on `host` speaking `protocol` to its sidecar's Unix socket.
     pub fn client(&self, host: &str, protocol: AppProtocol) -> Client {
         Client::builder(self.sidecar(host).outbound())

@@ -13,12 +13,6 @@ use detour_watchdog::provider::DemoProvider;
 use detour_watchdog::sidecar::find_sidecar_binary;
 use http::Request;
 
-fn admin_client(mesh: &Mesh, host: &str) -> Client {
-    Client::builder(Dial::Tcp(mesh.sidecar(host).addrs.admin))
-        .control(false)
-        .build()
-}
-
 async fn provider_mesh() -> (Mesh, DemoProvider) {
     caller_and_provider("").await
 }
@@ -26,7 +20,7 @@ async fn provider_mesh() -> (Mesh, DemoProvider) {
 #[tokio::test]
 async fn admin_endpoints_answer() {
     let (mesh, _p) = provider_mesh().await;
-    let admin = admin_client(&mesh, "h1");
+    let admin = mesh.admin("h1");
     assert_eq!(admin_get(&admin, "/live").await.0, 200);
     assert_eq!(admin_get(&admin, "/ready").await.0, 200);
     assert_eq!(admin_get(&admin, "/nope").await.0, 404);
@@ -51,7 +45,7 @@ async fn admin_endpoints_answer() {
             .contains("detour_requests_total{direction=\"outbound\",path=\"mesh\",class=\"2xx\"}"),
         "{metrics}"
     );
-    let pa_admin = admin_client(&mesh, "h2");
+    let pa_admin = mesh.admin("h2");
     let (_, pa_metrics) = admin_get(&pa_admin, "/metrics").await;
     assert!(pa_metrics.contains("direction=\"inbound\""), "{pa_metrics}");
 }

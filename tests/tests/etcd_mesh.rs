@@ -11,7 +11,7 @@ use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::now_unix_ms;
 use detour_tests::etcd::Etcd;
 use detour_tests::{Mesh, Offer, admin_get_json};
-use detour_thin_sdk::{Client, Dial};
+use detour_thin_sdk::Client;
 use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
 use detour_watchdog::provider::DemoProvider;
 use nix::sys::signal::Signal;
@@ -69,12 +69,6 @@ fn spawn_load(client: &Client, rate: u32, secs: u64) -> tokio::task::JoinHandle<
     })
 }
 
-fn admin(mesh: &Mesh, host: &str) -> Client {
-    Client::builder(Dial::Tcp(mesh.sidecar(host).addrs.admin))
-        .control(false)
-        .build()
-}
-
 fn line(name: &str, s: &Stats) -> String {
     let n = |k| s.paths.get(k).copied().unwrap_or(0);
     let l = format!(
@@ -125,7 +119,7 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
     tokio::time::sleep_until(t0 + Duration::from_secs(5)).await;
     mesh.stop_with("h1", Signal::SIGTERM).await;
     mesh.restart("h1").await; // etcd is down: ready from its disk cache alone
-    let state = admin_get_json(&admin(&mesh, "h1"), "/state").await;
+    let state = admin_get_json(&mesh.admin("h1"), "/state").await;
     println!(
         "restarted during the outage: {}",
         state["services"]["hello"]
@@ -156,7 +150,7 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
     // The catalog converged: h2-hello and x2, not x1, from the registry.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let state = admin_get_json(&admin(&mesh, "h1"), "/state").await;
+        let state = admin_get_json(&mesh.admin("h1"), "/state").await;
         let svc = &state["services"]["hello"];
         let mut ids: Vec<String> = svc["endpoints"]
             .as_array()
@@ -217,7 +211,7 @@ async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
     }
     let after: Vec<u64> = ps.iter().map(DemoProvider::received).collect();
     let hello_state = |mesh: &Mesh| {
-        let c = admin(mesh, "h1");
+        let c = mesh.admin("h1");
         async move { admin_get_json(&c, "/state").await["services"]["hello"].clone() }
     };
     let svc = wait_state(|| hello_state(&mesh), |s| s["protected"] == true).await;
