@@ -317,6 +317,21 @@ pub async fn admin_get_json(client: &Client, path: &str) -> serde_json::Value {
 }
 
 /// GETs `path` from an admin API, returning status and body text.
+/// The sum of the samples of metric `name` whose labels contain `label` (`""`: all), from
+/// `/metrics` of the admin API behind `client`; `None` when there is no such sample.
+pub async fn metric(client: &Client, name: &str, label: &str) -> Option<f64> {
+    let (_, text) = admin_get(client, "/metrics").await;
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+/// GETs `path` from the admin API behind `client`: status and body text.
 pub async fn admin_get(client: &Client, path: &str) -> (u16, String) {
     let svc = ServiceName::new("admin").expect("name");
     let req = http::Request::get(path)

@@ -6,7 +6,7 @@
 
 use detour_proto::{AppProtocol, Endpoint, EndpointSet, HostId, InstanceId, ServiceName};
 use detour_registry_sync::cache::DiskCache;
-use detour_tests::{Mesh, admin_get, admin_get_json, body_text};
+use detour_tests::{Mesh, admin_get, admin_get_json, body_text, metric};
 use detour_thin_sdk::body::empty;
 use detour_watchdog::provider::DemoProvider;
 use http::Request;
@@ -15,14 +15,6 @@ use http::Request;
 fn dead_etcd() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     format!("etcd:http://{}", l.local_addr().unwrap())
-}
-
-/// The value of the first sample of `name` whose labels contain `label`.
-fn sample(metrics: &str, name: &str, label: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && l.contains(label))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test]
@@ -52,24 +44,18 @@ async fn a_cache_with_garbage_still_routes_what_it_can_while_the_registry_is_dow
     assert_eq!(svc["source"], "disk-cache", "{state}");
     assert_eq!(svc["endpoints"].as_array().unwrap().len(), 1, "{svc}");
     assert!(state["services"].get("broken").is_none(), "{state}");
-    let (_, metrics) = admin_get(&admin, "/metrics").await;
     assert_eq!(
-        sample(
-            &metrics,
-            "detour_catalog_cache_errors_total",
-            "op=\"parse\""
-        ),
-        Some(1.0),
-        "{metrics}"
+        metric(&admin, "detour_catalog_cache_errors_total", "op=\"parse\"").await,
+        Some(1.0)
     );
     assert_eq!(
-        sample(
-            &metrics,
+        metric(
+            &admin,
             "detour_catalog_from_disk_cache",
             "service=\"hello\""
-        ),
-        Some(1.0),
-        "{metrics}"
+        )
+        .await,
+        Some(1.0)
     );
     // The cached endpoint carries a call (no PA: CA goes straight to the provider).
     let client = mesh.client("h1", AppProtocol::Http1);
@@ -91,11 +77,9 @@ async fn an_unusable_cache_is_reported_and_the_sidecar_serves_without_it() {
     mesh.start("h1", "127.0.0.1", &[]).await;
     let admin = mesh.admin("h1");
     assert_eq!(admin_get(&admin, "/ready").await.0, 200);
-    let (_, metrics) = admin_get(&admin, "/metrics").await;
     assert_eq!(
-        sample(&metrics, "detour_catalog_cache_errors_total", "op=\"open\""),
-        Some(1.0),
-        "{metrics}"
+        metric(&admin, "detour_catalog_cache_errors_total", "op=\"open\"").await,
+        Some(1.0)
     );
     let log = std::fs::read_to_string(mesh.sidecar("h1").run_dir.join("sidecar.log")).unwrap();
     assert!(log.contains("catalog disk cache unusable"), "{log}");

@@ -10,7 +10,7 @@ use detour_registry_sync::Registry;
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::now_unix_ms;
 use detour_tests::etcd::Etcd;
-use detour_tests::{Mesh, Offer, admin_get_json};
+use detour_tests::{Mesh, Offer, admin_get_json, metric};
 use detour_thin_sdk::Client;
 use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
 use detour_watchdog::provider::DemoProvider;
@@ -113,18 +113,28 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
         detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
 
     let t0 = tokio::time::Instant::now();
-    let load = spawn_load(&client, 500, 20);
+    let load = spawn_load(&client, 500, 30);
     tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
-    etcd.stop().await;
+    etcd.stop().await; // for 20 s
     tokio::time::sleep_until(t0 + Duration::from_secs(5)).await;
     mesh.stop_with("h1", Signal::SIGTERM).await;
     mesh.restart("h1").await; // etcd is down: ready from its disk cache alone
-    let state = admin_get_json(&mesh.admin("h1"), "/state").await;
-    println!(
-        "restarted during the outage: {}",
-        state["services"]["hello"]
+    let h1 = mesh.admin("h1");
+    let state = admin_get_json(&h1, "/state").await;
+    let svc = &state["services"]["hello"];
+    println!("restarted during the outage: {svc}");
+    assert_eq!(svc["source"], "disk-cache", "{svc}");
+    assert_eq!(svc["endpoints"].as_array().unwrap().len(), 2, "{svc}");
+    tokio::time::sleep_until(t0 + Duration::from_secs(21)).await;
+    // The restarted sidecar carries the traffic again while etcd is still down.
+    let outbound = metric(&h1, "detour_requests_total", "direction=\"outbound\"")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        outbound > 5_000.0,
+        "the restarted sidecar carried only {outbound} requests during the outage"
     );
-    tokio::time::sleep_until(t0 + Duration::from_secs(12)).await;
+    tokio::time::sleep_until(t0 + Duration::from_secs(22)).await;
     etcd.restart().await;
     // Changes made once etcd is back: one instance added, one removed.
     a.deregister(&hello(), &InstanceId::new("x1").unwrap())
@@ -136,7 +146,7 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
     b.register(bare("hy", "x2", &py)).await.unwrap();
     let s = load.await.unwrap();
     line("outage", &s);
-    assert_eq!(s.sent, 10_000);
+    assert_eq!(s.sent, 15_000);
     assert_eq!(s.failed, 0, "{:?}", s.failures);
     assert!(
         s.paths.get("direct").copied().unwrap_or(0) > 0,
