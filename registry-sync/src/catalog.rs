@@ -216,11 +216,12 @@ impl Catalog {
         let (initial, source, updated) = match cached {
             Some(c) if !synced => {
                 tracing::debug!(%service, endpoints = c.endpoints.len(), "routing from the disk cache until the registry answers");
-                (
-                    Arc::new(EndpointSet::known(c.endpoints)),
-                    DataSource::DiskCache,
-                    c.written_unix_ms,
-                )
+                // The cached set is the history protection judges the registry's first answer
+                // against: a registry back from an outage with most instances gone is distrusted
+                // like any other mass removal.
+                let cached = Arc::new(EndpointSet::known(c.endpoints));
+                let (out, _) = protection.on_registry(&cached, Instant::now());
+                (out, DataSource::DiskCache, c.written_unix_ms)
             }
             _ => {
                 let set = rx.borrow().clone();

@@ -223,3 +223,44 @@ async fn per_service_policies_and_http_checks_decide_what_is_kept() {
     .await;
     assert!(catalog.snapshot()[&checked].protected);
 }
+
+#[tokio::test]
+async fn a_registry_back_with_most_instances_gone_is_judged_against_the_disk_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(&dir.path().join("c")).unwrap();
+    let echo = ServiceName::new("echo").unwrap();
+    cache.put(&echo, &EndpointSet::known((0..5).map(ep).collect()), 7);
+    let reg = MemoryRegistry::unsynced();
+    let fake = Arc::new(Fake(Mutex::new(HashSet::from(["i4".to_owned()]))));
+    let catalog = Catalog::with_options(
+        Arc::new(reg.clone()),
+        CatalogOptions {
+            cache: Some(cache),
+            health: fake,
+            ..CatalogOptions::default()
+        },
+    );
+    assert_eq!(catalog.preload().await.unwrap(), 1);
+    let mut rx = catalog.subscribe(&echo).await.unwrap();
+    assert_eq!(rx.borrow().endpoints.len(), 5);
+    // The registry answers with one instance of the five.
+    reg.register(ep(0)).await.unwrap();
+    reg.set_synced(true);
+    reg.register(ep(0)).await.unwrap(); // a change, now that the registry counts
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while catalog.snapshot()[&echo].source != DataSource::Registry {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the registry's answer is applied");
+    let view = &catalog.snapshot()[&echo];
+    assert!(view.protected, "four of five vanished at once");
+    assert_eq!(view.source, DataSource::Registry);
+    // The kept instances stay while healthy; i4 fails its check and leaves.
+    until(&mut rx, |s| {
+        let ids: Vec<&str> = s.endpoints.iter().map(|e| e.instance.as_str()).collect();
+        ids == ["i0", "i1", "i2", "i3"]
+    })
+    .await;
+}
