@@ -37,6 +37,7 @@ impl EndpointInfo {
             zone: self.zone.clone(),
             version: self.version.clone(),
             source: Source::Native,
+            labels: Default::default(),
         })
     }
 }
@@ -69,6 +70,7 @@ mod tests {
             zone: "z".into(),
             version: "1".into(),
             source: Source::Native,
+            labels: Default::default(),
         };
         let info = EndpointInfo::from(&ep);
         assert_eq!(info.to_endpoint(&ep.service), Some(ep.clone()));

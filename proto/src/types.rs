@@ -1,5 +1,6 @@
 //! Shared value types: validated names, endpoints as stored in the registry, host status.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -144,15 +145,49 @@ impl AppProtocol {
     }
 }
 
-/// Who put an endpoint into the registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// Who put an endpoint into the registry; written as `"native"` or `"sync:{legacy}"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum Source {
     /// Registered by a Detour sidecar for a local provider.
     #[default]
     Native,
-    /// Mirrored from a legacy registry by the sync agent.
+    /// Mirrored from the named legacy registry by the sync agent.
     Sync(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Native => f.write_str("native"),
+            Source::Sync(legacy) => write!(f, "sync:{legacy}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "native" => Ok(Source::Native),
+            Some(("sync", legacy)) if !legacy.is_empty() => Ok(Source::Sync(legacy.to_owned())),
+            _ => Err(format!(
+                "source {s:?} is neither \"native\" nor \"sync:NAME\""
+            )),
+        }
+    }
+}
+
+impl Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Source {
@@ -190,6 +225,9 @@ pub struct Endpoint {
     /// Who registered it (left out of JSON when native).
     #[serde(default, skip_serializing_if = "Source::is_native")]
     pub source: Source,
+    /// Free labels (for rules that select endpoints); left out of JSON when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn default_weight() -> u32 {
@@ -215,6 +253,7 @@ impl Endpoint {
             zone: String::new(),
             version: String::new(),
             source: Source::Native,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -331,21 +370,30 @@ mod tests {
         assert_eq!(ep, back);
         let bad = json.replace("\"echo\"", "\"bad name\"");
         assert!(serde_json::from_str::<Endpoint>(&bad).is_err());
+        // Defaults are left out; a mirrored endpoint with labels keeps them.
+        assert!(!serde_json::to_string(&ep).unwrap().contains("source"));
+        let mut synced = ep.clone();
+        synced.source = Source::Sync("zk".into());
+        synced.labels.insert("lane".into(), "canary".into());
+        let text = serde_json::to_string(&synced).unwrap();
+        assert!(text.contains(r#""source":"sync:zk""#), "{text}");
+        assert!(text.contains(r#""labels":{"lane":"canary"}"#), "{text}");
+        assert_eq!(serde_json::from_str::<Endpoint>(&text).unwrap(), synced);
+        for bad in ["sync:", "legacy", "sync"] {
+            let text = text.replace("sync:zk", bad);
+            assert!(serde_json::from_str::<Endpoint>(&text).is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn endpoint_sets_are_sorted() {
-        let ep = |i: &str| Endpoint {
-            service: ServiceName::new("s").unwrap(),
-            instance: InstanceId::new(i).unwrap(),
-            host: HostId::new("h").unwrap(),
-            app_address: "127.0.0.1:1".parse().unwrap(),
-            pa_address: None,
-            protocol: AppProtocol::Http1,
-            weight: 1,
-            zone: String::new(),
-            version: String::new(),
-            source: Source::Native,
+        let ep = |i: &str| {
+            Endpoint::new(
+                ServiceName::new("s").unwrap(),
+                InstanceId::new(i).unwrap(),
+                HostId::new("h").unwrap(),
+                "127.0.0.1:1".parse().unwrap(),
+            )
         };
         let set = EndpointSet::known(vec![ep("b"), ep("a")]);
         assert_eq!(set.endpoints[0].instance.as_str(), "a");

@@ -41,6 +41,7 @@ fn endpoint(s: usize, i: usize, weight: u32) -> Endpoint {
         zone: String::new(),
         version: String::new(),
         source: Source::Native,
+        labels: Default::default(),
     }
 }
 

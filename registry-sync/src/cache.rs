@@ -3,7 +3,7 @@
 //! by a [`CacheWriter`] off the request path. A cache that cannot be opened, or a value that
 //! does not parse, is reported and ignored — never fatal.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +25,7 @@ pub struct Cached {
 
 /// The stored form, version 2: `{"version":2,"written_unix_ms":…,"endpoints":[ROW,…]}`, one row
 /// per endpoint, `[instance, host, app_address, pa_address, protocol, weight, zone, version,
-/// source]` (the service is the key). Rows parse in about half the time of full objects, which is
+/// source, labels]` (the service is the key). Rows parse in about half the time of full objects, which is
 /// what a start with a large catalog waits for.
 #[derive(Serialize)]
 struct Value<'a> {
@@ -45,6 +45,7 @@ struct RowRef<'a>(
     &'a str,
     &'a str,
     &'a Source,
+    &'a BTreeMap<String, String>,
 );
 
 #[derive(Deserialize)]
@@ -65,6 +66,7 @@ struct Row(
     String,
     String,
     Source,
+    BTreeMap<String, String>,
 );
 
 /// Version 1, still read: endpoints as full objects.
@@ -222,6 +224,7 @@ fn encode(set: &EndpointSet, now_ms: u64) -> Option<Vec<u8>> {
                 &e.zone,
                 &e.version,
                 &e.source,
+                &e.labels,
             )
         })
         .collect();
@@ -262,6 +265,7 @@ fn parse(service: &ServiceName, raw: &[u8]) -> Option<Cached> {
                     zone: r.6,
                     version: r.7,
                     source: r.8,
+                    labels: r.9,
                 })
                 .collect(),
             written_unix_ms: v.written_unix_ms,

@@ -15,6 +15,7 @@ fn ep(service: &str, host: &str, port: u16) -> Endpoint {
         zone: String::new(),
         version: String::new(),
         source: Source::Native,
+        labels: Default::default(),
     }
 }
 

@@ -226,6 +226,7 @@ impl Sidecar {
                     zone: String::new(),
                     version: String::new(),
                     source: Source::Native,
+                    labels: Default::default(),
                 })
                 .await?;
         }
