@@ -1,0 +1,78 @@
+# Shared by the bench scripts: temporary directory and process cleanup, the demo provider, a
+# sidecar on the directory registry, and CPU/memory readings from /proc. Source it after `cd`
+# to the repository root.
+BIN=target/release
+if [ ! -x "$BIN/detour-sidecar" ] || [ ! -x "$BIN/detourctl" ]; then
+  cargo build --release --bins
+fi
+TMP=$(mktemp -d /tmp/detour-bench-XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+wait_file() { # FILE SECONDS
+  local i=0
+  while [ ! -s "$1" ]; do
+    i=$((i + 1)); [ "$i" -gt $(($2 * 100)) ] && { echo "timed out waiting for $1" >&2; exit 1; }
+    sleep 0.01
+  done
+}
+
+wait_http() { # URL SECONDS: until it answers at all
+  local i=0
+  until curl -s -o /dev/null "$1"; do
+    i=$((i + 1)); [ "$i" -gt $(($2 * 100)) ] && { echo "timed out waiting for $1" >&2; exit 1; }
+    sleep 0.01
+  done
+}
+
+# start_provider IP: the demo provider; sets PROVIDER (ip:port) and P_PID.
+start_provider() {
+  "$BIN/detourctl" provider --listen "$1:0" --instance h2-hello --addr-file "$TMP/provider.addr" >/dev/null &
+  P_PID=$!
+  PIDS+=("$P_PID")
+  wait_file "$TMP/provider.addr" 10
+  PROVIDER=$(cat "$TMP/provider.addr")
+}
+
+# start_sidecar HOST IP EXTRA_TOML: a sidecar on the directory registry; prints its pid.
+start_sidecar() {
+  mkdir -p "$TMP/$1"
+  cat >"$TMP/$1/sidecar.toml" <<TOML
+host = "$1"
+run_dir = "$TMP/$1"
+registry = "dir:$TMP/registry"
+[outbound]
+listen = "$2:0"
+unix = "outbound.sock"
+[inbound]
+listen = "$2:0"
+[admin]
+listen = "$2:0"
+$3
+TOML
+  RUST_LOG=warn "$BIN/detour-sidecar" --config "$TMP/$1/sidecar.toml" 2>"$TMP/$1/sidecar.log" &
+  PIDS+=($!)
+  wait_file "$TMP/$1/sidecar.json" 10
+}
+
+# sidecar_field HOST KEY: a value from the sidecar's address file (pid, outbound_tcp, …).
+sidecar_field() {
+  sed -n "s/.*\"$2\": \"\{0,1\}\([^\",]*\)\"\{0,1\}.*/\1/p" "$TMP/$1/sidecar.json"
+}
+
+free_port() {
+  python3 -c 'import socket,sys; s=socket.socket(); s.bind((sys.argv[1],0)); print(s.getsockname()[1])' "$1"
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+TICK=$(getconf CLK_TCK)
+
+# us_per_req TICKS REQUESTS
+us_per_req() { awk -v p="$1" -v n="$2" -v t="$TICK" 'BEGIN { printf "%.1f", p * 1e6 / t / n }'; }
+sent_of() { echo "$1" | sed -n 's/.*sent=\([0-9]*\).*/\1/p'; }
