@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use detour_proto::{Endpoint, InstanceId};
+use detour_proto::{Endpoint, EndpointSet, InstanceId};
 use detour_registry_sync::now_unix_ms;
 
 use crate::config::Balance;
@@ -48,6 +48,9 @@ pub struct Balancer {
     policy: Balance,
     next: AtomicUsize,
     loads: Mutex<HashMap<InstanceId, Arc<Load>>>,
+    /// Address of the endpoint set `loads` was last pruned for (pruning is per change, not per
+    /// request).
+    pruned_for: AtomicUsize,
 }
 
 impl Balancer {
@@ -57,12 +60,13 @@ impl Balancer {
             policy,
             next: AtomicUsize::new(0),
             loads: Mutex::new(HashMap::new()),
+            pruned_for: AtomicUsize::new(0),
         }
     }
 
     fn load_of(&self, id: &InstanceId) -> Arc<Load> {
         let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
-        loads.entry(id.clone()).or_default().clone()
+        load_in(&mut loads, id)
     }
 
     /// Picks an endpoint among `endpoints`, skipping those in `exclude` (already tried for this
@@ -73,33 +77,33 @@ impl Balancer {
         exclude: &[InstanceId],
     ) -> Option<(&'a Endpoint, InFlight)> {
         let now = now_unix_ms();
-        let candidates: Vec<(&Endpoint, Arc<Load>)> = endpoints
-            .iter()
-            .filter(|e| !exclude.contains(&e.instance))
-            .map(|e| (e, self.load_of(&e.instance)))
-            .collect();
-        let healthy: Vec<&(&Endpoint, Arc<Load>)> =
-            candidates.iter().filter(|(_, l)| !l.ejected(now)).collect();
-        let pool: Vec<&(&Endpoint, Arc<Load>)> = if healthy.is_empty() {
-            candidates.iter().collect()
-        } else {
-            healthy
+        let mut pool: Vec<(&Endpoint, Arc<Load>)> = {
+            let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+            endpoints
+                .iter()
+                .filter(|e| !exclude.contains(&e.instance))
+                .map(|e| (e, load_in(&mut loads, &e.instance)))
+                .collect()
         };
+        // Ejected endpoints are passed over unless every one is ejected (panic mode).
+        if pool.iter().any(|(_, l)| !l.ejected(now)) {
+            pool.retain(|(_, l)| !l.ejected(now));
+        }
         let chosen = match pool.len() {
             0 => return None,
-            1 => pool[0],
+            1 => &pool[0],
             n => match self.policy {
-                Balance::RoundRobin => pool[self.next.fetch_add(1, Ordering::Relaxed) % n],
+                Balance::RoundRobin => &pool[self.next.fetch_add(1, Ordering::Relaxed) % n],
                 Balance::P2c => {
                     let a = fastrand::usize(..n);
                     let mut b = fastrand::usize(..n - 1);
                     if b >= a {
                         b += 1;
                     }
-                    if cost(pool[a]) <= cost(pool[b]) {
-                        pool[a]
+                    if cost(&pool[a]) <= cost(&pool[b]) {
+                        &pool[a]
                     } else {
-                        pool[b]
+                        &pool[b]
                     }
                 }
             },
@@ -116,11 +120,23 @@ impl Balancer {
             .store(until, Ordering::Relaxed);
     }
 
-    /// Forgets endpoints no longer in `endpoints`.
-    pub fn retain(&self, endpoints: &[Endpoint]) {
+    /// Forgets endpoints no longer in `set`; does nothing when `set` is the one already seen.
+    pub fn retain(&self, set: &Arc<EndpointSet>) {
+        let addr = Arc::as_ptr(set) as usize;
+        if self.pruned_for.swap(addr, Ordering::Relaxed) == addr {
+            return;
+        }
         let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
-        loads.retain(|id, _| endpoints.iter().any(|e| &e.instance == id));
+        loads.retain(|id, _| set.endpoints.iter().any(|e| &e.instance == id));
     }
+}
+
+/// The load of `id`, created on first use (cloning the id only then).
+fn load_in(loads: &mut HashMap<InstanceId, Arc<Load>>, id: &InstanceId) -> Arc<Load> {
+    if let Some(l) = loads.get(id) {
+        return l.clone();
+    }
+    loads.entry(id.clone()).or_default().clone()
 }
 
 /// In-flight requests per unit of weight (scaled to stay in integers).
@@ -203,5 +219,23 @@ mod tests {
             b.pick(&e, &[e[0].instance.clone(), e[1].instance.clone()])
                 .is_none()
         );
+    }
+
+    #[test]
+    fn loads_of_removed_endpoints_are_forgotten_once_per_set() {
+        let b = Balancer::new(Balance::RoundRobin);
+        let all = Arc::new(EndpointSet::known(eps(3)));
+        b.retain(&all);
+        for _ in 0..3 {
+            b.pick(&all.endpoints, &[]).unwrap();
+        }
+        assert_eq!(b.loads.lock().unwrap().len(), 3);
+        let two = Arc::new(EndpointSet::known(eps(2)));
+        b.retain(&two);
+        assert_eq!(b.loads.lock().unwrap().len(), 2);
+        // The same set again costs nothing and changes nothing.
+        b.load_of(&all.endpoints[2].instance);
+        b.retain(&two);
+        assert_eq!(b.loads.lock().unwrap().len(), 3);
     }
 }

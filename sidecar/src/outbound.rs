@@ -115,6 +115,9 @@ impl Outbound {
 
     fn balancer(&self, service: &ServiceName) -> Arc<Balancer> {
         let mut map = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get(service) {
+            return b.clone();
+        }
         map.entry(service.clone())
             .or_insert_with(|| Arc::new(Balancer::new(self.cfg.balance)))
             .clone()
@@ -145,7 +148,7 @@ impl Outbound {
             return Err(MeshError::UnknownService(service.to_string()));
         }
         let balancer = self.balancer(&service);
-        balancer.retain(&set.endpoints);
+        balancer.retain(&set);
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
         let idempotent = is_idempotent(&req);
@@ -158,7 +161,7 @@ impl Outbound {
             idempotent,
         };
         let mut tried: Vec<InstanceId> = Vec::new();
-        let mut last = MeshError::NoEndpoint(service.to_string());
+        let mut last = None;
         while let Some((ep, in_flight)) = balancer.pick(&set.endpoints, &tried) {
             match self.to_endpoint(&service, ep, &mut flight).await {
                 Ok((resp, path)) => return Ok((resp.map(|b| with_guard(b, in_flight)), path)),
@@ -166,14 +169,15 @@ impl Outbound {
                 Err(None) => {
                     balancer.eject(&ep.instance, self.cfg.eject);
                     tried.push(ep.instance.clone());
-                    last = MeshError::UpstreamConnect(format!("{} refused", ep.app_address));
+                    let refused = MeshError::UpstreamConnect(format!("{} refused", ep.app_address));
                     if flight.req.is_none() && flight.replay.is_none() {
-                        return Err(last);
+                        return Err(refused);
                     }
+                    last = Some(refused);
                 }
             }
         }
-        Err(last)
+        Err(last.unwrap_or_else(|| MeshError::NoEndpoint(service.to_string())))
     }
 
     /// Tries one endpoint: via its PA when the link allows, else (or when the PA did not take
