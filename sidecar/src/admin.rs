@@ -9,11 +9,13 @@
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 //! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use detour_proto::SidecarState;
+use detour_proto::{Endpoint, SidecarState};
 use detour_registry_sync::Catalog;
+use detour_registry_sync::catalog::DataSource;
 use detour_thin_sdk::BoxBody;
 use detour_thin_sdk::body::full;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -21,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -83,7 +86,7 @@ impl Admin {
                 r
             }
             (&Method::GET, "/state") => {
-                let mut r = Response::new(full(self.state_json().to_string()));
+                let mut r = Response::new(full(self.state_json()));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
@@ -117,20 +120,23 @@ impl Admin {
         }
     }
 
-    fn state_json(&self) -> serde_json::Value {
-        let services: serde_json::Map<String, serde_json::Value> = self
-            .catalog
-            .snapshot()
-            .into_iter()
+    /// `/state` as JSON bytes. The catalog part is serialized straight from the shared sets
+    /// (no intermediate JSON tree: a catalog of 100,000 endpoints would need hundreds of MB).
+    fn state_json(&self) -> Vec<u8> {
+        let snapshot = self.catalog.snapshot();
+        let now = detour_registry_sync::now_unix_ms();
+        let services: BTreeMap<&str, ServiceState<'_>> = snapshot
+            .iter()
             .map(|(name, v)| {
-                let stale_ms =
-                    detour_registry_sync::now_unix_ms().saturating_sub(v.updated_unix_ms);
-                let view = json!({
-                    "known": v.set.known, "endpoints": v.set.endpoints, "source": v.source,
-                    "updated_unix_ms": v.updated_unix_ms, "stale_ms": stale_ms,
-                    "protected": v.protected,
-                });
-                (name.to_string(), view)
+                let view = ServiceState {
+                    known: v.set.known,
+                    endpoints: &v.set.endpoints,
+                    source: v.source,
+                    updated_unix_ms: v.updated_unix_ms,
+                    stale_ms: now.saturating_sub(v.updated_unix_ms),
+                    protected: v.protected,
+                };
+                (name.as_str(), view)
             })
             .collect();
         let providers: Vec<serde_json::Value> = self
@@ -144,7 +150,7 @@ impl Admin {
                 })
             })
             .collect();
-        json!({
+        let head = json!({
             "host": self.cfg.host,
             "version": crate::VERSION,
             "state": self.lifecycle.state().as_str(),
@@ -153,9 +159,29 @@ impl Admin {
             "open_connections": self.lifecycle.open_connections(),
             "providers": providers,
             "links": self.links.states(),
-            "services": services,
-        })
+        });
+        let state = State { head, services };
+        serde_json::to_vec(&state).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes())
     }
+}
+
+/// `/state`: the small fields, then every service.
+#[derive(Serialize)]
+struct State<'a> {
+    #[serde(flatten)]
+    head: serde_json::Value,
+    services: BTreeMap<&'a str, ServiceState<'a>>,
+}
+
+/// One service in `/state`.
+#[derive(Serialize)]
+struct ServiceState<'a> {
+    known: bool,
+    endpoints: &'a [Endpoint],
+    source: DataSource,
+    updated_unix_ms: u64,
+    stale_ms: u64,
+    protected: bool,
 }
 
 fn text(status: StatusCode, body: &str) -> Response<BoxBody> {
