@@ -11,10 +11,6 @@ at 4
 FAULT=$(now_ms)
 etcd_delete /detour/v1/services/hello/h4-hello
 HEALED=$FAULT
-deregister_ms() {
-  local last; last=$(echo "$SERVED" | tr ' ' '\n' | sed -n 's/^h4-hello=[0-9]*@//p')
-  local d=$(( ${last:-0} - FAULT )); [ "$d" -lt 0 ] && d=0; echo "$d"
-}
-extra_fields() { echo " deregister_ms=$(deregister_ms)"; }
-extra_check() { [ "$(deregister_ms)" -lt 1000 ]; }
+extra_fields() { echo " deregister_ms=$(served_after h4-hello "$FAULT")"; }
+extra_check() { [ "$(served_after h4-hello "$FAULT")" -lt 1000 ]; }
 finish deregister-one "$FAULT" "$HEALED" lossless

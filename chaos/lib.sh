@@ -161,9 +161,16 @@ etcd_delete() {
   local k; k=$(printf '%s' "$1" | base64 -w0)
   local i
   for i in "${!ETCD_URLS[@]}"; do
-    curl -sf -X POST "${ETCD_URLS[$i]}/v3/kv/deleterange" -d "{\"key\":\"$k\"}" >/dev/null && return 0
+    curl -sf --max-time 2 -X POST "${ETCD_URLS[$i]}/v3/kv/deleterange" -d "{\"key\":\"$k\"}" >/dev/null && return 0
   done
   return 1
+}
+
+# served_after INSTANCE SINCE_MS: how long after SINCE_MS the instance answered its last request
+# (0 when it answered none after it); reads SERVED, which finish sets.
+served_after() {
+  local last; last=$(echo "$SERVED" | tr ' ' '\n' | sed -n "s/^$1=[0-9]*@//p")
+  local d=$(( ${last:-0} - $2 )); [ "$d" -lt 0 ] && d=0; echo "$d"
 }
 
 # finish NAME FAULT_MS HEALED_MS EXPECTATION: waits for the load, prints the RESULT line, and

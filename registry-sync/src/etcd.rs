@@ -202,9 +202,17 @@ impl Inner {
             return Ok(c.clone());
         }
         let url = &self.opts.endpoints[idx];
+        // HTTP/2 keep-alive pings find a member that stopped answering (frozen, partitioned)
+        // even on the otherwise silent watch stream, which then ends and is reopened on
+        // another member; `require_leader` makes a member cut off from the quorum end its
+        // watches instead of leaving them silently stale.
+        let ping = self.opts.request_timeout.min(Duration::from_secs(1));
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(self.opts.request_timeout)
-            .with_timeout(self.opts.request_timeout);
+            .with_timeout(self.opts.request_timeout)
+            .with_keep_alive(ping, self.opts.request_timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
         match tokio::time::timeout(
             self.opts.request_timeout,
             Client::connect([url.as_str()], Some(opts)),

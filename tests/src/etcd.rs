@@ -212,6 +212,14 @@ impl EtcdCluster {
         panic!("no member says it leads");
     }
 
+    /// Sends `signal` to member `i` (SIGSTOP freezes it like a partition: connections are
+    /// accepted by the kernel and never answered; SIGCONT thaws it).
+    pub fn signal(&self, i: usize, signal: nix::sys::signal::Signal) {
+        if let Some(m) = &self.members[i] {
+            m.signal(signal).expect("signal etcd member");
+        }
+    }
+
     /// Kills member `i` (SIGKILL).
     pub async fn kill(&mut self, i: usize) {
         if let Some(mut m) = self.members[i].take() {

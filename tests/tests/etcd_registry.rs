@@ -273,3 +273,41 @@ async fn a_burst_of_registrations_right_after_open_is_seen() {
         "a late client lists all five"
     );
 }
+
+#[tokio::test]
+async fn a_frozen_member_stalls_neither_writes_nor_watches() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = detour_tests::etcd::EtcdCluster::start(dir.path()).await;
+    let all = EtcdOptions {
+        endpoints: cluster.urls.clone(),
+        prefix: "/detour/test".into(),
+        ttl: Duration::from_secs(6),
+        request_timeout: Duration::from_secs(1),
+    };
+    // Both clients start on member 0, the first listed.
+    let watcher = EtcdRegistry::open(HostId::new("w").unwrap(), all.clone())
+        .await
+        .unwrap();
+    let a = EtcdRegistry::open(HostId::new("a").unwrap(), all.clone())
+        .await
+        .unwrap();
+    let echo = ServiceName::new("echo").unwrap();
+    let mut rx = watcher.watch(&echo).await.unwrap();
+    a.register(ep("a", "a1", 1)).await.unwrap();
+    until(&mut rx, "a1 before the freeze", |s| s.endpoints.len() == 1).await;
+
+    cluster.signal(0, nix::sys::signal::Signal::SIGSTOP);
+    let b = EtcdRegistry::open(HostId::new("b").unwrap(), opts(&cluster.urls[1]))
+        .await
+        .unwrap();
+    b.register(ep("b", "b1", 2)).await.unwrap();
+    a.register(ep("a", "a2", 3)).await.unwrap();
+    let ids = |s: &EndpointSet| -> Vec<String> {
+        s.endpoints.iter().map(|e| e.instance.to_string()).collect()
+    };
+    until(&mut rx, "writes during the freeze reach the watcher", |s| {
+        ids(s) == ["a1", "a2", "b1"]
+    })
+    .await;
+    cluster.signal(0, nix::sys::signal::Signal::SIGCONT);
+}
