@@ -32,6 +32,20 @@ run() {
   echo "$name cpu: hop1_us_per_req=$(us_per_req $((a1 - a0)) "$n") hop2_us_per_req=$(us_per_req $((b1 - b0)) "$n") rss_kib=$(rss_kib "$h1")/$(rss_kib "$h2")"
 }
 
+# two_hops NAME HOP_FN: hop 2 on 127.0.0.2 to the provider, hop 1 on 127.0.0.1 to hop 2, both
+# started by HOP_FN N LISTEN NEXT (which runs the proxy in the background); then measures them.
+two_hops() {
+  local a2 a1 p2 p1
+  a2=127.0.0.2:$(free_port 127.0.0.2)
+  a1=127.0.0.1:$(free_port 127.0.0.1)
+  "$2" 2 "$a2" "$PROVIDER"
+  p2=$!
+  "$2" 1 "$a1" "$a2"
+  p1=$!
+  wait_http "http://$a1/" 10
+  run "$1" "$p1" "$p2" --direct "http://$a1"
+}
+
 echo "bench: rate=$RATE req/s duration=${SECS}s cores=$(nproc) $(haproxy -v | head -1 | cut -d' ' -f1-3) $(nginx -v 2>&1 | cut -d' ' -f3)"
 
 # Detour.
@@ -61,14 +75,7 @@ CFG
   haproxy -db -f "$TMP/haproxy$1.cfg" >"$TMP/haproxy$1.log" 2>&1 &
   PIDS+=($!)
 }
-H2_ADDR=127.0.0.2:$(free_port 127.0.0.2)
-H1_ADDR=127.0.0.1:$(free_port 127.0.0.1)
-haproxy_hop 2 "$H2_ADDR" "$PROVIDER"
-HA2=$!
-haproxy_hop 1 "$H1_ADDR" "$H2_ADDR"
-HA1=$!
-wait_http "http://$H1_ADDR/" 10
-run haproxy "$HA1" "$HA2" --direct "http://$H1_ADDR"
+two_hops haproxy haproxy_hop
 
 # nginx: one process per hop.
 nginx_hop() { # N LISTEN NEXT
@@ -90,11 +97,4 @@ CFG
   nginx -c "$TMP/nginx$1/nginx.conf" &
   PIDS+=($!)
 }
-N2_ADDR=127.0.0.2:$(free_port 127.0.0.2)
-N1_ADDR=127.0.0.1:$(free_port 127.0.0.1)
-nginx_hop 2 "$N2_ADDR" "$PROVIDER"
-NG2=$!
-nginx_hop 1 "$N1_ADDR" "$N2_ADDR"
-NG1=$!
-wait_http "http://$N1_ADDR/" 10
-run nginx "$NG1" "$NG2" --direct "http://$N1_ADDR"
+two_hops nginx nginx_hop
