@@ -308,7 +308,9 @@ impl CacheWriter {
                 loop {
                     wake.notified().await;
                     tokio::time::sleep(every).await;
-                    drain(&cache, &pending);
+                    // Off the runtime's threads: a batch after a re-list can hold every service.
+                    let (cache, pending) = (cache.clone(), pending.clone());
+                    let _ = tokio::task::spawn_blocking(move || drain(&cache, &pending)).await;
                 }
             }
         });
