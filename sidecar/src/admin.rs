@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when ready to route, 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /state` | JSON: host, state, listeners, providers, CA links per remote host, catalog per service |
+//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, providers, CA links per remote host, catalog per service (endpoints, source, staleness, protection) |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 //! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
 
@@ -150,9 +150,15 @@ impl Admin {
                 })
             })
             .collect();
+        let roles: &[&str] = if self.cfg.provide.is_empty() {
+            &["ca"]
+        } else {
+            &["ca", "pa"]
+        };
         let head = json!({
             "host": self.cfg.host,
             "version": crate::VERSION,
+            "roles": roles,
             "state": self.lifecycle.state().as_str(),
             "draining": self.lifecycle.is_draining(),
             "listeners": self.bound,

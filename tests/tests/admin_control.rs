@@ -29,7 +29,16 @@ async fn admin_endpoints_answer() {
     assert_eq!(state["host"], "h1");
     assert_eq!(state["state"], "ready");
     assert!(state["version"].is_string());
+    assert_eq!(
+        state["roles"],
+        serde_json::json!(["ca"]),
+        "h1 has no providers"
+    );
     assert!(state["listeners"]["inbound"].is_string());
+    let svc = &state["services"]["hello"];
+    assert_eq!(svc["source"], "registry", "{svc}");
+    assert_eq!(svc["protected"], false, "{svc}");
+    assert!(svc["stale_ms"].is_u64(), "{svc}");
     let eps = state["services"]["hello"]["endpoints"].as_array().unwrap();
     // PA registered its provider with its own inbound address.
     let pa = mesh.sidecar("h2").addrs.inbound.to_string();
@@ -46,6 +55,8 @@ async fn admin_endpoints_answer() {
         "{metrics}"
     );
     let pa_admin = mesh.admin("h2");
+    let pa_state = admin_get_json(&pa_admin, "/state").await;
+    assert_eq!(pa_state["roles"], serde_json::json!(["ca", "pa"]));
     let (_, pa_metrics) = admin_get(&pa_admin, "/metrics").await;
     assert!(pa_metrics.contains("direction=\"inbound\""), "{pa_metrics}");
 }
