@@ -288,18 +288,17 @@ pub async fn ready_sdk(mesh: &Mesh, host: &str, service: &str, snapshot_file: &P
         .expect("request");
     let resp = client.send(&svc, req).await.expect("first call");
     assert_eq!(resp.status(), 200);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !(client
-        .snapshot(&svc)
-        .is_some_and(|s| !s.endpoints.is_empty())
-        && snapshot_file.exists())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no endpoint snapshot of {service}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        &format!("an endpoint snapshot of {service}"),
+        Duration::from_secs(5),
+        || {
+            client
+                .snapshot(&svc)
+                .is_some_and(|s| !s.endpoints.is_empty())
+                && snapshot_file.exists()
+        },
+    )
+    .await;
     client
 }
 
@@ -317,6 +316,45 @@ pub async fn admin_get_json(client: &Client, path: &str) -> serde_json::Value {
 }
 
 /// GETs `path` from an admin API, returning status and body text.
+/// Waits until `cond` holds, checking every 10 ms; panics naming `what` after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Fetches a value with `get` every 100 ms until `done` holds (at most `within`); returns it, or
+/// panics naming `what` and the last value.
+pub async fn wait_value<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    get: F,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    T: std::fmt::Display,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let v = get().await;
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}; last: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The sum of the samples of metric `name` whose labels contain `label` (`""`: all), from
 /// `/metrics` of the admin API behind `client`; `None` when there is no such sample.
 pub async fn metric(client: &Client, name: &str, label: &str) -> Option<f64> {

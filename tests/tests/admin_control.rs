@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use detour_proto::{AppProtocol, ServiceName, SidecarState};
-use detour_tests::{Mesh, admin_get, admin_get_json, caller_and_provider};
+use detour_tests::{Mesh, admin_get, admin_get_json, caller_and_provider, wait_until};
 use detour_thin_sdk::body::empty;
 use detour_thin_sdk::{Client, Dial};
 use detour_watchdog::provider::DemoProvider;
@@ -76,14 +76,11 @@ async fn control_stream_reports_ready_and_snapshots() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let snap = loop {
-        if let Some(s) = client.snapshot(&hello) {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no snapshot arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    wait_until("a snapshot", Duration::from_secs(5), || {
+        client.snapshot(&hello).is_some()
+    })
+    .await;
+    let snap = client.snapshot(&hello).unwrap();
     assert_eq!(snap.endpoints.len(), 1);
     assert_eq!(
         snap.endpoints[0].app_address,
@@ -105,11 +102,10 @@ async fn control_stream_reports_ready_and_snapshots() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while client.sidecar_state() == Some(SidecarState::Ready) {
-        assert!(Instant::now() < deadline, "drain never announced");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("the drain announced", Duration::from_secs(5), || {
+        client.sidecar_state() != Some(SidecarState::Ready)
+    })
+    .await;
     let exit = ca.child.wait_exit(Duration::from_secs(10)).await.unwrap();
     assert!(exit.expect("exits after POST /drain").success());
 }
@@ -123,9 +119,12 @@ async fn drain_is_bounded_by_the_drain_timeout() {
         let req = Request::post("/slow?ms=20000").body(empty()).unwrap();
         client.send(&ServiceName::new("hello").unwrap(), req).await
     });
-    while p.received() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "the call reaches the provider",
+        Duration::from_secs(10),
+        || p.received() > 0,
+    )
+    .await;
     let ca = mesh.sidecars.get_mut("h1").unwrap();
     let t0 = Instant::now();
     ca.child.signal(nix::sys::signal::Signal::SIGTERM).unwrap();

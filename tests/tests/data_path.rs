@@ -10,7 +10,7 @@ use detour_proto::{AppProtocol, ERROR_HEADER, ServiceName};
 use detour_tests::grpc::GrpcProvider;
 use detour_tests::grpc::pb::echo_client::EchoClient;
 use detour_tests::grpc::pb::{CountRequest, EchoRequest};
-use detour_tests::{Mesh, Offer, body_text, caller_and_provider};
+use detour_tests::{Mesh, Offer, body_text, caller_and_provider, wait_until};
 use detour_thin_sdk::body::{empty, full};
 use detour_thin_sdk::{Client, mesh_error};
 use detour_watchdog::provider::{DemoProvider, SERVED_BY};
@@ -305,14 +305,12 @@ async fn sigterm_drains_in_flight_requests_before_exit() {
         }));
     }
     // Wait until every call reached the provider: they are all in flight.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while provider.received() - before < 20 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "calls never reached the provider"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "every call reaches the provider",
+        Duration::from_secs(10),
+        || provider.received() - before >= 20,
+    )
+    .await;
     let ca = mesh.sidecars.get_mut("h1").unwrap();
     ca.child.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     for call in calls {

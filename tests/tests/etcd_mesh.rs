@@ -10,7 +10,7 @@ use detour_registry_sync::Registry;
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::now_unix_ms;
 use detour_tests::etcd::Etcd;
-use detour_tests::{Mesh, Offer, admin_get_json, metric};
+use detour_tests::{Mesh, Offer, admin_get_json, metric, wait_value};
 use detour_thin_sdk::Client;
 use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
 use detour_watchdog::provider::DemoProvider;
@@ -158,26 +158,21 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
         std::fs::read_to_string(mesh.sidecar("h1").run_dir.join("sidecar.log")).unwrap_or_default()
     );
     // The catalog converged: h2-hello and x2, not x1, from the registry.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = admin_get_json(&mesh.admin("h1"), "/state").await;
-        let svc = &state["services"]["hello"];
-        let mut ids: Vec<String> = svc["endpoints"]
+    let hello_state = || {
+        let c = mesh.admin("h1");
+        async move { admin_get_json(&c, "/state").await["services"]["hello"].clone() }
+    };
+    wait_value("convergence", Duration::from_secs(10), hello_state, |svc| {
+        let mut ids: Vec<&str> = svc["endpoints"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| e["instance"].as_str().unwrap().to_owned())
+            .map(|e| e["instance"].as_str().unwrap())
             .collect();
         ids.sort();
-        if ids == ["h2-hello", "x2"] && svc["source"] == "registry" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not converged: {svc}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ids == ["h2-hello", "x2"] && svc["source"] == "registry"
+    })
+    .await;
 }
 
 /// Five providers registered straight into etcd, and the caller's sidecar h1 (config `h1_extra`
@@ -224,11 +219,20 @@ async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
         let c = mesh.admin("h1");
         async move { admin_get_json(&c, "/state").await["services"]["hello"].clone() }
     };
-    let svc = wait_state(|| hello_state(&mesh), |s| s["protected"] == true).await;
+    let ten = Duration::from_secs(10);
+    let svc = wait_value(
+        "protection",
+        ten,
+        || hello_state(&mesh),
+        |s| s["protected"] == true,
+    )
+    .await;
     assert_eq!(svc["endpoints"].as_array().unwrap().len(), 5, "{svc}");
     // x4 keeps accepting connections but its health check answers 503: it alone leaves.
     ps[4].set_healthy(false);
-    let svc = wait_state(
+    let svc = wait_value(
+        "the failing instance leaves",
+        ten,
         || hello_state(&mesh),
         |s| s["endpoints"].as_array().unwrap().len() == 4,
     )
@@ -253,26 +257,6 @@ async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
         x4_out,
         ps[4].received()
     );
-}
-
-/// Polls `get` every 100 ms until `done` holds (10 s at most); returns the last value.
-async fn wait_state<F, Fut>(get: F, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = serde_json::Value>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = get().await;
-        if done(&v) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "state never reached: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
