@@ -156,11 +156,13 @@ impl Catalog {
             }
         }
         let _ = reader.await;
-        tracing::info!(
-            services = loaded,
-            ms = started.elapsed().as_millis() as u64,
-            "catalog loaded from the disk cache"
-        );
+        if loaded > 0 {
+            tracing::info!(
+                services = loaded,
+                ms = started.elapsed().as_millis() as u64,
+                "catalog loaded from the disk cache"
+            );
+        }
         Ok(loaded)
     }
 

@@ -148,10 +148,8 @@ impl Sidecar {
         let catalog = Arc::new(Catalog::with_options(registry.clone(), catalog_opts));
         // Every service known to the disk cache is routable before the first request: a start
         // while the registry is down serves from here.
-        match catalog.preload().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(services = n, "catalog loaded from the disk cache"),
-            Err(e) => tracing::warn!(error = %e, "catalog disk cache not loaded"),
+        if let Err(e) = catalog.preload().await {
+            tracing::warn!(error = %e, "catalog disk cache not loaded");
         }
         let pool_opts = PoolOptions {
             connect_timeout: cfg.connect_timeout,
