@@ -113,7 +113,24 @@ field() { # LINE KEY
 
 # start_etcd N: N etcd members (1 or 3) on loopback ports chosen now; sets REGISTRY and
 # ETCD_URLS (space-separated) and ETCD_PIDS.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# free_ports N: N distinct loopback ports free now, below the ephemeral range (no outgoing
+# connection can take one before etcd binds it).
+free_ports() {
+  python3 -c '
+import random, socket, sys
+want, got = int(sys.argv[1]), []
+while len(got) < want:
+    p = random.randrange(20000, 32000)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+        if p not in got: got.append(p)
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(" ".join(map(str, got)))' "$1"
+}
 declare -a ETCD_URLS=() ETCD_PEERS=()
 declare -A ETCD_PID=()
 start_etcd_member() { # INDEX
@@ -135,9 +152,10 @@ etcd_healthy() { # INDEX
 }
 start_etcd() {
   command -v etcd >/dev/null || { echo "chaos: etcd is required (tests/setup.sh installs it)" >&2; exit 1; }
-  local n=$1 i
+  local n=$1 i ports
+  read -r -a ports <<<"$(free_ports $((2 * n)))"
   for i in $(seq 0 $((n - 1))); do
-    ETCD_URLS[$i]="http://127.0.0.1:$(free_port)"; ETCD_PEERS[$i]="http://127.0.0.1:$(free_port)"
+    ETCD_URLS[$i]="http://127.0.0.1:${ports[$((2 * i))]}"; ETCD_PEERS[$i]="http://127.0.0.1:${ports[$((2 * i + 1))]}"
   done
   for i in $(seq 0 $((n - 1))); do start_etcd_member "$i"; done
   for i in $(seq 0 $((n - 1))); do etcd_healthy "$i"; done

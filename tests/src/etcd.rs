@@ -19,12 +19,25 @@ pub struct Etcd {
     peer_port: u16,
 }
 
-/// A port that was free a moment ago (etcd cannot report a port 0 it bound itself).
+/// A log file for a child's stderr (discarded when it cannot be made).
+fn log_file(path: &Path) -> Stdio {
+    std::fs::File::create(path).map_or_else(|_| Stdio::null(), Stdio::from)
+}
+
+/// A loopback port free now, for a process started next (etcd takes no port 0). Picked below
+/// Linux's ephemeral range (32768–60999), so that no outgoing connection made meanwhile by any
+/// test process can take it before etcd binds it; never handed out twice by one test process.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1000 {
+        let port = fastrand::u16(20_000..32_000);
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000..32000")
 }
 
 impl Etcd {
@@ -171,11 +184,15 @@ impl EtcdCluster {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(log_file(&self.log(i)));
         self.members[i] = Some(ChildGuard::spawn(cmd, format!("etcd e{i}")).expect("etcd starts"));
     }
 
-    async fn wait_member(&self, i: usize) {
+    fn log(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("e{i}.log"))
+    }
+
+    async fn wait_member(&mut self, i: usize) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(mut c) = etcd_client::Client::connect([self.urls[i].as_str()], None).await
@@ -183,9 +200,23 @@ impl EtcdCluster {
             {
                 return;
             }
+            let exited = self.members[i]
+                .as_mut()
+                .is_some_and(|m| matches!(m.try_wait(), Ok(Some(_))));
+            let log = || {
+                let text = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                tail.join("\n")
+            };
+            assert!(
+                !exited,
+                "etcd e{i} exited; its log, last lines first:\n{}",
+                log()
+            );
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "etcd e{i} not healthy in 30 s"
+                "etcd e{i} not healthy in 30 s; its log, last lines first:\n{}",
+                log()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
