@@ -72,11 +72,20 @@ stop_sidecar() {
   wait "$pid" 2>/dev/null || true
 }
 
-# start_provider_host HOST IP: a demo provider (instance HOST-hello) and its host's sidecar.
-start_provider_host() {
-  "$BIN/detourctl" provider --listen "$2:0" --instance "$1-hello" --addr-file "$TMP/$1.provider.addr" >/dev/null &
+# start_provider HOST LISTEN: the demo provider of HOST (instance HOST-hello) on LISTEN
+# (ip:0 for any port); its address goes to $TMP/HOST.provider.addr, its pid to PROVIDER_PID.
+declare -A PROVIDER_PID=()
+start_provider() {
+  rm -f "$TMP/$1.provider.addr"
+  "$BIN/detourctl" provider --listen "$2" --instance "$1-hello" --addr-file "$TMP/$1.provider.addr" >/dev/null &
+  PROVIDER_PID[$1]=$!
   EXTRA_PIDS+=($!)
   wait_file "$TMP/$1.provider.addr" 10
+}
+
+# start_provider_host HOST IP: a demo provider (instance HOST-hello) and its host's sidecar.
+start_provider_host() {
+  start_provider "$1" "$2:0"
   start_sidecar "$1" "$2" "[[provide]]
 service = \"hello\"
 address = \"$(cat "$TMP/$1.provider.addr")\""
@@ -216,8 +225,10 @@ finish() {
   [ "$first" != "-" ] && switch=$(( first - fault ))
   [ "$last" != "-" ] && back=$(( last - healed ))
   [ "$back" != "-" ] && [ "$back" -lt 0 ] && back=0
-  local p99; p99=$(field "$load" p99_ms)
-  echo "RESULT $name: sent=$sent ok=$ok failed=$failed failed_idempotent=$fi unknown_outcome=$uo mesh=$mesh ca_direct=$cad direct=$dir switch_ms=$switch back_ms=$back p99_ms=$p99$(declare -F extra_fields >/dev/null && extra_fields)"
+  local p99 lat; p99=$(field "$load" p99_ms)
+  lat=$(grep '^latency:' "$TMP/load.out" || true)
+  P99_IDEM=$(field "$lat" p99_idem_ms); MAX_IDEM=$(field "$lat" max_idem_ms)
+  echo "RESULT $name: sent=$sent ok=$ok failed=$failed failed_idempotent=$fi unknown_outcome=$uo mesh=$mesh ca_direct=$cad direct=$dir switch_ms=$switch back_ms=$back p99_ms=$p99 p99_idem_ms=$P99_IDEM max_idem_ms=$MAX_IDEM$(declare -F extra_fields >/dev/null && extra_fields)"
   local okay=1
   [ "$sent" -eq $(( RATE * SECS )) ] || okay=0
   case "$expect" in

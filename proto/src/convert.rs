@@ -14,6 +14,7 @@ impl From<&Endpoint> for EndpointInfo {
             protocol: ep.protocol.as_str().to_owned(),
             zone: ep.zone.clone(),
             version: ep.version.clone(),
+            unhealthy: !ep.healthy,
         }
     }
 }
@@ -38,6 +39,7 @@ impl EndpointInfo {
             version: self.version.clone(),
             source: Source::Native,
             labels: Default::default(),
+            healthy: !self.unhealthy,
         })
     }
 }
@@ -71,6 +73,7 @@ mod tests {
             version: "1".into(),
             source: Source::Native,
             labels: Default::default(),
+            healthy: false,
         };
         let info = EndpointInfo::from(&ep);
         assert_eq!(info.to_endpoint(&ep.service), Some(ep.clone()));

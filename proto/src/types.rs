@@ -228,10 +228,22 @@ pub struct Endpoint {
     /// Free labels (for rules that select endpoints); left out of JSON when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Whether the provider answers its sidecar's health checks; callers pass over unhealthy
+    /// endpoints while any healthy one is left. Written only when false.
+    #[serde(default = "healthy", skip_serializing_if = "is_healthy")]
+    pub healthy: bool,
 }
 
 fn default_weight() -> u32 {
     1
+}
+
+fn healthy() -> bool {
+    true
+}
+
+fn is_healthy(h: &bool) -> bool {
+    *h
 }
 
 impl Endpoint {
@@ -254,6 +266,7 @@ impl Endpoint {
             version: String::new(),
             source: Source::Native,
             labels: BTreeMap::new(),
+            healthy: true,
         }
     }
 }
@@ -372,6 +385,16 @@ mod tests {
         assert!(serde_json::from_str::<Endpoint>(&bad).is_err());
         // Defaults are left out; a mirrored endpoint with labels keeps them.
         assert!(!serde_json::to_string(&ep).unwrap().contains("source"));
+        assert!(
+            ep.healthy,
+            "an endpoint is healthy unless it says otherwise"
+        );
+        assert!(!serde_json::to_string(&ep).unwrap().contains("healthy"));
+        let mut sick = ep.clone();
+        sick.healthy = false;
+        let text = serde_json::to_string(&sick).unwrap();
+        assert!(text.contains(r#""healthy":false"#), "{text}");
+        assert_eq!(serde_json::from_str::<Endpoint>(&text).unwrap(), sick);
         let mut synced = ep.clone();
         synced.source = Source::Sync("zk".into());
         synced.labels.insert("lane".into(), "canary".into());

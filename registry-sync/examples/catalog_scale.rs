@@ -42,6 +42,7 @@ fn endpoint(s: usize, i: usize, weight: u32) -> Endpoint {
         version: String::new(),
         source: Source::Native,
         labels: Default::default(),
+        healthy: true,
     }
 }
 

@@ -16,6 +16,7 @@ fn ep(service: &str, host: &str, port: u16) -> Endpoint {
         version: String::new(),
         source: Source::Native,
         labels: Default::default(),
+        healthy: true,
     }
 }
 

@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when ready to route, 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, providers, CA links per remote host, catalog per service (endpoints, source, staleness, protection) |
+//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, catalog per service (endpoints, source, staleness, protection) |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 //! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
 
@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use detour_proto::{Endpoint, SidecarState};
+use detour_core::BoxBody;
+use detour_core::body::full;
+use detour_proto::{Endpoint, SidecarAddresses, SidecarState};
 use detour_registry_sync::Catalog;
 use detour_registry_sync::catalog::DataSource;
-use detour_thin_sdk::BoxBody;
-use detour_thin_sdk::body::full;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -27,10 +27,10 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::app::Bound;
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
+use crate::providers::LocalProviders;
 use crate::telemetry::prometheus;
 
 /// What the admin API reads.
@@ -43,8 +43,10 @@ pub struct Admin {
     pub catalog: Arc<Catalog>,
     /// CA links per remote host, for `/state`.
     pub links: Arc<Links>,
+    /// Local providers and their health, for `/state`.
+    pub providers: Arc<LocalProviders>,
     /// Bound addresses, for `/state`.
-    pub bound: Bound,
+    pub bound: SidecarAddresses,
 }
 
 impl Admin {
@@ -139,17 +141,7 @@ impl Admin {
                 (name.as_str(), view)
             })
             .collect();
-        let providers: Vec<serde_json::Value> = self
-            .cfg
-            .provide
-            .iter()
-            .map(|p| {
-                json!({
-                    "service": p.service, "instance": p.instance,
-                    "address": p.address.to_string(), "protocol": p.protocol,
-                })
-            })
-            .collect();
+        let providers = self.providers.states();
         let roles: &[&str] = if self.cfg.provide.is_empty() {
             &["ca"]
         } else {

@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use detour_proto::{ADDRESS_FILE, Endpoint, HostStatus, SidecarAddresses, SidecarState, Source};
+use detour_core::{Pool, PoolOptions};
+use detour_proto::{ADDRESS_FILE, HostStatus, SidecarAddresses, SidecarState};
 use detour_registry_sync::cache::DiskCache;
 use detour_registry_sync::catalog::CatalogOptions;
 use detour_registry_sync::dir::{DirOptions, DirRegistry};
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
+use detour_registry_sync::health::NetCheck;
 use detour_registry_sync::{Catalog, Registry, RegistryError, RegistrySpec, now_unix_ms};
-use detour_thin_sdk::{Pool, PoolOptions};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 
@@ -23,6 +24,7 @@ use crate::inbound::Inbound;
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
 use crate::outbound::Outbound;
+use crate::providers::LocalProviders;
 use crate::server::{ConnOptions, Listener, accept_loop};
 
 /// A sidecar that could not start.
@@ -53,16 +55,13 @@ pub enum StartError {
     Registry(#[from] RegistryError),
 }
 
-/// Where the listeners ended up (ports chosen by the OS when configured as 0).
-pub type Bound = SidecarAddresses;
-
 /// A running sidecar.
 pub struct Sidecar {
     cfg: Arc<Config>,
     lifecycle: Arc<Lifecycle>,
     registry: Arc<dyn Registry>,
     catalog: Arc<Catalog>,
-    bound: Bound,
+    bound: SidecarAddresses,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -85,13 +84,11 @@ impl Sidecar {
         })?;
         let lifecycle = Lifecycle::new();
         let bind = |listener: &'static str, addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    listener,
-                    addr: addr.to_string(),
-                    source,
-                })
+            listen_tcp(addr).map_err(|source| StartError::Bind {
+                listener,
+                addr: addr.to_string(),
+                source,
+            })
         };
         let admin_l = bind("admin", cfg.admin).await?;
         let inbound_l = bind("inbound", cfg.inbound).await?;
@@ -110,7 +107,7 @@ impl Sidecar {
                 source,
             })
         };
-        let bound = Bound {
+        let bound = SidecarAddresses {
             pid: std::process::id(),
             outbound_tcp: outbound_l
                 .as_ref()
@@ -161,11 +158,18 @@ impl Sidecar {
             proxy: cfg.host.to_string(),
         });
         let control = ControlService::new(lifecycle.clone(), catalog.clone(), cfg.host.clone());
-        let links = Links::new(cfg.clone(), registry.watch_hosts());
+        let data = Pool::new(pool_opts);
+        let links = Links::new(cfg.clone(), registry.watch_hosts(), &data);
+        let providers = Arc::new(LocalProviders::new(
+            &cfg,
+            bound.inbound,
+            registry.clone(),
+            Arc::new(NetCheck),
+        ));
         let outbound = Arc::new(Outbound::new(
             cfg.clone(),
             catalog.clone(),
-            Pool::new(pool_opts),
+            data,
             links.clone(),
             lifecycle.clone(),
             control,
@@ -174,12 +178,14 @@ impl Sidecar {
             cfg.clone(),
             Pool::new(pool_opts),
             lifecycle.clone(),
+            providers.clone(),
         ));
         let admin = Arc::new(Admin {
             cfg: cfg.clone(),
             lifecycle: lifecycle.clone(),
             catalog: catalog.clone(),
             links,
+            providers: providers.clone(),
             bound: bound.clone(),
         });
 
@@ -211,23 +217,9 @@ impl Sidecar {
             )));
         }
 
-        for p in &cfg.provide {
-            registry
-                .register(Endpoint {
-                    service: p.service.clone(),
-                    instance: p.instance.clone(),
-                    host: cfg.host.clone(),
-                    app_address: p.address,
-                    pa_address: Some(bound.inbound),
-                    protocol: p.protocol,
-                    weight: p.weight,
-                    zone: String::new(),
-                    version: String::new(),
-                    source: Source::Native,
-                    labels: Default::default(),
-                })
-                .await?;
-        }
+        // Providers are registered with the verdict of a first health check, then watched.
+        providers.register_all().await?;
+        tasks.extend(providers.spawn_checks());
         publish_status(&*registry, &cfg, SidecarState::Ready).await?;
         write_address_file(&cfg.run_dir, &bound).map_err(|source| StartError::RunDir {
             path: cfg.run_dir.clone(),
@@ -246,8 +238,8 @@ impl Sidecar {
         })
     }
 
-    /// Where the listeners are.
-    pub fn bound(&self) -> &Bound {
+    /// Where the listeners are (ports chosen by the OS when configured as 0).
+    pub fn bound(&self) -> &SidecarAddresses {
         &self.bound
     }
 
@@ -334,11 +326,31 @@ fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    UnixListener::bind(path).map_err(err)
+    let socket = tokio::net::UnixSocket::new_stream().map_err(err)?;
+    socket.bind(path).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+/// Connections the kernel queues for a listener before it accepts them. The default of 128
+/// overflows when many callers (re)connect at once — after a restart, or a burst of retries —
+/// and an overflowing queue drops connection attempts, which then wait a second for the
+/// kernel's retransmit.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as the default bind).
+pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Writes the bound addresses atomically for tools and tests to read.
-fn write_address_file(run_dir: &Path, bound: &Bound) -> std::io::Result<()> {
+fn write_address_file(run_dir: &Path, bound: &SidecarAddresses) -> std::io::Result<()> {
     let tmp = run_dir.join(format!(".{ADDRESS_FILE}.tmp"));
     std::fs::write(&tmp, serde_json::to_vec_pretty(bound)?)?;
     std::fs::rename(tmp, run_dir.join(ADDRESS_FILE))

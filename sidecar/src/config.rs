@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use detour_core::link::LinkConfig;
 use detour_proto::config_file::{self, ConfigError};
 use detour_proto::{AppProtocol, HostId, InstanceId, ServiceName};
 use detour_registry_sync::RegistrySpec;
 use detour_registry_sync::protection::ProtectionPolicy;
-use detour_thin_sdk::link::LinkConfig;
 use serde::Deserialize;
 
 pub use crate::config_protection::ProtectionRaw;
@@ -99,12 +99,18 @@ impl Default for OutboundRaw {
 pub struct InboundRaw {
     /// The host address remote sidecars connect to.
     pub listen: String,
+    /// How often each local provider is health-checked.
+    pub check_interval_ms: u64,
+    /// Time one health check of a local provider may take.
+    pub check_timeout_ms: u64,
 }
 
 impl Default for InboundRaw {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:4143".into(),
+            check_interval_ms: 1000,
+            check_timeout_ms: 500,
         }
     }
 }
@@ -262,6 +268,9 @@ pub struct ProvideRaw {
     /// Instance id (default `{host}-{service}`).
     #[serde(default)]
     pub instance: Option<String>,
+    /// Path the health check `GET`s (HTTP/1.1 providers); absent: a TCP connect decides.
+    #[serde(default)]
+    pub check_path: Option<String>,
 }
 
 /// Load-balancing policy.
@@ -286,6 +295,8 @@ pub struct Provide {
     pub protocol: AppProtocol,
     /// Its weight.
     pub weight: u32,
+    /// Path its health check `GET`s, if any.
+    pub check_path: Option<String>,
 }
 
 /// The validated configuration.
@@ -303,6 +314,10 @@ pub struct Config {
     pub outbound_unix: Option<PathBuf>,
     /// Inbound listener.
     pub inbound: SocketAddr,
+    /// How often local providers are health-checked.
+    pub provider_check_interval: Duration,
+    /// Time one provider health check may take.
+    pub provider_check_timeout: Duration,
     /// Admin listener.
     pub admin: SocketAddr,
     /// Load balancing.
@@ -391,6 +406,12 @@ impl RawConfig {
                 .map_err(|_| p.push(format!("{key}: {v:?} is not ip:port")))
                 .ok()
         };
+        let positive = |p: &mut Vec<String>, key: &str, v: u64| {
+            if v == 0 {
+                p.push(format!("{key}: must be greater than 0"));
+            }
+            Duration::from_millis(v)
+        };
         let outbound_tcp = if self.outbound.listen.is_empty() {
             None
         } else {
@@ -408,6 +429,16 @@ impl RawConfig {
             p.push("outbound: at least one of listen and unix must be set".into());
         }
         let inbound = addr(&mut p, "inbound.listen", &self.inbound.listen);
+        let provider_check_interval = positive(
+            &mut p,
+            "inbound.check_interval_ms",
+            self.inbound.check_interval_ms,
+        );
+        let provider_check_timeout = positive(
+            &mut p,
+            "inbound.check_timeout_ms",
+            self.inbound.check_timeout_ms,
+        );
         let admin = addr(&mut p, "admin.listen", &self.admin.listen);
         if let Some(a) = admin
             && !a.ip().is_loopback()
@@ -423,12 +454,6 @@ impl RawConfig {
                 ));
                 None
             }
-        };
-        let positive = |p: &mut Vec<String>, key: &str, v: u64| {
-            if v == 0 {
-                p.push(format!("{key}: must be greater than 0"));
-            }
-            Duration::from_millis(v)
         };
         let connect_timeout = positive(
             &mut p,
@@ -499,6 +524,11 @@ impl RawConfig {
             let instance = InstanceId::new(instance_text)
                 .map_err(|e| p.push(format!("{key}.instance: {e}")))
                 .ok();
+            if let Some(path) = raw.check_path.as_deref()
+                && !path.starts_with('/')
+            {
+                p.push(format!("{key}.check_path: {path:?} must start with '/'"));
+            }
             if let (Some(service), Some(address), Some(protocol), Some(instance)) =
                 (service, address, protocol, instance)
             {
@@ -511,6 +541,7 @@ impl RawConfig {
                     address,
                     protocol,
                     weight: raw.weight.unwrap_or(1).max(1),
+                    check_path: raw.check_path.clone(),
                 });
             }
         }
@@ -525,6 +556,8 @@ impl RawConfig {
                     outbound_tcp,
                     outbound_unix,
                     inbound,
+                    provider_check_interval,
+                    provider_check_timeout,
                     admin,
                     balance,
                     connect_timeout,

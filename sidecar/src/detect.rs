@@ -12,6 +12,8 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use detour_core::failure::MeshErrorKind;
+
 use crate::respond::MeshError;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
@@ -43,25 +45,29 @@ pub fn classify(buf: &[u8], max_header_bytes: usize) -> Option<Result<Detected, 
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len > max_header_bytes => {
-            Some(Err(MeshError::HeaderTooLarge {
-                size: len,
-                limit: max_header_bytes,
-            }))
+            Some(Err(too_large(len, max_header_bytes)))
         }
         Ok(httparse::Status::Complete(_)) => Some(Ok(Detected::Http1)),
         Ok(httparse::Status::Partial) if buf.len() > max_header_bytes => {
-            Some(Err(MeshError::HeaderTooLarge {
-                size: buf.len(),
-                limit: max_header_bytes,
-            }))
+            Some(Err(too_large(buf.len(), max_header_bytes)))
         }
         Ok(httparse::Status::Partial) => None,
-        Err(httparse::Error::TooManyHeaders) => Some(Err(MeshError::HeaderTooLarge {
-            size: buf.len(),
-            limit: max_header_bytes,
-        })),
-        Err(e) => Some(Err(MeshError::Malformed(format!("bad request head: {e}")))),
+        Err(httparse::Error::TooManyHeaders) => Some(Err(MeshError::new(
+            MeshErrorKind::HeaderTooLarge,
+            format!("more than {MAX_HEADERS} headers"),
+        ))),
+        Err(e) => Some(Err(MeshError::new(
+            MeshErrorKind::MalformedRequest,
+            format!("bad request head: {e}"),
+        ))),
     }
+}
+
+fn too_large(size: usize, limit: usize) -> MeshError {
+    MeshError::new(
+        MeshErrorKind::HeaderTooLarge,
+        format!("{size} bytes, limit {limit}"),
+    )
 }
 
 /// Reads until the protocol is known. On a bad HTTP/1.1 head, answers it (400 or 431 with
@@ -99,8 +105,8 @@ where
             let body = format!("{err}\n");
             let head = format!(
                 "HTTP/1.1 {} {}\r\n{}: {}\r\n{}: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                err.status().as_u16(),
-                err.status().canonical_reason().unwrap_or(""),
+                err.kind.status().as_u16(),
+                err.kind.status().canonical_reason().unwrap_or(""),
                 detour_proto::ERROR_HEADER,
                 err.reason(),
                 detour_proto::PROXY_HEADER,
@@ -184,19 +190,20 @@ mod tests {
             classify(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 1024),
             Some(Ok(Detected::Http1))
         );
-        assert!(matches!(
-            classify(b"\x16\x03\x01 hello\r\n\r\n", 1024),
-            Some(Err(MeshError::Malformed(_)))
-        ));
-        assert!(matches!(
-            classify(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", 1024),
-            Some(Err(MeshError::Malformed(_)))
-        ));
+        let kind = |buf: &[u8]| match classify(buf, 1024) {
+            Some(Err(e)) => Some(e.kind),
+            _ => None,
+        };
+        assert_eq!(
+            kind(b"\x16\x03\x01 hello\r\n\r\n"),
+            Some(MeshErrorKind::MalformedRequest)
+        );
+        assert_eq!(
+            kind(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
+            Some(MeshErrorKind::MalformedRequest)
+        );
         let big = format!("GET / HTTP/1.1\r\nx: {}\r\n", "a".repeat(2000));
-        assert!(matches!(
-            classify(big.as_bytes(), 1024),
-            Some(Err(MeshError::HeaderTooLarge { .. }))
-        ));
+        assert_eq!(kind(big.as_bytes()), Some(MeshErrorKind::HeaderTooLarge));
     }
 
     #[tokio::test]
@@ -208,7 +215,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            matches!(d, Detected::Rejected(MeshError::Malformed(_))),
+            matches!(&d, Detected::Rejected(e) if e.kind == MeshErrorKind::MalformedRequest),
             "{d:?}"
         );
         let mut out = String::new();

@@ -1,22 +1,31 @@
 //! The inbound side (PA): requests from remote sidecars, forwarded to the local provider of the
 //! service named by `:authority` / `Host`, in that provider's protocol. `GET /detour/ping`
 //! under authority `detour.control` answers the probes of remote CAs.
+//!
+//! Trust: every `x-detour-*` header of a provider's answer is removed, so the only mesh headers
+//! a CA reads from this PA are the PA's own. A request the provider never received (it refused
+//! the connection) is answered `upstream-connect`, which tells the CA it may send the request
+//! to another endpoint whatever its method; it also wakes that provider's health check.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use detour_core::body::boxed;
+use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
+use detour_core::failure::{MeshErrorKind, strip_mesh_headers};
+use detour_core::replay::is_idempotent;
+use detour_core::{BoxBody, Dial, Pool};
 use detour_proto::{CONTROL_AUTHORITY, PING_PATH, ServiceName};
-use detour_thin_sdk::body::boxed;
-use detour_thin_sdk::{BoxBody, Dial, Pool};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::config::{Config, Provide};
-use crate::forward::{AttemptError, attempt};
+use crate::forward::attempt;
 use crate::headers::{authority, head_size, strip_hop_by_hop};
 use crate::lifecycle::Lifecycle;
 use crate::outbound::record;
+use crate::providers::LocalProviders;
 use crate::respond::{MeshError, is_grpc};
 use crate::server::{Handler, ping_response};
 
@@ -26,6 +35,8 @@ pub struct Inbound {
     cfg: Arc<Config>,
     /// Local providers by service.
     providers: HashMap<ServiceName, Provide>,
+    /// Their health checks (woken when traffic finds one refusing).
+    health: Arc<LocalProviders>,
     /// Connections to local providers.
     pool: Arc<Pool>,
     /// Whether this sidecar is ready (for `/detour/ping`).
@@ -34,7 +45,12 @@ pub struct Inbound {
 
 impl Inbound {
     /// Builds the inbound proxy for the configured providers.
-    pub fn new(cfg: Arc<Config>, pool: Arc<Pool>, lifecycle: Arc<Lifecycle>) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        pool: Arc<Pool>,
+        lifecycle: Arc<Lifecycle>,
+        health: Arc<LocalProviders>,
+    ) -> Self {
         let providers = cfg
             .provide
             .iter()
@@ -43,6 +59,7 @@ impl Inbound {
         Self {
             cfg,
             providers,
+            health,
             pool,
             lifecycle,
         }
@@ -55,36 +72,60 @@ impl Inbound {
     ) -> Result<Response<BoxBody>, MeshError> {
         let size = head_size(&parts);
         if size > self.cfg.max_header_bytes {
-            return Err(MeshError::HeaderTooLarge {
-                size,
-                limit: self.cfg.max_header_bytes,
-            });
+            return Err(MeshError::new(
+                MeshErrorKind::HeaderTooLarge,
+                format!("{size} bytes, limit {}", self.cfg.max_header_bytes),
+            ));
         }
+        let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
         let name = authority(&parts)
-            .ok_or_else(|| MeshError::Malformed("no Host or :authority names a service".into()))?;
-        let service = ServiceName::new(name).map_err(|e| MeshError::Malformed(e.to_string()))?;
-        let provider = self
-            .providers
-            .get(&service)
-            .ok_or_else(|| MeshError::UnknownService(service.to_string()))?;
+            .ok_or_else(|| malformed("no Host or :authority names a service".into()))?;
+        let service = ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
+        let provider = self.providers.get(&service).ok_or_else(|| {
+            MeshError::new(
+                MeshErrorKind::UnknownService,
+                format!("{service} is not provided on {}", self.cfg.host),
+            )
+        })?;
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
+        let idempotent = is_idempotent(&req);
         let dial = Dial::Tcp(provider.address);
         let timeout = self.cfg.request_timeout;
-        attempt(
+        let proto = provider.protocol;
+        let failed = match attempt(
             &self.pool,
             &dial,
-            provider.protocol,
+            proto,
             service.as_str(),
             req,
             timeout,
+            Part::Provider,
         )
         .await
-        .map_err(|e| match e {
-            AttemptError::Fatal(e)
-            | AttemptError::Refused(e)
-            | AttemptError::NeverLeft { error: e, .. } => e,
-        })
+        {
+            Ok(mut resp) => {
+                strip_mesh_headers(resp.headers_mut());
+                return Ok(resp);
+            }
+            Err(f) => f,
+        };
+        if let Outcome::NeverReached(_) = failed.outcome {
+            self.health.suspect(&service);
+        }
+        // There is one provider here: the decision can only end the request, and says how.
+        let kind = RequestKind {
+            idempotent,
+            resendable: failed.request.is_some(),
+        };
+        let none = Alternatives {
+            other_path: false,
+            other_endpoint: false,
+        };
+        match decide(failed.outcome, kind, none) {
+            Next::Fail(f) => Err(MeshError::gave_up(f, failed.error.detail)),
+            _ => Err(failed.error),
+        }
     }
 }
 

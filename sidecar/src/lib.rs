@@ -18,6 +18,7 @@ pub mod inbound;
 pub mod lifecycle;
 pub mod links;
 pub mod outbound;
+pub mod providers;
 pub mod respond;
 pub mod server;
 pub mod telemetry;

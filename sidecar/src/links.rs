@@ -7,12 +7,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use detour_core::link::{Event, Reason};
+use detour_core::link_handle::{LinkHandle, StateNames};
+use detour_core::probe::ping;
+use detour_core::{Dial, Pool, PoolOptions};
 use detour_proto::{AppProtocol, HostId, SidecarState};
 use detour_registry_sync::HostStatuses;
-use detour_thin_sdk::link::{Event, Reason};
-use detour_thin_sdk::link_handle::{LinkHandle, StateNames};
-use detour_thin_sdk::probe::ping;
-use detour_thin_sdk::{Dial, Pool, PoolOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -49,8 +49,13 @@ pub struct Links {
 
 impl Links {
     /// Links fed by `hosts` (the registry's host statuses); starts the task that applies them.
-    pub fn new(cfg: Arc<Config>, hosts: watch::Receiver<Arc<HostStatuses>>) -> Arc<Self> {
-        let pool = Pool::new(PoolOptions {
+    /// Probes use their own connections, opened like `data`'s.
+    pub fn new(
+        cfg: Arc<Config>,
+        hosts: watch::Receiver<Arc<HostStatuses>>,
+        data: &Pool,
+    ) -> Arc<Self> {
+        let pool = data.fresh(PoolOptions {
             connect_timeout: cfg.probe_timeout,
             ..PoolOptions::default()
         });
@@ -149,8 +154,11 @@ async fn probe_loop(
     interval: std::time::Duration,
     timeout: std::time::Duration,
 ) {
+    // As the SDK's probes: every `interval`, or at once after a probe that took longer.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::time::sleep(interval).await;
+        ticks.tick().await;
         let addr = *pa.lock().unwrap_or_else(|p| p.into_inner());
         let ok = ping(&pool, &Dial::Tcp(addr), AppProtocol::Http2, timeout).await;
         link.event(if ok {

@@ -3,31 +3,36 @@
 //! host is on its fallback, or when the host has no sidecar. Requests for the `detour.control`
 //! authority go to the local control API (and its `/detour/ping`) instead.
 //!
-//! A request that never left for the PA (connect refused, connection closed before writing,
-//! `REFUSED_STREAM`) is sent straight to the provider; one that left and was lost is sent there
-//! only when idempotent and its body was kept (`proxy.max_replay_bytes`).
+//! Every failed attempt goes through the one retry decision (`detour_core::decide`): a request
+//! the PA did not take goes straight to the provider; one no provider received (the provider
+//! refused, or its PA says it could not reach it) goes to another endpoint, whatever its
+//! method; one lost after it left goes elsewhere only when idempotent and its body was kept
+//! (`proxy.max_replay_bytes`).
+//!
+//! Trust: the PA's `x-detour-error` is read (it is a sidecar), then every `x-detour-*` header
+//! of the upstream's answer is removed; an error this CA gives up with is its own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use detour_core::body::{boxed, with_guard};
+use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
+use detour_core::failure::{MeshErrorKind, PATH_HEADER, strip_mesh_headers};
+use detour_core::link::{Event, Reason};
+use detour_core::replay::{PrepareError, Replay, is_idempotent, prepare};
+use detour_core::{BoxBody, Dial, PathTaken, Pool};
 use detour_proto::control::local_control_server::LocalControlServer;
-use detour_proto::{
-    AppProtocol, CONTROL_AUTHORITY, Endpoint, InstanceId, PATH_HEADER, ServiceName,
-};
+use detour_proto::{AppProtocol, CONTROL_AUTHORITY, Endpoint, InstanceId, ServiceName};
 use detour_registry_sync::Catalog;
-use detour_thin_sdk::body::{boxed, with_guard};
-use detour_thin_sdk::link::{Event, Reason};
-use detour_thin_sdk::replay::{Replay, is_idempotent, prepare};
-use detour_thin_sdk::{BoxBody, Dial, Pool};
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
 use crate::balance::Balancer;
 use crate::config::Config;
 use crate::control::ControlService;
-use crate::forward::{AttemptError, attempt};
+use crate::forward::{AttemptFailed, attempt};
 use crate::headers::{authority, head_size, strip_hop_by_hop};
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
@@ -53,42 +58,26 @@ pub struct Outbound {
     control: LocalControlServer<ControlService>,
 }
 
-/// The path a routed request took, for metrics and the `x-detour-path` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Path {
-    Mesh,
-    CaDirect,
-}
-
-impl Path {
-    fn label(self) -> &'static str {
-        match self {
-            Path::Mesh => "mesh",
-            Path::CaDirect => "ca_direct",
-        }
-    }
-
-    fn header(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            Path::Mesh => "mesh",
-            Path::CaDirect => "ca-direct",
-        })
-    }
-}
-
 /// One request being routed: the request itself (when still held) and its replayable copy.
-struct InFlightReq {
+struct Flight {
     req: Option<Request<BoxBody>>,
     replay: Option<Replay>,
     idempotent: bool,
 }
 
-impl InFlightReq {
+impl Flight {
     /// The request for the next attempt: the original if still held, else a replayed copy.
     fn take(&mut self) -> Option<Request<BoxBody>> {
         self.req
             .take()
             .or_else(|| self.replay.as_ref().map(Replay::request))
+    }
+
+    fn kind(&self) -> RequestKind {
+        RequestKind {
+            idempotent: self.idempotent,
+            resendable: self.req.is_some() || self.replay.is_some(),
+        }
     }
 }
 
@@ -128,118 +117,181 @@ impl Outbound {
         &self,
         parts: http::request::Parts,
         body: Incoming,
-    ) -> Result<(Response<BoxBody>, Path), MeshError> {
+    ) -> Result<(Response<BoxBody>, PathTaken), MeshError> {
         let size = head_size(&parts);
         if size > self.cfg.max_header_bytes {
-            return Err(MeshError::HeaderTooLarge {
-                size,
-                limit: self.cfg.max_header_bytes,
-            });
+            return Err(MeshError::new(
+                MeshErrorKind::HeaderTooLarge,
+                format!("{size} bytes, limit {}", self.cfg.max_header_bytes),
+            ));
         }
+        let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
         let name = authority(&parts)
-            .ok_or_else(|| MeshError::Malformed("no Host or :authority names a service".into()))?;
-        let service = ServiceName::new(name).map_err(|e| MeshError::Malformed(e.to_string()))?;
+            .ok_or_else(|| malformed("no Host or :authority names a service".into()))?;
+        let service = ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
         let set = self
             .catalog
             .endpoints(&service)
             .await
-            .map_err(|e| MeshError::RegistryUnavailable(e.to_string()))?;
+            .map_err(|e| MeshError::new(MeshErrorKind::RegistryUnavailable, e.to_string()))?;
         if !set.known {
-            return Err(MeshError::UnknownService(service.to_string()));
+            return Err(MeshError::new(
+                MeshErrorKind::UnknownService,
+                service.as_str(),
+            ));
         }
         let balancer = self.balancer(&service);
         balancer.retain(&set);
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
         let idempotent = is_idempotent(&req);
-        let (req, replay) = prepare(req, self.cfg.max_replay_bytes)
+        let (req, replay) = prepare(req, self.cfg.max_replay_bytes, self.cfg.request_timeout)
             .await
-            .map_err(|e| MeshError::Malformed(format!("reading the request body: {e}")))?;
-        let mut flight = InFlightReq {
+            .map_err(|e| match e {
+                PrepareError::TimedOut(_) => {
+                    MeshError::new(MeshErrorKind::BodyTimeout, e.to_string())
+                }
+                PrepareError::Body(_) => malformed(e.to_string()),
+            })?;
+        let mut flight = Flight {
             req: Some(req),
             replay,
             idempotent,
         };
         let mut tried: Vec<InstanceId> = Vec::new();
-        let mut last = None;
-        while let Some((ep, in_flight)) = balancer.pick(&set.endpoints, &tried) {
-            match self.to_endpoint(&service, ep, &mut flight).await {
+        let no_endpoint = || MeshError::new(MeshErrorKind::NoEndpoint, service.as_str());
+        let (mut ep, mut in_flight) = balancer
+            .pick(&set.endpoints, &tried)
+            .ok_or_else(no_endpoint)?;
+        let mut via_pa = self.via_pa_chosen(ep);
+        loop {
+            let result = if via_pa {
+                self.via_pa(&service, ep, &mut flight).await
+            } else {
+                self.straight(&service, ep, &mut flight).await
+            };
+            let failed = match result {
                 Ok((resp, path)) => return Ok((resp.map(|b| with_guard(b, in_flight)), path)),
-                Err(Some(e)) => return Err(e),
-                Err(None) => {
-                    balancer.eject(&ep.instance, self.cfg.eject);
-                    tried.push(ep.instance.clone());
-                    let refused = MeshError::UpstreamConnect(format!("{} refused", ep.app_address));
-                    if flight.req.is_none() && flight.replay.is_none() {
-                        return Err(refused);
+                Err(f) => f,
+            };
+            let alt = Alternatives {
+                other_path: via_pa,
+                other_endpoint: tried.len() + 1 < set.endpoints.len(),
+            };
+            match decide(failed.outcome, flight.kind(), alt) {
+                Next::Again => {}
+                Next::OtherPath => via_pa = false,
+                Next::NextEndpoint => {
+                    if let Outcome::NeverReached(_) = failed.outcome {
+                        balancer.eject(&ep.instance, self.cfg.eject);
                     }
-                    last = Some(refused);
+                    tried.push(ep.instance.clone());
+                    let Some(next) = balancer.pick(&set.endpoints, &tried) else {
+                        return Err(failed.error);
+                    };
+                    (ep, in_flight) = next;
+                    via_pa = self.via_pa_chosen(ep);
                 }
+                Next::Return => return Err(failed.error),
+                Next::Fail(f) => return Err(MeshError::gave_up(f, failed.error.detail)),
             }
         }
-        Err(last.unwrap_or_else(|| MeshError::NoEndpoint(service.to_string())))
     }
 
-    /// Tries one endpoint: via its PA when the link allows, else (or when the PA did not take
-    /// the request) straight to the provider. `Err(None)`: the provider refused too and the
-    /// request can go to another endpoint.
-    async fn to_endpoint(
+    /// Whether this request to `ep` goes through its PA (the link to its host decides).
+    fn via_pa_chosen(&self, ep: &Endpoint) -> bool {
+        ep.pa_address
+            .is_some_and(|pa| self.links.get(&ep.host, pa).choose_primary())
+    }
+
+    /// One attempt through `ep`'s PA. A mesh error the PA answers with becomes the attempt's
+    /// outcome; transport failures feed the link to the PA's host.
+    async fn via_pa(
         &self,
         service: &ServiceName,
         ep: &Endpoint,
-        flight: &mut InFlightReq,
-    ) -> Result<(Response<BoxBody>, Path), Option<MeshError>> {
+        flight: &mut Flight,
+    ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
+        let pa = ep.pa_address.ok_or_else(|| consumed(ep))?;
+        let link = self.links.get(&ep.host, pa);
+        let req = flight.take().ok_or_else(|| consumed(ep))?;
         let timeout = self.cfg.request_timeout;
-        if let Some(pa) = ep.pa_address {
-            let link = self.links.get(&ep.host, pa);
-            if link.choose_primary() {
-                let Some(req) = flight.take() else {
-                    return Err(Some(MeshError::UpstreamConnect(
-                        "request already consumed".into(),
-                    )));
-                };
-                match attempt(
-                    &self.pool,
-                    &Dial::Tcp(pa),
-                    AppProtocol::Http2,
-                    service.as_str(),
-                    req,
-                    timeout,
-                )
-                .await
-                {
-                    Ok(resp) => return Ok((resp, Path::Mesh)),
-                    Err(AttemptError::NeverLeft { error, request }) => {
-                        tracing::debug!(%service, host = %ep.host, %error, "PA did not take the request; going to the provider");
-                        link.event(Event::Fault(Reason::ConnectFailed));
-                        flight.req = Some(*request);
-                    }
-                    Err(AttemptError::Refused(e)) => {
-                        link.event(Event::Fault(Reason::DrainAnnounced));
-                        if flight.replay.is_none() {
-                            return Err(Some(e));
-                        }
-                    }
-                    Err(AttemptError::Fatal(e)) => {
-                        if matches!(e, MeshError::UpstreamReset(_)) {
-                            link.event(Event::Fault(Reason::ConnectFailed));
-                        }
-                        if !(flight.idempotent
-                            && flight.replay.is_some()
-                            && matches!(e, MeshError::UpstreamReset(_)))
-                        {
-                            return Err(Some(e));
-                        }
-                    }
+        let dial = Dial::Tcp(pa);
+        let proto = AppProtocol::Http2;
+        let sent = attempt(
+            &self.pool,
+            &dial,
+            proto,
+            service.as_str(),
+            req,
+            timeout,
+            Part::Sidecar,
+        );
+        let result = if flight.idempotent && flight.replay.is_some() {
+            // A PA the link gives up on (hung: probes time out) holds no idempotent request:
+            // it is abandoned there and sent straight to the provider.
+            tokio::select! {
+                biased;
+                r = sent => r,
+                () = link.left_primary() => {
+                    metrics::counter!("detour_abandoned_total", "peer" => "pa").increment(1);
+                    Err(AttemptFailed {
+                        outcome: Outcome::Lost(Part::Sidecar),
+                        request: None,
+                        refused: false,
+                        error: MeshError::new(
+                            MeshErrorKind::UpstreamReset,
+                            format!("the link to {} left it while the request waited", ep.host),
+                        ),
+                    })
                 }
             }
-        }
-        let Some(req) = flight.take() else {
-            return Err(Some(MeshError::UpstreamConnect(
-                "request already consumed".into(),
-            )));
+        } else {
+            sent.await
         };
+        match result {
+            Ok(mut resp) => {
+                let kind = MeshErrorKind::from_headers(resp.headers());
+                strip_mesh_headers(resp.headers_mut());
+                let Some(kind) = kind else {
+                    return Ok((resp, PathTaken::Mesh));
+                };
+                Err(AttemptFailed {
+                    outcome: Outcome::of_mesh_error(kind),
+                    request: None,
+                    refused: false,
+                    error: MeshError::new(
+                        kind,
+                        format!("the sidecar of {} answered {kind}", ep.host),
+                    ),
+                })
+            }
+            Err(mut f) => {
+                let reason = if f.refused {
+                    Reason::DrainAnnounced
+                } else {
+                    Reason::ConnectFailed
+                };
+                if matches!(f.outcome, Outcome::NeverReached(_) | Outcome::Lost(_)) {
+                    tracing::debug!(%service, host = %ep.host, error = %f.error, "the PA failed; the link decides where to go");
+                    link.event(Event::Fault(reason));
+                }
+                flight.req = f.request.take();
+                Err(f)
+            }
+        }
+    }
+
+    /// One attempt straight to `ep`'s provider.
+    async fn straight(
+        &self,
+        service: &ServiceName,
+        ep: &Endpoint,
+        flight: &mut Flight,
+    ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
+        let req = flight.take().ok_or_else(|| consumed(ep))?;
         let dial = Dial::Tcp(ep.app_address);
+        let timeout = self.cfg.request_timeout;
         match attempt(
             &self.pool,
             &dial,
@@ -247,15 +299,18 @@ impl Outbound {
             service.as_str(),
             req,
             timeout,
+            Part::Provider,
         )
         .await
         {
-            Ok(resp) => Ok((resp, Path::CaDirect)),
-            Err(AttemptError::NeverLeft { request, .. }) => {
-                flight.req = Some(*request);
-                Err(None)
+            Ok(mut resp) => {
+                strip_mesh_headers(resp.headers_mut());
+                Ok((resp, PathTaken::CaDirect))
             }
-            Err(AttemptError::Fatal(e) | AttemptError::Refused(e)) => Err(Some(e)),
+            Err(mut f) => {
+                flight.req = f.request.take();
+                Err(f)
+            }
         }
     }
 
@@ -280,8 +335,8 @@ impl Handler for Outbound {
         let grpc = is_grpc(&parts.headers);
         let (resp, path) = match self.route(parts, body).await {
             Ok((mut resp, path)) => {
-                resp.headers_mut().insert(PATH_HEADER, path.header());
-                (resp, path.label())
+                resp.headers_mut().insert(PATH_HEADER, path.header_value());
+                (resp, path.as_str())
             }
             Err(e) => {
                 tracing::debug!(error = %e, "outbound request failed in the mesh");
@@ -290,6 +345,20 @@ impl Handler for Outbound {
         };
         record("outbound", path, &resp, start.elapsed());
         resp
+    }
+}
+
+/// The failure of an attempt that has no request left to send (never expected: the retry
+/// decision only asks for another attempt when a copy is at hand).
+fn consumed(ep: &Endpoint) -> AttemptFailed {
+    AttemptFailed {
+        outcome: Outcome::Answered,
+        request: None,
+        refused: false,
+        error: MeshError::new(
+            MeshErrorKind::UpstreamConnect,
+            format!("{}: the request was already consumed", ep.instance),
+        ),
     }
 }
 
@@ -310,3 +379,7 @@ pub fn record(
     metrics::histogram!("detour_response_head_seconds", "direction" => direction)
         .record(took.as_secs_f64());
 }
+
+#[cfg(test)]
+#[path = "outbound_tests.rs"]
+mod tests;

@@ -1,93 +1,63 @@
 //! Errors the mesh itself produces, and the one place they become HTTP (or gRPC) responses.
 //!
-//! Every such response carries `x-detour-error: <reason>` so callers (and the SDK) can tell a
-//! sick mesh from a sick provider. gRPC callers get HTTP 200 with the matching `grpc-status`.
+//! A [`MeshError`] is a kind from the shared vocabulary (`detour_core::failure`) plus the detail
+//! for people. Every such response carries `x-detour-error: <reason>` and `x-detour-proxy:
+//! <host>` so callers (and the SDK) can tell the mesh's errors from a provider's; gRPC callers
+//! get HTTP 200 with the matching `grpc-status`.
 
-use detour_proto::ERROR_HEADER;
-use detour_thin_sdk::BoxBody;
-use detour_thin_sdk::body::{empty, full};
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use detour_core::BoxBody;
+use detour_core::body::{empty, full};
+use detour_core::decide::Failure;
+use detour_core::failure::{ERROR_HEADER, MeshErrorKind, PROXY_HEADER};
+use http::{HeaderMap, HeaderValue, Response, header};
 
 /// An error produced by a sidecar rather than by a provider.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MeshError {
-    /// The request named no service, or one that is not a valid name.
-    #[error("malformed request: {0}")]
-    Malformed(String),
-    /// The request head is larger than allowed.
-    #[error("request header too large: {size} bytes, limit {limit}")]
-    HeaderTooLarge {
-        /// Bytes seen.
-        size: usize,
-        /// The configured limit.
-        limit: usize,
-    },
-    /// The registry does not know the service.
-    #[error("unknown service {0}")]
-    UnknownService(String),
-    /// The service is known but has no endpoint to route to.
-    #[error("no healthy endpoint for service {0}")]
-    NoEndpoint(String),
-    /// The registry could not be read.
-    #[error("registry unavailable: {0}")]
-    RegistryUnavailable(String),
-    /// The upstream (PA or provider) refused or did not accept the connection.
-    #[error("upstream connect failed: {0}")]
-    UpstreamConnect(String),
-    /// The upstream connection failed after the request was sent.
-    #[error("upstream connection lost: {0}")]
-    UpstreamReset(String),
-    /// No response head within the request timeout.
-    #[error("upstream timed out after {0} ms")]
-    Timeout(u64),
-    /// The sidecar is stopping and takes no new requests.
-    #[error("sidecar is draining")]
-    Draining,
+#[error("{}: {detail}", describe(*kind))]
+pub struct MeshError {
+    /// What went wrong, in the shared vocabulary.
+    pub kind: MeshErrorKind,
+    /// The specifics, for people.
+    pub detail: String,
+}
+
+/// The words of a kind in a message.
+fn describe(kind: MeshErrorKind) -> &'static str {
+    match kind {
+        MeshErrorKind::MalformedRequest => "malformed request",
+        MeshErrorKind::HeaderTooLarge => "request header too large",
+        MeshErrorKind::BodyTimeout => "request body timed out",
+        MeshErrorKind::UnknownService => "unknown service",
+        MeshErrorKind::NoEndpoint => "no healthy endpoint",
+        MeshErrorKind::RegistryUnavailable => "registry unavailable",
+        MeshErrorKind::UpstreamConnect => "no provider could be reached",
+        MeshErrorKind::UpstreamReset => "upstream connection lost",
+        MeshErrorKind::Timeout => "upstream timed out",
+    }
 }
 
 impl MeshError {
-    /// The value of `x-detour-error`, stable for dashboards and the SDK.
+    /// An error of `kind` with `detail`.
+    pub fn new(kind: MeshErrorKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// The error a request given up for `failure` is answered with.
+    pub fn gave_up(failure: Failure, detail: impl Into<String>) -> Self {
+        let kind = match failure {
+            Failure::NeverReached => MeshErrorKind::UpstreamConnect,
+            Failure::OutcomeUnknown => MeshErrorKind::UpstreamReset,
+            Failure::TimedOut => MeshErrorKind::Timeout,
+        };
+        Self::new(kind, detail)
+    }
+
+    /// The value of `x-detour-error`.
     pub fn reason(&self) -> &'static str {
-        match self {
-            MeshError::Malformed(_) => "malformed-request",
-            MeshError::HeaderTooLarge { .. } => "header-too-large",
-            MeshError::UnknownService(_) => "unknown-service",
-            MeshError::NoEndpoint(_) => "no-endpoint",
-            MeshError::RegistryUnavailable(_) => "registry-unavailable",
-            MeshError::UpstreamConnect(_) => "upstream-connect",
-            MeshError::UpstreamReset(_) => "upstream-reset",
-            MeshError::Timeout(_) => "timeout",
-            MeshError::Draining => "draining",
-        }
-    }
-
-    /// The HTTP status for plain HTTP callers.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            MeshError::Malformed(_) => StatusCode::BAD_REQUEST,
-            MeshError::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            MeshError::UnknownService(_)
-            | MeshError::NoEndpoint(_)
-            | MeshError::RegistryUnavailable(_)
-            | MeshError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            MeshError::UpstreamConnect(_) | MeshError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
-            MeshError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        }
-    }
-
-    /// The gRPC status code for gRPC callers.
-    pub fn grpc_status(&self) -> u8 {
-        match self {
-            MeshError::Malformed(_) => 3,          // INVALID_ARGUMENT
-            MeshError::HeaderTooLarge { .. } => 8, // RESOURCE_EXHAUSTED
-            MeshError::UnknownService(_) => 12,    // UNIMPLEMENTED
-            MeshError::Timeout(_) => 4,            // DEADLINE_EXCEEDED
-            MeshError::NoEndpoint(_)
-            | MeshError::RegistryUnavailable(_)
-            | MeshError::UpstreamConnect(_)
-            | MeshError::UpstreamReset(_)
-            | MeshError::Draining => 14, // UNAVAILABLE
-        }
+        self.kind.reason()
     }
 
     /// The response for a caller (`grpc`: whether the request was a gRPC call, see
@@ -103,7 +73,7 @@ impl MeshError {
             );
             h.insert(
                 "grpc-status",
-                HeaderValue::from(u16::from(self.grpc_status())),
+                HeaderValue::from(u16::from(self.kind.grpc_status())),
             );
             if let Ok(msg) = HeaderValue::from_str(&percent_encode(&self.to_string())) {
                 h.insert("grpc-message", msg);
@@ -111,7 +81,7 @@ impl MeshError {
             r
         } else {
             let mut r = Response::new(full(format!("{self}\n")));
-            *r.status_mut() = self.status();
+            *r.status_mut() = self.kind.status();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -119,9 +89,9 @@ impl MeshError {
             r
         };
         let h = resp.headers_mut();
-        h.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));
+        h.insert(ERROR_HEADER, self.kind.header_value());
         if let Ok(v) = HeaderValue::from_str(proxy) {
-            h.insert(detour_proto::PROXY_HEADER, v);
+            h.insert(PROXY_HEADER, v);
         }
         resp
     }
@@ -151,19 +121,28 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::StatusCode;
+
+    fn err(kind: MeshErrorKind) -> MeshError {
+        MeshError::new(kind, "x")
+    }
 
     #[test]
     fn http_callers_get_status_and_header() {
-        let r = MeshError::UnknownService("x".into()).respond(false, "h1");
+        let r = err(MeshErrorKind::UnknownService).respond(false, "h1");
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[ERROR_HEADER], "unknown-service");
-        assert_eq!(r.headers()[detour_proto::PROXY_HEADER], "h1");
-        let r = MeshError::HeaderTooLarge { size: 9, limit: 1 }.respond(false, "h1");
+        assert_eq!(r.headers()[PROXY_HEADER], "h1");
+        let r = err(MeshErrorKind::HeaderTooLarge).respond(false, "h1");
         assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-        let r = MeshError::Timeout(5).respond(false, "h1");
+        let r = err(MeshErrorKind::Timeout).respond(false, "h1");
         assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
-        let r = MeshError::UpstreamConnect("x".into()).respond(false, "h1");
+        let r = err(MeshErrorKind::UpstreamConnect).respond(false, "h1");
         assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        for &k in MeshErrorKind::all() {
+            let r = err(k).respond(false, "h1");
+            assert_eq!(MeshErrorKind::from_headers(r.headers()), Some(k));
+        }
     }
 
     #[test]
@@ -173,7 +152,7 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc+proto"),
         );
-        let r = MeshError::NoEndpoint("échо".into()).respond(is_grpc(&h), "h1");
+        let r = MeshError::new(MeshErrorKind::NoEndpoint, "échо").respond(is_grpc(&h), "h1");
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["grpc-status"], "14");
         assert_eq!(r.headers()[ERROR_HEADER], "no-endpoint");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use detour_thin_sdk::BoxBody;
+use detour_core::BoxBody;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -176,7 +176,7 @@ where
 /// The answer to `/detour/ping`: 200 while ready, 503 otherwise (starting, draining).
 pub fn ping_response(lifecycle: &Lifecycle) -> Response<BoxBody> {
     let state = lifecycle.state();
-    let mut resp = Response::new(detour_thin_sdk::body::full(format!("{}\n", state.as_str())));
+    let mut resp = Response::new(detour_core::body::full(format!("{}\n", state.as_str())));
     if state != detour_proto::SidecarState::Ready {
         *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
     }

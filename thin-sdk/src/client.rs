@@ -1,37 +1,35 @@
-//! The SDK client: sends requests for a named service through the local sidecar, and falls back
-//! to calling providers directly when the link to the sidecar says so.
-//!
-//! Safe retries: a request that never left is always sent on the other path; one that left and
-//! then lost its connection is sent again only when idempotent (by method or marked
-//! [`crate::Idempotent`]) and its body was small enough to keep (see [`crate::replay`]); else the
-//! app gets [`Error::OutcomeUnknown`].
+//! The SDK client and its builder: where the sidecar is, how patient to be, and the background
+//! parts every client runs (the control session and the probes of its sidecar). Routing one
+//! call is [`crate::call`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use detour_proto::{AppProtocol, PATH_HEADER, PROXY_HEADER, ServiceName, SidecarState};
+use detour_core::body::{BoxBody, BoxError, boxed};
+use detour_core::connect::{Connect, NetConnect};
+use detour_core::link::{LinkConfig, LinkState};
+use detour_core::link_handle::{LinkHandle, SDK_NAMES};
+use detour_core::{Dial, PathTaken, Pool, PoolOptions};
+use detour_proto::{AppProtocol, ServiceName, SidecarState};
 use http::{Request, Response};
 
-use crate::body::{BoxBody, BoxError, boxed};
 use crate::control::{ControlSession, Snapshot};
-use crate::direct::{Direct, DirectError};
+use crate::direct::Direct;
 use crate::error::Error;
-use crate::grpc::GrpcChannel;
-use crate::link::{Event, LinkConfig, LinkState, Reason};
-use crate::link_handle::{LinkHandle, SDK_NAMES};
-use crate::outcome::{ErrorWindow, PathTaken, mesh_error, path_taken};
-use crate::replay::{Replay, is_idempotent, prepare};
-use crate::transport::{Dial, Failed, Pool, PoolOptions, set_target};
+use crate::outcome::{ErrorWindow, path_taken};
+
+/// The default deadline of a call, fallback included.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Builds a [`Client`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientBuilder {
     sidecar: Dial,
     protocol: AppProtocol,
     app: String,
-    timeout: Option<Duration>,
+    timeout: Duration,
     control: bool,
     pool: PoolOptions,
     snapshot_file: Option<PathBuf>,
@@ -39,6 +37,17 @@ pub struct ClientBuilder {
     link: LinkConfig,
     probe_interval: Duration,
     probe_timeout: Duration,
+    connector: Arc<dyn Connect>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("sidecar", &self.sidecar)
+            .field("protocol", &self.protocol)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientBuilder {
@@ -54,9 +63,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Time allowed for a call, fallback included (none by default).
+    /// The deadline of a call until its response head, fallback included (30 s by default).
+    /// A call that misses it ends with [`Error::Timeout`]: its outcome is unknown.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+        self.timeout = timeout;
         self
     }
 
@@ -99,9 +109,16 @@ impl ClientBuilder {
         self
     }
 
+    /// Opens connections through `connector` instead of real sockets (unit tests).
+    #[cfg(test)]
+    pub(crate) fn connector(mut self, connector: Arc<dyn Connect>) -> Self {
+        self.connector = connector;
+        self
+    }
+
     /// Builds the client. With the control session on, this must run inside a tokio runtime.
     pub fn build(self) -> Client {
-        let pool = Pool::new(self.pool);
+        let pool = Pool::with_connector(self.pool, self.connector.clone());
         let link = Arc::new(LinkHandle::new(
             SDK_NAMES,
             self.sidecar.to_string(),
@@ -118,8 +135,8 @@ impl ClientBuilder {
                 link.clone(),
                 self.snapshot_file.clone(),
             );
-            let p = tokio::spawn(crate::probe::probe_loop(
-                Pool::new(self.pool),
+            let p = tokio::spawn(detour_core::probe::probe_loop(
+                pool.fresh(self.pool),
                 self.sidecar.clone(),
                 AppProtocol::Http1,
                 link.clone(),
@@ -136,7 +153,7 @@ impl ClientBuilder {
                 protocol: self.protocol,
                 timeout: self.timeout,
                 max_replay: self.max_replay_bytes,
-                direct: Direct::new(pool.clone()),
+                direct: Direct::default(),
                 pool,
                 control,
                 prober,
@@ -147,17 +164,28 @@ impl ClientBuilder {
     }
 }
 
-struct Inner {
-    sidecar: Dial,
-    protocol: AppProtocol,
-    timeout: Option<Duration>,
-    max_replay: u64,
-    pool: Arc<Pool>,
-    direct: Direct,
-    control: Option<ControlSession>,
+/// What every clone of a client shares.
+pub(crate) struct Inner {
+    /// Where the local sidecar listens.
+    pub(crate) sidecar: Dial,
+    /// The protocol spoken to the sidecar.
+    pub(crate) protocol: AppProtocol,
+    /// The deadline of a call.
+    pub(crate) timeout: Duration,
+    /// Bodies up to this size are kept for a second attempt.
+    pub(crate) max_replay: u64,
+    /// Connections to the sidecar and, on the direct path, to providers.
+    pub(crate) pool: Arc<Pool>,
+    /// The direct path's provider order.
+    pub(crate) direct: Direct,
+    /// The control session (state and snapshots); `None` when control is off.
+    pub(crate) control: Option<ControlSession>,
+    /// The probe task, stopped with the client.
     prober: Option<tokio::task::JoinHandle<()>>,
-    link: Arc<LinkHandle>,
-    errors: ErrorWindow,
+    /// The SDK half of the link state machine.
+    pub(crate) link: Arc<LinkHandle>,
+    /// Recent errors the sidecar blamed on itself.
+    pub(crate) errors: ErrorWindow,
 }
 
 impl Drop for Inner {
@@ -171,7 +199,7 @@ impl Drop for Inner {
 /// Calls services through the local sidecar. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Client {
@@ -183,23 +211,6 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// What a response from the sidecar says about the mesh.
-enum Verdict {
-    /// A provider's answer (or no mesh error).
-    Fine,
-    /// An error the mesh produced.
-    Mesh {
-        /// Produced by the local sidecar (counts toward "sick sidecar").
-        local: bool,
-        /// It never reached a provider, so sending it elsewhere is safe.
-        retry_safe: bool,
-        /// The sidecar is draining.
-        draining: bool,
-        /// A connection broke after the request was sent on (`upstream-reset`).
-        lost: bool,
-    },
-}
-
 impl Client {
     /// Starts building a client for the sidecar at `sidecar`.
     pub fn builder(sidecar: Dial) -> ClientBuilder {
@@ -207,7 +218,7 @@ impl Client {
             sidecar,
             protocol: AppProtocol::Http1,
             app: "app".into(),
-            timeout: None,
+            timeout: DEFAULT_TIMEOUT,
             control: true,
             pool: PoolOptions::default(),
             snapshot_file: None,
@@ -215,14 +226,14 @@ impl Client {
             link: LinkConfig::default(),
             probe_interval: Duration::from_millis(200),
             probe_timeout: Duration::from_millis(250),
+            connector: Arc::new(NetConnect),
         }
     }
 
     /// Sends `req` to `service` and returns the response head; the body streams.
     ///
-    /// Errors the mesh produced come back as responses carrying `x-detour-error` (see
-    /// [`mesh_error`]); `Err` means no response arrived at all. [`path_taken`] tells which
-    /// path answered.
+    /// Errors the mesh produced come back as responses that [`crate::mesh_error`] recognises;
+    /// `Err` means no response arrived at all. [`path_taken`] tells which path answered.
     pub async fn send<B>(
         &self,
         service: &ServiceName,
@@ -236,18 +247,13 @@ impl Client {
             .await
     }
 
-    /// A gRPC channel to `service` for tonic-generated clients.
-    pub fn grpc(&self, service: ServiceName) -> GrpcChannel {
-        GrpcChannel::new(self.clone(), service)
-    }
-
     /// The sidecar's state as last reported on the control session; `None` while there is no
     /// session.
     pub fn sidecar_state(&self) -> Option<SidecarState> {
         self.inner.control.as_ref().and_then(|c| c.sidecar_state())
     }
 
-    /// The SDK's link to its sidecar: `mesh`, `direct` or `recovering`.
+    /// The SDK's link to its sidecar: `mesh` (primary), `direct` (fallback) or `recovering`.
     pub fn link_state(&self) -> LinkState {
         self.inner.link.state()
     }
@@ -268,283 +274,22 @@ impl Client {
             .and_then(|c| c.snapshot(service))
     }
 
+    /// Routes one call under the client's deadline, and counts it by the path that answered.
     pub(crate) async fn send_via(
         &self,
         service: &ServiceName,
         protocol: AppProtocol,
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Error> {
-        let fut = self.route(service, protocol, req);
-        let resp = match self.inner.timeout {
-            Some(after) => {
-                tokio::time::timeout(after, fut)
-                    .await
-                    .map_err(|_| Error::Timeout {
-                        service: service.clone(),
-                        after,
-                    })??
-            }
-            None => fut.await?,
-        };
-        let path = path_taken(&resp).map_or("mesh", PathTaken::as_str);
+        let after = self.inner.timeout;
+        let resp = tokio::time::timeout(after, self.route(service, protocol, req))
+            .await
+            .map_err(|_| Error::Timeout {
+                service: service.clone(),
+                after,
+            })??;
+        let path = path_taken(&resp).unwrap_or(PathTaken::Mesh).as_str();
         metrics::counter!("detour_sdk_requests_total", "path" => path).increment(1);
         Ok(resp)
     }
-
-    async fn route(
-        &self,
-        service: &ServiceName,
-        protocol: AppProtocol,
-        req: Request<BoxBody>,
-    ) -> Result<Response<BoxBody>, Error> {
-        let Some(control) = &self.inner.control else {
-            let req = address(service, protocol, req)?;
-            return self
-                .via_sidecar(protocol, req)
-                .await
-                .map_err(|f| self.sidecar_error(service, f));
-        };
-        control.interest(service);
-        let idempotent = is_idempotent(&req);
-        let (req, replay) = prepare(req, self.inner.max_replay)
-            .await
-            .map_err(|e| Error::InvalidRequest(format!("reading the request body: {e}")))?;
-        if self.inner.link.choose_primary() {
-            self.mesh_first(service, protocol, req, replay, idempotent)
-                .await
-        } else {
-            self.direct_first(service, protocol, req).await
-        }
-    }
-
-    async fn via_sidecar(
-        &self,
-        protocol: AppProtocol,
-        req: Request<BoxBody>,
-    ) -> Result<Response<BoxBody>, Failed> {
-        let mut resp = self
-            .inner
-            .pool
-            .send(&self.inner.sidecar, protocol, req)
-            .await?;
-        let path = match resp.headers().get(PATH_HEADER).map(|v| v.as_bytes()) {
-            Some(b"ca-direct") => PathTaken::CaDirect,
-            _ => PathTaken::Mesh,
-        };
-        resp.extensions_mut().insert(path);
-        Ok(resp)
-    }
-
-    fn sidecar_error(&self, service: &ServiceName, failed: Failed) -> Error {
-        if failed.error.never_left() {
-            Error::SidecarUnavailable {
-                sidecar: self.inner.sidecar.clone(),
-                source: failed.error,
-            }
-        } else {
-            Error::OutcomeUnknown {
-                service: service.clone(),
-                detail: failed.error.to_string(),
-            }
-        }
-    }
-
-    async fn mesh_first(
-        &self,
-        service: &ServiceName,
-        protocol: AppProtocol,
-        req: Request<BoxBody>,
-        replay: Option<Replay>,
-        idempotent: bool,
-    ) -> Result<Response<BoxBody>, Error> {
-        let link = &self.inner.link;
-        match self
-            .via_sidecar(protocol, address(service, protocol, req)?)
-            .await
-        {
-            Ok(resp) => match self.judge(&resp) {
-                Verdict::Fine => {
-                    self.inner.errors.record(false);
-                    Ok(resp)
-                }
-                Verdict::Mesh {
-                    local,
-                    retry_safe,
-                    draining,
-                    lost,
-                } => {
-                    if draining {
-                        link.event(Event::Fault(Reason::DrainAnnounced));
-                    }
-                    // While ramping back, one error of the sidecar's own is enough.
-                    let ramping = matches!(link.state(), LinkState::Recovering { .. });
-                    if local && (self.inner.errors.record(true) || ramping) {
-                        link.event(Event::Fault(Reason::MeshErrors));
-                    }
-                    match replay {
-                        Some(r) if retry_safe => self.direct_only(service, r.request(), resp).await,
-                        _ if lost => Err(Error::OutcomeUnknown {
-                            service: service.clone(),
-                            detail: format!(
-                                "the mesh lost the connection after sending ({})",
-                                resp.headers()
-                                    .get(PROXY_HEADER)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("?")
-                            ),
-                        }),
-                        _ => Ok(resp),
-                    }
-                }
-            },
-            Err(Failed {
-                error,
-                request: Some(back),
-            }) => {
-                link.event(Event::Fault(Reason::ConnectFailed));
-                self.direct_after_sidecar(service, back, error.to_string())
-                    .await
-            }
-            Err(Failed {
-                error,
-                request: None,
-            }) => {
-                link.event(Event::Fault(Reason::ConnectFailed));
-                match replay {
-                    Some(r) if idempotent => {
-                        self.direct_after_sidecar(service, r.request(), error.to_string())
-                            .await
-                    }
-                    _ => Err(Error::OutcomeUnknown {
-                        service: service.clone(),
-                        detail: error.to_string(),
-                    }),
-                }
-            }
-        }
-    }
-
-    /// Direct, after the sidecar could not take the request.
-    async fn direct_after_sidecar(
-        &self,
-        service: &ServiceName,
-        req: Request<BoxBody>,
-        sidecar_error: String,
-    ) -> Result<Response<BoxBody>, Error> {
-        match self
-            .inner
-            .direct
-            .send(service, self.snapshot(service), req)
-            .await
-        {
-            Ok(resp) => Ok(tag_direct(resp)),
-            Err(DirectError::NoRoute(cause, _)) => Err(Error::NoRoute {
-                service: service.clone(),
-                cause: format!("the sidecar is unavailable ({sidecar_error}) and {cause}"),
-            }),
-            Err(DirectError::Failed(f)) => Err(self.provider_error(service, *f)),
-        }
-    }
-
-    /// Direct, replacing a mesh error response; keeps that response if direct cannot do better.
-    async fn direct_only(
-        &self,
-        service: &ServiceName,
-        req: Request<BoxBody>,
-        mesh_resp: Response<BoxBody>,
-    ) -> Result<Response<BoxBody>, Error> {
-        match self
-            .inner
-            .direct
-            .send(service, self.snapshot(service), req)
-            .await
-        {
-            Ok(resp) => Ok(tag_direct(resp)),
-            Err(_) => Ok(mesh_resp),
-        }
-    }
-
-    async fn direct_first(
-        &self,
-        service: &ServiceName,
-        protocol: AppProtocol,
-        req: Request<BoxBody>,
-    ) -> Result<Response<BoxBody>, Error> {
-        let back = match self
-            .inner
-            .direct
-            .send(service, self.snapshot(service), req)
-            .await
-        {
-            Ok(resp) => return Ok(tag_direct(resp)),
-            Err(DirectError::NoRoute(_, back)) => *back,
-            Err(DirectError::Failed(f)) => match *f {
-                Failed {
-                    request: Some(back),
-                    ..
-                } => back,
-                lost => return Err(self.provider_error(service, lost)),
-            },
-        };
-        // No provider could be reached directly and the request never left: the sidecar may
-        // well be able to take it.
-        self.via_sidecar(protocol, address(service, protocol, back)?)
-            .await
-            .map_err(|f| self.sidecar_error(service, f))
-    }
-
-    fn provider_error(&self, service: &ServiceName, failed: Failed) -> Error {
-        if failed.error.never_left() {
-            Error::NoRoute {
-                service: service.clone(),
-                cause: format!(
-                    "no provider accepted a direct connection ({})",
-                    failed.error
-                ),
-            }
-        } else {
-            Error::OutcomeUnknown {
-                service: service.clone(),
-                detail: failed.error.to_string(),
-            }
-        }
-    }
-
-    fn judge(&self, resp: &Response<BoxBody>) -> Verdict {
-        let Some(reason) = mesh_error(resp) else {
-            return Verdict::Fine;
-        };
-        let proxy = resp
-            .headers()
-            .get(PROXY_HEADER)
-            .and_then(|v| v.to_str().ok());
-        let local = match (&self.inner.control, proxy) {
-            (Some(c), Some(p)) => c.sidecar_host().is_some_and(|h| h == p),
-            _ => false,
-        };
-        let draining = reason == "draining";
-        let before_any_provider = matches!(
-            reason,
-            "upstream-connect" | "no-endpoint" | "registry-unavailable"
-        );
-        Verdict::Mesh {
-            local,
-            retry_safe: draining || (local && before_any_provider),
-            draining,
-            lost: reason == "upstream-reset",
-        }
-    }
-}
-
-fn tag_direct(mut resp: Response<BoxBody>) -> Response<BoxBody> {
-    resp.extensions_mut().insert(PathTaken::Direct);
-    resp
-}
-
-fn address(
-    service: &ServiceName,
-    protocol: AppProtocol,
-    req: Request<BoxBody>,
-) -> Result<Request<BoxBody>, Error> {
-    set_target(service.as_str(), protocol, req).map_err(|e| Error::InvalidRequest(e.to_string()))
 }

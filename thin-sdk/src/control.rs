@@ -3,8 +3,8 @@
 //!
 //! One background task holds a `LocalControl.Session` stream open and reconnects with backoff
 //! when it drops. It stops when the [`crate::Client`] that owns it is dropped. What it hears
-//! feeds the SDK's link: `ready` lets the link recover, `draining` and a dropped stream make it
-//! leave the mesh at once. Snapshots are also written to a file (when configured) so an app that
+//! feeds the SDK's link: `ready` lets the link recover; `draining`, a stream that ends or
+//! breaks, and a session that cannot be opened make it leave the mesh at once. Snapshots are also written to a file (when configured) so an app that
 //! starts while its sidecar is down can still call directly.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -24,10 +24,10 @@ use http::{Request, Response};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::body::{BoxBody, BoxError, boxed};
-use crate::link::{Event, Reason};
-use crate::link_handle::LinkHandle;
-use crate::transport::{Dial, Pool};
+use detour_core::body::{BoxBody, BoxError, boxed};
+use detour_core::link::{Event, Reason};
+use detour_core::link_handle::LinkHandle;
+use detour_core::{Dial, Pool};
 
 /// The endpoints of one service as the sidecar last reported them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,8 +45,6 @@ struct Shared {
     tx: Mutex<Option<mpsc::UnboundedSender<SessionRequest>>>,
     /// The link fed by what the session hears.
     link: Arc<LinkHandle>,
-    /// The sidecar's host id, as it reports it (to recognise errors it produced itself).
-    host: RwLock<Option<String>>,
     /// Where snapshots are kept across restarts of the app.
     snapshot_file: Option<PathBuf>,
 }
@@ -141,7 +139,6 @@ impl ControlSession {
             interest: Mutex::new(BTreeSet::new()),
             tx: Mutex::new(None),
             link,
-            host: RwLock::new(None),
             snapshot_file,
         });
         let (state_tx, state) = watch::channel(None);
@@ -163,15 +160,6 @@ impl ControlSession {
         tokio::time::timeout(within, rx.wait_for(|s| *s == Some(SidecarState::Ready)))
             .await
             .is_ok_and(|r| r.is_ok())
-    }
-
-    /// The sidecar's host id, once it has said it.
-    pub(crate) fn sidecar_host(&self) -> Option<String> {
-        self.shared
-            .host
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     pub(crate) fn snapshot(&self, service: &ServiceName) -> Option<Arc<Snapshot>> {
@@ -225,6 +213,9 @@ async fn run(
         }
         *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
         state.send_replace(None);
+        // Without a session the SDK cannot hear a drain announcement: leave the mesh until the
+        // sidecar is back and ready (its probes and a new session bring the link back).
+        shared.link.event(Event::Fault(Reason::ControlDropped));
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
@@ -260,9 +251,6 @@ async fn session(
                     Ok(PbState::Stopped) => SidecarState::Stopped,
                     _ => SidecarState::Starting,
                 };
-                if !s.host.is_empty() {
-                    *shared.host.write().unwrap_or_else(|p| p.into_inner()) = Some(s.host.clone());
-                }
                 state.send_replace(Some(st));
                 shared.link.event(match st {
                     SidecarState::Ready => Event::PeerReady,
@@ -304,6 +292,7 @@ async fn session(
                     tracing::warn!(file = %path.display(), error = %e, "cannot write the snapshot file");
                 }
             }
+            // Per-service mesh switches are for gray rules, which no sidecar sends yet.
             Some(Pb::Mesh(_)) | None => {}
         }
     }

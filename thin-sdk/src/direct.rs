@@ -1,117 +1,101 @@
-//! The direct path: calling a provider straight from the last endpoint snapshot the sidecar
-//! sent, used while the sidecar is restarting or sick.
+//! The direct path's choice of providers: the endpoints of the last snapshot the sidecar sent,
+//! in turn (round-robin across calls), healthy and recently working ones first — a provider
+//! that refused a connection is passed over for a while, one whose sidecar marked it unhealthy
+//! comes last, and none is ever skipped altogether.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use detour_proto::ServiceName;
-use http::{Request, Response};
+use detour_proto::Endpoint;
+use tokio::time::Instant;
 
-use crate::body::BoxBody;
-use crate::control::Snapshot;
-use crate::transport::{Dial, Failed, Pool, set_target};
-
-/// How long a provider that refused a connection is passed over.
+/// How long a provider that refused a connection is tried last.
 const EJECT_FOR: Duration = Duration::from_secs(2);
 
-/// Why the direct path gave no response.
-#[derive(Debug)]
-pub(crate) enum DirectError {
-    /// No endpoint is known for the service; the request is handed back.
-    NoRoute(String, Box<Request<BoxBody>>),
-    /// Every endpoint refused, or the exchange failed after sending.
-    Failed(Box<Failed>),
-}
-
-/// Direct calls, round-robin over the snapshot's endpoints.
-#[derive(Debug)]
+/// Round-robin order and recent refusals, shared by every call of one client.
+#[derive(Debug, Default)]
 pub(crate) struct Direct {
-    pool: Arc<Pool>,
     next: AtomicUsize,
     ejected: Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 impl Direct {
-    pub(crate) fn new(pool: Arc<Pool>) -> Self {
-        Self {
-            pool,
-            next: AtomicUsize::new(0),
-            ejected: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn is_ejected(&self, addr: &SocketAddr, now: Instant) -> bool {
-        let ejected = self.ejected.lock().unwrap_or_else(|p| p.into_inner());
-        ejected.get(addr).is_some_and(|until| *until > now)
-    }
-
-    /// Sends `req` to one of `snapshot`'s providers, trying the next one when a provider
-    /// refuses the connection (the request never left).
-    pub(crate) async fn send(
-        &self,
-        service: &ServiceName,
-        snapshot: Option<Arc<Snapshot>>,
-        mut req: Request<BoxBody>,
-    ) -> Result<Response<BoxBody>, DirectError> {
-        let endpoints = snapshot.map(|s| s.endpoints.clone()).unwrap_or_default();
+    /// The order in which one call tries `endpoints`.
+    pub(crate) fn order(&self, endpoints: &[Endpoint]) -> Vec<Endpoint> {
         if endpoints.is_empty() {
-            let cause = format!(
-                "no endpoint of {service} is known (no snapshot from the sidecar, none in the snapshot file)"
-            );
-            return Err(DirectError::NoRoute(cause, Box::new(req)));
+            return Vec::new();
         }
         let now = Instant::now();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut order: Vec<_> = (0..endpoints.len())
-            .map(|i| &endpoints[(start + i) % endpoints.len()])
+        let mut order: Vec<Endpoint> = (0..endpoints.len())
+            .map(|i| endpoints[(start + i) % endpoints.len()].clone())
             .collect();
-        // Healthy ones first; ejected ones last rather than never.
-        order.sort_by_key(|e| self.is_ejected(&e.app_address, now));
-        let mut last = None;
-        for ep in order {
-            let prepared = match set_target(service.as_str(), ep.protocol, req) {
-                Ok(r) => r,
-                Err(e) => {
-                    let cause = format!("cannot address {service}: {e}");
-                    return Err(DirectError::NoRoute(
-                        cause,
-                        Box::new(Request::new(crate::body::empty())),
-                    ));
-                }
-            };
-            match self
-                .pool
-                .send(&Dial::Tcp(ep.app_address), ep.protocol, prepared)
-                .await
-            {
-                Ok(resp) => return Ok(resp),
-                Err(Failed {
-                    error,
-                    request: Some(back),
-                }) => {
-                    self.ejected
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(ep.app_address, Instant::now() + EJECT_FOR);
-                    tracing::debug!(%service, provider = %ep.app_address, %error, "provider refused; trying the next");
-                    last = Some(error);
-                    req = back;
-                }
-                Err(f) => return Err(DirectError::Failed(Box::new(f))),
-            }
-        }
-        match last {
-            Some(error) => Err(DirectError::Failed(Box::new(Failed {
-                error,
-                request: Some(req),
-            }))),
-            None => Err(DirectError::NoRoute(
-                format!("no endpoint of {service}"),
-                Box::new(req),
-            )),
-        }
+        let ejected = self.ejected.lock().unwrap_or_else(|p| p.into_inner());
+        let rank = |e: &Endpoint| {
+            let refused = ejected
+                .get(&e.app_address)
+                .is_some_and(|until| *until > now);
+            (!e.healthy, refused)
+        };
+        order.sort_by_key(|e| rank(e));
+        order
+    }
+
+    /// Notes that the provider at `addr` refused a connection.
+    pub(crate) fn refused(&self, addr: SocketAddr) {
+        self.ejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, Instant::now() + EJECT_FOR);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detour_proto::{HostId, InstanceId, ServiceName};
+
+    fn ep(i: u16, healthy: bool) -> Endpoint {
+        let mut e = Endpoint::new(
+            ServiceName::new("s").unwrap(),
+            InstanceId::new(format!("i{i}")).unwrap(),
+            HostId::new("h").unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], i)),
+        );
+        e.healthy = healthy;
+        e
+    }
+
+    fn ports(v: &[Endpoint]) -> Vec<u16> {
+        v.iter().map(|e| e.app_address.port()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn healthy_working_providers_first_in_turn() {
+        let d = Direct::default();
+        let all = [ep(1, true), ep(2, true), ep(3, false)];
+        assert_eq!(ports(&d.order(&all)), [1, 2, 3]);
+        assert_eq!(
+            ports(&d.order(&all)),
+            [2, 1, 3],
+            "round-robin start, unhealthy last"
+        );
+        d.refused(all[1].app_address);
+        assert_eq!(ports(&d.order(&all)), [1, 2, 3]);
+        assert_eq!(
+            ports(&d.order(&all)),
+            [1, 2, 3],
+            "a refusing provider goes after the others"
+        );
+        tokio::time::advance(EJECT_FOR + Duration::from_millis(1)).await;
+        assert_eq!(
+            ports(&d.order(&all)),
+            [2, 1, 3],
+            "and comes back after a while"
+        );
+        assert!(d.order(&[]).is_empty());
     }
 }

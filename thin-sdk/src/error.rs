@@ -2,9 +2,8 @@
 
 use std::time::Duration;
 
+use detour_core::Dial;
 use detour_proto::ServiceName;
-
-use crate::transport::{Dial, TransportError};
 
 /// Why a call failed before the application got a response.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +18,7 @@ pub enum Error {
         sidecar: Dial,
         /// The transport failure.
         #[source]
-        source: TransportError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The request was sent and then a connection on its way failed (between the app and its
     /// sidecar, or further along, reported by the mesh as `upstream-reset`): it may or may not
@@ -39,7 +38,8 @@ pub enum Error {
         /// Why neither path could take it.
         cause: String,
     },
-    /// No response arrived within the client's timeout; the outcome is unknown.
+    /// No response arrived within the client's deadline ([`crate::ClientBuilder::timeout`]);
+    /// the outcome is unknown.
     #[error("request to {service} timed out after {after:?}")]
     Timeout {
         /// The service called.

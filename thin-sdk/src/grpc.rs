@@ -7,7 +7,8 @@ use std::task::{Context, Poll};
 use detour_proto::{AppProtocol, ServiceName};
 use http::{Request, Response};
 
-use crate::body::{BoxBody, BoxError, boxed};
+use detour_core::body::{BoxBody, BoxError, boxed};
+
 use crate::client::Client;
 
 /// A channel to one service for tonic clients (`FooClient::new(client.grpc(service))`).
@@ -17,9 +18,13 @@ pub struct GrpcChannel {
     service: ServiceName,
 }
 
-impl GrpcChannel {
-    pub(crate) fn new(client: Client, service: ServiceName) -> Self {
-        Self { client, service }
+impl Client {
+    /// A gRPC channel to `service` for tonic-generated clients.
+    pub fn grpc(&self, service: ServiceName) -> GrpcChannel {
+        GrpcChannel {
+            client: self.clone(),
+            service,
+        }
     }
 }
 

@@ -2,31 +2,31 @@
 //! Detour sidecar on their own host.
 //!
 //! A [`Client`] sends `http::Request`s to a named service via the local sidecar (Unix socket or
-//! loopback TCP), over HTTP/1.1 or HTTP/2, with streaming bodies. It also holds a control
-//! session with the sidecar ([`control`]) that reports the sidecar's state and streams endpoint
-//! snapshots of the services the app calls, kept for the direct path.
+//! loopback TCP), over HTTP/1.1 or HTTP/2, with streaming bodies. It holds a control session
+//! with the sidecar that reports the sidecar's state and streams endpoint snapshots of the
+//! services the app calls, probes the sidecar, and calls providers directly while the sidecar is
+//! restarting, hung or sick.
 //!
-//! The [`transport`] module (dialing, connection pools, body types) is shared with the sidecar,
-//! which uses it for its own upstream connections.
+//! The public surface is the client: [`Client`] and its builder, [`GrpcChannel`] for tonic
+//! clients, [`Error`], the markers a response carries ([`PathTaken`], [`mesh_error`]) and the
+//! [`Idempotent`] mark for requests, plus the types these name. Everything the client is built
+//! from lives in the workspace-internal `detour-core` crate, shared with the sidecar.
 
 pub mod body;
+mod call;
 mod client;
-pub mod control;
-mod dial;
+mod control;
 mod direct;
 mod error;
 mod grpc;
-pub mod link;
-pub mod link_handle;
 mod outcome;
-pub mod probe;
-pub mod replay;
-pub mod transport;
 
-pub use body::BoxBody;
 pub use client::{Client, ClientBuilder};
+pub use control::Snapshot;
+pub use detour_core::link::{LinkConfig, LinkState};
+pub use detour_core::replay::Idempotent;
+pub use detour_core::{BoxBody, Dial, MeshErrorKind, PathTaken};
+pub use detour_proto::{AppProtocol, ServiceName, SidecarState};
 pub use error::Error;
 pub use grpc::GrpcChannel;
-pub use outcome::{PathTaken, mesh_error, path_taken};
-pub use replay::Idempotent;
-pub use transport::{Dial, Failed, Pool, PoolOptions, Stream, TransportError};
+pub use outcome::{mesh_error, path_taken};

@@ -1,40 +1,28 @@
-//! Reading what comes back from the mesh: which path answered, the mesh error a response
-//! carries, and the window of recent errors produced by the local sidecar ("sick sidecar").
+//! Reading what comes back from the mesh — which path answered, and the mesh error a response
+//! carries — and the window of recent errors the local sidecar blamed on itself ("sick
+//! sidecar").
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use detour_proto::ERROR_HEADER;
+use detour_core::{MeshErrorKind, PathTaken};
 use http::Response;
-
-/// Which path a response came over (in the response's extensions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PathTaken {
-    /// C→CA→PA→P.
-    Mesh,
-    /// C→CA→P (the provider host's sidecar was bypassed).
-    CaDirect,
-    /// C→P (the local sidecar was bypassed).
-    Direct,
-}
-
-impl PathTaken {
-    /// The label used in metrics and reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PathTaken::Mesh => "mesh",
-            PathTaken::CaDirect => "ca_direct",
-            PathTaken::Direct => "direct",
-        }
-    }
-}
 
 /// The path a response came over, as the SDK recorded it.
 pub fn path_taken<B>(resp: &Response<B>) -> Option<PathTaken> {
     resp.extensions().get::<PathTaken>().copied()
 }
 
-/// The recent share of mesh responses that carried an error the local sidecar produced.
+/// The error the mesh produced in place of a provider's answer, if this response is one.
+///
+/// Only the caller's own sidecar can mark a response this way: sidecars remove every
+/// `x-detour-*` header a provider sets, and responses from the direct path are never marked.
+pub fn mesh_error<B>(resp: &Response<B>) -> Option<MeshErrorKind> {
+    resp.extensions().get::<MeshErrorKind>().copied()
+}
+
+/// The recent share of mesh responses that carried an error the local sidecar blamed on
+/// itself (its registry view could not route).
 #[derive(Default)]
 pub(crate) struct ErrorWindow {
     recent: Mutex<VecDeque<bool>>,
@@ -62,13 +50,6 @@ impl ErrorWindow {
         }
         false
     }
-}
-
-/// The mesh error a response carries (`x-detour-error`), if the mesh produced it.
-pub fn mesh_error<B>(resp: &Response<B>) -> Option<&str> {
-    resp.headers()
-        .get(ERROR_HEADER)
-        .and_then(|v| v.to_str().ok())
 }
 
 #[cfg(test)]

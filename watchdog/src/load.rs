@@ -8,12 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use detour_core::body::{empty, full};
+use detour_core::transport::set_target;
+use detour_core::{BoxBody, Dial, Pool, PoolOptions};
 use detour_proto::{AppProtocol, ServiceName};
-use detour_thin_sdk::body::{empty, full};
-use detour_thin_sdk::transport::set_target;
-use detour_thin_sdk::{
-    BoxBody, Client, Dial, PathTaken, Pool, PoolOptions, mesh_error, path_taken,
-};
+use detour_thin_sdk::{Client, PathTaken, mesh_error, path_taken};
 use hdrhistogram::Histogram;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
@@ -120,6 +119,15 @@ pub struct Stats {
     pub last_off_mesh_unix_ms: Option<u64>,
     /// Latency in microseconds, from when each request was due.
     pub latency_us: Histogram<u64>,
+    /// The same, of idempotent requests only (GET, PUT).
+    pub latency_idem_us: Histogram<u64>,
+    /// The same, of non-idempotent requests only (POST).
+    pub latency_non_idem_us: Histogram<u64>,
+}
+
+/// 1 µs to 1 h at 3 significant figures.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
 }
 
 impl Default for Stats {
@@ -136,9 +144,9 @@ impl Default for Stats {
             paths: BTreeMap::new(),
             first_off_mesh_unix_ms: None,
             last_off_mesh_unix_ms: None,
-            // Constant, valid bounds: 1 µs to 1 h at 3 significant figures.
-            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                .expect("constant histogram bounds are valid"),
+            latency_us: histogram(),
+            latency_idem_us: histogram(),
+            latency_non_idem_us: histogram(),
         }
     }
 }
@@ -164,6 +172,26 @@ impl Stats {
             self.ms(0.99),
             self.ms(0.999),
             self.latency_us.max() as f64 / 1000.0,
+        )
+    }
+
+    /// Latency by idempotency: `latency: p99_idem_ms=… max_idem_ms=… p99_non_idem_ms=…
+    /// max_non_idem_ms=…`.
+    pub fn latency_line(&self) -> String {
+        let q = |h: &Histogram<u64>, q: f64| {
+            if h.is_empty() {
+                0.0
+            } else {
+                h.value_at_quantile(q) as f64 / 1000.0
+            }
+        };
+        let max = |h: &Histogram<u64>| h.max() as f64 / 1000.0;
+        format!(
+            "latency: p99_idem_ms={:.2} max_idem_ms={:.2} p99_non_idem_ms={:.2} max_non_idem_ms={:.2}",
+            q(&self.latency_idem_us, 0.99),
+            max(&self.latency_idem_us),
+            q(&self.latency_non_idem_us, 0.99),
+            max(&self.latency_non_idem_us),
         )
     }
 
@@ -218,7 +246,14 @@ impl Stats {
 
     fn record(&mut self, outcome: &Outcome, idempotent: bool, latency: Duration) {
         self.sent += 1;
-        let _ = self.latency_us.record((latency.as_micros() as u64).max(1));
+        let us = (latency.as_micros() as u64).max(1);
+        let _ = self.latency_us.record(us);
+        let by_kind = if idempotent {
+            &mut self.latency_idem_us
+        } else {
+            &mut self.latency_non_idem_us
+        };
+        let _ = by_kind.record(us);
         if let Some(by) = &outcome.served_by {
             *self.served_by.entry(by.clone()).or_default() += 1;
             self.served_last_unix_ms
@@ -402,7 +437,10 @@ async fn send(
                 Target::Sdk(_) => path_taken(&resp),
                 Target::Direct { .. } => Some(PathTaken::Direct),
             };
-            let mesh = mesh_error(&resp).map(|r| format!("mesh:{r}"));
+            let mesh = match target {
+                Target::Sdk(_) => mesh_error(&resp).map(|k| format!("mesh:{k}")),
+                Target::Direct { .. } => None,
+            };
             let status = resp.status();
             let body_ok = resp.into_body().collect().await.is_ok();
             let failure = if let Some(m) = mesh {
@@ -452,6 +490,12 @@ mod tests {
                 .starts_with("load: sent=3 ok=1 failed=2 p50_ms=")
         );
         assert!(s.failure_line().contains("outcome_unknown=2"));
+        assert!(
+            s.latency_line()
+                .starts_with("latency: p99_idem_ms=4.00 max_idem_ms=4.00 p99_non_idem_ms=4.00"),
+            "{}",
+            s.latency_line()
+        );
         assert!("mix".parse::<MethodMix>().is_ok());
         assert!("PATCH".parse::<MethodMix>().is_err());
     }

@@ -7,6 +7,7 @@
 //! | `POST /…` | the number of body bytes received (the body is streamed, never held) |
 //! | `…?ms=N` | waits N ms before answering |
 //! | `/status/NNN` | answers with status NNN |
+//! | `…?forge=REASON` | adds `x-detour-error: REASON` to the answer (as a provider forging the mesh's header would) |
 //! | `GET /healthz` | 200 `ok`, or 503 after [`DemoProvider::set_healthy`]`(false)`; not counted |
 //!
 //! Every answer carries `x-served-by: {instance}`.
@@ -18,8 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use detour_thin_sdk::BoxBody;
-use detour_thin_sdk::body::full;
+use detour_core::BoxBody;
+use detour_core::body::full;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -49,7 +50,16 @@ impl Drop for DemoProvider {
 impl DemoProvider {
     /// Binds `addr` (port 0 for any) and serves as `instance`.
     pub async fn start(addr: SocketAddr, instance: &str) -> std::io::Result<DemoProvider> {
-        let listener = TcpListener::bind(addr).await?;
+        // A deep accept queue, as a real server has: bursts of connects (a caller's retries
+        // when its sidecar hangs) must not be dropped by the kernel.
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
         let addr = listener.local_addr()?;
         let counts = Arc::new(Counts::default());
         let instance = HeaderValue::from_str(instance)
@@ -131,6 +141,11 @@ async fn answer(
         .query()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
         .and_then(|v| v.parse::<u64>().ok());
+    let forged = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("forge=")))
+        .and_then(|v| HeaderValue::from_str(v).ok());
     let forced = req
         .uri()
         .path()
@@ -164,5 +179,8 @@ async fn answer(
         *resp.status_mut() = s;
     }
     resp.headers_mut().insert(SERVED_BY, instance);
+    if let Some(v) = forged {
+        resp.headers_mut().insert("x-detour-error", v);
+    }
     resp
 }

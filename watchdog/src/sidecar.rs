@@ -7,10 +7,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use detour_core::body::empty;
+use detour_core::transport::set_target;
+use detour_core::{Dial, Pool, PoolOptions};
 use detour_proto::{ADDRESS_FILE, AppProtocol, SidecarAddresses};
-use detour_thin_sdk::body::empty;
-use detour_thin_sdk::transport::set_target;
-use detour_thin_sdk::{Dial, Pool, PoolOptions};
 use http::Request;
 
 use crate::process::ChildGuard;

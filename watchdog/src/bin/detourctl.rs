@@ -170,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let client = Client::builder(dial)
                         .protocol(protocol)
                         .app("detourctl-load")
+                        .timeout(Duration::from_millis(args.timeout_ms))
                         .build();
                     Target::Sdk(client)
                 }
@@ -215,6 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await;
             println!("{}", stats.served_line());
             println!("{}", stats.path_line());
+            println!("{}", stats.latency_line());
             println!("{}", stats.summary("load"));
             println!("{}", stats.failure_line());
             Ok(exit_for(&stats))

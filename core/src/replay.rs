@@ -1,6 +1,8 @@
 //! Keeping a copy of a request so it can be sent again on the other path: only when its body is
-//! empty or known to fit in a bound. Larger bodies stream once and are never retried after
-//! they left.
+//! empty or known to fit in a bound, and arrives within a deadline. Larger bodies stream once
+//! and are never retried after they left.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Uri, Version};
@@ -44,19 +46,36 @@ pub fn is_idempotent<B>(req: &Request<B>) -> bool {
     ) || req.extensions().get::<Idempotent>().is_some()
 }
 
-/// Buffers `req`'s body when it is at most `max` bytes (known from its size hint), returning the
-/// request to send and a copy to replay. A body of unknown or larger size is left streaming.
+/// Why a small body could not be kept.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The body failed while it was read.
+    #[error("reading the request body: {0}")]
+    Body(crate::body::BoxError),
+    /// The body did not arrive within the deadline.
+    #[error("the request body did not arrive within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Buffers `req`'s body when it is at most `max` bytes (known from its size hint) and arrives
+/// within `deadline`, returning the request to send and a copy to replay. A body of unknown or
+/// larger size is left streaming.
 pub async fn prepare(
     req: Request<BoxBody>,
     max: u64,
-) -> Result<(Request<BoxBody>, Option<Replay>), crate::body::BoxError> {
+    deadline: Duration,
+) -> Result<(Request<BoxBody>, Option<Replay>), PrepareError> {
     let fits =
         req.body().is_end_stream() || req.body().size_hint().upper().is_some_and(|u| u <= max);
     if !fits {
         return Ok((req, None));
     }
     let (parts, body) = req.into_parts();
-    let bytes = body.collect().await?.to_bytes();
+    let bytes = match tokio::time::timeout(deadline, body.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => return Err(PrepareError::Body(e)),
+        Err(_) => return Err(PrepareError::TimedOut(deadline)),
+    };
     let replay = Replay {
         method: parts.method,
         uri: parts.uri,
@@ -72,13 +91,38 @@ mod tests {
     use super::*;
     use crate::body::{boxed, empty};
 
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_small_body_ends_at_the_deadline() {
+        // A body that announces 5 bytes and never sends them.
+        struct Stalled;
+        impl http_body::Body for Stalled {
+            type Data = Bytes;
+            type Error = std::io::Error;
+            fn poll_frame(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>>
+            {
+                std::task::Poll::Pending
+            }
+            fn size_hint(&self) -> http_body::SizeHint {
+                http_body::SizeHint::with_exact(5)
+            }
+        }
+        let req = Request::post("/a").body(boxed(Stalled)).unwrap();
+        let err = prepare(req, 10, SEC).await.unwrap_err();
+        assert!(matches!(err, PrepareError::TimedOut(_)), "{err}");
+    }
+
     #[tokio::test]
     async fn small_bodies_are_kept_large_or_unknown_ones_stream() {
         let req = Request::post("/a")
             .header("x", "1")
             .body(full("hello"))
             .unwrap();
-        let (_, replay) = prepare(req, 10).await.unwrap();
+        let (_, replay) = prepare(req, 10, SEC).await.unwrap();
         let again = replay.unwrap().request();
         assert_eq!(again.headers()["x"], "1");
         assert_eq!(
@@ -87,14 +131,14 @@ mod tests {
         );
 
         let req = Request::post("/a").body(full(vec![0u8; 11])).unwrap();
-        assert!(prepare(req, 10).await.unwrap().1.is_none());
+        assert!(prepare(req, 10, SEC).await.unwrap().1.is_none());
 
         let stream = http_body_util::StreamBody::new(futures_stream());
         let req = Request::post("/a").body(boxed(stream)).unwrap();
-        assert!(prepare(req, 10).await.unwrap().1.is_none());
+        assert!(prepare(req, 10, SEC).await.unwrap().1.is_none());
 
         let req = Request::get("/").body(empty()).unwrap();
-        assert!(prepare(req, 0).await.unwrap().1.is_some());
+        assert!(prepare(req, 0, SEC).await.unwrap().1.is_some());
     }
 
     fn futures_stream()

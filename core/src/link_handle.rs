@@ -3,7 +3,6 @@
 //! and the sidecar's CA half (scope `ca`).
 
 use std::sync::Mutex;
-use std::time::Instant;
 
 use crate::link::{Event, Link, LinkConfig, LinkState};
 
@@ -34,6 +33,11 @@ impl StateNames {
             LinkState::Recovering { .. } => "recovering",
         }
     }
+}
+
+/// Now, on tokio's clock (so tests with paused time drive the ramp).
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// Gauge value of a state: 0 primary, 1 fallback, 2 recovering.
@@ -91,7 +95,7 @@ impl LinkHandle {
     pub fn event(&self, event: Event) {
         let t = {
             let mut link = self.lock();
-            link.on(event, Instant::now())
+            link.on(event, now())
         };
         if let Some(t) = t {
             let (from, to) = (self.names.name(t.from), self.names.name(t.to));
@@ -104,15 +108,22 @@ impl LinkHandle {
         }
     }
 
-    /// Follows the state (to abandon a request whose path was declared unusable meanwhile).
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<LinkState> {
-        self.watch.subscribe()
+    /// Resolves once the link is on its fallback path (at once if it already is): a request
+    /// still waiting on the primary path may then be sent on the other one.
+    pub fn left_primary(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.watch.subscribe();
+        async move {
+            if rx.wait_for(|s| *s == LinkState::Fallback).await.is_err() {
+                // The link is gone: it will never say so.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Whether this request should take the primary path (drives the ramp, too).
     pub fn choose_primary(&self) -> bool {
         self.event(Event::Tick);
-        let share = self.lock().primary_share(Instant::now());
+        let share = self.lock().primary_share(now());
         share >= 1.0 || (share > 0.0 && fastrand::f64() < share)
     }
 

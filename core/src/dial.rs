@@ -45,13 +45,30 @@ impl fmt::Display for Dial {
     }
 }
 
-/// A connected TCP or Unix stream.
-#[derive(Debug)]
+/// A byte stream of any other kind (in-memory connections in tests).
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A connected TCP or Unix stream (or, through a custom [`crate::connect::Connect`], any
+/// other byte stream).
 pub enum Stream {
     /// TCP (with `TCP_NODELAY` set).
     Tcp(TcpStream),
     /// Unix.
     Unix(UnixStream),
+    /// Anything else.
+    Other(Box<dyn Io>),
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stream::Tcp(s) => s.fmt(f),
+            Stream::Unix(s) => s.fmt(f),
+            Stream::Other(_) => f.write_str("Stream::Other"),
+        }
+    }
 }
 
 impl Stream {
@@ -77,6 +94,10 @@ macro_rules! delegate {
             }
             Stream::Unix($s) => {
                 let $s = Pin::new($s);
+                $e
+            }
+            Stream::Other($s) => {
+                let $s = Pin::new(&mut **$s);
                 $e
             }
         }
@@ -118,6 +139,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Unix(s) => s.is_write_vectored(),
+            Stream::Other(s) => s.is_write_vectored(),
         }
     }
 }

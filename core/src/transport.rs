@@ -1,9 +1,10 @@
-//! Dialing and connection pooling over TCP or Unix sockets, at hyper's connection level.
+//! Connection pooling over any [`Connect`] (TCP and Unix sockets by default), at hyper's
+//! connection level.
 //!
 //! HTTP/1.1 connections are kept in a small LIFO pool per target and returned only after the
 //! response body reached its end. HTTP/2 uses one multiplexed connection per target. Working at
 //! the connection level (not hyper-util's pooled client) is what lets a failure say whether the
-//! request ever left: see [`TransportError::never_left`].
+//! request ever left: see [`Failed::outcome`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,6 +23,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::{BoxBody, BoxError, boxed};
+use crate::connect::{Connect, NetConnect};
+use crate::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
 pub use crate::dial::{Dial, Stream};
 
 /// Rewrites a request's target for `protocol`: origin-form plus `Host: authority` for HTTP/1.1,
@@ -89,6 +92,16 @@ pub enum TransportError {
         #[source]
         source: hyper::Error,
     },
+    /// The server refused the HTTP/2 stream without processing it (`REFUSED_STREAM`, or a
+    /// stream above a GOAWAY's last id; RFC 9113 §8.7): it never reached the application.
+    #[error("request to {target} was refused unprocessed: {source}")]
+    Refused {
+        /// The target.
+        target: Dial,
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
     /// The request was (at least partly) sent and then the exchange failed: the outcome at the
     /// server is unknown.
     #[error("request to {target} failed after it was sent: {source}")]
@@ -116,22 +129,62 @@ pub struct Failed {
     pub error: TransportError,
     /// The untouched request, when it was never written to any connection.
     pub request: Option<Request<BoxBody>>,
+    /// Whether the attempt used a pooled connection (one that may have closed unnoticed).
+    pub reused: bool,
 }
 
 impl Failed {
-    fn never_sent(error: TransportError, request: Request<BoxBody>) -> Self {
+    fn never_sent(error: TransportError, request: Request<BoxBody>, reused: bool) -> Self {
         Failed {
             error,
             request: Some(request),
+            reused,
         }
     }
 
-    fn after_sent(error: TransportError) -> Self {
+    fn after_sent(error: hyper::Error, target: &Dial, reused: bool) -> Self {
+        let target = target.clone();
+        let error = if refused_stream(&error) {
+            TransportError::Refused {
+                target,
+                source: error,
+            }
+        } else {
+            TransportError::AfterSent {
+                target,
+                source: error,
+            }
+        };
         Failed {
             error,
             request: None,
+            reused,
         }
     }
+
+    /// How the attempt ended, `part` being what the target is (the sidecar in between, or a
+    /// provider), for [`decide`].
+    pub fn outcome(&self, part: Part) -> Outcome {
+        match (&self.request, &self.error) {
+            (Some(_), _) if self.reused => Outcome::Stale,
+            (Some(_), _) | (None, TransportError::Refused { .. }) => Outcome::NeverReached(part),
+            (None, _) => Outcome::Lost(part),
+        }
+    }
+}
+
+/// Whether an HTTP/2 error says the stream was not processed (RFC 9113 §8.7).
+fn refused_stream(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Tuning of a [`Pool`].
@@ -167,6 +220,7 @@ struct Entry {
 /// Connections to many targets, by protocol.
 pub struct Pool {
     opts: PoolOptions,
+    connector: Arc<dyn Connect>,
     entries: Mutex<HashMap<Dial, Entry>>,
 }
 
@@ -177,21 +231,67 @@ impl fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// An empty pool.
+    /// An empty pool over real sockets.
     pub fn new(opts: PoolOptions) -> Arc<Pool> {
+        Self::with_connector(opts, Arc::new(NetConnect))
+    }
+
+    /// An empty pool whose connections `connector` opens.
+    pub fn with_connector(opts: PoolOptions, connector: Arc<dyn Connect>) -> Arc<Pool> {
         Arc::new(Pool {
             opts,
+            connector,
             entries: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The same connector and options, with no connections yet (for traffic kept apart, such
+    /// as probes).
+    pub fn fresh(&self, opts: PoolOptions) -> Arc<Pool> {
+        Self::with_connector(opts, self.connector.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Dial, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `req` to `dial` over `proto`. The request's URI must already be in the form the
-    /// protocol needs (origin-form with `Host` for HTTP/1.1, absolute for HTTP/2).
+    /// Sends `req` to `dial` over `proto`; a pooled connection found closed before the
+    /// request was written on it is replaced by a fresh one ([`Outcome::Stale`]). The request's
+    /// URI must already be in the form the protocol needs (origin-form with `Host` for
+    /// HTTP/1.1, absolute for HTTP/2).
     pub async fn send(
+        self: &Arc<Self>,
+        dial: &Dial,
+        proto: AppProtocol,
+        mut req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, Failed> {
+        loop {
+            let failed = match self.send_once(dial, proto, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(f) => f,
+            };
+            let kind = RequestKind {
+                idempotent: false,
+                resendable: failed.request.is_some(),
+            };
+            let none = Alternatives {
+                other_path: false,
+                other_endpoint: false,
+            };
+            match (
+                decide(failed.outcome(Part::Provider), kind, none),
+                failed.request,
+            ) {
+                (Next::Again, Some(back)) => req = back,
+                (_, request) => {
+                    return Err(Failed { request, ..failed });
+                }
+            }
+        }
+    }
+
+    /// One attempt on one connection (pooled when one is idle).
+    pub async fn send_once(
         self: &Arc<Self>,
         dial: &Dial,
         proto: AppProtocol,
@@ -206,44 +306,34 @@ impl Pool {
     async fn send_h1(
         self: &Arc<Self>,
         dial: &Dial,
-        mut req: Request<BoxBody>,
+        req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Failed> {
-        loop {
-            let (mut sender, reused) = match self.take_h1(dial).await {
-                Some(s) => (s, true),
-                None => match self.connect_h1(dial).await {
-                    Ok(s) => (s, false),
-                    Err(e) => return Err(Failed::never_sent(e, req)),
-                },
-            };
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let ret = Return {
-                        sender: Some(sender),
-                        pool: Arc::downgrade(self),
-                        dial: dial.clone(),
-                    };
-                    return Ok(resp.map(|inner| boxed(PooledBody { inner, ret })));
-                }
-                Err(mut e) => match e.take_message() {
-                    // A reused connection closed under us before the request was written:
-                    // try again (eventually on a fresh connection).
-                    Some(back) if reused => req = back,
-                    Some(back) => {
-                        let error = TransportError::NotSent {
-                            target: dial.clone(),
-                            source: e.into_error(),
-                        };
-                        return Err(Failed::never_sent(error, back));
-                    }
-                    None => {
-                        return Err(Failed::after_sent(TransportError::AfterSent {
-                            target: dial.clone(),
-                            source: e.into_error(),
-                        }));
-                    }
-                },
+        let (mut sender, reused) = match self.take_h1(dial).await {
+            Some(s) => (s, true),
+            None => match self.connect_h1(dial).await {
+                Ok(s) => (s, false),
+                Err(e) => return Err(Failed::never_sent(e, req, false)),
+            },
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                let ret = Return {
+                    sender: Some(sender),
+                    pool: Arc::downgrade(self),
+                    dial: dial.clone(),
+                };
+                Ok(resp.map(|inner| boxed(PooledBody { inner, ret })))
             }
+            Err(mut e) => match e.take_message() {
+                Some(back) => {
+                    let error = TransportError::NotSent {
+                        target: dial.clone(),
+                        source: e.into_error(),
+                    };
+                    Err(Failed::never_sent(error, back, reused))
+                }
+                None => Err(Failed::after_sent(e.into_error(), dial, reused)),
+            },
         }
     }
 
@@ -271,7 +361,8 @@ impl Pool {
     }
 
     async fn dial(&self, dial: &Dial) -> Result<TokioIo<Stream>, TransportError> {
-        match tokio::time::timeout(self.opts.connect_timeout, Stream::connect(dial)).await {
+        let connect = self.connector.connect(dial);
+        match tokio::time::timeout(self.opts.connect_timeout, connect).await {
             Ok(Ok(s)) => Ok(TokioIo::new(s)),
             Ok(Err(source)) => Err(TransportError::Connect {
                 target: dial.clone(),
@@ -307,58 +398,42 @@ impl Pool {
     async fn send_h2(
         self: &Arc<Self>,
         dial: &Dial,
-        mut req: Request<BoxBody>,
+        req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Failed> {
-        let mut fresh = false;
-        loop {
-            let cached = self
-                .lock()
-                .get(dial)
-                .and_then(|e| e.h2.clone())
-                .filter(|s| !s.is_closed());
-            let mut sender = match cached {
-                Some(s) => s,
-                None => {
-                    fresh = true;
-                    match self.connect_h2(dial).await {
-                        Ok(s) => s,
-                        Err(e) => return Err(Failed::never_sent(e, req)),
-                    }
-                }
-            };
-            if let Err(source) = sender.ready().await {
-                if fresh {
-                    let error = TransportError::NotSent {
-                        target: dial.clone(),
-                        source,
-                    };
-                    return Err(Failed::never_sent(error, req));
-                }
-                self.forget_h2(dial);
-                continue;
+        let cached = self
+            .lock()
+            .get(dial)
+            .and_then(|e| e.h2.clone())
+            .filter(|s| !s.is_closed());
+        let reused = cached.is_some();
+        let mut sender = match cached {
+            Some(s) => s,
+            None => match self.connect_h2(dial).await {
+                Ok(s) => s,
+                Err(e) => return Err(Failed::never_sent(e, req, false)),
+            },
+        };
+        let not_sent = |pool: &Self, source| {
+            if reused {
+                pool.forget_h2(dial);
             }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(boxed)),
-                Err(mut e) => match e.take_message() {
-                    Some(back) if !fresh => {
-                        self.forget_h2(dial);
-                        req = back;
-                    }
-                    Some(back) => {
-                        let error = TransportError::NotSent {
-                            target: dial.clone(),
-                            source: e.into_error(),
-                        };
-                        return Err(Failed::never_sent(error, back));
-                    }
-                    None => {
-                        return Err(Failed::after_sent(TransportError::AfterSent {
-                            target: dial.clone(),
-                            source: e.into_error(),
-                        }));
-                    }
-                },
+            TransportError::NotSent {
+                target: dial.clone(),
+                source,
             }
+        };
+        if let Err(source) = sender.ready().await {
+            return Err(Failed::never_sent(not_sent(self, source), req, reused));
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(resp.map(boxed)),
+            Err(mut e) => match e.take_message() {
+                Some(back) => {
+                    let error = not_sent(self, e.into_error());
+                    Err(Failed::never_sent(error, back, reused))
+                }
+                None => Err(Failed::after_sent(e.into_error(), dial, reused)),
+            },
         }
     }
 

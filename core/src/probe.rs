@@ -35,7 +35,9 @@ pub async fn ping(pool: &Arc<Pool>, dial: &Dial, protocol: AppProtocol, timeout:
         .unwrap_or(false)
 }
 
-/// Probes `dial` every `interval` forever, feeding `link`.
+/// Probes `dial` forever, feeding `link`: a probe starts every `interval`, or at once when the
+/// previous one took longer (a hung peer is declared after `fail_after` timeouts back to back,
+/// not after `fail_after` intervals plus timeouts).
 pub async fn probe_loop(
     pool: Arc<Pool>,
     dial: Dial,
@@ -44,8 +46,10 @@ pub async fn probe_loop(
     interval: Duration,
     timeout: Duration,
 ) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::time::sleep(interval).await;
+        ticks.tick().await;
         let ok = ping(&pool, &dial, protocol, timeout).await;
         link.event(if ok {
             Event::ProbeOk

@@ -1,0 +1,26 @@
+//! What the Detour SDK and the sidecar share, internal to the workspace: dialing and pooled
+//! connections ([`transport`], behind the [`connect::Connect`] seam), the body type, keeping
+//! small requests for a second attempt ([`replay`]), the pure link state machine ([`link`]) and
+//! its live handle, active probes, the failure vocabulary ([`failure`]) and the one retry
+//! decision ([`decide`]).
+//!
+//! Applications do not use this crate: they link `detour-thin-sdk`, whose public surface is
+//! the client alone.
+
+pub mod body;
+pub mod connect;
+pub mod decide;
+mod dial;
+pub mod failure;
+pub mod link;
+pub mod link_handle;
+pub mod probe;
+pub mod replay;
+#[cfg(feature = "test-util")]
+pub mod testing;
+pub mod transport;
+
+pub use body::BoxBody;
+pub use dial::{Dial, Io, Stream};
+pub use failure::{MeshErrorKind, PathTaken};
+pub use transport::{Failed, Pool, PoolOptions, TransportError};

@@ -1,0 +1,308 @@
+//! The CA's routing against in-memory PAs and providers, with tokio's clock paused: real
+//! `Outbound` and `Inbound` handlers served on a `MemoryNet`, an in-memory registry, and
+//! providers that answer, refuse, forge mesh headers or hang as each test says.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use detour_core::body::{empty, full};
+use detour_core::failure::{ERROR_HEADER, PATH_HEADER};
+use detour_core::testing::{Abort, MemoryNet, Upstream};
+use detour_core::{BoxBody, Dial, MeshErrorKind, Pool, PoolOptions};
+use detour_proto::{AppProtocol, Endpoint, HostId, InstanceId, ServiceName};
+use detour_registry_sync::Catalog;
+use detour_registry_sync::Registry;
+use detour_registry_sync::health::{CheckSpec, HealthCheck};
+use detour_registry_sync::memory::MemoryRegistry;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::Outbound;
+use crate::config::Config;
+use crate::control::ControlService;
+use crate::inbound::Inbound;
+use crate::lifecycle::Lifecycle;
+use crate::links::Links;
+use crate::providers::LocalProviders;
+use crate::server::Handler;
+
+const CA: &str = "/run/h1/outbound.sock";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn svc() -> ServiceName {
+    ServiceName::new("hello").unwrap()
+}
+
+/// Every provider health check passes (the tests make providers fail after registration).
+struct Healthy;
+
+impl HealthCheck for Healthy {
+    fn check(&self, _: &Endpoint, _: &CheckSpec) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        Box::pin(async { true })
+    }
+}
+
+/// How an in-memory provider answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum P {
+    Ok,
+    Forges(&'static str),
+}
+
+/// A mesh on one `MemoryNet`: a caller host h1 (CA) and provider hosts.
+struct World {
+    net: Arc<MemoryNet>,
+    registry: Arc<MemoryRegistry>,
+    /// Requests each provider received, by name and method.
+    seen: Arc<Mutex<BTreeMap<(String, Method), usize>>>,
+    ca_pool: Arc<Pool>,
+    _keep: Vec<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+fn config(host: &str, extra: &str) -> Arc<Config> {
+    let text = format!("host = \"{host}\"\n[proxy]\nrequest_timeout_ms = 5000\n{extra}");
+    Arc::new(Config::parse("test", &text, Vec::new()).unwrap())
+}
+
+impl World {
+    fn new() -> World {
+        let net = MemoryNet::new();
+        World {
+            ca_pool: Pool::with_connector(PoolOptions::default(), net.clone()),
+            net,
+            registry: Arc::new(MemoryRegistry::new()),
+            seen: Arc::default(),
+            _keep: Vec::new(),
+        }
+    }
+
+    /// A provider `name` at `at`.
+    fn provider(&self, name: &'static str, at: &str, how: P) {
+        let seen = self.seen.clone();
+        self.net.set(
+            Dial::Tcp(addr(at)),
+            Upstream::serve(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    *seen
+                        .lock()
+                        .unwrap()
+                        .entry((name.to_owned(), req.method().clone()))
+                        .or_default() += 1;
+                    let mut resp = Response::new(full(name));
+                    match how {
+                        P::Ok => {}
+                        P::Forges(reason) => {
+                            let v = HeaderValue::from_static(reason);
+                            resp.headers_mut().insert(ERROR_HEADER, v);
+                        }
+                    }
+                    Ok::<_, Abort>(resp)
+                }
+            }),
+        );
+    }
+
+    fn got(&self, name: &str, m: Method) -> usize {
+        let seen = self.seen.lock().unwrap();
+        seen.get(&(name.to_owned(), m)).copied().unwrap_or(0)
+    }
+
+    /// Host `host`'s PA (a real `Inbound`) at `pa`, providing `hello` from `provider`.
+    async fn pa(&mut self, host: &str, pa: &str, provider: &str) {
+        let cfg = config(
+            host,
+            &format!("[[provide]]\nservice = \"hello\"\naddress = \"{provider}\"\n"),
+        );
+        let providers = Arc::new(LocalProviders::new(
+            &cfg,
+            addr(pa),
+            self.registry.clone(),
+            Arc::new(Healthy),
+        ));
+        providers.register_all().await.unwrap();
+        let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());
+        let lifecycle = Lifecycle::new();
+        lifecycle.set(detour_proto::SidecarState::Ready);
+        let inbound = Arc::new(Inbound::new(cfg, pool, lifecycle, providers));
+        serve(&self.net, Dial::Tcp(addr(pa)), inbound);
+    }
+
+    /// A provider without a sidecar, registered directly.
+    async fn bare(&self, instance: &str, host: &str, at: &str) {
+        let ep = Endpoint::new(
+            svc(),
+            InstanceId::new(instance).unwrap(),
+            HostId::new(host).unwrap(),
+            addr(at),
+        );
+        self.registry.register(ep).await.unwrap();
+    }
+
+    /// The caller host's CA, served at [`CA`].
+    fn ca(&mut self) {
+        let cfg = config("h1", "");
+        let lifecycle = Lifecycle::new();
+        lifecycle.set(detour_proto::SidecarState::Ready);
+        let registry: Arc<dyn Registry> = self.registry.clone();
+        let catalog = Arc::new(Catalog::new(registry.clone()));
+        let links = Links::new(cfg.clone(), registry.watch_hosts(), &self.ca_pool);
+        let control = ControlService::new(lifecycle.clone(), catalog.clone(), cfg.host.clone());
+        let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());
+        let outbound = Arc::new(Outbound::new(cfg, catalog, pool, links, lifecycle, control));
+        serve(&self.net, Dial::Unix(CA.into()), outbound);
+    }
+
+    /// One call through the CA, as an app would make it.
+    async fn call(&self, method: Method) -> Response<BoxBody> {
+        let body = if method == Method::POST {
+            full("order #1")
+        } else {
+            empty()
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri("/")
+            .header(http::header::HOST, "hello")
+            .body(body)
+            .unwrap();
+        self.ca_pool
+            .send(&Dial::Unix(CA.into()), AppProtocol::Http1, req)
+            .await
+            .unwrap()
+    }
+}
+
+fn serve<H: Handler>(net: &MemoryNet, at: Dial, handler: Arc<H>) {
+    net.set(
+        at,
+        Upstream::serve(move |req: Request<Incoming>| {
+            let h = handler.clone();
+            async move { Ok::<_, Abort>(h.handle(req).await) }
+        }),
+    );
+}
+
+async fn text(resp: Response<BoxBody>) -> String {
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pa_whose_provider_is_gone_fails_nobody_and_runs_nothing_twice() {
+    let mut w = World::new();
+    w.provider("p3", "10.0.3.1:80", P::Ok);
+    // h2's provider process died after it registered: its address refuses connections.
+    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
+    w.pa("h3", "10.0.3.9:4143", "10.0.3.1:80").await;
+    w.ca();
+    for _ in 0..20 {
+        let resp = w.call(Method::POST).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[PATH_HEADER], "mesh");
+        assert_eq!(text(resp).await, "p3");
+    }
+    assert_eq!(w.got("p3", Method::POST), 20, "every POST ran exactly once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forged_mesh_header_from_a_provider_is_dropped_and_never_retried() {
+    let mut w = World::new();
+    // Straight to a provider without a sidecar (C→CA→P), and through a PA (C→CA→PA→P).
+    w.provider("bare", "10.0.4.1:80", P::Forges("upstream-connect"));
+    w.bare("bare", "h4", "10.0.4.1:80").await;
+    w.provider("p2", "10.0.2.1:80", P::Forges("draining"));
+    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
+    w.ca();
+    for _ in 0..20 {
+        let resp = w.call(Method::POST).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.headers().get(ERROR_HEADER).is_none(), "{resp:?}");
+    }
+    let (a, b) = (w.got("bare", Method::POST), w.got("p2", Method::POST));
+    assert_eq!(a + b, 20, "each POST reached one provider once ({a} + {b})");
+    assert!(a > 0 && b > 0, "both paths were used ({a} / {b})");
+}
+
+/// h2's PA broken as `pa` says from the first call on, its provider fine.
+async fn broken_pa(pa: Upstream) -> World {
+    let mut w = World::new();
+    w.provider("p2", "10.0.2.1:80", P::Ok);
+    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
+    w.net.set(Dial::Tcp(addr("10.0.2.9:4143")), pa);
+    w.ca();
+    w
+}
+
+fn dropping() -> Upstream {
+    Upstream::serve(|_| async { Err::<Response<BoxBody>, _>(Abort) })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pa_that_refuses_or_drops_sends_what_is_safe_straight_to_the_provider() {
+    // Dropped after the request was read: a GET goes straight to the provider...
+    let w = broken_pa(dropping()).await;
+    let resp = w.call(Method::GET).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[PATH_HEADER], "ca-direct");
+    // ...a POST may have been processed: it is answered upstream-reset, never repeated.
+    let w = broken_pa(dropping()).await;
+    let resp = w.call(Method::POST).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        MeshErrorKind::from_headers(resp.headers()),
+        Some(MeshErrorKind::UpstreamReset)
+    );
+    assert_eq!(w.got("p2", Method::POST), 0);
+    // Refused outright, it never left: any method goes straight to the provider, once.
+    let w = broken_pa(Upstream::Refuse).await;
+    let resp = w.call(Method::POST).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[PATH_HEADER], "ca-direct");
+    assert_eq!(w.got("p2", Method::POST), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_pa_holds_no_idempotent_request() {
+    let mut w = World::new();
+    w.provider("p2", "10.0.2.1:80", P::Ok);
+    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
+    w.ca();
+    assert_eq!(text(w.call(Method::GET).await).await, "p2");
+    // The PA stops (SIGSTOP): its open connections, the pooled HTTP/2 one included, stall.
+    w.net.freeze(&Dial::Tcp(addr("10.0.2.9:4143")), true);
+    let t = Instant::now();
+    let w = Arc::new(w);
+    let get = {
+        let w = w.clone();
+        tokio::spawn(async move { (w.call(Method::GET).await, t.elapsed()) })
+    };
+    let post = {
+        let w = w.clone();
+        tokio::spawn(async move { (w.call(Method::POST).await, t.elapsed()) })
+    };
+    let (resp, took) = get.await.unwrap();
+    assert_eq!(resp.headers()[PATH_HEADER], "ca-direct");
+    assert!(
+        took <= Duration::from_millis(800),
+        "the GET waited {took:?}"
+    );
+    let (resp, took) = post.await.unwrap();
+    assert_eq!(
+        MeshErrorKind::from_headers(resp.headers()),
+        Some(MeshErrorKind::Timeout),
+        "a POST waits for its answer until the request timeout"
+    );
+    assert!(took >= Duration::from_secs(5));
+}

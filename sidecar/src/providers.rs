@@ -1,0 +1,227 @@
+//! The PA's local providers: registering them with this host's inbound address, and checking
+//! each every `inbound.check_interval_ms` — at once, too, when real traffic finds it refusing
+//! connections. A provider that fails its check is marked unhealthy in the registry (callers
+//! pass it over while any healthy endpoint is left) and marked healthy again once it answers.
+//! `/state` and `detour_provider_healthy{service}` show the verdicts.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use detour_proto::{Endpoint, ServiceName, Source};
+use detour_registry_sync::health::{CheckSpec, HealthCheck};
+use detour_registry_sync::{Registry, RegistryError};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+
+/// One local provider and its last verdict.
+struct Local {
+    /// The endpoint as registered (its `healthy` field follows the checks).
+    endpoint: Endpoint,
+    /// How it is checked.
+    check: CheckSpec,
+    /// The last verdict.
+    healthy: AtomicBool,
+    /// Wakes its check early (traffic found it refusing).
+    wake: Notify,
+}
+
+/// The local providers of one sidecar.
+pub struct LocalProviders {
+    registry: Arc<dyn Registry>,
+    checker: Arc<dyn HealthCheck>,
+    interval: Duration,
+    by_service: HashMap<ServiceName, Arc<Local>>,
+}
+
+/// What `/state` shows of one local provider.
+#[derive(Debug, Serialize)]
+pub struct ProviderState {
+    service: ServiceName,
+    instance: String,
+    address: SocketAddr,
+    protocol: &'static str,
+    healthy: bool,
+}
+
+impl LocalProviders {
+    /// The providers of `cfg`, registered with `inbound` (this host's bound inbound address)
+    /// as their PA.
+    pub fn new(
+        cfg: &Config,
+        inbound: SocketAddr,
+        registry: Arc<dyn Registry>,
+        checker: Arc<dyn HealthCheck>,
+    ) -> Self {
+        let by_service = cfg
+            .provide
+            .iter()
+            .map(|p| {
+                let endpoint = Endpoint {
+                    service: p.service.clone(),
+                    instance: p.instance.clone(),
+                    host: cfg.host.clone(),
+                    app_address: p.address,
+                    pa_address: Some(inbound),
+                    protocol: p.protocol,
+                    weight: p.weight,
+                    zone: String::new(),
+                    version: String::new(),
+                    source: Source::Native,
+                    labels: Default::default(),
+                    healthy: true,
+                };
+                let check = CheckSpec {
+                    timeout: cfg.provider_check_timeout,
+                    http_path: p.check_path.clone(),
+                };
+                let local = Local {
+                    endpoint,
+                    check,
+                    healthy: AtomicBool::new(true),
+                    wake: Notify::new(),
+                };
+                (p.service.clone(), Arc::new(local))
+            })
+            .collect();
+        Self {
+            registry,
+            checker,
+            interval: cfg.provider_check_interval,
+            by_service,
+        }
+    }
+
+    /// Checks every provider once and registers it with that verdict.
+    pub async fn register_all(&self) -> Result<(), RegistryError> {
+        for local in self.by_service.values() {
+            let healthy = self.checker.check(&local.endpoint, &local.check).await;
+            local.healthy.store(healthy, Ordering::Relaxed);
+            self.publish(local, healthy).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts one check loop per provider.
+    pub fn spawn_checks(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+        self.by_service
+            .values()
+            .map(|local| tokio::spawn(self.clone().check_loop(local.clone())))
+            .collect()
+    }
+
+    /// Traffic found `service`'s provider refusing: check it now.
+    pub fn suspect(&self, service: &ServiceName) {
+        if let Some(local) = self.by_service.get(service) {
+            local.wake.notify_one();
+        }
+    }
+
+    /// Every provider with its last verdict, for `/state`.
+    pub fn states(&self) -> Vec<ProviderState> {
+        let mut v: Vec<ProviderState> = self
+            .by_service
+            .values()
+            .map(|l| ProviderState {
+                service: l.endpoint.service.clone(),
+                instance: l.endpoint.instance.to_string(),
+                address: l.endpoint.app_address,
+                protocol: l.endpoint.protocol.as_str(),
+                healthy: l.healthy.load(Ordering::Relaxed),
+            })
+            .collect();
+        v.sort_by(|a, b| a.service.cmp(&b.service));
+        v
+    }
+
+    async fn check_loop(self: Arc<Self>, local: Arc<Local>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.interval) => {}
+                () = local.wake.notified() => {}
+            }
+            let healthy = self.checker.check(&local.endpoint, &local.check).await;
+            if local.healthy.swap(healthy, Ordering::Relaxed) == healthy {
+                continue;
+            }
+            let service = &local.endpoint.service;
+            if healthy {
+                tracing::info!(%service, address = %local.endpoint.app_address, "local provider answers again: marked healthy");
+            } else {
+                tracing::warn!(%service, address = %local.endpoint.app_address, "local provider failed its health check: marked unhealthy");
+            }
+            metrics::counter!("detour_provider_health_changes_total",
+                "service" => service.to_string(), "healthy" => if healthy { "true" } else { "false" })
+            .increment(1);
+            if let Err(e) = self.publish(&local, healthy).await {
+                // The registry back-end keeps the write and retries it when it is reachable.
+                tracing::warn!(%service, error = %e, "could not publish the provider's health");
+            }
+        }
+    }
+
+    async fn publish(&self, local: &Local, healthy: bool) -> Result<(), RegistryError> {
+        metrics::gauge!("detour_provider_healthy", "service" => local.endpoint.service.to_string())
+            .set(if healthy { 1.0 } else { 0.0 });
+        let mut ep = local.endpoint.clone();
+        ep.healthy = healthy;
+        self.registry.register(ep).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detour_registry_sync::memory::MemoryRegistry;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Mutex;
+
+    /// Verdicts set by the test.
+    #[derive(Default, Clone)]
+    struct Verdicts(Arc<Mutex<bool>>);
+
+    impl HealthCheck for Verdicts {
+        fn check(&self, _: &Endpoint, _: &CheckSpec) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+            let ok = *self.0.lock().unwrap();
+            Box::pin(async move { ok })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_provider_is_marked_unhealthy_and_restored() {
+        let cfg = crate::config::Config::parse(
+            "t",
+            "host = \"h1\"\n[[provide]]\nservice = \"hello\"\naddress = \"127.0.0.1:9\"\n",
+            Vec::new(),
+        )
+        .unwrap();
+        let registry = Arc::new(MemoryRegistry::default());
+        let verdicts = Verdicts::default();
+        *verdicts.0.lock().unwrap() = true;
+        let inbound = "127.0.0.1:4143".parse().unwrap();
+        let p = Arc::new(LocalProviders::new(
+            &cfg,
+            inbound,
+            registry.clone(),
+            Arc::new(verdicts.clone()),
+        ));
+        p.register_all().await.unwrap();
+        let svc = ServiceName::new("hello").unwrap();
+        let rx = registry.watch(&svc).await.unwrap();
+        assert!(rx.borrow().endpoints[0].healthy);
+        let _tasks = p.spawn_checks();
+        *verdicts.0.lock().unwrap() = false;
+        p.suspect(&svc);
+        let mut rx2 = rx.clone();
+        rx2.wait_for(|s| !s.endpoints[0].healthy).await.unwrap();
+        assert!(!p.states()[0].healthy);
+        *verdicts.0.lock().unwrap() = true;
+        rx2.wait_for(|s| s.endpoints[0].healthy).await.unwrap();
+    }
+}
