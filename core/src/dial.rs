@@ -1,4 +1,5 @@
-//! Where to connect (TCP or a Unix socket) and the connected stream of either kind.
+//! Where to connect (TCP or a Unix socket), the connected stream of either kind, and listening
+//! sockets with a queue deep enough for bursts of connects.
 
 use std::fmt;
 use std::io;
@@ -8,7 +9,25 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixStream};
+
+/// Connections the kernel queues for a listener before they are accepted. The default of 128
+/// overflows when many callers connect at once — after a restart, or when every request waiting
+/// on a hung sidecar is re-sent direct — and an overflowing queue drops connection attempts,
+/// which then wait a second for the kernel's retransmit.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener on `addr` with `SO_REUSEADDR` and a queue of [`LISTEN_BACKLOG`].
+pub fn listen_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Where to connect: a TCP address or a Unix socket path.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

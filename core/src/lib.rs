@@ -21,6 +21,6 @@ pub mod testing;
 pub mod transport;
 
 pub use body::BoxBody;
-pub use dial::{Dial, Io, Stream};
+pub use dial::{Dial, Io, LISTEN_BACKLOG, Stream, listen_tcp};
 pub use failure::{MeshErrorKind, PathTaken};
 pub use transport::{Failed, Pool, PoolOptions, TransportError};

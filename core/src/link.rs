@@ -79,7 +79,8 @@ pub enum Event {
     ProbeOk,
     /// One active probe failed.
     ProbeFailed,
-    /// The mesh is switched off for this scope until `MeshOn`.
+    /// The mesh is switched off for this scope until `MeshOn`. Nothing emits this or `MeshOn`
+    /// yet: gray rules and rollback (an operator turning the mesh off) will.
     MeshOff,
     /// The mesh is switched back on.
     MeshOn,

@@ -10,6 +10,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 
 use crate::body::{BoxBody, full};
+use crate::decide::RequestKind;
 
 /// Marks a request as safe to send twice although its method is not idempotent
 /// (`req.extensions_mut().insert(Idempotent)`).
@@ -35,6 +36,58 @@ impl Replay {
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
         req
+    }
+}
+
+/// A request being routed: the request itself while it has not been sent (or after it was
+/// handed back), and its copy when its body was kept — what the retry decision needs to know.
+#[derive(Debug)]
+pub struct Held {
+    req: Option<Request<BoxBody>>,
+    replay: Option<Replay>,
+    idempotent: bool,
+}
+
+impl Held {
+    /// `req` (prepared by [`prepare`], which gave `replay`).
+    pub fn new(req: Request<BoxBody>, replay: Option<Replay>, idempotent: bool) -> Self {
+        Self {
+            req: Some(req),
+            replay,
+            idempotent,
+        }
+    }
+
+    /// The request for the next attempt: the original if still held, else a fresh copy.
+    pub fn take(&mut self) -> Option<Request<BoxBody>> {
+        self.req
+            .take()
+            .or_else(|| self.replay.as_ref().map(Replay::request))
+    }
+
+    /// Takes back a request an attempt handed back unsent.
+    pub fn give_back(&mut self, req: Option<Request<BoxBody>>) {
+        if req.is_some() {
+            self.req = req;
+        }
+    }
+
+    /// Whether it may be processed twice.
+    pub fn idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    /// Whether a copy was kept (the request can go again after it left).
+    pub fn has_copy(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// What the retry decision needs to know of it.
+    pub fn kind(&self) -> RequestKind {
+        RequestKind {
+            idempotent: self.idempotent,
+            resendable: self.req.is_some() || self.replay.is_some(),
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use detour_core::{Pool, PoolOptions};
+use detour_core::{LISTEN_BACKLOG, Pool, PoolOptions, listen_tcp};
 use detour_proto::{ADDRESS_FILE, HostStatus, SidecarAddresses, SidecarState};
 use detour_registry_sync::cache::DiskCache;
 use detour_registry_sync::catalog::CatalogOptions;
@@ -329,24 +329,6 @@ fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
     let socket = tokio::net::UnixSocket::new_stream().map_err(err)?;
     socket.bind(path).map_err(err)?;
     socket.listen(LISTEN_BACKLOG).map_err(err)
-}
-
-/// Connections the kernel queues for a listener before it accepts them. The default of 128
-/// overflows when many callers (re)connect at once — after a restart, or a burst of retries —
-/// and an overflowing queue drops connection attempts, which then wait a second for the
-/// kernel's retransmit.
-pub const LISTEN_BACKLOG: u32 = 4096;
-
-/// Binds a TCP listener with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as the default bind).
-pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Writes the bound addresses atomically for tools and tests to read.

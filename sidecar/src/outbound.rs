@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use detour_core::body::{boxed, with_guard};
-use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
+use detour_core::decide::{Alternatives, Next, Outcome, Part, decide};
 use detour_core::failure::{MeshErrorKind, PATH_HEADER, strip_mesh_headers};
 use detour_core::link::{Event, Reason};
-use detour_core::replay::{PrepareError, Replay, is_idempotent, prepare};
+use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
 use detour_core::{BoxBody, Dial, PathTaken, Pool};
 use detour_proto::control::local_control_server::LocalControlServer;
 use detour_proto::{AppProtocol, CONTROL_AUTHORITY, Endpoint, InstanceId, ServiceName};
@@ -56,29 +56,6 @@ pub struct Outbound {
     lifecycle: Arc<Lifecycle>,
     /// The local control API, reached with authority `detour.control`.
     control: LocalControlServer<ControlService>,
-}
-
-/// One request being routed: the request itself (when still held) and its replayable copy.
-struct Flight {
-    req: Option<Request<BoxBody>>,
-    replay: Option<Replay>,
-    idempotent: bool,
-}
-
-impl Flight {
-    /// The request for the next attempt: the original if still held, else a replayed copy.
-    fn take(&mut self) -> Option<Request<BoxBody>> {
-        self.req
-            .take()
-            .or_else(|| self.replay.as_ref().map(Replay::request))
-    }
-
-    fn kind(&self) -> RequestKind {
-        RequestKind {
-            idempotent: self.idempotent,
-            resendable: self.req.is_some() || self.replay.is_some(),
-        }
-    }
 }
 
 impl Outbound {
@@ -153,11 +130,7 @@ impl Outbound {
                 }
                 PrepareError::Body(_) => malformed(e.to_string()),
             })?;
-        let mut flight = Flight {
-            req: Some(req),
-            replay,
-            idempotent,
-        };
+        let mut flight = Held::new(req, replay, idempotent);
         let mut tried: Vec<InstanceId> = Vec::new();
         let no_endpoint = || MeshError::new(MeshErrorKind::NoEndpoint, service.as_str());
         let (mut ep, mut in_flight) = balancer
@@ -210,7 +183,7 @@ impl Outbound {
         &self,
         service: &ServiceName,
         ep: &Endpoint,
-        flight: &mut Flight,
+        flight: &mut Held,
     ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
         let pa = ep.pa_address.ok_or_else(|| consumed(ep))?;
         let link = self.links.get(&ep.host, pa);
@@ -227,7 +200,7 @@ impl Outbound {
             timeout,
             Part::Sidecar,
         );
-        let result = if flight.idempotent && flight.replay.is_some() {
+        let result = if flight.idempotent() && flight.has_copy() {
             // A PA the link gives up on (hung: probes time out) holds no idempotent request:
             // it is abandoned there and sent straight to the provider.
             tokio::select! {
@@ -276,7 +249,7 @@ impl Outbound {
                     tracing::debug!(%service, host = %ep.host, error = %f.error, "the PA failed; the link decides where to go");
                     link.event(Event::Fault(reason));
                 }
-                flight.req = f.request.take();
+                flight.give_back(f.request.take());
                 Err(f)
             }
         }
@@ -287,7 +260,7 @@ impl Outbound {
         &self,
         service: &ServiceName,
         ep: &Endpoint,
-        flight: &mut Flight,
+        flight: &mut Held,
     ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
         let req = flight.take().ok_or_else(|| consumed(ep))?;
         let dial = Dial::Tcp(ep.app_address);
@@ -308,7 +281,7 @@ impl Outbound {
                 Ok((resp, PathTaken::CaDirect))
             }
             Err(mut f) => {
-                flight.req = f.request.take();
+                flight.give_back(f.request.take());
                 Err(f)
             }
         }

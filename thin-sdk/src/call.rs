@@ -10,10 +10,10 @@
 use std::collections::VecDeque;
 
 use detour_core::body::BoxBody;
-use detour_core::decide::{Alternatives, Failure, Next, Outcome, Part, RequestKind, decide};
+use detour_core::decide::{Alternatives, Failure, Next, Outcome, Part, decide};
 use detour_core::failure::{Blame, Delivery, strip_mesh_headers};
 use detour_core::link::{Event, LinkState, Reason};
-use detour_core::replay::{Replay, is_idempotent, prepare};
+use detour_core::replay::{Held, is_idempotent, prepare};
 use detour_core::transport::{Failed, TransportError, set_target};
 use detour_core::{Dial, MeshErrorKind, PathTaken};
 use detour_proto::{AppProtocol, Endpoint, ServiceName};
@@ -45,11 +45,8 @@ enum Step {
 struct Call<'a> {
     service: &'a ServiceName,
     protocol: AppProtocol,
-    /// The request, while it has not been sent (or after it was handed back).
-    req: Option<Request<BoxBody>>,
-    /// A copy, when the body was small enough to keep.
-    replay: Option<Replay>,
-    idempotent: bool,
+    /// The request and its copy.
+    held: Held,
     /// Whether the direct path may be used at all (control session on).
     direct_allowed: bool,
     mesh_tried: bool,
@@ -64,19 +61,6 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    fn take(&mut self) -> Option<Request<BoxBody>> {
-        self.req
-            .take()
-            .or_else(|| self.replay.as_ref().map(Replay::request))
-    }
-
-    fn kind(&self) -> RequestKind {
-        RequestKind {
-            idempotent: self.idempotent,
-            resendable: self.req.is_some() || self.replay.is_some(),
-        }
-    }
-
     /// Whether the direct path still has providers to try (or has not been looked at).
     fn direct_left(&self) -> bool {
         self.direct_allowed && self.direct.as_ref().is_none_or(|d| !d.is_empty())
@@ -105,9 +89,7 @@ impl Client {
         let mut call = Call {
             service,
             protocol,
-            req: Some(req),
-            replay,
-            idempotent,
+            held: Held::new(req, replay, idempotent),
             direct_allowed,
             mesh_tried: false,
             direct: None,
@@ -138,7 +120,7 @@ impl Client {
     /// One attempt through the sidecar; an idempotent call with a copy is hedged.
     async fn mesh_step(&self, call: &mut Call<'_>) -> Step {
         call.mesh_tried = true;
-        let Some(req) = call.take() else {
+        let Some(req) = call.held.take() else {
             return Step::GiveUp(Failure::NeverReached);
         };
         let req = match set_target(call.service.as_str(), call.protocol, req) {
@@ -150,7 +132,7 @@ impl Client {
             .pool
             .send(&self.inner.sidecar, call.protocol, req);
         tokio::pin!(sent);
-        if !(call.idempotent && call.replay.is_some() && call.direct_left()) {
+        if !(call.held.idempotent() && call.held.has_copy() && call.direct_left()) {
             let r = sent.await;
             return self.judge_mesh(call, r);
         }
@@ -225,7 +207,7 @@ impl Client {
                     self.inner.link.event(Event::Fault(reason));
                 }
                 let outcome = failed.outcome(Part::Sidecar);
-                call.req = failed.request.or(call.req.take());
+                call.held.give_back(failed.request);
                 call.sidecar_failed = Some(failed.error);
                 outcome
             }
@@ -234,7 +216,7 @@ impl Client {
             other_path: call.direct_left(),
             other_endpoint: false,
         };
-        match decide(outcome, call.kind(), alt) {
+        match decide(outcome, call.held.kind(), alt) {
             Next::Return => match call.mesh_answer.take() {
                 Some(resp) => Step::Answered(resp),
                 None => Step::GiveUp(Failure::NeverReached),
@@ -277,7 +259,7 @@ impl Client {
                 Step::Go(Route::Mesh)
             };
         };
-        let Some(req) = call.take() else {
+        let Some(req) = call.held.take() else {
             return Step::GiveUp(Failure::NeverReached);
         };
         let req = match set_target(call.service.as_str(), ep.protocol, req) {
@@ -298,13 +280,13 @@ impl Client {
             self.inner.direct.refused(ep.app_address);
             tracing::debug!(service = %call.service, provider = %ep.app_address, error = %failed.error, "provider refused; trying the next");
         }
-        call.req = failed.request.or(call.req.take());
+        call.held.give_back(failed.request);
         call.provider_failed = Some(failed.error);
         let alt = Alternatives {
             other_path: !call.mesh_tried,
             other_endpoint: call.direct_left(),
         };
-        match decide(outcome, call.kind(), alt) {
+        match decide(outcome, call.held.kind(), alt) {
             Next::OtherPath => Step::Go(Route::Mesh),
             Next::Fail(f) => Step::GiveUp(f),
             Next::Return | Next::Again | Next::NextEndpoint => Step::Go(Route::Direct),

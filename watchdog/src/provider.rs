@@ -52,14 +52,7 @@ impl DemoProvider {
     pub async fn start(addr: SocketAddr, instance: &str) -> std::io::Result<DemoProvider> {
         // A deep accept queue, as a real server has: bursts of connects (a caller's retries
         // when its sidecar hangs) must not be dropped by the kernel.
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(4096)?;
+        let listener = detour_core::listen_tcp(addr)?;
         let addr = listener.local_addr()?;
         let counts = Arc::new(Counts::default());
         let instance = HeaderValue::from_str(instance)
