@@ -25,7 +25,7 @@ pub use client::{Client, ClientBuilder};
 pub use control::Snapshot;
 pub use detour_core::link::{LinkConfig, LinkState};
 pub use detour_core::replay::Idempotent;
-pub use detour_core::{BoxBody, Dial, MeshErrorKind, PathTaken};
+pub use detour_core::{BoxBody, Dial, MeshErrorKind, PathTaken, PoolOptions};
 pub use detour_proto::{AppProtocol, ServiceName, SidecarState};
 pub use error::Error;
 pub use grpc::GrpcChannel;
