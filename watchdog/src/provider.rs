@@ -173,7 +173,8 @@ async fn answer(
     }
     resp.headers_mut().insert(SERVED_BY, instance);
     if let Some(v) = forged {
-        resp.headers_mut().insert(detour_core::failure::ERROR_HEADER, v);
+        resp.headers_mut()
+            .insert(detour_core::failure::ERROR_HEADER, v);
     }
     resp
 }
