@@ -11,7 +11,7 @@ RATE=${RATE:-500}
 SECS=${SECS:-15}
 
 ensure_binaries() {
-  if [ ! -x "$BIN/detour-sidecar" ] || [ ! -x "$BIN/detourctl" ]; then
+  if [ ! -x "$BIN/detour-sidecar" ] || [ ! -x "$BIN/detourctl" ] || [ ! -x "$BIN/detour-watchdog" ]; then
     (cd "$ROOT" && cargo build --release --bins)
   fi
 }
@@ -21,9 +21,17 @@ now_ms() { date +%s%3N; }
 TMP=$(mktemp -d /tmp/detour-chaos-XXXXXX)
 declare -A PID_OF=()
 EXTRA_PIDS=()
+declare -A WATCHDOG_PID=()
 cleanup() {
-  for p in "${PID_OF[@]}" "${EXTRA_PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill -KILL "$p" 2>/dev/null || true; done
-  for p in "${PID_OF[@]}" "${EXTRA_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  local watched=() f
+  # Sidecars run by a watchdog are not this shell's children: their pid files name them.
+  for f in "$TMP"/*/sidecar.pid; do
+    [ -f "$f" ] && watched+=("$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$f")")
+  done
+  for p in "${PID_OF[@]}" "${WATCHDOG_PID[@]}" "${EXTRA_PIDS[@]}" "${watched[@]}"; do
+    kill -CONT "$p" 2>/dev/null || true; kill -KILL "$p" 2>/dev/null || true
+  done
+  for p in "${PID_OF[@]}" "${WATCHDOG_PID[@]}" "${EXTRA_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -37,9 +45,9 @@ wait_file() { # FILE SECONDS
   done
 }
 
-# start_sidecar HOST IP [EXTRA_TOML]: writes the config once, starts the sidecar, waits until
-# it is ready (it writes sidecar.json with its own pid only once ready).
-start_sidecar() {
+# write_sidecar_config HOST IP [EXTRA_TOML]: the host's sidecar config, written once
+# (REGISTRY_DIR_EXTRA adds keys to its [registry_dir] section).
+write_sidecar_config() {
   local host=$1 ip=$2 extra=${3:-}
   mkdir -p "$TMP/$host"
   if [ ! -f "$TMP/$host/sidecar.toml" ]; then
@@ -56,14 +64,64 @@ listen = "$ip:0"
 listen = "$ip:0"
 [registry_dir]
 poll_ms = 100
+${REGISTRY_DIR_EXTRA:-}
 $extra
 TOML
   fi
+}
+
+# start_sidecar HOST IP [EXTRA_TOML]: writes the config once, starts the sidecar, waits until
+# it is ready (it writes sidecar.json with its own pid only once ready).
+start_sidecar() {
+  local host=$1 ip=$2
+  write_sidecar_config "$@"
   rm -f "$TMP/$host/sidecar.json"
   RUST_LOG=${RUST_LOG:-warn} "$BIN/detour-sidecar" --config "$TMP/$host/sidecar.toml" 2>>"$TMP/$host/sidecar.log" &
   PID_OF[$host]=$!
   wait_file "$TMP/$host/sidecar.json" 20
 }
+
+# json_field FILE KEY: a string or number field of a small JSON file.
+json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+
+# start_watched HOST IP [SIDECAR_EXTRA] [WATCHDOG_EXTRA] [SIDECAR_BINARY]: the host the
+# production way — a watchdog that runs its sidecar; waits until the watchdog reports the
+# sidecar ready. Sets WATCHDOG_PID[HOST]; the sidecar's pid is in $TMP/HOST/sidecar.pid.
+start_watched() {
+  local host=$1 ip=$2 wextra=${4:-} bin=${5:-$BIN/detour-sidecar}
+  write_sidecar_config "$host" "$ip" "${3:-}"
+  if [ ! -f "$TMP/$host/watchdog.toml" ]; then
+    cat >"$TMP/$host/watchdog.toml" <<TOML
+[sidecar]
+binary = "$bin"
+config = "sidecar.toml"
+[admin]
+listen = "$ip:0"
+$wextra
+TOML
+  fi
+  rm -f "$TMP/$host/watchdog.json"
+  RUST_LOG=${RUST_LOG:-warn} "$BIN/detour-watchdog" --config "$TMP/$host/watchdog.toml" 2>>"$TMP/$host/watchdog.log" &
+  WATCHDOG_PID[$host]=$!
+  wait_file "$TMP/$host/watchdog.json" 20
+  wait_watchdog_ready "$host" 30
+}
+
+# wait_watchdog_ready HOST SECONDS: until HOST's watchdog answers /ready (its sidecar is ready).
+wait_watchdog_ready() {
+  local admin deadline=$(( $(now_ms) + $2 * 1000 ))
+  admin=$(json_field "$TMP/$1/watchdog.json" admin)
+  until curl -sf --max-time 1 "http://$admin/ready" >/dev/null; do
+    [ "$(now_ms)" -gt "$deadline" ] && { echo "chaos: $1's watchdog not ready" >&2; tail -20 "$TMP/$1/sidecar.log" >&2; exit 1; }
+    sleep 0.02
+  done
+}
+
+# watchdog_state HOST: the watchdog's /state (JSON).
+watchdog_state() { curl -sf --max-time 2 "http://$(json_field "$TMP/$1/watchdog.json" admin)/state"; }
+
+# watched_sidecar_pid HOST: the pid of the sidecar HOST's watchdog runs.
+watched_sidecar_pid() { json_field "$TMP/$1/sidecar.pid" pid; }
 
 # stop_sidecar HOST SIGNAL: signals it and waits until it has exited.
 stop_sidecar() {
@@ -83,20 +141,28 @@ start_provider() {
   wait_file "$TMP/$1.provider.addr" 10
 }
 
-# start_provider_host HOST IP: a demo provider (instance HOST-hello) and its host's sidecar.
+# start_provider_host HOST IP: a demo provider (instance HOST-hello) and its host's sidecar
+# (under a watchdog with WATCHED=yes).
 start_provider_host() {
   start_provider "$1" "$2:0"
-  start_sidecar "$1" "$2" "[[provide]]
+  local offer="[[provide]]
 service = \"hello\"
 address = \"$(cat "$TMP/$1.provider.addr")\""
+  if [ "${WATCHED:-no}" = yes ]; then
+    start_watched "$1" "$2" "$offer" "${WATCHDOG_EXTRA:-}" "${SIDECAR_BIN_OF[$1]:-$BIN/detour-sidecar}"
+  else
+    start_sidecar "$1" "$2" "$offer"
+  fi
 }
+declare -A SIDECAR_BIN_OF=()
 
 # start_mesh [N]: N provider hosts h2.. on 127.0.0.2.. (default 1), then the caller host h1.
+# With WATCHED=yes every host runs under its own watchdog.
 start_mesh() {
   ensure_binaries
   local n=${1:-1} i
   for i in $(seq 2 $((n + 1))); do start_provider_host "h$i" "127.0.0.$i"; done
-  start_sidecar h1 127.0.0.1
+  if [ "${WATCHED:-no}" = yes ]; then start_watched h1 127.0.0.1; else start_sidecar h1 127.0.0.1; fi
 }
 
 # start_load: steady load through the SDK on h1, GET and POST alternating, in the background.
@@ -241,4 +307,27 @@ finish() {
   fi
   if declare -F extra_check >/dev/null; then extra_check || okay=0; fi
   [ "$okay" -eq 1 ]
+}
+
+# flaky_sidecar: a sidecar binary that exits at once while $TMP/crash exists (prints its path).
+flaky_sidecar() {
+  cat >"$TMP/flaky-sidecar" <<SH
+#!/bin/sh
+if [ -e "$TMP/crash" ]; then echo "flaky-sidecar: crashing on purpose" >&2; exit 3; fi
+exec "$BIN/detour-sidecar" "\$@"
+SH
+  chmod +x "$TMP/flaky-sidecar"
+  echo "$TMP/flaky-sidecar"
+}
+
+# endpoints_at HOST SERVICE: how many endpoints of SERVICE HOST's sidecar routes to now.
+endpoints_at() {
+  curl -sf --max-time 1 "http://$(json_field "$TMP/$1/sidecar.json" admin)/state" | python3 -c '
+import json, sys
+print(len(json.load(sys.stdin).get("services", {}).get(sys.argv[1], {}).get("endpoints", [])))' "$2" 2>/dev/null || echo 0
+}
+
+# registry_status HOST: HOST's sidecar state as the directory registry holds it.
+registry_status() {
+  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["status"]["sidecar"])' "$TMP/registry/$1.json" 2>/dev/null || echo -
 }

@@ -164,9 +164,13 @@ impl Failed {
 
     /// How the attempt ended, `part` being what the target is (the sidecar in between, or a
     /// provider), for [`decide`].
+    ///
+    /// A request refused unprocessed on a reused HTTP/2 connection counts as stale, too: the
+    /// peer sent GOAWAY (it is going away, or handing its sockets to a successor), and a fresh
+    /// connection shows which — refused (go elsewhere) or accepted by the successor.
     pub fn outcome(&self, part: Part) -> Outcome {
         match (&self.request, &self.error) {
-            (Some(_), _) if self.reused => Outcome::Stale,
+            (Some(_), _) | (None, TransportError::Refused { .. }) if self.reused => Outcome::Stale,
             (Some(_), _) | (None, TransportError::Refused { .. }) => Outcome::NeverReached(part),
             (None, _) => Outcome::Lost(part),
         }
@@ -215,6 +219,8 @@ impl Default for PoolOptions {
 struct Entry {
     h1_idle: Vec<http1::SendRequest<BoxBody>>,
     h2: Option<http2::SendRequest<BoxBody>>,
+    /// Bumped by [`Pool::forget`]: a connection taken out before is not taken back.
+    generation: u64,
 }
 
 /// Connections to many targets, by protocol.
@@ -308,6 +314,7 @@ impl Pool {
         dial: &Dial,
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Failed> {
+        let generation = self.generation(dial);
         let (mut sender, reused) = match self.take_h1(dial).await {
             Some(s) => (s, true),
             None => match self.connect_h1(dial).await {
@@ -321,6 +328,7 @@ impl Pool {
                     sender: Some(sender),
                     pool: Arc::downgrade(self),
                     dial: dial.clone(),
+                    generation,
                 };
                 Ok(resp.map(|inner| boxed(PooledBody { inner, ret })))
             }
@@ -349,15 +357,30 @@ impl Pool {
         }
     }
 
-    fn give_back_h1(&self, dial: Dial, sender: http1::SendRequest<BoxBody>) {
+    fn give_back_h1(&self, dial: Dial, sender: http1::SendRequest<BoxBody>, generation: u64) {
         if sender.is_closed() {
             return;
         }
         let mut entries = self.lock();
-        let idle = &mut entries.entry(dial).or_default().h1_idle;
-        if idle.len() < self.opts.max_idle_per_target {
-            idle.push(sender);
+        let entry = entries.entry(dial).or_default();
+        if entry.generation == generation && entry.h1_idle.len() < self.opts.max_idle_per_target {
+            entry.h1_idle.push(sender);
         }
+    }
+
+    fn generation(&self, dial: &Dial) -> u64 {
+        self.lock().get(dial).map_or(0, |e| e.generation)
+    }
+
+    /// Stops reusing every connection to `dial`: idle ones are closed now, those in use when
+    /// their exchange ends (a peer handing its sockets to a successor: new connections reach
+    /// the successor).
+    pub fn forget(&self, dial: &Dial) {
+        let mut entries = self.lock();
+        let entry = entries.entry(dial.clone()).or_default();
+        entry.h1_idle.clear();
+        entry.h2 = None;
+        entry.generation += 1;
     }
 
     async fn dial(&self, dial: &Dial) -> Result<TokioIo<Stream>, TransportError> {
@@ -473,12 +496,14 @@ struct Return {
     sender: Option<http1::SendRequest<BoxBody>>,
     pool: Weak<Pool>,
     dial: Dial,
+    /// The pool's generation for `dial` when the connection was taken.
+    generation: u64,
 }
 
 impl Return {
     fn give_back(&mut self) {
         if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            pool.give_back_h1(self.dial.clone(), sender);
+            pool.give_back_h1(self.dial.clone(), sender, self.generation);
         }
     }
 }

@@ -2,9 +2,12 @@
 //! variables, with every unknown key and every bad value reported at once.
 //!
 //! An environment variable `{PREFIX}{PATH}` overrides the key at `PATH`, where `PATH` is the
-//! key's dotted path in upper case with `__` between levels: with prefix `DETOUR_`,
-//! `DETOUR_ADMIN__LISTEN=127.0.0.1:9990` sets `[admin] listen`. The value is read as a TOML
-//! value when it parses as one (`5`, `true`, `"x"`), else as a plain string.
+//! key's dotted path in upper case with `__` between levels: with the sidecar's prefix
+//! `DETOUR_SIDECAR__`, `DETOUR_SIDECAR__ADMIN__LISTEN=127.0.0.1:9990` sets `[admin] listen`. The
+//! value is read as a TOML value when it parses as one (`5`, `true`, `"x"`), else as a plain
+//! string. Variables without the prefix are not looked at; one with the prefix that names no
+//! key is reported as a warning, never as an error (only the file's own keys must all be
+//! known).
 
 use serde::de::DeserializeOwned;
 
@@ -18,7 +21,7 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
-/// A parsed config and the problems found on the way (unknown keys, bad environment
+/// A parsed config and the problems found on the way (unknown keys of the file, bad environment
 /// variables): the caller adds its own validation problems and reports them all together.
 #[derive(Debug)]
 pub struct Loaded<T> {
@@ -26,6 +29,8 @@ pub struct Loaded<T> {
     pub value: T,
     /// Problems that did not stop parsing.
     pub problems: Vec<String>,
+    /// Environment variables with the prefix that name no key (to log; they stop nothing).
+    pub warnings: Vec<String>,
 }
 
 impl<T> Loaded<T> {
@@ -70,6 +75,7 @@ pub fn load<T: DeserializeOwned>(
         .parse()
         .map_err(|e: toml::de::Error| fail(vec![e.to_string()]))?;
     let mut problems = Vec::new();
+    let mut from_env: Vec<(String, String)> = Vec::new();
     for (name, value) in env {
         let Some(path) = name.strip_prefix(prefix) else {
             continue;
@@ -83,15 +89,32 @@ pub fn load<T: DeserializeOwned>(
         if let Err(e) = set_path(&mut root, &keys, parsed) {
             problems.push(format!("environment variable {name}: {e}"));
         }
+        from_env.push((keys.join("."), name));
     }
     let mut unknown = Vec::new();
     let value = toml::Value::Table(root);
     let result: Result<T, _> = serde_ignored::deserialize(value, |path| {
-        unknown.push(format!("unknown key `{path}`"));
+        unknown.push(path.to_string());
     });
-    problems.extend(unknown);
+    let mut warnings = Vec::new();
+    for path in unknown {
+        // An unknown table made by a variable is reported by its own path or a parent's.
+        let var = from_env.iter().find(|(p, _)| {
+            *p == path || p.starts_with(&format!("{path}.")) || path.starts_with(&format!("{p}."))
+        });
+        match var {
+            Some((_, name)) => warnings.push(format!(
+                "environment variable {name} names no configuration key (ignored)"
+            )),
+            None => problems.push(format!("unknown key `{path}`")),
+        }
+    }
     match result {
-        Ok(value) => Ok(Loaded { value, problems }),
+        Ok(value) => Ok(Loaded {
+            value,
+            problems,
+            warnings,
+        }),
         Err(e) => {
             problems.push(e.to_string());
             Err(fail(problems))
@@ -167,20 +190,26 @@ mod tests {
     }
 
     #[test]
-    fn every_unknown_key_is_reported() {
-        let err = load::<Cfg>(
+    fn every_unknown_key_of_the_file_is_reported_and_the_environment_only_warns() {
+        let loaded = load::<Cfg>(
             "t",
             "hots = \"a\"\n[admin]\nlisten = \"x\"\nlsten = 1\n",
             "D_",
-            env(&[("D_ADMN__X", "1")]),
+            env(&[("D_ADMN__X", "1"), ("D_ADMIN__PRT", "2"), ("D_HOST", "h")]),
         )
-        .unwrap()
-        .validate("t", |_| Err::<(), _>(vec!["own check".to_string()]))
-        .unwrap_err();
+        .unwrap();
+        let warnings = loaded.warnings.join("\n");
+        for v in ["D_ADMN__X", "D_ADMIN__PRT"] {
+            assert!(warnings.contains(v), "{v} missing from {warnings}");
+        }
+        let err = loaded
+            .validate("t", |_| Err::<(), _>(vec!["own check".to_string()]))
+            .unwrap_err();
         let text = err.to_string();
-        for k in ["hots", "admin.lsten", "admn", "own check"] {
+        for k in ["hots", "admin.lsten", "own check"] {
             assert!(text.contains(k), "{k} missing from {text}");
         }
+        assert!(!text.contains("ADMN") && !text.contains("admn"), "{text}");
     }
 
     #[test]

@@ -6,8 +6,8 @@ pub mod config_file;
 pub mod types;
 
 pub use types::{
-    ADDRESS_FILE, AppProtocol, Endpoint, EndpointSet, HostId, HostStatus, InstanceId, NameError,
-    ServiceName, SidecarAddresses, SidecarState, Source,
+    ADDRESS_FILE, AppProtocol, Endpoint, EndpointSet, HostId, HostPublication, HostStatus,
+    InstanceId, NameError, ServiceName, SidecarAddresses, SidecarState, Source,
 };
 
 /// Generated code of the `detour.control.v1` package.

@@ -336,6 +336,21 @@ pub struct HostStatus {
     pub updated_unix_ms: u64,
 }
 
+/// What a sidecar running under a watchdog asks it to keep in the registry for its host: its
+/// status and its providers' endpoints (the whole set, each time). The watchdog holds them under
+/// its own lease, so they outlive the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HostPublication {
+    /// The publishing sidecar's process id.
+    pub pid: u32,
+    /// Its status, once it has one.
+    #[serde(default)]
+    pub status: Option<HostStatus>,
+    /// Every endpoint of the host's providers.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
 /// Where a running sidecar's listeners are, as it writes them to `{run_dir}/sidecar.json`
 /// once it is ready (ports chosen by the OS are resolved here).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

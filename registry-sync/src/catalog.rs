@@ -8,7 +8,7 @@
 //! protected, its kept instances are health-checked every second.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use detour_proto::{EndpointSet, ServiceName};
@@ -92,14 +92,17 @@ struct Feed {
     registry: Arc<dyn Registry>,
     policy: ServicePolicy,
     health: Arc<dyn HealthCheck>,
-    writer: Option<Arc<CacheWriter>>,
+    writer: Writer,
 }
+
+/// The disk cache's writer, once there is one (it can be attached after the start).
+type Writer = Arc<OnceLock<Arc<CacheWriter>>>;
 
 /// Endpoint sets per service.
 pub struct Catalog {
     registry: Arc<dyn Registry>,
     opts: CatalogOptions,
-    writer: Option<Arc<CacheWriter>>,
+    writer: Writer,
     services: RwLock<HashMap<ServiceName, Slot>>,
 }
 
@@ -117,10 +120,10 @@ impl Catalog {
 
     /// A catalog over `registry` (inside a Tokio runtime: the disk cache's writer is a task).
     pub fn with_options(registry: Arc<dyn Registry>, opts: CatalogOptions) -> Self {
-        let writer = opts
-            .cache
-            .clone()
-            .map(|c| Arc::new(CacheWriter::spawn(c, opts.cache_batch)));
+        let writer = Writer::default();
+        if let Some(c) = opts.cache.clone() {
+            let _ = writer.set(Arc::new(CacheWriter::spawn(c, opts.cache_batch)));
+        }
         Self {
             registry,
             opts,
@@ -133,7 +136,7 @@ impl Catalog {
     /// them before the registry answers (a sidecar's start); returns how many. Services the
     /// registry already answered for are left to it.
     pub async fn preload(&self) -> Result<usize, RegistryError> {
-        let Some(cache) = &self.opts.cache else {
+        let Some(cache) = self.writer.get().map(|w| w.cache()) else {
             return Ok(0);
         };
         let started = Instant::now();
@@ -168,8 +171,22 @@ impl Catalog {
 
     /// Writes what the disk cache has queued (a graceful stop).
     pub fn flush_cache(&self) {
-        if let Some(w) = &self.writer {
+        if let Some(w) = self.writer.get() {
             w.flush();
+        }
+    }
+
+    /// Gives a catalog started without one its disk cache (a sidecar that took the sockets
+    /// over from its predecessor, once that one has released the cache): every set routed now
+    /// is written to it, and every change from then on.
+    pub fn attach_cache(&self, cache: DiskCache) {
+        let writer = Arc::new(CacheWriter::spawn(cache, self.opts.cache_batch));
+        if self.writer.set(writer.clone()).is_err() {
+            return;
+        }
+        let now = now_unix_ms();
+        for (service, slot) in self.read().iter() {
+            writer.put(service, &slot.tx.borrow(), now);
         }
     }
 
@@ -197,7 +214,7 @@ impl Catalog {
         if let Some(slot) = self.read().get(service) {
             return Ok(slot.tx.subscribe());
         }
-        let cached = self.opts.cache.as_ref().and_then(|c| c.get(service));
+        let cached = self.writer.get().and_then(|w| w.cache().get(service));
         self.insert(service, cached).await
     }
 
@@ -228,7 +245,7 @@ impl Catalog {
             _ => {
                 let set = rx.borrow().clone();
                 let out = protection.on_registry(&set, Instant::now()).0;
-                if let Some(w) = &self.writer
+                if let Some(w) = self.writer.get()
                     && synced
                 {
                     w.put(service, &out, now_unix_ms());
@@ -345,7 +362,7 @@ async fn feed(
             m.updated_unix_ms = now_unix_ms();
         }
         source_metrics(&service, source, now_unix_ms());
-        if let Some(w) = &ctx.writer {
+        if let Some(w) = ctx.writer.get() {
             w.put(&service, &set, now_unix_ms());
         }
         tx.send_replace(set);

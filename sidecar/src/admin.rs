@@ -50,10 +50,16 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Serves the admin API on `listener` until the task is aborted.
+    /// Serves the admin API on `listener` until the task is aborted, or until a successor that
+    /// took the sockets over is ready (it answers from then on).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = self.lifecycle.handover_requested() => return,
+            };
+            let Ok((stream, _)) = accepted else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
             let admin = self.clone();

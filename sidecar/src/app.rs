@@ -1,12 +1,12 @@
-//! Assembling a sidecar: bind every listener, open the registry, register local providers,
-//! serve; and the graceful stop that undoes it in order.
+//! Assembling a sidecar: bind every listener (or take them over from a predecessor), open the
+//! registry, register local providers, serve. The two ways it ends — a graceful stop and a
+//! hand-off to a successor — are in `stop.rs`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use detour_core::{LISTEN_BACKLOG, Pool, PoolOptions, listen_tcp};
+use detour_core::{Pool, PoolOptions};
 use detour_proto::{ADDRESS_FILE, HostStatus, SidecarAddresses, SidecarState};
 use detour_registry_sync::cache::DiskCache;
 use detour_registry_sync::catalog::CatalogOptions;
@@ -14,15 +14,18 @@ use detour_registry_sync::dir::{DirOptions, DirRegistry};
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::health::NetCheck;
 use detour_registry_sync::{Catalog, Registry, RegistryError, RegistrySpec, now_unix_ms};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::control::ControlService;
+use crate::delegate::Delegated;
+use crate::handover::{HandoverError, Predecessor};
 use crate::inbound::Inbound;
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
+use crate::listeners::{BindError, HANDOVER_SOCKET, Listeners};
 use crate::outbound::Outbound;
 use crate::providers::LocalProviders;
 use crate::server::{ConnOptions, Listener, accept_loop};
@@ -31,16 +34,11 @@ use crate::server::{ConnOptions, Listener, accept_loop};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("cannot bind the {listener} listener on {addr}: {source}")]
-    Bind {
-        /// Which listener.
-        listener: &'static str,
-        /// Where.
-        addr: String,
-        /// The socket error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The sockets could not be taken over from the running sidecar.
+    #[error("take-over: {0}")]
+    TakeOver(#[from] HandoverError),
     /// The run directory could not be prepared.
     #[error("run directory {path}: {source}")]
     RunDir {
@@ -57,51 +55,54 @@ pub enum StartError {
 
 /// A running sidecar.
 pub struct Sidecar {
-    cfg: Arc<Config>,
-    lifecycle: Arc<Lifecycle>,
-    registry: Arc<dyn Registry>,
-    catalog: Arc<Catalog>,
-    bound: SidecarAddresses,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-/// How a graceful stop went.
-#[derive(Debug, Clone, Copy)]
-pub struct DrainReport {
-    /// Whether every connection closed within the drain timeout.
-    pub clean: bool,
-    /// Connections still open when the sidecar gave up waiting.
-    pub left_open: usize,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) lifecycle: Arc<Lifecycle>,
+    pub(crate) registry: Arc<dyn Registry>,
+    /// Set when publishing goes through a watchdog (stopped at a hand-off).
+    pub(crate) delegated: Option<Arc<Delegated>>,
+    pub(crate) catalog: Arc<Catalog>,
+    pub(crate) bound: SidecarAddresses,
+    /// Tasks that serve (stopped at the end).
+    pub(crate) tasks: Vec<JoinHandle<()>>,
+    /// Tasks that publish (stopped first at a hand-off: the successor publishes).
+    pub(crate) publishers: Vec<JoinHandle<()>>,
 }
 
 impl Sidecar {
     /// Binds, registers and starts serving. Returns once the sidecar is ready.
     pub async fn start(cfg: Config) -> Result<Sidecar, StartError> {
+        prepare_run_dir(&cfg)?;
+        let listeners = Listeners::bind(&cfg)?;
+        Self::assemble(cfg, listeners, None).await
+    }
+
+    /// Takes the listening sockets over from the sidecar running with the same run directory,
+    /// starts serving on them, and tells the predecessor once ready (it then hands off and
+    /// exits). Returns once ready.
+    pub async fn take_over(cfg: Config) -> Result<Sidecar, StartError> {
+        prepare_run_dir(&cfg)?;
+        let (listeners, predecessor) =
+            crate::handover::take_over(&cfg.run_dir.join(HANDOVER_SOCKET)).await?;
+        Self::assemble(cfg, listeners, Some(predecessor)).await
+    }
+
+    async fn assemble(
+        cfg: Config,
+        listeners: Listeners,
+        predecessor: Option<Predecessor>,
+    ) -> Result<Sidecar, StartError> {
+        for w in &cfg.warnings {
+            tracing::warn!("{w}");
+        }
         let cfg = Arc::new(cfg);
-        std::fs::create_dir_all(&cfg.run_dir).map_err(|source| StartError::RunDir {
-            path: cfg.run_dir.clone(),
+        let lifecycle = Lifecycle::new();
+        let handover_fds = listeners.dup().map_err(|source| BindError {
+            listener: "handover",
+            addr: "duplicate".into(),
             source,
         })?;
-        let lifecycle = Lifecycle::new();
-        let bind = |listener: &'static str, addr: SocketAddr| async move {
-            listen_tcp(addr).map_err(|source| StartError::Bind {
-                listener,
-                addr: addr.to_string(),
-                source,
-            })
-        };
-        let admin_l = bind("admin", cfg.admin).await?;
-        let inbound_l = bind("inbound", cfg.inbound).await?;
-        let outbound_l = match cfg.outbound_tcp {
-            Some(a) => Some(bind("outbound", a).await?),
-            None => None,
-        };
-        let unix_l = match &cfg.outbound_unix {
-            Some(path) => Some(bind_unix(path)?),
-            None => None,
-        };
         let local = |l: &TcpListener, listener| {
-            l.local_addr().map_err(|source| StartError::Bind {
+            l.local_addr().map_err(|source| BindError {
                 listener,
                 addr: "?".into(),
                 source,
@@ -109,37 +110,40 @@ impl Sidecar {
         };
         let bound = SidecarAddresses {
             pid: std::process::id(),
-            outbound_tcp: outbound_l
+            outbound_tcp: listeners
+                .outbound_tcp
                 .as_ref()
                 .map(|l| local(l, "outbound"))
                 .transpose()?,
             outbound_unix: cfg.outbound_unix.clone(),
-            inbound: local(&inbound_l, "inbound")?,
-            admin: local(&admin_l, "admin")?,
+            inbound: local(&listeners.inbound, "inbound")?,
+            admin: local(&listeners.admin, "admin")?,
         };
 
-        let registry: Arc<dyn Registry> = match &cfg.registry {
-            RegistrySpec::Dir(dir) => {
-                let opts = DirOptions {
-                    ttl: cfg.registry_ttl,
-                    poll_interval: cfg.registry_poll,
-                };
-                Arc::new(DirRegistry::open(dir, cfg.host.clone(), opts).await?)
-            }
-            RegistrySpec::Etcd(endpoints) => {
-                let opts = EtcdOptions {
-                    endpoints: endpoints.clone(),
-                    prefix: cfg.etcd_prefix.clone(),
-                    ttl: cfg.etcd_ttl,
-                    request_timeout: cfg.etcd_request_timeout,
-                };
-                Arc::new(EtcdRegistry::open(cfg.host.clone(), opts).await?)
-            }
+        let reads = open_registry(&cfg).await?;
+        let delegated = cfg.watchdog_socket.as_ref().map(|socket| {
+            Arc::new(Delegated::new(
+                reads.clone(),
+                cfg.host.clone(),
+                socket.clone(),
+            ))
+        });
+        let registry: Arc<dyn Registry> = match &delegated {
+            Some(d) => d.clone(),
+            None => reads,
         };
-        publish_status(&*registry, &cfg, SidecarState::Starting).await?;
+        // A successor says nothing until it is ready: its predecessor is, meanwhile.
+        if predecessor.is_none() {
+            publish_status(&*registry, &cfg, SidecarState::Starting).await?;
+        }
         let catalog_opts = CatalogOptions {
             policy: Arc::new(cfg.protection.clone()),
-            cache: cfg.catalog_cache.as_deref().and_then(DiskCache::open),
+            // sled allows one process per cache: a successor takes it once its predecessor
+            // has gone (below).
+            cache: match predecessor {
+                Some(_) => None,
+                None => cfg.catalog_cache.as_deref().and_then(DiskCache::open),
+            },
             ..CatalogOptions::default()
         };
         let catalog = Arc::new(Catalog::with_options(registry.clone(), catalog_opts));
@@ -189,16 +193,23 @@ impl Sidecar {
             bound: bound.clone(),
         });
 
-        let mut tasks = vec![tokio::spawn(admin.serve(admin_l))];
         let lc = &lifecycle;
-        tasks.push(tokio::spawn(accept_loop(
-            Listener::Tcp(inbound_l),
-            "inbound",
-            inbound,
-            lc.clone(),
-            opts.clone(),
-        )));
-        if let Some(l) = outbound_l {
+        let mut tasks = vec![
+            tokio::spawn(admin.serve(listeners.admin)),
+            tokio::spawn(crate::handover::serve(
+                listeners.handover,
+                handover_fds,
+                lc.clone(),
+            )),
+            tokio::spawn(accept_loop(
+                Listener::Tcp(listeners.inbound),
+                "inbound",
+                inbound,
+                lc.clone(),
+                opts.clone(),
+            )),
+        ];
+        if let Some(l) = listeners.outbound_tcp {
             tasks.push(tokio::spawn(accept_loop(
                 Listener::Tcp(l),
                 "outbound",
@@ -207,7 +218,7 @@ impl Sidecar {
                 opts.clone(),
             )));
         }
-        if let Some(l) = unix_l {
+        if let Some(l) = listeners.outbound_unix {
             tasks.push(tokio::spawn(accept_loop(
                 Listener::Unix(l),
                 "outbound-unix",
@@ -219,7 +230,7 @@ impl Sidecar {
 
         // Providers are registered with the verdict of a first health check, then watched.
         providers.register_all().await?;
-        tasks.extend(providers.spawn_checks());
+        let publishers = providers.spawn_checks();
         publish_status(&*registry, &cfg, SidecarState::Ready).await?;
         write_address_file(&cfg.run_dir, &bound).map_err(|source| StartError::RunDir {
             path: cfg.run_dir.clone(),
@@ -228,13 +239,25 @@ impl Sidecar {
         lifecycle.set(SidecarState::Ready);
         tracing::info!(host = %cfg.host, inbound = %bound.inbound, admin = %bound.admin,
             outbound = ?bound.outbound_tcp, unix = ?bound.outbound_unix, "sidecar ready");
+        if let Some(mut p) = predecessor {
+            if let Err(e) = p.ready().await {
+                tracing::warn!(error = %e, "could not tell the predecessor; it may serve on");
+            }
+            tasks.push(tokio::spawn(take_cache_when_gone(
+                p,
+                catalog.clone(),
+                cfg.catalog_cache.clone(),
+            )));
+        }
         Ok(Sidecar {
             cfg,
             lifecycle,
             registry,
+            delegated,
             catalog,
             bound,
             tasks,
+            publishers,
         })
     }
 
@@ -247,52 +270,50 @@ impl Sidecar {
     pub fn lifecycle(&self) -> &Arc<Lifecycle> {
         &self.lifecycle
     }
+}
 
-    /// Stops gracefully, losing nothing:
-    /// 1. announce: state `draining` (control sessions tell their SDKs, `/detour/ping` answers
-    ///    503) and host status `draining` in the registry (remote CAs go straight to this host's
-    ///    providers), while still serving normally for `lifecycle.announce_ms`;
-    /// 2. close the listeners; HTTP/1.1 connections close after their current response, HTTP/2
-    ///    ones get GOAWAY; wait for in-flight requests (bounded by the drain timeout);
-    /// 3. publish `stopped`. The local providers stay registered: they keep serving while this
-    ///    sidecar is away (callers reach them C→CA→P), and the record expires after its TTL
-    ///    unless a new sidecar takes it over.
-    pub async fn drain(self) -> DrainReport {
-        tracing::info!(announce = ?self.cfg.announce, timeout = ?self.cfg.drain_timeout, "draining");
-        let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
-        self.lifecycle.set(SidecarState::Draining);
-        if let Err(e) = publish_status(&*self.registry, &self.cfg, SidecarState::Draining).await {
-            tracing::warn!(error = %e, "could not announce the drain in the registry");
+fn prepare_run_dir(cfg: &Config) -> Result<(), StartError> {
+    std::fs::create_dir_all(&cfg.run_dir).map_err(|source| StartError::RunDir {
+        path: cfg.run_dir.clone(),
+        source,
+    })
+}
+
+/// Opens the registry back-end `cfg` names, for this host.
+pub async fn open_registry(cfg: &Config) -> Result<Arc<dyn Registry>, RegistryError> {
+    Ok(match &cfg.registry {
+        RegistrySpec::Dir(dir) => {
+            let opts = DirOptions {
+                ttl: cfg.registry_ttl,
+                poll_interval: cfg.registry_poll,
+            };
+            Arc::new(DirRegistry::open(dir, cfg.host.clone(), opts).await?)
         }
-        tokio::time::sleep_until((tokio::time::Instant::now() + self.cfg.announce).min(deadline))
-            .await;
-        self.lifecycle.close();
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let clean = self.lifecycle.wait_connections_closed(left).await;
-        let left_open = self.lifecycle.open_connections();
-        if !clean {
-            tracing::warn!(
-                left_open,
-                "drain timeout reached with connections still open"
-            );
+        RegistrySpec::Etcd(endpoints) => {
+            let opts = EtcdOptions {
+                endpoints: endpoints.clone(),
+                prefix: cfg.etcd_prefix.clone(),
+                ttl: cfg.etcd_ttl,
+                request_timeout: cfg.etcd_request_timeout,
+            };
+            Arc::new(EtcdRegistry::open(cfg.host.clone(), opts).await?)
         }
-        self.lifecycle.set(SidecarState::Stopped);
-        if let Err(e) = publish_status(&*self.registry, &self.cfg, SidecarState::Stopped).await {
-            tracing::warn!(error = %e, "could not publish the stop in the registry");
-        }
-        if let Some(p) = &self.bound.outbound_unix {
-            let _ = std::fs::remove_file(p);
-        }
-        let _ = std::fs::remove_file(self.cfg.run_dir.join(ADDRESS_FILE));
-        self.catalog.flush_cache();
-        for t in &self.tasks {
-            t.abort();
-        }
-        DrainReport { clean, left_open }
+    })
+}
+
+/// Once the predecessor has exited (it held the catalog's disk cache), opens the cache and
+/// gives it to the catalog.
+async fn take_cache_when_gone(p: Predecessor, catalog: Arc<Catalog>, path: Option<PathBuf>) {
+    p.gone().await;
+    tracing::info!("the predecessor is gone");
+    if let Some(path) = path
+        && let Some(cache) = DiskCache::open(&path)
+    {
+        catalog.attach_cache(cache);
     }
 }
 
-async fn publish_status(
+pub(crate) async fn publish_status(
     registry: &dyn Registry,
     cfg: &Config,
     state: SidecarState,
@@ -307,33 +328,10 @@ async fn publish_status(
         .await
 }
 
-/// Binds the Unix socket, replacing a stale socket file left by a dead process.
-fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
-    let err = |source| StartError::Bind {
-        listener: "outbound-unix",
-        addr: path.display().to_string(),
-        source,
-    };
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another process serves this socket",
-            )));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let socket = tokio::net::UnixSocket::new_stream().map_err(err)?;
-    socket.bind(path).map_err(err)?;
-    socket.listen(LISTEN_BACKLOG).map_err(err)
-}
-
-/// Writes the bound addresses atomically for tools and tests to read.
+/// Writes the bound addresses atomically for tools and tests to read (and for a watchdog:
+/// its pid is the sign that this process is ready).
 fn write_address_file(run_dir: &Path, bound: &SidecarAddresses) -> std::io::Result<()> {
-    let tmp = run_dir.join(format!(".{ADDRESS_FILE}.tmp"));
+    let tmp = run_dir.join(format!(".{ADDRESS_FILE}.{}.tmp", std::process::id()));
     std::fs::write(&tmp, serde_json::to_vec_pretty(bound)?)?;
     std::fs::rename(tmp, run_dir.join(ADDRESS_FILE))
 }

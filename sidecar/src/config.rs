@@ -16,8 +16,9 @@ use serde::Deserialize;
 
 pub use crate::config_protection::ProtectionRaw;
 
-/// Prefix of the environment variables that override config keys.
-pub const ENV_PREFIX: &str = "DETOUR_";
+/// Prefix of the environment variables that override config keys
+/// (`DETOUR_SIDECAR__ADMIN__LISTEN` sets `[admin] listen`).
+pub const ENV_PREFIX: &str = "DETOUR_SIDECAR__";
 
 /// The sidecar's configuration as written in the file (before validation).
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +52,17 @@ pub struct RawConfig {
     pub protection: ProtectionRaw,
     /// Local providers this sidecar serves inbound and registers.
     pub provide: Vec<ProvideRaw>,
+    /// The watchdog this sidecar runs under.
+    pub watchdog: WatchdogRaw,
+}
+
+/// `[watchdog]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct WatchdogRaw {
+    /// The watchdog's Unix socket; when set, registrations and the host status are published
+    /// through it (the watchdog sets this when it starts the sidecar).
+    pub socket: String,
 }
 
 impl Default for RawConfig {
@@ -70,6 +82,7 @@ impl Default for RawConfig {
             catalog_cache: "catalog.sled".into(),
             protection: ProtectionRaw::default(),
             provide: Vec::new(),
+            watchdog: WatchdogRaw::default(),
         }
     }
 }
@@ -358,6 +371,11 @@ pub struct Config {
     pub etcd_request_timeout: Duration,
     /// Local providers.
     pub provide: Vec<Provide>,
+    /// Where registrations and the host status go instead of this sidecar's own registry
+    /// client: the watchdog's socket, when it runs under one.
+    pub watchdog_socket: Option<PathBuf>,
+    /// Environment variables with the prefix that named no key (logged at start).
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -384,8 +402,11 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        config_file::load::<RawConfig>(name, text, ENV_PREFIX, env)?
-            .validate(name, RawConfig::validate)
+        let loaded = config_file::load::<RawConfig>(name, text, ENV_PREFIX, env)?;
+        let warnings = loaded.warnings.clone();
+        let mut cfg = loaded.validate(name, RawConfig::validate)?;
+        cfg.warnings = warnings;
+        Ok(cfg)
     }
 }
 
@@ -583,6 +604,9 @@ impl RawConfig {
                     etcd_ttl,
                     etcd_request_timeout,
                     provide,
+                    watchdog_socket: (!self.watchdog.socket.is_empty())
+                        .then(|| PathBuf::from(&self.watchdog.socket)),
+                    warnings: Vec::new(),
                 })
             }
             _ => Err(p),

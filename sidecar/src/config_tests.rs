@@ -57,15 +57,33 @@ protocol = "ftp"
 #[test]
 fn environment_overrides() {
     let env = vec![
-        ("DETOUR_HOST".to_string(), "h9".to_string()),
+        ("DETOUR_SIDECAR__HOST".to_string(), "h9".to_string()),
         (
-            "DETOUR_PROXY__BALANCE".to_string(),
+            "DETOUR_SIDECAR__PROXY__BALANCE".to_string(),
             "round-robin".to_string(),
         ),
     ];
     let cfg = Config::parse("t", "host = \"h1\"\n", env).unwrap();
     assert_eq!(cfg.host.as_str(), "h9");
     assert_eq!(cfg.balance, Balance::RoundRobin);
+    assert!(cfg.warnings.is_empty());
+}
+
+#[test]
+fn variables_that_are_no_keys_stop_nothing() {
+    let env: Vec<(String, String)> = [
+        ("DETOUR_SIDECAR_CONFIG", "/etc/detour/sidecar.toml"),
+        ("DETOUR_CONFIG", "/etc/detour/sidecar.toml"),
+        ("DETOUR_SIDECAR_BIN", "/usr/bin/detour-sidecar"),
+        ("DETOUR_WATCHDOG__ADMIN__LISTEN", "127.0.0.1:1"),
+        ("DETOUR_SIDECAR__NO_SUCH_KEY", "1"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    let cfg = Config::parse("t", "host = \"h1\"\n", env).unwrap();
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    assert!(cfg.warnings[0].contains("DETOUR_SIDECAR__NO_SUCH_KEY"));
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The local control API (`detour.control.v1.LocalControl`) the thin SDK subscribes to: the
 //! sidecar's state, and endpoint snapshots of every service the app says it calls.
 //!
-//! A session ends right after announcing `draining`, so a drain never waits on it.
+//! A session ends right after announcing `draining` (a drain) or `handing_over` (an upgrade:
+//! the SDK reconnects, to the successor), so neither waits on it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -42,7 +43,15 @@ impl ControlService {
     }
 
     fn status(&self, state: SidecarState) -> ControlEvent {
-        let pb: detour_proto::control::SidecarState = state.into();
+        self.event(state.into())
+    }
+
+    /// The last event of a session whose sidecar hands its sockets to a successor.
+    fn handing_over(&self) -> ControlEvent {
+        self.event(detour_proto::control::SidecarState::HandingOver)
+    }
+
+    fn event(&self, pb: detour_proto::control::SidecarState) -> ControlEvent {
         ControlEvent {
             event: Some(Event::Status(SidecarStatus {
                 state: pb as i32,
@@ -103,6 +112,10 @@ impl ControlService {
                     let s = *state.borrow_and_update();
                     if tx.send(Ok(self.status(s))).await.is_err() { break; }
                     if matches!(s, SidecarState::Draining | SidecarState::Stopped) { break; }
+                }
+                () = self.lifecycle.handover_announced() => {
+                    let _ = tx.send(Ok(self.handing_over())).await;
+                    break;
                 }
                 _ = tx.closed() => break,
             }

@@ -11,16 +11,20 @@ pub mod balance;
 pub mod config;
 pub mod config_protection;
 pub mod control;
+pub mod delegate;
 pub mod detect;
 pub mod forward;
+pub mod handover;
 pub mod headers;
 pub mod inbound;
 pub mod lifecycle;
 pub mod links;
+pub mod listeners;
 pub mod outbound;
 pub mod providers;
 pub mod respond;
 pub mod server;
+pub mod stop;
 pub mod telemetry;
 
 /// This sidecar's version, reported in `/state`, host status and control events.

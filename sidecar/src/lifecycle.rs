@@ -1,6 +1,7 @@
 //! The sidecar's lifecycle: its state (starting → ready → draining → stopped), the drain
-//! request that SIGTERM and `POST /drain` raise, the moment listeners close (after the drain
-//! has been announced for a while), and the count of open connections a drain waits for.
+//! request that SIGTERM and `POST /drain` raise, the hand-off a ready successor asks for, the
+//! moments listeners stop accepting and connections close (after a drain or hand-off has been
+//! announced for a while), and the count of open connections either waits for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +17,13 @@ pub struct Lifecycle {
     state: watch::Sender<SidecarState>,
     /// Raised once when a graceful stop is asked for.
     drain: watch::Sender<bool>,
-    /// Raised once when listeners must stop accepting and connections close gracefully.
+    /// Raised once when a successor is ready to take the sockets over.
+    handover: watch::Sender<bool>,
+    /// Raised once when control sessions must tell their SDKs to move to the successor.
+    handing_over: watch::Sender<bool>,
+    /// Raised once when listeners must stop accepting.
+    stop_accepting: watch::Sender<bool>,
+    /// Raised once when connections must close gracefully.
     closing: watch::Sender<bool>,
     /// Open connections on every listener.
     conns: AtomicUsize,
@@ -30,6 +37,9 @@ impl Lifecycle {
         Arc::new(Self {
             state: watch::channel(SidecarState::Starting).0,
             drain: watch::channel(false).0,
+            handover: watch::channel(false).0,
+            handing_over: watch::channel(false).0,
+            stop_accepting: watch::channel(false).0,
             closing: watch::channel(false).0,
             conns: AtomicUsize::new(0),
             closed: Notify::new(),
@@ -56,13 +66,48 @@ impl Lifecycle {
 
     /// Stops the listeners and closes connections gracefully (idempotent).
     pub fn close(&self) {
+        self.stop_accepting.send_replace(true);
         self.closing.send_replace(true);
     }
 
-    /// Resolves once [`Lifecycle::close`] has been called.
+    /// Resolves once connections must close ([`Lifecycle::close`]).
     pub async fn closed(&self) {
-        let mut rx = self.closing.subscribe();
-        let _ = rx.wait_for(|c| *c).await;
+        wait_raised(&self.closing).await;
+    }
+
+    /// Stops the listeners only; open connections keep serving (idempotent).
+    pub fn stop_accepting(&self) {
+        self.stop_accepting.send_replace(true);
+    }
+
+    /// Resolves once listeners must stop accepting.
+    pub async fn accepting_stopped(&self) {
+        wait_raised(&self.stop_accepting).await;
+    }
+
+    /// A successor is ready: hand off to it (idempotent).
+    pub fn request_handover(&self) {
+        self.handover.send_replace(true);
+    }
+
+    /// Whether a hand-off has been asked for.
+    pub fn handover_requested_now(&self) -> bool {
+        *self.handover.borrow()
+    }
+
+    /// Resolves once a successor is ready to take over.
+    pub async fn handover_requested(&self) {
+        wait_raised(&self.handover).await;
+    }
+
+    /// Tells control sessions to send their SDKs to the successor (idempotent).
+    pub fn announce_handover(&self) {
+        self.handing_over.send_replace(true);
+    }
+
+    /// Resolves once the hand-off is announced.
+    pub async fn handover_announced(&self) {
+        wait_raised(&self.handing_over).await;
     }
 
     /// Whether a drain has been announced.
@@ -77,8 +122,7 @@ impl Lifecycle {
 
     /// Resolves once a graceful stop has been asked for.
     pub async fn drain_requested(&self) {
-        let mut rx = self.drain.subscribe();
-        let _ = rx.wait_for(|d| *d).await;
+        wait_raised(&self.drain).await;
     }
 
     /// Counts a connection until the guard drops.
@@ -105,6 +149,12 @@ impl Lifecycle {
         };
         tokio::time::timeout(limit, wait).await.is_ok()
     }
+}
+
+/// Resolves once `flag` is raised (at once if it is).
+async fn wait_raised(flag: &watch::Sender<bool>) {
+    let mut rx = flag.subscribe();
+    let _ = rx.wait_for(|raised| *raised).await;
 }
 
 /// Holds one connection open in the count.

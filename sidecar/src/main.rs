@@ -1,9 +1,10 @@
-//! `detour-sidecar --config FILE`: reads the config, starts the sidecar, and stops it gracefully
-//! on SIGTERM, SIGINT or `POST /drain`.
+//! `detour-sidecar --config FILE [--take-over]`: reads the config, starts the sidecar (or takes
+//! the sockets over from the one running, an upgrade), and stops it gracefully on SIGTERM,
+//! SIGINT or `POST /drain` — or hands off when a successor took the sockets over.
 //!
 //! Signals: SIGTERM and SIGINT drain (stop accepting, finish in-flight requests within
-//! `lifecycle.drain_timeout_ms`, leave the registry) and exit 0; a second SIGINT exits at once.
-//! A bad config exits 64, a failed start 70.
+//! `lifecycle.drain_timeout_ms`) and exit 0; a second SIGINT exits at once. A hand-off also
+//! exits 0. A bad config exits 64, a failed start 70.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,9 +19,13 @@ use tokio::signal::unix::{SignalKind, signal};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// TOML config file; every key can also be set as DETOUR_<SECTION>__<KEY>.
-    #[arg(long, env = "DETOUR_CONFIG")]
+    /// TOML config file; every key can also be set as DETOUR_SIDECAR__<SECTION>__<KEY>.
+    #[arg(long, env = "DETOUR_SIDECAR_CONFIG")]
     config: Option<PathBuf>,
+    /// Take the listening sockets over from the sidecar running with the same run directory
+    /// (an upgrade without loss; see docs/upgrade.md).
+    #[arg(long)]
+    take_over: bool,
 }
 
 fn main() -> ExitCode {
@@ -43,10 +48,10 @@ fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
-    rt.block_on(run(cfg))
+    rt.block_on(run(cfg, args.take_over))
 }
 
-async fn run(cfg: Config) -> ExitCode {
+async fn run(cfg: Config, take_over: bool) -> ExitCode {
     telemetry::prometheus();
     telemetry::spawn_upkeep();
     let (mut term, mut int) = match (
@@ -59,7 +64,12 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(70);
         }
     };
-    let sidecar = match Sidecar::start(cfg).await {
+    let started = if take_over {
+        Sidecar::take_over(cfg).await
+    } else {
+        Sidecar::start(cfg).await
+    };
+    let sidecar = match started {
         Ok(s) => s,
         Err(e) => {
             eprintln!("detour-sidecar: {e}");
@@ -71,6 +81,11 @@ async fn run(cfg: Config) -> ExitCode {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining (again to exit at once)"),
         _ = lifecycle.drain_requested() => {}
+        _ = lifecycle.handover_requested() => {
+            let report = sidecar.hand_off().await;
+            tracing::info!(clean = report.clean, left_open = report.left_open, "handed off");
+            return ExitCode::SUCCESS;
+        }
     }
     let report = tokio::select! {
         r = sidecar.drain() => r,

@@ -48,8 +48,8 @@ pub enum Listener {
     Unix(UnixListener),
 }
 
-/// Accepts on `listener` until the sidecar starts draining, serving each connection on its own
-/// task.
+/// Accepts on `listener` until the sidecar stops accepting (a drain, or a hand-off to its
+/// successor), serving each connection on its own task.
 pub async fn accept_loop<H: Handler>(
     listener: Listener,
     name: &'static str,
@@ -60,7 +60,7 @@ pub async fn accept_loop<H: Handler>(
     loop {
         let accepted = tokio::select! {
             r = accept(&listener) => r,
-            _ = lifecycle.closed() => break,
+            _ = lifecycle.accepting_stopped() => break,
         };
         match accepted {
             Ok(Accepted::Tcp(s)) => {

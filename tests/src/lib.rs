@@ -7,6 +7,7 @@
 pub mod etcd;
 pub mod grpc;
 pub mod proxy;
+pub mod scenario;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use detour_thin_sdk::{Client, Dial};
 use detour_watchdog::process::ChildGuard;
 use detour_watchdog::provider::DemoProvider;
 use detour_watchdog::sidecar::{SidecarProcess, find_binary, find_sidecar_binary};
+use detour_watchdog::watched::WatchdogProcess;
 
 /// One provider a host offers.
 #[derive(Debug, Clone)]
@@ -56,6 +58,8 @@ pub struct Mesh {
     binary: PathBuf,
     /// Sidecars by host name.
     pub sidecars: BTreeMap<String, SidecarProcess>,
+    /// Hosts run by a watchdog (which runs their sidecar), by host name.
+    pub watchdogs: BTreeMap<String, WatchdogProcess>,
     /// The registry spec sidecars use (`dir:` under the root unless set).
     registry: Option<String>,
 }
@@ -72,6 +76,7 @@ impl Mesh {
             dir,
             binary,
             sidecars: BTreeMap::new(),
+            watchdogs: BTreeMap::new(),
             registry: None,
         }
     }
@@ -153,6 +158,86 @@ ttl_ms = 10000
         &self.sidecars[host]
     }
 
+    /// The `detour-sidecar` binary the mesh runs.
+    pub fn sidecar_binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// Starts `host` on `ip` the production way: a watchdog (config `watchdog_extra` appended)
+    /// running `sidecar_binary` (the mesh's when `None`) with the usual sidecar config
+    /// (`sidecar_extra` appended); waits until the watchdog reports its sidecar ready.
+    pub async fn start_watched(
+        &mut self,
+        host: &str,
+        ip: &str,
+        offers: &[Offer],
+        sidecar_extra: &str,
+        watchdog_extra: &str,
+        sidecar_binary: Option<&Path>,
+    ) -> &WatchdogProcess {
+        let cfg = self.config(host, ip, offers, sidecar_extra);
+        self.start_watched_config(host, ip, &cfg, watchdog_extra, sidecar_binary)
+            .await
+    }
+
+    /// As [`Mesh::start_watched`], with exactly `sidecar_config` (see [`Mesh::config`]).
+    pub async fn start_watched_config(
+        &mut self,
+        host: &str,
+        ip: &str,
+        sidecar_config: &str,
+        watchdog_extra: &str,
+        sidecar_binary: Option<&Path>,
+    ) -> &WatchdogProcess {
+        let cfg = sidecar_config;
+        let watchdog =
+            find_binary("detour-watchdog", "DETOUR_WATCHDOG_BIN").unwrap_or_else(|e| panic!("{e}"));
+        let run_dir = self.root().join(host);
+        let binary = sidecar_binary.unwrap_or(&self.binary).to_owned();
+        let w = WatchdogProcess::start(
+            &watchdog,
+            &binary,
+            &run_dir,
+            cfg,
+            ip,
+            watchdog_extra,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("starting the watchdog of {host}: {e}"));
+        self.watchdogs.insert(host.to_owned(), w);
+        &self.watchdogs[host]
+    }
+
+    /// The watchdog of `host`.
+    pub fn watched(&self, host: &str) -> &WatchdogProcess {
+        &self.watchdogs[host]
+    }
+
+    /// Where an SDK on `host` reaches its sidecar (a plain one, or one under a watchdog).
+    pub fn outbound(&self, host: &str) -> Dial {
+        match self.sidecars.get(host) {
+            Some(sc) => sc.outbound(),
+            None => self
+                .watched(host)
+                .outbound()
+                .expect("the sidecar's address file"),
+        }
+    }
+
+    /// The admin address of `host`'s sidecar now.
+    pub fn admin_addr(&self, host: &str) -> SocketAddr {
+        match self.sidecars.get(host) {
+            Some(sc) => sc.addrs.admin,
+            None => {
+                self.watched(host)
+                    .sidecar()
+                    .expect("the sidecar's address file")
+                    .admin
+            }
+        }
+    }
+
     /// Sends `signal` to `host`'s sidecar.
     pub fn signal(&self, host: &str, signal: nix::sys::signal::Signal) {
         self.sidecar(host)
@@ -188,14 +273,14 @@ ttl_ms = 10000
 
     /// A plain client of `host`'s admin API.
     pub fn admin(&self, host: &str) -> Client {
-        Client::builder(Dial::Tcp(self.sidecar(host).addrs.admin))
+        Client::builder(Dial::Tcp(self.admin_addr(host)))
             .control(false)
             .build()
     }
 
     /// An SDK client on `host` speaking `protocol` to its sidecar's Unix socket.
     pub fn client(&self, host: &str, protocol: AppProtocol) -> Client {
-        Client::builder(self.sidecar(host).outbound())
+        Client::builder(self.outbound(host))
             .protocol(protocol)
             .app("test")
             .timeout(Duration::from_secs(30))
@@ -219,7 +304,7 @@ ttl_ms = 10000
     /// Waits until `host`'s sidecar routes `service` to `n` endpoints (registrations travel
     /// through the registry), by probing its `/state`.
     pub async fn wait_endpoints(&self, host: &str, service: &str, n: usize) {
-        let admin = self.sidecar(host).addrs.admin;
+        let admin = self.admin_addr(host);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let client = Client::builder(Dial::Tcp(admin)).control(false).build();
         // Asking once makes the catalog watch the service.
@@ -234,7 +319,7 @@ ttl_ms = 10000
                 return;
             }
             if tokio::time::Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.sidecar(host).run_dir.join("sidecar.log"))
+                let log = std::fs::read_to_string(self.root().join(host).join("sidecar.log"))
                     .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 panic!(
@@ -275,7 +360,7 @@ pub async fn caller_and_provider(h1_extra: &str) -> (Mesh, DemoProvider) {
 /// memory and in `snapshot_file` (so it can fall back to direct calls).
 pub async fn ready_sdk(mesh: &Mesh, host: &str, service: &str, snapshot_file: &Path) -> Client {
     let svc = ServiceName::new(service).expect("service name");
-    let client = Client::builder(mesh.sidecar(host).outbound())
+    let client = Client::builder(mesh.outbound(host))
         .app("test")
         .timeout(Duration::from_secs(20))
         .snapshot_file(snapshot_file)

@@ -5,23 +5,19 @@
 
 use std::time::Duration;
 
-use detour_proto::{Endpoint, HostId, InstanceId, ServiceName};
+use detour_proto::{Endpoint, HostId, InstanceId};
 use detour_registry_sync::Registry;
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::now_unix_ms;
 use detour_tests::etcd::Etcd;
+use detour_tests::scenario::{hello, spawn_load};
 use detour_tests::{Mesh, Offer, admin_get_json, metric, wait_value};
-use detour_thin_sdk::Client;
-use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
+use detour_watchdog::load::Stats;
 use detour_watchdog::provider::DemoProvider;
 use nix::sys::signal::Signal;
 use tokio::sync::Mutex;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
-
-fn hello() -> ServiceName {
-    ServiceName::new("hello").unwrap()
-}
 
 fn registrar_opts(url: &str) -> EtcdOptions {
     EtcdOptions {
@@ -40,33 +36,6 @@ fn bare(host: &str, instance: &str, p: &DemoProvider) -> Endpoint {
         HostId::new(host).unwrap(),
         p.addr(),
     )
-}
-
-fn spec(rate: u32, secs: u64) -> LoadSpec {
-    LoadSpec {
-        service: hello(),
-        rate,
-        duration: Duration::from_secs(secs),
-        methods: MethodMix::Mix,
-        body_bytes: 128,
-        concurrency: 4096,
-        path: "/".into(),
-        timeout: Duration::from_secs(20),
-    }
-}
-
-/// Steady load through `client` in the background (GET and POST alternating).
-fn spawn_load(client: &Client, rate: u32, secs: u64) -> tokio::task::JoinHandle<Stats> {
-    let c = client.clone();
-    tokio::spawn(async move {
-        load::run(
-            &spec(rate, secs),
-            &Target::Sdk(c),
-            |_, _| {},
-            std::future::pending(),
-        )
-        .await
-    })
 }
 
 fn line(name: &str, s: &Stats) -> String {

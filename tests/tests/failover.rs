@@ -7,13 +7,14 @@
 
 use std::time::Duration;
 
-use detour_proto::{AppProtocol, ServiceName};
+use detour_proto::AppProtocol;
 use detour_registry_sync::now_unix_ms;
+use detour_tests::scenario::{self, at, hello, spawn_load};
 use detour_tests::{Mesh, Offer, ProviderProcess, caller_and_provider};
 use detour_thin_sdk::Client;
 use detour_thin_sdk::LinkState;
 use detour_thin_sdk::body::{empty, full};
-use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
+use detour_watchdog::load::Stats;
 use nix::sys::signal::Signal;
 use tokio::sync::Mutex;
 
@@ -22,68 +23,12 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 const RATE: u32 = 500;
 const SECS: u64 = 15;
 
-fn hello() -> ServiceName {
-    ServiceName::new("hello").unwrap()
-}
-
-fn spec() -> LoadSpec {
-    LoadSpec {
-        service: hello(),
-        rate: RATE,
-        duration: Duration::from_secs(SECS),
-        methods: MethodMix::Mix,
-        body_bytes: 256,
-        concurrency: 512,
-        path: "/".into(),
-        timeout: Duration::from_secs(20),
-    }
-}
-
 fn start_load(client: Client) -> tokio::task::JoinHandle<Stats> {
-    tokio::spawn(async move {
-        load::run(
-            &spec(),
-            &Target::Sdk(client),
-            |_, _| {},
-            std::future::pending(),
-        )
-        .await
-    })
+    spawn_load(&client, RATE, SECS)
 }
 
-/// Prints the one-line summary every failover test reports.
 fn summary(name: &str, s: &Stats, fault_ms: u64, healed_ms: u64) -> String {
-    let n = |k| s.paths.get(k).copied().unwrap_or(0);
-    let switch = s
-        .first_off_mesh_unix_ms
-        .map_or("-".into(), |t| t.saturating_sub(fault_ms).to_string());
-    let back = s
-        .last_off_mesh_unix_ms
-        .map_or("-".into(), |t| t.saturating_sub(healed_ms).to_string());
-    let idem = |q: f64| s.latency_idem_us.value_at_quantile(q) as f64 / 1000.0;
-    let line = format!(
-        "FAILOVER {name}: sent={} ok={} failed={} failed_idempotent={} unknown_outcome={} mesh={} ca_direct={} direct={} switch_ms={switch} back_ms={back} failures={:?} p99_ms={:.1} max_ms={:.1} p99_idem_ms={:.1} max_idem_ms={:.1}",
-        s.sent,
-        s.ok,
-        s.failed,
-        s.failed_idempotent,
-        s.unknown_outcome,
-        n("mesh"),
-        n("ca_direct"),
-        n("direct"),
-        s.failures,
-        s.ms(0.99),
-        s.latency_us.max() as f64 / 1000.0,
-        idem(0.99),
-        s.latency_idem_us.max() as f64 / 1000.0,
-    );
-    println!("{line}");
-    line
-}
-
-/// Waits `secs` of wall time while load runs.
-async fn at(start: tokio::time::Instant, secs: f64) {
-    tokio::time::sleep_until(start + Duration::from_secs_f64(secs)).await;
+    scenario::summary("FAILOVER", name, s, fault_ms, healed_ms)
 }
 
 fn assert_full_load(s: &Stats) {

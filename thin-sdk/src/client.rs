@@ -128,15 +128,16 @@ impl ClientBuilder {
             false,
         ));
         let (control, prober) = if self.control {
+            let probes = pool.fresh(self.pool);
             let c = ControlSession::spawn(
-                pool.clone(),
+                vec![pool.clone(), probes.clone()],
                 self.sidecar.clone(),
                 self.app.clone(),
                 link.clone(),
                 self.snapshot_file.clone(),
             );
             let p = tokio::spawn(detour_core::probe::probe_loop(
-                pool.fresh(self.pool),
+                probes,
                 self.sidecar.clone(),
                 AppProtocol::Http1,
                 link.clone(),

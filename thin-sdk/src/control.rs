@@ -4,7 +4,9 @@
 //! One background task holds a `LocalControl.Session` stream open and reconnects with backoff
 //! when it drops. It stops when the [`crate::Client`] that owns it is dropped. What it hears
 //! feeds the SDK's link: `ready` lets the link recover; `draining`, a stream that ends or
-//! breaks, and a session that cannot be opened make it leave the mesh at once. Snapshots are also written to a file (when configured) so an app that
+//! breaks, and a session that cannot be opened make it leave the mesh at once. `handing_over`
+//! (the sidecar is being upgraded) is no fault: the SDK stops reusing its connections to that
+//! process and reconnects at once — to its successor, which took the sockets over. Snapshots are also written to a file (when configured) so an app that
 //! starts while its sidecar is down can still call directly.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -45,6 +47,8 @@ struct Shared {
     tx: Mutex<Option<mpsc::UnboundedSender<SessionRequest>>>,
     /// The link fed by what the session hears.
     link: Arc<LinkHandle>,
+    /// Every pool with connections to the sidecar (forgotten when it hands over).
+    pools: Vec<Arc<Pool>>,
     /// Where snapshots are kept across restarts of the app.
     snapshot_file: Option<PathBuf>,
 }
@@ -123,13 +127,16 @@ impl Drop for ControlSession {
 }
 
 impl ControlSession {
+    /// Starts the session over `pools[0]`; every pool in `pools` holds connections to the
+    /// sidecar and is told to forget them when the sidecar hands over.
     pub(crate) fn spawn(
-        pool: Arc<Pool>,
+        pools: Vec<Arc<Pool>>,
         sidecar: Dial,
         app: String,
         link: Arc<LinkHandle>,
         snapshot_file: Option<PathBuf>,
     ) -> Self {
+        let pool = pools[0].clone();
         let snapshots = snapshot_file
             .as_deref()
             .map(load_snapshot_file)
@@ -139,6 +146,7 @@ impl ControlSession {
             interest: Mutex::new(BTreeSet::new()),
             tx: Mutex::new(None),
             link,
+            pools,
             snapshot_file,
         });
         let (state_tx, state) = watch::channel(None);
@@ -206,7 +214,15 @@ async fn run(
     let mut backoff = Duration::from_millis(50);
     loop {
         match session(&channel, &app, &shared, &state).await {
-            Ok(()) => tracing::debug!(sidecar = %channel.sidecar, "control session ended"),
+            Ok(Ended::HandedOver) => {
+                tracing::info!(sidecar = %channel.sidecar, "the sidecar hands over to its successor: reconnecting");
+                *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                backoff = Duration::from_millis(50);
+                continue;
+            }
+            Ok(Ended::Closed) => {
+                tracing::debug!(sidecar = %channel.sidecar, "control session ended")
+            }
             Err(e) => {
                 tracing::debug!(sidecar = %channel.sidecar, error = %e, "control session failed")
             }
@@ -221,12 +237,20 @@ async fn run(
     }
 }
 
+/// How a session that did not fail ended.
+enum Ended {
+    /// The stream ended.
+    Closed,
+    /// The sidecar said it hands over to a successor.
+    HandedOver,
+}
+
 async fn session(
     channel: &SidecarChannel,
     app: &str,
     shared: &Shared,
     state: &watch::Sender<Option<SidecarState>>,
-) -> Result<(), tonic::Status> {
+) -> Result<Ended, tonic::Status> {
     let (tx, rx) = mpsc::unbounded_channel();
     {
         // Announce everything known so far, then let `interest` add to it.
@@ -244,6 +268,12 @@ async fn session(
         .into_inner();
     while let Some(ev) = events.message().await? {
         match ev.event {
+            Some(Pb::Status(s)) if s.state == PbState::HandingOver as i32 => {
+                for pool in &shared.pools {
+                    pool.forget(&channel.sidecar);
+                }
+                return Ok(Ended::HandedOver);
+            }
             Some(Pb::Status(s)) => {
                 let st = match PbState::try_from(s.state) {
                     Ok(PbState::Ready) => SidecarState::Ready,
@@ -296,7 +326,7 @@ async fn session(
             Some(Pb::Mesh(_)) | None => {}
         }
     }
-    Ok(())
+    Ok(Ended::Closed)
 }
 
 /// Carries control RPCs straight to the sidecar over HTTP/2 (never through path selection).

@@ -1,6 +1,6 @@
 //! `detourctl demo`: a three-host mesh on loopback (127.0.0.1–3), each host with its own
-//! sidecar process and run directory, a demo provider on hosts 2 and 3, the directory registry,
-//! and steady traffic from an SDK client on host 1 — printed once a second.
+//! watchdog, the sidecar it keeps, and a run directory; a demo provider on hosts 2 and 3, the
+//! directory registry, and steady traffic from an SDK client on host 1 — printed once a second.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,7 +14,8 @@ use http_body_util::BodyExt;
 
 use crate::load::{self, LoadSpec, MethodKind, MethodMix, Stats, Target};
 use crate::provider::{DemoProvider, SERVED_BY};
-use crate::sidecar::{SidecarProcess, find_sidecar_binary};
+use crate::sidecar::{find_binary, find_sidecar_binary};
+use crate::watched::WatchdogProcess;
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -65,6 +66,7 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Stats> {
     let binary = find_sidecar_binary()?;
+    let watchdog = find_binary("detour-watchdog", "DETOUR_WATCHDOG_BIN")?;
     let dir = tempfile::Builder::new()
         .prefix("detour-demo-")
         .tempdir()
@@ -72,37 +74,43 @@ pub async fn run(
     let root = dir.path();
     let p2 = DemoProvider::start("127.0.0.2:0".parse()?, "h2-hello").await?;
     let p3 = DemoProvider::start("127.0.0.3:0".parse()?, "h3-hello").await?;
-    let mut sidecars = Vec::new();
+    let mut hosts = Vec::new();
     for (n, provider) in [(1u8, None), (2, Some(p2.addr())), (3, Some(p3.addr()))] {
         let run_dir = root.join(format!("h{n}"));
-        let sc = SidecarProcess::start(
+        let w = WatchdogProcess::start(
+            &watchdog,
             &binary,
             &run_dir,
             &host_config(root, n, provider),
-            Duration::from_secs(15),
+            &format!("127.0.0.{n}"),
+            "",
+            Duration::from_secs(20),
         )
         .await
-        .with_context(|| format!("starting the sidecar of host h{n}"))?;
+        .with_context(|| format!("starting the watchdog of host h{n}"))?;
+        let sc = w.sidecar()?;
         println!(
-            "demo: host h{n} sidecar pid={} inbound={} admin={}{}",
-            sc.child.pid(),
-            sc.addrs.inbound,
-            sc.addrs.admin,
+            "demo: host h{n} watchdog pid={} admin={} sidecar pid={} inbound={} admin={}{}",
+            w.child.pid(),
+            w.admin,
+            sc.pid,
+            sc.inbound,
+            sc.admin,
             provider
                 .map(|a| format!(" provider hello@{a}"))
                 .unwrap_or_default()
         );
-        sidecars.push(sc);
+        hosts.push(w);
     }
     let service = ServiceName::new("hello")?;
-    let client = Client::builder(sidecars[0].outbound())
+    let outbound = hosts[0].outbound()?;
+    let client = Client::builder(outbound.clone())
         .app("detour-demo")
         .timeout(Duration::from_secs(5))
         .build();
     warm_up(&client, &service).await?;
     println!(
-        "demo: calling service hello from host h1 through {} at {} req/s",
-        sidecars[0].outbound(),
+        "demo: calling service hello from host h1 through {outbound} at {} req/s",
         opts.rate
     );
     let spec = LoadSpec {
@@ -118,9 +126,12 @@ pub async fn run(
         timeout: Duration::from_secs(5),
     };
     let stats = load::run(&spec, &Target::Sdk(client), print_tick, stop).await;
-    for mut sc in sidecars {
-        let _ = sc.child.stop(Duration::from_secs(8)).await;
+    for w in &hosts {
+        if let Err(e) = crate::watched::shutdown(&w.unix).await {
+            eprintln!("demo: stopping {}: {e}", w.run_dir.display());
+        }
     }
+    drop(hosts);
     drop((p2, p3));
     Ok(stats)
 }

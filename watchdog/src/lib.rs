@@ -1,8 +1,17 @@
-//! Detour's host-side tooling: the operator CLI `detourctl` (a demo mesh and the load
-//! generator every failover test uses), child-process supervision, and a small demo provider.
+//! Detour's host-side tooling: the watchdog agent (`detour-watchdog`: keeps the host's sidecar
+//! alive, holds its registrations, runs upgrades), the operator CLI `detourctl` (a demo mesh,
+//! upgrades, and the load generator every failover test uses), child-process supervision, and a
+//! small demo provider.
 
+pub mod agent;
+pub mod agent_config;
+pub mod api;
 pub mod demo;
+pub mod held;
 pub mod load;
+pub mod proc;
 pub mod process;
 pub mod provider;
 pub mod sidecar;
+pub mod supervise;
+pub mod watched;

@@ -1,6 +1,8 @@
-//! `detourctl`: the operator CLI. `demo` runs a small mesh on loopback; `load` drives a fixed
-//! request rate through the SDK (or straight at one provider) and reports every outcome;
-//! `provider` runs the demo provider as a process for scripts.
+//! `detourctl`: the operator CLI. `demo` runs a small mesh on loopback, each host under its own
+//! watchdog; `upgrade` replaces the local sidecar without loss (or rolls it back); `shutdown`
+//! takes the host out of the mesh; `load` drives a fixed request rate through the SDK (or
+//! straight at one provider) and reports every outcome; `provider` runs the demo provider as a
+//! process for scripts.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,9 +11,11 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use detour_proto::{AppProtocol, ServiceName};
 use detour_thin_sdk::{Client, Dial};
+use detour_watchdog::api::UpgradeRequest;
 use detour_watchdog::demo::{self, DemoOptions};
 use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
 use detour_watchdog::provider::DemoProvider;
+use detour_watchdog::watched;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Detour operator CLI")]
@@ -33,6 +37,37 @@ enum Command {
     },
     /// Drive a fixed request rate at a service and report every outcome.
     Load(LoadArgs),
+    /// Replace the local sidecar by another binary without losing a request (the local
+    /// watchdog hands the sockets over), or go back to the previous one.
+    Upgrade {
+        /// The binary to run.
+        #[arg(
+            long,
+            conflicts_with = "rollback",
+            required_unless_present = "rollback"
+        )]
+        binary: Option<std::path::PathBuf>,
+        /// Go back to the binary before the last upgrade.
+        #[arg(long)]
+        rollback: bool,
+        /// The local watchdog's Unix socket.
+        #[arg(
+            long,
+            env = "DETOUR_WATCHDOG_SOCKET",
+            default_value = "/run/detour/watchdog.sock"
+        )]
+        watchdog: std::path::PathBuf,
+    },
+    /// Drain the local sidecar, withdraw the host's registrations and stop its watchdog.
+    Shutdown {
+        /// The local watchdog's Unix socket.
+        #[arg(
+            long,
+            env = "DETOUR_WATCHDOG_SOCKET",
+            default_value = "/run/detour/watchdog.sock"
+        )]
+        watchdog: std::path::PathBuf,
+    },
     /// Run the demo provider (for scripts and benchmarks) until SIGINT/SIGTERM.
     Provider {
         /// Address to listen on (port 0 for any).
@@ -143,6 +178,47 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("provider: {instance} served {}", provider.served());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Upgrade {
+            binary,
+            rollback,
+            watchdog,
+        } => {
+            let binary = match binary {
+                Some(b) => Some(
+                    std::fs::canonicalize(&b)
+                        .with_context(|| format!("--binary {}: no such file", b.display()))?,
+                ),
+                None => None,
+            };
+            let req = UpgradeRequest { binary, rollback };
+            match watched::upgrade(&watchdog, &req).await {
+                Ok(done) => {
+                    println!(
+                        "upgrade: pid={} binary={} previous={} ready_ms={} done_ms={}",
+                        done.pid,
+                        done.binary.display(),
+                        done.previous.display(),
+                        done.ready_ms,
+                        done.done_ms
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(reason) => {
+                    eprintln!("detourctl: upgrade failed: {reason}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Shutdown { watchdog } => match watched::shutdown(&watchdog).await {
+            Ok(()) => {
+                println!("shutdown: done");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(reason) => {
+                eprintln!("detourctl: shutdown failed: {reason}");
+                Ok(ExitCode::from(1))
+            }
+        },
         Command::Demo { duration, rate } => {
             let opts = DemoOptions {
                 duration: duration.map(Duration::from_secs),

@@ -1,0 +1,646 @@
+//! The watchdog on real processes, under steady SDK load with every request counted: a killed
+//! or hung sidecar is restarted, a crash-looping host is marked `failed` (and its providers stay
+//! reachable however long its sidecar is down), a sidecar is upgraded and rolled back by socket
+//! hand-over without losing a request, a killed watchdog's successor adopts the running
+//! sidecar, and both binaries start with their documented environment variables set.
+//!
+//! The tests run one at a time (they share two cores with the processes they measure).
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use detour_registry_sync::now_unix_ms;
+use detour_tests::scenario::{at, spawn_load, summary};
+use detour_tests::{Mesh, Offer, admin_get_json, wait_value};
+use detour_thin_sdk::{Client, Dial};
+use detour_watchdog::load::Stats;
+use detour_watchdog::provider::DemoProvider;
+use detour_watchdog::sidecar::find_binary;
+use detour_watchdog::watched::{WatchdogProcess, call};
+use http::Method;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// Fast supervision for tests: probes every 250 ms, hung after 3 missed.
+const FAST: &str = "[probe]\ninterval_ms = 250\ntimeout_ms = 250\nfail_after = 3\n";
+
+/// A provider host h2 (a plain sidecar) and a caller host h1 run by a watchdog; an SDK on h1
+/// with its snapshot of `hello` ready.
+async fn watched_caller(watchdog_extra: &str) -> (Mesh, DemoProvider, Client) {
+    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let mut mesh = Mesh::new();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
+        .await;
+    mesh.start_watched("h1", "127.0.0.1", &[], "", watchdog_extra, None)
+        .await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let snap = mesh.root().join("sdk-snapshot.json");
+    let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
+    (mesh, provider, client)
+}
+
+/// The watchdog's `/state` (through its loopback admin port).
+async fn state(w: &WatchdogProcess) -> serde_json::Value {
+    let (status, text) = call(
+        &Dial::Tcp(w.admin),
+        Method::GET,
+        "/state",
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Waits until the watchdog runs a ready sidecar other than `old`; returns its pid.
+async fn new_ready_sidecar(w: &WatchdogProcess, old: u32, within: Duration) -> u32 {
+    let s = wait_value(
+        "a new ready sidecar",
+        within,
+        || state(w),
+        |s| {
+            s["watchdog"]["sidecar_state"] == "ready"
+                && s["watchdog"]["sidecar_pid"]
+                    .as_u64()
+                    .is_some_and(|p| p != u64::from(old))
+        },
+    )
+    .await;
+    s["watchdog"]["sidecar_pid"].as_u64().unwrap() as u32
+}
+
+fn assert_only_in_flight_lost(s: &Stats) {
+    assert_eq!(s.sent, 7500, "every request was sent");
+    assert_eq!(s.failed_idempotent, 0, "{:?}", s.failures);
+    assert_eq!(s.failed, s.unknown_outcome, "{:?}", s.failures);
+    assert!(s.failed <= 50, "{:?}", s.failures);
+}
+
+#[tokio::test]
+async fn a_killed_sidecar_is_restarted_by_its_watchdog() {
+    let _serial = SERIAL.lock().await;
+    let (mesh, _p, client) = watched_caller(FAST).await;
+    let w = mesh.watched("h1");
+    let old = w.sidecar_pid().unwrap();
+    let t0 = tokio::time::Instant::now();
+    let load = spawn_load(&client, 500, 15);
+    at(t0, 4.0).await;
+    let fault = now_unix_ms();
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+    let new = new_ready_sidecar(w, old, Duration::from_secs(10)).await;
+    let ready_ms = now_unix_ms() - fault;
+    let s = load.await.unwrap();
+    summary("WATCHDOG", "sidecar-kill9", &s, fault, fault + ready_ms);
+    println!("WATCHDOG sidecar-kill9: kill → ready again in {ready_ms} ms (pid {old} → {new})");
+    assert_only_in_flight_lost(&s);
+    let st = state(w).await;
+    assert_eq!(st["watchdog"]["restarts"], 1, "{st}");
+    assert!(
+        st["watchdog"]["last_exit"]
+            .as_str()
+            .unwrap()
+            .contains("signal 9"),
+        "{st}"
+    );
+    assert!(s.paths.get("mesh").copied().unwrap_or(0) > 0);
+    assert!(
+        s.paths.get("direct").copied().unwrap_or(0) > 0,
+        "{:?}",
+        s.paths
+    );
+}
+
+#[tokio::test]
+async fn a_hung_sidecar_is_killed_and_replaced() {
+    let _serial = SERIAL.lock().await;
+    let (mesh, _p, client) = watched_caller(FAST).await;
+    let w = mesh.watched("h1");
+    let old = w.sidecar_pid().unwrap();
+    let t0 = tokio::time::Instant::now();
+    let load = spawn_load(&client, 500, 15);
+    at(t0, 4.0).await;
+    let fault = now_unix_ms();
+    // Stopped and never resumed: only the watchdog can end it.
+    kill(Pid::from_raw(old as i32), Signal::SIGSTOP).unwrap();
+    let new = new_ready_sidecar(w, old, Duration::from_secs(15)).await;
+    let replaced_ms = now_unix_ms() - fault;
+    let s = load.await.unwrap();
+    summary("WATCHDOG", "sidecar-hang", &s, fault, fault + replaced_ms);
+    println!(
+        "WATCHDOG sidecar-hang: stop → replaced and ready in {replaced_ms} ms (pid {old} → {new})"
+    );
+    // Idempotent calls waiting on the stopped sidecar were sent direct; POSTs sent to it
+    // before the probes gave up on it (≈ 0.7 s) ended unknown when it was killed — never
+    // sent twice.
+    assert_eq!(s.sent, 7500);
+    assert_eq!(s.failed_idempotent, 0, "{:?}", s.failures);
+    assert_eq!(s.failed, s.unknown_outcome, "{:?}", s.failures);
+    assert!(
+        s.failed <= 400,
+        "more than the POSTs of the detection time: {:?}",
+        s.failures
+    );
+    let st = state(w).await;
+    assert!(
+        st["watchdog"]["last_exit"]
+            .as_str()
+            .unwrap()
+            .starts_with("hung"),
+        "{st}"
+    );
+}
+
+/// A sidecar binary that exits at once while `{dir}/crash` exists, and is `real` otherwise.
+fn flaky_binary(dir: &Path, real: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("flaky-sidecar");
+    let script = format!(
+        "#!/bin/sh\nif [ -e '{crash}' ]; then echo 'flaky-sidecar: crashing on purpose' >&2; exit 3; fi\nexec '{real}' \"$@\"\n",
+        crash = dir.join("crash").display(),
+        real = real.display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// The host status `host` has in the directory registry.
+fn registry_status(mesh: &Mesh, host: &str) -> String {
+    let text = std::fs::read_to_string(mesh.root().join("registry").join(format!("{host}.json")))
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["status"]["sidecar"].as_str().unwrap_or("-").to_owned()
+}
+
+/// A caller h1 (plain sidecar) and a provider host h2 run by a watchdog whose sidecar binary
+/// crashes on demand; `ttl_ms` for the directory registry.
+async fn flaky_provider_host(ttl_ms: u64, watchdog_extra: &str) -> (Mesh, DemoProvider, Client) {
+    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let mut mesh = Mesh::new();
+    let flaky = flaky_binary(mesh.root(), mesh.sidecar_binary());
+    let ttl = format!("ttl_ms = {ttl_ms}");
+    let h2 = mesh
+        .config(
+            "h2",
+            "127.0.0.2",
+            &[Offer::http1("hello", provider.addr())],
+            "",
+        )
+        .replace("ttl_ms = 10000", &ttl);
+    let h1 = mesh
+        .config("h1", "127.0.0.1", &[], "")
+        .replace("ttl_ms = 10000", &ttl);
+    // The watchdog reads the sidecar config it is given: write h2's with the short TTL.
+    mesh.start_watched_config("h2", "127.0.0.2", &h2, watchdog_extra, Some(&flaky))
+        .await;
+    mesh.start_config("h1", &h1).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let snap = mesh.root().join("sdk-snapshot.json");
+    let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
+    (mesh, provider, client)
+}
+
+#[tokio::test]
+async fn a_crash_looping_host_is_marked_failed_and_its_providers_stay_reachable() {
+    let _serial = SERIAL.lock().await;
+    let extra = "[crash_loop]\ncrashes = 3\nretry_ms = 1000\nclear_after_ms = 2000\n";
+    let (mesh, _p, client) = flaky_provider_host(10_000, extra).await;
+    let w = mesh.watched("h2");
+    let t0 = tokio::time::Instant::now();
+    let load = spawn_load(&client, 500, 15);
+    at(t0, 3.0).await;
+    std::fs::write(mesh.root().join("crash"), b"").unwrap();
+    let fault = now_unix_ms();
+    // A graceful stop (nothing in flight is lost); every restart then crashes at once.
+    kill(
+        Pid::from_raw(w.sidecar_pid().unwrap() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = wait_value(
+        "the crash loop",
+        Duration::from_secs(8),
+        || state(w),
+        |s| s["watchdog"]["crash_loop"] == true,
+    )
+    .await;
+    let marked_ms = now_unix_ms() - fault;
+    assert_eq!(registry_status(&mesh, "h2"), "failed", "{st}");
+    at(t0, 8.0).await;
+    std::fs::remove_file(mesh.root().join("crash")).unwrap();
+    let healed = now_unix_ms();
+    wait_value(
+        "the mark cleared",
+        Duration::from_secs(8),
+        || state(w),
+        |s| s["watchdog"]["crash_loop"] == false && s["watchdog"]["sidecar_state"] == "ready",
+    )
+    .await;
+    let cleared_ms = now_unix_ms() - healed;
+    let s = load.await.unwrap();
+    summary("WATCHDOG", "crash-loop", &s, fault, healed);
+    println!(
+        "WATCHDOG crash-loop: marked failed {marked_ms} ms after the first crash, cleared {cleared_ms} ms after the binary was fixed"
+    );
+    assert_eq!(s.sent, 7500);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert!(
+        s.paths.get("ca_direct").copied().unwrap_or(0) > 0,
+        "{:?}",
+        s.paths
+    );
+    assert_eq!(registry_status(&mesh, "h2"), "ready");
+}
+
+#[tokio::test]
+async fn a_sidecar_down_for_three_ttls_keeps_its_providers_registered_and_reachable() {
+    let _serial = SERIAL.lock().await;
+    let extra = "[crash_loop]\ncrashes = 100\n[restart]\nmax_backoff_ms = 400\n";
+    let (mesh, _p, client) = flaky_provider_host(1000, extra).await;
+    let w = mesh.watched("h2");
+    let admin = mesh.admin("h1");
+    let t0 = tokio::time::Instant::now();
+    let load = spawn_load(&client, 500, 12);
+    at(t0, 3.0).await;
+    std::fs::write(mesh.root().join("crash"), b"").unwrap();
+    let fault = now_unix_ms();
+    kill(
+        Pid::from_raw(w.sidecar_pid().unwrap() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    // Down for 4 s (4 TTLs): the caller sees h2's provider all along.
+    let mut checks = 0;
+    while now_unix_ms() < fault + 4000 {
+        let st = admin_get_json(&admin, "/state").await;
+        let n = st["services"]["hello"]["endpoints"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(n, 1, "h2's provider left the registry: {st}");
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(state(w).await["watchdog"]["sidecar_state"] == "down");
+    std::fs::remove_file(mesh.root().join("crash")).unwrap();
+    let healed = now_unix_ms();
+    let s = load.await.unwrap();
+    summary("WATCHDOG", "sidecar-down-long", &s, fault, healed);
+    println!(
+        "WATCHDOG sidecar-down-long: {checks} checks of the caller's catalog over 4 s (TTL 1 s)"
+    );
+    assert_eq!(s.sent, 6000);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert!(
+        s.paths.get("ca_direct").copied().unwrap_or(0) > 0,
+        "{:?}",
+        s.paths
+    );
+}
+
+/// `detourctl upgrade …` against `socket`: exit status, stdout and stderr.
+async fn detourctl_upgrade(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let bin = find_binary("detourctl", "DETOURCTL_BIN").unwrap();
+    let out = tokio::process::Command::new(bin)
+        .arg("upgrade")
+        .args(args)
+        .arg("--watchdog")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn upgrades_and_rollbacks_lose_nothing_and_a_bad_binary_changes_nothing() {
+    let _serial = SERIAL.lock().await;
+    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let mut mesh = Mesh::new();
+    // "Another version": a copy of the sidecar at another path.
+    let other = mesh.root().join("detour-sidecar-other");
+    std::fs::copy(mesh.sidecar_binary(), &other).unwrap();
+    let offers = [Offer::http1("hello", provider.addr())];
+    mesh.start_watched("h2", "127.0.0.2", &offers, "", FAST, None)
+        .await;
+    mesh.start_watched("h1", "127.0.0.1", &[], "", FAST, None)
+        .await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let snap = mesh.root().join("sdk-snapshot.json");
+    let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
+    let (w1, w2) = (mesh.watched("h1"), mesh.watched("h2"));
+    let other_s = other.display().to_string();
+    let t0 = tokio::time::Instant::now();
+    let load = spawn_load(&client, 1000, 15);
+    let mut lines = Vec::new();
+    for (when, w, args) in [
+        (2.0, w1, vec!["--binary", other_s.as_str()]),
+        (5.0, w2, vec!["--binary", other_s.as_str()]),
+        (8.0, w1, vec!["--rollback"]),
+        (11.0, w2, vec!["--rollback"]),
+    ] {
+        at(t0, when).await;
+        let (ok, out, err) = detourctl_upgrade(&w.unix, &args).await;
+        assert!(ok, "detourctl upgrade {args:?}: {out}{err}");
+        println!(
+            "WATCHDOG upgrade {} {args:?}: {}",
+            w.run_dir.display(),
+            out.trim()
+        );
+        lines.push(out);
+    }
+    let s = load.await.unwrap();
+    summary("WATCHDOG", "sidecar-upgrade", &s, 0, 0);
+    assert_eq!(s.sent, 15_000);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert_eq!(
+        s.paths.get("mesh").copied().unwrap_or(0),
+        15_000,
+        "every request stayed on the mesh (no connection refused): {:?}",
+        s.paths
+    );
+    for w in [w1, w2] {
+        let st = state(w).await;
+        assert_eq!(
+            st["watchdog"]["binary"],
+            mesh.sidecar_binary().display().to_string(),
+            "{st}"
+        );
+    }
+    // A binary that cannot become ready: the command fails with the reason, the running
+    // sidecar serves on.
+    let broken = mesh.root().join("broken-sidecar");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho 'broken-sidecar: no' >&2\nexit 5\n",
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let before = w1.sidecar_pid().unwrap();
+    let (ok, out, err) =
+        detourctl_upgrade(&w1.unix, &["--binary", &broken.display().to_string()]).await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("ended before it was ready"), "{err}");
+    assert!(
+        err.contains("broken-sidecar: no"),
+        "the reason shows its log: {err}"
+    );
+    assert_eq!(w1.sidecar_pid(), Some(before));
+    let resp = client
+        .send(
+            &detour_tests::scenario::hello(),
+            http::Request::get("/")
+                .body(detour_thin_sdk::body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        detour_thin_sdk::path_taken(&resp),
+        Some(detour_thin_sdk::PathTaken::Mesh)
+    );
+}
+
+#[tokio::test]
+async fn a_sidecar_over_its_memory_ceiling_is_replaced_without_loss() {
+    let _serial = SERIAL.lock().await;
+    // A ceiling every sidecar passes: it is replaced at every probe, by hand-over.
+    let (mesh, _p, client) = watched_caller(&format!("{FAST}[memory]\nlimit_mb = 1\n")).await;
+    let w = mesh.watched("h1");
+    let first = w.sidecar_pid().unwrap();
+    let t0 = tokio::time::Instant::now();
+    let load = spawn_load(&client, 500, 6);
+    at(t0, 6.0).await;
+    let s = load.await.unwrap();
+    summary("WATCHDOG", "memory-ceiling", &s, 0, 0);
+    let st = state(w).await;
+    println!("WATCHDOG memory-ceiling: {st}");
+    assert!(
+        st["watchdog"]["last_upgrade"]
+            .as_str()
+            .unwrap()
+            .starts_with("ok"),
+        "{st}"
+    );
+    assert_ne!(w.sidecar_pid(), Some(first), "replaced");
+    assert_eq!(s.sent, 3000);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert_eq!(
+        s.paths.get("mesh").copied().unwrap_or(0),
+        3000,
+        "{:?}",
+        s.paths
+    );
+}
+
+/// Processes whose command line runs the sidecar config `config`.
+fn sidecars_running(config: &Path) -> usize {
+    let want = config.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.windows(2)
+                    .any(|w| w[0] == b"--config" && w[1] == want.as_bytes())
+            })
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_restarted_watchdog_adopts_the_running_sidecar() {
+    let _serial = SERIAL.lock().await;
+    let (mut mesh, _p, client) = watched_caller(FAST).await;
+    let sidecar_config = mesh.root().join("h1").join("sidecar.toml");
+    let pid = mesh.watched("h1").sidecar_pid().unwrap();
+    // Count the sidecars of h1 every 20 ms throughout.
+    let counting = {
+        let cfg = sidecar_config.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            let end = tokio::time::Instant::now() + Duration::from_secs(13);
+            while tokio::time::Instant::now() < end {
+                most = most.max(sidecars_running(&cfg));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            most
+        })
+    };
+    let t0 = tokio::time::Instant::now();
+    let load = spawn_load(&client, 500, 12);
+    at(t0, 3.0).await;
+    let w = mesh.watchdogs.remove("h1").unwrap();
+    let (binary, run_dir, config) = (
+        find_binary("detour-watchdog", "DETOUR_WATCHDOG_BIN").unwrap(),
+        w.run_dir.clone(),
+        w.config.clone(),
+    );
+    w.child.signal(Signal::SIGKILL).unwrap();
+    let mut w = w;
+    w.child.wait_exit(Duration::from_secs(5)).await.unwrap();
+    std::mem::forget(w); // its drop would kill the sidecar too: the point is that it lives on
+    at(t0, 6.0).await;
+    let again = WatchdogProcess::start_with(&binary, &run_dir, &config, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let st = state(&again).await;
+    assert_eq!(st["watchdog"]["adopted"], true, "{st}");
+    assert_eq!(st["watchdog"]["sidecar_pid"], pid, "{st}");
+    mesh.watchdogs.insert("h1".into(), again);
+    let s = load.await.unwrap();
+    let most = counting.await.unwrap();
+    summary("WATCHDOG", "watchdog-kill9", &s, 0, 0);
+    assert_eq!(most, 1, "exactly one sidecar ran throughout");
+    assert_eq!(s.sent, 6000);
+    assert_eq!(s.failed, 0, "{:?}", s.failures);
+    assert_eq!(
+        s.paths.get("mesh").copied().unwrap_or(0),
+        6000,
+        "{:?}",
+        s.paths
+    );
+    // The adopted sidecar's exit is seen too (it is not the new watchdog's child).
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let w = mesh.watched("h1");
+    let new = new_ready_sidecar(w, pid, Duration::from_secs(10)).await;
+    assert_ne!(new, pid);
+}
+
+#[tokio::test]
+async fn both_binaries_start_with_their_documented_variables_set() {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::new();
+    let run_dir = mesh.root().join("h1");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let cfg = mesh.config("h1", "127.0.0.1", &[], "");
+    std::fs::write(run_dir.join("sidecar.toml"), &cfg).unwrap();
+    let documented = [
+        ("DETOUR_CONFIG", "/nonexistent/old-name.toml"),
+        ("DETOUR_SIDECAR_BIN", "/nonexistent/detour-sidecar"),
+        ("DETOUR_WATCHDOG_BIN", "/nonexistent/detour-watchdog"),
+        ("DETOUR_WATCHDOG_SOCKET", "/nonexistent/watchdog.sock"),
+        ("DETOUR_SIDECAR__NOT_A_KEY", "1"),
+        ("DETOUR_WATCHDOG__NOT_A_KEY", "1"),
+        ("DETOUR_SIDECAR__LINK__PROBE_INTERVAL_MS", "150"),
+        ("DETOUR_WATCHDOG__PROBE__INTERVAL_MS", "200"),
+    ];
+    // The sidecar, with its config named by DETOUR_SIDECAR_CONFIG alone.
+    let mut cmd = std::process::Command::new(mesh.sidecar_binary());
+    cmd.env("DETOUR_SIDECAR_CONFIG", run_dir.join("sidecar.toml"))
+        .envs(documented)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(run_dir.join("sidecar.log")).unwrap());
+    let mut sidecar = detour_watchdog::process::ChildGuard::spawn(cmd, "sidecar").unwrap();
+    let file = run_dir.join("sidecar.json");
+    let text = wait_value(
+        "the sidecar ready",
+        Duration::from_secs(15),
+        || async { std::fs::read_to_string(&file).unwrap_or_default() },
+        |t| !t.is_empty(),
+    )
+    .await;
+    let log = std::fs::read_to_string(run_dir.join("sidecar.log")).unwrap_or_default();
+    assert!(
+        sidecar.try_wait().unwrap().is_none(),
+        "the sidecar exited:\n{log}"
+    );
+    let addrs: detour_proto::SidecarAddresses = serde_json::from_str(&text).unwrap();
+    let log = std::fs::read_to_string(run_dir.join("sidecar.log")).unwrap();
+    assert!(
+        log.contains("DETOUR_SIDECAR__NOT_A_KEY"),
+        "the stray key is named: {log}"
+    );
+    let admin = Client::builder(Dial::Tcp(addrs.admin))
+        .control(false)
+        .build();
+    let (status, _) = detour_tests::admin_get(&admin, "/ready").await;
+    assert_eq!(status, 200);
+    sidecar.stop(Duration::from_secs(10)).await.unwrap();
+
+    // The watchdog, with its config named by DETOUR_WATCHDOG_CONFIG alone.
+    let wd_cfg = run_dir.join("watchdog.toml");
+    std::fs::write(
+        &wd_cfg,
+        format!(
+            "[sidecar]\nbinary = \"{}\"\nconfig = \"sidecar.toml\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            mesh.sidecar_binary().display()
+        ),
+    )
+    .unwrap();
+    let mut cmd =
+        std::process::Command::new(find_binary("detour-watchdog", "DETOUR_WATCHDOG_BIN").unwrap());
+    cmd.env("DETOUR_WATCHDOG_CONFIG", &wd_cfg)
+        .envs(documented)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(run_dir.join("watchdog.log")).unwrap());
+    let watchdog = detour_watchdog::process::ChildGuard::spawn(cmd, "watchdog").unwrap();
+    let info: serde_json::Value = wait_value(
+        "the watchdog running",
+        Duration::from_secs(15),
+        || async { std::fs::read_to_string(run_dir.join("watchdog.json")).unwrap_or_default() },
+        |t| !t.is_empty(),
+    )
+    .await
+    .parse()
+    .unwrap();
+    let admin: std::net::SocketAddr = info["admin"].as_str().unwrap().parse().unwrap();
+    let ready = wait_value(
+        "the watchdog's sidecar ready",
+        Duration::from_secs(15),
+        || async {
+            call(
+                &Dial::Tcp(admin),
+                Method::GET,
+                "/ready",
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            .map(|(s, _)| s.as_u16())
+            .unwrap_or(0)
+        },
+        |s| *s == 200,
+    )
+    .await;
+    assert_eq!(ready, 200);
+    let log = std::fs::read_to_string(run_dir.join("watchdog.log")).unwrap();
+    assert!(log.contains("DETOUR_WATCHDOG__NOT_A_KEY"), "{log}");
+    drop(watchdog);
+    if let Ok(t) = std::fs::read_to_string(run_dir.join("sidecar.pid")) {
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        let _ = kill(
+            Pid::from_raw(v["pid"].as_i64().unwrap() as i32),
+            Signal::SIGKILL,
+        );
+    }
+}

@@ -1,0 +1,542 @@
+//! The watchdog's agent: starts (or adopts) the host's sidecar and keeps it alive — restarts it
+//! with backoff when it exits, kills and restarts it when it hangs, replaces it without loss when
+//! it outgrows its memory ceiling, marks the host `failed` while it crash-loops — and runs
+//! upgrades and rollbacks by socket hand-over. When to restart is `supervise.rs`; what stays
+//! in the registry meanwhile is `held.rs`.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use detour_core::body::empty;
+use detour_core::{Dial, Pool, PoolOptions};
+use detour_proto::{ADDRESS_FILE, AppProtocol, SidecarAddresses, SidecarState};
+use http::Request;
+use http_body_util::BodyExt;
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::agent_config::Config;
+use crate::api::{Command, Status, UpgradeDone, UpgradeTo};
+use crate::held::Held;
+use crate::proc::{Exit, Launch, SidecarProc};
+use crate::supervise::Supervisor;
+
+/// The file, in the run directory, where the binaries to run are kept across restarts.
+pub const BINARIES_FILE: &str = "watchdog-binaries.json";
+
+/// How often a starting sidecar is checked for readiness.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Why the agent stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Asked to stop (SIGTERM): the sidecar runs on, the registrations stay (a successor
+    /// watchdog adopts both).
+    Left,
+    /// Shut down: the sidecar drained and the host's registrations withdrawn.
+    Shutdown,
+}
+
+/// The binary the sidecar runs, and the one before it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Binaries {
+    current: PathBuf,
+    previous: Option<PathBuf>,
+}
+
+/// How watching one sidecar ended.
+enum Watched {
+    /// It exited (and why, as the watchdog saw it).
+    Exited(Exit, &'static str),
+    /// An upgrade replaced it.
+    Replaced(Box<SidecarProc>),
+    /// The agent stops.
+    Stop(Stopped),
+}
+
+/// The agent of one host.
+pub struct Agent {
+    cfg: Arc<Config>,
+    held: Arc<Held>,
+    sup: Supervisor,
+    status: Arc<Mutex<Status>>,
+    cmds: mpsc::Receiver<Command>,
+    binaries: Binaries,
+    /// Connections to the sidecar's admin API (readiness and liveness).
+    admin: Arc<Pool>,
+}
+
+impl Agent {
+    /// An agent for `cfg`, keeping registrations in `held`, reporting in `status`, taking
+    /// `cmds` from the API.
+    pub fn new(
+        cfg: Arc<Config>,
+        held: Arc<Held>,
+        status: Arc<Mutex<Status>>,
+        cmds: mpsc::Receiver<Command>,
+    ) -> Agent {
+        let kept = std::fs::read(cfg.sidecar.run_dir.join(BINARIES_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Binaries>(&b).ok())
+            .filter(|b| b.current.is_file());
+        let binaries = kept.unwrap_or_else(|| Binaries {
+            current: cfg.sidecar_binary.clone(),
+            previous: None,
+        });
+        Agent {
+            sup: Supervisor::new(cfg.policy),
+            admin: Pool::new(PoolOptions {
+                connect_timeout: cfg.probe_timeout,
+                ..PoolOptions::default()
+            }),
+            cfg,
+            held,
+            status,
+            cmds,
+            binaries,
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.cfg.sidecar.run_dir
+    }
+
+    /// Runs until `stop` resolves (the sidecar is left running) or a shutdown is asked for.
+    pub async fn run(mut self, stop: impl Future<Output = ()>) -> Stopped {
+        tokio::pin!(stop);
+        self.set(|s| {
+            s.binary = self.binaries.current.clone();
+            s.previous_binary = self.binaries.previous.clone();
+            s.upgrade = "idle".into();
+            s.sidecar_state = "down".into();
+        });
+        let mut next = SidecarProc::adopt(self.run_dir(), &self.cfg.sidecar_config);
+        if let Some(sc) = &next {
+            tracing::info!(pid = sc.pid, binary = %sc.binary.display(), "adopted the running sidecar");
+            self.binaries.current = sc.binary.clone();
+        }
+        let mut delay = Duration::ZERO;
+        loop {
+            let mut sc = match next.take() {
+                Some(sc) => sc,
+                None => {
+                    if let Some(s) = self.pause(delay, &mut stop).await {
+                        return s;
+                    }
+                    match self.spawn() {
+                        Ok(sc) => sc,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start the sidecar");
+                            delay = self
+                                .exited(&format!("spawn_failed: {e}"), "spawn_failed")
+                                .await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = sc.write_pid_file(self.run_dir()) {
+                tracing::warn!(error = %e, "cannot write the sidecar's pid file");
+            }
+            let adopted = sc.adopted;
+            self.set(|s| {
+                s.sidecar_pid = Some(sc.pid);
+                s.sidecar_state = "starting".into();
+                s.adopted = adopted;
+                s.binary = sc.binary.clone();
+            });
+            match self.watch(&mut sc, &mut stop).await {
+                Watched::Exited(exit, reason) => {
+                    tracing::warn!(pid = sc.pid, %exit, reason, "the sidecar is gone");
+                    delay = self.exited(&format!("{reason}: {exit}"), reason).await;
+                }
+                Watched::Replaced(new) => {
+                    next = Some(*new);
+                    delay = Duration::ZERO;
+                }
+                Watched::Stop(s) => return s,
+            }
+        }
+    }
+
+    /// Notes an unplanned end; returns the delay before the next start.
+    async fn exited(&mut self, what: &str, reason: &'static str) -> Duration {
+        let r = self.sup.on_exit(Instant::now(), false);
+        metrics::counter!("detour_watchdog_restarts_total", "reason" => reason).increment(1);
+        let crash_loop = self.sup.crash_loop();
+        let recent = self.sup.recent_crashes();
+        self.set(|s| {
+            s.restarts += 1;
+            s.last_exit = Some(what.to_owned());
+            s.sidecar_pid = None;
+            s.sidecar_state = "down".into();
+            s.crash_loop = crash_loop;
+            s.recent_crashes = recent;
+        });
+        if r.crash_loop_began {
+            tracing::error!(
+                crashes = recent,
+                "crash loop: the host is marked failed (callers reach its providers straight)"
+            );
+        }
+        metrics::gauge!("detour_watchdog_crash_loop").set(if crash_loop { 1.0 } else { 0.0 });
+        metrics::gauge!("detour_watchdog_sidecar_ready").set(0.0);
+        let mark = if crash_loop {
+            SidecarState::Failed
+        } else {
+            SidecarState::Stopped
+        };
+        if let Err(e) = self.held.mark(Some(mark)).await {
+            tracing::warn!(error = %e, "cannot publish the host status");
+        }
+        r.after
+    }
+
+    /// Waits `delay` before a start, answering the API meanwhile. `Some` when the agent stops.
+    async fn pause(
+        &mut self,
+        delay: Duration,
+        stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Option<Stopped> {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return None,
+                () = stop.as_mut() => return Some(Stopped::Left),
+                cmd = self.cmds.recv() => match cmd {
+                    Some(Command::Upgrade { reply, .. }) => {
+                        let _ = reply.send(Err("no sidecar runs now (it is being restarted); try again".into()));
+                    }
+                    Some(Command::Shutdown { reply }) => {
+                        self.withdraw().await;
+                        let _ = reply.send(());
+                        return Some(Stopped::Shutdown);
+                    }
+                    None => {}
+                },
+            }
+        }
+    }
+
+    fn launch(&self, binary: &Path, take_over: bool) -> std::io::Result<SidecarProc> {
+        SidecarProc::spawn(&Launch {
+            binary,
+            config: &self.cfg.sidecar_config,
+            log: &self.run_dir().join("sidecar.log"),
+            watchdog_socket: &self.cfg.admin_unix,
+            take_over,
+        })
+    }
+
+    fn spawn(&self) -> std::io::Result<SidecarProc> {
+        let sc = self.launch(&self.binaries.current, false)?;
+        tracing::info!(pid = sc.pid, binary = %sc.binary.display(), "sidecar started");
+        Ok(sc)
+    }
+
+    /// Watches one sidecar until it exits, is replaced, or the agent stops.
+    async fn watch(
+        &mut self,
+        sc: &mut SidecarProc,
+        stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Watched {
+        let mut ready = false;
+        let mut killed: Option<&'static str> = None;
+        let mut failed_probes = 0u32;
+        let mut next_probe = Instant::now();
+        let mut ticks = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                exit = sc.exited() => {
+                    let reason = killed.unwrap_or(if ready { "exited" } else { "exited_starting" });
+                    return Watched::Exited(exit, reason);
+                }
+                _ = ticks.tick() => {
+                    let now = Instant::now();
+                    if self.sup.tick(now) {
+                        tracing::info!("the sidecar stayed ready: the crash loop is over");
+                        self.set(|s| s.crash_loop = false);
+                        metrics::gauge!("detour_watchdog_crash_loop").set(0.0);
+                        let _ = self.held.mark(None).await;
+                    }
+                    if killed.is_some() {
+                        continue;
+                    }
+                    if !ready {
+                        if self.is_ready(sc).await {
+                            ready = true;
+                            self.became_ready(sc).await;
+                        } else if sc.since.elapsed() > self.cfg.ready_timeout {
+                            tracing::warn!(pid = sc.pid, "the sidecar did not become ready in time: killing it");
+                            sc.signal(Signal::SIGKILL);
+                            killed = Some("not_ready");
+                        }
+                        continue;
+                    }
+                    if now < next_probe {
+                        continue;
+                    }
+                    next_probe = now + self.cfg.probe_interval;
+                    if self.live(sc).await {
+                        failed_probes = 0;
+                    } else {
+                        failed_probes += 1;
+                        if failed_probes >= self.cfg.fail_after {
+                            tracing::warn!(pid = sc.pid, failed_probes, "the sidecar is hung: killing it");
+                            self.set(|s| s.sidecar_state = "hung".into());
+                            sc.signal(Signal::SIGKILL);
+                            killed = Some("hung");
+                            continue;
+                        }
+                    }
+                    if let (Some(limit), Some(rss)) = (self.cfg.memory_limit, sc.rss_bytes())
+                        && rss > limit
+                    {
+                        tracing::warn!(pid = sc.pid, rss, limit, "the sidecar passed its memory ceiling: replacing it");
+                        metrics::counter!("detour_watchdog_restarts_total", "reason" => "memory").increment(1);
+                        let binary = sc.binary.clone();
+                        match self.upgrade(sc, &binary).await {
+                            Ok((new, _)) => return Watched::Replaced(Box::new(new)),
+                            Err(e) => tracing::warn!(error = %e, "replacing it failed; it serves on"),
+                        }
+                    }
+                }
+                cmd = self.cmds.recv() => match cmd {
+                    Some(Command::Upgrade { to, reply }) => {
+                        let binary = match to {
+                            UpgradeTo::Binary(b) => Some(b),
+                            UpgradeTo::Rollback => self.binaries.previous.clone(),
+                        };
+                        let outcome = match binary {
+                            None => Err("no previous binary to roll back to".to_owned()),
+                            Some(_) if !ready => Err("the sidecar is not ready yet; try again".to_owned()),
+                            Some(b) => self.upgrade(sc, &b).await,
+                        };
+                        match outcome {
+                            Ok((new, done)) => {
+                                let _ = reply.send(Ok(done));
+                                return Watched::Replaced(Box::new(new));
+                            }
+                            Err(e) => { let _ = reply.send(Err(e)); }
+                        }
+                    }
+                    Some(Command::Shutdown { reply }) => {
+                        self.shutdown(sc).await;
+                        let _ = reply.send(());
+                        return Watched::Stop(Stopped::Shutdown);
+                    }
+                    None => {}
+                },
+                () = stop.as_mut() => return Watched::Stop(Stopped::Left),
+            }
+        }
+    }
+
+    async fn became_ready(&mut self, sc: &SidecarProc) {
+        let took = sc.since.elapsed();
+        tracing::info!(
+            pid = sc.pid,
+            ms = took.as_millis() as u64,
+            "the sidecar is ready"
+        );
+        metrics::histogram!("detour_watchdog_sidecar_ready_seconds").record(took.as_secs_f64());
+        metrics::gauge!("detour_watchdog_sidecar_ready").set(1.0);
+        self.sup.on_ready(Instant::now());
+        self.set(|s| s.sidecar_state = "ready".into());
+        let mark = self.sup.crash_loop().then_some(SidecarState::Failed);
+        if let Err(e) = self.held.mark(mark).await {
+            tracing::warn!(error = %e, "cannot publish the host status");
+        }
+    }
+
+    /// Whether `sc` is ready: it wrote its address file (it does once ready) and answers
+    /// `/ready`.
+    async fn is_ready(&self, sc: &SidecarProc) -> bool {
+        match self.addresses() {
+            Some(a) if a.pid == sc.pid => self.admin_get(a.admin, "/ready").await,
+            _ => false,
+        }
+    }
+
+    async fn live(&self, sc: &SidecarProc) -> bool {
+        match self.addresses() {
+            Some(a) if a.pid == sc.pid => self.admin_get(a.admin, "/live").await,
+            // An adopted sidecar whose address file is gone: ask the process itself.
+            _ => std::path::Path::new(&format!("/proc/{}", sc.pid)).exists(),
+        }
+    }
+
+    fn addresses(&self) -> Option<SidecarAddresses> {
+        let bytes = std::fs::read(self.run_dir().join(ADDRESS_FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    async fn admin_get(&self, admin: std::net::SocketAddr, path: &str) -> bool {
+        let Ok(req) = Request::get(path)
+            .header(http::header::HOST, "localhost")
+            .body(empty())
+        else {
+            return false;
+        };
+        let exchange = async {
+            match self
+                .admin
+                .send(&Dial::Tcp(admin), AppProtocol::Http1, req)
+                .await
+            {
+                Ok(resp) => {
+                    let ok = resp.status().is_success();
+                    ok && resp.into_body().collect().await.is_ok()
+                }
+                Err(_) => false,
+            }
+        };
+        tokio::time::timeout(self.cfg.probe_timeout, exchange)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Replaces `sc` by a sidecar running `binary` that takes its sockets over. On failure the
+    /// running one is untouched.
+    async fn upgrade(
+        &mut self,
+        sc: &mut SidecarProc,
+        binary: &Path,
+    ) -> Result<(SidecarProc, UpgradeDone), String> {
+        let t0 = Instant::now();
+        tracing::info!(from = %sc.binary.display(), to = %binary.display(), "upgrade: starting the new sidecar");
+        self.set(|s| s.upgrade = format!("starting {}", binary.display()));
+        metrics::gauge!("detour_watchdog_upgrade_in_progress").set(1.0);
+        let outcome = self.hand_over(sc, binary, t0).await;
+        metrics::gauge!("detour_watchdog_upgrade_in_progress").set(0.0);
+        let (result, line) = match &outcome {
+            Ok((_, d)) => ("ok", format!("{} in {} ms", d.binary.display(), d.done_ms)),
+            Err(e) => ("failed", e.clone()),
+        };
+        metrics::counter!("detour_watchdog_upgrades_total", "result" => result).increment(1);
+        self.set(|s| {
+            s.upgrade = "idle".into();
+            s.last_upgrade = Some(format!("{result}: {line}"));
+        });
+        outcome
+    }
+
+    async fn hand_over(
+        &mut self,
+        sc: &mut SidecarProc,
+        binary: &Path,
+        t0: Instant,
+    ) -> Result<(SidecarProc, UpgradeDone), String> {
+        let mut new = self
+            .launch(binary, true)
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let deadline = t0 + self.cfg.upgrade_timeout;
+        loop {
+            tokio::select! {
+                exit = new.exited() => {
+                    return Err(format!(
+                        "the new sidecar ({}) ended before it was ready ({exit}); the running one serves on. Its log:\n{}",
+                        binary.display(),
+                        log_tail(&self.run_dir().join("sidecar.log"))
+                    ));
+                }
+                () = tokio::time::sleep(TICK) => {
+                    if self.is_ready(&new).await {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        new.signal(Signal::SIGKILL);
+                        let _ = new.exited().await;
+                        return Err(format!(
+                            "the new sidecar ({}) was not ready within {} ms; the running one serves on",
+                            binary.display(),
+                            self.cfg.upgrade_timeout.as_millis()
+                        ));
+                    }
+                }
+            }
+        }
+        let ready_ms = t0.elapsed().as_millis() as u64;
+        self.set(|s| s.upgrade = "handing off".into());
+        // The old one hands off and exits by itself; it is killed if it does not in time.
+        let bound =
+            self.cfg.sidecar.drain_timeout + self.cfg.sidecar.announce + Duration::from_secs(5);
+        if tokio::time::timeout(bound, sc.exited()).await.is_err() {
+            tracing::warn!(
+                pid = sc.pid,
+                "the old sidecar did not exit after the hand-off: killing it"
+            );
+            sc.signal(Signal::SIGKILL);
+            let _ = sc.exited().await;
+        }
+        let previous = std::mem::replace(&mut self.binaries.current, binary.to_owned());
+        self.binaries.previous = Some(previous.clone());
+        self.keep_binaries();
+        let prev = self.binaries.previous.clone();
+        self.set(|s| {
+            s.binary = binary.to_owned();
+            s.previous_binary = prev;
+        });
+        let done = UpgradeDone {
+            pid: new.pid,
+            binary: binary.to_owned(),
+            previous,
+            ready_ms,
+            done_ms: t0.elapsed().as_millis() as u64,
+        };
+        tracing::info!(
+            pid = new.pid,
+            ready_ms,
+            done_ms = done.done_ms,
+            "upgrade done"
+        );
+        Ok((new, done))
+    }
+
+    fn keep_binaries(&self) {
+        let path = self.run_dir().join(BINARIES_FILE);
+        let tmp = path.with_extension("tmp");
+        let res = serde_json::to_vec(&self.binaries)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "cannot keep the binaries on disk");
+        }
+    }
+
+    /// Drains the sidecar and withdraws the host's registrations.
+    async fn shutdown(&mut self, sc: &mut SidecarProc) {
+        tracing::info!(pid = sc.pid, "shutdown: draining the sidecar");
+        sc.signal(Signal::SIGTERM);
+        let bound =
+            self.cfg.sidecar.drain_timeout + self.cfg.sidecar.announce + Duration::from_secs(5);
+        if tokio::time::timeout(bound, sc.exited()).await.is_err() {
+            sc.signal(Signal::SIGKILL);
+            let _ = sc.exited().await;
+        }
+        let _ = std::fs::remove_file(self.run_dir().join(crate::proc::PID_FILE));
+        self.withdraw().await;
+    }
+
+    async fn withdraw(&self) {
+        if let Err(e) = self.held.withdraw().await {
+            tracing::warn!(error = %e, "cannot withdraw the host's registrations");
+        }
+    }
+}
+
+/// The last lines of a log file (for an error that explains itself).
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(15).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}

@@ -1,0 +1,144 @@
+//! `detour-watchdog --config FILE`: the host agent. Starts (or adopts) the host's sidecar and
+//! keeps it alive, holds the host's registrations while the sidecar is away, and runs upgrades.
+//!
+//! Signals: SIGTERM and SIGINT stop the watchdog alone — the sidecar runs on and the
+//! registrations stay, for the next watchdog to adopt (restarting the watchdog never touches the
+//! mesh). `detourctl shutdown` drains the sidecar, withdraws the host's registrations and stops
+//! the watchdog. A bad config exits 64, a failed start 70.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::Parser;
+use detour_sidecar::telemetry;
+use detour_watchdog::agent::{Agent, Stopped};
+use detour_watchdog::agent_config::Config;
+use detour_watchdog::api::{Api, Status};
+use detour_watchdog::held::Held;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The Detour watchdog.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file; every key can also be set as DETOUR_WATCHDOG__<SECTION>__<KEY>.
+    #[arg(long, env = "DETOUR_WATCHDOG_CONFIG")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init_logging();
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("detour-watchdog: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("detour-watchdog: cannot start the runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    telemetry::prometheus();
+    telemetry::spawn_upkeep();
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            eprintln!("detour-watchdog: cannot install signal handlers");
+            return ExitCode::from(70);
+        }
+    };
+    let run_dir = cfg.sidecar.run_dir.clone();
+    if let Err(e) = std::fs::create_dir_all(&run_dir) {
+        eprintln!("detour-watchdog: run directory {}: {e}", run_dir.display());
+        return ExitCode::from(70);
+    }
+    let registry = match detour_sidecar::app::open_registry(&cfg.sidecar).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("detour-watchdog: registry: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let host = cfg.sidecar.host.clone();
+    let held = Arc::new(
+        Held::restore(
+            registry,
+            host.clone(),
+            run_dir.join("watchdog-publication.json"),
+        )
+        .await,
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let status = Arc::new(Mutex::new(Status::default()));
+    let api = Arc::new(Api {
+        host,
+        held: held.clone(),
+        status: status.clone(),
+        cmds: tx,
+        open: Arc::new(tokio::sync::watch::channel(0).0),
+    });
+    let served = detour_core::listen_tcp(cfg.admin_listen).and_then(|tcp| {
+        let addr = tcp.local_addr()?;
+        api.clone().serve(tcp, &cfg.admin_unix)?;
+        Ok(addr)
+    });
+    let admin = match served {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("detour-watchdog: admin API: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let info = serde_json::json!({
+        "pid": std::process::id(),
+        "admin": admin,
+        "unix": cfg.admin_unix,
+    });
+    let info_file = run_dir.join("watchdog.json");
+    let tmp = run_dir.join(".watchdog.json.tmp");
+    if std::fs::write(&tmp, info.to_string())
+        .and_then(|()| std::fs::rename(&tmp, &info_file))
+        .is_err()
+    {
+        tracing::warn!("cannot write watchdog.json");
+    }
+    tracing::info!(%admin, unix = %cfg.admin_unix.display(), "watchdog running");
+    let unix = cfg.admin_unix.clone();
+    let agent = Agent::new(Arc::new(cfg), held, status, rx);
+    let stop = async {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping the watchdog; the sidecar runs on"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping the watchdog; the sidecar runs on"),
+        }
+    };
+    let stopped = agent.run(stop).await;
+    if stopped == Stopped::Shutdown {
+        // The caller is still reading the answer to its shutdown.
+        api.quiesce(std::time::Duration::from_secs(2)).await;
+    }
+    let _ = std::fs::remove_file(&info_file);
+    let _ = std::fs::remove_file(&unix);
+    tracing::info!(?stopped, "watchdog stopped");
+    match stopped {
+        Stopped::Left | Stopped::Shutdown => ExitCode::SUCCESS,
+    }
+}

@@ -1,0 +1,301 @@
+//! What the watchdog keeps in the registry for its host: the sidecar's last publication (its
+//! providers' endpoints and its status), under the watchdog's own lease (etcd) or heartbeat
+//! (directory registry), so it outlives the sidecar; and the status the watchdog sets itself
+//! while the sidecar is away (`stopped`) or crash-looping (`failed`). The publication is kept
+//! on disk too, so a restarted watchdog republishes it before the sidecar says anything.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use detour_proto::{
+    Endpoint, HostId, HostPublication, HostStatus, InstanceId, ServiceName, SidecarState,
+};
+use detour_registry_sync::{Registry, RegistryError, now_unix_ms};
+use tokio::sync::Mutex;
+
+/// A publication the watchdog will not take.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// It names another host.
+    #[error("endpoint {instance} of {service} claims host {claimed}; this watchdog holds {host}")]
+    OtherHost {
+        /// The endpoint's service.
+        service: ServiceName,
+        /// The endpoint.
+        instance: InstanceId,
+        /// The host it claims.
+        claimed: HostId,
+        /// This watchdog's host.
+        host: HostId,
+    },
+    /// The status names another host.
+    #[error("the status claims host {0}")]
+    OtherHostStatus(HostId),
+    /// The registry refused or could not be written (kept; written again on the next push).
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+}
+
+/// The host's registrations, held by the watchdog.
+pub struct Held {
+    registry: Arc<dyn Registry>,
+    host: HostId,
+    /// Where the last publication is kept across restarts of the watchdog.
+    file: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The sidecar's last publication.
+    publication: HostPublication,
+    /// What is registered now, by (service, instance).
+    registered: BTreeMap<(ServiceName, InstanceId), Endpoint>,
+    /// The watchdog's own status, over the sidecar's.
+    mark: Option<SidecarState>,
+    /// The status last written.
+    written: Option<(SidecarState, String)>,
+}
+
+impl Held {
+    /// Holds `host`'s registrations in `registry`, republishing what `file` kept.
+    pub async fn restore(registry: Arc<dyn Registry>, host: HostId, file: PathBuf) -> Held {
+        let held = Held {
+            registry,
+            host,
+            file,
+            inner: Mutex::new(Inner::default()),
+        };
+        if let Some(p) = held.read_file() {
+            tracing::info!(
+                endpoints = p.endpoints.len(),
+                "republishing the kept registrations"
+            );
+            if let Err(e) = held.apply(p).await {
+                tracing::warn!(error = %e, "cannot republish the kept registrations");
+            }
+        }
+        held
+    }
+
+    fn read_file(&self) -> Option<HostPublication> {
+        let bytes = match std::fs::read(&self.file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(file = %self.file.display(), error = %e, "cannot read the kept registrations");
+                return None;
+            }
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(file = %self.file.display(), error = %e, "ignoring unreadable kept registrations");
+                metrics::counter!("detour_watchdog_state_errors_total").increment(1);
+                None
+            }
+        }
+    }
+
+    fn write_file(&self, p: &HostPublication) {
+        let res = serde_json::to_vec(p)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = self
+                    .file
+                    .with_extension(format!("tmp.{}", std::process::id()));
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(tmp, &self.file)
+            });
+        if let Err(e) = res {
+            tracing::warn!(file = %self.file.display(), error = %e, "cannot keep the registrations on disk");
+        }
+    }
+
+    /// Takes the sidecar's publication: registers what is new or changed, deregisters what
+    /// is gone, and publishes its status (unless the watchdog's own mark overrides it).
+    pub async fn apply(&self, p: HostPublication) -> Result<(), Refused> {
+        for e in &p.endpoints {
+            if e.host != self.host {
+                return Err(Refused::OtherHost {
+                    service: e.service.clone(),
+                    instance: e.instance.clone(),
+                    claimed: e.host.clone(),
+                    host: self.host.clone(),
+                });
+            }
+        }
+        if let Some(s) = &p.status
+            && s.host != self.host
+        {
+            return Err(Refused::OtherHostStatus(s.host.clone()));
+        }
+        let mut inner = self.inner.lock().await;
+        let wanted: BTreeMap<_, _> = p
+            .endpoints
+            .iter()
+            .map(|e| ((e.service.clone(), e.instance.clone()), e.clone()))
+            .collect();
+        let gone: Vec<_> = inner
+            .registered
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for (service, instance) in gone {
+            self.registry.deregister(&service, &instance).await?;
+            inner.registered.remove(&(service, instance));
+        }
+        for (key, e) in wanted {
+            if inner.registered.get(&key) != Some(&e) {
+                self.registry.register(e.clone()).await?;
+                inner.registered.insert(key, e);
+            }
+        }
+        if inner.publication != p {
+            self.write_file(&p);
+        }
+        inner.publication = p;
+        self.write_status(&mut inner).await
+    }
+
+    /// Sets (or, with `None`, lifts) the watchdog's own status over the sidecar's.
+    pub async fn mark(&self, mark: Option<SidecarState>) -> Result<(), Refused> {
+        let mut inner = self.inner.lock().await;
+        inner.mark = mark;
+        self.write_status(&mut inner).await
+    }
+
+    /// The watchdog's own mark, if any.
+    pub async fn current_mark(&self) -> Option<SidecarState> {
+        self.inner.lock().await.mark
+    }
+
+    /// The publication held now (for `/state`).
+    pub async fn publication(&self) -> HostPublication {
+        self.inner.lock().await.publication.clone()
+    }
+
+    /// Removes everything (a planned shutdown of the host's mesh), here and on disk.
+    pub async fn withdraw(&self) -> Result<(), Refused> {
+        let mut inner = self.inner.lock().await;
+        self.registry.withdraw().await?;
+        inner.registered.clear();
+        inner.publication = HostPublication::default();
+        inner.written = None;
+        let _ = std::fs::remove_file(&self.file);
+        Ok(())
+    }
+
+    async fn write_status(&self, inner: &mut Inner) -> Result<(), Refused> {
+        let (state, version) = match (&inner.publication.status, inner.mark) {
+            (_, Some(mark)) => (
+                mark,
+                inner
+                    .publication
+                    .status
+                    .as_ref()
+                    .map(|s| s.version.clone())
+                    .unwrap_or_default(),
+            ),
+            (Some(s), None) => (s.sidecar, s.version.clone()),
+            (None, None) => return Ok(()),
+        };
+        if inner.written.as_ref() == Some(&(state, version.clone())) {
+            return Ok(());
+        }
+        self.registry
+            .set_host_status(HostStatus {
+                host: self.host.clone(),
+                sidecar: state,
+                version: version.clone(),
+                updated_unix_ms: now_unix_ms(),
+            })
+            .await?;
+        tracing::info!(state = state.as_str(), "host status published");
+        inner.written = Some((state, version));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detour_registry_sync::memory::MemoryRegistry;
+
+    fn ep(host: &str, i: &str) -> Endpoint {
+        Endpoint::new(
+            ServiceName::new("hello").unwrap(),
+            InstanceId::new(i).unwrap(),
+            HostId::new(host).unwrap(),
+            "127.0.0.1:9".parse().unwrap(),
+        )
+    }
+
+    fn status(state: SidecarState) -> Option<HostStatus> {
+        Some(HostStatus {
+            host: HostId::new("h1").unwrap(),
+            sidecar: state,
+            version: "1".into(),
+            updated_unix_ms: 1,
+        })
+    }
+
+    #[tokio::test]
+    async fn publications_marks_and_restarts_of_the_watchdog() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kept.json");
+        let registry = Arc::new(MemoryRegistry::new());
+        let host = HostId::new("h1").unwrap();
+        let held = Held::restore(registry.clone(), host.clone(), file.clone()).await;
+        let svc = ServiceName::new("hello").unwrap();
+        let rx = registry.watch(&svc).await.unwrap();
+        held.apply(HostPublication {
+            pid: 7,
+            status: status(SidecarState::Ready),
+            endpoints: vec![ep("h1", "a"), ep("h1", "b")],
+        })
+        .await
+        .unwrap();
+        assert_eq!(rx.borrow().endpoints.len(), 2);
+        let h = registry.host_status(&host).await.unwrap().unwrap();
+        assert_eq!(h.sidecar, SidecarState::Ready);
+        // The watchdog's mark wins over the sidecar's word until lifted.
+        held.mark(Some(SidecarState::Failed)).await.unwrap();
+        held.apply(HostPublication {
+            pid: 8,
+            status: status(SidecarState::Ready),
+            endpoints: vec![ep("h1", "a")],
+        })
+        .await
+        .unwrap();
+        assert_eq!(rx.borrow().endpoints.len(), 1, "b went away");
+        let h = registry.host_status(&host).await.unwrap().unwrap();
+        assert_eq!(h.sidecar, SidecarState::Failed);
+        held.mark(None).await.unwrap();
+        let h = registry.host_status(&host).await.unwrap().unwrap();
+        assert_eq!(h.sidecar, SidecarState::Ready);
+        // Another host's endpoint is refused, and nothing changes.
+        let err = held
+            .apply(HostPublication {
+                pid: 9,
+                status: None,
+                endpoints: vec![ep("h2", "x")],
+            })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("claims host h2"), "{err}");
+        assert_eq!(rx.borrow().endpoints.len(), 1);
+        // A new watchdog (a fresh registry client) republishes what was kept.
+        let fresh = Arc::new(MemoryRegistry::new());
+        let again = Held::restore(fresh.clone(), host.clone(), file.clone()).await;
+        assert_eq!(fresh.watch(&svc).await.unwrap().borrow().endpoints.len(), 1);
+        again.withdraw().await.unwrap();
+        assert!(!file.exists());
+        // A garbage file is ignored.
+        std::fs::write(&file, b"{not json").unwrap();
+        let g = Held::restore(Arc::new(MemoryRegistry::new()), host, file).await;
+        assert!(g.publication().await.endpoints.is_empty());
+    }
+}

@@ -1,0 +1,254 @@
+//! A host run the production way — a `detour-watchdog` that starts and keeps its sidecar —
+//! for `detourctl demo`, the tests and the chaos scripts: start it and wait until its sidecar is
+//! ready; and the client side of a watchdog's Unix socket (`detourctl upgrade`, `shutdown`).
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use detour_core::body::{empty, full};
+use detour_core::{BoxBody, Dial, Pool, PoolOptions};
+use detour_proto::{ADDRESS_FILE, AppProtocol, SidecarAddresses};
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::api::{UpgradeDone, UpgradeRequest};
+use crate::proc::{PID_FILE, PidFile};
+use crate::process::ChildGuard;
+
+/// A running watchdog and the host it keeps.
+#[derive(Debug)]
+pub struct WatchdogProcess {
+    /// The watchdog process.
+    pub child: ChildGuard,
+    /// The host's run directory.
+    pub run_dir: PathBuf,
+    /// The watchdog's config file.
+    pub config: PathBuf,
+    /// Its Unix socket.
+    pub unix: PathBuf,
+    /// Its loopback admin address.
+    pub admin: SocketAddr,
+}
+
+/// Where `watchdog.json` says a watchdog listens.
+#[derive(Debug, serde::Deserialize)]
+struct Info {
+    pid: u32,
+    admin: SocketAddr,
+    unix: PathBuf,
+}
+
+impl WatchdogProcess {
+    /// Writes `{run_dir}/sidecar.toml` (`sidecar_toml`) and `{run_dir}/watchdog.toml` (running
+    /// `sidecar_binary`, its admin API on `admin_ip`, `extra` appended), starts `binary` with
+    /// it, and waits up to `within` until the watchdog reports its sidecar ready.
+    pub async fn start(
+        binary: &Path,
+        sidecar_binary: &Path,
+        run_dir: &Path,
+        sidecar_toml: &str,
+        admin_ip: &str,
+        extra: &str,
+        within: Duration,
+    ) -> io::Result<WatchdogProcess> {
+        std::fs::create_dir_all(run_dir)?;
+        std::fs::write(run_dir.join("sidecar.toml"), sidecar_toml)?;
+        let config = run_dir.join("watchdog.toml");
+        let text = format!(
+            "[sidecar]\nbinary = \"{}\"\nconfig = \"sidecar.toml\"\n[admin]\nlisten = \"{admin_ip}:0\"\n{extra}\n",
+            sidecar_binary.display()
+        );
+        std::fs::write(&config, text)?;
+        Self::start_with(binary, run_dir, &config, within).await
+    }
+
+    /// Starts `binary` with an existing config file and waits until its sidecar is ready.
+    pub async fn start_with(
+        binary: &Path,
+        run_dir: &Path,
+        config: &Path,
+        within: Duration,
+    ) -> io::Result<WatchdogProcess> {
+        let _ = std::fs::remove_file(run_dir.join("watchdog.json"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join("watchdog.log"))?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut child = ChildGuard::spawn(cmd, format!("watchdog {}", run_dir.display()))?;
+        let deadline = Instant::now() + within;
+        let pool = Pool::new(PoolOptions::default());
+        loop {
+            if let Some(st) = child.try_wait()? {
+                let log = std::fs::read_to_string(run_dir.join("watchdog.log")).unwrap_or_default();
+                return Err(io::Error::other(format!(
+                    "watchdog exited during start-up ({st}); its log:\n{log}"
+                )));
+            }
+            if let Ok(bytes) = std::fs::read(run_dir.join("watchdog.json"))
+                && let Ok(info) = serde_json::from_slice::<Info>(&bytes)
+                && info.pid == child.pid()
+                && get(&pool, &Dial::Tcp(info.admin), "/ready").await.0 == StatusCode::OK
+            {
+                return Ok(WatchdogProcess {
+                    child,
+                    run_dir: run_dir.to_owned(),
+                    config: config.to_owned(),
+                    unix: info.unix,
+                    admin: info.admin,
+                });
+            }
+            if Instant::now() >= deadline {
+                let log = std::fs::read_to_string(run_dir.join("sidecar.log")).unwrap_or_default();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the watchdog in {} did not report a ready sidecar within {within:?}; the sidecar's log:\n{log}",
+                        run_dir.display()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The sidecar's addresses (from its address file), once it has written them.
+    pub fn sidecar(&self) -> io::Result<SidecarAddresses> {
+        let bytes = std::fs::read(self.run_dir.join(ADDRESS_FILE))?;
+        serde_json::from_slice(&bytes).map_err(io::Error::other)
+    }
+
+    /// The pid of the sidecar the watchdog runs (from its pid file).
+    pub fn sidecar_pid(&self) -> Option<u32> {
+        let bytes = std::fs::read(self.run_dir.join(PID_FILE)).ok()?;
+        serde_json::from_slice::<PidFile>(&bytes)
+            .ok()
+            .map(|f| f.pid)
+    }
+
+    /// The outbound address an SDK on this host uses.
+    pub fn outbound(&self) -> io::Result<Dial> {
+        let a = self.sidecar()?;
+        Ok(match (a.outbound_unix, a.outbound_tcp) {
+            (Some(p), _) => Dial::Unix(p),
+            (None, Some(t)) => Dial::Tcp(t),
+            (None, None) => Dial::Tcp(a.inbound),
+        })
+    }
+}
+
+impl Drop for WatchdogProcess {
+    fn drop(&mut self) {
+        // The sidecar is in its own process group and outlives its watchdog on purpose: stop it
+        // by its own pid (the watchdog itself goes with its guard).
+        let _ = self.child.signal(Signal::SIGKILL);
+        if let Some(pid) = self.sidecar_pid() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// One request to a watchdog's Unix socket (or admin port): status and body text.
+pub async fn call(
+    dial: &Dial,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    within: Duration,
+) -> io::Result<(StatusCode, String)> {
+    let body: BoxBody = body.map(full).unwrap_or_else(empty);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "detour.watchdog")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(io::Error::other)?;
+    let pool = Pool::new(PoolOptions::default());
+    let exchange = async {
+        let resp = pool
+            .send(dial, AppProtocol::Http1, req)
+            .await
+            .map_err(|f| io::Error::other(format!("{dial}: {}", f.error)))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(io::Error::other)?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    tokio::time::timeout(within, exchange).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{dial}: no answer within {within:?}"),
+        )
+    })?
+}
+
+async fn get(pool: &std::sync::Arc<Pool>, dial: &Dial, path: &str) -> (StatusCode, String) {
+    let Ok(req) = Request::get(path)
+        .header(http::header::HOST, "localhost")
+        .body(empty())
+    else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, String::new());
+    };
+    match pool.send(dial, AppProtocol::Http1, req).await {
+        Ok(resp) => {
+            let status = resp.status();
+            let text = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            (status, text)
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, String::new()),
+    }
+}
+
+/// Asks the watchdog behind `socket` for an upgrade (or rollback) and waits for its outcome.
+pub async fn upgrade(socket: &Path, req: &UpgradeRequest) -> Result<UpgradeDone, String> {
+    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    let dial = Dial::Unix(socket.to_owned());
+    let within = Duration::from_secs(180);
+    let (status, text) = call(&dial, Method::POST, "/v1/upgrade", Some(body), within)
+        .await
+        .map_err(|e| format!("cannot reach the watchdog: {e}"))?;
+    if status == StatusCode::OK {
+        serde_json::from_str(text.trim()).map_err(|e| format!("unreadable answer {text:?}: {e}"))
+    } else {
+        Err(format!("{status}: {}", text.trim()))
+    }
+}
+
+/// Asks the watchdog behind `socket` to drain its sidecar, withdraw its host and stop.
+pub async fn shutdown(socket: &Path) -> Result<(), String> {
+    let dial = Dial::Unix(socket.to_owned());
+    let (status, text) = call(
+        &dial,
+        Method::POST,
+        "/v1/shutdown",
+        None,
+        Duration::from_secs(60),
+    )
+    .await
+    .map_err(|e| format!("cannot reach the watchdog: {e}"))?;
+    if status == StatusCode::OK {
+        Ok(())
+    } else {
+        Err(format!("{status}: {}", text.trim()))
+    }
+}
