@@ -9,6 +9,7 @@ pub mod cache;
 pub mod catalog;
 pub mod dir;
 pub mod etcd;
+pub mod gray;
 pub mod health;
 pub mod memory;
 pub mod protection;
