@@ -79,8 +79,8 @@ pub enum Event {
     ProbeOk,
     /// One active probe failed.
     ProbeFailed,
-    /// The mesh is switched off for this scope until `MeshOn`. Nothing emits this or `MeshOn`
-    /// yet: gray rules and rollback (an operator turning the mesh off) will.
+    /// The mesh is switched off for this scope until `MeshOn` (a gray rule or a rollback: the
+    /// SDK's per-service switch, told by its sidecar's `MeshSwitch`).
     MeshOff,
     /// The mesh is switched back on.
     MeshOn,

@@ -7,7 +7,7 @@ pub mod types;
 
 pub use types::{
     ADDRESS_FILE, AppProtocol, Endpoint, EndpointSet, HostId, HostPublication, HostStatus,
-    InstanceId, NameError, ServiceName, SidecarAddresses, SidecarState, Source,
+    InstanceId, NameError, ServiceName, SidecarAddresses, SidecarState, Source, WatchdogReport,
 };
 
 /// Generated code of the `detour.control.v1` package.

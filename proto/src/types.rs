@@ -334,6 +334,26 @@ pub struct HostStatus {
     pub version: String,
     /// When this status was written, in milliseconds since the Unix epoch.
     pub updated_unix_ms: u64,
+    /// What the host's watchdog adds (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<WatchdogReport>,
+}
+
+/// What a host's watchdog reports beside its sidecar's state (`detourctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WatchdogReport {
+    /// The sidecar binary it runs.
+    pub binary: String,
+    /// The version label of the gray rule that chose that binary, if one did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rule_version: String,
+    /// When the running sidecar started (ms since the epoch; 0 while none runs).
+    pub since_unix_ms: u64,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// The sidecar's CA links that are not on their primary path, by remote host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub links: BTreeMap<String, String>,
 }
 
 /// What a sidecar running under a watchdog asks it to keep in the registry for its host: its
@@ -349,6 +369,9 @@ pub struct HostPublication {
     /// Every endpoint of the host's providers.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Its CA links that are not on their primary path, by remote host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub links: BTreeMap<String, String>,
 }
 
 /// Where a running sidecar's listeners are, as it writes them to `{run_dir}/sidecar.json`

@@ -66,9 +66,11 @@ struct HostRecordIn {
 
 /// What one scan of the directory saw.
 #[derive(Debug, Default, Clone)]
-struct View {
-    services: HashMap<ServiceName, EndpointSet>,
-    hosts: HashMap<HostId, HostStatus>,
+pub(crate) struct View {
+    /// Live endpoints by service (a service whose hosts expired is known and empty).
+    pub(crate) services: HashMap<ServiceName, EndpointSet>,
+    /// Live hosts' statuses.
+    pub(crate) hosts: HashMap<HostId, HostStatus>,
 }
 
 /// What this client owns and keeps alive.
@@ -88,6 +90,8 @@ struct Inner {
     view: RwLock<View>,
     watchers: Mutex<HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>>,
     hosts: watch::Sender<Arc<HostStatuses>>,
+    /// The gray rules document (`{dir}/gray/rules.json`).
+    rules: watch::Sender<Option<Arc<[u8]>>>,
     rescan: Notify,
     /// Files that failed to parse, with the content length seen, so each is logged once.
     bad_files: Mutex<HashMap<PathBuf, u64>>,
@@ -121,6 +125,7 @@ impl DirRegistry {
             view: RwLock::new(View::default()),
             watchers: Mutex::new(HashMap::new()),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
+            rules: watch::channel(None).0,
             rescan: Notify::new(),
             bad_files: Mutex::new(HashMap::new()),
         });
@@ -200,8 +205,21 @@ impl Inner {
     /// Reads every record, rebuilds the view and updates the watchers.
     async fn scan(self: Arc<Self>) {
         let me = self.clone();
-        let view = tokio::task::spawn_blocking(move || me.read_view_blocking()).await;
-        let Ok(view) = view else { return };
+        let read = tokio::task::spawn_blocking(move || {
+            (me.read_view_blocking(), me.read_rules_blocking())
+        })
+        .await;
+        let Ok((view, rules)) = read else { return };
+        if let Some(rules) = rules {
+            self.rules.send_if_modified(|cur| {
+                if cur.as_deref() == rules.as_deref() {
+                    false
+                } else {
+                    *cur = rules.map(Arc::from);
+                    true
+                }
+            });
+        }
         {
             let watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
             for (service, tx) in watchers.iter() {
@@ -231,33 +249,37 @@ impl Inner {
     }
 
     fn read_view_blocking(&self) -> View {
-        let mut records = Vec::new();
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
+        match read_records(&self.dir, |path, len, why| self.report_bad(path, len, why)) {
+            Ok(view) => view,
             Err(e) => {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read registry directory");
                 metrics::counter!("detour_registry_errors_total", "op" => "scan").increment(1);
                 // Keep the last view rather than dropping every endpoint.
-                return self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
-            }
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') || !name.ends_with(".json") {
-                continue;
-            }
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue; // renamed away between listing and reading
-            };
-            match serde_json::from_slice::<HostRecordIn>(&bytes) {
-                Ok(rec) if rec.format == FORMAT => records.push(rec),
-                Ok(rec) => self.report_bad(&path, bytes.len(), &format!("format {}", rec.format)),
-                Err(e) => self.report_bad(&path, bytes.len(), &e.to_string()),
+                self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
             }
         }
-        build_view(records, now_unix_ms())
+    }
+
+    /// The rules document: `Some(None)` when there is none, `None` when it cannot be read now
+    /// (the last one read stays in force).
+    fn read_rules_blocking(&self) -> Option<Option<Vec<u8>>> {
+        let path = self
+            .dir
+            .join(format!("{}.json", crate::registry::RULES_DOC));
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(None),
+            Err(_) => return None,
+        };
+        if !meta.is_file() || meta.len() > crate::registry::MAX_DOC_BYTES {
+            self.report_bad(
+                &path,
+                meta.len() as usize,
+                "not a regular file of at most 1 MiB",
+            );
+            return None;
+        }
+        std::fs::read(&path).ok().map(Some)
     }
 
     fn report_bad(&self, path: &Path, len: usize, why: &str) {
@@ -267,6 +289,31 @@ impl Inner {
             metrics::counter!("detour_registry_invalid_records_total").increment(1);
         }
     }
+}
+
+/// Reads every host record in `dir` into a view; `bad` hears each file that does not parse.
+pub(crate) fn read_records(
+    dir: &Path,
+    mut bad: impl FnMut(&Path, usize, &str),
+) -> std::io::Result<View> {
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue; // renamed away between listing and reading
+        };
+        match serde_json::from_slice::<HostRecordIn>(&bytes) {
+            Ok(rec) if rec.format == FORMAT => records.push(rec),
+            Ok(rec) => bad(&path, bytes.len(), &format!("format {}", rec.format)),
+            Err(e) => bad(&path, bytes.len(), &e.to_string()),
+        }
+    }
+    Ok(build_view(records, now_unix_ms()))
 }
 
 /// Builds the view from the records read: expired hosts keep their services known but empty;
@@ -403,6 +450,10 @@ impl Registry for DirRegistry {
             own.withdrawn = true;
         }
         self.inner.write_own().await
+    }
+
+    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>> {
+        self.inner.rules.subscribe()
     }
 }
 

@@ -95,6 +95,7 @@ async fn host_status_is_published() {
         sidecar: SidecarState::Ready,
         version: "1".into(),
         updated_unix_ms: now_unix_ms(),
+        watchdog: None,
     };
     h1.set_host_status(status.clone()).await.unwrap();
     let h2 = DirRegistry::open(dir.path(), HostId::new("h2").unwrap(), fast())
@@ -145,6 +146,7 @@ fn expired_records_keep_the_service_known_but_empty() {
             sidecar: SidecarState::Ready,
             version: String::new(),
             updated_unix_ms: hb,
+            watchdog: None,
         }),
         endpoints: vec![serde_json::to_value(ep("echo", "h1", 1)).unwrap()],
     };

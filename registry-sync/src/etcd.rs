@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::members::Members;
 use crate::registry::{HostStatuses, Registry, RegistryError, subscribe_or_insert};
 
 #[path = "etcd_view.rs"]
@@ -41,16 +42,18 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
 }
 
+/// A service key's value.
 #[derive(Serialize, Deserialize)]
-struct EndpointValue {
-    version: u32,
-    endpoint: Endpoint,
+pub(crate) struct EndpointValue {
+    pub(crate) version: u32,
+    pub(crate) endpoint: Endpoint,
 }
 
+/// A host key's value.
 #[derive(Serialize, Deserialize)]
-struct HostValue {
-    version: u32,
-    status: HostStatus,
+pub(crate) struct HostValue {
+    pub(crate) version: u32,
+    pub(crate) status: HostStatus,
 }
 
 #[derive(Default)]
@@ -62,10 +65,8 @@ struct Own {
 struct Inner {
     opts: EtcdOptions,
     host: HostId,
-    /// One client per member, connected on first use.
-    clients: tokio::sync::Mutex<Vec<Option<Client>>>,
-    /// The member that answered last.
-    preferred: Mutex<usize>,
+    /// The cluster's members.
+    members: Members,
     own: Mutex<Own>,
     /// Serialises writes of owned keys, so a re-write of everything (after a lost lease or an
     /// outage) cannot resurrect a key de-registered meanwhile.
@@ -76,6 +77,8 @@ struct Inner {
     view: Mutex<View>,
     watchers: Mutex<HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>>,
     hosts: watch::Sender<Arc<HostStatuses>>,
+    /// The gray rules document.
+    rules: watch::Sender<Option<Arc<[u8]>>>,
     /// Set once the prefix has been listed.
     synced: std::sync::atomic::AtomicBool,
 }
@@ -103,13 +106,6 @@ impl Drop for EtcdRegistry {
     }
 }
 
-fn unavailable(what: &str, e: impl std::fmt::Display) -> RegistryError {
-    RegistryError::Unavailable {
-        backend: "etcd".into(),
-        source: std::io::Error::other(format!("{what}: {e}")),
-    }
-}
-
 impl EtcdRegistry {
     /// Starts the client: gives the first listing of the prefix up to 100 ms (so watchers
     /// usually start from a full view), then keeps the lease and the watch in the background.
@@ -120,12 +116,11 @@ impl EtcdRegistry {
                 reason: "no endpoint".into(),
             });
         }
-        let n = opts.endpoints.len();
+        let members = Members::new(opts.endpoints.clone(), opts.request_timeout);
         let inner = Arc::new(Inner {
             opts,
             host,
-            clients: tokio::sync::Mutex::new(vec![None; n]),
-            preferred: Mutex::new(0),
+            members,
             own: Mutex::new(Own::default()),
             writes: tokio::sync::Mutex::new(()),
             lease: Mutex::new(None),
@@ -133,6 +128,7 @@ impl EtcdRegistry {
             view: Mutex::new(View::default()),
             watchers: Mutex::new(HashMap::new()),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
+            rules: watch::channel(None).0,
             synced: std::sync::atomic::AtomicBool::new(false),
         });
         // Wait briefly for a first full view; a catalog routes from its disk cache meanwhile,
@@ -169,63 +165,7 @@ impl Inner {
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let n = self.opts.endpoints.len();
-        let start = *self.preferred.lock().unwrap_or_else(|p| p.into_inner());
-        let mut last = String::from("no member tried");
-        for i in 0..n {
-            let idx = (start + i) % n;
-            let client = match self.client(idx).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            match tokio::time::timeout(self.opts.request_timeout, op(client)).await {
-                Ok(Ok(v)) => {
-                    *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = idx;
-                    return Ok(v);
-                }
-                Ok(Err(e)) => last = format!("{}: {e}", self.opts.endpoints[idx]),
-                Err(_) => last = format!("{}: timed out", self.opts.endpoints[idx]),
-            }
-            // Forget the connection so the next use reconnects.
-            self.clients.lock().await[idx] = None;
-        }
-        metrics::counter!("detour_registry_errors_total", "op" => what.to_owned()).increment(1);
-        Err(unavailable(what, last))
-    }
-
-    async fn client(&self, idx: usize) -> Result<Client, String> {
-        let mut clients = self.clients.lock().await;
-        if let Some(c) = &clients[idx] {
-            return Ok(c.clone());
-        }
-        let url = &self.opts.endpoints[idx];
-        // HTTP/2 keep-alive pings find a member that stopped answering (frozen, partitioned)
-        // even on the otherwise silent watch stream, which then ends and is reopened on
-        // another member; `require_leader` makes a member cut off from the quorum end its
-        // watches instead of leaving them silently stale.
-        let ping = self.opts.request_timeout.min(Duration::from_secs(1));
-        let opts = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(self.opts.request_timeout)
-            .with_timeout(self.opts.request_timeout)
-            .with_keep_alive(ping, self.opts.request_timeout)
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        match tokio::time::timeout(
-            self.opts.request_timeout,
-            Client::connect([url.as_str()], Some(opts)),
-        )
-        .await
-        {
-            Ok(Ok(c)) => {
-                clients[idx] = Some(c.clone());
-                Ok(c)
-            }
-            Ok(Err(e)) => Err(format!("{url}: {e}")),
-            Err(_) => Err(format!("{url}: connect timed out")),
-        }
+        self.members.call(what, op).await
     }
 
     /// Writes one owned key under the current lease. It never fails: without a lease, or when
@@ -323,6 +263,7 @@ impl Inner {
         *view = View {
             known,
             revision,
+            rules_dirty: true,
             ..View::default()
         };
         for (k, v) in &pairs {
@@ -366,6 +307,17 @@ impl Inner {
                     send(service, tx);
                 }
             }
+        }
+        if std::mem::take(&mut view.rules_dirty) {
+            let rules = view.rules.clone();
+            self.rules.send_if_modified(|cur| {
+                if cur.as_deref() == rules.as_deref() {
+                    false
+                } else {
+                    *cur = rules;
+                    true
+                }
+            });
         }
         if all || hosts_dirty {
             let hosts: HostStatuses = view
@@ -528,6 +480,10 @@ impl Registry for EtcdRegistry {
             .unwrap_or_else(|p| p.into_inner())
             .status = Some(status);
         self.inner.put_owned(key, value).await
+    }
+
+    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>> {
+        self.inner.rules.subscribe()
     }
 
     fn watch_hosts(&self) -> watch::Receiver<Arc<HostStatuses>> {

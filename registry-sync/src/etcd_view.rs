@@ -27,6 +27,10 @@ pub(super) struct View {
     pub(super) hosts_dirty: bool,
     /// Whether everything must be published (after a re-list).
     pub(super) all_dirty: bool,
+    /// The gray rules document, while there is one.
+    pub(super) rules: Option<Arc<[u8]>>,
+    /// Whether it changed since the last publish.
+    pub(super) rules_dirty: bool,
 }
 
 impl View {
@@ -40,6 +44,7 @@ impl View {
 enum KeyKind {
     Service(ServiceName),
     Host,
+    Rules,
 }
 
 fn classify<'k>(prefix: &str, key: &'k [u8]) -> Option<(&'k str, KeyKind)> {
@@ -50,6 +55,8 @@ fn classify<'k>(prefix: &str, key: &'k [u8]) -> Option<(&'k str, KeyKind)> {
         Some((key, KeyKind::Service(name)))
     } else if rest.starts_with("hosts/") {
         Some((key, KeyKind::Host))
+    } else if rest == crate::registry::RULES_DOC {
+        Some((key, KeyKind::Rules))
     } else {
         None
     }
@@ -91,6 +98,14 @@ pub(super) fn apply_put(prefix: &str, view: &mut View, key: &[u8], value: &[u8])
                 }
             }
         }
+        KeyKind::Rules => {
+            view.rules_dirty = true;
+            if value.len() as u64 > crate::registry::MAX_DOC_BYTES {
+                bad(key, "larger than 1 MiB");
+            } else {
+                view.rules = Some(Arc::from(value));
+            }
+        }
         KeyKind::Host => {
             view.hosts_dirty = true;
             match serde_json::from_slice::<HostValue>(value) {
@@ -126,6 +141,10 @@ fn apply_delete(prefix: &str, view: &mut View, key: &[u8]) {
         Some((key, KeyKind::Host)) => {
             view.hosts.remove(key);
             view.hosts_dirty = true;
+        }
+        Some((_, KeyKind::Rules)) => {
+            view.rules = None;
+            view.rules_dirty = true;
         }
         None => {}
     }

@@ -57,13 +57,18 @@ pub enum Mesh {
 }
 
 /// The sidecar binary a host group runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SidecarVersion {
-    /// The binary's path on the hosts.
+    /// The binary's path on the hosts (absolute).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub binary: String,
     /// A label for people (`detourctl status`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
+    /// Instead of a binary: the one each host ran before a version rule moved it (what
+    /// `detourctl rollback --version` writes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub baseline: bool,
 }
 
 /// One rule.
@@ -119,8 +124,11 @@ impl Rule {
                 if self.service.is_some() {
                     return Err(fail("a sidecar version applies to hosts, not to services"));
                 }
-                if v.binary.is_empty() || !v.binary.starts_with('/') {
-                    return Err(fail("sidecar.binary must be an absolute path"));
+                match (v.baseline, v.binary.as_str()) {
+                    (true, "") => {}
+                    (true, _) => return Err(fail("a baseline rule names no binary")),
+                    (false, b) if b.starts_with('/') && !b.contains('\0') => {}
+                    (false, _) => return Err(fail("sidecar.binary must be an absolute path")),
                 }
             }
             _ => return Err(fail("give exactly one of \"mesh\" and \"sidecar\"")),

@@ -145,7 +145,7 @@ fn version_rules_pick_a_binary_per_host() {
         mesh: None,
         sidecar: Some(SidecarVersion {
             binary: bin.into(),
-            version: String::new(),
+            ..SidecarVersion::default()
         }),
         service: None,
         hosts: hosts.map(Into::into),
@@ -181,6 +181,7 @@ fn malformed_rules_are_left_out_and_named() {
         {"id":"bad name","mesh":"on"},
         {"id":"rel","sidecar":{"binary":"relative/path"}},
         {"id":"svcver","sidecar":{"binary":"/x"},"service":"orders"},
+        {"id":"base","sidecar":{"baseline":true,"binary":"/x"}},
         {"id":"ok","mesh":"on"},
         {"mesh":"sideways"},
         "garbage"
@@ -192,7 +193,8 @@ fn malformed_rules_are_left_out_and_named() {
     assert_eq!(
         named,
         [
-            "both", "neither", "pct", "sel", "bad name", "rel", "svcver", "ok", "#9", "#10"
+            "both", "neither", "pct", "sel", "bad name", "rel", "svcver", "base", "ok", "#10",
+            "#11"
         ]
     );
     assert!(RuleSet::parse(b"{\"version\":2,\"rules\":[]}").is_err());

@@ -11,9 +11,13 @@ pub mod dir;
 pub mod etcd;
 pub mod gray;
 pub mod health;
+mod members;
 pub mod memory;
 pub mod protection;
 mod registry;
+pub mod store;
 
 pub use catalog::Catalog;
-pub use registry::{HostStatuses, Registry, RegistryError, RegistrySpec, now_unix_ms};
+pub use registry::{
+    HostStatuses, MAX_DOC_BYTES, RULES_DOC, Registry, RegistryError, RegistrySpec, now_unix_ms,
+};

@@ -15,6 +15,7 @@ struct Store {
     endpoints: HashMap<ServiceName, Vec<Endpoint>>,
     hosts: watch::Sender<Arc<HostStatuses>>,
     watchers: HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>,
+    rules: watch::Sender<Option<Arc<[u8]>>>,
 }
 
 impl Default for Store {
@@ -23,6 +24,7 @@ impl Default for Store {
             endpoints: HashMap::new(),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
             watchers: HashMap::new(),
+            rules: watch::channel(None).0,
         }
     }
 }
@@ -76,6 +78,11 @@ impl MemoryRegistry {
         let r = Self::default();
         r.set_synced(false);
         r
+    }
+
+    /// Sets the gray rules document (`None`: none).
+    pub fn set_rules(&self, doc: Option<&[u8]>) {
+        self.lock().rules.send_replace(doc.map(Arc::from));
     }
 
     /// Sets what `synced` answers.
@@ -145,5 +152,9 @@ impl Registry for MemoryRegistry {
 
     fn synced(&self) -> bool {
         self.synced.load(Ordering::SeqCst)
+    }
+
+    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>> {
+        self.lock().rules.subscribe()
     }
 }

@@ -75,7 +75,17 @@ pub trait Registry: Send + Sync + 'static {
     fn synced(&self) -> bool {
         true
     }
+
+    /// Follows the gray rules document (`gray/rules`): its bytes, `None` while there is none.
+    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>>;
 }
+
+/// The name of the gray rules document (etcd key `{prefix}/gray/rules`, directory file
+/// `{dir}/gray/rules.json`).
+pub const RULES_DOC: &str = "gray/rules";
+
+/// The largest rules document read (a bigger one is reported and ignored).
+pub const MAX_DOC_BYTES: u64 = 1 << 20;
 
 /// Which back-end a config names: `dir:PATH` (the embedded default) or
 /// `etcd:http://HOST:PORT[,http://HOST:PORT…]`.

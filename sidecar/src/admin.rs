@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when ready to route, 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, catalog per service (endpoints, source, staleness, protection) |
+//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, catalog per service (endpoints, source, staleness, protection) |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 //! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
 
@@ -45,6 +45,8 @@ pub struct Admin {
     pub links: Arc<Links>,
     /// Local providers and their health, for `/state`.
     pub providers: Arc<LocalProviders>,
+    /// The gray rules in force, for `/state`.
+    pub gray: Arc<crate::gray::Gray>,
     /// Bound addresses, for `/state`.
     pub bound: SidecarAddresses,
 }
@@ -163,6 +165,7 @@ impl Admin {
             "open_connections": self.lifecycle.open_connections(),
             "providers": providers,
             "links": self.links.states(),
+            "gray": self.gray.state(),
         });
         let state = State { head, services };
         serde_json::to_vec(&state).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes())

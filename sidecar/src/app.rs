@@ -21,6 +21,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::control::ControlService;
 use crate::delegate::Delegated;
+use crate::gray::Gray;
 use crate::handover::{HandoverError, Predecessor};
 use crate::inbound::Inbound;
 use crate::lifecycle::Lifecycle;
@@ -161,9 +162,26 @@ impl Sidecar {
             head_timeout: Duration::from_secs(30),
             proxy: cfg.host.to_string(),
         });
-        let control = ControlService::new(lifecycle.clone(), catalog.clone(), cfg.host.clone());
+        let gray = Gray::new(cfg.host.clone());
+        let following = gray.follow(registry.watch_rules());
+        let control = ControlService::new(
+            lifecycle.clone(),
+            catalog.clone(),
+            cfg.host.clone(),
+            gray.clone(),
+        );
         let data = Pool::new(pool_opts);
         let links = Links::new(cfg.clone(), registry.watch_hosts(), &data);
+        if let Some(d) = &delegated {
+            let l = links.clone();
+            d.set_links(Box::new(move || {
+                l.states()
+                    .into_iter()
+                    .filter(|(_, state)| *state != crate::links::CA_NAMES.primary)
+                    .map(|(host, state)| (host, state.to_owned()))
+                    .collect()
+            }));
+        }
         let providers = Arc::new(LocalProviders::new(
             &cfg,
             bound.inbound,
@@ -175,6 +193,7 @@ impl Sidecar {
             catalog.clone(),
             data,
             links.clone(),
+            gray.clone(),
             lifecycle.clone(),
             control,
         ));
@@ -190,11 +209,13 @@ impl Sidecar {
             catalog: catalog.clone(),
             links,
             providers: providers.clone(),
+            gray,
             bound: bound.clone(),
         });
 
         let lc = &lifecycle;
         let mut tasks = vec![
+            following,
             tokio::spawn(admin.serve(listeners.admin)),
             tokio::spawn(crate::handover::serve(
                 listeners.handover,
@@ -324,6 +345,7 @@ pub(crate) async fn publish_status(
             sidecar: state,
             version: crate::VERSION.to_owned(),
             updated_unix_ms: now_unix_ms(),
+            watchdog: None,
         })
         .await
 }

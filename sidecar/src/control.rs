@@ -4,13 +4,13 @@
 //! A session ends right after announcing `draining` (a drain) or `handing_over` (an upgrade:
 //! the SDK reconnects, to the successor), so neither waits on it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use detour_proto::control::control_event::Event;
 use detour_proto::control::local_control_server::LocalControl;
 use detour_proto::control::{
-    ControlEvent, EndpointInfo, EndpointSnapshot, SessionRequest, SidecarStatus,
+    ControlEvent, EndpointInfo, EndpointSnapshot, MeshSwitch, SessionRequest, SidecarStatus,
 };
 use detour_proto::{HostId, ServiceName, SidecarState};
 use detour_registry_sync::Catalog;
@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::gray::Gray;
 use crate::lifecycle::Lifecycle;
 
 /// Serves control sessions.
@@ -30,15 +31,32 @@ pub struct ControlService {
     catalog: Arc<Catalog>,
     /// This host, reported in status events.
     host: HostId,
+    /// The gray rules: which services the SDK calls straight (`MeshSwitch`).
+    gray: Arc<Gray>,
 }
 
 impl ControlService {
-    /// A control service over `catalog` reporting `lifecycle`.
-    pub fn new(lifecycle: Arc<Lifecycle>, catalog: Arc<Catalog>, host: HostId) -> Self {
+    /// A control service over `catalog` reporting `lifecycle` and the `gray` rules.
+    pub fn new(
+        lifecycle: Arc<Lifecycle>,
+        catalog: Arc<Catalog>,
+        host: HostId,
+        gray: Arc<Gray>,
+    ) -> Self {
         Self {
             lifecycle,
             catalog,
             host,
+            gray,
+        }
+    }
+
+    fn switch(service: &ServiceName, mesh_on: bool) -> ControlEvent {
+        ControlEvent {
+            event: Some(Event::Mesh(MeshSwitch {
+                service: service.to_string(),
+                mesh_on,
+            })),
         }
     }
 
@@ -83,8 +101,11 @@ impl LocalControl for ControlService {
 impl ControlService {
     async fn run(self, mut incoming: Streaming<SessionRequest>, tx: Tx) {
         let mut state = self.lifecycle.subscribe();
+        let mut rules = self.gray.subscribe();
         let mut watchers = JoinSet::new();
         let mut seen: HashSet<ServiceName> = HashSet::new();
+        // The mesh switch last sent for each service.
+        let mut switched: HashMap<ServiceName, bool> = HashMap::new();
         let first = *state.borrow_and_update();
         if tx.send(Ok(self.status(first))).await.is_err()
             || matches!(first, SidecarState::Draining | SidecarState::Stopped)
@@ -101,6 +122,10 @@ impl ControlService {
                         for name in req.services {
                             let Ok(service) = ServiceName::new(name) else { continue };
                             if seen.insert(service.clone()) {
+                                // Sent on or off: an SDK that reconnects learns a switch lifted meanwhile.
+                                let on = self.gray.mesh_on(&service);
+                                if tx.send(Ok(Self::switch(&service, on))).await.is_err() { break; }
+                                switched.insert(service.clone(), on);
                                 watchers.spawn(forward_snapshots(self.catalog.clone(), service, tx.clone()));
                             }
                         }
@@ -112,6 +137,17 @@ impl ControlService {
                     let s = *state.borrow_and_update();
                     if tx.send(Ok(self.status(s))).await.is_err() { break; }
                     if matches!(s, SidecarState::Draining | SidecarState::Stopped) { break; }
+                }
+                changed = rules.changed() => {
+                    if changed.is_err() { break; }
+                    rules.borrow_and_update();
+                    for (service, last) in switched.iter_mut() {
+                        let on = self.gray.mesh_on(service);
+                        if on != *last {
+                            *last = on;
+                            if tx.send(Ok(Self::switch(service, on))).await.is_err() { break; }
+                        }
+                    }
                 }
                 () = self.lifecycle.handover_announced() => {
                     let _ = tx.send(Ok(self.handing_over())).await;

@@ -8,9 +8,10 @@
 //! restarted learns it at once. A write waits (briefly) until the watchdog has taken it, so that
 //! announcements keep their order with what follows them.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,9 +40,14 @@ pub struct Delegated {
     task: JoinHandle<()>,
 }
 
+/// Where the CA's link states come from (those not on their primary path are published).
+pub type LinkStates = Box<dyn Fn() -> BTreeMap<String, String> + Send + Sync>;
+
 struct Shared {
     host: HostId,
     socket: PathBuf,
+    /// The CA's link states, once the links exist.
+    links: OnceLock<LinkStates>,
     publication: Mutex<HostPublication>,
     /// Bumped by every write.
     generation: AtomicU64,
@@ -63,6 +69,7 @@ impl Delegated {
             generation: AtomicU64::new(0),
             taken: watch::channel(0).0,
             wake: Notify::new(),
+            links: OnceLock::new(),
         });
         let task = tokio::spawn(push_loop(shared.clone()));
         Self {
@@ -70,6 +77,11 @@ impl Delegated {
             shared,
             task,
         }
+    }
+
+    /// Publishes the CA's link states from `states` too (with every push).
+    pub fn set_links(&self, states: LinkStates) {
+        let _ = self.shared.links.set(states);
     }
 
     /// Stops publishing (a sidecar handing off to its successor, which publishes instead).
@@ -231,5 +243,9 @@ impl Registry for Delegated {
 
     fn synced(&self) -> bool {
         self.reads.synced()
+    }
+
+    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>> {
+        self.reads.watch_rules()
     }
 }

@@ -14,6 +14,7 @@ pub mod control;
 pub mod delegate;
 pub mod detect;
 pub mod forward;
+pub mod gray;
 pub mod handover;
 pub mod headers;
 pub mod inbound;

@@ -33,6 +33,7 @@ use crate::balance::Balancer;
 use crate::config::Config;
 use crate::control::ControlService;
 use crate::forward::{AttemptFailed, attempt};
+use crate::gray::Gray;
 use crate::headers::{authority, head_size, strip_hop_by_hop};
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
@@ -52,6 +53,8 @@ pub struct Outbound {
     balancers: Mutex<HashMap<ServiceName, Arc<Balancer>>>,
     /// The CA half of the link state machine, per remote host.
     links: Arc<Links>,
+    /// The gray rules (a service switched off goes straight to its providers).
+    gray: Arc<Gray>,
     /// Whether this sidecar is ready (for `/detour/ping`).
     lifecycle: Arc<Lifecycle>,
     /// The local control API, reached with authority `detour.control`.
@@ -65,6 +68,7 @@ impl Outbound {
         catalog: Arc<Catalog>,
         pool: Arc<Pool>,
         links: Arc<Links>,
+        gray: Arc<Gray>,
         lifecycle: Arc<Lifecycle>,
         control: ControlService,
     ) -> Self {
@@ -74,6 +78,7 @@ impl Outbound {
             pool,
             balancers: Mutex::new(HashMap::new()),
             links,
+            gray,
             lifecycle,
             control: LocalControlServer::new(control),
         }
@@ -136,7 +141,9 @@ impl Outbound {
         let (mut ep, mut in_flight) = balancer
             .pick(&set.endpoints, &tried)
             .ok_or_else(no_endpoint)?;
-        let mut via_pa = self.via_pa_chosen(ep);
+        // Switched off by a gray rule or a rollback: straight to the providers (C→CA→P).
+        let mesh_on = self.gray.mesh_on(&service);
+        let mut via_pa = mesh_on && self.via_pa_chosen(ep);
         loop {
             let result = if via_pa {
                 self.via_pa(&service, ep, &mut flight).await
@@ -163,7 +170,7 @@ impl Outbound {
                         return Err(failed.error);
                     };
                     (ep, in_flight) = next;
-                    via_pa = self.via_pa_chosen(ep);
+                    via_pa = mesh_on && self.via_pa_chosen(ep);
                 }
                 Next::Return => return Err(failed.error),
                 Next::Fail(f) => return Err(MeshError::gave_up(f, failed.error.detail)),

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use super::Outbound;
 use crate::config::Config;
 use crate::control::ControlService;
+use crate::gray::Gray;
 use crate::inbound::Inbound;
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
@@ -67,7 +68,8 @@ struct World {
     /// Requests each provider received, by name and method.
     seen: Arc<Mutex<BTreeMap<(String, Method), usize>>>,
     ca_pool: Arc<Pool>,
-    _keep: Vec<Arc<dyn std::any::Any + Send + Sync>>,
+    /// The caller host's gray rules.
+    gray: Arc<Gray>,
 }
 
 fn config(host: &str, extra: &str) -> Arc<Config> {
@@ -83,7 +85,7 @@ impl World {
             net,
             registry: Arc::new(MemoryRegistry::new()),
             seen: Arc::default(),
-            _keep: Vec::new(),
+            gray: Gray::new(HostId::new("h1").unwrap()),
         }
     }
 
@@ -158,9 +160,17 @@ impl World {
         let registry: Arc<dyn Registry> = self.registry.clone();
         let catalog = Arc::new(Catalog::new(registry.clone()));
         let links = Links::new(cfg.clone(), registry.watch_hosts(), &self.ca_pool);
-        let control = ControlService::new(lifecycle.clone(), catalog.clone(), cfg.host.clone());
+        let control = ControlService::new(
+            lifecycle.clone(),
+            catalog.clone(),
+            cfg.host.clone(),
+            self.gray.clone(),
+        );
         let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());
-        let outbound = Arc::new(Outbound::new(cfg, catalog, pool, links, lifecycle, control));
+        let gray = self.gray.clone();
+        let outbound = Arc::new(Outbound::new(
+            cfg, catalog, pool, links, gray, lifecycle, control,
+        ));
         serve(&self.net, Dial::Unix(CA.into()), outbound);
     }
 
@@ -305,4 +315,23 @@ async fn a_hung_pa_holds_no_idempotent_request() {
         "a POST waits for its answer until the request timeout"
     );
     assert!(took >= Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_switched_off_goes_straight_to_its_providers_and_comes_back() {
+    let mut w = World::new();
+    w.provider("p2", "10.0.2.1:80", P::Ok);
+    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
+    w.ca();
+    assert_eq!(w.call(Method::GET).await.headers()[PATH_HEADER], "mesh");
+    w.gray.apply(Some(
+        br#"{"version":1,"rules":[{"id":"rb","mesh":"off","service":"hello","origin":"rollback"}]}"#,
+    ));
+    for m in [Method::GET, Method::POST] {
+        let resp = w.call(m).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[PATH_HEADER], "ca-direct");
+    }
+    w.gray.apply(None);
+    assert_eq!(w.call(Method::GET).await.headers()[PATH_HEADER], "mesh");
 }

@@ -64,6 +64,15 @@ pub struct Mesh {
     registry: Option<String>,
 }
 
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // Every process first, while their run directories (and pid files) still exist; the
+        // temporary directory goes after.
+        self.watchdogs.clear();
+        self.sidecars.clear();
+    }
+}
+
 impl Mesh {
     /// An empty mesh. Panics with a clear message when `detour-sidecar` has not been built.
     pub fn new() -> Mesh {

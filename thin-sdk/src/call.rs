@@ -98,11 +98,15 @@ impl Client {
             no_snapshot: false,
             mesh_answer: None,
         };
-        let mut route = if !direct_allowed || self.inner.link.choose_primary() {
-            Route::Mesh
-        } else {
-            Route::Direct
-        };
+        // The sidecar's link, then the service's own switch (a gray rule or a rollback).
+        let mesh = !direct_allowed
+            || (self.inner.link.choose_primary()
+                && self
+                    .inner
+                    .control
+                    .as_ref()
+                    .is_none_or(|c| c.mesh_switched_on(service)));
+        let mut route = if mesh { Route::Mesh } else { Route::Direct };
         loop {
             let step = match route {
                 Route::Mesh => self.mesh_step(&mut call).await,

@@ -58,6 +58,8 @@ struct Fake {
     net: Arc<MemoryNet>,
     mode: Arc<Mutex<Mode>>,
     state: watch::Sender<PbState>,
+    /// The mesh switch the sidecar announces for `hello` (none until set).
+    switch: watch::Sender<Option<bool>>,
     /// App requests the sidecar received.
     at_sidecar: Arc<AtomicUsize>,
     /// Requests the provider received, by method.
@@ -72,6 +74,7 @@ impl Fake {
             net: MemoryNet::new(),
             mode: Arc::new(Mutex::new(mode)),
             state: watch::channel(PbState::Ready).0,
+            switch: watch::channel(None).0,
             at_sidecar: Arc::default(),
             at_provider: Arc::default(),
             provider_forges: Arc::default(),
@@ -101,6 +104,7 @@ impl Fake {
     fn serve_sidecar(&self) {
         let ctl = Ctl {
             state: self.state.subscribe(),
+            switch: self.switch.subscribe(),
         };
         let (mode, got) = (self.mode.clone(), self.at_sidecar.clone());
         self.net.set(
@@ -198,6 +202,7 @@ async fn sidecar_answer(mode: Mode) -> Result<Response<detour_core::BoxBody>, Ab
 #[derive(Clone)]
 struct Ctl {
     state: watch::Receiver<PbState>,
+    switch: watch::Receiver<Option<bool>>,
 }
 
 #[tonic::async_trait]
@@ -210,6 +215,7 @@ impl LocalControl for Ctl {
     ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         let mut state = self.state.clone();
+        let mut switch = self.switch.clone();
         let mut incoming = request.into_inner();
         tokio::spawn(async move {
             let status = |s: PbState| ControlEvent {
@@ -228,6 +234,14 @@ impl LocalControl for Ctl {
                         let s = *state.borrow_and_update();
                         let _ = tx.send(Ok(status(s))).await;
                         if s == PbState::Draining { return; }
+                    }
+                    changed = switch.changed() => {
+                        if changed.is_err() { return; }
+                        let on = *switch.borrow_and_update();
+                        if let Some(mesh_on) = on {
+                            let m = detour_proto::control::MeshSwitch { service: "hello".into(), mesh_on };
+                            let _ = tx.send(Ok(ControlEvent { event: Some(Pb::Mesh(m)) })).await;
+                        }
                     }
                     msg = incoming.message() => {
                         let Ok(Some(req)) = msg else { return };
@@ -412,4 +426,30 @@ async fn forged_mesh_headers_make_nothing_run_twice_nor_leave_the_mesh() {
         5,
         "each POST reached it once"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_switched_off_service_is_called_direct_and_ramps_back() {
+    let fake = Fake::new(Mode::Answer);
+    let client = fake.ready_client().await;
+    fake.switch.send_replace(Some(false));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for req in [get(), post()] {
+        let resp = client.send(&svc(), req).await.unwrap();
+        assert_eq!(path_taken(&resp), Some(PathTaken::Direct));
+    }
+    assert_eq!(fake.at_sidecar.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        client.link_state(),
+        LinkState::Primary,
+        "the sidecar itself is fine"
+    );
+    fake.switch.send_replace(Some(true));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The ramp: some calls through the mesh at first, all of them after 2 s.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for _ in 0..20 {
+        let resp = client.send(&svc(), get()).await.unwrap();
+        assert_eq!(path_taken(&resp), Some(PathTaken::Mesh));
+    }
 }

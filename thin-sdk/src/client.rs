@@ -134,6 +134,7 @@ impl ClientBuilder {
                 self.sidecar.clone(),
                 self.app.clone(),
                 link.clone(),
+                self.link,
                 self.snapshot_file.clone(),
             );
             let p = tokio::spawn(detour_core::probe::probe_loop(
@@ -257,6 +258,16 @@ impl Client {
     /// The SDK's link to its sidecar: `mesh` (primary), `direct` (fallback) or `recovering`.
     pub fn link_state(&self) -> LinkState {
         self.inner.link.state()
+    }
+
+    /// The mesh switch of `service` (a gray rule or a rollback, as the sidecar told): `mesh`
+    /// (primary: on), `direct` (off: calls go to the providers) or `recovering` (ramping back
+    /// on); `None` when the sidecar never switched it (on).
+    pub fn mesh_switch(&self, service: &ServiceName) -> Option<LinkState> {
+        self.inner
+            .control
+            .as_ref()
+            .and_then(|c| c.mesh_switch(service))
     }
 
     /// Waits until the control session reports the sidecar ready, up to `within`.

@@ -27,9 +27,16 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use detour_core::body::{BoxBody, BoxError, boxed};
-use detour_core::link::{Event, Reason};
-use detour_core::link_handle::LinkHandle;
+use detour_core::link::{Event, LinkConfig, LinkState, Reason};
+use detour_core::link_handle::{LinkHandle, StateNames};
 use detour_core::{Dial, Pool};
+
+/// The names of a per-service mesh switch's states.
+const SERVICE_NAMES: StateNames = StateNames {
+    scope: "sdk_service",
+    primary: "mesh",
+    fallback: "direct",
+};
 
 /// The endpoints of one service as the sidecar last reported them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +56,11 @@ struct Shared {
     link: Arc<LinkHandle>,
     /// Every pool with connections to the sidecar (forgotten when it hands over).
     pools: Vec<Arc<Pool>>,
+    /// Per service the sidecar switched, whether its calls take the mesh (a gray rule or a
+    /// rollback): off at once, back on through the link's ramp.
+    switches: RwLock<HashMap<ServiceName, Arc<LinkHandle>>>,
+    /// The ramp of a switched service's way back.
+    switch_cfg: LinkConfig,
     /// Where snapshots are kept across restarts of the app.
     snapshot_file: Option<PathBuf>,
 }
@@ -134,6 +146,7 @@ impl ControlSession {
         sidecar: Dial,
         app: String,
         link: Arc<LinkHandle>,
+        link_cfg: LinkConfig,
         snapshot_file: Option<PathBuf>,
     ) -> Self {
         let pool = pools[0].clone();
@@ -147,6 +160,12 @@ impl ControlSession {
             tx: Mutex::new(None),
             link,
             pools,
+            switches: RwLock::new(HashMap::new()),
+            // A switch is the sidecar's own word: no probes to wait for before the ramp.
+            switch_cfg: LinkConfig {
+                recover_after: 0,
+                ..link_cfg
+            },
             snapshot_file,
         });
         let (state_tx, state) = watch::channel(None);
@@ -168,6 +187,26 @@ impl ControlSession {
         tokio::time::timeout(within, rx.wait_for(|s| *s == Some(SidecarState::Ready)))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Whether this call to `service` takes the mesh, as far as the sidecar's switches say.
+    pub(crate) fn mesh_switched_on(&self, service: &ServiceName) -> bool {
+        let switches = self
+            .shared
+            .switches
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        switches.get(service).is_none_or(|l| l.choose_primary())
+    }
+
+    /// The state of `service`'s switch, if the sidecar ever switched it.
+    pub(crate) fn mesh_switch(&self, service: &ServiceName) -> Option<LinkState> {
+        let switches = self
+            .shared
+            .switches
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        switches.get(service).map(|l| l.state())
     }
 
     pub(crate) fn snapshot(&self, service: &ServiceName) -> Option<Arc<Snapshot>> {
@@ -322,8 +361,31 @@ async fn session(
                     tracing::warn!(file = %path.display(), error = %e, "cannot write the snapshot file");
                 }
             }
-            // Per-service mesh switches are for gray rules, which no sidecar sends yet.
-            Some(Pb::Mesh(_)) | None => {}
+            Some(Pb::Mesh(m)) => {
+                let Ok(service) = ServiceName::new(m.service) else {
+                    continue;
+                };
+                let link = {
+                    let mut switches = shared.switches.write().unwrap_or_else(|p| p.into_inner());
+                    switches
+                        .entry(service.clone())
+                        .or_insert_with(|| {
+                            Arc::new(LinkHandle::new(
+                                SERVICE_NAMES,
+                                service.to_string(),
+                                shared.switch_cfg,
+                                false,
+                            ))
+                        })
+                        .clone()
+                };
+                link.event(if m.mesh_on {
+                    Event::MeshOn
+                } else {
+                    Event::MeshOff
+                });
+            }
+            None => {}
         }
     }
     Ok(Ended::Closed)

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use detour_core::body::empty;
 use detour_core::{Dial, Pool, PoolOptions};
-use detour_proto::{ADDRESS_FILE, AppProtocol, SidecarAddresses, SidecarState};
+use detour_proto::{ADDRESS_FILE, AppProtocol, SidecarAddresses, SidecarState, WatchdogReport};
+use detour_registry_sync::now_unix_ms;
 use http::Request;
 use http_body_util::BodyExt;
 use nix::sys::signal::Signal;
@@ -23,6 +24,7 @@ use crate::api::{Command, Status, UpgradeDone, UpgradeTo};
 use crate::held::Held;
 use crate::proc::{Exit, Launch, SidecarProc};
 use crate::supervise::Supervisor;
+use detour_registry_sync::gray::RuleSet;
 
 /// The file, in the run directory, where the binaries to run are kept across restarts.
 pub const BINARIES_FILE: &str = "watchdog-binaries.json";
@@ -40,11 +42,24 @@ pub enum Stopped {
     Shutdown,
 }
 
-/// The binary the sidecar runs, and the one before it.
+/// The binary the sidecar runs, the one before it, and the one it ran before a gray version
+/// rule moved it (where it goes back when the rule goes).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Binaries {
     current: PathBuf,
     previous: Option<PathBuf>,
+    #[serde(default)]
+    baseline: Option<PathBuf>,
+}
+
+/// What the gray rules say this host should run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wanted {
+    binary: PathBuf,
+    /// The rule's version label (empty for the baseline).
+    label: String,
+    /// The rule that says so.
+    rule: String,
 }
 
 /// How watching one sidecar ended.
@@ -67,6 +82,15 @@ pub struct Agent {
     binaries: Binaries,
     /// Connections to the sidecar's admin API (readiness and liveness).
     admin: Arc<Pool>,
+    /// The gray rules document (version rules choose the binary).
+    rules_doc: tokio::sync::watch::Receiver<Option<Arc<[u8]>>>,
+    /// The last well-formed rules.
+    rules: RuleSet,
+    /// A binary a rule asked for that could not be started (not tried again until the rules
+    /// change).
+    refused: Option<PathBuf>,
+    /// When the running sidecar started.
+    since_unix_ms: u64,
 }
 
 impl Agent {
@@ -77,6 +101,7 @@ impl Agent {
         held: Arc<Held>,
         status: Arc<Mutex<Status>>,
         cmds: mpsc::Receiver<Command>,
+        rules_doc: tokio::sync::watch::Receiver<Option<Arc<[u8]>>>,
     ) -> Agent {
         let kept = std::fs::read(cfg.sidecar.run_dir.join(BINARIES_FILE))
             .ok()
@@ -85,6 +110,7 @@ impl Agent {
         let binaries = kept.unwrap_or_else(|| Binaries {
             current: cfg.sidecar_binary.clone(),
             previous: None,
+            baseline: None,
         });
         Agent {
             sup: Supervisor::new(cfg.policy),
@@ -97,6 +123,98 @@ impl Agent {
             status,
             cmds,
             binaries,
+            rules_doc,
+            rules: RuleSet::default(),
+            refused: None,
+            since_unix_ms: 0,
+        }
+    }
+
+    /// Takes the rules document as it is now; true when the well-formed rules changed.
+    fn read_rules(&mut self) -> bool {
+        let doc = self.rules_doc.borrow_and_update().clone();
+        let set = match doc.as_deref().map(RuleSet::parse) {
+            None => RuleSet::default(),
+            Some(Ok((set, errors))) => {
+                for e in &errors {
+                    tracing::warn!(error = %e, "ignoring a malformed gray rule");
+                }
+                set
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "ignoring a malformed gray rules document");
+                return false;
+            }
+        };
+        let changed = set != self.rules;
+        self.rules = set;
+        if changed {
+            self.refused = None;
+        }
+        changed
+    }
+
+    /// The binary the rules want this host to run, if they say.
+    fn wanted(&self) -> Option<Wanted> {
+        let rule = self.rules.version(&self.cfg.sidecar.host);
+        match rule.and_then(|r| r.sidecar.as_ref().map(|v| (r, v))) {
+            Some((r, v)) if !v.baseline => Some(Wanted {
+                binary: PathBuf::from(&v.binary),
+                label: v.version.clone(),
+                rule: r.id.clone(),
+            }),
+            // A baseline rule, or no rule: back to what ran before a rule moved the host.
+            Some((r, _)) => self.binaries.baseline.clone().map(|b| Wanted {
+                binary: b,
+                label: String::new(),
+                rule: r.id.clone(),
+            }),
+            None => self.binaries.baseline.clone().map(|b| Wanted {
+                binary: b,
+                label: String::new(),
+                rule: String::new(),
+            }),
+        }
+    }
+
+    /// Moves the sidecar to the binary the rules want, when it runs another one.
+    async fn follow_rules(&mut self, sc: &mut SidecarProc) -> Option<SidecarProc> {
+        let wanted = self.wanted()?;
+        if wanted.binary == sc.binary || self.refused.as_ref() == Some(&wanted.binary) {
+            return None;
+        }
+        if !wanted.binary.is_file() {
+            tracing::error!(binary = %wanted.binary.display(), rule = %wanted.rule, "a version rule names a binary this host does not have");
+            self.set(|s| {
+                s.last_upgrade = Some(format!(
+                    "failed: rule {}: {} not found",
+                    wanted.rule,
+                    wanted.binary.display()
+                ))
+            });
+            self.refused = Some(wanted.binary);
+            return None;
+        }
+        // Entering a rule's binary remembers where to come back to; coming back forgets it.
+        let back_to_baseline = self.binaries.baseline.as_ref() == Some(&wanted.binary);
+        let from = sc.binary.clone();
+        tracing::info!(rule = %wanted.rule, to = %wanted.binary.display(), "a version rule moves this host's sidecar");
+        match self.upgrade(sc, &wanted.binary).await {
+            Ok((new, _)) => {
+                if back_to_baseline {
+                    self.binaries.baseline = None;
+                } else if self.binaries.baseline.is_none() {
+                    self.binaries.baseline = Some(from);
+                }
+                self.keep_binaries();
+                self.set(|s| s.rule_version = wanted.label.clone());
+                Some(new)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the version rule's upgrade failed; the running sidecar serves on");
+                self.refused = Some(wanted.binary);
+                None
+            }
         }
     }
 
@@ -117,6 +235,7 @@ impl Agent {
             s.upgrade = "idle".into();
             s.sidecar_state = "down".into();
         });
+        self.read_rules();
         let mut next = SidecarProc::adopt(self.run_dir(), &self.cfg.sidecar_config);
         if let Some(sc) = &next {
             tracing::info!(pid = sc.pid, binary = %sc.binary.display(), "adopted the running sidecar");
@@ -145,6 +264,7 @@ impl Agent {
             if let Err(e) = sc.write_pid_file(self.run_dir()) {
                 tracing::warn!(error = %e, "cannot write the sidecar's pid file");
             }
+            self.since_unix_ms = now_unix_ms();
             let adopted = sc.adopted;
             self.set(|s| {
                 s.sidecar_pid = Some(sc.pid);
@@ -196,6 +316,8 @@ impl Agent {
         if let Err(e) = self.held.mark(Some(mark)).await {
             tracing::warn!(error = %e, "cannot publish the host status");
         }
+        self.since_unix_ms = 0;
+        self.report().await;
         r.after
     }
 
@@ -274,6 +396,9 @@ impl Agent {
                         if self.is_ready(sc).await {
                             ready = true;
                             self.became_ready(sc).await;
+                            if let Some(new) = self.follow_rules(sc).await {
+                                return Watched::Replaced(Box::new(new));
+                            }
                         } else if sc.since.elapsed() > self.cfg.ready_timeout {
                             tracing::warn!(pid = sc.pid, "the sidecar did not become ready in time: killing it");
                             sc.signal(Signal::SIGKILL);
@@ -309,7 +434,21 @@ impl Agent {
                         }
                     }
                 }
+                changed = self.rules_doc.changed() => {
+                    if changed.is_err() || !self.read_rules() || !ready || killed.is_some() {
+                        continue;
+                    }
+                    if let Some(new) = self.follow_rules(sc).await {
+                        return Watched::Replaced(Box::new(new));
+                    }
+                }
                 cmd = self.cmds.recv() => match cmd {
+                    Some(Command::Upgrade { reply, .. }) if self.rules.version(&self.cfg.sidecar.host).is_some() => {
+                        let id = self.rules.version(&self.cfg.sidecar.host).map(|r| r.id.clone()).unwrap_or_default();
+                        let _ = reply.send(Err(format!(
+                            "gray rule {id:?} decides this host's sidecar binary: change the rule (detourctl gray) instead"
+                        )));
+                    }
                     Some(Command::Upgrade { to, reply }) => {
                         let binary = match to {
                             UpgradeTo::Binary(b) => Some(b),
@@ -354,6 +493,25 @@ impl Agent {
         let mark = self.sup.crash_loop().then_some(SidecarState::Failed);
         if let Err(e) = self.held.mark(mark).await {
             tracing::warn!(error = %e, "cannot publish the host status");
+        }
+        self.report().await;
+    }
+
+    /// Publishes what the watchdog reports beside the host status.
+    async fn report(&self) {
+        let (restarts, rule_version) = {
+            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            (s.restarts, s.rule_version.clone())
+        };
+        let report = WatchdogReport {
+            binary: self.binaries.current.display().to_string(),
+            rule_version,
+            since_unix_ms: self.since_unix_ms,
+            restarts,
+            links: Default::default(),
+        };
+        if let Err(e) = self.held.report(report).await {
+            tracing::warn!(error = %e, "cannot publish the watchdog's report");
         }
     }
 

@@ -47,6 +47,8 @@ pub struct Status {
     pub binary: PathBuf,
     /// The binary before the last upgrade (what a rollback goes back to).
     pub previous_binary: Option<PathBuf>,
+    /// The version label of the gray rule that chose the binary, if one did.
+    pub rule_version: String,
     /// Whether the running sidecar was adopted from an earlier watchdog.
     pub adopted: bool,
     /// Restarts so far (any reason).

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use detour_proto::{
     Endpoint, HostId, HostPublication, HostStatus, InstanceId, ServiceName, SidecarState,
+    WatchdogReport,
 };
 use detour_registry_sync::{Registry, RegistryError, now_unix_ms};
 use tokio::sync::Mutex;
@@ -54,8 +55,10 @@ struct Inner {
     registered: BTreeMap<(ServiceName, InstanceId), Endpoint>,
     /// The watchdog's own status, over the sidecar's.
     mark: Option<SidecarState>,
+    /// What the watchdog reports beside the status.
+    report: WatchdogReport,
     /// The status last written.
-    written: Option<(SidecarState, String)>,
+    written: Option<(SidecarState, String, WatchdogReport)>,
 }
 
 impl Held {
@@ -156,6 +159,7 @@ impl Held {
         if inner.publication != p {
             self.write_file(&p);
         }
+        inner.report.links = p.links.clone();
         inner.publication = p;
         self.write_status(&mut inner).await
     }
@@ -164,6 +168,17 @@ impl Held {
     pub async fn mark(&self, mark: Option<SidecarState>) -> Result<(), Refused> {
         let mut inner = self.inner.lock().await;
         inner.mark = mark;
+        self.write_status(&mut inner).await
+    }
+
+    /// Sets what the watchdog reports beside the status (its binary, restarts, the sidecar's
+    /// start); the links come from the sidecar's publication.
+    pub async fn report(&self, report: WatchdogReport) -> Result<(), Refused> {
+        let mut inner = self.inner.lock().await;
+        inner.report = WatchdogReport {
+            links: inner.report.links.clone(),
+            ..report
+        };
         self.write_status(&mut inner).await
     }
 
@@ -202,19 +217,23 @@ impl Held {
             (Some(s), None) => (s.sidecar, s.version.clone()),
             (None, None) => return Ok(()),
         };
-        if inner.written.as_ref() == Some(&(state, version.clone())) {
+        let written = (state, version, inner.report.clone());
+        if inner.written.as_ref() == Some(&written) {
             return Ok(());
         }
         self.registry
             .set_host_status(HostStatus {
                 host: self.host.clone(),
                 sidecar: state,
-                version: version.clone(),
+                version: written.1.clone(),
                 updated_unix_ms: now_unix_ms(),
+                watchdog: Some(written.2.clone()),
             })
             .await?;
-        tracing::info!(state = state.as_str(), "host status published");
-        inner.written = Some((state, version));
+        if inner.written.as_ref().map(|w| w.0) != Some(state) {
+            tracing::info!(state = state.as_str(), "host status published");
+        }
+        inner.written = Some(written);
         Ok(())
     }
 }
@@ -239,6 +258,7 @@ mod tests {
             sidecar: state,
             version: "1".into(),
             updated_unix_ms: 1,
+            watchdog: None,
         })
     }
 
@@ -253,6 +273,7 @@ mod tests {
         let rx = registry.watch(&svc).await.unwrap();
         held.apply(HostPublication {
             pid: 7,
+            links: Default::default(),
             status: status(SidecarState::Ready),
             endpoints: vec![ep("h1", "a"), ep("h1", "b")],
         })
@@ -265,6 +286,7 @@ mod tests {
         held.mark(Some(SidecarState::Failed)).await.unwrap();
         held.apply(HostPublication {
             pid: 8,
+            links: Default::default(),
             status: status(SidecarState::Ready),
             endpoints: vec![ep("h1", "a")],
         })
@@ -280,6 +302,7 @@ mod tests {
         let err = held
             .apply(HostPublication {
                 pid: 9,
+                links: Default::default(),
                 status: None,
                 endpoints: vec![ep("h2", "x")],
             })

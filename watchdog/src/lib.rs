@@ -6,9 +6,12 @@
 pub mod agent;
 pub mod agent_config;
 pub mod api;
+pub mod cli_ops;
 pub mod demo;
 pub mod held;
 pub mod load;
+pub mod ops;
+pub mod ops_view;
 pub mod proc;
 pub mod process;
 pub mod provider;

@@ -117,6 +117,11 @@ pub struct Stats {
     pub first_off_mesh_unix_ms: Option<u64>,
     /// When the last answer came over a path other than the mesh (Unix ms).
     pub last_off_mesh_unix_ms: Option<u64>,
+    /// When the last answer came over the direct path (C→P; Unix ms).
+    pub last_direct_unix_ms: Option<u64>,
+    /// Answers over the mesh path per 10 ms (by the Unix ms the 10 ms start at): when callers
+    /// left the mesh and came back.
+    pub mesh_answers: BTreeMap<u64, u64>,
     /// Latency in microseconds, from when each request was due.
     pub latency_us: Histogram<u64>,
     /// The same, of idempotent requests only (GET, PUT).
@@ -144,6 +149,8 @@ impl Default for Stats {
             paths: BTreeMap::new(),
             first_off_mesh_unix_ms: None,
             last_off_mesh_unix_ms: None,
+            last_direct_unix_ms: None,
+            mesh_answers: BTreeMap::new(),
             latency_us: histogram(),
             latency_idem_us: histogram(),
             latency_non_idem_us: histogram(),
@@ -158,6 +165,33 @@ impl Stats {
             return 0.0;
         }
         self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// The end of the last 10 ms in `[from, to)` (Unix ms) with an answer over the mesh path.
+    pub fn last_mesh_answer_between(&self, from: u64, to: u64) -> Option<u64> {
+        self.mesh_answers
+            .range(from / 10 * 10..to)
+            .next_back()
+            .map(|(t, _)| t + 10)
+    }
+
+    /// The longest time with no answer over the mesh path between two that had one:
+    /// `(end of the last 10 ms with one before, start of the first 10 ms with one after)`.
+    pub fn longest_mesh_gap(&self) -> Option<(u64, u64)> {
+        let times: Vec<u64> = self.mesh_answers.keys().copied().collect();
+        times
+            .windows(2)
+            .map(|w| (w[0] + 10, w[1]))
+            .filter(|(a, b)| b > a)
+            .max_by_key(|(a, b)| b - a)
+    }
+
+    /// `mesh_gap: from_unix_ms=… to_unix_ms=…` ([`Stats::longest_mesh_gap`]; `-` without one).
+    pub fn gap_line(&self) -> String {
+        match self.longest_mesh_gap() {
+            Some((a, b)) => format!("mesh_gap: from_unix_ms={a} to_unix_ms={b}"),
+            None => "mesh_gap: from_unix_ms=- to_unix_ms=-".into(),
+        }
     }
 
     /// The `load: …` summary line.
@@ -261,10 +295,15 @@ impl Stats {
         }
         if let Some(path) = outcome.path {
             *self.paths.entry(path.as_str()).or_default() += 1;
-            if path != PathTaken::Mesh {
-                let now = detour_registry_sync::now_unix_ms();
+            let now = detour_registry_sync::now_unix_ms();
+            if path == PathTaken::Mesh {
+                *self.mesh_answers.entry(now / 10 * 10).or_default() += 1;
+            } else {
                 self.first_off_mesh_unix_ms.get_or_insert(now);
                 self.last_off_mesh_unix_ms = Some(now);
+                if path == PathTaken::Direct {
+                    self.last_direct_unix_ms = Some(now);
+                }
             }
         }
         match &outcome.failure {
@@ -498,5 +537,19 @@ mod tests {
         );
         assert!("mix".parse::<MethodMix>().is_ok());
         assert!("PATCH".parse::<MethodMix>().is_err());
+    }
+
+    #[test]
+    fn mesh_gaps_are_found_from_the_answers() {
+        let mut s = Stats::default();
+        assert_eq!(s.longest_mesh_gap(), None);
+        for (t, n) in [(1000, 3), (1010, 1), (1500, 2), (1520, 1), (3000, 4)] {
+            s.mesh_answers.insert(t, n);
+        }
+        assert_eq!(s.longest_mesh_gap(), Some((1530, 3000)));
+        assert_eq!(s.gap_line(), "mesh_gap: from_unix_ms=1530 to_unix_ms=3000");
+        assert_eq!(s.last_mesh_answer_between(1000, 1600), Some(1530));
+        assert_eq!(s.last_mesh_answer_between(1600, 3000), None);
+        assert_eq!(s.last_mesh_answer_between(1005, 1009), Some(1010));
     }
 }

@@ -150,12 +150,37 @@ impl WatchdogProcess {
 impl Drop for WatchdogProcess {
     fn drop(&mut self) {
         // The sidecar is in its own process group and outlives its watchdog on purpose: stop it
-        // by its own pid (the watchdog itself goes with its guard).
+        // by its own pid (the watchdog itself goes with its guard) — the one in the pid file,
+        // and any other started with this host's files (a successor in the middle of a
+        // hand-over, or one whose pid file is gone).
         let _ = self.child.signal(Signal::SIGKILL);
-        if let Some(pid) = self.sidecar_pid() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let mut pids = processes_naming(&self.run_dir);
+        pids.extend(self.sidecar_pid());
+        for pid in pids {
+            if pid != std::process::id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
         }
     }
+}
+
+/// The processes with an argument under `dir` (from `/proc/*/cmdline`).
+fn processes_naming(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let dir = dir.as_os_str().as_encoded_bytes();
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+                cmd.split(|b| *b == 0).any(|arg| {
+                    arg.starts_with(dir) && arg.get(dir.len()).is_none_or(|b| *b == b'/')
+                })
+            })
+        })
+        .collect()
 }
 
 /// One request to a watchdog's Unix socket (or admin port): status and body text.

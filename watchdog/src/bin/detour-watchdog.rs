@@ -79,6 +79,7 @@ async fn run(cfg: Config) -> ExitCode {
         }
     };
     let host = cfg.sidecar.host.clone();
+    let rules = registry.watch_rules();
     let held = Arc::new(
         Held::restore(
             registry,
@@ -123,7 +124,7 @@ async fn run(cfg: Config) -> ExitCode {
     }
     tracing::info!(%admin, unix = %cfg.admin_unix.display(), "watchdog running");
     let unix = cfg.admin_unix.clone();
-    let agent = Agent::new(Arc::new(cfg), held, status, rx);
+    let agent = Agent::new(Arc::new(cfg), held, status, rx, rules);
     let stop = async {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping the watchdog; the sidecar runs on"),

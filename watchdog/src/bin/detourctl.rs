@@ -1,6 +1,7 @@
 //! `detourctl`: the operator CLI. `demo` runs a small mesh on loopback, each host under its own
-//! watchdog; `upgrade` replaces the local sidecar without loss (or rolls it back); `shutdown`
-//! takes the host out of the mesh; `load` drives a fixed request rate through the SDK (or
+//! watchdog; `gray`, `rollback` and `status` work on the registry (gray rules, the one-command
+//! rollback, every host and service); `upgrade` replaces the local sidecar without loss (or
+//! rolls it back); `shutdown` takes the host out of the mesh; `load` drives a fixed request rate through the SDK (or
 //! straight at one provider) and reports every outcome; `provider` runs the demo provider as a
 //! process for scripts.
 
@@ -12,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use detour_proto::{AppProtocol, ServiceName};
 use detour_thin_sdk::{Client, Dial};
 use detour_watchdog::api::UpgradeRequest;
+use detour_watchdog::cli_ops::{self, GrayCmd, RegistryArgs, RollbackArgs};
 use detour_watchdog::demo::{self, DemoOptions};
 use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
 use detour_watchdog::provider::DemoProvider;
@@ -57,6 +59,24 @@ enum Command {
             default_value = "/run/detour/watchdog.sock"
         )]
         watchdog: std::path::PathBuf,
+    },
+    /// Gray rules: the mesh on or off, and the sidecar binary, by service and by host.
+    Gray {
+        #[command(subcommand)]
+        cmd: GrayCmd,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
+    /// Turn the mesh off for a scope in one command (or sidecar versions back), undo it, or
+    /// list what was done.
+    Rollback(RollbackArgs),
+    /// Every host and service: states, versions, restarts, links, instances, mesh on or off.
+    Status {
+        /// A local sidecar's admin address, to show its catalog's protection too.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        reg: RegistryArgs,
     },
     /// Drain the local sidecar, withdraw the host's registrations and stop its watchdog.
     Shutdown {
@@ -209,6 +229,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Gray { cmd, reg } => Ok(cli_ops::gray(cmd, reg).await),
+        Command::Rollback(args) => Ok(cli_ops::rollback(args).await),
+        Command::Status { admin, reg } => Ok(cli_ops::status(reg, admin).await),
         Command::Shutdown { watchdog } => match watched::shutdown(&watchdog).await {
             Ok(()) => {
                 println!("shutdown: done");
@@ -292,6 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await;
             println!("{}", stats.served_line());
             println!("{}", stats.path_line());
+            println!("{}", stats.gap_line());
             println!("{}", stats.latency_line());
             println!("{}", stats.summary("load"));
             println!("{}", stats.failure_line());

@@ -1,0 +1,170 @@
+//! The gray rules as this sidecar applies them: followed from the registry (`gray/rules`),
+//! parsed (a malformed rule is logged, counted and left out; a document that is no rule set at
+//! all leaves the last good rules in force), and evaluated for this host. The CA asks whether a
+//! service's calls take the mesh (off: straight to the provider, C→CA→P); control sessions tell
+//! their SDKs (a `MeshSwitch`: off, the SDK calls the provider itself, C→P).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use detour_proto::{HostId, ServiceName};
+use detour_registry_sync::gray::{Mesh, RuleSet};
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// The rules in force for one host.
+pub struct Gray {
+    host: HostId,
+    rules: watch::Sender<Arc<RuleSet>>,
+    /// Decisions made since the rules last changed, by service.
+    cache: RwLock<Decisions>,
+}
+
+#[derive(Default)]
+struct Decisions {
+    /// Whether any rule can switch anything off on this host (if not, everything is on).
+    any_off: bool,
+    by_service: HashMap<ServiceName, bool>,
+}
+
+/// What `/state` shows.
+#[derive(Debug, Serialize)]
+pub struct GrayState {
+    /// Every rule in force (for every host).
+    pub rules: RuleSet,
+    /// Services this sidecar has decided for, and whether their calls take the mesh.
+    pub mesh: std::collections::BTreeMap<String, bool>,
+}
+
+impl Gray {
+    /// Rules for `host`, none yet.
+    pub fn new(host: HostId) -> Arc<Gray> {
+        Arc::new(Gray {
+            host,
+            rules: watch::channel(Arc::new(RuleSet::default())).0,
+            cache: RwLock::new(Decisions::default()),
+        })
+    }
+
+    /// Follows `doc` (the registry's rules document) for as long as it lives.
+    pub fn follow(
+        self: &Arc<Self>,
+        mut doc: watch::Receiver<Option<Arc<[u8]>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let bytes = doc.borrow_and_update().clone();
+                me.apply(bytes.as_deref());
+                if doc.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Takes a new rules document (`None`: there is none).
+    pub fn apply(&self, doc: Option<&[u8]>) {
+        let set = match doc {
+            None => RuleSet::default(),
+            Some(bytes) => match RuleSet::parse(bytes) {
+                Ok((set, errors)) => {
+                    for e in &errors {
+                        tracing::warn!(error = %e, "ignoring a malformed gray rule");
+                    }
+                    metrics::counter!("detour_gray_invalid_rules_total")
+                        .increment(errors.len() as u64);
+                    set
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a malformed gray rules document; the last good rules stay in force");
+                    metrics::counter!("detour_gray_invalid_rules_total").increment(1);
+                    return;
+                }
+            },
+        };
+        if **self.rules.borrow() == set {
+            return;
+        }
+        tracing::info!(rules = set.rules.len(), "gray rules changed");
+        metrics::gauge!("detour_gray_rules").set(set.rules.len() as f64);
+        {
+            // Re-decide every service decided so far (so its gauge and `/state` follow).
+            let mut c = self.cache.write().unwrap_or_else(|p| p.into_inner());
+            c.any_off = set.any_mesh_off_for(&self.host);
+            for (service, on) in c.by_service.iter_mut() {
+                *on = set.mesh(&self.host, service).0 == Mesh::On;
+                metrics::gauge!("detour_gray_mesh_off", "service" => service.to_string())
+                    .set(if *on { 0.0 } else { 1.0 });
+            }
+        }
+        self.rules.send_replace(Arc::new(set));
+    }
+
+    /// Whether calls to `service` from this host take the mesh path.
+    pub fn mesh_on(&self, service: &ServiceName) -> bool {
+        {
+            let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            if !c.any_off {
+                return true;
+            }
+            if let Some(on) = c.by_service.get(service) {
+                return *on;
+            }
+        }
+        let rules = self.rules.borrow().clone();
+        let (mesh, rule) = rules.mesh(&self.host, service);
+        let on = mesh == Mesh::On;
+        if !on {
+            tracing::info!(%service, rule = rule.map(|r| r.id.as_str()), "mesh off for this service");
+        }
+        metrics::gauge!("detour_gray_mesh_off", "service" => service.to_string()).set(if on {
+            0.0
+        } else {
+            1.0
+        });
+        let mut c = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        c.by_service.insert(service.clone(), on);
+        on
+    }
+
+    /// Follows the rules (control sessions re-decide their services on every change).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RuleSet>> {
+        self.rules.subscribe()
+    }
+
+    /// What `/state` shows.
+    pub fn state(&self) -> GrayState {
+        let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        GrayState {
+            rules: (**self.rules.borrow()).clone(),
+            mesh: c
+                .by_service
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_apply_and_a_broken_document_keeps_the_last_good_ones() {
+        let g = Gray::new(HostId::new("web-1").unwrap());
+        let orders = ServiceName::new("orders").unwrap();
+        assert!(g.mesh_on(&orders));
+        g.apply(Some(
+            br#"{"version":1,"rules":[{"id":"r","mesh":"off","service":"orders","hosts":"web-*"},{"id":"bad","mesh":"maybe"}]}"#,
+        ));
+        assert!(!g.mesh_on(&orders));
+        assert!(g.mesh_on(&ServiceName::new("search").unwrap()));
+        g.apply(Some(b"{ not json"));
+        assert!(!g.mesh_on(&orders), "the last good rules stay");
+        g.apply(None);
+        assert!(g.mesh_on(&orders), "no document, no rules");
+        assert_eq!(g.state().rules.rules.len(), 0);
+    }
+}

@@ -1,0 +1,293 @@
+//! `detourctl gray | rollback | status`: the operator's commands on the registry (the logic is
+//! `ops.rs`), with their arguments, their text or `--json` output, and their exit statuses:
+//! 0 done, 2 bad input (a malformed rule, an unknown service or host), 3 registry unreachable,
+//! 4 a concurrent change or nothing to do.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use detour_proto::{HostId, ServiceName};
+use detour_registry_sync::RegistrySpec;
+use detour_registry_sync::gray::{Mesh, Origin, Rule, SidecarVersion};
+
+use crate::ops::{self, Ops, OpsError, RollbackRequest};
+use crate::ops_view;
+
+/// Where the registry is.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// The registry: `dir:PATH` or `etcd:http://HOST:PORT[,http://HOST:PORT…]`.
+    #[arg(
+        long,
+        global = true,
+        env = "DETOUR_REGISTRY",
+        default_value = "dir:/var/lib/detour/registry"
+    )]
+    pub registry: String,
+    /// Key prefix in etcd.
+    #[arg(long, global = true, default_value = "/detour/v1")]
+    pub etcd_prefix: String,
+    /// Time one registry request may take, in ms.
+    #[arg(long, global = true, default_value_t = 2000)]
+    pub timeout_ms: u64,
+    /// Print JSON (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `detourctl gray …`
+#[derive(Debug, Subcommand)]
+pub enum GrayCmd {
+    /// Adds a rule, or replaces the rule with the same id.
+    Set {
+        /// The rule's id.
+        #[arg(long)]
+        id: String,
+        /// Mesh on or off for the scope.
+        #[arg(long, value_parser = ["on", "off"], conflicts_with = "sidecar_binary")]
+        mesh: Option<String>,
+        /// The sidecar binary the hosts in scope run (a version rule).
+        #[arg(long)]
+        sidecar_binary: Option<String>,
+        /// The version label of that binary.
+        #[arg(long, requires = "sidecar_binary")]
+        sidecar_version: Option<String>,
+        /// The services it covers (a name or a glob; default: every service).
+        #[arg(long)]
+        service: Option<String>,
+        /// The hosts it covers (a name or a glob; default: every host).
+        #[arg(long, conflicts_with = "percent")]
+        hosts: Option<String>,
+        /// The share of hosts it covers, 0–100 (always the same hosts).
+        #[arg(long)]
+        percent: Option<u8>,
+    },
+    /// Lists the rules in force.
+    List,
+    /// Removes a rule, or every rule.
+    Clear {
+        /// The rule's id.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<String>,
+        /// Every rule.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// `detourctl rollback …`
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Only this service (default: every service).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only this host (default: every host).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Why (recorded).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Send the sidecars in scope back to the binary they ran before a version rule moved them.
+    #[arg(long, conflicts_with_all = ["undo", "history"])]
+    pub version: bool,
+    /// Restore the rules the last rollback replaced.
+    #[arg(long, conflicts_with_all = ["service", "host", "history"])]
+    pub undo: bool,
+    /// List every rollback.
+    #[arg(long, conflicts_with_all = ["service", "host"])]
+    pub history: bool,
+    #[command(flatten)]
+    pub reg: RegistryArgs,
+}
+
+fn open(reg: &RegistryArgs) -> Result<Ops, OpsError> {
+    let spec: RegistrySpec = reg
+        .registry
+        .parse()
+        .map_err(|e: detour_registry_sync::RegistryError| OpsError::Malformed(e.to_string()))?;
+    Ok(Ops::new(detour_registry_sync::store::open(
+        &spec,
+        &reg.etcd_prefix,
+        Duration::from_millis(reg.timeout_ms),
+    )))
+}
+
+fn fail(e: &OpsError) -> ExitCode {
+    eprintln!("detourctl: {e}");
+    ExitCode::from(e.exit_code())
+}
+
+/// Runs `detourctl gray CMD`.
+pub async fn gray(cmd: GrayCmd, reg: RegistryArgs) -> ExitCode {
+    let ops = match open(&reg) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    let percent = match &cmd {
+        GrayCmd::Set { percent, .. } => *percent,
+        _ => None,
+    };
+    let result = match cmd {
+        GrayCmd::Set {
+            id,
+            mesh,
+            sidecar_binary,
+            sidecar_version,
+            service,
+            hosts,
+            percent,
+        } => {
+            let rule = Rule {
+                id,
+                mesh: mesh.map(|m| if m == "on" { Mesh::On } else { Mesh::Off }),
+                sidecar: sidecar_binary.map(|binary| SidecarVersion {
+                    binary,
+                    version: sidecar_version.unwrap_or_default(),
+                    baseline: false,
+                }),
+                service,
+                hosts,
+                percent,
+                origin: Origin::Gray,
+            };
+            ops.gray_set(rule).await
+        }
+        GrayCmd::Clear { id, .. } => ops.gray_clear(id.as_deref()).await,
+        GrayCmd::List => match ops.rules().await {
+            Ok(r) => {
+                if reg.json {
+                    let malformed = r.malformed.iter().map(ToString::to_string).collect();
+                    println!(
+                        "{}",
+                        ops_view::json(&ops_view::RulesJson {
+                            rules: &r.set.rules,
+                            malformed,
+                        })
+                    );
+                } else {
+                    print!("{}", ops_view::rules_table(&r.set));
+                    for m in &r.malformed {
+                        println!("malformed (left out): {m}");
+                    }
+                }
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => return fail(&e),
+        },
+    };
+    match result {
+        Ok(set) => {
+            if reg.json {
+                println!("{}", ops_view::json(&set));
+            } else {
+                print!("{}", ops_view::rules_table(&set));
+                // A share is taken by host hash: say which live hosts it covers now.
+                if let Some(p) = percent
+                    && let Ok((covered, total)) = ops.sample(p).await
+                {
+                    println!(
+                        "{p}% covers {} of {total} live hosts now: {}",
+                        covered.len(),
+                        if covered.is_empty() {
+                            "-".into()
+                        } else {
+                            covered.join(", ")
+                        }
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Runs `detourctl rollback …`.
+pub async fn rollback(a: RollbackArgs) -> ExitCode {
+    let ops = match open(&a.reg) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    if a.history {
+        return match ops.history().await {
+            Ok(h) if a.reg.json => {
+                println!("{}", ops_view::json(&h));
+                ExitCode::SUCCESS
+            }
+            Ok(h) => {
+                for r in &h {
+                    println!("{}", ops_view::record_line(r));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    let outcome = if a.undo {
+        ops.undo(ops::os_user()).await
+    } else {
+        let service = match a.service.map(ServiceName::new).transpose() {
+            Ok(s) => s,
+            Err(e) => return fail(&OpsError::Malformed(e.to_string())),
+        };
+        let host = match a.host.map(HostId::new).transpose() {
+            Ok(h) => h,
+            Err(e) => return fail(&OpsError::Malformed(e.to_string())),
+        };
+        ops.rollback(RollbackRequest {
+            service,
+            host,
+            version: a.version,
+            reason: a.reason,
+            user: ops::os_user(),
+        })
+        .await
+    };
+    match outcome {
+        Ok(r) if a.reg.json => {
+            println!("{}", ops_view::json(&r));
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            let what = if a.undo { "undone" } else { "rolled back" };
+            println!("{what}: {}", ops_view::record_line(&r));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Runs `detourctl status`; `admin` (a local sidecar's admin address) adds its protection view.
+pub async fn status(reg: RegistryArgs, admin: Option<std::net::SocketAddr>) -> ExitCode {
+    let ops = match open(&reg) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    let mut report = match ops.status().await {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    if let Some(admin) = admin
+        && let Ok((status, text)) = crate::watched::call(
+            &detour_core::Dial::Tcp(admin),
+            http::Method::GET,
+            "/state",
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+        && status == http::StatusCode::OK
+        && let Ok(state) = serde_json::from_str::<serde_json::Value>(&text)
+    {
+        for s in &mut report.services {
+            s.protected = state["services"][&s.service]["protected"].as_bool();
+        }
+    }
+    if reg.json {
+        println!("{}", ops_view::json(&report));
+    } else {
+        print!("{}", report.table());
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,166 @@
+//! The operator's commands on a directory store: rollback and undo, the undo refused once the
+//! rules changed, two operators racing, and bad input refused before anything is written.
+
+use std::time::Duration;
+
+use detour_proto::{Endpoint, HostId, InstanceId, ServiceName};
+use detour_registry_sync::dir::{DirOptions, DirRegistry};
+use detour_registry_sync::gray::{Mesh, Origin, Rule};
+use detour_registry_sync::{Registry, RegistrySpec, store};
+
+use super::*;
+
+fn ops(dir: &std::path::Path) -> Ops {
+    Ops::new(store::open(
+        &RegistrySpec::Dir(dir.to_owned()),
+        "/detour/v1",
+        Duration::from_secs(1),
+    ))
+}
+
+fn rule(id: &str, mesh: Mesh) -> Rule {
+    Rule {
+        id: id.into(),
+        mesh: Some(mesh),
+        sidecar: None,
+        service: None,
+        hosts: None,
+        percent: None,
+        origin: Origin::Gray,
+    }
+}
+
+fn request(service: Option<&str>) -> RollbackRequest {
+    RollbackRequest {
+        service: service.map(|s| ServiceName::new(s).unwrap()),
+        host: None,
+        version: false,
+        reason: "why".into(),
+        user: "ops".into(),
+    }
+}
+
+/// A registry with host `web-1` offering `orders`.
+async fn registry(dir: &std::path::Path) -> DirRegistry {
+    let host = HostId::new("web-1").unwrap();
+    let r = DirRegistry::open(dir, host.clone(), DirOptions::default())
+        .await
+        .unwrap();
+    r.register(Endpoint::new(
+        ServiceName::new("orders").unwrap(),
+        InstanceId::new("web-1-orders").unwrap(),
+        host,
+        "127.0.0.1:8080".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    r
+}
+
+#[tokio::test]
+async fn a_rollback_is_recorded_and_undone_to_the_rules_it_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let _r = registry(dir.path()).await;
+    let ops = ops(dir.path());
+    ops.gray_set(rule("base", Mesh::Off)).await.unwrap();
+    let before = ops.rules().await.unwrap().doc.unwrap().bytes;
+    let rec = ops.rollback(request(Some("orders"))).await.unwrap();
+    assert_eq!(
+        rec.replaced.as_deref().map(str::as_bytes),
+        Some(&before[..])
+    );
+    let set = ops.rules().await.unwrap().set;
+    assert_eq!(set.rules.len(), 2);
+    assert_eq!(set.rules[1].origin, Origin::Rollback);
+    assert_eq!(set.rules[1].service.as_deref(), Some("orders"));
+    let undone = ops.undo("ops2".into()).await.unwrap();
+    assert_eq!(undone.undone.as_ref().unwrap().user, "ops2");
+    assert_eq!(ops.rules().await.unwrap().doc.unwrap().bytes, before);
+    let history = ops.history().await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert!(history[0].undone.is_some());
+    assert!(matches!(
+        ops.undo("ops".into()).await,
+        Err(OpsError::Refused(_))
+    ));
+}
+
+#[tokio::test]
+async fn undo_is_refused_once_the_rules_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let _r = registry(dir.path()).await;
+    let ops = ops(dir.path());
+    ops.rollback(request(None)).await.unwrap();
+    ops.gray_set(rule("later", Mesh::On)).await.unwrap();
+    let after = ops.rules().await.unwrap().doc.unwrap().bytes;
+    let e = ops.undo("ops".into()).await.unwrap_err();
+    assert_eq!(e.exit_code(), 4, "{e}");
+    assert!(e.to_string().contains("changed since rollback"), "{e}");
+    assert_eq!(ops.rules().await.unwrap().doc.unwrap().bytes, after);
+}
+
+#[tokio::test]
+async fn bad_input_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let _r = registry(dir.path()).await;
+    let ops = ops(dir.path());
+    let mut r = rule("x", Mesh::Off);
+    r.percent = Some(101);
+    assert_eq!(ops.gray_set(r).await.unwrap_err().exit_code(), 2);
+    let mut r = rule("x", Mesh::Off);
+    r.service = Some("payments".into());
+    assert!(matches!(
+        ops.gray_set(r).await,
+        Err(OpsError::UnknownService(_))
+    ));
+    let mut req = request(None);
+    req.host = Some(HostId::new("web-9").unwrap());
+    assert!(matches!(
+        ops.rollback(req).await,
+        Err(OpsError::UnknownHost(_))
+    ));
+    let mut req = request(Some("orders"));
+    req.version = true;
+    assert!(matches!(ops.rollback(req).await, Err(OpsError::Refused(_))));
+    assert!(ops.rules().await.unwrap().doc.is_none());
+    assert!(ops.history().await.unwrap().is_empty());
+    assert!(matches!(
+        ops.gray_clear(Some("nope")).await,
+        Err(OpsError::Refused(_))
+    ));
+}
+
+#[tokio::test]
+async fn of_two_operators_writing_from_the_same_rules_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _r = registry(dir.path()).await;
+    let ops = ops(dir.path());
+    ops.gray_set(rule("a", Mesh::Off)).await.unwrap();
+    // Both read the same document, then both write.
+    let seen = ops.rules().await.unwrap();
+    let mut mine = seen.set.clone();
+    mine.rules.push(rule("mine", Mesh::On));
+    let mut theirs = seen.set.clone();
+    theirs.rules.push(rule("theirs", Mesh::On));
+    ops.write_rules(&seen.doc, &theirs, Vec::new())
+        .await
+        .unwrap();
+    let e = ops
+        .write_rules(&seen.doc, &mine, Vec::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 4, "{e}");
+    let now = ops.rules().await.unwrap().set;
+    assert!(now.rules.iter().any(|r| r.id == "theirs"));
+    assert!(!now.rules.iter().any(|r| r.id == "mine"));
+}
+
+#[tokio::test]
+async fn an_unreachable_registry_is_told_apart_from_an_empty_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = ops(&dir.path().join("missing"));
+    let e = ops.rules().await.unwrap_err();
+    assert_eq!(e.exit_code(), 3, "{e}");
+    let e = ops.rollback(request(None)).await.unwrap_err();
+    assert_eq!(e.exit_code(), 3, "{e}");
+}
