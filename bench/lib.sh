@@ -1,7 +1,7 @@
 # Shared by the bench scripts: temporary directory and process cleanup, the demo provider, a
 # sidecar on the directory registry, and CPU/memory readings from /proc. Source it after `cd`
 # to the repository root.
-BIN=target/release
+BIN=${BIN:-target/release}
 if [ ! -x "$BIN/detour-sidecar" ] || [ ! -x "$BIN/detourctl" ]; then
   cargo build --release --bins
 fi

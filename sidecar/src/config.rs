@@ -160,6 +160,9 @@ pub struct ProxyRaw {
     pub eject_ms: u64,
     /// Request bodies up to this size are kept so a failed attempt can be retried.
     pub max_replay_bytes: u64,
+    /// The protocol from this CA to remote PAs: `http2` (one multiplexed connection per PA) or
+    /// `http1` (a keep-alive pool per PA).
+    pub pa_protocol: String,
 }
 
 impl Default for ProxyRaw {
@@ -171,6 +174,7 @@ impl Default for ProxyRaw {
             max_header_bytes: 16 * 1024,
             eject_ms: 2000,
             max_replay_bytes: 64 * 1024,
+            pa_protocol: "http2".into(),
         }
     }
 }
@@ -345,6 +349,8 @@ pub struct Config {
     pub eject: Duration,
     /// Request bodies kept for retries up to this size.
     pub max_replay_bytes: u64,
+    /// The protocol from this CA to remote PAs.
+    pub pa_protocol: AppProtocol,
     /// Graceful-stop bound.
     pub drain_timeout: Duration,
     /// How long a drain is announced before listeners close.
@@ -476,6 +482,16 @@ impl RawConfig {
                 None
             }
         };
+        let pa_protocol = match self.proxy.pa_protocol.as_str() {
+            "http2" => AppProtocol::Http2,
+            "http1" => AppProtocol::Http1,
+            other => {
+                p.push(format!(
+                    "proxy.pa_protocol: {other:?} is not one of \"http2\", \"http1\""
+                ));
+                AppProtocol::Http2
+            }
+        };
         let connect_timeout = positive(
             &mut p,
             "proxy.connect_timeout_ms",
@@ -586,6 +602,7 @@ impl RawConfig {
                     max_header_bytes: self.proxy.max_header_bytes,
                     eject: Duration::from_millis(self.proxy.eject_ms),
                     max_replay_bytes: self.proxy.max_replay_bytes,
+                    pa_protocol,
                     drain_timeout,
                     announce: Duration::from_millis(self.lifecycle.announce_ms),
                     link: LinkConfig {

@@ -8,6 +8,25 @@ fn minimal_config_gets_defaults() {
     assert_eq!(cfg.balance, Balance::P2c);
     assert_eq!(cfg.outbound_unix, Some(PathBuf::from("run/outbound.sock")));
     assert_eq!(cfg.drain_timeout, Duration::from_secs(10));
+    assert_eq!(cfg.pa_protocol, AppProtocol::Http2);
+}
+
+#[test]
+fn the_protocol_to_remote_pas_is_chosen_by_name() {
+    let cfg = Config::parse(
+        "t",
+        "host = \"h1\"\n[proxy]\npa_protocol = \"http1\"\n",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(cfg.pa_protocol, AppProtocol::Http1);
+    let err = Config::parse(
+        "t",
+        "host = \"h1\"\n[proxy]\npa_protocol = \"h3\"\n",
+        Vec::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("proxy.pa_protocol"), "{err}");
 }
 
 #[test]

@@ -30,7 +30,11 @@ pub fn authority(parts: &Parts) -> Option<&str> {
 
 /// Approximate size of the request head in bytes (as HTTP/1.1 would encode it).
 pub fn head_size(parts: &Parts) -> usize {
-    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    let uri = &parts.uri;
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = parts.method.as_str().len() + target + 12;
     parts
         .headers
         .iter()
@@ -42,6 +46,13 @@ pub fn head_size(parts: &Parts) -> usize {
 /// Removes hop-by-hop headers, including those named by `Connection`, and any `TE` other than
 /// `trailers` (which gRPC needs).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none: one pass over the names instead of a lookup per name.
+    if !headers
+        .keys()
+        .any(|k| k == header::TE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -24,10 +24,10 @@ use crate::config::{Config, Provide};
 use crate::forward::attempt;
 use crate::headers::{authority, head_size, strip_hop_by_hop};
 use crate::lifecycle::Lifecycle;
-use crate::outbound::record;
 use crate::providers::LocalProviders;
 use crate::respond::{MeshError, is_grpc};
 use crate::server::{Handler, ping_response};
+use crate::telemetry::{Direction, PathLabel, record_request};
 
 /// The inbound proxy.
 pub struct Inbound {
@@ -144,7 +144,12 @@ impl Handler for Inbound {
                 e.respond(grpc, self.cfg.host.as_str())
             }
         };
-        record("inbound", "local", &resp, start.elapsed());
+        record_request(
+            Direction::Inbound,
+            PathLabel::Local,
+            resp.status(),
+            start.elapsed(),
+        );
         resp
     }
 }

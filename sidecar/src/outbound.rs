@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use detour_core::body::{boxed, with_guard};
 use detour_core::decide::{Alternatives, Next, Outcome, Part, decide};
@@ -23,7 +23,7 @@ use detour_core::link::{Event, Reason};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
 use detour_core::{BoxBody, Dial, PathTaken, Pool};
 use detour_proto::control::local_control_server::LocalControlServer;
-use detour_proto::{AppProtocol, CONTROL_AUTHORITY, Endpoint, InstanceId, ServiceName};
+use detour_proto::{CONTROL_AUTHORITY, Endpoint, InstanceId, ServiceName};
 use detour_registry_sync::Catalog;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -39,7 +39,7 @@ use crate::lifecycle::Lifecycle;
 use crate::links::Links;
 use crate::respond::{MeshError, is_grpc};
 use crate::server::{Handler, ping_response};
-use crate::telemetry::status_class;
+use crate::telemetry::{Direction, PathLabel, record_request};
 
 /// The outbound proxy.
 pub struct Outbound {
@@ -197,7 +197,7 @@ impl Outbound {
         let req = flight.take().ok_or_else(|| consumed(ep))?;
         let timeout = self.cfg.request_timeout;
         let dial = Dial::Tcp(pa);
-        let proto = AppProtocol::Http2;
+        let proto = self.cfg.pa_protocol;
         let sent = attempt(
             &self.pool,
             &dial,
@@ -316,14 +316,18 @@ impl Handler for Outbound {
         let (resp, path) = match self.route(parts, body).await {
             Ok((mut resp, path)) => {
                 resp.headers_mut().insert(PATH_HEADER, path.header_value());
-                (resp, path.as_str())
+                let label = match path {
+                    PathTaken::Mesh => PathLabel::Mesh,
+                    _ => PathLabel::CaDirect,
+                };
+                (resp, label)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "outbound request failed in the mesh");
-                (e.respond(grpc, self.cfg.host.as_str()), "none")
+                (e.respond(grpc, self.cfg.host.as_str()), PathLabel::None)
             }
         };
-        record("outbound", path, &resp, start.elapsed());
+        record_request(Direction::Outbound, path, resp.status(), start.elapsed());
         resp
     }
 }
@@ -340,24 +344,6 @@ fn consumed(ep: &Endpoint) -> AttemptFailed {
             format!("{}: the request was already consumed", ep.instance),
         ),
     }
-}
-
-/// Counts one finished request head.
-pub fn record(
-    direction: &'static str,
-    path: &'static str,
-    resp: &Response<BoxBody>,
-    took: Duration,
-) {
-    metrics::counter!(
-        "detour_requests_total",
-        "direction" => direction,
-        "path" => path,
-        "class" => status_class(resp.status())
-    )
-    .increment(1);
-    metrics::histogram!("detour_response_head_seconds", "direction" => direction)
-        .record(took.as_secs_f64());
 }
 
 #[cfg(test)]

@@ -48,13 +48,83 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// The status class label of a response (`2xx` …) without allocating.
-pub fn status_class(status: http::StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+/// The label values of `detour_requests_total` and `detour_response_head_seconds`.
+const DIRECTIONS: [&str; 2] = ["outbound", "inbound"];
+const PATHS: [&str; 4] = ["mesh", "ca_direct", "local", "none"];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The per-request metrics, resolved once: looking a labelled metric up in the recorder on
+/// every request (hashing its key, comparing labels) cost more than recording it.
+struct RequestMetrics {
+    requests: Vec<metrics::Counter>,
+    head: [metrics::Histogram; 2],
+}
+
+static REQUEST_METRICS: OnceLock<RequestMetrics> = OnceLock::new();
+
+fn request_metrics() -> &'static RequestMetrics {
+    REQUEST_METRICS.get_or_init(|| {
+        // The recorder first, so that the handles resolve to it.
+        prometheus();
+        let mut requests = Vec::with_capacity(DIRECTIONS.len() * PATHS.len() * CLASSES.len());
+        for direction in DIRECTIONS {
+            for path in PATHS {
+                for class in CLASSES {
+                    requests.push(metrics::counter!(
+                        "detour_requests_total",
+                        "direction" => direction,
+                        "path" => path,
+                        "class" => class
+                    ));
+                }
+            }
+        }
+        let head = DIRECTIONS
+            .map(|d| metrics::histogram!("detour_response_head_seconds", "direction" => d));
+        RequestMetrics { requests, head }
+    })
+}
+
+/// Which way a request went through this sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From a local caller (the CA).
+    Outbound = 0,
+    /// From a remote sidecar to a local provider (the PA).
+    Inbound = 1,
+}
+
+/// The path label of a request: `mesh`, `ca_direct`, `local` (the PA to its provider), `none`
+/// (answered with a mesh error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathLabel {
+    /// Through the remote PA.
+    Mesh = 0,
+    /// Straight to the provider from the CA.
+    CaDirect = 1,
+    /// The PA to its local provider.
+    Local = 2,
+    /// A mesh error.
+    None = 3,
+}
+
+/// Counts one finished request head (`detour_requests_total`) and its time
+/// (`detour_response_head_seconds`).
+pub fn record_request(
+    direction: Direction,
+    path: PathLabel,
+    status: http::StatusCode,
+    took: Duration,
+) {
+    let m = request_metrics();
+    let class = match status.as_u16() {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    };
+    let i = (direction as usize * PATHS.len() + path as usize) * CLASSES.len() + class;
+    m.requests[i].increment(1);
+    m.head[direction as usize].record(took.as_secs_f64());
 }

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# The comparison a user would run: one hop chain each for Detour, HAProxy and nginx, and the
+# backend alone, measured with independent load generators (wrk, oha) in interleaved rounds.
+#
+#   direct:  load → backend
+#   detour:  load → CA (127.0.0.1, Host: hello) → h2c → PA (127.0.0.2) → backend
+#   haproxy: load → haproxy (127.0.0.1) → haproxy (127.0.0.2) → backend      (nbthread 1 each)
+#   nginx:   load → nginx (127.0.0.1) → nginx (127.0.0.2) → backend          (1 worker each)
+#
+# The backend is one nginx worker on 127.0.0.3 answering a fixed 200. Per path and round:
+# closed-loop max throughput (wrk, 32 connections), then open-loop 2,000 and 5,000 req/s (oha
+# with latency correction, 32 connections); CPU per request of each process from /proc; RSS of
+# each hop after the load; a keep-alive check (no hop may open a connection per request: the
+# connections the next hop and the backend accepted are counted). Before each run the machine
+# must be quiet (< 15% CPU busy over a second, waited for up to 20 s; a run that started on a
+# busy machine is marked). Prints one table of medians with ratios against HAProxy and nginx and
+# writes the raw results (one line per run) to OUT.
+#
+#   bench/run.sh [ROUNDS] [SECONDS]        (defaults: 4 rounds of 8 s per measurement)
+#   env: OUT=DIR (default target/bench/run-DATE), PATHS="direct detour haproxy nginx",
+#        RATES="2000 5000", DETOUR_EXTRA_TOML (added to both sidecars' config),
+#        BIN=DIR (the Detour binaries, default target/release),
+#        DETOUR_VARIANTS="name=BINDIR …" (other Detour builds or settings, as paths detour-name;
+#        DETOUR_TOML_detour_name="[proxy]\npa_protocol = \"http1\"" adds config to one of them)
+#
+# Installs what it lacks: haproxy, nginx-light and wrk with apt (needs root), oha with cargo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-4}
+SECS=${2:-8}
+PATHS=${PATHS:-direct detour haproxy nginx}
+RATES=${RATES:-2000 5000}
+CONNS=32
+OUT=${OUT:-target/bench/run-$(date -u +%Y%m%dT%H%M%SZ)}
+
+need_apt=()
+command -v haproxy >/dev/null || need_apt+=(haproxy)
+command -v nginx >/dev/null || need_apt+=(nginx-light)
+command -v wrk >/dev/null || need_apt+=(wrk)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  apt-get install -y "${need_apt[@]}" >/dev/null 2>&1 ||
+    { apt-get update >/dev/null && apt-get install -y "${need_apt[@]}" >/dev/null; }
+fi
+if ! command -v oha >/dev/null; then
+  cargo install oha --locked >/dev/null 2>&1 || cargo install oha
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+source bench/lib.sh
+mkdir -p "$OUT"
+RAW="$OUT/raw.tsv"
+printf 'round\tpath\tload\treq_per_s\tp50_us\tp99_us\terrors\tcpu_hop1_us\tcpu_hop2_us\tcpu_backend_us\trss_hop1_kib\trss_hop2_kib\tconns_hop2\tconns_backend\tquiet\n' >"$RAW"
+
+# --- the backend: one nginx worker, a fixed answer, its own accept counter ---
+nginx_conf() { # DIR LISTEN BODY_OF_SERVER
+  mkdir -p "$1"
+  cat >"$1/nginx.conf" <<CFG
+daemon off; master_process off; worker_processes 1;
+pid $1/nginx.pid; error_log $1/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off; keepalive_requests 1000000;
+  client_body_temp_path $1/body; proxy_temp_path $1/proxy;
+  server {
+    listen $2 backlog=4096 reuseport;
+    $3
+  }
+}
+CFG
+}
+BACKEND=127.0.0.3:$(free_port 127.0.0.3)
+nginx_conf "$TMP/backend" "$BACKEND" 'location / { return 200 "hello\n"; } location = /__status { stub_status; }'
+nginx -c "$TMP/backend/nginx.conf" &
+BACKEND_PID=$!
+PIDS+=("$BACKEND_PID")
+wait_http "http://$BACKEND/" 10
+# Connections the backend accepted so far.
+backend_accepts() { curl -s "http://$BACKEND/__status" | awk 'NR == 3 {print $1}'; }
+
+# --- the chains: each sets HOP1 (address the load goes to), HOP1_PID, HOP2_PID, HOP2 ---
+# start_detour NAME BINDIR: CA NAME-1 on 127.0.0.1 and PA NAME-2 on 127.0.0.2, on a directory
+# registry of their own, running BINDIR/detour-sidecar.
+start_detour() {
+  local bin=$2/detour-sidecar reg=$TMP/$1-registry n
+  for n in 2 1; do
+    mkdir -p "$TMP/$1-$n"
+    local ip=127.0.0.$n provide=""
+    [ "$n" = 2 ] && provide="[[provide]]
+service = \"hello\"
+address = \"$BACKEND\""
+    cat >"$TMP/$1-$n/sidecar.toml" <<TOML
+host = "$1-$n"
+run_dir = "$TMP/$1-$n"
+registry = "dir:$reg"
+[outbound]
+listen = "$ip:0"
+unix = "outbound.sock"
+[inbound]
+listen = "$ip:0"
+[admin]
+listen = "$ip:0"
+$provide
+${DETOUR_EXTRA_TOML:-}
+$(local v="DETOUR_TOML_${1//-/_}"; printf '%b' "${!v:-}")
+TOML
+    RUST_LOG=warn "$bin" --config "$TMP/$1-$n/sidecar.toml" 2>"$TMP/$1-$n/sidecar.log" &
+    PIDS+=($!)
+    wait_file "$TMP/$1-$n/sidecar.json" 10
+  done
+  HOP2_PID=$(sidecar_field "$1-2" pid)
+  HOP2=$(sidecar_field "$1-2" inbound)
+  HOP1_PID=$(sidecar_field "$1-1" pid)
+  HOP1=$(sidecar_field "$1-1" outbound_tcp)
+  local i=0
+  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: hello' "http://$HOP1/")" = 200 ]; do
+    i=$((i + 1)); [ "$i" -gt 1000 ] && { echo "detour chain $1 never answered" >&2; exit 1; }
+    sleep 0.01
+  done
+}
+haproxy_hop() { # N LISTEN NEXT
+  cat >"$TMP/haproxy$1.cfg" <<CFG
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend f
+  bind $2
+  default_backend b
+backend b
+  server s1 $3
+CFG
+  haproxy -db -f "$TMP/haproxy$1.cfg" >"$TMP/haproxy$1.log" 2>&1 &
+  PIDS+=($!)
+}
+nginx_hop() { # N LISTEN NEXT
+  nginx_conf "$TMP/nginx$1" "$2" "location / { proxy_pass http://next; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+  sed -i "s|^http {|http {\n  upstream next { server $3; keepalive 256; keepalive_requests 1000000; }|" "$TMP/nginx$1/nginx.conf"
+  nginx -c "$TMP/nginx$1/nginx.conf" &
+  PIDS+=($!)
+}
+start_chain() { # NAME HOP_FN
+  HOP2=127.0.0.2:$(free_port 127.0.0.2)
+  HOP1=127.0.0.1:$(free_port 127.0.0.1)
+  "$2" 2 "$HOP2" "$BACKEND"
+  HOP2_PID=$!
+  "$2" 1 "$HOP1" "$HOP2"
+  HOP1_PID=$!
+  wait_http "http://$HOP1/" 10
+}
+declare -A ADDR P1 P2 NEXT VARIANT
+# Other Detour builds, measured in the same rounds: DETOUR_VARIANTS="name=BINDIR …" adds the
+# path detour-name.
+for v in ${DETOUR_VARIANTS:-}; do
+  VARIANT[detour-${v%%=*}]=${v#*=}
+  PATHS="$PATHS detour-${v%%=*}"
+done
+for p in $PATHS; do
+  case $p in
+    direct) ADDR[$p]=$BACKEND; P1[$p]=; P2[$p]=; NEXT[$p]= ;;
+    detour) start_detour detour "$BIN" ;;
+    detour-*) start_detour "$p" "${VARIANT[$p]}" ;;
+    haproxy) start_chain haproxy haproxy_hop ;;
+    nginx) start_chain nginx nginx_hop ;;
+    *) echo "unknown path $p" >&2; exit 2 ;;
+  esac
+  if [ "$p" != direct ]; then ADDR[$p]=$HOP1; P1[$p]=$HOP1_PID; P2[$p]=$HOP2_PID; NEXT[$p]=$HOP2; fi
+done
+
+# Connections to a listening address, open or in TIME_WAIT, seen from the connecting side (a
+# hop that opened a connection per request leaves thousands).
+accepted_on() { # IP:PORT
+  ss -Htan dst "$1" 2>/dev/null | wc -l
+}
+
+# Waits until the machine is quiet; prints yes or no.
+quiet() {
+  local i a b
+  for i in $(seq 20); do
+    read -r a b < <(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
+    sleep 1
+    local c d
+    read -r c d < <(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
+    if [ $(( (c - a) * 100 )) -lt $(( (d - b) * 15 )) ]; then echo yes; return; fi
+  done
+  echo no
+}
+ticks() { [ -n "$1" ] && cpu_ticks "$1" || echo 0; }
+per_req() { [ -n "$2" ] && [ "$2" -gt 0 ] && us_per_req "$1" "$2" || echo -; }
+
+# measure ROUND PATH LOAD: one run; appends a raw line.
+measure() {
+  local r=$1 p=$2 load=$3 addr=${ADDR[$2]} q a1 a2 ab b1 b2 bb acc0 acc1 n rps p50 p99 err
+  q=$(quiet)
+  a1=$(ticks "${P1[$p]}"); a2=$(ticks "${P2[$p]}"); ab=$(ticks "$BACKEND_PID")
+  acc0=$(backend_accepts)
+  if [ "$load" = max ]; then
+    wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H 'Host: hello' "http://$addr/" >"$OUT/wrk.out" 2>&1
+    n=$(awk '/requests in/ {print $1}' "$OUT/wrk.out")
+    rps=$(awk '/^Requests\/sec/ {printf "%d", $2}' "$OUT/wrk.out")
+    p50=$(awk '$1 == "50%" {print $2}' "$OUT/wrk.out" | to_us)
+    p99=$(awk '$1 == "99%" {print $2}' "$OUT/wrk.out" | to_us)
+    err=$(awk '/Non-2xx/ {e += $NF} /Socket errors/ {gsub(/,/, ""); e += $4 + $6 + $8 + $10} END {print e + 0}' "$OUT/wrk.out")
+  else
+    oha -z "${SECS}s" -q "$load" -c "$CONNS" --latency-correction --no-tui --output-format json \
+      -H 'Host: hello' "http://$addr/" >"$OUT/oha.json" 2>"$OUT/oha.err"
+    read -r n rps p50 p99 err < <(python3 - "$OUT/oha.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+s = d["summary"]; p = d["latencyPercentiles"]
+codes = d.get("statusCodeDistribution", {})
+ok = int(codes.get("200", 0)); n = sum(int(v) for v in codes.values())
+# Requests still in flight when the duration ends are cut off by oha, not failed.
+errs = {k: int(v) for k, v in d.get("errorDistribution", {}).items() if "deadline" not in k}
+bad = n - ok + sum(errs.values())
+print(n, int(s["requestsPerSec"]), int(p["p50"] * 1e6), int(p["p99"] * 1e6), bad)
+PY
+)
+  fi
+  b1=$(ticks "${P1[$p]}"); b2=$(ticks "${P2[$p]}"); bb=$(ticks "$BACKEND_PID")
+  acc1=$(backend_accepts)
+  local rss1=- rss2=- c2=-
+  [ -n "${P1[$p]}" ] && rss1=$(rss_kib "${P1[$p]}") && rss2=$(rss_kib "${P2[$p]}") && c2=$(accepted_on "${NEXT[$p]}")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$p" "$load" "$rps" "$p50" "$p99" "$err" \
+    "$(per_req $((b1 - a1)) "$n")" "$(per_req $((b2 - a2)) "$n")" "$(per_req $((bb - ab)) "$n")" \
+    "$rss1" "$rss2" "$c2" "$((acc1 - acc0))" "$q" | tee -a "$RAW" >&2
+}
+# wrk prints 812.00us, 1.20ms, 2.00s: to whole µs.
+to_us() { awk '{v = $1; u = 1; if (v ~ /us$/) u = 1; else if (v ~ /ms$/) u = 1000; else if (v ~ /s$/) u = 1e6; sub(/[a-z]+$/, "", v); printf "%d", v * u}'; }
+
+echo "bench: $(date -u +%FT%TZ) rounds=$ROUNDS seconds=$SECS conns=$CONNS cores=$(nproc) $(uname -r)" \
+  "$(haproxy -v | head -1 | cut -d' ' -f1-3) nginx/$(nginx -v 2>&1 | sed 's/.*nginx\///') $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2) $(oha --version)" | tee "$OUT/header.txt"
+# Each round starts one path further along (A B C D, B C D A, …), so that no path always runs
+# right after the same neighbour or first in its round.
+read -r -a ORDER <<<"$PATHS"
+for r in $(seq "$ROUNDS"); do
+  for load in max $RATES; do
+    for i in $(seq 0 $((${#ORDER[@]} - 1))); do
+      measure "$r" "${ORDER[$(( (i + r - 1) % ${#ORDER[@]} ))]}" "$load"
+    done
+  done
+done
+python3 bench/table.py "$RAW" | tee "$OUT/table.md"
+echo "raw results: $RAW"
