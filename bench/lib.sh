@@ -76,3 +76,27 @@ TICK=$(getconf CLK_TCK)
 # us_per_req TICKS REQUESTS
 us_per_req() { awk -v p="$1" -v n="$2" -v t="$TICK" 'BEGIN { printf "%.1f", p * 1e6 / t / n }'; }
 sent_of() { echo "$1" | sed -n 's/.*sent=\([0-9]*\).*/\1/p'; }
+
+# haproxy_hop N LISTEN NEXT: HAProxy hop N (config in $TMP/haproxyN.cfg) listening on LISTEN and
+# forwarding to NEXT with server-side keep-alive, in the background; HAPROXY_THREADS sets
+# nbthread (default: HAProxy's own).
+haproxy_hop() {
+  cat >"$TMP/haproxy$1.cfg" <<CFG
+global
+  ${HAPROXY_THREADS:+nbthread $HAPROXY_THREADS}
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend f
+  bind $2
+  default_backend b
+backend b
+  server s1 $3
+CFG
+  haproxy -db -f "$TMP/haproxy$1.cfg" >"$TMP/haproxy$1.log" 2>&1 &
+  PIDS+=($!)
+}

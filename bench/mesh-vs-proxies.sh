@@ -56,25 +56,6 @@ start_sidecar h1 127.0.0.1 ""
 run detour "$(sidecar_field h1 pid)" "$(sidecar_field h2 pid)" --sidecar "$(sidecar_field h1 outbound_tcp)"
 
 # HAProxy: hop N listens on 127.0.0.N and forwards to NEXT.
-haproxy_hop() { # N LISTEN NEXT
-  cat >"$TMP/haproxy$1.cfg" <<CFG
-global
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend f
-  bind $2
-  default_backend b
-backend b
-  server s1 $3
-CFG
-  haproxy -db -f "$TMP/haproxy$1.cfg" >"$TMP/haproxy$1.log" 2>&1 &
-  PIDS+=($!)
-}
 two_hops haproxy haproxy_hop
 
 # nginx: one process per hop.

@@ -46,6 +46,7 @@ if ! command -v oha >/dev/null; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
 source bench/lib.sh
+HAPROXY_THREADS=1
 mkdir -p "$OUT"
 RAW="$OUT/raw.tsv"
 printf 'round\tpath\tload\treq_per_s\tp50_us\tp99_us\terrors\tcpu_hop1_us\tcpu_hop2_us\tcpu_backend_us\trss_hop1_kib\trss_hop2_kib\tconns_hop2\tconns_backend\tquiet\n' >"$RAW"
@@ -115,26 +116,6 @@ TOML
     i=$((i + 1)); [ "$i" -gt 1000 ] && { echo "detour chain $1 never answered" >&2; exit 1; }
     sleep 0.01
   done
-}
-haproxy_hop() { # N LISTEN NEXT
-  cat >"$TMP/haproxy$1.cfg" <<CFG
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend f
-  bind $2
-  default_backend b
-backend b
-  server s1 $3
-CFG
-  haproxy -db -f "$TMP/haproxy$1.cfg" >"$TMP/haproxy$1.log" 2>&1 &
-  PIDS+=($!)
 }
 nginx_hop() { # N LISTEN NEXT
   nginx_conf "$TMP/nginx$1" "$2" "location / { proxy_pass http://next; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
