@@ -2,7 +2,8 @@
 //! guard drops, so nothing is left behind.
 
 use std::io;
-use std::process::{Child, Command, ExitStatus};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -23,6 +24,28 @@ impl ChildGuard {
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start {name}: {e}")))?;
         Ok(Self { child, name })
+    }
+
+    /// Spawns `binary --config CONFIG` with its standard error appended to `run_dir/LOG` (no
+    /// input, output discarded): how the demo and the tests start a sidecar or a watchdog.
+    pub fn spawn_with_config(
+        binary: &Path,
+        config: &Path,
+        run_dir: &Path,
+        log: &str,
+        name: impl Into<String>,
+    ) -> io::Result<Self> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join(log))?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        Self::spawn(cmd, name)
     }
 
     /// The child's PID.

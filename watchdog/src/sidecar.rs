@@ -3,7 +3,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,17 +81,13 @@ impl SidecarProcess {
         within: Duration,
     ) -> io::Result<SidecarProcess> {
         let _ = std::fs::remove_file(run_dir.join(ADDRESS_FILE));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(run_dir.join("sidecar.log"))?;
-        let mut cmd = Command::new(binary);
-        cmd.arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let mut child = ChildGuard::spawn(cmd, format!("sidecar {}", run_dir.display()))?;
+        let mut child = ChildGuard::spawn_with_config(
+            binary,
+            config,
+            run_dir,
+            "sidecar.log",
+            format!("sidecar {}", run_dir.display()),
+        )?;
         let addrs = wait_ready(&mut child, run_dir, within).await?;
         Ok(SidecarProcess {
             child,

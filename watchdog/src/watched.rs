@@ -5,7 +5,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use detour_core::body::{empty, full};
@@ -75,17 +74,13 @@ impl WatchdogProcess {
         within: Duration,
     ) -> io::Result<WatchdogProcess> {
         let _ = std::fs::remove_file(run_dir.join("watchdog.json"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(run_dir.join("watchdog.log"))?;
-        let mut cmd = Command::new(binary);
-        cmd.arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let mut child = ChildGuard::spawn(cmd, format!("watchdog {}", run_dir.display()))?;
+        let mut child = ChildGuard::spawn_with_config(
+            binary,
+            config,
+            run_dir,
+            "watchdog.log",
+            format!("watchdog {}", run_dir.display()),
+        )?;
         let deadline = Instant::now() + within;
         let pool = Pool::new(PoolOptions::default());
         loop {
