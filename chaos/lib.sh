@@ -11,7 +11,8 @@ RATE=${RATE:-500}
 SECS=${SECS:-15}
 
 ensure_binaries() {
-  if [ ! -x "$BIN/detour-sidecar" ] || [ ! -x "$BIN/detourctl" ] || [ ! -x "$BIN/detour-watchdog" ]; then
+  if [ ! -x "$BIN/detour-sidecar" ] || [ ! -x "$BIN/detourctl" ] || [ ! -x "$BIN/detour-watchdog" ] \
+    || [ ! -x "$BIN/detour-registry-sync" ]; then
     (cd "$ROOT" && cargo build --release --bins)
   fi
 }
@@ -32,7 +33,7 @@ cleanup() {
     kill -CONT "$p" 2>/dev/null || true; kill -KILL "$p" 2>/dev/null || true
   done
   for p in "${PID_OF[@]}" "${WATCHDOG_PID[@]}" "${EXTRA_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$TMP"
+  [ -n "${KEEP_TMP:-}" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -330,4 +331,119 @@ print(len(json.load(sys.stdin).get("services", {}).get(sys.argv[1], {}).get("end
 # registry_status HOST: HOST's sidecar state as the directory registry holds it.
 registry_status() {
   python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["status"]["sidecar"])' "$TMP/registry/$1.json" 2>/dev/null || echo -
+}
+
+# start_zookeeper: one ZooKeeper server (Debian's package, without its service) on a loopback
+# port chosen now; sets ZK_ADDR and ZK_PID. restart_zookeeper starts it again on the same port.
+start_zookeeper() {
+  command -v java >/dev/null && [ -f /usr/share/java/zookeeper.jar ] \
+    || { echo "chaos: ZooKeeper is required (tests/setup.sh installs it)" >&2; exit 1; }
+  mkdir -p "$TMP/zookeeper/data"
+  ZK_PORT=$(free_ports 1)
+  ZK_ADDR="127.0.0.1:$ZK_PORT"
+  cat >"$TMP/zookeeper/zoo.cfg" <<CFG
+tickTime=500
+dataDir=$TMP/zookeeper/data
+clientPort=$ZK_PORT
+clientPortAddress=127.0.0.1
+admin.enableServer=false
+4lw.commands.whitelist=ruok
+maxSessionTimeout=20000
+CFG
+  restart_zookeeper
+}
+restart_zookeeper() {
+  java -Xmx256m -cp "$TMP/zookeeper:/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-log4j12.jar:/usr/share/java/log4j-1.2.jar" \
+    org.apache.zookeeper.server.quorum.QuorumPeerMain "$TMP/zookeeper/zoo.cfg" >>"$TMP/zookeeper/zookeeper.log" 2>&1 &
+  ZK_PID=$!
+  EXTRA_PIDS+=("$ZK_PID")
+  local deadline=$(( $(now_ms) + 30000 ))
+  until [ "$(zk_ruok)" = imok ]; do
+    [ "$(now_ms)" -gt "$deadline" ] && { echo "chaos: ZooKeeper not answering" >&2; tail -20 "$TMP/zookeeper/zookeeper.log" >&2; exit 1; }
+    sleep 0.1
+  done
+}
+zk_ruok() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$ZK_PORT; printf ruok >&3; cat <&3" 2>/dev/null || true; }
+stop_zookeeper() { kill -KILL "$ZK_PID" 2>/dev/null || true; wait "$ZK_PID" 2>/dev/null || true; }
+
+# start_zk_provider NAME IP [GRACE_MS]: a demo provider (instance NAME) that registers itself in
+# ZooKeeper under com.acme.Hello as a Dubbo application does, and on SIGTERM de-registers, keeps
+# serving GRACE_MS, then stops. Its pid is PROVIDER_PID[NAME].
+start_zk_provider() {
+  rm -f "$TMP/$1.provider.addr"
+  "$BIN/detourctl" provider --listen "$2:0" --instance "$1" --addr-file "$TMP/$1.provider.addr" \
+    --zookeeper "$ZK_ADDR" --interface com.acme.Hello --release-grace-ms "${3:-0}" >/dev/null 2>>"$TMP/$1.provider.log" &
+  PROVIDER_PID[$1]=$!
+  EXTRA_PIDS+=($!)
+  wait_file "$TMP/$1.provider.addr" 10
+}
+
+# start_sync NAME: a detour-registry-sync replica (id NAME) mirroring ZooKeeper into the etcd of
+# start_etcd (com.acme.Hello → hello); waits until it answers /ready. Its pid is SYNC_PID[NAME].
+declare -A SYNC_PID=()
+start_sync() {
+  mkdir -p "$TMP/sync-$1"
+  cat >"$TMP/sync-$1/sync.toml" <<TOML
+name = "zk"
+replica = "$1"
+[source]
+servers = "$ZK_ADDR"
+[source.services]
+"com.acme.Hello" = "hello"
+[target]
+etcd = [$(printf '"%s",' "${ETCD_URLS[@]}" | sed 's/,$//')]
+election_ttl_s = ${SYNC_ELECTION_TTL_S:-2}
+lease_ttl_s = ${SYNC_LEASE_TTL_S:-10}
+request_timeout_ms = 1000
+[admin]
+listen = "127.0.0.1:0"
+address_file = "$TMP/sync-$1/admin.addr"
+TOML
+  RUST_LOG=${RUST_LOG:-info} "$BIN/detour-registry-sync" --config "$TMP/sync-$1/sync.toml" 2>>"$TMP/sync-$1/sync.log" &
+  SYNC_PID[$1]=$!
+  EXTRA_PIDS+=($!)
+  wait_file "$TMP/sync-$1/admin.addr" 10
+  local deadline=$(( $(now_ms) + 20000 ))
+  until curl -sf --max-time 1 "http://$(cat "$TMP/sync-$1/admin.addr")/ready" >/dev/null; do
+    [ "$(now_ms)" -gt "$deadline" ] && { echo "chaos: sync $1 not ready" >&2; tail -20 "$TMP/sync-$1/sync.log" >&2; exit 1; }
+    sleep 0.05
+  done
+}
+sync_state() { curl -sf --max-time 2 "http://$(cat "$TMP/sync-$1/admin.addr")/state"; }
+sync_role() { sync_state "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["role"])' 2>/dev/null || echo -; }
+
+# mirrored_count: how many entries of hello etcd holds now (any source).
+mirrored_count() {
+  local k e
+  k=$(printf '%s' /detour/v1/services/hello/ | base64 -w0)
+  e=$(printf '%s' /detour/v1/services/hello0 | base64 -w0)
+  curl -sf --max-time 1 -X POST "${ETCD_URLS[0]}/v3/kv/range" -d "{\"key\":\"$k\",\"range_end\":\"$e\",\"count_only\":true}" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin).get("count", 0))' 2>/dev/null || echo "?"
+}
+
+# watch_mirrored SECONDS: samples mirrored_count every 50 ms in the background into
+# $TMP/mirrored.counts; mirrored_min prints the smallest sample.
+watch_mirrored() {
+  ( local end=$(( $(now_ms) + $1 * 1000 ))
+    while [ "$(now_ms)" -lt "$end" ]; do mirrored_count >>"$TMP/mirrored.counts"; sleep 0.05; done ) &
+  EXTRA_PIDS+=($!)
+  MIRROR_WATCH_PID=$!
+}
+mirrored_min() { wait "$MIRROR_WATCH_PID" 2>/dev/null || true; grep -E '^[0-9]+$' "$TMP/mirrored.counts" | sort -n | head -1; }
+
+# start_legacy_mesh N: etcd, ZooKeeper, N providers p2.. registered in ZooKeeper, sync replica a,
+# and the caller host h1 routing hello from etcd; returns once etcd holds the N entries.
+start_legacy_mesh() {
+  ensure_binaries
+  start_etcd 1
+  start_zookeeper
+  local i
+  for i in $(seq 2 $(( $1 + 1 ))); do start_zk_provider "p$i" "127.0.0.$i" "${RELEASE_GRACE_MS:-0}"; done
+  start_sync a
+  start_sidecar h1 127.0.0.1
+  local deadline=$(( $(now_ms) + 20000 ))
+  until [ "$(mirrored_count)" = "$1" ]; do
+    [ "$(now_ms)" -gt "$deadline" ] && { echo "chaos: etcd never held $1 entries of hello" >&2; exit 1; }
+    sleep 0.1
+  done
 }

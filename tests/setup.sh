@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain: etcd (Debian's etcd-server) for
-# the etcd-registry tests. Idempotent; quiet when everything is present. protoc is not needed:
-# the builds use the vendored one (see .cargo/config.toml).
+# the etcd-registry tests and ZooKeeper (Debian's zookeeper, with the Java it depends on) for the
+# registry-sync tests. Idempotent; quiet when everything is present. protoc is not needed: the
+# builds use the vendored one (see .cargo/config.toml).
 set -euo pipefail
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is required (install the Rust toolchain first)" >&2
   exit 1
 fi
-if ! command -v etcd >/dev/null 2>&1; then
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+{ command -v java >/dev/null 2>&1 && [ -f /usr/share/java/zookeeper.jar ]; } || missing+=(zookeeper)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing etcd-server"
+    echo "setup: installing ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "setup: etcd is missing; install Debian's etcd-server (as root: apt-get install -y etcd-server)" >&2
+    echo "setup: missing ${missing[*]}; install Debian's packages (as root: apt-get install -y ${missing[*]})" >&2
     exit 1
   fi
 fi

@@ -1,19 +1,24 @@
 //! Detour's view of the service registry: the [`Registry`] trait every back-end implements, the
 //! embedded directory back-end ([`dir::DirRegistry`]), the etcd back-end
 //! ([`etcd::EtcdRegistry`]) and the in-memory endpoint
-//! [`catalog::Catalog`] that sidecars route from.
+//! [`catalog::Catalog`] that sidecars route from; and the mirror of a legacy registry into etcd
+//! ([`legacy`] sources, the [`mirror`], the `detour-registry-sync` [`agent`]).
 //!
 //! Everything above the trait is identical whichever back-end is configured.
 
+pub mod agent;
 pub mod cache;
 pub mod catalog;
 pub mod dir;
 pub mod etcd;
 pub mod gray;
 pub mod health;
-mod members;
+pub mod legacy;
+pub(crate) mod members;
 pub mod memory;
+pub mod mirror;
 pub mod protection;
+pub mod protection_config;
 mod registry;
 pub mod store;
 

@@ -14,7 +14,7 @@ use detour_registry_sync::RegistrySpec;
 use detour_registry_sync::protection::ProtectionPolicy;
 use serde::Deserialize;
 
-pub use crate::config_protection::ProtectionRaw;
+pub use detour_registry_sync::protection_config::ProtectionRaw;
 
 /// Prefix of the environment variables that override config keys
 /// (`DETOUR_SIDECAR__ADMIN__LISTEN` sets `[admin] listen`).

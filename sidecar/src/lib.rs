@@ -9,7 +9,6 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
-pub mod config_protection;
 pub mod control;
 pub mod delegate;
 pub mod detect;

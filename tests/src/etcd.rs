@@ -27,7 +27,7 @@ fn log_file(path: &Path) -> Stdio {
 /// A loopback port free now, for a process started next (etcd takes no port 0). Picked below
 /// Linux's ephemeral range (32768–60999), so that no outgoing connection made meanwhile by any
 /// test process can take it before etcd binds it; never handed out twice by one test process.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     for _ in 0..1000 {

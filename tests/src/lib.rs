@@ -8,6 +8,8 @@ pub mod etcd;
 pub mod grpc;
 pub mod proxy;
 pub mod scenario;
+pub mod sync;
+pub mod zookeeper;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use detour_proto::{AppProtocol, ServiceName};
+use detour_registry_sync::legacy::zk_publish;
 use detour_thin_sdk::{Client, Dial};
 use detour_watchdog::api::UpgradeRequest;
 use detour_watchdog::cli_ops::{self, GrayCmd, RegistryArgs, RollbackArgs};
@@ -99,6 +100,17 @@ enum Command {
         /// Write the bound address to this file once listening.
         #[arg(long)]
         addr_file: Option<std::path::PathBuf>,
+        /// Also register in this ZooKeeper (`host:port,…`) as a Dubbo application does (an
+        /// ephemeral `rest://` provider URL), and on SIGTERM/SIGINT de-register first.
+        #[arg(long, requires = "interface")]
+        zookeeper: Option<String>,
+        /// The Dubbo interface to register under (`/dubbo/{interface}/providers`).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Time to keep serving between the de-registration and the stop, milliseconds (as
+        /// Dubbo's graceful shutdown wait).
+        #[arg(long, default_value_t = 0)]
+        release_grace_ms: u64,
     },
 }
 
@@ -181,8 +193,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             instance,
             addr_file,
+            zookeeper,
+            interface,
+            release_grace_ms,
         } => {
             let provider = DemoProvider::start(listen, &instance).await?;
+            let registration = zookeeper.zip(interface).map(|(servers, iface)| {
+                let url = zk_publish::provider_url(provider.addr(), &iface, &instance, 100);
+                zk_publish::ZkRegistration::hold(servers, "/dubbo", &iface, &url)
+            });
             if let Some(path) = addr_file {
                 let tmp = path.with_extension("tmp");
                 std::fs::write(&tmp, provider.addr().to_string())?;
@@ -194,6 +213,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 _ = ctrl_c() => {}
                 _ = term.recv() => {}
+            }
+            if let Some(r) = registration {
+                r.withdraw().await;
+                println!("provider: {instance} de-registered; serving {release_grace_ms} ms more");
+                tokio::time::sleep(std::time::Duration::from_millis(release_grace_ms)).await;
             }
             println!("provider: {instance} served {}", provider.served());
             Ok(ExitCode::SUCCESS)

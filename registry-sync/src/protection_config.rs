@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use crate::health::CheckSpec;
+use crate::protection::{ProtectionConfig, ProtectionPolicy, ServicePolicy};
 use detour_proto::ServiceName;
-use detour_registry_sync::health::CheckSpec;
-use detour_registry_sync::protection::{ProtectionConfig, ProtectionPolicy, ServicePolicy};
 use serde::Deserialize;
 
 /// `[protection]`: the defaults, and per-service tables overriding any of them.

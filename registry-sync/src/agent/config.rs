@@ -1,0 +1,456 @@
+//! `detour-registry-sync`'s configuration: TOML (environment overrides with the prefix
+//! `DETOUR_SYNC__`), every problem reported at once. Keys are documented in
+//! `docs/registry-sync.md`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use detour_proto::config_file::{self, ConfigError};
+use detour_proto::{AppProtocol, ServiceName};
+use serde::Deserialize;
+
+use crate::legacy::dubbo::Mapping;
+use crate::protection::ProtectionPolicy;
+use crate::protection_config::ProtectionRaw;
+
+/// The environment prefix.
+pub const ENV_PREFIX: &str = "DETOUR_SYNC__";
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    /// The legacy registry's name: mirrored entries carry `source = "sync:<name>"`, and the
+    /// replicas of one mirror share it. Required.
+    pub name: String,
+    /// This replica's id (default: `<hostname>-<pid>`).
+    pub replica: String,
+    /// Where to read.
+    pub source: SourceRaw,
+    /// Where to write.
+    pub target: TargetRaw,
+    /// Self-protection against the source (the sidecar's `[protection]` keys).
+    pub protection: ProtectionRaw,
+    /// How often held instances are health-checked, milliseconds.
+    pub check_interval_ms: u64,
+    /// The admin listener.
+    pub admin: AdminRaw,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            replica: String::new(),
+            source: SourceRaw::default(),
+            target: TargetRaw::default(),
+            protection: ProtectionRaw::default(),
+            check_interval_ms: 1000,
+            admin: AdminRaw::default(),
+        }
+    }
+}
+
+/// `[source]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SourceRaw {
+    /// `zookeeper` or `dir`.
+    pub kind: String,
+    /// ZooKeeper: `host:port[,host:port…]`.
+    pub servers: String,
+    /// ZooKeeper: the Dubbo root.
+    pub root: String,
+    /// ZooKeeper: the session timeout asked for, milliseconds.
+    pub session_timeout_ms: u64,
+    /// ZooKeeper: URL scheme → `http1` | `http2` (replaces the default table when given).
+    pub protocols: BTreeMap<String, String>,
+    /// ZooKeeper: interface → service name.
+    pub services: BTreeMap<String, String>,
+    /// ZooKeeper: URL parameters not kept as labels.
+    pub ignored_params: Option<Vec<String>>,
+    /// ZooKeeper: most providers taken per interface.
+    pub max_per_interface: usize,
+    /// dir: the directory registry to mirror.
+    pub path: String,
+    /// dir: how often it is read, milliseconds.
+    pub poll_interval_ms: u64,
+    /// How long a removal waits for the rest of its batch before it is judged, milliseconds
+    /// (0: at once).
+    pub settle_ms: u64,
+}
+
+impl Default for SourceRaw {
+    fn default() -> Self {
+        Self {
+            kind: "zookeeper".into(),
+            servers: String::new(),
+            root: "/dubbo".into(),
+            session_timeout_ms: 10_000,
+            protocols: BTreeMap::new(),
+            services: BTreeMap::new(),
+            ignored_params: None,
+            max_per_interface: 10_000,
+            path: String::new(),
+            poll_interval_ms: 500,
+            settle_ms: 100,
+        }
+    }
+}
+
+/// `[target]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TargetRaw {
+    /// etcd member URLs.
+    pub etcd: Vec<String>,
+    /// Key prefix.
+    pub prefix: String,
+    /// The election lease, seconds: a dead leader is replaced within it.
+    pub election_ttl_s: u64,
+    /// The lease mirrored entries are attached to, seconds (longer than the election's).
+    pub lease_ttl_s: u64,
+    /// Time allowed for one request to one member, milliseconds.
+    pub request_timeout_ms: u64,
+    /// How often the target is read in full and compared, milliseconds.
+    pub resync_interval_ms: u64,
+}
+
+impl Default for TargetRaw {
+    fn default() -> Self {
+        Self {
+            etcd: Vec::new(),
+            prefix: "/detour/v1".into(),
+            election_ttl_s: 5,
+            lease_ttl_s: 30,
+            request_timeout_ms: 2000,
+            resync_interval_ms: 30_000,
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AdminRaw {
+    /// Loopback address of the read-only admin API (port 0: any).
+    pub listen: String,
+    /// A file to write the bound address to (for scripts), if set.
+    pub address_file: String,
+}
+
+impl Default for AdminRaw {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9190".into(),
+            address_file: String::new(),
+        }
+    }
+}
+
+/// Where the mirror reads.
+#[derive(Debug, Clone)]
+pub enum SourceSpec {
+    /// ZooKeeper in Dubbo's layout.
+    ZooKeeper {
+        /// `host:port,…`.
+        servers: String,
+        /// The Dubbo root.
+        root: String,
+        /// Session timeout.
+        session_timeout: Duration,
+        /// URL mapping.
+        mapping: Mapping,
+        /// Most providers per interface.
+        max_per_interface: usize,
+    },
+    /// A directory registry.
+    Dir {
+        /// Its directory.
+        path: PathBuf,
+        /// Poll interval.
+        poll_interval: Duration,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The legacy name.
+    pub name: String,
+    /// This replica's id.
+    pub replica: String,
+    /// The source.
+    pub source: SourceSpec,
+    /// etcd members.
+    pub etcd: Vec<String>,
+    /// Key prefix.
+    pub prefix: String,
+    /// Election lease.
+    pub election_ttl: Duration,
+    /// Entries' lease.
+    pub lease_ttl: Duration,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+    /// Full comparison interval.
+    pub resync_interval: Duration,
+    /// Health-check interval of held instances.
+    pub check_interval: Duration,
+    /// How long a removal waits for the rest of its batch.
+    pub settle: Duration,
+    /// Self-protection.
+    pub protection: ProtectionPolicy,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Where to write the admin address.
+    pub admin_address_file: Option<PathBuf>,
+    /// Environment variables that named no key.
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![format!("cannot read: {e}")],
+        })?;
+        Self::parse(&name, &text, std::env::vars())
+    }
+
+    /// Parses and validates config text with the given environment.
+    pub fn parse(
+        name: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let loaded = config_file::load::<RawConfig>(name, text, ENV_PREFIX, env)?;
+        let warnings = loaded.warnings.clone();
+        let mut cfg = loaded.validate(name, RawConfig::validate)?;
+        cfg.warnings = warnings;
+        Ok(cfg)
+    }
+}
+
+impl RawConfig {
+    /// Checks every value, collecting every problem.
+    pub fn validate(self) -> Result<Config, Vec<String>> {
+        let mut p = Vec::new();
+        if self.name.is_empty() {
+            p.push("name: required (the legacy registry's name, e.g. \"zk\")".into());
+        } else if !self
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            p.push(format!(
+                "name: {:?} may hold only letters, digits, '-' and '_'",
+                self.name
+            ));
+        }
+        let ms = |p: &mut Vec<String>, key: &str, v: u64| {
+            if v == 0 {
+                p.push(format!("{key}: must be greater than 0"));
+            }
+            Duration::from_millis(v.max(1))
+        };
+        let source = match self.source.kind.as_str() {
+            "zookeeper" => {
+                if self.source.servers.is_empty() {
+                    p.push("source.servers: required for kind = \"zookeeper\" (host:port[,host:port…])".into());
+                }
+                if !self.source.root.starts_with('/') {
+                    p.push(format!(
+                        "source.root: {:?} must start with '/'",
+                        self.source.root
+                    ));
+                }
+                let protocols = if self.source.protocols.is_empty() {
+                    Mapping::default_protocols()
+                } else {
+                    let mut m = HashMap::new();
+                    for (scheme, proto) in &self.source.protocols {
+                        match AppProtocol::parse(proto) {
+                            Some(a) => {
+                                m.insert(scheme.to_ascii_lowercase(), a);
+                            }
+                            None => p.push(format!(
+                                "source.protocols.{scheme}: {proto:?} is not http1 or http2"
+                            )),
+                        }
+                    }
+                    m
+                };
+                let mut services = HashMap::new();
+                for (iface, svc) in &self.source.services {
+                    match ServiceName::new(svc.clone()) {
+                        Ok(s) => {
+                            services.insert(iface.clone(), s);
+                        }
+                        Err(e) => p.push(format!("source.services.{iface:?}: {e}")),
+                    }
+                }
+                SourceSpec::ZooKeeper {
+                    servers: self.source.servers.clone(),
+                    root: self.source.root.clone(),
+                    session_timeout: ms(
+                        &mut p,
+                        "source.session_timeout_ms",
+                        self.source.session_timeout_ms,
+                    ),
+                    mapping: Mapping {
+                        legacy: self.name.clone(),
+                        protocols,
+                        services,
+                        ignored_params: self
+                            .source
+                            .ignored_params
+                            .clone()
+                            .unwrap_or_else(Mapping::default_ignored),
+                    },
+                    max_per_interface: self.source.max_per_interface.max(1),
+                }
+            }
+            "dir" => {
+                if self.source.path.is_empty() {
+                    p.push("source.path: required for kind = \"dir\"".into());
+                }
+                SourceSpec::Dir {
+                    path: PathBuf::from(&self.source.path),
+                    poll_interval: ms(
+                        &mut p,
+                        "source.poll_interval_ms",
+                        self.source.poll_interval_ms,
+                    ),
+                }
+            }
+            other => {
+                p.push(format!(
+                    "source.kind: {other:?} is not \"zookeeper\" or \"dir\""
+                ));
+                SourceSpec::Dir {
+                    path: PathBuf::new(),
+                    poll_interval: Duration::from_secs(1),
+                }
+            }
+        };
+        if self.target.etcd.is_empty() {
+            p.push("target.etcd: at least one member URL is required".into());
+        }
+        for u in &self.target.etcd {
+            if !u.starts_with("http://") {
+                p.push(format!("target.etcd: {u:?} is not an http:// URL"));
+            }
+        }
+        if !self.target.prefix.starts_with('/') {
+            p.push(format!(
+                "target.prefix: {:?} must start with '/'",
+                self.target.prefix
+            ));
+        }
+        let secs = |p: &mut Vec<String>, key: &str, v: u64| {
+            if v == 0 {
+                p.push(format!("{key}: must be at least 1"));
+            }
+            Duration::from_secs(v.max(1))
+        };
+        let election_ttl = secs(&mut p, "target.election_ttl_s", self.target.election_ttl_s);
+        let lease_ttl = secs(&mut p, "target.lease_ttl_s", self.target.lease_ttl_s);
+        if lease_ttl < election_ttl * 2 {
+            p.push("target.lease_ttl_s: must be at least twice target.election_ttl_s (a successor must re-attach the entries before they expire)".into());
+        }
+        let admin_listen = match self.admin.listen.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => a,
+            Ok(a) => {
+                p.push(format!("admin.listen: {a} is not a loopback address"));
+                a
+            }
+            Err(_) => {
+                p.push(format!(
+                    "admin.listen: {:?} is not ip:port",
+                    self.admin.listen
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        };
+        let protection = self.protection.validate(&mut p);
+        let replica = if self.replica.is_empty() {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        } else {
+            self.replica.clone()
+        };
+        if !p.is_empty() {
+            return Err(p);
+        }
+        Ok(Config {
+            name: self.name,
+            replica,
+            source,
+            etcd: self.target.etcd,
+            prefix: self.target.prefix.trim_end_matches('/').to_owned(),
+            election_ttl,
+            lease_ttl,
+            request_timeout: ms(
+                &mut p,
+                "target.request_timeout_ms",
+                self.target.request_timeout_ms,
+            ),
+            resync_interval: ms(
+                &mut p,
+                "target.resync_interval_ms",
+                self.target.resync_interval_ms,
+            ),
+            check_interval: ms(&mut p, "check_interval_ms", self.check_interval_ms),
+            settle: Duration::from_millis(self.source.settle_ms.min(10_000)),
+            protection,
+            admin_listen,
+            admin_address_file: (!self.admin.address_file.is_empty())
+                .then(|| PathBuf::from(self.admin.address_file)),
+            warnings: Vec::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse("test", text, Vec::<(String, String)>::new())
+    }
+
+    #[test]
+    fn a_minimal_zookeeper_config_takes_the_defaults() {
+        let c = parse("name = \"zk\"\n[source]\nservers = \"127.0.0.1:2181\"\n[target]\netcd = [\"http://127.0.0.1:2379\"]\n").unwrap();
+        assert_eq!(c.election_ttl, Duration::from_secs(5));
+        assert_eq!(c.lease_ttl, Duration::from_secs(30));
+        assert_eq!(c.prefix, "/detour/v1");
+        let SourceSpec::ZooKeeper { root, mapping, .. } = c.source else {
+            panic!("zookeeper")
+        };
+        assert_eq!(root, "/dubbo");
+        assert_eq!(mapping.protocols.get("rest"), Some(&AppProtocol::Http1));
+        assert!(!mapping.protocols.contains_key("dubbo"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let e = parse("name = \"a b\"\nbogus = 1\n[source]\nkind = \"zk\"\n[target]\netcd = [\"127.0.0.1:2379\"]\nelection_ttl_s = 10\nlease_ttl_s = 10\n[admin]\nlisten = \"0.0.0.0:1\"\n")
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "unknown key `bogus`",
+            "name:",
+            "source.kind",
+            "target.etcd",
+            "lease_ttl_s",
+            "admin.listen",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! `detour-registry-sync`, the agent: a legacy source, the mirror loop into etcd, the admin API,
+//! and a clean stop on SIGTERM/SIGINT (resigning, leaving the entries for a standby to adopt).
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::health::NetCheck;
+use crate::legacy::dirsrc::DirSource;
+use crate::legacy::zk::{ZkOptions, ZkSource};
+use crate::legacy::{LegacySource, SourceView};
+use crate::mirror::run::{RunOptions, SharedStatus, Status, run};
+use crate::mirror::target::EtcdTarget;
+
+pub mod admin;
+pub mod config;
+
+use config::{Config, SourceSpec};
+
+/// The agent failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The admin listener could not be bound.
+    #[error("cannot listen on {addr} (admin): {source}")]
+    Admin {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin address file could not be written.
+    #[error("cannot write {path}: {source}")]
+    AddressFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The process's Prometheus handle, installing the recorder on first use.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+            .map(|b| b.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+struct Shared {
+    cfg: Config,
+    describe: String,
+    source: watch::Receiver<SourceView>,
+    status: SharedStatus,
+}
+
+impl admin::StateSource for Shared {
+    fn ready(&self) -> bool {
+        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.role == "leader" || s.role == "standby"
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let status: Status = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let view = self.source.borrow().clone();
+        let endpoints: usize = view.providers.values().map(|m| m.len()).sum();
+        serde_json::json!({
+            "name": self.cfg.name,
+            "replica": self.cfg.replica,
+            "role": status.role,
+            "leader": status.leader,
+            "elected": status.elected,
+            "source": {
+                "describe": self.describe,
+                "connected": view.connected,
+                "listed": view.listed,
+                "problem": view.problem,
+                "services": view.providers.len(),
+                "endpoints": endpoints,
+            },
+            "target": {
+                "etcd": self.cfg.etcd,
+                "prefix": self.cfg.prefix,
+                "entries": status.entries,
+                "services": status.services,
+                "conflicts": status.conflicts,
+                "last_error": status.last_error,
+            },
+            "held_deletions": status.held_deletions,
+            "protected": status.protected,
+            "lag_ms": status.lag_ms,
+        })
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run_agent(cfg: Config) -> Result<(), StartError> {
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    let prom = prometheus().clone();
+    let listener = TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(|source| StartError::Admin {
+            addr: cfg.admin_listen,
+            source,
+        })?;
+    let admin_addr = listener.local_addr().map_err(|source| StartError::Admin {
+        addr: cfg.admin_listen,
+        source,
+    })?;
+    if let Some(path) = &cfg.admin_address_file {
+        write_atomically(path, format!("{admin_addr}\n").as_bytes()).map_err(|source| {
+            StartError::AddressFile {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    let source: Box<dyn LegacySource> = match &cfg.source {
+        SourceSpec::ZooKeeper {
+            servers,
+            root,
+            session_timeout,
+            mapping,
+            max_per_interface,
+        } => Box::new(ZkSource::new(ZkOptions {
+            servers: servers.clone(),
+            root: root.clone(),
+            session_timeout: *session_timeout,
+            mapping: mapping.clone(),
+            max_per_interface: *max_per_interface,
+        })),
+        SourceSpec::Dir {
+            path,
+            poll_interval,
+        } => Box::new(DirSource {
+            path: path.clone(),
+            poll_interval: *poll_interval,
+            legacy: cfg.name.clone(),
+        }),
+    };
+    let describe = source.describe();
+    tracing::info!(name = %cfg.name, replica = %cfg.replica, source = %describe, admin = %admin_addr, etcd = ?cfg.etcd, "detour-registry-sync starting");
+    let (view_tx, view_rx) = watch::channel(SourceView::default());
+    let source_task = tokio::spawn(source.run(view_tx));
+    let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        describe,
+        source: view_rx.clone(),
+        status: status.clone(),
+    });
+    let admin_task = tokio::spawn(admin::serve(listener, shared, prom));
+    let target = Arc::new(EtcdTarget::new(
+        cfg.etcd.clone(),
+        &cfg.prefix,
+        &cfg.name,
+        cfg.request_timeout,
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let opts = RunOptions {
+        replica: cfg.replica.clone(),
+        election_ttl: cfg.election_ttl,
+        lease_ttl: cfg.lease_ttl,
+        resync_interval: cfg.resync_interval,
+        check_interval: cfg.check_interval,
+        policy: cfg.protection.clone(),
+        settle: cfg.settle,
+    };
+    let mut mirror = tokio::spawn(run(
+        opts,
+        target,
+        view_rx,
+        Arc::new(NetCheck),
+        status,
+        stop_rx,
+    ));
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("stopping: resigning the election; the mirrored entries stay for a standby");
+            let _ = stop_tx.send(true);
+            let _ = tokio::time::timeout(cfg.request_timeout * 2, &mut mirror).await;
+        }
+        _ = &mut mirror => tracing::error!("the mirror loop ended"),
+    }
+    source_task.abort();
+    admin_task.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
