@@ -75,3 +75,22 @@ pub fn summary(kind: &str, name: &str, s: &Stats, fault_ms: u64, healed_ms: u64)
     println!("{line}");
     line
 }
+
+/// A shorter summary, for scenarios where the path does not move: counts, paths, failures and
+/// which instance answered (`{kind} {name}: sent=… served_by=…`), printed and returned.
+pub fn counts_line(kind: &str, name: &str, s: &Stats) -> String {
+    let n = |k| s.paths.get(k).copied().unwrap_or(0);
+    let l = format!(
+        "{kind} {name}: sent={} ok={} failed={} mesh={} ca_direct={} direct={} failures={:?} served_by={:?}",
+        s.sent,
+        s.ok,
+        s.failed,
+        n("mesh"),
+        n("ca_direct"),
+        n("direct"),
+        s.failures,
+        s.served_by
+    );
+    println!("{l}");
+    l
+}

@@ -39,20 +39,7 @@ fn bare(host: &str, instance: &str, p: &DemoProvider) -> Endpoint {
 }
 
 fn line(name: &str, s: &Stats) -> String {
-    let n = |k| s.paths.get(k).copied().unwrap_or(0);
-    let l = format!(
-        "ETCD {name}: sent={} ok={} failed={} mesh={} ca_direct={} direct={} failures={:?} served_by={:?}",
-        s.sent,
-        s.ok,
-        s.failed,
-        n("mesh"),
-        n("ca_direct"),
-        n("direct"),
-        s.failures,
-        s.served_by
-    );
-    println!("{l}");
-    l
+    detour_tests::scenario::counts_line("ETCD", name, s)
 }
 
 #[tokio::test]

@@ -20,20 +20,7 @@ const HELLO: &str = "com.acme.Hello";
 const MAP_HELLO: &str = "\n[source.services]\n\"com.acme.Hello\" = \"hello\"\n";
 
 fn line(name: &str, s: &Stats) -> String {
-    let n = |k| s.paths.get(k).copied().unwrap_or(0);
-    let l = format!(
-        "SYNC {name}: sent={} ok={} failed={} mesh={} ca_direct={} direct={} failures={:?} served_by={:?}",
-        s.sent,
-        s.ok,
-        s.failed,
-        n("mesh"),
-        n("ca_direct"),
-        n("direct"),
-        s.failures,
-        s.served_by
-    );
-    println!("{l}");
-    l
+    detour_tests::scenario::counts_line("SYNC", name, s)
 }
 
 /// ZooKeeper, etcd, the agent, and a mesh whose caller `h1` routes `hello` from etcd.
@@ -43,6 +30,36 @@ struct Release {
     etcd: Etcd,
     mesh: Mesh,
     reg: Registrar,
+}
+
+impl Release {
+    /// Registers `addrs` under com.acme.Hello, starts the agent and the caller `h1`; returns the
+    /// agent and an SDK client on h1 once etcd holds every entry and h1 routes them.
+    async fn serve(
+        &mut self,
+        addrs: &[std::net::SocketAddr],
+    ) -> (SyncProcess, detour_thin_sdk::Client) {
+        for a in addrs {
+            self.reg.register(HELLO, &url(a, HELLO, 100)).await;
+        }
+        let agent = SyncProcess::start(
+            self.root.path(),
+            "sync-a",
+            &zk_config("a", &self.zk.addr, &self.etcd.url, MAP_HELLO),
+        )
+        .await;
+        wait_synced(
+            &mut self.etcd.raw().await,
+            addrs.len(),
+            Duration::from_secs(10),
+        )
+        .await;
+        self.mesh.start("h1", "127.0.0.1", &[]).await;
+        self.mesh.wait_endpoints("h1", "hello", addrs.len()).await;
+        let snap = self.mesh.root().join("snap.json");
+        let client = detour_tests::ready_sdk(&self.mesh, "h1", "hello", &snap).await;
+        (agent, client)
+    }
 }
 
 async fn release_setup() -> Release {
@@ -73,20 +90,8 @@ async fn an_instance_removed_from_zookeeper_before_its_process_stops_loses_nothi
         providers((2..4).map(|i| (format!("127.0.0.{i}"), format!("p{i}")))).await;
     let mut leaving =
         ProviderProcess::start("127.0.0.4:0".parse().unwrap(), "p4", r.root.path()).await;
-    for p in &keep {
-        r.reg.register(HELLO, &url(p.addr(), HELLO, 100)).await;
-    }
-    r.reg.register(HELLO, &url(leaving.addr, HELLO, 100)).await;
-    let _agent = SyncProcess::start(
-        r.root.path(),
-        "sync-a",
-        &zk_config("a", &r.zk.addr, &r.etcd.url, MAP_HELLO),
-    )
-    .await;
-    r.mesh.start("h1", "127.0.0.1", &[]).await;
-    r.mesh.wait_endpoints("h1", "hello", 3).await;
-    let client =
-        detour_tests::ready_sdk(&r.mesh, "h1", "hello", &r.mesh.root().join("snap.json")).await;
+    let addrs = [keep[0].addr(), keep[1].addr(), leaving.addr];
+    let (_agent, client) = r.serve(&addrs).await;
     let t0 = tokio::time::Instant::now();
     let load = spawn_load(&client, 500, 10);
     tokio::time::sleep_until(t0 + Duration::from_secs(3)).await;
@@ -127,21 +132,10 @@ async fn a_zookeeper_outage_deletes_nothing_and_traffic_rides_through() {
         .unwrap_or(30);
     let ps: Vec<DemoProvider> =
         providers((2..6).map(|i| (format!("127.0.0.{i}"), format!("p{i}")))).await;
-    for p in &ps[..3] {
-        r.reg.register(HELLO, &url(p.addr(), HELLO, 100)).await;
-    }
-    let agent = SyncProcess::start(
-        r.root.path(),
-        "sync-a",
-        &zk_config("a", &r.zk.addr, &r.etcd.url, MAP_HELLO),
-    )
-    .await;
-    r.mesh.start("h1", "127.0.0.1", &[]).await;
-    r.mesh.wait_endpoints("h1", "hello", 3).await;
-    let client =
-        detour_tests::ready_sdk(&r.mesh, "h1", "hello", &r.mesh.root().join("snap.json")).await;
+    let addrs: Vec<_> = ps[..3].iter().map(DemoProvider::addr).collect();
+    let (agent, client) = r.serve(&addrs).await;
     let mut ec = r.etcd.raw().await;
-    let before = wait_synced(&mut ec, 3, Duration::from_secs(10)).await;
+    let before = synced(&mut ec).await;
     let load = spawn_load(&client, 300, outage_s + 12);
     tokio::time::sleep(Duration::from_secs(2)).await;
     r.zk.stop().await;
@@ -205,21 +199,9 @@ async fn a_mass_removal_of_live_providers_is_held_and_health_checked() {
     let mut r = release_setup().await;
     let mut ps: Vec<DemoProvider> =
         providers((0..10).map(|i| (format!("127.0.1.{}", i + 1), format!("p{i}")))).await;
-    for p in &ps {
-        r.reg.register(HELLO, &url(p.addr(), HELLO, 100)).await;
-    }
-    let agent = SyncProcess::start(
-        r.root.path(),
-        "sync-a",
-        &zk_config("a", &r.zk.addr, &r.etcd.url, MAP_HELLO),
-    )
-    .await;
-    r.mesh.start("h1", "127.0.0.1", &[]).await;
-    r.mesh.wait_endpoints("h1", "hello", 10).await;
-    let client =
-        detour_tests::ready_sdk(&r.mesh, "h1", "hello", &r.mesh.root().join("snap.json")).await;
+    let addrs: Vec<_> = ps.iter().map(DemoProvider::addr).collect();
+    let (agent, client) = r.serve(&addrs).await;
     let mut ec = r.etcd.raw().await;
-    wait_synced(&mut ec, 10, Duration::from_secs(10)).await;
     let load = spawn_load(&client, 500, 10);
     tokio::time::sleep(Duration::from_secs(2)).await;
     for p in &ps[2..] {
