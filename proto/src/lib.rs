@@ -3,6 +3,7 @@
 //! every Detour binary shares.
 
 pub mod config_file;
+pub mod files;
 pub mod types;
 
 pub use types::{

@@ -98,6 +98,15 @@ struct Feed {
 /// The disk cache's writer, once there is one (it can be attached after the start).
 type Writer = Arc<OnceLock<Arc<CacheWriter>>>;
 
+/// What [`Catalog::follow`] found.
+#[derive(Debug)]
+pub enum Follow {
+    /// The routed set of a known service.
+    Routed(watch::Receiver<Arc<EndpointSet>>),
+    /// The registry's view of a name no service has (yet).
+    Unknown(watch::Receiver<Arc<EndpointSet>>),
+}
+
 /// Endpoint sets per service.
 pub struct Catalog {
     registry: Arc<dyn Registry>,
@@ -195,7 +204,8 @@ impl Catalog {
         &self.registry
     }
 
-    /// The current endpoint set of `service`, starting its feeder on first use.
+    /// The current endpoint set of `service`, starting its feeder on first use (of a service
+    /// the registry or the disk cache knows).
     pub async fn endpoints(
         &self,
         service: &ServiceName,
@@ -203,7 +213,35 @@ impl Catalog {
         if let Some(slot) = self.read().get(service) {
             return Ok(slot.tx.borrow().clone());
         }
-        Ok(self.subscribe(service).await?.borrow().clone())
+        // A name the registry does not know (once it has answered) and the disk cache never
+        // held leaves nothing behind: no slot, feeder, metric series or cache entry. Names come
+        // from the network; only services that exist get state.
+        let cached = self.writer.get().and_then(|w| w.cache().get(service));
+        if cached.is_none() && self.registry.synced() {
+            let set = self.registry.watch(service).await?.borrow().clone();
+            if !set.known {
+                metrics::counter!("detour_catalog_unknown_lookups_total").increment(1);
+                return Ok(set);
+            }
+        }
+        Ok(self.insert(service, cached).await?.borrow().clone())
+    }
+
+    /// Follows `service` if it exists: the routed set of a service the registry or the disk
+    /// cache knows, or else the registry's own watch of the name (no catalog state is made for
+    /// it; follow it until it is `known`, then ask again).
+    pub async fn follow(&self, service: &ServiceName) -> Result<Follow, RegistryError> {
+        if let Some(slot) = self.read().get(service) {
+            return Ok(Follow::Routed(slot.tx.subscribe()));
+        }
+        let cached = self.writer.get().and_then(|w| w.cache().get(service));
+        if cached.is_none() && self.registry.synced() {
+            let rx = self.registry.watch(service).await?;
+            if !rx.borrow().known {
+                return Ok(Follow::Unknown(rx));
+            }
+        }
+        Ok(Follow::Routed(self.insert(service, cached).await?))
     }
 
     /// A receiver that follows `service`'s routed set.

@@ -195,11 +195,8 @@ impl Inner {
             };
             serde_json::to_vec_pretty(&rec).map_err(|e| unavailable(&self.dir, e.into()))?
         };
-        let tmp = self
-            .dir
-            .join(format!(".{}.json.tmp.{}", self.host, std::process::id()));
-        std::fs::write(&tmp, &bytes).map_err(|e| unavailable(&self.dir, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| unavailable(&self.dir, e))
+        detour_proto::files::write_atomic(&path, &bytes, 0o644)
+            .map_err(|e| unavailable(&self.dir, e))
     }
 
     /// Reads every record, rebuilds the view and updates the watchers.
@@ -266,20 +263,14 @@ impl Inner {
         let path = self
             .dir
             .join(format!("{}.json", crate::registry::RULES_DOC));
-        let meta = match std::fs::symlink_metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(None),
-            Err(_) => return None,
-        };
-        if !meta.is_file() || meta.len() > crate::registry::MAX_DOC_BYTES {
-            self.report_bad(
-                &path,
-                meta.len() as usize,
-                "not a regular file of at most 1 MiB",
-            );
-            return None;
+        match read_regular(&path, crate::registry::MAX_DOC_BYTES) {
+            Ok(bytes) => Some(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
+            Err(e) => {
+                self.report_bad(&path, 0, &e.to_string());
+                None
+            }
         }
-        std::fs::read(&path).ok().map(Some)
     }
 
     fn report_bad(&self, path: &Path, len: usize, why: &str) {
@@ -291,7 +282,46 @@ impl Inner {
     }
 }
 
-/// Reads every host record in `dir` into a view; `bad` hears each file that does not parse.
+/// The largest host record read (a bigger one is reported and skipped).
+pub const MAX_RECORD_BYTES: u64 = 4 << 20;
+
+/// Reads `path` if it is a regular file (not a FIFO, device, directory or symbolic link) of at
+/// most `limit` bytes. Opened without following links and without blocking, so a FIFO dropped
+/// into the directory cannot freeze the reader.
+pub(crate) fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Reads every host record in `dir` into a view; `bad` hears each file that does not parse, is
+/// not a regular file, is too large, or holds another host's record.
 pub(crate) fn read_records(
     dir: &Path,
     mut bad: impl FnMut(&Path, usize, &str),
@@ -304,11 +334,22 @@ pub(crate) fn read_records(
         if name.starts_with('.') || !name.ends_with(".json") {
             continue;
         }
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue; // renamed away between listing and reading
+        let bytes = match read_regular(&path, MAX_RECORD_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // renamed away
+            Err(e) => {
+                bad(&path, 0, &e.to_string());
+                continue;
+            }
         };
+        let stem = &name[..name.len() - ".json".len()];
         match serde_json::from_slice::<HostRecordIn>(&bytes) {
-            Ok(rec) if rec.format == FORMAT => records.push(rec),
+            Ok(rec) if rec.format == FORMAT && rec.host.as_str() == stem => records.push(rec),
+            Ok(rec) if rec.format == FORMAT => bad(
+                &path,
+                bytes.len(),
+                &format!("record of host {} in another host's file", rec.host),
+            ),
             Ok(rec) => bad(&path, bytes.len(), &format!("format {}", rec.format)),
             Err(e) => bad(&path, bytes.len(), &e.to_string()),
         }

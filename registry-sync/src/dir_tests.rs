@@ -159,3 +159,62 @@ fn expired_records_keep_the_service_known_but_empty() {
     assert!(dead.services[&echo].endpoints.is_empty());
     assert!(dead.hosts.is_empty());
 }
+
+#[tokio::test]
+async fn a_fifo_a_forged_record_and_an_oversized_file_are_skipped_and_routing_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let h1 = DirRegistry::open(dir.path(), HostId::new("h1").unwrap(), fast())
+        .await
+        .unwrap();
+    let reader = DirRegistry::open(dir.path(), HostId::new("r").unwrap(), fast())
+        .await
+        .unwrap();
+    h1.register(ep("echo", "h1", 8080)).await.unwrap();
+    // A FIFO (no writer: opening it for reading would block a plain reader for ever).
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        dir.path().join("fifo.json"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    // A record of h1 written into h9's file (a forged registration of another host).
+    let forged = std::fs::read_to_string(h1.own_file())
+        .unwrap()
+        .replace("8080", "9999")
+        .replace("h1-echo", "h9-echo");
+    std::fs::write(dir.path().join("h9.json"), forged).unwrap();
+    // A file over the size limit.
+    std::fs::write(
+        dir.path().join("big.json"),
+        vec![b' '; MAX_RECORD_BYTES as usize + 1],
+    )
+    .unwrap();
+    // A symbolic link out of the directory.
+    std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link.json")).unwrap();
+    let mut bad = Vec::new();
+    let view = read_records(dir.path(), |p, _, why| {
+        bad.push(format!("{}: {why}", p.display()))
+    })
+    .unwrap();
+    assert_eq!(bad.len(), 4, "{bad:?}");
+    let echo = view
+        .services
+        .get(&ServiceName::new("echo").unwrap())
+        .unwrap();
+    assert_eq!(echo.endpoints.len(), 1);
+    assert_eq!(echo.endpoints[0].app_address.port(), 8080);
+    // A registry client keeps scanning past them.
+    let mut rx = reader
+        .watch(&ServiceName::new("echo").unwrap())
+        .await
+        .unwrap();
+    h1.register(ep("more", "h1", 8081)).await.unwrap();
+    let _ = wait_for(&mut rx, |s| s.endpoints.len() == 1).await;
+    let mut more = reader
+        .watch(&ServiceName::new("more").unwrap())
+        .await
+        .unwrap();
+    let _ = wait_for(&mut more, |s| s.endpoints.len() == 1).await;
+}

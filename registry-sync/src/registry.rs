@@ -129,7 +129,7 @@ impl std::str::FromStr for RegistrySpec {
 }
 
 /// The watchers of one back-end: a subscription to an existing watch, or a new one starting
-/// from `current()`.
+/// from `current()` (dropping the watches no receiver follows any more).
 pub(crate) fn subscribe_or_insert(
     watchers: &mut std::collections::HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>,
     service: &ServiceName,
@@ -138,6 +138,9 @@ pub(crate) fn subscribe_or_insert(
     if let Some(tx) = watchers.get(service) {
         return tx.subscribe();
     }
+    // Watches nobody follows any more (a lookup of a name that turned out unknown) go, so names
+    // from the network cannot grow the map.
+    watchers.retain(|_, tx| tx.receiver_count() > 0);
     let (tx, rx) = watch::channel(Arc::new(current()));
     watchers.insert(service.clone(), tx);
     rx

@@ -8,6 +8,11 @@
 //! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, catalog per service (endpoints, source, staleness, protection) |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 //! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
+//!
+//! Every request must name a loopback `Host` (else 403); the `POST`s also need the token of
+//! `{run_dir}/admin.token` as `Authorization: Bearer TOKEN` (else 401) — see
+//! [`crate::admin_guard`]. A client has 5 s to send a request head and 60 s for its whole
+//! connection; at most 64 connections are served at once, and accept errors back off.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -49,35 +54,75 @@ pub struct Admin {
     pub gray: Arc<crate::gray::Gray>,
     /// Bound addresses, for `/state`.
     pub bound: SidecarAddresses,
+    /// The credential of mutating requests.
+    pub token: crate::admin_guard::Token,
 }
+
+/// Most admin connections served at once (more wait in the accept queue).
+const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its request head.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest an admin connection is kept.
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Admin {
     /// Serves the admin API on `listener` until the task is aborted, or until a successor that
     /// took the sockets over is ready (it answers from then on).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let accepted = tokio::select! {
-                r = listener.accept() => r,
+                r = async {
+                    let permit = slots.clone().acquire_owned().await;
+                    (permit, listener.accept().await)
+                } => r,
                 () = self.lifecycle.handover_requested() => return,
             };
-            let Ok((stream, _)) = accepted else {
+            let (Ok(permit), Ok((stream, _))) = accepted else {
+                // EMFILE and friends: back off instead of spinning.
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
             let admin = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(req)) }
                 });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let conn = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
             });
         }
     }
 
     fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+        use crate::admin_guard::{Refusal, check};
+        let mutates = req.method() == Method::POST;
+        match check(req.headers(), mutates, &self.token) {
+            Ok(()) => {}
+            Err(Refusal::ForeignHost) => {
+                metrics::counter!("detour_admin_refused_total", "reason" => "host").increment(1);
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "refused: Host must name a loopback host\n",
+                );
+            }
+            Err(Refusal::Unauthorized) => {
+                metrics::counter!("detour_admin_refused_total", "reason" => "token").increment(1);
+                let mut r = text(
+                    StatusCode::UNAUTHORIZED,
+                    "refused: send the token of the run directory's admin.token as `Authorization: Bearer TOKEN`\n",
+                );
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return r;
+            }
+        }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => match self.lifecycle.state() {

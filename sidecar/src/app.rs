@@ -211,6 +211,12 @@ impl Sidecar {
             providers: providers.clone(),
             gray,
             bound: bound.clone(),
+            token: crate::admin_guard::Token::create(&cfg.run_dir).map_err(|source| {
+                StartError::RunDir {
+                    path: cfg.run_dir.clone(),
+                    source,
+                }
+            })?,
         });
 
         let lc = &lifecycle;
@@ -293,11 +299,16 @@ impl Sidecar {
     }
 }
 
+/// Creates the run directory, readable by its owner and group only (it holds the admin token
+/// and the sockets).
 fn prepare_run_dir(cfg: &Config) -> Result<(), StartError> {
-    std::fs::create_dir_all(&cfg.run_dir).map_err(|source| StartError::RunDir {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| StartError::RunDir {
         path: cfg.run_dir.clone(),
         source,
-    })
+    };
+    std::fs::create_dir_all(&cfg.run_dir).map_err(err)?;
+    std::fs::set_permissions(&cfg.run_dir, std::fs::Permissions::from_mode(0o750)).map_err(err)
 }
 
 /// Opens the registry back-end `cfg` names, for this host.
@@ -353,7 +364,9 @@ pub(crate) async fn publish_status(
 /// Writes the bound addresses atomically for tools and tests to read (and for a watchdog:
 /// its pid is the sign that this process is ready).
 fn write_address_file(run_dir: &Path, bound: &SidecarAddresses) -> std::io::Result<()> {
-    let tmp = run_dir.join(format!(".{ADDRESS_FILE}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(bound)?)?;
-    std::fs::rename(tmp, run_dir.join(ADDRESS_FILE))
+    detour_proto::files::write_atomic(
+        &run_dir.join(ADDRESS_FILE),
+        &serde_json::to_vec_pretty(bound)?,
+        0o644,
+    )
 }

@@ -12,8 +12,9 @@ use detour_proto::control::local_control_server::LocalControl;
 use detour_proto::control::{
     ControlEvent, EndpointInfo, EndpointSnapshot, MeshSwitch, SessionRequest, SidecarStatus,
 };
-use detour_proto::{HostId, ServiceName, SidecarState};
+use detour_proto::{Endpoint, HostId, ServiceName, SidecarState};
 use detour_registry_sync::Catalog;
+use detour_registry_sync::catalog::Follow;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
@@ -104,6 +105,7 @@ impl ControlService {
         let mut rules = self.gray.subscribe();
         let mut watchers = JoinSet::new();
         let mut seen: HashSet<ServiceName> = HashSet::new();
+        let unknown_slots = Arc::new(tokio::sync::Semaphore::new(MAX_UNKNOWN_FOLLOWED));
         // The mesh switch last sent for each service.
         let mut switched: HashMap<ServiceName, bool> = HashMap::new();
         let first = *state.borrow_and_update();
@@ -126,7 +128,7 @@ impl ControlService {
                                 let on = self.gray.mesh_on(&service);
                                 if tx.send(Ok(Self::switch(&service, on))).await.is_err() { break; }
                                 switched.insert(service.clone(), on);
-                                watchers.spawn(forward_snapshots(self.catalog.clone(), service, tx.clone()));
+                                watchers.spawn(forward_snapshots(self.catalog.clone(), service, tx.clone(), unknown_slots.clone()));
                             }
                         }
                     }
@@ -160,29 +162,66 @@ impl ControlService {
     }
 }
 
+/// Most names no service has that one control session follows (waiting for them to appear);
+/// more get one empty snapshot and are not followed.
+const MAX_UNKNOWN_FOLLOWED: usize = 256;
+
 /// Sends `service`'s snapshot now and after every change, until the session ends.
-async fn forward_snapshots(catalog: Arc<Catalog>, service: ServiceName, tx: Tx) {
-    let mut rx = match catalog.subscribe(&service).await {
-        Ok(rx) => rx,
-        Err(e) => {
-            tracing::warn!(%service, error = %e, "no snapshot for control session");
-            return;
+async fn forward_snapshots(
+    catalog: Arc<Catalog>,
+    service: ServiceName,
+    tx: Tx,
+    unknown_slots: Arc<tokio::sync::Semaphore>,
+) {
+    let mut revision = 0u64;
+    // A name no service has gets an empty snapshot and is followed in the registry alone (no
+    // catalog state) until it exists.
+    let mut rx = loop {
+        match catalog.follow(&service).await {
+            Ok(Follow::Routed(rx)) => break rx,
+            Ok(Follow::Unknown(mut unknown)) => {
+                revision += 1;
+                let ev = snapshot_event(&service, &[], revision);
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+                // A session follows a bounded number of names that do not exist.
+                let Ok(_slot) = unknown_slots.try_acquire() else {
+                    tracing::debug!(%service, "not following another unknown name in this session");
+                    return;
+                };
+                loop {
+                    if unknown.changed().await.is_err() {
+                        return;
+                    }
+                    if unknown.borrow_and_update().known {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%service, error = %e, "no snapshot for control session");
+                return;
+            }
         }
     };
-    let mut revision = 0u64;
     loop {
         let set = rx.borrow_and_update().clone();
         revision += 1;
-        let snap = EndpointSnapshot {
-            service: service.to_string(),
-            endpoints: set.endpoints.iter().map(EndpointInfo::from).collect(),
-            revision,
-        };
-        let ev = ControlEvent {
-            event: Some(Event::Snapshot(snap)),
-        };
+        let ev = snapshot_event(&service, &set.endpoints, revision);
         if tx.send(Ok(ev)).await.is_err() || rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+fn snapshot_event(service: &ServiceName, endpoints: &[Endpoint], revision: u64) -> ControlEvent {
+    let snap = EndpointSnapshot {
+        service: service.to_string(),
+        endpoints: endpoints.iter().map(EndpointInfo::from).collect(),
+        revision,
+    };
+    ControlEvent {
+        event: Some(Event::Snapshot(snap)),
     }
 }

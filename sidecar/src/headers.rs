@@ -28,6 +28,31 @@ pub fn authority(parts: &Parts) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
+/// The service a request names, for routing: like [`authority`], but a request with two `Host`
+/// headers, or whose `Host` disagrees with its `:authority`, names none (proxies that picked
+/// different ones would route one request two ways).
+pub fn target(parts: &Parts) -> Result<&str, &'static str> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let name = authority(parts).ok_or("no Host or :authority names a service")?;
+    if parts.uri.authority().is_some()
+        && let Some(h) = first
+    {
+        let h = h.to_str().map_err(|_| "Host is not text")?;
+        let h = match h.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => h,
+        };
+        if !h.eq_ignore_ascii_case(name) {
+            return Err("Host and :authority name different services");
+        }
+    }
+    Ok(name)
+}
+
 /// Approximate size of the request head in bytes (as HTTP/1.1 would encode it).
 pub fn head_size(parts: &Parts) -> usize {
     let uri = &parts.uri;
@@ -97,6 +122,39 @@ mod tests {
         assert_eq!(authority(&p), Some("echo"));
         let p = parts(http::Request::get("/x").body(()).unwrap());
         assert_eq!(authority(&p), None);
+    }
+
+    #[test]
+    fn a_duplicate_or_conflicting_host_names_no_service() {
+        let two = parts(
+            http::Request::get("/x")
+                .header("host", "echo")
+                .header("host", "other")
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(target(&two), Err("more than one Host header"));
+        let conflict = parts(
+            http::Request::get("http://echo/x")
+                .header("host", "other:80")
+                .body(())
+                .unwrap(),
+        );
+        assert!(target(&conflict).is_err());
+        let same = parts(
+            http::Request::get("http://echo/x")
+                .header("host", "ECHO:80")
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(target(&same), Ok("echo"));
+        let one = parts(
+            http::Request::get("/x")
+                .header("host", "echo")
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(target(&one), Ok("echo"));
     }
 
     #[test]

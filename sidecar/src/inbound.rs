@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 
 use crate::config::{Config, Provide};
 use crate::forward::attempt;
-use crate::headers::{authority, head_size, strip_hop_by_hop};
+use crate::headers::{authority, head_size, strip_hop_by_hop, target};
 use crate::lifecycle::Lifecycle;
 use crate::providers::LocalProviders;
 use crate::respond::{MeshError, is_grpc};
@@ -78,8 +78,7 @@ impl Inbound {
             ));
         }
         let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
-        let name = authority(&parts)
-            .ok_or_else(|| malformed("no Host or :authority names a service".into()))?;
+        let name = target(&parts).map_err(|e| malformed(e.into()))?;
         let service = ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
         let provider = self.providers.get(&service).ok_or_else(|| {
             MeshError::new(

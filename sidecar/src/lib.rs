@@ -6,6 +6,7 @@
 //! a signal and drains; everything else is here.
 
 pub mod admin;
+pub mod admin_guard;
 pub mod app;
 pub mod balance;
 pub mod config;

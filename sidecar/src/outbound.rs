@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::control::ControlService;
 use crate::forward::{AttemptFailed, attempt};
 use crate::gray::Gray;
-use crate::headers::{authority, head_size, strip_hop_by_hop};
+use crate::headers::{authority, head_size, strip_hop_by_hop, target};
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
 use crate::respond::{MeshError, is_grpc};
@@ -108,8 +108,7 @@ impl Outbound {
             ));
         }
         let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
-        let name = authority(&parts)
-            .ok_or_else(|| malformed("no Host or :authority names a service".into()))?;
+        let name = target(&parts).map_err(|e| malformed(e.into()))?;
         let service = ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
         let set = self
             .catalog

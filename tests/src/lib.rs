@@ -507,7 +507,8 @@ pub async fn metric(client: &Client, name: &str, label: &str) -> Option<f64> {
 
 /// GETs `path` from the admin API behind `client`: status and body text.
 pub async fn admin_get(client: &Client, path: &str) -> (u16, String) {
-    let svc = ServiceName::new("admin").expect("name");
+    // The SDK sends the service name as `Host`; the admin API takes loopback names only.
+    let svc = ServiceName::new("localhost").expect("name");
     let req = http::Request::get(path)
         .body(detour_thin_sdk::body::empty())
         .expect("request");

@@ -94,11 +94,34 @@ async fn control_stream_reports_ready_and_snapshots() {
     let admin = Client::builder(Dial::Tcp(ca.addrs.admin))
         .control(false)
         .build();
+    let localhost = ServiceName::new("localhost").unwrap();
+    let post = |auth: Option<String>| {
+        let mut r = Request::post("/drain");
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.body(empty()).unwrap()
+    };
+    // Without the run directory's token, or from a page that names another host: refused.
+    let resp = admin.send(&localhost, post(None)).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = admin
+        .send(&localhost, post(Some("Bearer wrong".into())))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let token = std::fs::read_to_string(ca.run_dir.join("admin.token")).unwrap();
     let resp = admin
         .send(
-            &ServiceName::new("admin").unwrap(),
-            Request::post("/drain").body(empty()).unwrap(),
+            &ServiceName::new("rebound.example").unwrap(),
+            post(Some(format!("Bearer {token}"))),
         )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(ca.child.try_wait().unwrap(), None, "still running");
+    let resp = admin
+        .send(&localhost, post(Some(format!("Bearer {token}"))))
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
@@ -159,4 +182,25 @@ fn a_bad_config_is_refused_with_every_problem_listed() {
     for needle in ["unknown key `registri`", "proxy.balance", "admin.listen"] {
         assert!(err.contains(needle), "{needle} missing from: {err}");
     }
+}
+
+#[tokio::test]
+async fn a_half_sent_head_on_the_admin_port_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mesh, _p) = caller_and_provider("").await;
+    let mut s = tokio::net::TcpStream::connect(mesh.admin_addr("h1"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /state HTTP/1.1\r\nHost: local")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    // The head-read timeout is 5 s; the connection must be closed well within 20 s.
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a half-sent head kept the connection open");
+    println!(
+        "ADMIN half-sent head closed after {} ms",
+        started.elapsed().as_millis()
+    );
 }

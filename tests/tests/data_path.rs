@@ -187,6 +187,50 @@ async fn an_unknown_service_gets_503_with_the_mesh_header() {
     );
 }
 
+#[tokio::test]
+async fn names_from_the_network_that_no_service_has_leave_no_state() {
+    let (mesh, _p) = caller_and_provider("").await;
+    let client = mesh.client("h1", AppProtocol::Http1);
+    assert_eq!(get(&client, "hello", "/").await.status(), StatusCode::OK);
+    let admin = mesh.admin("h1");
+    let series = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+    let (_, before) = detour_tests::admin_get(&admin, "/metrics").await;
+    let pid = mesh.sidecar("h1").child.pid();
+    let rss_before = detour_tests::rss_kib(pid);
+    let n = 5_000;
+    for i in 0..n {
+        let resp = get(&client, &format!("nosuch-{i}"), "/").await;
+        assert_eq!(mesh_error(&resp), Some(MeshErrorKind::UnknownService));
+    }
+    let rss_after = detour_tests::rss_kib(pid);
+    let (_, after) = detour_tests::admin_get(&admin, "/metrics").await;
+    let state = detour_tests::admin_get_json(&admin, "/state").await;
+    let slots = state["services"].as_object().map_or(0, |m| m.len());
+    println!(
+        "UNKNOWN {n} names: catalog slots {slots}, metric samples {} -> {}, RSS {rss_before} -> {rss_after} KiB",
+        series(&before),
+        series(&after)
+    );
+    assert_eq!(
+        slots, 1,
+        "only hello has a catalog slot: {}",
+        state["services"]
+    );
+    // A handful of new samples (the counter of unknown lookups, the error classes), not one
+    // per name.
+    assert!(
+        series(&after) < series(&before) + 20,
+        "{} -> {}",
+        series(&before),
+        series(&after)
+    );
+    // Before, each name kept a slot, a feeder task and a cache entry: 29 MB for 5,000 names.
+    assert!(
+        rss_after < rss_before + 10 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+}
+
 async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
@@ -222,6 +266,14 @@ async fn malformed_and_oversized_requests_get_clear_errors_and_break_nothing() {
     .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("x-detour-error: malformed-request"), "{out}");
+
+    // Two Host headers: proxies that picked different ones would route it two ways.
+    for order in ["hello\r\nhost: nosuch", "nosuch\r\nhost: hello"] {
+        let req = format!("GET / HTTP/1.1\r\nhost: {order}\r\nconnection: close\r\n\r\n");
+        let out = raw_exchange(addr, req.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert!(out.contains("more than one Host header"), "{out}");
+    }
 
     // A later request on a kept-alive connection with an oversized head: 431 from the proxy.
     let client = mesh.client("h1", AppProtocol::Http1);

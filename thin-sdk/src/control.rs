@@ -108,7 +108,7 @@ fn load_snapshot_file(path: &Path) -> HashMap<ServiceName, Arc<Snapshot>> {
     }
 }
 
-/// Writes every snapshot to `path` atomically (write, then rename).
+/// Writes every snapshot to `path` atomically (write, fsync, rename).
 fn write_snapshot_file(
     path: &Path,
     snaps: &HashMap<ServiceName, Arc<Snapshot>>,
@@ -120,9 +120,7 @@ fn write_snapshot_file(
             .map(|(k, v)| (k.clone(), v.endpoints.clone()))
             .collect(),
     };
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(&file)?)?;
-    std::fs::rename(tmp, path)
+    detour_proto::files::write_atomic(path, &serde_json::to_vec(&file)?, 0o644)
 }
 
 /// A running control session; dropping it stops the task.

@@ -125,12 +125,11 @@ pub async fn run_agent(cfg: Config) -> Result<(), StartError> {
         source,
     })?;
     if let Some(path) = &cfg.admin_address_file {
-        write_atomically(path, format!("{admin_addr}\n").as_bytes()).map_err(|source| {
-            StartError::AddressFile {
+        detour_proto::files::write_atomic(path, format!("{admin_addr}\n").as_bytes(), 0o644)
+            .map_err(|source| StartError::AddressFile {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
     }
     let source: Box<dyn LegacySource> = match &cfg.source {
         SourceSpec::ZooKeeper {
@@ -217,14 +216,4 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file, fsync and rename.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
