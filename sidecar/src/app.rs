@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use detour_core::{Pool, PoolOptions};
 use detour_proto::{ADDRESS_FILE, HostStatus, SidecarAddresses, SidecarState};
@@ -159,8 +158,9 @@ impl Sidecar {
         };
         let opts = Arc::new(ConnOptions {
             max_header_bytes: cfg.max_header_bytes,
-            head_timeout: Duration::from_secs(30),
+            head_timeout: cfg.limits.head_timeout,
             proxy: cfg.host.to_string(),
+            limits: cfg.limits.clone(),
         });
         let gray = Gray::new(cfg.host.clone());
         let following = gray.follow(registry.watch_rules());

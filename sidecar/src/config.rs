@@ -50,6 +50,8 @@ pub struct RawConfig {
     pub catalog_cache: String,
     /// Registry self-protection.
     pub protection: ProtectionRaw,
+    /// Limits on the data listeners.
+    pub limits: crate::config_limits::LimitsRaw,
     /// Local providers this sidecar serves inbound and registers.
     pub provide: Vec<ProvideRaw>,
     /// The watchdog this sidecar runs under.
@@ -81,6 +83,7 @@ impl Default for RawConfig {
             registry_etcd: RegistryEtcdRaw::default(),
             catalog_cache: "catalog.sled".into(),
             protection: ProtectionRaw::default(),
+            limits: crate::config_limits::LimitsRaw::default(),
             provide: Vec::new(),
             watchdog: WatchdogRaw::default(),
         }
@@ -351,6 +354,8 @@ pub struct Config {
     pub max_replay_bytes: u64,
     /// The protocol from this CA to remote PAs.
     pub pa_protocol: AppProtocol,
+    /// Limits on the data listeners.
+    pub limits: crate::config_limits::Limits,
     /// Graceful-stop bound.
     pub drain_timeout: Duration,
     /// How long a drain is announced before listeners close.
@@ -492,6 +497,7 @@ impl RawConfig {
                 AppProtocol::Http2
             }
         };
+        let limits = self.limits.validate(&mut p);
         let connect_timeout = positive(
             &mut p,
             "proxy.connect_timeout_ms",
@@ -603,6 +609,7 @@ impl RawConfig {
                     eject: Duration::from_millis(self.proxy.eject_ms),
                     max_replay_bytes: self.proxy.max_replay_bytes,
                     pa_protocol,
+                    limits,
                     drain_timeout,
                     announce: Duration::from_millis(self.lifecycle.announce_ms),
                     link: LinkConfig {

@@ -196,3 +196,20 @@ fn the_example_deployment_config_is_valid() {
         .for_service(&ServiceName::new("batch-jobs").unwrap());
     assert_eq!(batch.protection.threshold, 0.9);
 }
+
+#[test]
+fn limits_have_defaults_and_refuse_zero() {
+    let cfg = Config::parse("t", "host = \"h1\"\n", Vec::new()).unwrap();
+    assert_eq!(cfg.limits.max_connections, 20_000);
+    assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(600));
+    assert_eq!(cfg.limits.max_concurrent_streams, 4096);
+    let err = Config::parse(
+        "t",
+        "host = \"h1\"\n[limits]\nidle_timeout_ms = 0\nmax_connections = 0\n",
+        Vec::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("limits.idle_timeout_ms"), "{err}");
+    assert!(err.contains("limits.max_connections"), "{err}");
+}

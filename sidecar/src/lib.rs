@@ -10,6 +10,7 @@ pub mod admin_guard;
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod config_limits;
 pub mod control;
 pub mod delegate;
 pub mod detect;

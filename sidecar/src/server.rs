@@ -1,10 +1,12 @@
 //! Accepting and serving connections on the proxy listeners: protocol detection, HTTP/1.1 or
-//! HTTP/2 serving, and graceful close when the sidecar closes its listeners.
+//! HTTP/2 serving, the `[limits]` (connections per listener, idle close, HTTP/2 streams and
+//! keep-alive pings), and graceful close when the sidecar closes its listeners.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use detour_core::BoxBody;
@@ -15,6 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::detect::{Detected, MAX_HEADERS, Prefixed, detect};
 use crate::lifecycle::Lifecycle;
@@ -37,6 +40,48 @@ pub struct ConnOptions {
     pub head_timeout: Duration,
     /// This sidecar's name, for the `x-detour-proxy` header.
     pub proxy: String,
+    /// Connections, idle time, HTTP/2 streams and pings.
+    pub limits: crate::config_limits::Limits,
+}
+
+/// How long an idle HTTP/2 connection closed by the idle timeout may take to finish its
+/// GOAWAY exchange before it is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Requests in flight on one connection, and when the last one was answered.
+struct Activity {
+    start: Instant,
+    in_flight: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// How long the connection has had nothing in flight (zero while a request is).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
 }
 
 /// A listener of either kind.
@@ -57,7 +102,23 @@ pub async fn accept_loop<H: Handler>(
     lifecycle: Arc<Lifecycle>,
     opts: Arc<ConnOptions>,
 ) {
+    let slots = Arc::new(Semaphore::new(opts.limits.max_connections));
     loop {
+        // At the connection limit, new connections wait in the accept queue.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                metrics::counter!("detour_connection_limit_reached_total", "listener" => name)
+                    .increment(1);
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = lifecycle.accepting_stopped() => break,
+                }
+            }
+        };
         let accepted = tokio::select! {
             r = accept(&listener) => r,
             _ = lifecycle.accepting_stopped() => break,
@@ -65,10 +126,24 @@ pub async fn accept_loop<H: Handler>(
         match accepted {
             Ok(Accepted::Tcp(s)) => {
                 let _ = s.set_nodelay(true);
-                spawn_conn(s, name, handler.clone(), lifecycle.clone(), opts.clone());
+                spawn_conn(
+                    s,
+                    name,
+                    handler.clone(),
+                    lifecycle.clone(),
+                    opts.clone(),
+                    permit,
+                );
             }
             Ok(Accepted::Unix(s)) => {
-                spawn_conn(s, name, handler.clone(), lifecycle.clone(), opts.clone());
+                spawn_conn(
+                    s,
+                    name,
+                    handler.clone(),
+                    lifecycle.clone(),
+                    opts.clone(),
+                    permit,
+                );
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.
@@ -99,6 +174,7 @@ fn spawn_conn<S, H>(
     handler: Arc<H>,
     lifecycle: Arc<Lifecycle>,
     opts: Arc<ConnOptions>,
+    permit: OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
@@ -110,6 +186,7 @@ fn spawn_conn<S, H>(
             tracing::debug!(listener = name, error = %e, "connection ended with an error");
         }
         drop(guard);
+        drop(permit);
     });
 }
 
@@ -135,10 +212,19 @@ where
     )
     .await?;
     let io = TokioIo::new(Prefixed::new(buf, io));
+    let activity = Arc::new(Activity::new());
+    let active = activity.clone();
     let svc = service_fn(move |req| {
         let h = handler.clone();
-        async move { Ok::<_, Infallible>(h.handle(req).await) }
+        let active = active.clone();
+        async move {
+            active.begin();
+            let resp = h.handle(req).await;
+            active.end();
+            Ok::<_, Infallible>(resp)
+        }
     });
+    let idle = opts.limits.idle_timeout;
     match detected {
         Detected::Http1 => {
             let conn = http1::Builder::new()
@@ -148,26 +234,48 @@ where
                 .max_headers(MAX_HEADERS)
                 .serve_connection(io, svc);
             tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => return Ok(r?),
-                _ = lifecycle.closed() => conn.as_mut().graceful_shutdown(),
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => return Ok(r?),
+                    _ = lifecycle.closed() => break,
+                    _ = tokio::time::sleep(idle.saturating_sub(activity.idle_for())) => {
+                        if activity.idle_for() >= idle { break; }
+                    }
+                }
             }
+            conn.as_mut().graceful_shutdown();
             Ok(conn.await?)
         }
         Detected::Http2 => {
+            let ping = opts.limits.h2_keepalive;
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(16 << 20)
-                .max_concurrent_streams(4096)
+                .max_concurrent_streams(opts.limits.max_concurrent_streams)
                 .max_header_list_size((opts.max_header_bytes * 4) as u32)
+                .keep_alive_interval(Some(ping))
+                .keep_alive_timeout(ping)
                 .serve_connection(io, svc);
             tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => return Ok(r?),
-                _ = lifecycle.closed() => conn.as_mut().graceful_shutdown(),
+            let idled = loop {
+                tokio::select! {
+                    r = conn.as_mut() => return Ok(r?),
+                    _ = lifecycle.closed() => break false,
+                    _ = tokio::time::sleep(idle.saturating_sub(activity.idle_for())) => {
+                        if activity.idle_for() >= idle { break true; }
+                    }
+                }
+            };
+            conn.as_mut().graceful_shutdown();
+            if !idled {
+                return Ok(conn.await?);
             }
-            Ok(conn.await?)
+            // An idle peer that does not answer the GOAWAY's ping is not waited for.
+            match tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await {
+                Ok(r) => Ok(r?),
+                Err(_) => Ok(()),
+            }
         }
         Detected::Closed | Detected::Rejected(_) => Ok(()),
     }

@@ -379,3 +379,29 @@ async fn sigterm_drains_in_flight_requests_before_exit() {
     let unix = ca.addrs.outbound_unix.clone().unwrap();
     assert!(!unix.exists(), "the Unix socket is removed on exit");
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let (mesh, _p) = caller_and_provider("[limits]\nidle_timeout_ms = 1000\n").await;
+    let addr = mesh.sidecar("h1").addrs.outbound_tcp.unwrap();
+    // HTTP/2: the preface and empty SETTINGS, then nothing.
+    let mut h2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // HTTP/1.1: one request answered, then the kept-alive connection left idle.
+    let mut h1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    h1.write_all(b"GET / HTTP/1.1\r\nhost: hello\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    for (name, s) in [("h2", &mut h2), ("h1", &mut h1)] {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "the idle {name} connection is still open");
+        println!(
+            "IDLE {name} closed after {} ms",
+            started.elapsed().as_millis()
+        );
+    }
+}
