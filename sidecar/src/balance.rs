@@ -1,9 +1,10 @@
 //! Endpoint selection for one service: power-of-two-choices on in-flight requests (weighted)
-//! or round-robin, passing over endpoints recently ejected for refusing connections — unless
-//! every endpoint is ejected, in which case all are eligible again (as Envoy's panic mode).
+//! or round-robin, passing over endpoints recently ejected — for refusing connections, or as
+//! outliers answering server errors in a row ([`Outlier`]) — unless every endpoint is ejected,
+//! in which case all are eligible again (as Envoy's panic mode).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,10 @@ pub struct Load {
     in_flight: AtomicUsize,
     /// Passed over until this time (ms since the epoch); 0 when not ejected.
     ejected_until_ms: AtomicU64,
+    /// Server errors answered in a row.
+    consecutive_5xx: AtomicU32,
+    /// Outlier ejections so far (the next lasts that many times the base, at most 10).
+    ejections: AtomicU32,
 }
 
 impl Load {
@@ -42,10 +47,35 @@ impl Drop for InFlight {
     }
 }
 
+/// Outlier ejection (Envoy's `consecutive_5xx`): an endpoint that answers `consecutive_5xx`
+/// server errors in a row is passed over for `base_ejection` times the number of its
+/// ejections (at most 10×; the count starts again after five quiet minutes), unless more than
+/// `max_ejected_percent` of the service's endpoints would then be ejected.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outlier {
+    /// Server errors in a row that eject (0: off).
+    pub consecutive_5xx: u32,
+    /// The first ejection's length.
+    pub base_ejection: Duration,
+    /// Most endpoints of a service ejected as outliers at once, in percent.
+    pub max_ejected_percent: u8,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
 /// The selector of one service.
 #[derive(Debug)]
 pub struct Balancer {
     policy: Balance,
+    outlier: Outlier,
     next: AtomicUsize,
     loads: Mutex<HashMap<InstanceId, Arc<Load>>>,
     /// Address of the endpoint set `loads` was last pruned for (pruning is per change, not per
@@ -54,10 +84,22 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// A selector with `policy`.
+    /// A selector with `policy` and no outlier ejection.
     pub fn new(policy: Balance) -> Self {
+        Self::with_outlier(
+            policy,
+            Outlier {
+                consecutive_5xx: 0,
+                ..Outlier::default()
+            },
+        )
+    }
+
+    /// A selector with `policy` and `outlier` ejection.
+    pub fn with_outlier(policy: Balance, outlier: Outlier) -> Self {
         Self {
             policy,
+            outlier,
             next: AtomicUsize::new(0),
             loads: Mutex::new(HashMap::new()),
             pruned_for: AtomicUsize::new(0),
@@ -118,6 +160,41 @@ impl Balancer {
         self.load_of(id)
             .ejected_until_ms
             .store(until, Ordering::Relaxed);
+    }
+
+    /// Records an answer of the endpoint `flight` went to, among `total` endpoints; true when
+    /// it was ejected as an outlier by this answer.
+    pub fn record_answer(&self, flight: &InFlight, server_error: bool, total: usize) -> bool {
+        let o = self.outlier;
+        let load = &flight.0;
+        if !server_error {
+            if load.consecutive_5xx.load(Ordering::Relaxed) != 0 {
+                load.consecutive_5xx.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+        if o.consecutive_5xx == 0
+            || load.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1 < o.consecutive_5xx
+        {
+            return false;
+        }
+        load.consecutive_5xx.store(0, Ordering::Relaxed);
+        let now = now_unix_ms();
+        let ejected = {
+            let loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+            loads.values().filter(|l| l.ejected(now)).count()
+        };
+        if (ejected + 1) * 100 > total * usize::from(o.max_ejected_percent) {
+            return false;
+        }
+        let until = load.ejected_until_ms.load(Ordering::Relaxed);
+        if until + 300_000 < now {
+            load.ejections.store(0, Ordering::Relaxed);
+        }
+        let n = (load.ejections.fetch_add(1, Ordering::Relaxed) + 1).min(10);
+        let period = o.base_ejection.as_millis() as u64 * u64::from(n);
+        load.ejected_until_ms.store(now + period, Ordering::Relaxed);
+        true
     }
 
     /// Forgets endpoints no longer in `set`; does nothing when `set` is the one already seen.
@@ -192,6 +269,36 @@ mod tests {
         }
         drop(held);
         assert_eq!(b.load_of(&e[0].instance).in_flight(), 0);
+    }
+
+    #[test]
+    fn an_endpoint_answering_server_errors_in_a_row_is_ejected_within_the_share() {
+        let e = eps(4);
+        let b = Balancer::with_outlier(Balance::RoundRobin, Outlier::default());
+        let answer = |id: usize, err: bool| {
+            let (ep, f) = b.pick(&e[id..=id], &[]).unwrap();
+            assert_eq!(ep.instance, e[id].instance);
+            b.record_answer(&f, err, e.len())
+        };
+        // Four errors, a success, four errors: no ejection (not in a row).
+        for _ in 0..4 {
+            assert!(!answer(0, true));
+        }
+        assert!(!answer(0, false));
+        for _ in 0..4 {
+            assert!(!answer(0, true));
+        }
+        assert!(answer(0, true), "the fifth in a row ejects");
+        for _ in 0..50 {
+            let (ep, _f) = b.pick(&e, &[]).unwrap();
+            assert_ne!(ep.instance, e[0].instance);
+        }
+        // A second outlier: 2 of 4 is within 50%; a third is not ejected.
+        for _ in 0..5 {
+            answer(1, true);
+        }
+        let third: Vec<bool> = (0..5).map(|_| answer(2, true)).collect();
+        assert!(!third.contains(&true), "more than half would be ejected");
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct RawConfig {
     pub protection: ProtectionRaw,
     /// Limits on the data listeners.
     pub limits: crate::config_limits::LimitsRaw,
+    /// Outlier ejection.
+    pub outlier: crate::config_limits::OutlierRaw,
     /// Local providers this sidecar serves inbound and registers.
     pub provide: Vec<ProvideRaw>,
     /// The watchdog this sidecar runs under.
@@ -84,6 +86,7 @@ impl Default for RawConfig {
             catalog_cache: "catalog.sled".into(),
             protection: ProtectionRaw::default(),
             limits: crate::config_limits::LimitsRaw::default(),
+            outlier: crate::config_limits::OutlierRaw::default(),
             provide: Vec::new(),
             watchdog: WatchdogRaw::default(),
         }
@@ -356,6 +359,8 @@ pub struct Config {
     pub pa_protocol: AppProtocol,
     /// Limits on the data listeners.
     pub limits: crate::config_limits::Limits,
+    /// Outlier ejection.
+    pub outlier: crate::balance::Outlier,
     /// Graceful-stop bound.
     pub drain_timeout: Duration,
     /// How long a drain is announced before listeners close.
@@ -498,6 +503,7 @@ impl RawConfig {
             }
         };
         let limits = self.limits.validate(&mut p);
+        let outlier = self.outlier.validate(&mut p);
         let connect_timeout = positive(
             &mut p,
             "proxy.connect_timeout_ms",
@@ -610,6 +616,7 @@ impl RawConfig {
                     max_replay_bytes: self.proxy.max_replay_bytes,
                     pa_protocol,
                     limits,
+                    outlier,
                     drain_timeout,
                     announce: Duration::from_millis(self.lifecycle.announce_ms),
                     link: LinkConfig {

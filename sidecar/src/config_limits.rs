@@ -1,5 +1,6 @@
 //! `[limits]`: what one client may hold on the data listeners (outbound and inbound): open
-//! connections, idle time, concurrent HTTP/2 streams, keep-alive pings.
+//! connections, idle time, concurrent HTTP/2 streams, keep-alive pings. `[outlier]`: when the
+//! CA passes over an endpoint that answers server errors in a row.
 
 use std::time::Duration;
 
@@ -73,6 +74,46 @@ impl LimitsRaw {
             head_timeout: Duration::from_millis(head),
             max_concurrent_streams: streams as u32,
             h2_keepalive: Duration::from_millis(ping),
+        }
+    }
+}
+
+/// `[outlier]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct OutlierRaw {
+    /// Server errors (5xx) in a row that eject an endpoint; 0 turns ejection off.
+    pub consecutive_5xx: u32,
+    /// The first ejection's length, milliseconds (each repeat lasts one more base, at most 10).
+    pub base_ejection_ms: u64,
+    /// Most endpoints of a service ejected at once, in percent.
+    pub max_ejected_percent: u8,
+}
+
+impl Default for OutlierRaw {
+    fn default() -> Self {
+        let d = crate::balance::Outlier::default();
+        Self {
+            consecutive_5xx: d.consecutive_5xx,
+            base_ejection_ms: d.base_ejection.as_millis() as u64,
+            max_ejected_percent: d.max_ejected_percent,
+        }
+    }
+}
+
+impl OutlierRaw {
+    /// Checks every value, pushing each problem onto `p`.
+    pub fn validate(&self, p: &mut Vec<String>) -> crate::balance::Outlier {
+        if self.max_ejected_percent > 100 {
+            p.push("outlier.max_ejected_percent: at most 100".into());
+        }
+        if self.base_ejection_ms == 0 {
+            p.push("outlier.base_ejection_ms: must be greater than 0".into());
+        }
+        crate::balance::Outlier {
+            consecutive_5xx: self.consecutive_5xx,
+            base_ejection: Duration::from_millis(self.base_ejection_ms.max(1)),
+            max_ejected_percent: self.max_ejected_percent.min(100),
         }
     }
 }

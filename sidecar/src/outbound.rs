@@ -90,7 +90,7 @@ impl Outbound {
             return b.clone();
         }
         map.entry(service.clone())
-            .or_insert_with(|| Arc::new(Balancer::new(self.cfg.balance)))
+            .or_insert_with(|| Arc::new(Balancer::with_outlier(self.cfg.balance, self.cfg.outlier)))
             .clone()
     }
 
@@ -150,7 +150,14 @@ impl Outbound {
                 self.straight(&service, ep, &mut flight).await
             };
             let failed = match result {
-                Ok((resp, path)) => return Ok((resp.map(|b| with_guard(b, in_flight)), path)),
+                Ok((resp, path)) => {
+                    let err = resp.status().is_server_error();
+                    if balancer.record_answer(&in_flight, err, set.endpoints.len()) {
+                        tracing::warn!(%service, instance = %ep.instance, "ejected as an outlier: server errors in a row");
+                        metrics::counter!("detour_outlier_ejections_total").increment(1);
+                    }
+                    return Ok((resp.map(|b| with_guard(b, in_flight)), path));
+                }
                 Err(f) => f,
             };
             let alt = Alternatives {

@@ -202,8 +202,12 @@ impl Session {
                 children
             }
             Err(zk::Error::NoNode) => {
-                let (_, w) = self.client.check_and_watch_stat(&root).await?;
+                let (stat, w) = self.client.check_and_watch_stat(&root).await?;
                 self.arm(Fired::Root, async move { w.changed().await });
+                if stat.is_some() {
+                    // Created between the two calls: list it again now.
+                    let _ = self.fired.send((Fired::Root, at));
+                }
                 Vec::new()
             }
             Err(e) => return Err(e),
@@ -246,8 +250,14 @@ impl Session {
             }
             Err(zk::Error::NoNode) => {
                 // No providers node (yet): watch for its creation.
-                let (_, w) = self.client.check_and_watch_stat(&path).await?;
+                let (stat, w) = self.client.check_and_watch_stat(&path).await?;
                 self.arm(fired, async move { w.changed().await });
+                if stat.is_some() {
+                    // Created between the two calls: list it again now.
+                    let _ = self
+                        .fired
+                        .send((Fired::Interface(interface.to_owned()), at));
+                }
                 Vec::new()
             }
             Err(zk::Error::BadArguments(_)) => Vec::new(), // an interface name no path can hold
