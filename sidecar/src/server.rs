@@ -234,14 +234,9 @@ where
                 .max_headers(MAX_HEADERS)
                 .serve_connection(io, svc);
             tokio::pin!(conn);
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => return Ok(r?),
-                    _ = lifecycle.closed() => break,
-                    _ = tokio::time::sleep(idle.saturating_sub(activity.idle_for())) => {
-                        if activity.idle_for() >= idle { break; }
-                    }
-                }
+            tokio::select! {
+                r = conn.as_mut() => return Ok(r?),
+                _ = closed_or_idle(lifecycle, &activity, idle) => {}
             }
             conn.as_mut().graceful_shutdown();
             Ok(conn.await?)
@@ -258,14 +253,9 @@ where
                 .keep_alive_timeout(ping)
                 .serve_connection(io, svc);
             tokio::pin!(conn);
-            let idled = loop {
-                tokio::select! {
-                    r = conn.as_mut() => return Ok(r?),
-                    _ = lifecycle.closed() => break false,
-                    _ = tokio::time::sleep(idle.saturating_sub(activity.idle_for())) => {
-                        if activity.idle_for() >= idle { break true; }
-                    }
-                }
+            let idled = tokio::select! {
+                r = conn.as_mut() => return Ok(r?),
+                idled = closed_or_idle(lifecycle, &activity, idle) => idled,
             };
             conn.as_mut().graceful_shutdown();
             if !idled {
@@ -278,6 +268,21 @@ where
             }
         }
         Detected::Closed | Detected::Rejected(_) => Ok(()),
+    }
+}
+
+/// Resolves when the sidecar closes its connections (false) or when the connection has had
+/// nothing in flight for `idle` (true).
+async fn closed_or_idle(lifecycle: &Lifecycle, activity: &Activity, idle: Duration) -> bool {
+    loop {
+        tokio::select! {
+            _ = lifecycle.closed() => return false,
+            _ = tokio::time::sleep(idle.saturating_sub(activity.idle_for())) => {
+                if activity.idle_for() >= idle {
+                    return true;
+                }
+            }
+        }
     }
 }
 

@@ -22,7 +22,9 @@ async fn failing_provider() -> std::net::SocketAddr {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
                 loop {
-                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -82,7 +84,10 @@ async fn an_endpoint_answering_server_errors_is_ejected_and_returns() {
     println!("OUTLIER first 200 calls: {first} server errors, {ejections} ejections");
     assert_eq!(ejections, 1.0);
     // Five in a row eject (one of them may have been the request that made h1 watch hello).
-    assert!((4..=6).contains(&first), "{first} errors: ejected after five in a row");
+    assert!(
+        (4..=6).contains(&first),
+        "{first} errors: ejected after five in a row"
+    );
     // After the ejection (2 s) the endpoint is tried again, and ejected again (for 4 s).
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let second = errors(200).await;
