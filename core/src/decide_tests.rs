@@ -124,6 +124,7 @@ fn mesh_errors_read_as_outcomes() {
         (K::UpstreamConnect, NeverReached(Provider)),
         (K::UpstreamReset, Lost(Provider)),
         (K::Timeout, TimedOut),
+        (K::RateLimited, Answered),
     ];
     assert_eq!(rows.len(), K::all().len(), "every kind has a row");
     for (kind, want) in rows {

@@ -38,6 +38,9 @@ pub enum MeshErrorKind {
     UpstreamReset,
     /// No response head within the time allowed: it may have been processed.
     Timeout,
+    /// A limit of the mesh refused the request (the provider host's rate limit): no provider
+    /// received it, and it is not sent elsewhere (that would defeat the limit).
+    RateLimited,
 }
 
 /// Who caused a mesh error.
@@ -49,6 +52,8 @@ pub enum Blame {
     Sidecar,
     /// What lies beyond the sidecar that produced the error: a remote sidecar or a provider.
     Upstream,
+    /// Nobody: a configured limit said no (the answer is final, and no sign of sickness).
+    Policy,
 }
 
 /// What an attempt's end says about where the request got to.
@@ -62,7 +67,7 @@ pub enum Delivery {
     Unknown,
 }
 
-const ALL: [MeshErrorKind; 9] = [
+const ALL: [MeshErrorKind; 10] = [
     MeshErrorKind::MalformedRequest,
     MeshErrorKind::HeaderTooLarge,
     MeshErrorKind::BodyTimeout,
@@ -72,6 +77,7 @@ const ALL: [MeshErrorKind; 9] = [
     MeshErrorKind::UpstreamConnect,
     MeshErrorKind::UpstreamReset,
     MeshErrorKind::Timeout,
+    MeshErrorKind::RateLimited,
 ];
 
 impl MeshErrorKind {
@@ -92,6 +98,7 @@ impl MeshErrorKind {
             MeshErrorKind::UpstreamConnect => "upstream-connect",
             MeshErrorKind::UpstreamReset => "upstream-reset",
             MeshErrorKind::Timeout => "timeout",
+            MeshErrorKind::RateLimited => "rate-limited",
         }
     }
 
@@ -114,13 +121,14 @@ impl MeshErrorKind {
             MeshErrorKind::UpstreamConnect
             | MeshErrorKind::UpstreamReset
             | MeshErrorKind::Timeout => Blame::Upstream,
+            MeshErrorKind::RateLimited => Blame::Policy,
         }
     }
 
     /// Where the request got to, and so whether sending it again is safe.
     pub fn delivery(self) -> Delivery {
         match self.blame() {
-            Blame::Caller => Delivery::Rejected,
+            Blame::Caller | Blame::Policy => Delivery::Rejected,
             Blame::Sidecar => Delivery::NeverReached,
             Blame::Upstream if self == MeshErrorKind::UpstreamConnect => Delivery::NeverReached,
             Blame::Upstream => Delivery::Unknown,
@@ -140,6 +148,7 @@ impl MeshErrorKind {
                 StatusCode::BAD_GATEWAY
             }
             MeshErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            MeshErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -147,7 +156,7 @@ impl MeshErrorKind {
     pub fn grpc_status(self) -> u8 {
         match self {
             MeshErrorKind::MalformedRequest => 3, // INVALID_ARGUMENT
-            MeshErrorKind::HeaderTooLarge => 8,   // RESOURCE_EXHAUSTED
+            MeshErrorKind::HeaderTooLarge | MeshErrorKind::RateLimited => 8, // RESOURCE_EXHAUSTED
             MeshErrorKind::UnknownService => 12,  // UNIMPLEMENTED
             MeshErrorKind::Timeout | MeshErrorKind::BodyTimeout => 4, // DEADLINE_EXCEEDED
             MeshErrorKind::NoEndpoint

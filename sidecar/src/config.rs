@@ -294,6 +294,13 @@ pub struct ProvideRaw {
     /// Path the health check `GET`s (HTTP/1.1 providers); absent: a TCP connect decides.
     #[serde(default)]
     pub check_path: Option<String>,
+    /// Most requests a second this sidecar hands the provider (the rest get 429
+    /// `rate-limited`); absent: no limit.
+    #[serde(default)]
+    pub rate_limit_rps: Option<u32>,
+    /// Burst allowed above the rate (default: the rate).
+    #[serde(default)]
+    pub rate_limit_burst: Option<u32>,
 }
 
 /// Load-balancing policy.
@@ -320,6 +327,8 @@ pub struct Provide {
     pub weight: u32,
     /// Path its health check `GET`s, if any.
     pub check_path: Option<String>,
+    /// Rate limit at this PA: requests a second and burst.
+    pub rate_limit: Option<(u32, u32)>,
 }
 
 /// The validated configuration.
@@ -578,6 +587,14 @@ impl RawConfig {
             {
                 p.push(format!("{key}.check_path: {path:?} must start with '/'"));
             }
+            if raw.rate_limit_rps == Some(0) {
+                p.push(format!(
+                    "{key}.rate_limit_rps: must be greater than 0 (leave it out for no limit)"
+                ));
+            }
+            if raw.rate_limit_burst.is_some() && raw.rate_limit_rps.is_none() {
+                p.push(format!("{key}.rate_limit_burst: needs rate_limit_rps"));
+            }
             if let (Some(service), Some(address), Some(protocol), Some(instance)) =
                 (service, address, protocol, instance)
             {
@@ -591,6 +608,9 @@ impl RawConfig {
                     protocol,
                     weight: raw.weight.unwrap_or(1).max(1),
                     check_path: raw.check_path.clone(),
+                    rate_limit: raw
+                        .rate_limit_rps
+                        .map(|r| (r, raw.rate_limit_burst.unwrap_or(r))),
                 });
             }
         }

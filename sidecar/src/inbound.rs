@@ -25,6 +25,7 @@ use crate::forward::attempt;
 use crate::headers::{authority, head_size, strip_hop_by_hop, target};
 use crate::lifecycle::Lifecycle;
 use crate::providers::LocalProviders;
+use crate::ratelimit::TokenBucket;
 use crate::respond::{MeshError, is_grpc};
 use crate::server::{Handler, ping_response};
 use crate::telemetry::{Direction, PathLabel, record_request};
@@ -41,6 +42,8 @@ pub struct Inbound {
     pool: Arc<Pool>,
     /// Whether this sidecar is ready (for `/detour/ping`).
     lifecycle: Arc<Lifecycle>,
+    /// Rate limits of the providers that have one.
+    limits: HashMap<ServiceName, std::sync::Mutex<TokenBucket>>,
 }
 
 impl Inbound {
@@ -56,12 +59,23 @@ impl Inbound {
             .iter()
             .map(|p| (p.service.clone(), p.clone()))
             .collect();
+        let now = std::time::Instant::now();
+        let limits = cfg
+            .provide
+            .iter()
+            .filter_map(|p| {
+                let (rate, burst) = p.rate_limit?;
+                let bucket = TokenBucket::new(rate, burst, now);
+                Some((p.service.clone(), std::sync::Mutex::new(bucket)))
+            })
+            .collect();
         Self {
             cfg,
             providers,
             health,
             pool,
             lifecycle,
+            limits,
         }
     }
 
@@ -86,6 +100,19 @@ impl Inbound {
                 format!("{service} is not provided on {}", self.cfg.host),
             )
         })?;
+        if let Some(bucket) = self.limits.get(&service)
+            && !bucket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_take(std::time::Instant::now())
+        {
+            metrics::counter!("detour_rate_limited_total", "service" => service.to_string())
+                .increment(1);
+            return Err(MeshError::new(
+                MeshErrorKind::RateLimited,
+                format!("{service} is over its rate limit on {}", self.cfg.host),
+            ));
+        }
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
         let idempotent = is_idempotent(&req);

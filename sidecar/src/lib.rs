@@ -24,6 +24,7 @@ pub mod links;
 pub mod listeners;
 pub mod outbound;
 pub mod providers;
+pub mod ratelimit;
 pub mod respond;
 pub mod server;
 pub mod stop;

@@ -33,6 +33,7 @@ fn describe(kind: MeshErrorKind) -> &'static str {
         MeshErrorKind::UpstreamConnect => "no provider could be reached",
         MeshErrorKind::UpstreamReset => "upstream connection lost",
         MeshErrorKind::Timeout => "upstream timed out",
+        MeshErrorKind::RateLimited => "over the rate limit",
     }
 }
 

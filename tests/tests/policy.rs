@@ -98,3 +98,66 @@ async fn an_endpoint_answering_server_errors_is_ejected_and_returns() {
     assert!((5..=6).contains(&second), "{second}");
     assert_eq!(ejections, 2.0);
 }
+
+#[tokio::test]
+async fn the_pa_rate_limit_holds_and_callers_do_not_take_it_for_a_sick_sidecar() {
+    use detour_thin_sdk::{LinkState, MeshErrorKind, mesh_error};
+    let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "p")
+        .await
+        .unwrap();
+    let mut mesh = Mesh::new();
+    // 50 requests a second, bursts of 10, for the provider behind h2's PA.
+    let mut cfg = mesh.config("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())], "");
+    cfg.push_str("rate_limit_rps = 50\nrate_limit_burst = 10\n");
+    mesh.start_config("h2", &cfg).await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = mesh.client("h1", AppProtocol::Http1);
+    let before = p.received();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut limited, mut other) = (0u32, 0u32, 0u32);
+            let end = std::time::Instant::now() + Duration::from_secs(2);
+            while std::time::Instant::now() < end {
+                let req = http::Request::get("/").body(empty()).unwrap();
+                let resp = client.send(&hello(), req).await.unwrap();
+                match (resp.status().as_u16(), mesh_error(&resp)) {
+                    (200, None) => ok += 1,
+                    (429, Some(MeshErrorKind::RateLimited)) => limited += 1,
+                    _ => other += 1,
+                }
+            }
+            (ok, limited, other)
+        }));
+    }
+    let (mut ok, mut limited, mut other) = (0, 0, 0);
+    for t in tasks {
+        let (a, b, c) = t.await.unwrap();
+        (ok, limited, other) = (ok + a, limited + b, other + c);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let seen = p.received() - before;
+    let bound = 10.0 + 50.0 * secs;
+    println!(
+        "RATE {secs:.2} s: ok={ok} limited={limited} other={other}; provider saw {seen} (bound {bound:.0})"
+    );
+    assert_eq!(other, 0);
+    assert!(limited > 0, "the limit never engaged");
+    assert!(
+        f64::from(seen as u32) <= bound + 1.0,
+        "the provider saw {seen} > {bound}"
+    );
+    assert_eq!(
+        u64::from(ok),
+        seen,
+        "every request the provider saw was answered 200"
+    );
+    assert_eq!(
+        client.link_state(),
+        LinkState::Primary,
+        "429s are no sign of a sick sidecar"
+    );
+}
