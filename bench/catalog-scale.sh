@@ -41,6 +41,9 @@ unix = ""
 listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
+[tls]
+# one sidecar, no traffic between sidecars: no certificate needed
+mode = "plaintext"
 TOML
 python3 - "$TMP" "$N" <<'PY'
 import json, os, subprocess, sys, time, urllib.request

@@ -39,9 +39,11 @@ start_provider() {
   PROVIDER=$(cat "$TMP/provider.addr")
 }
 
-# start_sidecar HOST IP EXTRA_TOML: a sidecar on the directory registry; prints its pid.
+# start_sidecar HOST IP EXTRA_TOML: a sidecar on the directory registry, with a certificate from
+# the run's throw-away CA (mutual TLS between sidecars, the default); prints its pid.
 start_sidecar() {
   mkdir -p "$TMP/$1"
+  "$BIN/detourctl" certs --dir "$TMP/pki" --host "$1" >/dev/null
   cat >"$TMP/$1/sidecar.toml" <<TOML
 host = "$1"
 run_dir = "$TMP/$1"
@@ -53,6 +55,10 @@ unix = "outbound.sock"
 listen = "$2:0"
 [admin]
 listen = "$2:0"
+[tls]
+cert = "$TMP/pki/$1/cert.pem"
+key = "$TMP/pki/$1/key.pem"
+bundle = "$TMP/pki/$1/bundle.pem"
 $3
 TOML
   RUST_LOG=warn "$BIN/detour-sidecar" --config "$TMP/$1/sidecar.toml" 2>"$TMP/$1/sidecar.log" &

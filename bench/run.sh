@@ -4,6 +4,8 @@
 #
 #   direct:  load → backend
 #   detour:  load → CA (127.0.0.1, Host: hello) → h2c → PA (127.0.0.2) → backend
+#            (tls.mode = "plaintext", as the peers' hops are)
+#   detour-mtls: the same over mutual TLS between CA and PA (h2 over TLS 1.3), the default
 #   haproxy: load → haproxy (127.0.0.1) → haproxy (127.0.0.2) → backend      (nbthread 1 each)
 #   nginx:   load → nginx (127.0.0.1) → nginx (127.0.0.2) → backend          (1 worker each)
 #
@@ -17,7 +19,7 @@
 # writes the raw results (one line per run) to OUT.
 #
 #   bench/run.sh [ROUNDS] [SECONDS]        (defaults: 4 rounds of 8 s per measurement)
-#   env: OUT=DIR (default target/bench/run-DATE), PATHS="direct detour haproxy nginx",
+#   env: OUT=DIR (default target/bench/run-DATE), PATHS="direct detour detour-mtls haproxy nginx",
 #        RATES="2000 5000", DETOUR_EXTRA_TOML (added to both sidecars' config),
 #        BIN=DIR (the Detour binaries, default target/release),
 #        DETOUR_VARIANTS="name=BINDIR …" (other Detour builds or settings, as paths detour-name;
@@ -28,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-4}
 SECS=${2:-8}
-PATHS=${PATHS:-direct detour haproxy nginx}
+PATHS=${PATHS:-direct detour detour-mtls haproxy nginx}
 RATES=${RATES:-2000 5000}
 CONNS=32
 OUT=${OUT:-target/bench/run-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -79,11 +81,21 @@ backend_accepts() { curl -s "http://$BACKEND/__status" | awk 'NR == 3 {print $1}
 
 # --- the chains: each sets HOP1 (address the load goes to), HOP1_PID, HOP2_PID, HOP2 ---
 # start_detour NAME BINDIR: CA NAME-1 on 127.0.0.1 and PA NAME-2 on 127.0.0.2, on a directory
-# registry of their own, running BINDIR/detour-sidecar.
+# registry of their own, running BINDIR/detour-sidecar; mutual TLS for detour-mtls (certificates
+# from a throw-away CA), plaintext otherwise.
 start_detour() {
-  local bin=$2/detour-sidecar reg=$TMP/$1-registry n
+  local bin=$2/detour-sidecar reg=$TMP/$1-registry n tls
   for n in 2 1; do
     mkdir -p "$TMP/$1-$n"
+    tls='[tls]
+mode = "plaintext"'
+    if [ "$1" = detour-mtls ]; then
+      "$BIN/detourctl" certs --dir "$TMP/pki" --host "$1-$n" >/dev/null
+      tls="[tls]
+cert = \"$TMP/pki/$1-$n/cert.pem\"
+key = \"$TMP/pki/$1-$n/key.pem\"
+bundle = \"$TMP/pki/$1-$n/bundle.pem\""
+    fi
     local ip=127.0.0.$n provide=""
     [ "$n" = 2 ] && provide="[[provide]]
 service = \"hello\"
@@ -99,6 +111,7 @@ unix = "outbound.sock"
 listen = "$ip:0"
 [admin]
 listen = "$ip:0"
+$tls
 $provide
 ${DETOUR_EXTRA_TOML:-}
 $(local v="DETOUR_TOML_${1//-/_}"; printf '%b' "${!v:-}")
@@ -142,7 +155,7 @@ done
 for p in $PATHS; do
   case $p in
     direct) ADDR[$p]=$BACKEND; P1[$p]=; P2[$p]=; NEXT[$p]= ;;
-    detour) start_detour detour "$BIN" ;;
+    detour | detour-mtls) start_detour "$p" "$BIN" ;;
     detour-*) start_detour "$p" "${VARIANT[$p]}" ;;
     haproxy) start_chain haproxy haproxy_hop ;;
     nginx) start_chain nginx nginx_hop ;;

@@ -46,12 +46,14 @@ wait_file() { # FILE SECONDS
   done
 }
 
-# write_sidecar_config HOST IP [EXTRA_TOML]: the host's sidecar config, written once
+# write_sidecar_config HOST IP [EXTRA_TOML]: the host's sidecar config, written once, with a
+# certificate from the run's throw-away CA (mutual TLS between sidecars, as by default)
 # (REGISTRY_DIR_EXTRA adds keys to its [registry_dir] section).
 write_sidecar_config() {
   local host=$1 ip=$2 extra=${3:-}
   mkdir -p "$TMP/$host"
   if [ ! -f "$TMP/$host/sidecar.toml" ]; then
+    "$BIN/detourctl" certs --dir "$TMP/pki" --host "$host" >/dev/null
     cat >"$TMP/$host/sidecar.toml" <<TOML
 host = "$host"
 run_dir = "$TMP/$host"
@@ -63,6 +65,10 @@ unix = "outbound.sock"
 listen = "$ip:0"
 [admin]
 listen = "$ip:0"
+[tls]
+cert = "$TMP/pki/$host/cert.pem"
+key = "$TMP/pki/$host/key.pem"
+bundle = "$TMP/pki/$host/bundle.pem"
 [registry_dir]
 poll_ms = 100
 ${REGISTRY_DIR_EXTRA:-}

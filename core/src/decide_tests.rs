@@ -125,6 +125,7 @@ fn mesh_errors_read_as_outcomes() {
         (K::UpstreamReset, Lost(Provider)),
         (K::Timeout, TimedOut),
         (K::RateLimited, Answered),
+        (K::Denied, Answered),
     ];
     assert_eq!(rows.len(), K::all().len(), "every kind has a row");
     for (kind, want) in rows {

@@ -41,6 +41,9 @@ pub enum MeshErrorKind {
     /// A limit of the mesh refused the request (the provider host's rate limit): no provider
     /// received it, and it is not sent elsewhere (that would defeat the limit).
     RateLimited,
+    /// The provider host's authorization refused the caller's identity: no provider received
+    /// it, and it is not sent elsewhere.
+    Denied,
 }
 
 /// Who caused a mesh error.
@@ -67,7 +70,7 @@ pub enum Delivery {
     Unknown,
 }
 
-const ALL: [MeshErrorKind; 10] = [
+const ALL: [MeshErrorKind; 11] = [
     MeshErrorKind::MalformedRequest,
     MeshErrorKind::HeaderTooLarge,
     MeshErrorKind::BodyTimeout,
@@ -78,6 +81,7 @@ const ALL: [MeshErrorKind; 10] = [
     MeshErrorKind::UpstreamReset,
     MeshErrorKind::Timeout,
     MeshErrorKind::RateLimited,
+    MeshErrorKind::Denied,
 ];
 
 impl MeshErrorKind {
@@ -99,6 +103,7 @@ impl MeshErrorKind {
             MeshErrorKind::UpstreamReset => "upstream-reset",
             MeshErrorKind::Timeout => "timeout",
             MeshErrorKind::RateLimited => "rate-limited",
+            MeshErrorKind::Denied => "denied",
         }
     }
 
@@ -121,7 +126,7 @@ impl MeshErrorKind {
             MeshErrorKind::UpstreamConnect
             | MeshErrorKind::UpstreamReset
             | MeshErrorKind::Timeout => Blame::Upstream,
-            MeshErrorKind::RateLimited => Blame::Policy,
+            MeshErrorKind::RateLimited | MeshErrorKind::Denied => Blame::Policy,
         }
     }
 
@@ -149,6 +154,7 @@ impl MeshErrorKind {
             }
             MeshErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             MeshErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            MeshErrorKind::Denied => StatusCode::FORBIDDEN,
         }
     }
 
@@ -158,6 +164,7 @@ impl MeshErrorKind {
             MeshErrorKind::MalformedRequest => 3, // INVALID_ARGUMENT
             MeshErrorKind::HeaderTooLarge | MeshErrorKind::RateLimited => 8, // RESOURCE_EXHAUSTED
             MeshErrorKind::UnknownService => 12,  // UNIMPLEMENTED
+            MeshErrorKind::Denied => 7,           // PERMISSION_DENIED
             MeshErrorKind::Timeout | MeshErrorKind::BodyTimeout => 4, // DEADLINE_EXCEEDED
             MeshErrorKind::NoEndpoint
             | MeshErrorKind::RegistryUnavailable

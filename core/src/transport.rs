@@ -92,6 +92,17 @@ pub enum TransportError {
         #[source]
         source: hyper::Error,
     },
+    /// The target already has its most HTTP/1.1 connections open and its queue of requests
+    /// waiting for one is full: the request never left.
+    #[error("{target}: {open} connections open and {waiting} requests waiting, the most allowed")]
+    Overloaded {
+        /// The target.
+        target: Dial,
+        /// Connections open.
+        open: usize,
+        /// Requests waiting.
+        waiting: usize,
+    },
     /// The server refused the HTTP/2 stream without processing it (`REFUSED_STREAM`, or a
     /// stream above a GOAWAY's last id; RFC 9113 §8.7): it never reached the application.
     #[error("request to {target} was refused unprocessed: {source}")]
@@ -202,6 +213,11 @@ pub struct PoolOptions {
     pub h2_stream_window: u32,
     /// HTTP/2 initial connection window.
     pub h2_connection_window: u32,
+    /// Most HTTP/1.1 connections open to one target (0: no limit); requests beyond wait for
+    /// one to come free.
+    pub max_conns_per_target: usize,
+    /// Most requests waiting for a connection to one target; beyond, `Overloaded`.
+    pub max_pending_per_target: usize,
 }
 
 impl Default for PoolOptions {
@@ -211,6 +227,8 @@ impl Default for PoolOptions {
             max_idle_per_target: 64,
             h2_stream_window: 1 << 20,
             h2_connection_window: 16 << 20,
+            max_conns_per_target: 0,
+            max_pending_per_target: 1024,
         }
     }
 }
@@ -221,6 +239,54 @@ struct Entry {
     h2: Option<http2::SendRequest<BoxBody>>,
     /// Bumped by [`Pool::forget`]: a connection taken out before is not taken back.
     generation: u64,
+    /// HTTP/1.1 connections open (idle or in use), under `max_conns_per_target`.
+    h1_open: usize,
+    /// Requests waiting for one.
+    h1_waiting: usize,
+    /// Wakes one waiter when a connection comes back or closes.
+    h1_freed: Arc<tokio::sync::Notify>,
+}
+
+/// One open HTTP/1.1 connection's place under the per-target cap, given back when it closes.
+struct Slot {
+    pool: Weak<Pool>,
+    dial: Dial,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.upgrade() {
+            let mut entries = pool.lock();
+            if let Some(e) = entries.get_mut(&self.dial) {
+                e.h1_open = e.h1_open.saturating_sub(1);
+                e.h1_freed.notify_one();
+            }
+        }
+    }
+}
+
+/// A request's place in a target's queue, left when it gets a connection or gives up.
+struct Waiting<'a> {
+    pool: &'a Pool,
+    dial: &'a Dial,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.pool.lock().get_mut(self.dial) {
+            e.h1_waiting = e.h1_waiting.saturating_sub(1);
+        }
+    }
+}
+
+/// What the cap allows now.
+enum Admit {
+    /// Open a new connection holding this slot.
+    Open(Option<Slot>),
+    /// Wait for this to fire, holding the place in the queue.
+    Wait(Arc<tokio::sync::Notify>),
+    /// Full, and the queue too.
+    Overloaded(TransportError),
 }
 
 /// Connections to many targets, by protocol.
@@ -315,13 +381,26 @@ impl Pool {
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Failed> {
         let generation = self.generation(dial);
-        let (mut sender, reused) = match self.take_h1(dial).await {
-            Some(s) => (s, true),
-            None => match self.connect_h1(dial).await {
-                Ok(s) => (s, false),
-                Err(e) => return Err(Failed::never_sent(e, req, false)),
-            },
+        let mut queued: Option<Waiting<'_>> = None;
+        let (mut sender, reused) = loop {
+            if let Some(s) = self.take_h1(dial).await {
+                break (s, true);
+            }
+            match self.admit_h1(dial, queued.is_some()) {
+                Admit::Open(slot) => match self.connect_h1(dial, slot).await {
+                    Ok(s) => break (s, false),
+                    Err(e) => return Err(Failed::never_sent(e, req, false)),
+                },
+                Admit::Overloaded(e) => return Err(Failed::never_sent(e, req, false)),
+                Admit::Wait(freed) => {
+                    if queued.is_none() {
+                        queued = Some(Waiting { pool: self, dial });
+                    }
+                    freed.notified().await;
+                }
+            }
         };
+        drop(queued);
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 let ret = Return {
@@ -365,7 +444,37 @@ impl Pool {
         let entry = entries.entry(dial).or_default();
         if entry.generation == generation && entry.h1_idle.len() < self.opts.max_idle_per_target {
             entry.h1_idle.push(sender);
+            entry.h1_freed.notify_one();
         }
+    }
+
+    /// Whether a new HTTP/1.1 connection to `dial` may open now; `queued` says the request
+    /// already holds a place in the queue.
+    fn admit_h1(self: &Arc<Self>, dial: &Dial, queued: bool) -> Admit {
+        let cap = self.opts.max_conns_per_target;
+        if cap == 0 {
+            return Admit::Open(None);
+        }
+        let mut entries = self.lock();
+        let entry = entries.entry(dial.clone()).or_default();
+        if entry.h1_open < cap {
+            entry.h1_open += 1;
+            return Admit::Open(Some(Slot {
+                pool: Arc::downgrade(self),
+                dial: dial.clone(),
+            }));
+        }
+        if !queued {
+            if entry.h1_waiting >= self.opts.max_pending_per_target {
+                return Admit::Overloaded(TransportError::Overloaded {
+                    target: dial.clone(),
+                    open: entry.h1_open,
+                    waiting: entry.h1_waiting,
+                });
+            }
+            entry.h1_waiting += 1;
+        }
+        Admit::Wait(entry.h1_freed.clone())
     }
 
     fn generation(&self, dial: &Dial) -> u64 {
@@ -398,7 +507,13 @@ impl Pool {
         }
     }
 
-    async fn connect_h1(&self, dial: &Dial) -> Result<http1::SendRequest<BoxBody>, TransportError> {
+    /// Opens an HTTP/1.1 connection; `slot`, its place under the per-target cap, is held until
+    /// the connection closes (or given back at once if it does not open).
+    async fn connect_h1(
+        &self,
+        dial: &Dial,
+        slot: Option<Slot>,
+    ) -> Result<http1::SendRequest<BoxBody>, TransportError> {
         let io = self.dial(dial).await?;
         let not_sent = |source| TransportError::NotSent {
             target: dial.clone(),
@@ -413,6 +528,7 @@ impl Pool {
             if let Err(e) = conn.await {
                 tracing::debug!(%target, error = %e, "http/1 upstream connection ended");
             }
+            drop(slot);
         });
         sender.ready().await.map_err(not_sent)?;
         Ok(sender)

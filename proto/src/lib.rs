@@ -33,4 +33,8 @@ pub const ERROR_HEADER: &str = "x-detour-error";
 /// The response header that names the sidecar instance that produced a mesh error.
 pub const PROXY_HEADER: &str = "x-detour-proxy";
 
+/// The request header in which a PA tells its provider the verified identity of the calling
+/// sidecar (`spiffe://…`). The PA sets it and removes any value a caller sent.
+pub const CALLER_HEADER: &str = "x-detour-caller";
+
 mod convert;

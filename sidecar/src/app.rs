@@ -26,9 +26,11 @@ use crate::inbound::Inbound;
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
 use crate::listeners::{BindError, HANDOVER_SOCKET, Listeners};
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, Upstreams};
 use crate::providers::LocalProviders;
 use crate::server::{ConnOptions, Listener, accept_loop};
+use crate::tls::TlsState;
+use crate::tls::connect::{PaConnect, PaHosts};
 
 /// A sidecar that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,9 @@ pub enum StartError {
     /// The registry could not be opened or written.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    /// The TLS material could not be used (mTLS is on unless `tls.mode = "plaintext"`).
+    #[error("mutual TLS (set tls.mode = \"plaintext\" to run without): {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A running sidecar.
@@ -94,6 +99,19 @@ impl Sidecar {
         for w in &cfg.warnings {
             tracing::warn!("{w}");
         }
+        let tls = match cfg.tls.files() {
+            Some(files) => {
+                let state = TlsState::load(files.clone(), &cfg.host)?;
+                tracing::info!(identity = %state.own(), "mutual TLS between sidecars");
+                Some(state)
+            }
+            None => {
+                tracing::warn!(
+                    "tls.mode = \"plaintext\": traffic between sidecars is not encrypted and callers are not authenticated"
+                );
+                None
+            }
+        };
         let cfg = Arc::new(cfg);
         let lifecycle = Lifecycle::new();
         let handover_fds = listeners.dup().map_err(|source| BindError {
@@ -154,6 +172,8 @@ impl Sidecar {
         }
         let pool_opts = PoolOptions {
             connect_timeout: cfg.connect_timeout,
+            max_conns_per_target: cfg.limits.max_connections_per_endpoint,
+            max_pending_per_target: cfg.limits.max_pending_per_endpoint,
             ..PoolOptions::default()
         };
         let opts = Arc::new(ConnOptions {
@@ -161,6 +181,11 @@ impl Sidecar {
             head_timeout: cfg.limits.head_timeout,
             proxy: cfg.host.to_string(),
             limits: cfg.limits.clone(),
+            tls: None,
+        });
+        let inbound_opts = Arc::new(ConnOptions {
+            tls: tls.clone(),
+            ..(*opts).clone()
         });
         let gray = Gray::new(cfg.host.clone());
         let following = gray.follow(registry.watch_rules());
@@ -171,7 +196,15 @@ impl Sidecar {
             gray.clone(),
         );
         let data = Pool::new(pool_opts);
-        let links = Links::new(cfg.clone(), registry.watch_hosts(), &data);
+        let pa_hosts = Arc::new(PaHosts::default());
+        let to_pas = match &tls {
+            Some(t) => Pool::with_connector(
+                pool_opts,
+                Arc::new(PaConnect::new(t.clone(), pa_hosts.clone())),
+            ),
+            None => Pool::new(pool_opts),
+        };
+        let links = Links::new(cfg.clone(), registry.watch_hosts(), &to_pas, pa_hosts);
         if let Some(d) = &delegated {
             let l = links.clone();
             d.set_links(Box::new(move || {
@@ -191,7 +224,10 @@ impl Sidecar {
         let outbound = Arc::new(Outbound::new(
             cfg.clone(),
             catalog.clone(),
-            data,
+            Upstreams {
+                providers: data,
+                pas: to_pas,
+            },
             links.clone(),
             gray.clone(),
             lifecycle.clone(),
@@ -222,6 +258,11 @@ impl Sidecar {
         let lc = &lifecycle;
         let mut tasks = vec![
             following,
+            tokio::spawn(async move {
+                if let Some(t) = tls {
+                    t.watch().await;
+                }
+            }),
             tokio::spawn(admin.serve(listeners.admin)),
             tokio::spawn(crate::handover::serve(
                 listeners.handover,
@@ -233,7 +274,7 @@ impl Sidecar {
                 "inbound",
                 inbound,
                 lc.clone(),
-                opts.clone(),
+                inbound_opts,
             )),
         ];
         if let Some(l) = listeners.outbound_tcp {

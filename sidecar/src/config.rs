@@ -14,6 +14,8 @@ use detour_registry_sync::RegistrySpec;
 use detour_registry_sync::protection::ProtectionPolicy;
 use serde::Deserialize;
 
+use crate::tls::identity::SpiffeId;
+
 pub use detour_registry_sync::protection_config::ProtectionRaw;
 
 /// Prefix of the environment variables that override config keys
@@ -54,6 +56,10 @@ pub struct RawConfig {
     pub limits: crate::config_limits::LimitsRaw,
     /// Outlier ejection.
     pub outlier: crate::config_limits::OutlierRaw,
+    /// Mutual TLS between sidecars.
+    pub tls: crate::config_tls::TlsRaw,
+    /// The CA's retry budget.
+    pub retry: crate::config_limits::RetryRaw,
     /// Local providers this sidecar serves inbound and registers.
     pub provide: Vec<ProvideRaw>,
     /// The watchdog this sidecar runs under.
@@ -87,6 +93,8 @@ impl Default for RawConfig {
             protection: ProtectionRaw::default(),
             limits: crate::config_limits::LimitsRaw::default(),
             outlier: crate::config_limits::OutlierRaw::default(),
+            tls: crate::config_tls::TlsRaw::default(),
+            retry: crate::config_limits::RetryRaw::default(),
             provide: Vec::new(),
             watchdog: WatchdogRaw::default(),
         }
@@ -301,6 +309,10 @@ pub struct ProvideRaw {
     /// Burst allowed above the rate (default: the rate).
     #[serde(default)]
     pub rate_limit_burst: Option<u32>,
+    /// Caller identities (SPIFFE IDs of their sidecars) allowed through this PA; absent: every
+    /// sidecar of the trust domain. Needs `tls.mode = "mutual"`.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
 }
 
 /// Load-balancing policy.
@@ -329,6 +341,8 @@ pub struct Provide {
     pub check_path: Option<String>,
     /// Rate limit at this PA: requests a second and burst.
     pub rate_limit: Option<(u32, u32)>,
+    /// Caller identities allowed; `None`: every sidecar of the trust domain.
+    pub allow: Option<Vec<SpiffeId>>,
 }
 
 /// The validated configuration.
@@ -370,6 +384,10 @@ pub struct Config {
     pub limits: crate::config_limits::Limits,
     /// Outlier ejection.
     pub outlier: crate::balance::Outlier,
+    /// Mutual TLS between sidecars, or plaintext.
+    pub tls: crate::config_tls::TlsMode,
+    /// The retry budget per service.
+    pub retry_budget: crate::budget::BudgetConfig,
     /// Graceful-stop bound.
     pub drain_timeout: Duration,
     /// How long a drain is announced before listeners close.
@@ -513,6 +531,8 @@ impl RawConfig {
         };
         let limits = self.limits.validate(&mut p);
         let outlier = self.outlier.validate(&mut p);
+        let tls = self.tls.validate(&self.run_dir, &mut p);
+        let retry_budget = self.retry.validate(&mut p);
         let connect_timeout = positive(
             &mut p,
             "proxy.connect_timeout_ms",
@@ -595,6 +615,10 @@ impl RawConfig {
             if raw.rate_limit_burst.is_some() && raw.rate_limit_rps.is_none() {
                 p.push(format!("{key}.rate_limit_burst: needs rate_limit_rps"));
             }
+            let allow = raw
+                .allow
+                .as_ref()
+                .map(|ids| allow_list(&mut p, &key, ids, &tls, &self.tls.trust_domain));
             if let (Some(service), Some(address), Some(protocol), Some(instance)) =
                 (service, address, protocol, instance)
             {
@@ -611,6 +635,7 @@ impl RawConfig {
                     rate_limit: raw
                         .rate_limit_rps
                         .map(|r| (r, raw.rate_limit_burst.unwrap_or(r))),
+                    allow,
                 });
             }
         }
@@ -637,6 +662,8 @@ impl RawConfig {
                     pa_protocol,
                     limits,
                     outlier,
+                    tls,
+                    retry_budget,
                     drain_timeout,
                     announce: Duration::from_millis(self.lifecycle.announce_ms),
                     link: LinkConfig {
@@ -663,6 +690,32 @@ impl RawConfig {
             _ => Err(p),
         }
     }
+}
+
+/// Validates one provider's allow-list: SPIFFE IDs of this trust domain, and TLS on.
+fn allow_list(
+    p: &mut Vec<String>,
+    key: &str,
+    ids: &[String],
+    tls: &crate::config_tls::TlsMode,
+    trust_domain: &str,
+) -> Vec<SpiffeId> {
+    if tls.files().is_none() {
+        p.push(format!(
+            "{key}.allow: callers are only known with tls.mode = \"mutual\""
+        ));
+    }
+    let mut out = Vec::new();
+    for id in ids {
+        match SpiffeId::parse(id) {
+            Ok(id) if id.trust_domain() == trust_domain => out.push(id),
+            Ok(id) => p.push(format!(
+                "{key}.allow: {id} is not in the trust domain {trust_domain}"
+            )),
+            Err(e) => p.push(format!("{key}.allow: {e}")),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `[limits]`: what one client may hold on the data listeners (outbound and inbound): open
 //! connections, idle time, concurrent HTTP/2 streams, keep-alive pings. `[outlier]`: when the
-//! CA passes over an endpoint that answers server errors in a row.
+//! CA passes over an endpoint that answers server errors in a row. `[retry]`: the CA's retry
+//! budget.
 
 use std::time::Duration;
 
@@ -22,6 +23,11 @@ pub struct LimitsRaw {
     /// HTTP/2 keep-alive ping interval, milliseconds (a peer that does not answer within the
     /// same time is disconnected).
     pub h2_keepalive_ms: u64,
+    /// Most HTTP/1.1 connections to one provider endpoint (the PA's and the direct path's);
+    /// requests beyond wait for one to come free.
+    pub max_connections_per_endpoint: usize,
+    /// Most requests waiting for such a connection; beyond, `upstream-connect`.
+    pub max_pending_per_endpoint: usize,
 }
 
 impl Default for LimitsRaw {
@@ -32,6 +38,8 @@ impl Default for LimitsRaw {
             head_timeout_ms: 30_000,
             max_concurrent_streams: 4096,
             h2_keepalive_ms: 30_000,
+            max_connections_per_endpoint: 512,
+            max_pending_per_endpoint: 2048,
         }
     }
 }
@@ -49,6 +57,10 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// HTTP/2 keep-alive ping interval and timeout.
     pub h2_keepalive: Duration,
+    /// HTTP/1.1 connections per provider endpoint.
+    pub max_connections_per_endpoint: usize,
+    /// Requests waiting for one.
+    pub max_pending_per_endpoint: usize,
 }
 
 impl LimitsRaw {
@@ -68,7 +80,13 @@ impl LimitsRaw {
             u64::from(self.max_concurrent_streams),
         );
         let ping = positive("h2_keepalive_ms", self.h2_keepalive_ms);
+        let per_endpoint = positive(
+            "max_connections_per_endpoint",
+            self.max_connections_per_endpoint as u64,
+        ) as usize;
         Limits {
+            max_connections_per_endpoint: per_endpoint,
+            max_pending_per_endpoint: self.max_pending_per_endpoint,
             max_connections,
             idle_timeout: Duration::from_millis(idle),
             head_timeout: Duration::from_millis(head),
@@ -114,6 +132,46 @@ impl OutlierRaw {
             consecutive_5xx: self.consecutive_5xx,
             base_ejection: Duration::from_millis(self.base_ejection_ms.max(1)),
             max_ejected_percent: self.max_ejected_percent.min(100),
+        }
+    }
+}
+
+/// `[retry]` as written: the CA's retry budget per service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RetryRaw {
+    /// Resends allowed per request (0–1).
+    pub budget_ratio: f64,
+    /// Resends allowed per second whatever the traffic.
+    pub min_per_second: u32,
+    /// Window over which requests and resends count, milliseconds.
+    pub window_ms: u64,
+}
+
+impl Default for RetryRaw {
+    fn default() -> Self {
+        let d = crate::budget::BudgetConfig::default();
+        Self {
+            budget_ratio: d.ratio,
+            min_per_second: d.min_per_second,
+            window_ms: d.window.as_millis() as u64,
+        }
+    }
+}
+
+impl RetryRaw {
+    /// Checks every value, pushing each problem onto `p`.
+    pub fn validate(&self, p: &mut Vec<String>) -> crate::budget::BudgetConfig {
+        if !(0.0..=1.0).contains(&self.budget_ratio) {
+            p.push("retry.budget_ratio: must be between 0 and 1".into());
+        }
+        if self.window_ms < 10 {
+            p.push("retry.window_ms: must be at least 10".into());
+        }
+        crate::budget::BudgetConfig {
+            ratio: self.budget_ratio.clamp(0.0, 1.0),
+            min_per_second: self.min_per_second,
+            window: Duration::from_millis(self.window_ms.max(10)),
         }
     }
 }

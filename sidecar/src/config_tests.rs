@@ -213,3 +213,54 @@ fn limits_have_defaults_and_refuse_zero() {
     assert!(err.contains("limits.idle_timeout_ms"), "{err}");
     assert!(err.contains("limits.max_connections"), "{err}");
 }
+
+#[test]
+fn mutual_tls_is_the_default_and_plaintext_is_explicit() {
+    use crate::config_tls::TlsMode;
+    let cfg = Config::parse("t", "host = \"h1\"\nrun_dir = \"/r\"\n", Vec::new()).unwrap();
+    let files = cfg.tls.files().unwrap();
+    assert_eq!(files.trust_domain, "detour.local");
+    assert_eq!(files.cert, std::path::PathBuf::from("/r/tls/cert.pem"));
+    assert_eq!(files.bundle, std::path::PathBuf::from("/r/tls/bundle.pem"));
+    let text = "host = \"h1\"\n[tls]\nmode = \"plaintext\"\n";
+    let cfg = Config::parse("t", text, Vec::new()).unwrap();
+    assert_eq!(cfg.tls, TlsMode::Plaintext);
+    let text =
+        "host = \"h1\"\n[tls]\nmode = \"tls\"\ntrust_domain = \"Bad Domain\"\nreload_ms = 0\n";
+    let err = Config::parse("t", text, Vec::new())
+        .unwrap_err()
+        .to_string();
+    for key in ["tls.mode", "tls.trust_domain", "tls.reload_ms"] {
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
+
+#[test]
+fn allow_lists_name_identities_of_the_trust_domain_and_need_tls() {
+    let text = r#"host = "h1"
+[[provide]]
+service = "a"
+address = "127.0.0.1:1"
+allow = ["spiffe://detour.local/host/h2"]
+"#;
+    let cfg = Config::parse("t", text, Vec::new()).unwrap();
+    let allow = cfg.provide[0].allow.as_ref().unwrap();
+    assert_eq!(allow[0].as_str(), "spiffe://detour.local/host/h2");
+    let bad = r#"host = "h1"
+[[provide]]
+service = "a"
+address = "127.0.0.1:1"
+allow = ["spiffe://other.example/host/h2", "h2"]
+"#;
+    let err = Config::parse("t", bad, Vec::new()).unwrap_err().to_string();
+    assert!(
+        err.contains("not in the trust domain detour.local"),
+        "{err}"
+    );
+    assert!(err.contains("\"h2\" is not a SPIFFE ID"), "{err}");
+    let plain = format!("{text}[tls]\nmode = \"plaintext\"\n");
+    let err = Config::parse("t", &plain, Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("provide[0].allow"), "{err}");
+}

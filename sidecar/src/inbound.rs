@@ -2,6 +2,10 @@
 //! service named by `:authority` / `Host`, in that provider's protocol. `GET /detour/ping`
 //! under authority `detour.control` answers the probes of remote CAs.
 //!
+//! Callers: with mutual TLS, the calling sidecar's verified identity is checked against the
+//! provider's allow-list (`denied`, 403, otherwise) and handed to the provider in
+//! `x-detour-caller`, which this PA always sets or removes itself.
+//!
 //! Trust: every `x-detour-*` header of a provider's answer is removed, so the only mesh headers
 //! a CA reads from this PA are the PA's own. A request the provider never received (it refused
 //! the connection) is answered `upstream-connect`, which tells the CA it may send the request
@@ -16,8 +20,8 @@ use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide
 use detour_core::failure::{MeshErrorKind, strip_mesh_headers};
 use detour_core::replay::is_idempotent;
 use detour_core::{BoxBody, Dial, Pool};
-use detour_proto::{CONTROL_AUTHORITY, PING_PATH, ServiceName};
-use http::{Request, Response};
+use detour_proto::{CALLER_HEADER, CONTROL_AUTHORITY, PING_PATH, ServiceName};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use crate::config::{Config, Provide};
@@ -27,7 +31,7 @@ use crate::lifecycle::Lifecycle;
 use crate::providers::LocalProviders;
 use crate::ratelimit::TokenBucket;
 use crate::respond::{MeshError, is_grpc};
-use crate::server::{Handler, ping_response};
+use crate::server::{Caller, Handler, ping_response};
 use crate::telemetry::{Direction, PathLabel, record_request};
 
 /// The inbound proxy.
@@ -100,6 +104,18 @@ impl Inbound {
                 format!("{service} is not provided on {}", self.cfg.host),
             )
         })?;
+        let caller = parts.extensions.get::<Caller>().map(|c| &c.0);
+        if let Some(allow) = &provider.allow
+            && !caller.is_some_and(|c| allow.contains(c))
+        {
+            let who = caller.map_or("an unidentified caller", |c| c.as_str());
+            metrics::counter!("detour_denied_total", "service" => service.to_string()).increment(1);
+            tracing::info!(%service, caller = who, "call refused by the allow-list");
+            return Err(MeshError::new(
+                MeshErrorKind::Denied,
+                format!("{who} may not call {service} on {}", self.cfg.host),
+            ));
+        }
         if let Some(bucket) = self.limits.get(&service)
             && !bucket
                 .lock()
@@ -113,8 +129,14 @@ impl Inbound {
                 format!("{service} is over its rate limit on {}", self.cfg.host),
             ));
         }
+        let caller_value = caller.and_then(|c| HeaderValue::from_str(c.as_str()).ok());
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
+        // The provider learns who called from this PA only, never from the caller.
+        req.headers_mut().remove(CALLER_HEADER);
+        if let Some(v) = caller_value {
+            req.headers_mut().insert(CALLER_HEADER, v);
+        }
         let idempotent = is_idempotent(&req);
         let dial = Dial::Tcp(provider.address);
         let timeout = self.cfg.request_timeout;

@@ -9,8 +9,10 @@ pub mod admin;
 pub mod admin_guard;
 pub mod app;
 pub mod balance;
+pub mod budget;
 pub mod config;
 pub mod config_limits;
+pub mod config_tls;
 pub mod control;
 pub mod delegate;
 pub mod detect;
@@ -29,6 +31,7 @@ pub mod respond;
 pub mod server;
 pub mod stop;
 pub mod telemetry;
+pub mod tls;
 
 /// This sidecar's version, reported in `/state`, host status and control events.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::tls::connect::PaHosts;
 
 /// The CA half's names for the three states.
 pub const CA_NAMES: StateNames = StateNames {
@@ -45,15 +46,19 @@ pub struct Links {
     pool: Arc<Pool>,
     entries: Mutex<HashMap<HostId, Entry>>,
     hosts: watch::Receiver<Arc<HostStatuses>>,
+    /// The host behind each PA address, for the TLS connector's identity check.
+    pa_hosts: Arc<PaHosts>,
 }
 
 impl Links {
     /// Links fed by `hosts` (the registry's host statuses); starts the task that applies them.
-    /// Probes use their own connections, opened like `data`'s.
+    /// Probes use their own connections, opened like `data`'s (the connections to PAs);
+    /// `pa_hosts` learns which host each PA address belongs to.
     pub fn new(
         cfg: Arc<Config>,
         hosts: watch::Receiver<Arc<HostStatuses>>,
         data: &Pool,
+        pa_hosts: Arc<PaHosts>,
     ) -> Arc<Self> {
         let pool = data.fresh(PoolOptions {
             connect_timeout: cfg.probe_timeout,
@@ -64,6 +69,7 @@ impl Links {
             pool,
             entries: Mutex::new(HashMap::new()),
             hosts: hosts.clone(),
+            pa_hosts,
         });
         tokio::spawn(follow_hosts(Arc::downgrade(&links), hosts));
         links
@@ -73,9 +79,13 @@ impl Links {
     pub fn get(&self, host: &HostId, pa: SocketAddr) -> Arc<LinkHandle> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = entries.get(host) {
-            *e.pa.lock().unwrap_or_else(|p| p.into_inner()) = pa;
+            let old = std::mem::replace(&mut *e.pa.lock().unwrap_or_else(|p| p.into_inner()), pa);
+            if old != pa {
+                self.pa_hosts.set(host, pa, Some(old));
+            }
             return e.link.clone();
         }
+        self.pa_hosts.set(host, pa, None);
         let link = Arc::new(LinkHandle::new(
             CA_NAMES,
             host.to_string(),

@@ -30,6 +30,7 @@ use hyper::body::Incoming;
 use tower::ServiceExt;
 
 use crate::balance::Balancer;
+use crate::budget::RetryBudget;
 use crate::config::Config;
 use crate::control::ControlService;
 use crate::forward::{AttemptFailed, attempt};
@@ -47,10 +48,10 @@ pub struct Outbound {
     cfg: Arc<Config>,
     /// Where endpoints come from.
     catalog: Arc<Catalog>,
-    /// Upstream connections (to PAs and providers).
-    pool: Arc<Pool>,
-    /// One selector per service, created on first use.
-    balancers: Mutex<HashMap<ServiceName, Arc<Balancer>>>,
+    /// Connections to providers (the direct path) and to PAs.
+    pools: Upstreams,
+    /// One selector and retry budget per service, created on first use.
+    services: Mutex<HashMap<ServiceName, Arc<PerService>>>,
     /// The CA half of the link state machine, per remote host.
     links: Arc<Links>,
     /// The gray rules (a service switched off goes straight to its providers).
@@ -66,7 +67,7 @@ impl Outbound {
     pub fn new(
         cfg: Arc<Config>,
         catalog: Arc<Catalog>,
-        pool: Arc<Pool>,
+        pools: Upstreams,
         links: Arc<Links>,
         gray: Arc<Gray>,
         lifecycle: Arc<Lifecycle>,
@@ -75,8 +76,8 @@ impl Outbound {
         Self {
             cfg,
             catalog,
-            pool,
-            balancers: Mutex::new(HashMap::new()),
+            pools,
+            services: Mutex::new(HashMap::new()),
             links,
             gray,
             lifecycle,
@@ -84,13 +85,18 @@ impl Outbound {
         }
     }
 
-    fn balancer(&self, service: &ServiceName) -> Arc<Balancer> {
-        let mut map = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
+    fn service(&self, service: &ServiceName) -> Arc<PerService> {
+        let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = map.get(service) {
             return b.clone();
         }
         map.entry(service.clone())
-            .or_insert_with(|| Arc::new(Balancer::with_outlier(self.cfg.balance, self.cfg.outlier)))
+            .or_insert_with(|| {
+                Arc::new(PerService {
+                    balancer: Balancer::with_outlier(self.cfg.balance, self.cfg.outlier),
+                    budget: Mutex::new(RetryBudget::new(self.cfg.retry_budget, Instant::now())),
+                })
+            })
             .clone()
     }
 
@@ -121,7 +127,8 @@ impl Outbound {
                 service.as_str(),
             ));
         }
-        let balancer = self.balancer(&service);
+        let per = self.service(&service);
+        let balancer = &per.balancer;
         balancer.retain(&set);
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
@@ -134,6 +141,10 @@ impl Outbound {
                 }
                 PrepareError::Body(_) => malformed(e.to_string()),
             })?;
+        per.budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .request(Instant::now());
         let mut flight = Held::new(req, replay, idempotent);
         let mut tried: Vec<InstanceId> = Vec::new();
         let no_endpoint = || MeshError::new(MeshErrorKind::NoEndpoint, service.as_str());
@@ -164,7 +175,22 @@ impl Outbound {
                 other_path: via_pa,
                 other_endpoint: tried.len() + 1 < set.endpoints.len(),
             };
-            match decide(failed.outcome, flight.kind(), alt) {
+            let mut next = decide(failed.outcome, flight.kind(), alt);
+            // Sending again a request a provider may have processed (its connection broke)
+            // spends the retry budget; one lost with a sidecar (a PA that died or hung) goes
+            // straight to the provider without: that is the mesh's own failover.
+            if matches!(failed.outcome, Outcome::Lost(Part::Provider))
+                && matches!(next, Next::Again | Next::OtherPath | Next::NextEndpoint)
+            {
+                let mut budget = per.budget.lock().unwrap_or_else(|p| p.into_inner());
+                if budget.try_retry(Instant::now()) {
+                    metrics::counter!("detour_retries_total").increment(1);
+                } else {
+                    metrics::counter!("detour_retry_budget_exhausted_total").increment(1);
+                    next = Next::Return;
+                }
+            }
+            match next {
                 Next::Again => {}
                 Next::OtherPath => via_pa = false,
                 Next::NextEndpoint => {
@@ -205,7 +231,7 @@ impl Outbound {
         let dial = Dial::Tcp(pa);
         let proto = self.cfg.pa_protocol;
         let sent = attempt(
-            &self.pool,
+            &self.pools.pas,
             &dial,
             proto,
             service.as_str(),
@@ -279,7 +305,7 @@ impl Outbound {
         let dial = Dial::Tcp(ep.app_address);
         let timeout = self.cfg.request_timeout;
         match attempt(
-            &self.pool,
+            &self.pools.providers,
             &dial,
             ep.protocol,
             service.as_str(),
@@ -336,6 +362,23 @@ impl Handler for Outbound {
         record_request(Direction::Outbound, path, resp.status(), start.elapsed());
         resp
     }
+}
+
+/// The CA's upstream connections.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    /// To providers (the direct path, C→CA→P).
+    pub providers: Arc<Pool>,
+    /// To PAs (mutual TLS unless plaintext is configured).
+    pub pas: Arc<Pool>,
+}
+
+/// What the CA keeps per service it routes.
+struct PerService {
+    /// Endpoint selection, ejections and outliers.
+    balancer: Balancer,
+    /// Resends of requests a provider may have processed.
+    budget: Mutex<RetryBudget>,
 }
 
 /// The failure of an attempt that has no request left to send (never expected: the retry

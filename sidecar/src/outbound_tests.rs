@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::Outbound;
+use super::{Outbound, Upstreams};
 use crate::config::Config;
 use crate::control::ControlService;
 use crate::gray::Gray;
@@ -159,7 +159,12 @@ impl World {
         lifecycle.set(detour_proto::SidecarState::Ready);
         let registry: Arc<dyn Registry> = self.registry.clone();
         let catalog = Arc::new(Catalog::new(registry.clone()));
-        let links = Links::new(cfg.clone(), registry.watch_hosts(), &self.ca_pool);
+        let links = Links::new(
+            cfg.clone(),
+            registry.watch_hosts(),
+            &self.ca_pool,
+            Arc::default(),
+        );
         let control = ControlService::new(
             lifecycle.clone(),
             catalog.clone(),
@@ -169,7 +174,16 @@ impl World {
         let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());
         let gray = self.gray.clone();
         let outbound = Arc::new(Outbound::new(
-            cfg, catalog, pool, links, gray, lifecycle, control,
+            cfg,
+            catalog,
+            Upstreams {
+                providers: pool.clone(),
+                pas: pool,
+            },
+            links,
+            gray,
+            lifecycle,
+            control,
         ));
         serve(&self.net, Dial::Unix(CA.into()), outbound);
     }

@@ -34,6 +34,7 @@ fn describe(kind: MeshErrorKind) -> &'static str {
         MeshErrorKind::UpstreamReset => "upstream connection lost",
         MeshErrorKind::Timeout => "upstream timed out",
         MeshErrorKind::RateLimited => "over the rate limit",
+        MeshErrorKind::Denied => "the caller is not allowed",
     }
 }
 

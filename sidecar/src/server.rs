@@ -42,6 +42,8 @@ pub struct ConnOptions {
     pub proxy: String,
     /// Connections, idle time, HTTP/2 streams and pings.
     pub limits: crate::config_limits::Limits,
+    /// Mutual TLS on this listener (the PA's, unless plaintext is configured).
+    pub tls: Option<Arc<crate::tls::TlsState>>,
 }
 
 /// How long an idle HTTP/2 connection closed by the idle timeout may take to finish its
@@ -182,7 +184,23 @@ fn spawn_conn<S, H>(
     let guard = lifecycle.conn_guard();
     metrics::counter!("detour_connections_total", "listener" => name).increment(1);
     tokio::spawn(async move {
-        if let Err(e) = serve_conn(io, handler, &lifecycle, &opts).await {
+        let served = match &opts.tls {
+            None => serve_conn(io, handler, &lifecycle, &opts, None).await,
+            Some(tls) => match tls.accept(io, opts.head_timeout).await {
+                Ok((io, caller)) => {
+                    metrics::counter!("detour_tls_handshakes_total", "side" => "inbound")
+                        .increment(1);
+                    serve_conn(io, handler, &lifecycle, &opts, Some(Caller(caller))).await
+                }
+                Err(e) => {
+                    metrics::counter!("detour_tls_handshake_failures_total", "side" => "inbound")
+                        .increment(1);
+                    tracing::info!(listener = name, error = %e, "TLS handshake refused");
+                    Ok(())
+                }
+            },
+        };
+        if let Err(e) = served {
             tracing::debug!(listener = name, error = %e, "connection ended with an error");
         }
         drop(guard);
@@ -190,13 +208,20 @@ fn spawn_conn<S, H>(
     });
 }
 
+/// The verified identity of the sidecar at the other end of a mutual-TLS connection, in every
+/// request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller(pub crate::tls::identity::SpiffeId);
+
 /// Serves one connection until it closes; on drain, closes it gracefully (HTTP/1.1: after the
-/// current response; HTTP/2: GOAWAY, then the open streams finish).
+/// current response; HTTP/2: GOAWAY, then the open streams finish). `caller`, when known, goes
+/// into every request's extensions.
 pub async fn serve_conn<S, H>(
     mut io: S,
     handler: Arc<H>,
     lifecycle: &Lifecycle,
     opts: &ConnOptions,
+    caller: Option<Caller>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -214,9 +239,12 @@ where
     let io = TokioIo::new(Prefixed::new(buf, io));
     let activity = Arc::new(Activity::new());
     let active = activity.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         let h = handler.clone();
         let active = active.clone();
+        if let Some(c) = &caller {
+            req.extensions_mut().insert(c.clone());
+        }
         async move {
             active.begin();
             let resp = h.handle(req).await;

@@ -16,8 +16,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The trust domain of test meshes.
+pub const TRUST_DOMAIN: &str = "detour.local";
+
 use detour_proto::{AppProtocol, ServiceName};
 use detour_thin_sdk::{Client, Dial};
+use detour_watchdog::certs::{Authority, DEFAULT_VALIDITY};
 use detour_watchdog::process::ChildGuard;
 use detour_watchdog::provider::DemoProvider;
 use detour_watchdog::sidecar::{SidecarProcess, find_binary, find_sidecar_binary};
@@ -64,6 +68,9 @@ pub struct Mesh {
     pub watchdogs: BTreeMap<String, WatchdogProcess>,
     /// The registry spec sidecars use (`dir:` under the root unless set).
     registry: Option<String>,
+    /// The mesh's throw-away CA (trust domain `detour.local`): every sidecar gets a
+    /// certificate from it and talks mutual TLS, unless its config has its own `[tls]`.
+    pub ca: Authority,
 }
 
 impl Drop for Mesh {
@@ -89,7 +96,27 @@ impl Mesh {
             sidecars: BTreeMap::new(),
             watchdogs: BTreeMap::new(),
             registry: None,
+            ca: Authority::new(TRUST_DOMAIN).expect("a throw-away CA"),
         }
+    }
+
+    /// Where `host`'s certificate, key and bundle are (written on the first [`Mesh::config`]).
+    pub fn pki_dir(&self, host: &str) -> PathBuf {
+        self.root().join("pki").join(host)
+    }
+
+    /// The `[tls]` section of `host` (its files issued now if not yet).
+    pub fn tls_section(&self, host: &str) -> String {
+        let dir = self.pki_dir(host);
+        if !dir.join("cert.pem").exists() {
+            self.ca
+                .write_host(&dir, host, DEFAULT_VALIDITY)
+                .expect("host certificate");
+        }
+        format!(
+            "[tls]\ntrust_domain = \"{TRUST_DOMAIN}\"\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\nbundle = \"{d}/bundle.pem\"\nreload_ms = 200\n",
+            d = dir.display()
+        )
     }
 
     /// Makes every sidecar started from now on use `spec` (e.g. `etcd:http://…`).
@@ -109,6 +136,11 @@ impl Mesh {
             .registry
             .clone()
             .unwrap_or_else(|| format!("dir:{root}/registry"));
+        let tls = if extra.contains("[tls]") {
+            String::new()
+        } else {
+            self.tls_section(host)
+        };
         let mut cfg = format!(
             r#"host = "{host}"
 run_dir = "{root}/{host}"
@@ -123,7 +155,7 @@ listen = "{ip}:0"
 [registry_dir]
 poll_ms = 50
 ttl_ms = 10000
-{extra}
+{tls}{extra}
 "#
         );
         for o in offers {

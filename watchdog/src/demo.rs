@@ -1,6 +1,7 @@
 //! `detourctl demo`: a three-host mesh on loopback (127.0.0.1–3), each host with its own
 //! watchdog, the sidecar it keeps, and a run directory; a demo provider on hosts 2 and 3, the
-//! directory registry, and steady traffic from an SDK client on host 1 — printed once a second.
+//! directory registry, mutual TLS between the sidecars from a throw-away CA, and steady traffic
+//! from an SDK client on host 1 — printed once a second.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,6 +13,7 @@ use detour_thin_sdk::Client;
 use http::Request;
 use http_body_util::BodyExt;
 
+use crate::certs::{Authority, DEFAULT_VALIDITY};
 use crate::load::{self, LoadSpec, MethodKind, MethodMix, Stats, Target};
 use crate::provider::{DemoProvider, SERVED_BY};
 use crate::sidecar::{find_binary, find_sidecar_binary};
@@ -74,9 +76,12 @@ pub async fn run(
     let root = dir.path();
     let p2 = DemoProvider::start("127.0.0.2:0".parse()?, "h2-hello").await?;
     let p3 = DemoProvider::start("127.0.0.3:0".parse()?, "h3-hello").await?;
+    // A throw-away CA: each sidecar finds its certificate where `[tls]` looks by default.
+    let ca = Authority::new("detour.local")?;
     let mut hosts = Vec::new();
     for (n, provider) in [(1u8, None), (2, Some(p2.addr())), (3, Some(p3.addr()))] {
         let run_dir = root.join(format!("h{n}"));
+        ca.write_host(&run_dir.join("tls"), &format!("h{n}"), DEFAULT_VALIDITY)?;
         let w = WatchdogProcess::start(
             &watchdog,
             &binary,

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod agent_config;
 pub mod api;
+pub mod certs;
 pub mod cli_ops;
 pub mod demo;
 pub mod held;

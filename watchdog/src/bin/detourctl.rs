@@ -3,7 +3,7 @@
 //! rollback, every host and service); `upgrade` replaces the local sidecar without loss (or
 //! rolls it back); `shutdown` takes the host out of the mesh; `load` drives a fixed request rate through the SDK (or
 //! straight at one provider) and reports every outcome; `provider` runs the demo provider as a
-//! process for scripts.
+//! process for scripts; `certs` issues sidecar certificates from a throw-away CA.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use detour_proto::{AppProtocol, ServiceName};
 use detour_registry_sync::legacy::zk_publish;
 use detour_thin_sdk::{Client, Dial};
 use detour_watchdog::api::UpgradeRequest;
+use detour_watchdog::certs;
 use detour_watchdog::cli_ops::{self, GrayCmd, RegistryArgs, RollbackArgs};
 use detour_watchdog::demo::{self, DemoOptions};
 use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
@@ -112,6 +113,22 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         release_grace_ms: u64,
     },
+    /// Issue sidecar certificates from a throw-away CA kept in --dir (made on first use):
+    /// `<dir>/ca.pem`, `<dir>/ca-key.pem`, and per host `<dir>/<host>/{cert,key,bundle}.pem`.
+    Certs {
+        /// Where the CA and the hosts' files go.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The SPIFFE trust domain (`[tls] trust_domain`).
+        #[arg(long, default_value = "detour.local")]
+        trust_domain: String,
+        /// A host to issue a certificate for (repeat for more).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Validity of the hosts' certificates, days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +206,25 @@ async fn ctrl_c() {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Certs {
+            dir,
+            trust_domain,
+            hosts,
+            days,
+        } => {
+            let validity = Duration::from_secs(days.max(1) * 24 * 3600);
+            let ca = certs::open_or_create(&dir, &trust_domain)?;
+            for host in &hosts {
+                let host = detour_proto::HostId::new(host.clone())?;
+                let to = dir.join(host.as_str());
+                ca.write_host(&to, host.as_str(), validity)?;
+                println!(
+                    "certs: spiffe://{trust_domain}/host/{host} in {}",
+                    to.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Provider {
             listen,
             instance,
