@@ -235,7 +235,7 @@ impl Default for PoolOptions {
 
 #[derive(Default)]
 struct Entry {
-    h1_idle: Vec<http1::SendRequest<BoxBody>>,
+    h1_idle: Vec<Idle>,
     h2: Option<http2::SendRequest<BoxBody>>,
     /// Bumped by [`Pool::forget`]: a connection taken out before is not taken back.
     generation: u64,
@@ -245,6 +245,38 @@ struct Entry {
     h1_waiting: usize,
     /// Wakes one waiter when a connection comes back or closes.
     h1_freed: Arc<tokio::sync::Notify>,
+}
+
+/// A pooled HTTP/1.1 connection: its sender, and a second handle on its TCP socket.
+type Idle = (http1::SendRequest<BoxBody>, Option<Peek>);
+
+/// A second handle on a pooled HTTP/1.1 connection's TCP socket, to see, just before a request
+/// is written on it, whether the server closed it while it sat idle (its FIN is in the socket
+/// but hyper's connection task has not run yet). A request written there would be lost with an
+/// unknown outcome, though the server never read it — the window in which a provider that
+/// dies (`kill -9`) takes non-idempotent requests with it.
+struct Peek(std::net::TcpStream);
+
+impl Peek {
+    fn of(stream: &Stream) -> Option<Peek> {
+        use std::os::fd::AsFd;
+        match stream {
+            Stream::Tcp(s) => s
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(|fd| Peek(std::net::TcpStream::from(fd))),
+            _ => None,
+        }
+    }
+
+    /// Whether the server closed the connection (or sent something unasked, which no idle
+    /// HTTP/1.1 connection should carry). The socket is non-blocking (tokio's), so this never
+    /// waits.
+    fn closed(&self) -> bool {
+        let mut byte = [0u8; 1];
+        !matches!(self.0.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
 }
 
 /// One open HTTP/1.1 connection's place under the per-target cap, given back when it closes.
@@ -382,7 +414,7 @@ impl Pool {
     ) -> Result<Response<BoxBody>, Failed> {
         let generation = self.generation(dial);
         let mut queued: Option<Waiting<'_>> = None;
-        let (mut sender, reused) = loop {
+        let ((mut sender, peek), reused) = loop {
             if let Some(s) = self.take_h1(dial).await {
                 break (s, true);
             }
@@ -404,7 +436,7 @@ impl Pool {
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 let ret = Return {
-                    sender: Some(sender),
+                    sender: Some((sender, peek)),
                     pool: Arc::downgrade(self),
                     dial: dial.clone(),
                     generation,
@@ -424,26 +456,26 @@ impl Pool {
         }
     }
 
-    async fn take_h1(&self, dial: &Dial) -> Option<http1::SendRequest<BoxBody>> {
+    async fn take_h1(&self, dial: &Dial) -> Option<Idle> {
         loop {
-            let mut sender = self.lock().get_mut(dial)?.h1_idle.pop()?;
-            if sender.is_closed() {
+            let (mut sender, peek) = self.lock().get_mut(dial)?.h1_idle.pop()?;
+            if sender.is_closed() || peek.as_ref().is_some_and(Peek::closed) {
                 continue;
             }
             if sender.ready().await.is_ok() {
-                return Some(sender);
+                return Some((sender, peek));
             }
         }
     }
 
-    fn give_back_h1(&self, dial: Dial, sender: http1::SendRequest<BoxBody>, generation: u64) {
+    fn give_back_h1(&self, dial: Dial, (sender, peek): Idle, generation: u64) {
         if sender.is_closed() {
             return;
         }
         let mut entries = self.lock();
         let entry = entries.entry(dial).or_default();
         if entry.generation == generation && entry.h1_idle.len() < self.opts.max_idle_per_target {
-            entry.h1_idle.push(sender);
+            entry.h1_idle.push((sender, peek));
             entry.h1_freed.notify_one();
         }
     }
@@ -509,12 +541,9 @@ impl Pool {
 
     /// Opens an HTTP/1.1 connection; `slot`, its place under the per-target cap, is held until
     /// the connection closes (or given back at once if it does not open).
-    async fn connect_h1(
-        &self,
-        dial: &Dial,
-        slot: Option<Slot>,
-    ) -> Result<http1::SendRequest<BoxBody>, TransportError> {
+    async fn connect_h1(&self, dial: &Dial, slot: Option<Slot>) -> Result<Idle, TransportError> {
         let io = self.dial(dial).await?;
+        let peek = Peek::of(io.inner());
         let not_sent = |source| TransportError::NotSent {
             target: dial.clone(),
             source,
@@ -531,7 +560,7 @@ impl Pool {
             drop(slot);
         });
         sender.ready().await.map_err(not_sent)?;
-        Ok(sender)
+        Ok((sender, peek))
     }
 
     async fn send_h2(
@@ -609,7 +638,7 @@ impl Pool {
 
 /// Hands an HTTP/1.1 connection back to its pool.
 struct Return {
-    sender: Option<http1::SendRequest<BoxBody>>,
+    sender: Option<Idle>,
     pool: Weak<Pool>,
     dial: Dial,
     /// The pool's generation for `dial` when the connection was taken.

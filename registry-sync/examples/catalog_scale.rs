@@ -89,6 +89,7 @@ async fn from_etcd(url: String, n: usize, m: usize, cache_path: &std::path::Path
         prefix: "/detour/v1".into(),
         ttl: Duration::from_secs(10),
         request_timeout: Duration::from_secs(5),
+        security: Default::default(),
     };
 
     let t = Instant::now();
@@ -207,6 +208,7 @@ async fn from_cache(cache_path: &std::path::Path, n: usize, m: usize) -> Res<()>
         prefix: "/detour/v1".into(),
         ttl: Duration::from_secs(10),
         request_timeout: Duration::from_millis(200),
+        security: Default::default(),
     };
     let rss0 = rss_kib();
     let t = Instant::now();

@@ -40,6 +40,8 @@ pub struct EtcdOptions {
     pub ttl: Duration,
     /// Time allowed for one request to one member.
     pub request_timeout: Duration,
+    /// TLS and credentials.
+    pub security: crate::etcd_security::EtcdSecurity,
 }
 
 /// A service key's value.
@@ -116,7 +118,11 @@ impl EtcdRegistry {
                 reason: "no endpoint".into(),
             });
         }
-        let members = Members::new(opts.endpoints.clone(), opts.request_timeout);
+        let members = Members::new(
+            opts.endpoints.clone(),
+            opts.request_timeout,
+            opts.security.clone(),
+        );
         let inner = Arc::new(Inner {
             opts,
             host,

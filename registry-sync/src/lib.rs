@@ -11,6 +11,7 @@ pub mod cache;
 pub mod catalog;
 pub mod dir;
 pub mod etcd;
+pub mod etcd_security;
 pub mod gray;
 pub mod health;
 pub mod legacy;

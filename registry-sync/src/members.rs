@@ -7,23 +7,30 @@ use std::time::Duration;
 
 use etcd_client::Client;
 
+use crate::etcd_security::EtcdSecurity;
 use crate::registry::RegistryError;
 
 /// One connection per member, opened on first use and dropped after a failure.
 pub(crate) struct Members {
     endpoints: Vec<String>,
     request_timeout: Duration,
+    security: EtcdSecurity,
     clients: tokio::sync::Mutex<Vec<Option<Client>>>,
     /// The member that answered last.
     preferred: Mutex<usize>,
 }
 
 impl Members {
-    pub(crate) fn new(endpoints: Vec<String>, request_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        endpoints: Vec<String>,
+        request_timeout: Duration,
+        security: EtcdSecurity,
+    ) -> Self {
         let n = endpoints.len();
         Self {
             endpoints,
             request_timeout,
+            security,
             clients: tokio::sync::Mutex::new(vec![None; n]),
             preferred: Mutex::new(0),
         }
@@ -82,6 +89,7 @@ impl Members {
             .with_keep_alive(ping, self.request_timeout)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        let opts = self.security.apply(opts);
         match tokio::time::timeout(
             self.request_timeout,
             Client::connect([url.as_str()], Some(opts)),

@@ -118,8 +118,13 @@ impl std::str::FromStr for RegistrySpec {
                 if urls.is_empty() {
                     return Err(invalid("etcd: needs at least one member URL"));
                 }
-                if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
-                    return Err(invalid(&format!("{bad:?} is not an http:// URL")));
+                if let Some(bad) = urls
+                    .iter()
+                    .find(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+                {
+                    return Err(invalid(&format!(
+                        "{bad:?} is not an http:// or https:// URL"
+                    )));
                 }
                 Ok(RegistrySpec::Etcd(urls))
             }

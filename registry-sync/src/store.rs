@@ -90,12 +90,17 @@ pub trait Store: Send + Sync {
     async fn services(&self) -> Result<BTreeMap<ServiceName, Vec<Endpoint>>, StoreError>;
 }
 
-/// Opens the store of `spec` (etcd keys under `etcd_prefix`).
-pub fn open(spec: &RegistrySpec, etcd_prefix: &str, timeout: Duration) -> Box<dyn Store> {
+/// Opens the store of `spec` (etcd keys under `etcd_prefix`, reached with `security`).
+pub fn open(
+    spec: &RegistrySpec,
+    etcd_prefix: &str,
+    timeout: Duration,
+    security: crate::etcd_security::EtcdSecurity,
+) -> Box<dyn Store> {
     match spec {
         RegistrySpec::Dir(dir) => Box::new(DirStore { dir: dir.clone() }),
         RegistrySpec::Etcd(urls) => Box::new(EtcdStore {
-            members: Members::new(urls.clone(), timeout),
+            members: Members::new(urls.clone(), timeout, security),
             prefix: etcd_prefix.trim_end_matches('/').to_owned(),
         }),
     }
@@ -397,6 +402,7 @@ mod tests {
             &RegistrySpec::Dir(dir.path().to_owned()),
             "/detour/v1",
             Duration::from_secs(1),
+            Default::default(),
         );
         assert!(store.get("gray/rules").await.unwrap().is_none());
         store

@@ -368,6 +368,7 @@ pub async fn open_registry(cfg: &Config) -> Result<Arc<dyn Registry>, RegistryEr
                 prefix: cfg.etcd_prefix.clone(),
                 ttl: cfg.etcd_ttl,
                 request_timeout: cfg.etcd_request_timeout,
+                security: cfg.etcd_security.clone(),
             };
             Arc::new(EtcdRegistry::open(cfg.host.clone(), opts).await?)
         }

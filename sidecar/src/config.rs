@@ -11,6 +11,7 @@ use detour_core::link::LinkConfig;
 use detour_proto::config_file::{self, ConfigError};
 use detour_proto::{AppProtocol, HostId, InstanceId, ServiceName};
 use detour_registry_sync::RegistrySpec;
+use detour_registry_sync::etcd_security::{EtcdSecurity, EtcdSecurityFiles};
 use detour_registry_sync::protection::ProtectionPolicy;
 use serde::Deserialize;
 
@@ -223,6 +224,16 @@ pub struct RegistryEtcdRaw {
     pub ttl_ms: u64,
     /// Time allowed for one request to one member.
     pub request_timeout_ms: u64,
+    /// The members' CA (PEM), relative to `run_dir` unless absolute: TLS, `https://` URLs.
+    pub ca: String,
+    /// A client certificate (PEM), for members started with `--client-cert-auth`.
+    pub cert: String,
+    /// Its private key (PEM).
+    pub key: String,
+    /// An etcd user, with `password_file`.
+    pub user: String,
+    /// A file whose first line is the user's password.
+    pub password_file: String,
 }
 
 impl Default for RegistryEtcdRaw {
@@ -231,6 +242,11 @@ impl Default for RegistryEtcdRaw {
             prefix: "/detour/v1".into(),
             ttl_ms: 10_000,
             request_timeout_ms: 1000,
+            ca: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            user: String::new(),
+            password_file: String::new(),
         }
     }
 }
@@ -408,6 +424,8 @@ pub struct Config {
     pub protection: ProtectionPolicy,
     /// etcd key prefix.
     pub etcd_prefix: String,
+    /// TLS and credentials towards etcd (files read at validation).
+    pub etcd_security: EtcdSecurity,
     /// etcd lease TTL.
     pub etcd_ttl: Duration,
     /// etcd per-request timeout.
@@ -557,6 +575,7 @@ impl RawConfig {
             self.registry_etcd.request_timeout_ms,
         );
         let etcd_prefix = self.registry_etcd.prefix.trim_end_matches('/').to_owned();
+        let etcd_security = self.etcd_security(registry.as_ref(), &mut p);
         let protection = self.protection.validate(&mut p);
         let catalog_cache = (!self.catalog_cache.is_empty()).then(|| {
             let c = PathBuf::from(&self.catalog_cache);
@@ -679,6 +698,7 @@ impl RawConfig {
                     catalog_cache,
                     protection,
                     etcd_prefix,
+                    etcd_security,
                     etcd_ttl,
                     etcd_request_timeout,
                     provide,
@@ -689,6 +709,39 @@ impl RawConfig {
             }
             _ => Err(p),
         }
+    }
+}
+
+impl RawConfig {
+    /// Checks `[registry_etcd]`'s TLS and credential settings against the registry and reads
+    /// their files.
+    fn etcd_security(&self, registry: Option<&RegistrySpec>, p: &mut Vec<String>) -> EtcdSecurity {
+        let r = &self.registry_etcd;
+        let files = EtcdSecurityFiles {
+            ca: r.ca.clone(),
+            cert: r.cert.clone(),
+            key: r.key.clone(),
+            user: r.user.clone(),
+            password_file: r.password_file.clone(),
+        };
+        let urls = match registry {
+            Some(RegistrySpec::Etcd(urls)) => urls.clone(),
+            _ => {
+                if files != EtcdSecurityFiles::default() {
+                    p.push("registry_etcd: TLS and credentials need an etcd registry".into());
+                }
+                return EtcdSecurity::default();
+            }
+        };
+        let before = p.len();
+        files.validate("registry_etcd", &urls, p);
+        if p.len() > before {
+            return EtcdSecurity::default();
+        }
+        files.load(&self.run_dir).unwrap_or_else(|e| {
+            p.push(format!("registry_etcd: {e}"));
+            EtcdSecurity::default()
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 //! chosen by the OS; readiness is probed, never slept on.
 
 pub mod etcd;
+pub mod etcd_tls;
 pub mod grpc;
 pub mod proxy;
 pub mod scenario;

@@ -132,6 +132,37 @@ impl Authority {
         })
     }
 
+    /// A server certificate for `ip` (an IP SAN, server and client use), valid for `validity`:
+    /// for services outside the mesh's identities, such as an etcd member in tests.
+    pub fn issue_server(
+        &self,
+        ip: std::net::IpAddr,
+        validity: Duration,
+    ) -> Result<Issued, CertError> {
+        let now = OffsetDateTime::now_utc();
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, ip.to_string());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::IpAddress(ip)];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + validity;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// Writes `host`'s `cert.pem`, `key.pem` (mode 0600) and `bundle.pem` into `dir`, each
     /// with write + fsync + rename (a sidecar re-reading them never sees half a file).
     pub fn write_host(&self, dir: &Path, host: &str, validity: Duration) -> Result<(), CertError> {

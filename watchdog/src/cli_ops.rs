@@ -3,6 +3,7 @@
 //! 0 done, 2 bad input (a malformed rule, an unknown service or host), 3 registry unreachable,
 //! 4 a concurrent change or nothing to do.
 
+use detour_registry_sync::etcd_security::{EtcdSecurity, EtcdSecurityFiles};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -31,6 +32,26 @@ pub struct RegistryArgs {
     /// Time one registry request may take, in ms.
     #[arg(long, global = true, default_value_t = 2000)]
     pub timeout_ms: u64,
+    /// The etcd members' CA (PEM): TLS, with https:// URLs.
+    #[arg(long, global = true, env = "DETOUR_ETCD_CA", default_value = "")]
+    pub etcd_ca: String,
+    /// A client certificate (PEM) for etcd.
+    #[arg(long, global = true, env = "DETOUR_ETCD_CERT", default_value = "")]
+    pub etcd_cert: String,
+    /// Its private key (PEM).
+    #[arg(long, global = true, env = "DETOUR_ETCD_KEY", default_value = "")]
+    pub etcd_key: String,
+    /// An etcd user (with --etcd-password-file).
+    #[arg(long, global = true, env = "DETOUR_ETCD_USER", default_value = "")]
+    pub etcd_user: String,
+    /// A file whose first line is the etcd user's password.
+    #[arg(
+        long,
+        global = true,
+        env = "DETOUR_ETCD_PASSWORD_FILE",
+        default_value = ""
+    )]
+    pub etcd_password_file: String,
     /// Print JSON (for scripts).
     #[arg(long, global = true)]
     pub json: bool,
@@ -106,10 +127,31 @@ fn open(reg: &RegistryArgs) -> Result<Ops, OpsError> {
         .registry
         .parse()
         .map_err(|e: detour_registry_sync::RegistryError| OpsError::Malformed(e.to_string()))?;
+    let files = EtcdSecurityFiles {
+        ca: reg.etcd_ca.clone(),
+        cert: reg.etcd_cert.clone(),
+        key: reg.etcd_key.clone(),
+        user: reg.etcd_user.clone(),
+        password_file: reg.etcd_password_file.clone(),
+    };
+    let security = match &spec {
+        RegistrySpec::Etcd(urls) => {
+            let mut problems = Vec::new();
+            files.validate("--etcd", urls, &mut problems);
+            if !problems.is_empty() {
+                return Err(OpsError::Malformed(problems.join("; ")));
+            }
+            files
+                .load(std::path::Path::new("."))
+                .map_err(OpsError::Malformed)?
+        }
+        RegistrySpec::Dir(_) => EtcdSecurity::default(),
+    };
     Ok(Ops::new(detour_registry_sync::store::open(
         &spec,
         &reg.etcd_prefix,
         Duration::from_millis(reg.timeout_ms),
+        security,
     )))
 }
 

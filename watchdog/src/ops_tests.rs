@@ -15,6 +15,7 @@ fn ops(dir: &std::path::Path) -> Ops {
         &RegistrySpec::Dir(dir.to_owned()),
         "/detour/v1",
         Duration::from_secs(1),
+        Default::default(),
     ))
 }
 

@@ -2,6 +2,7 @@
 //! `DETOUR_SYNC__`), every problem reported at once. Keys are documented in
 //! `docs/registry-sync.md`.
 
+use crate::etcd_security::{EtcdSecurity, EtcdSecurityFiles};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -116,6 +117,16 @@ pub struct TargetRaw {
     pub request_timeout_ms: u64,
     /// How often the target is read in full and compared, milliseconds.
     pub resync_interval_ms: u64,
+    /// The etcd members' CA (PEM): TLS, with `https://` URLs.
+    pub ca: String,
+    /// A client certificate (PEM), for members started with `--client-cert-auth`.
+    pub cert: String,
+    /// Its private key (PEM).
+    pub key: String,
+    /// An etcd user, with `password_file`.
+    pub user: String,
+    /// A file whose first line is the user's password.
+    pub password_file: String,
 }
 
 impl Default for TargetRaw {
@@ -127,6 +138,11 @@ impl Default for TargetRaw {
             lease_ttl_s: 30,
             request_timeout_ms: 2000,
             resync_interval_ms: 30_000,
+            ca: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            user: String::new(),
+            password_file: String::new(),
         }
     }
 }
@@ -194,6 +210,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// TLS and credentials towards etcd.
+    pub etcd_security: EtcdSecurity,
     /// Full comparison interval.
     pub resync_interval: Duration,
     /// Health-check interval of held instances.
@@ -341,10 +359,28 @@ impl RawConfig {
             p.push("target.etcd: at least one member URL is required".into());
         }
         for u in &self.target.etcd {
-            if !u.starts_with("http://") {
-                p.push(format!("target.etcd: {u:?} is not an http:// URL"));
+            if !u.starts_with("http://") && !u.starts_with("https://") {
+                p.push(format!(
+                    "target.etcd: {u:?} is not an http:// or https:// URL"
+                ));
             }
         }
+        let files = EtcdSecurityFiles {
+            ca: self.target.ca.clone(),
+            cert: self.target.cert.clone(),
+            key: self.target.key.clone(),
+            user: self.target.user.clone(),
+            password_file: self.target.password_file.clone(),
+        };
+        files.validate("target", &self.target.etcd, &mut p);
+        let etcd_security = if p.is_empty() {
+            files.load(Path::new(".")).unwrap_or_else(|e| {
+                p.push(format!("target: {e}"));
+                EtcdSecurity::default()
+            })
+        } else {
+            EtcdSecurity::default()
+        };
         if !self.target.prefix.starts_with('/') {
             p.push(format!(
                 "target.prefix: {:?} must start with '/'",
@@ -399,6 +435,7 @@ impl RawConfig {
                 "target.request_timeout_ms",
                 self.target.request_timeout_ms,
             ),
+            etcd_security,
             resync_interval: ms(
                 &mut p,
                 "target.resync_interval_ms",

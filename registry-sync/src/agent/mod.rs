@@ -171,6 +171,7 @@ pub async fn run_agent(cfg: Config) -> Result<(), StartError> {
         &cfg.prefix,
         &cfg.name,
         cfg.request_timeout,
+        cfg.etcd_security.clone(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let opts = RunOptions {

@@ -104,9 +104,10 @@ impl EtcdTarget {
         prefix: &str,
         legacy: &str,
         request_timeout: Duration,
+        security: crate::etcd_security::EtcdSecurity,
     ) -> Self {
         Self {
-            members: Members::new(endpoints, request_timeout),
+            members: Members::new(endpoints, request_timeout, security),
             prefix: prefix.trim_end_matches('/').to_owned(),
             legacy: legacy.to_owned(),
         }
