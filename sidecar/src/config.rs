@@ -110,6 +110,9 @@ pub struct OutboundRaw {
     pub listen: String,
     /// Unix socket path, relative to `run_dir` unless absolute (`""` disables it).
     pub unix: String,
+    /// The group the Unix socket belongs to (a name from `/etc/group`, or a number), so local
+    /// callers in it may connect (mode 0660); `""`: the sidecar's own group.
+    pub unix_group: String,
 }
 
 impl Default for OutboundRaw {
@@ -117,6 +120,7 @@ impl Default for OutboundRaw {
         Self {
             listen: "127.0.0.1:4140".into(),
             unix: "outbound.sock".into(),
+            unix_group: String::new(),
         }
     }
 }
@@ -374,6 +378,8 @@ pub struct Config {
     pub outbound_tcp: Option<SocketAddr>,
     /// Outbound Unix socket.
     pub outbound_unix: Option<PathBuf>,
+    /// The group id of the outbound Unix socket, when one is configured.
+    pub outbound_unix_group: Option<u32>,
     /// Inbound listener.
     pub inbound: SocketAddr,
     /// How often local providers are health-checked.
@@ -507,6 +513,12 @@ impl RawConfig {
                 self.run_dir.join(u)
             }
         });
+        let outbound_unix_group = match self.outbound.unix_group.as_str() {
+            "" => None,
+            g => group_id(g, "/etc/group")
+                .map_err(|e| p.push(format!("outbound.unix_group: {e}")))
+                .ok(),
+        };
         if outbound_tcp.is_none() && outbound_unix.is_none() && self.outbound.listen.is_empty() {
             p.push("outbound: at least one of listen and unix must be set".into());
         }
@@ -668,6 +680,7 @@ impl RawConfig {
                     registry,
                     outbound_tcp,
                     outbound_unix,
+                    outbound_unix_group,
                     inbound,
                     provider_check_interval,
                     provider_check_timeout,
@@ -743,6 +756,22 @@ impl RawConfig {
             EtcdSecurity::default()
         })
     }
+}
+
+/// The id of group `name` (or `name` itself when it is a number), from the group file `file`.
+fn group_id(name: &str, file: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let (n, _, gid) = (f.next()?, f.next()?, f.next()?);
+            (n == name).then(|| gid.parse::<u32>().ok()).flatten()
+        })
+        .next()
+        .ok_or_else(|| format!("no group {name:?} in {file}"))
 }
 
 /// Validates one provider's allow-list: SPIFFE IDs of this trust domain, and TLS on.

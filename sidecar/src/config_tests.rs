@@ -264,3 +264,24 @@ allow = ["spiffe://other.example/host/h2", "h2"]
         .to_string();
     assert!(err.contains("provide[0].allow"), "{err}");
 }
+
+#[test]
+fn the_unix_socket_group_is_a_name_or_a_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("group");
+    std::fs::write(&file, "root:x:0:\ncallers:x:1234:app\n").unwrap();
+    let f = file.to_str().unwrap();
+    assert_eq!(super::group_id("callers", f), Ok(1234));
+    assert_eq!(super::group_id("77", f), Ok(77));
+    assert!(
+        super::group_id("nobody-here", f)
+            .unwrap_err()
+            .contains("no group")
+    );
+    let text = "host = \"h1\"\n[outbound]\nunix_group = \"0\"\n";
+    let cfg = Config::parse("t", text, Vec::new()).unwrap();
+    assert_eq!(cfg.outbound_unix_group, Some(0));
+    let bad = "host = \"h1\"\n[outbound]\nunix_group = \"no-such-group-here\"\n";
+    let err = Config::parse("t", bad, Vec::new()).unwrap_err().to_string();
+    assert!(err.contains("outbound.unix_group"), "{err}");
+}

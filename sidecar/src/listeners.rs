@@ -63,7 +63,19 @@ impl Listeners {
             outbound_unix: cfg
                 .outbound_unix
                 .as_deref()
-                .map(|p| bind_unix(p, "outbound-unix", 0o660))
+                .map(|p| {
+                    let l = bind_unix(p, "outbound-unix", 0o660)?;
+                    if let Some(gid) = cfg.outbound_unix_group {
+                        rustix::fs::chown(p, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(
+                            |e| BindError {
+                                listener: "outbound-unix",
+                                addr: p.display().to_string(),
+                                source: std::io::Error::from(e),
+                            },
+                        )?;
+                    }
+                    Ok(l)
+                })
                 .transpose()?,
             handover: bind_unix(&cfg.run_dir.join(HANDOVER_SOCKET), "handover", 0o600)?,
         })

@@ -405,3 +405,20 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_outbound_unix_socket_is_group_writable_for_the_configured_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut mesh = detour_tests::Mesh::new();
+    let cfg = mesh.config("h1", "127.0.0.1", &[], "").replace(
+        "unix = \"outbound.sock\"",
+        "unix = \"outbound.sock\"\nunix_group = \"4321\"",
+    );
+    mesh.start_config("h1", &cfg).await;
+    let unix = mesh.sidecar("h1").addrs.outbound_unix.clone().unwrap();
+    let meta = std::fs::metadata(&unix).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 4321);
+    let run_dir = std::fs::metadata(mesh.root().join("h1")).unwrap();
+    assert_eq!(run_dir.permissions().mode() & 0o777, 0o750);
+}
