@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod etcd_tls;
 pub mod grpc;
 pub mod proxy;
+pub mod raw;
 pub mod scenario;
 pub mod sync;
 pub mod zookeeper;
@@ -536,6 +537,17 @@ pub async fn metric(client: &Client, name: &str, label: &str) -> Option<f64> {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .reduce(|a, b| a + b)
+}
+
+/// Waits (up to 10 s) until the sum of metric `name`'s series with `label` reaches `at_least`.
+pub async fn wait_metric(client: &Client, name: &str, label: &str, at_least: f64) -> f64 {
+    wait_value(
+        &format!("{name}{{{label}}} >= {at_least}"),
+        Duration::from_secs(10),
+        || async { metric(client, name, label).await.unwrap_or(0.0) },
+        |v| *v >= at_least,
+    )
+    .await
 }
 
 /// GETs `path` from the admin API behind `client`: status and body text.

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use detour_proto::{AppProtocol, ServiceName};
 use detour_sidecar::tls::verify::PaVerifier;
+use detour_tests::raw::{self, RawProvider};
 use detour_tests::scenario::{at, counts_line, hello, spawn_load};
-use detour_tests::{Mesh, Offer, TRUST_DOMAIN, body_text, metric, wait_value};
+use detour_tests::{Mesh, Offer, TRUST_DOMAIN, body_text, metric, wait_metric};
 use detour_thin_sdk::body::empty;
 use detour_watchdog::certs::{Authority, Issued};
 use detour_watchdog::provider::DemoProvider;
@@ -165,47 +166,21 @@ async fn the_pa_refuses_callers_without_a_certificate_of_the_trust_domain() {
 
 /// A provider that answers every request with the `x-detour-caller` it received (or `none`).
 async fn caller_echo() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = s.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        buf.drain(..end + 4);
-                        let callers: Vec<&str> = head
-                            .lines()
-                            .filter_map(|l| l.strip_prefix("x-detour-caller:"))
-                            .map(str::trim)
-                            .collect();
-                        let body = if callers.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            callers.join(",")
-                        };
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if s.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
+    let echo = |head: &str| {
+        let callers: Vec<&str> = head
+            .lines()
+            .filter_map(|l| l.strip_prefix("x-detour-caller:"))
+            .map(str::trim)
+            .collect();
+        raw::ok(&if callers.is_empty() {
+            "none".to_owned()
+        } else {
+            callers.join(",")
+        })
+    };
+    RawProvider::start("127.0.0.2", Duration::ZERO, echo)
+        .await
+        .addr
 }
 
 #[tokio::test]
@@ -296,20 +271,7 @@ async fn certificates_rotated_under_load_lose_no_request() {
     }
     for host in ["h1", "h2"] {
         let admin = mesh.admin(host);
-        wait_value(
-            &format!("{host} re-reads its certificate"),
-            Duration::from_secs(10),
-            || {
-                let admin = admin.clone();
-                async move {
-                    metric(&admin, "detour_tls_reloads_total", "ok")
-                        .await
-                        .unwrap_or(0.0)
-                }
-            },
-            |v| *v >= 1.0,
-        )
-        .await;
+        wait_metric(&admin, "detour_tls_reloads_total", "ok", 1.0).await;
     }
     let stats = load.await.unwrap();
     let line = counts_line("mtls", "rotation", &stats);
@@ -338,21 +300,7 @@ async fn certificates_rotated_under_load_lose_no_request() {
 
     // A broken new file is refused; the current material stays in use.
     std::fs::write(mesh.pki_dir("h2").join("cert.pem"), b"not a certificate").unwrap();
-    let admin = mesh.admin("h2");
-    wait_value(
-        "h2 refuses the broken certificate file",
-        Duration::from_secs(10),
-        || {
-            let admin = admin.clone();
-            async move {
-                metric(&admin, "detour_tls_reloads_total", "error")
-                    .await
-                    .unwrap_or(0.0)
-            }
-        },
-        |v| *v >= 1.0,
-    )
-    .await;
+    wait_metric(&mesh.admin("h2"), "detour_tls_reloads_total", "error", 1.0).await;
     let (answer, _) = ping_over_tls(pa, client_config(&mesh.ca, Some(&me))).await;
     assert!(answered_ok(&answer), "{answer:?}");
     let req = http::Request::get("/").body(empty()).unwrap();

@@ -6,41 +6,21 @@
 use std::time::Duration;
 
 use detour_proto::AppProtocol;
+use detour_tests::raw::{RawProvider, Reply};
 use detour_tests::scenario::hello;
 use detour_tests::{Mesh, Offer, metric};
 use detour_thin_sdk::body::empty;
 use detour_watchdog::provider::DemoProvider;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A provider that answers every request `500`, keeping connections alive.
 async fn failing_provider() -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.3:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = s.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        let answer = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nx-served-by: bad\r\n\r\n";
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
+    let answer =
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nx-served-by: bad\r\n\r\n";
+    RawProvider::start("127.0.0.3", Duration::ZERO, |_| {
+        Reply::Send(answer.to_vec())
+    })
+    .await
+    .addr
 }
 
 #[tokio::test]

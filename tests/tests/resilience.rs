@@ -4,79 +4,26 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use detour_proto::AppProtocol;
+use detour_tests::raw::{self, RawProvider, Reply};
 use detour_tests::scenario::hello;
 use detour_tests::{Mesh, Offer, metric};
 use detour_thin_sdk::body::empty;
 use detour_watchdog::provider::DemoProvider;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A raw HTTP/1.1 provider on `ip`: counts connections that carried a request (health checks
-/// only connect) and requests; each request is answered
-/// after `delay` with 200, or, when `reset` is set, the connection is closed without an answer
-/// (the request reached the provider and its outcome is unknown to the caller).
-async fn raw_provider(
-    ip: &str,
-    delay: Duration,
-    reset: bool,
-) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
-    let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicU64::new(0));
-    let requests = Arc::new(AtomicU64::new(0));
-    let (c, r) = (conns.clone(), requests.clone());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let (c, r) = (c.clone(), r.clone());
-            tokio::spawn(async move {
-                let mut first = true;
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = s.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        if std::mem::take(&mut first) {
-                            c.fetch_add(1, Ordering::Relaxed);
-                        }
-                        r.fetch_add(1, Ordering::Relaxed);
-                        if reset {
-                            return;
-                        }
-                        tokio::time::sleep(delay).await;
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (addr, conns, requests)
-}
 
 #[tokio::test]
 async fn the_retry_budget_caps_resends_when_a_provider_fails() {
     // Two endpoints: one breaks every connection after reading the request (half of the
     // traffic fails), one answers.
-    let (bad, _, bad_seen) = raw_provider("127.0.0.2", Duration::ZERO, true).await;
+    let bad = RawProvider::start("127.0.0.2", Duration::ZERO, |_| Reply::Close).await;
     let good = DemoProvider::start("127.0.0.3:0".parse().unwrap(), "good")
         .await
         .unwrap();
     let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", bad)])
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", bad.addr)])
         .await;
     mesh.start("h3", "127.0.0.3", &[Offer::http1("hello", good.addr())])
         .await;
@@ -104,7 +51,7 @@ async fn the_retry_budget_caps_resends_when_a_provider_fails() {
     let exhausted = metric(&admin, "detour_retry_budget_exhausted_total", "")
         .await
         .unwrap_or(0.0);
-    let seen = bad_seen.load(Ordering::Relaxed);
+    let seen = bad.requests.load(Ordering::Relaxed);
     println!(
         "BUDGET {n} GETs: ok={ok} failed={failed}; the failing endpoint saw {seen}; resends={retries} refused by the budget={exhausted}"
     );
@@ -127,14 +74,15 @@ async fn the_retry_budget_caps_resends_when_a_provider_fails() {
 
 #[tokio::test]
 async fn a_thousand_streams_on_one_connection_open_at_most_the_cap_of_provider_connections() {
-    let (provider, conns, requests) =
-        raw_provider("127.0.0.2", Duration::from_millis(40), false).await;
+    let provider =
+        RawProvider::start("127.0.0.2", Duration::from_millis(40), |_| raw::ok("ok")).await;
+    let (conns, requests) = (provider.conns.clone(), provider.requests.clone());
     let mut mesh = Mesh::new();
     let limits = "[limits]\nmax_connections_per_endpoint = 20\n";
     mesh.start_with(
         "h2",
         "127.0.0.2",
-        &[Offer::http1("hello", provider)],
+        &[Offer::http1("hello", provider.addr)],
         limits,
     )
     .await;
