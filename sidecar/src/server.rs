@@ -195,7 +195,7 @@ fn spawn_conn<S, H>(
                 Err(e) => {
                     metrics::counter!("detour_tls_handshake_failures_total", "side" => "inbound")
                         .increment(1);
-                    tracing::info!(listener = name, error = %e, "TLS handshake refused");
+                    tracing::debug!(listener = name, error = %e, "TLS handshake refused (counted in detour_tls_handshake_failures_total)");
                     Ok(())
                 }
             },
