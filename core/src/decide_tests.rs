@@ -126,6 +126,7 @@ fn mesh_errors_read_as_outcomes() {
         (K::Timeout, TimedOut),
         (K::RateLimited, Answered),
         (K::Denied, Answered),
+        (K::Overloaded, Answered),
     ];
     assert_eq!(rows.len(), K::all().len(), "every kind has a row");
     for (kind, want) in rows {

@@ -44,6 +44,9 @@ pub enum MeshErrorKind {
     /// The provider host's authorization refused the caller's identity: no provider received
     /// it, and it is not sent elsewhere.
     Denied,
+    /// Every endpoint of the service has its limit of requests in flight from the caller's
+    /// sidecar (the service's `max_concurrent_per_endpoint`): no provider received it.
+    Overloaded,
 }
 
 /// Who caused a mesh error.
@@ -70,7 +73,7 @@ pub enum Delivery {
     Unknown,
 }
 
-const ALL: [MeshErrorKind; 11] = [
+const ALL: [MeshErrorKind; 12] = [
     MeshErrorKind::MalformedRequest,
     MeshErrorKind::HeaderTooLarge,
     MeshErrorKind::BodyTimeout,
@@ -82,6 +85,7 @@ const ALL: [MeshErrorKind; 11] = [
     MeshErrorKind::Timeout,
     MeshErrorKind::RateLimited,
     MeshErrorKind::Denied,
+    MeshErrorKind::Overloaded,
 ];
 
 impl MeshErrorKind {
@@ -104,6 +108,7 @@ impl MeshErrorKind {
             MeshErrorKind::Timeout => "timeout",
             MeshErrorKind::RateLimited => "rate-limited",
             MeshErrorKind::Denied => "denied",
+            MeshErrorKind::Overloaded => "overloaded",
         }
     }
 
@@ -126,7 +131,9 @@ impl MeshErrorKind {
             MeshErrorKind::UpstreamConnect
             | MeshErrorKind::UpstreamReset
             | MeshErrorKind::Timeout => Blame::Upstream,
-            MeshErrorKind::RateLimited | MeshErrorKind::Denied => Blame::Policy,
+            MeshErrorKind::RateLimited | MeshErrorKind::Denied | MeshErrorKind::Overloaded => {
+                Blame::Policy
+            }
         }
     }
 
@@ -155,6 +162,7 @@ impl MeshErrorKind {
             MeshErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             MeshErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             MeshErrorKind::Denied => StatusCode::FORBIDDEN,
+            MeshErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -162,7 +170,9 @@ impl MeshErrorKind {
     pub fn grpc_status(self) -> u8 {
         match self {
             MeshErrorKind::MalformedRequest => 3, // INVALID_ARGUMENT
-            MeshErrorKind::HeaderTooLarge | MeshErrorKind::RateLimited => 8, // RESOURCE_EXHAUSTED
+            MeshErrorKind::HeaderTooLarge
+            | MeshErrorKind::RateLimited
+            | MeshErrorKind::Overloaded => 8, // RESOURCE_EXHAUSTED
             MeshErrorKind::UnknownService => 12,  // UNIMPLEMENTED
             MeshErrorKind::Denied => 7,           // PERMISSION_DENIED
             MeshErrorKind::Timeout | MeshErrorKind::BodyTimeout => 4, // DEADLINE_EXCEEDED

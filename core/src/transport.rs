@@ -202,6 +202,12 @@ fn refused_stream(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// A request extension: the connect timeout for a connection this request opens (instead of
+/// the pool's), set per service by the sidecar. A shared HTTP/2 connection is opened with the
+/// timeout of the request that opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectTimeout(pub Duration);
+
 /// Tuning of a [`Pool`].
 #[derive(Debug, Clone, Copy)]
 pub struct PoolOptions {
@@ -412,6 +418,7 @@ impl Pool {
         dial: &Dial,
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Failed> {
+        let connect_timeout = self.connect_timeout_of(&req);
         let generation = self.generation(dial);
         let mut queued: Option<Waiting<'_>> = None;
         let ((mut sender, peek), reused) = loop {
@@ -419,7 +426,7 @@ impl Pool {
                 break (s, true);
             }
             match self.admit_h1(dial, queued.is_some()) {
-                Admit::Open(slot) => match self.connect_h1(dial, slot).await {
+                Admit::Open(slot) => match self.connect_h1(dial, slot, connect_timeout).await {
                     Ok(s) => break (s, false),
                     Err(e) => return Err(Failed::never_sent(e, req, false)),
                 },
@@ -509,6 +516,13 @@ impl Pool {
         Admit::Wait(entry.h1_freed.clone())
     }
 
+    /// The request's [`ConnectTimeout`], else the pool's.
+    fn connect_timeout_of(&self, req: &Request<BoxBody>) -> Duration {
+        req.extensions()
+            .get::<ConnectTimeout>()
+            .map_or(self.opts.connect_timeout, |t| t.0)
+    }
+
     fn generation(&self, dial: &Dial) -> u64 {
         self.lock().get(dial).map_or(0, |e| e.generation)
     }
@@ -524,9 +538,13 @@ impl Pool {
         entry.generation += 1;
     }
 
-    async fn dial(&self, dial: &Dial) -> Result<TokioIo<Stream>, TransportError> {
+    async fn dial(
+        &self,
+        dial: &Dial,
+        timeout: Duration,
+    ) -> Result<TokioIo<Stream>, TransportError> {
         let connect = self.connector.connect(dial);
-        match tokio::time::timeout(self.opts.connect_timeout, connect).await {
+        match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(s)) => Ok(TokioIo::new(s)),
             Ok(Err(source)) => Err(TransportError::Connect {
                 target: dial.clone(),
@@ -534,15 +552,20 @@ impl Pool {
             }),
             Err(_) => Err(TransportError::ConnectTimeout {
                 target: dial.clone(),
-                after: self.opts.connect_timeout,
+                after: timeout,
             }),
         }
     }
 
     /// Opens an HTTP/1.1 connection; `slot`, its place under the per-target cap, is held until
     /// the connection closes (or given back at once if it does not open).
-    async fn connect_h1(&self, dial: &Dial, slot: Option<Slot>) -> Result<Idle, TransportError> {
-        let io = self.dial(dial).await?;
+    async fn connect_h1(
+        &self,
+        dial: &Dial,
+        slot: Option<Slot>,
+        timeout: Duration,
+    ) -> Result<Idle, TransportError> {
+        let io = self.dial(dial, timeout).await?;
         let peek = Peek::of(io.inner());
         let not_sent = |source| TransportError::NotSent {
             target: dial.clone(),
@@ -568,6 +591,7 @@ impl Pool {
         dial: &Dial,
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Failed> {
+        let connect_timeout = self.connect_timeout_of(&req);
         let cached = self
             .lock()
             .get(dial)
@@ -576,7 +600,7 @@ impl Pool {
         let reused = cached.is_some();
         let mut sender = match cached {
             Some(s) => s,
-            None => match self.connect_h2(dial).await {
+            None => match self.connect_h2(dial, connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failed::never_sent(e, req, false)),
             },
@@ -611,8 +635,12 @@ impl Pool {
         }
     }
 
-    async fn connect_h2(&self, dial: &Dial) -> Result<http2::SendRequest<BoxBody>, TransportError> {
-        let io = self.dial(dial).await?;
+    async fn connect_h2(
+        &self,
+        dial: &Dial,
+        timeout: Duration,
+    ) -> Result<http2::SendRequest<BoxBody>, TransportError> {
+        let io = self.dial(dial, timeout).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(self.opts.h2_stream_window)
@@ -719,5 +747,35 @@ mod tests {
             "{}",
             err.error
         );
+    }
+
+    /// Connects to nothing, ever (a host that drops SYNs).
+    struct Silent;
+
+    impl crate::connect::Connect for Silent {
+        fn connect<'a>(&'a self, _dial: &'a Dial) -> crate::connect::Connecting<'a> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_can_carry_its_own_connect_timeout() {
+        let pool = Pool::with_connector(PoolOptions::default(), Arc::new(Silent));
+        let dial = Dial::Tcp("127.0.0.1:9".parse().unwrap());
+        for proto in [AppProtocol::Http1, AppProtocol::Http2] {
+            let mut req = Request::get("http://x/")
+                .body(crate::body::empty())
+                .unwrap();
+            req.extensions_mut()
+                .insert(ConnectTimeout(Duration::from_millis(30)));
+            let err = pool.send(&dial, proto, req).await.unwrap_err();
+            match err.error {
+                TransportError::ConnectTimeout { after, .. } => {
+                    assert_eq!(after, Duration::from_millis(30), "{proto:?}")
+                }
+                other => panic!("{proto:?}: {other}"),
+            }
+            assert!(err.request.is_some(), "it never left");
+        }
     }
 }

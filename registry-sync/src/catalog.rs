@@ -360,9 +360,9 @@ fn source_metrics(service: &ServiceName, source: DataSource, updated_unix_ms: u6
     } else {
         0.0
     };
-    metrics::gauge!("detour_catalog_from_disk_cache", "service" => service.to_string())
+    metrics::gauge!("detour_catalog_from_disk_cache", "service" => crate::labels::service(service))
         .set(from_cache);
-    metrics::gauge!("detour_catalog_updated_unix_seconds", "service" => service.to_string())
+    metrics::gauge!("detour_catalog_updated_unix_seconds", "service" => crate::labels::service(service))
         .set(updated_unix_ms as f64 / 1000.0);
 }
 
@@ -370,15 +370,15 @@ fn report(service: &ServiceName, change: &Change) {
     match change {
         Change::Entered { kept } => {
             tracing::warn!(%service, kept, "registry self-protection engaged: keeping vanished instances while they pass health checks");
-            metrics::gauge!("detour_registry_protection_active", "service" => service.to_string())
+            metrics::gauge!("detour_registry_protection_active", "service" => crate::labels::service(service))
                 .set(1.0);
-            metrics::counter!("detour_registry_protection_transitions_total", "service" => service.to_string(), "change" => "entered").increment(1);
+            metrics::counter!("detour_registry_protection_transitions_total", "service" => crate::labels::service(service), "change" => "entered").increment(1);
         }
         Change::Left(why) => {
             tracing::info!(%service, reason = ?why, "registry self-protection ended");
-            metrics::gauge!("detour_registry_protection_active", "service" => service.to_string())
+            metrics::gauge!("detour_registry_protection_active", "service" => crate::labels::service(service))
                 .set(0.0);
-            metrics::counter!("detour_registry_protection_transitions_total", "service" => service.to_string(), "change" => "left").increment(1);
+            metrics::counter!("detour_registry_protection_transitions_total", "service" => crate::labels::service(service), "change" => "left").increment(1);
         }
     }
 }

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::registry::{HostStatuses, Registry, RegistryError, now_unix_ms, subscribe_or_insert};
+use crate::registry::{
+    DocName, DocSenders, HostStatuses, Registry, RegistryError, now_unix_ms, subscribe_or_insert,
+};
 
 /// The record format this version writes and reads.
 const FORMAT: u32 = 1;
@@ -90,8 +92,8 @@ struct Inner {
     view: RwLock<View>,
     watchers: Mutex<HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>>,
     hosts: watch::Sender<Arc<HostStatuses>>,
-    /// The gray rules document (`{dir}/gray/rules.json`).
-    rules: watch::Sender<Option<Arc<[u8]>>>,
+    /// The documents (`{dir}/gray/rules.json`, `{dir}/policy/services.json`).
+    docs: DocSenders,
     rescan: Notify,
     /// Files that failed to parse, with the content length seen, so each is logged once.
     bad_files: Mutex<HashMap<PathBuf, u64>>,
@@ -125,7 +127,7 @@ impl DirRegistry {
             view: RwLock::new(View::default()),
             watchers: Mutex::new(HashMap::new()),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
-            rules: watch::channel(None).0,
+            docs: DocSenders::default(),
             rescan: Notify::new(),
             bad_files: Mutex::new(HashMap::new()),
         });
@@ -203,19 +205,15 @@ impl Inner {
     async fn scan(self: Arc<Self>) {
         let me = self.clone();
         let read = tokio::task::spawn_blocking(move || {
-            (me.read_view_blocking(), me.read_rules_blocking())
+            let docs = DocName::ALL.map(|d| (d, me.read_doc_blocking(d)));
+            (me.read_view_blocking(), docs)
         })
         .await;
-        let Ok((view, rules)) = read else { return };
-        if let Some(rules) = rules {
-            self.rules.send_if_modified(|cur| {
-                if cur.as_deref() == rules.as_deref() {
-                    false
-                } else {
-                    *cur = rules.map(Arc::from);
-                    true
-                }
-            });
+        let Ok((view, docs)) = read else { return };
+        for (name, doc) in docs {
+            if let Some(doc) = doc {
+                self.docs.publish(name, doc.map(Arc::from));
+            }
         }
         {
             let watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
@@ -257,12 +255,10 @@ impl Inner {
         }
     }
 
-    /// The rules document: `Some(None)` when there is none, `None` when it cannot be read now
-    /// (the last one read stays in force).
-    fn read_rules_blocking(&self) -> Option<Option<Vec<u8>>> {
-        let path = self
-            .dir
-            .join(format!("{}.json", crate::registry::RULES_DOC));
+    /// A document: `Some(None)` when there is none, `None` when it cannot be read now (the
+    /// last one read stays in force).
+    fn read_doc_blocking(&self, name: DocName) -> Option<Option<Vec<u8>>> {
+        let path = self.dir.join(format!("{}.json", name.key()));
         match read_regular(&path, crate::registry::MAX_DOC_BYTES) {
             Ok(bytes) => Some(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
@@ -493,8 +489,8 @@ impl Registry for DirRegistry {
         self.inner.write_own().await
     }
 
-    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>> {
-        self.inner.rules.subscribe()
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+        self.inner.docs.subscribe(doc)
     }
 }
 

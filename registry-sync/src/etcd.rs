@@ -23,7 +23,9 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::members::Members;
-use crate::registry::{HostStatuses, Registry, RegistryError, subscribe_or_insert};
+use crate::registry::{
+    DocName, DocSenders, HostStatuses, Registry, RegistryError, subscribe_or_insert,
+};
 
 #[path = "etcd_view.rs"]
 mod view;
@@ -79,8 +81,8 @@ struct Inner {
     view: Mutex<View>,
     watchers: Mutex<HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>>,
     hosts: watch::Sender<Arc<HostStatuses>>,
-    /// The gray rules document.
-    rules: watch::Sender<Option<Arc<[u8]>>>,
+    /// The documents (gray rules, traffic policy).
+    docs: DocSenders,
     /// Set once the prefix has been listed.
     synced: std::sync::atomic::AtomicBool,
 }
@@ -134,7 +136,7 @@ impl EtcdRegistry {
             view: Mutex::new(View::default()),
             watchers: Mutex::new(HashMap::new()),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
-            rules: watch::channel(None).0,
+            docs: DocSenders::default(),
             synced: std::sync::atomic::AtomicBool::new(false),
         });
         // Wait briefly for a first full view; a catalog routes from its disk cache meanwhile,
@@ -269,7 +271,7 @@ impl Inner {
         *view = View {
             known,
             revision,
-            rules_dirty: true,
+            docs_dirty: [true; 2],
             ..View::default()
         };
         for (k, v) in &pairs {
@@ -314,16 +316,10 @@ impl Inner {
                 }
             }
         }
-        if std::mem::take(&mut view.rules_dirty) {
-            let rules = view.rules.clone();
-            self.rules.send_if_modified(|cur| {
-                if cur.as_deref() == rules.as_deref() {
-                    false
-                } else {
-                    *cur = rules;
-                    true
-                }
-            });
+        for name in DocName::ALL {
+            if std::mem::take(&mut view.docs_dirty[name as usize]) {
+                self.docs.publish(name, view.docs[name as usize].clone());
+            }
         }
         if all || hosts_dirty {
             let hosts: HostStatuses = view
@@ -488,8 +484,8 @@ impl Registry for EtcdRegistry {
         self.inner.put_owned(key, value).await
     }
 
-    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>> {
-        self.inner.rules.subscribe()
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+        self.inner.docs.subscribe(doc)
     }
 
     fn watch_hosts(&self) -> watch::Receiver<Arc<HostStatuses>> {

@@ -9,6 +9,7 @@ use detour_proto::{Endpoint, EndpointSet, HostStatus, ServiceName};
 use etcd_client::{EventType, WatchOptions};
 
 use super::{EndpointValue, HostValue, Inner};
+use crate::registry::DocName;
 
 /// What the prefix watch has seen, indexed by service so that one change costs one service.
 #[derive(Default)]
@@ -27,10 +28,10 @@ pub(super) struct View {
     pub(super) hosts_dirty: bool,
     /// Whether everything must be published (after a re-list).
     pub(super) all_dirty: bool,
-    /// The gray rules document, while there is one.
-    pub(super) rules: Option<Arc<[u8]>>,
-    /// Whether it changed since the last publish.
-    pub(super) rules_dirty: bool,
+    /// The documents (by `DocName as usize`), while there is one.
+    pub(super) docs: [Option<Arc<[u8]>>; 2],
+    /// Whether each changed since the last publish.
+    pub(super) docs_dirty: [bool; 2],
 }
 
 impl View {
@@ -44,7 +45,7 @@ impl View {
 enum KeyKind {
     Service(ServiceName),
     Host,
-    Rules,
+    Doc(DocName),
 }
 
 fn classify<'k>(prefix: &str, key: &'k [u8]) -> Option<(&'k str, KeyKind)> {
@@ -55,8 +56,8 @@ fn classify<'k>(prefix: &str, key: &'k [u8]) -> Option<(&'k str, KeyKind)> {
         Some((key, KeyKind::Service(name)))
     } else if rest.starts_with("hosts/") {
         Some((key, KeyKind::Host))
-    } else if rest == crate::registry::RULES_DOC {
-        Some((key, KeyKind::Rules))
+    } else if let Some(doc) = DocName::from_key(rest) {
+        Some((key, KeyKind::Doc(doc)))
     } else {
         None
     }
@@ -98,12 +99,12 @@ pub(super) fn apply_put(prefix: &str, view: &mut View, key: &[u8], value: &[u8])
                 }
             }
         }
-        KeyKind::Rules => {
-            view.rules_dirty = true;
+        KeyKind::Doc(doc) => {
+            view.docs_dirty[doc as usize] = true;
             if value.len() as u64 > crate::registry::MAX_DOC_BYTES {
                 bad(key, "larger than 1 MiB");
             } else {
-                view.rules = Some(Arc::from(value));
+                view.docs[doc as usize] = Some(Arc::from(value));
             }
         }
         KeyKind::Host => {
@@ -142,9 +143,9 @@ fn apply_delete(prefix: &str, view: &mut View, key: &[u8]) {
             view.hosts.remove(key);
             view.hosts_dirty = true;
         }
-        Some((_, KeyKind::Rules)) => {
-            view.rules = None;
-            view.rules_dirty = true;
+        Some((_, KeyKind::Doc(doc))) => {
+            view.docs[doc as usize] = None;
+            view.docs_dirty[doc as usize] = true;
         }
         None => {}
     }

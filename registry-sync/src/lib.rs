@@ -14,10 +14,12 @@ pub mod etcd;
 pub mod etcd_security;
 pub mod gray;
 pub mod health;
+pub mod labels;
 pub mod legacy;
 pub(crate) mod members;
 pub mod memory;
 pub mod mirror;
+pub mod policy;
 pub mod protection;
 pub mod protection_config;
 mod registry;
@@ -25,5 +27,6 @@ pub mod store;
 
 pub use catalog::Catalog;
 pub use registry::{
-    HostStatuses, MAX_DOC_BYTES, RULES_DOC, Registry, RegistryError, RegistrySpec, now_unix_ms,
+    DocName, HostStatuses, MAX_DOC_BYTES, POLICY_DOC, RULES_DOC, Registry, RegistryError,
+    RegistrySpec, now_unix_ms,
 };

@@ -9,13 +9,15 @@ use async_trait::async_trait;
 use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName};
 use tokio::sync::watch;
 
-use crate::registry::{HostStatuses, Registry, RegistryError, subscribe_or_insert};
+use crate::registry::{
+    DocName, DocSenders, HostStatuses, Registry, RegistryError, subscribe_or_insert,
+};
 
 struct Store {
     endpoints: HashMap<ServiceName, Vec<Endpoint>>,
     hosts: watch::Sender<Arc<HostStatuses>>,
     watchers: HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>,
-    rules: watch::Sender<Option<Arc<[u8]>>>,
+    docs: DocSenders,
 }
 
 impl Default for Store {
@@ -24,7 +26,7 @@ impl Default for Store {
             endpoints: HashMap::new(),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
             watchers: HashMap::new(),
-            rules: watch::channel(None).0,
+            docs: DocSenders::default(),
         }
     }
 }
@@ -82,7 +84,12 @@ impl MemoryRegistry {
 
     /// Sets the gray rules document (`None`: none).
     pub fn set_rules(&self, doc: Option<&[u8]>) {
-        self.lock().rules.send_replace(doc.map(Arc::from));
+        self.set_doc(DocName::GrayRules, doc);
+    }
+
+    /// Sets one document (`None`: none).
+    pub fn set_doc(&self, name: DocName, doc: Option<&[u8]>) {
+        self.lock().docs.publish(name, doc.map(Arc::from));
     }
 
     /// Sets what `synced` answers.
@@ -154,7 +161,7 @@ impl Registry for MemoryRegistry {
         self.synced.load(Ordering::SeqCst)
     }
 
-    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>> {
-        self.lock().rules.subscribe()
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+        self.lock().docs.subscribe(doc)
     }
 }

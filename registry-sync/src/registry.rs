@@ -76,13 +76,77 @@ pub trait Registry: Send + Sync + 'static {
         true
     }
 
-    /// Follows the gray rules document (`gray/rules`): its bytes, `None` while there is none.
-    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>>;
+    /// Follows one of the registry's documents: its bytes, `None` while there is none.
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>>;
 }
 
 /// The name of the gray rules document (etcd key `{prefix}/gray/rules`, directory file
 /// `{dir}/gray/rules.json`).
 pub const RULES_DOC: &str = "gray/rules";
+
+/// The name of the traffic policy document (etcd key `{prefix}/policy/services`, directory
+/// file `{dir}/policy/services.json`).
+pub const POLICY_DOC: &str = "policy/services";
+
+/// A document the registry holds beside endpoints and host records, followed by every sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DocName {
+    /// The gray rules ([`RULES_DOC`]).
+    GrayRules,
+    /// The per-service traffic policy ([`POLICY_DOC`]).
+    Policy,
+}
+
+impl DocName {
+    /// Every document.
+    pub const ALL: [DocName; 2] = [DocName::GrayRules, DocName::Policy];
+
+    /// Its key under the registry's prefix (or its path, without `.json`, in the directory).
+    pub fn key(self) -> &'static str {
+        match self {
+            DocName::GrayRules => RULES_DOC,
+            DocName::Policy => POLICY_DOC,
+        }
+    }
+
+    /// The document `key` names, if any.
+    pub fn from_key(key: &str) -> Option<DocName> {
+        Self::ALL.into_iter().find(|d| d.key() == key)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One watch per document, for the back-ends.
+#[derive(Debug)]
+pub(crate) struct DocSenders([watch::Sender<Option<Arc<[u8]>>>; 2]);
+
+impl Default for DocSenders {
+    fn default() -> Self {
+        Self([watch::channel(None).0, watch::channel(None).0])
+    }
+}
+
+impl DocSenders {
+    /// A receiver of `doc`.
+    pub(crate) fn subscribe(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+        self.0[doc.index()].subscribe()
+    }
+
+    /// Publishes `bytes` as `doc`'s content, waking receivers only when it changed.
+    pub(crate) fn publish(&self, doc: DocName, bytes: Option<Arc<[u8]>>) {
+        self.0[doc.index()].send_if_modified(|cur| {
+            if cur.as_deref() == bytes.as_deref() {
+                false
+            } else {
+                *cur = bytes;
+                true
+            }
+        });
+    }
+}
 
 /// The largest rules document read (a bigger one is reported and ignored).
 pub const MAX_DOC_BYTES: u64 = 1 << 20;

@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when ready to route, 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, catalog per service (endpoints, source, staleness, protection) |
+//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, the registry's traffic policy overrides in force (`policy_overrides`), catalog per service (endpoints, source, staleness, protection) |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 //! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
 //!
@@ -52,6 +52,8 @@ pub struct Admin {
     pub providers: Arc<LocalProviders>,
     /// The gray rules in force, for `/state`.
     pub gray: Arc<crate::gray::Gray>,
+    /// The traffic policy, for `/state` (the registry's overrides in force).
+    pub policies: Arc<crate::policy::Policies>,
     /// Bound addresses, for `/state`.
     pub bound: SidecarAddresses,
     /// The credential of mutating requests.
@@ -211,6 +213,7 @@ impl Admin {
             "providers": providers,
             "links": self.links.states(),
             "gray": self.gray.state(),
+            "policy_overrides": *self.policies.registry_overrides(),
         });
         let state = State { head, services };
         serde_json::to_vec(&state).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes())

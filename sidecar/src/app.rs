@@ -12,7 +12,7 @@ use detour_registry_sync::catalog::CatalogOptions;
 use detour_registry_sync::dir::{DirOptions, DirRegistry};
 use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
 use detour_registry_sync::health::NetCheck;
-use detour_registry_sync::{Catalog, Registry, RegistryError, RegistrySpec, now_unix_ms};
+use detour_registry_sync::{Catalog, DocName, Registry, RegistryError, RegistrySpec, now_unix_ms};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -26,7 +26,8 @@ use crate::inbound::Inbound;
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
 use crate::listeners::{BindError, HANDOVER_SOCKET, Listeners};
-use crate::outbound::{Outbound, Upstreams};
+use crate::outbound::{Documents, Outbound, Upstreams};
+use crate::policy::Policies;
 use crate::providers::LocalProviders;
 use crate::server::{ConnOptions, Listener, accept_loop};
 use crate::tls::TlsState;
@@ -188,7 +189,9 @@ impl Sidecar {
             ..(*opts).clone()
         });
         let gray = Gray::new(cfg.host.clone());
-        let following = gray.follow(registry.watch_rules());
+        let following = gray.follow(registry.watch_doc(DocName::GrayRules));
+        let policies = Policies::new(&cfg);
+        let following_policy = policies.follow(registry.watch_doc(DocName::Policy));
         let control = ControlService::new(
             lifecycle.clone(),
             catalog.clone(),
@@ -229,7 +232,10 @@ impl Sidecar {
                 pas: to_pas,
             },
             links.clone(),
-            gray.clone(),
+            Documents {
+                gray: gray.clone(),
+                policies: policies.clone(),
+            },
             lifecycle.clone(),
             control,
         ));
@@ -238,6 +244,7 @@ impl Sidecar {
             Pool::new(pool_opts),
             lifecycle.clone(),
             providers.clone(),
+            policies.clone(),
         ));
         let admin = Arc::new(Admin {
             cfg: cfg.clone(),
@@ -246,6 +253,7 @@ impl Sidecar {
             links,
             providers: providers.clone(),
             gray,
+            policies,
             bound: bound.clone(),
             token: crate::admin_guard::Token::create(&cfg.run_dir).map_err(|source| {
                 StartError::RunDir {
@@ -258,6 +266,7 @@ impl Sidecar {
         let lc = &lifecycle;
         let mut tasks = vec![
             following,
+            following_policy,
             tokio::spawn(async move {
                 if let Some(t) = tls {
                     t.watch().await;

@@ -1,7 +1,8 @@
 //! Endpoint selection for one service: power-of-two-choices on in-flight requests (weighted)
 //! or round-robin, passing over endpoints recently ejected — for refusing connections, or as
 //! outliers answering server errors in a row ([`Outlier`]) — unless every endpoint is ejected,
-//! in which case all are eligible again (as Envoy's panic mode).
+//! in which case all are eligible again (as Envoy's panic mode) — and, when a service sets one,
+//! passing over endpoints at their limit of requests in flight.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -71,11 +72,19 @@ impl Default for Outlier {
     }
 }
 
+/// Why [`Balancer::pick_limited`] found no endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPick {
+    /// No candidate at all (none left that was not tried).
+    None,
+    /// Every candidate has its limit of requests in flight.
+    AllBusy,
+}
+
 /// The selector of one service.
 #[derive(Debug)]
 pub struct Balancer {
     policy: Balance,
-    outlier: Outlier,
     next: AtomicUsize,
     loads: Mutex<HashMap<InstanceId, Arc<Load>>>,
     /// Address of the endpoint set `loads` was last pruned for (pruning is per change, not per
@@ -84,22 +93,10 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// A selector with `policy` and no outlier ejection.
+    /// A selector with `policy`.
     pub fn new(policy: Balance) -> Self {
-        Self::with_outlier(
-            policy,
-            Outlier {
-                consecutive_5xx: 0,
-                ..Outlier::default()
-            },
-        )
-    }
-
-    /// A selector with `policy` and `outlier` ejection.
-    pub fn with_outlier(policy: Balance, outlier: Outlier) -> Self {
         Self {
             policy,
-            outlier,
             next: AtomicUsize::new(0),
             loads: Mutex::new(HashMap::new()),
             pruned_for: AtomicUsize::new(0),
@@ -118,6 +115,17 @@ impl Balancer {
         endpoints: &'a [Endpoint],
         exclude: &[InstanceId],
     ) -> Option<(&'a Endpoint, InFlight)> {
+        self.pick_limited(endpoints, exclude, 0).ok()
+    }
+
+    /// [`Self::pick`], passing over endpoints with `limit` requests in flight already (0: no
+    /// limit); [`NoPick::AllBusy`] when every candidate is at the limit.
+    pub fn pick_limited<'a>(
+        &self,
+        endpoints: &'a [Endpoint],
+        exclude: &[InstanceId],
+        limit: usize,
+    ) -> Result<(&'a Endpoint, InFlight), NoPick> {
         let now = now_unix_ms();
         let mut pool: Vec<(&Endpoint, Arc<Load>)> = {
             let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
@@ -131,27 +139,41 @@ impl Balancer {
         if pool.iter().any(|(_, l)| !l.ejected(now)) {
             pool.retain(|(_, l)| !l.ejected(now));
         }
-        let chosen = match pool.len() {
-            0 => return None,
-            1 => &pool[0],
-            n => match self.policy {
-                Balance::RoundRobin => &pool[self.next.fetch_add(1, Ordering::Relaxed) % n],
-                Balance::P2c => {
-                    let a = fastrand::usize(..n);
-                    let mut b = fastrand::usize(..n - 1);
-                    if b >= a {
-                        b += 1;
+        if pool.is_empty() {
+            return Err(NoPick::None);
+        }
+        loop {
+            let i = match pool.len() {
+                0 => return Err(NoPick::AllBusy),
+                1 => 0,
+                n => match self.policy {
+                    Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
+                    Balance::P2c => {
+                        let a = fastrand::usize(..n);
+                        let mut b = fastrand::usize(..n - 1);
+                        if b >= a {
+                            b += 1;
+                        }
+                        if cost(&pool[a]) <= cost(&pool[b]) {
+                            a
+                        } else {
+                            b
+                        }
                     }
-                    if cost(&pool[a]) <= cost(&pool[b]) {
-                        &pool[a]
-                    } else {
-                        &pool[b]
-                    }
-                }
-            },
-        };
-        chosen.1.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some((chosen.0, InFlight(chosen.1.clone())))
+                },
+            };
+            let admitted = pool[i]
+                .1
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (limit == 0 || n < limit).then_some(n + 1)
+                })
+                .is_ok();
+            if admitted {
+                return Ok((pool[i].0, InFlight(pool[i].1.clone())));
+            }
+            pool.swap_remove(i);
+        }
     }
 
     /// Passes over `id` for `period` (it refused a connection).
@@ -163,9 +185,14 @@ impl Balancer {
     }
 
     /// Records an answer of the endpoint `flight` went to, among `total` endpoints; true when
-    /// it was ejected as an outlier by this answer.
-    pub fn record_answer(&self, flight: &InFlight, server_error: bool, total: usize) -> bool {
-        let o = self.outlier;
+    /// it was ejected as an outlier by this answer under `o`.
+    pub fn record_answer(
+        &self,
+        flight: &InFlight,
+        server_error: bool,
+        total: usize,
+        o: Outlier,
+    ) -> bool {
         let load = &flight.0;
         if !server_error {
             if load.consecutive_5xx.load(Ordering::Relaxed) != 0 {
@@ -240,6 +267,28 @@ mod tests {
     }
 
     #[test]
+    fn the_in_flight_limit_passes_over_busy_endpoints() {
+        let b = Balancer::new(Balance::P2c);
+        let e = eps(2);
+        let held: Vec<InFlight> = (0..4)
+            .map(|_| b.pick_limited(&e, &[], 2).unwrap().1)
+            .collect();
+        assert_eq!(b.load_of(&e[0].instance).in_flight(), 2);
+        assert_eq!(b.load_of(&e[1].instance).in_flight(), 2);
+        assert_eq!(b.pick_limited(&e, &[], 2).err(), Some(NoPick::AllBusy));
+        assert_eq!(
+            b.pick_limited(&e, &[e[0].instance.clone(), e[1].instance.clone()], 2)
+                .err(),
+            Some(NoPick::None)
+        );
+        drop(held);
+        assert!(
+            b.pick_limited(&e, &[], 2).is_ok(),
+            "a finished request frees its slot"
+        );
+    }
+
+    #[test]
     fn round_robin_takes_turns() {
         let b = Balancer::new(Balance::RoundRobin);
         let e = eps(3);
@@ -274,11 +323,11 @@ mod tests {
     #[test]
     fn an_endpoint_answering_server_errors_in_a_row_is_ejected_within_the_share() {
         let e = eps(4);
-        let b = Balancer::with_outlier(Balance::RoundRobin, Outlier::default());
+        let b = Balancer::new(Balance::RoundRobin);
         let answer = |id: usize, err: bool| {
             let (ep, f) = b.pick(&e[id..=id], &[]).unwrap();
             assert_eq!(ep.instance, e[id].instance);
-            b.record_answer(&f, err, e.len())
+            b.record_answer(&f, err, e.len(), Outlier::default())
         };
         // Four errors, a success, four errors: no ejection (not in a row).
         for _ in 0..4 {

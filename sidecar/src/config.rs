@@ -61,6 +61,8 @@ pub struct RawConfig {
     pub tls: crate::config_tls::TlsRaw,
     /// The CA's retry budget.
     pub retry: crate::config_limits::RetryRaw,
+    /// Per-service traffic policy.
+    pub policy: crate::policy::PolicyRaw,
     /// Local providers this sidecar serves inbound and registers.
     pub provide: Vec<ProvideRaw>,
     /// The watchdog this sidecar runs under.
@@ -96,6 +98,7 @@ impl Default for RawConfig {
             outlier: crate::config_limits::OutlierRaw::default(),
             tls: crate::config_tls::TlsRaw::default(),
             retry: crate::config_limits::RetryRaw::default(),
+            policy: crate::policy::PolicyRaw::default(),
             provide: Vec::new(),
             watchdog: WatchdogRaw::default(),
         }
@@ -171,8 +174,12 @@ pub struct ProxyRaw {
     pub balance: String,
     /// Upstream connect timeout.
     pub connect_timeout_ms: u64,
-    /// Time allowed for a response head to arrive.
+    /// Time allowed for a response head to arrive, over every attempt.
     pub request_timeout_ms: u64,
+    /// Time allowed for one attempt's response head (0: only the request timeout).
+    pub try_timeout_ms: u64,
+    /// Most requests in flight from this CA to one endpoint (0: no limit).
+    pub max_concurrent_per_endpoint: u32,
     /// Largest request head accepted (bytes); larger gets 431.
     pub max_header_bytes: usize,
     /// How long an endpoint that refused a connection is passed over.
@@ -190,6 +197,8 @@ impl Default for ProxyRaw {
             balance: "p2c".into(),
             connect_timeout_ms: 1000,
             request_timeout_ms: 30_000,
+            try_timeout_ms: 0,
+            max_concurrent_per_endpoint: 0,
             max_header_bytes: 16 * 1024,
             eject_ms: 2000,
             max_replay_bytes: 64 * 1024,
@@ -392,8 +401,15 @@ pub struct Config {
     pub balance: Balance,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
-    /// Response-head timeout.
+    /// Response-head timeout, over every attempt.
     pub request_timeout: Duration,
+    /// Response-head timeout of one attempt.
+    pub try_timeout: Option<Duration>,
+    /// Most requests in flight from this CA to one endpoint (0: no limit).
+    pub max_concurrent_per_endpoint: usize,
+    /// Per-service overrides of the traffic policy.
+    pub policies:
+        std::collections::HashMap<ServiceName, detour_registry_sync::policy::PolicyOverride>,
     /// Request-head size limit.
     pub max_header_bytes: usize,
     /// Ejection time after a refused connection.
@@ -563,6 +579,13 @@ impl RawConfig {
         let outlier = self.outlier.validate(&mut p);
         let tls = self.tls.validate(&self.run_dir, &mut p);
         let retry_budget = self.retry.validate(&mut p);
+        let policies = self.policy.validate(&mut p);
+        let global = detour_registry_sync::policy::PolicyOverride {
+            try_timeout_ms: Some(self.proxy.try_timeout_ms),
+            max_concurrent_per_endpoint: Some(self.proxy.max_concurrent_per_endpoint),
+            ..Default::default()
+        };
+        p.extend(global.problems("proxy"));
         let connect_timeout = positive(
             &mut p,
             "proxy.connect_timeout_ms",
@@ -688,6 +711,10 @@ impl RawConfig {
                     balance,
                     connect_timeout,
                     request_timeout,
+                    try_timeout: (self.proxy.try_timeout_ms > 0)
+                        .then(|| Duration::from_millis(self.proxy.try_timeout_ms)),
+                    max_concurrent_per_endpoint: self.proxy.max_concurrent_per_endpoint as usize,
+                    policies,
                     max_header_bytes: self.proxy.max_header_bytes,
                     eject: Duration::from_millis(self.proxy.eject_ms),
                     max_replay_bytes: self.proxy.max_replay_bytes,

@@ -21,7 +21,7 @@ use detour_proto::{
     AppProtocol, Endpoint, EndpointSet, HostId, HostPublication, HostStatus, InstanceId,
     ServiceName,
 };
-use detour_registry_sync::{HostStatuses, Registry, RegistryError};
+use detour_registry_sync::{DocName, HostStatuses, Registry, RegistryError};
 use http::Request;
 use http_body_util::BodyExt;
 use tokio::sync::{Notify, watch};
@@ -245,7 +245,7 @@ impl Registry for Delegated {
         self.reads.synced()
     }
 
-    fn watch_rules(&self) -> watch::Receiver<Option<Arc<[u8]>>> {
-        self.reads.watch_rules()
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+        self.reads.watch_doc(doc)
     }
 }

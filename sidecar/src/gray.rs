@@ -94,7 +94,7 @@ impl Gray {
             c.any_off = set.any_mesh_off_for(&self.host);
             for (service, on) in c.by_service.iter_mut() {
                 *on = set.mesh(&self.host, service).0 == Mesh::On;
-                metrics::gauge!("detour_gray_mesh_off", "service" => service.to_string())
+                metrics::gauge!("detour_gray_mesh_off", "service" => detour_registry_sync::labels::service(service))
                     .set(if *on { 0.0 } else { 1.0 });
             }
         }
@@ -118,7 +118,7 @@ impl Gray {
         if !on {
             tracing::info!(%service, rule = rule.map(|r| r.id.as_str()), "mesh off for this service");
         }
-        metrics::gauge!("detour_gray_mesh_off", "service" => service.to_string()).set(if on {
+        metrics::gauge!("detour_gray_mesh_off", "service" => detour_registry_sync::labels::service(service)).set(if on {
             0.0
         } else {
             1.0

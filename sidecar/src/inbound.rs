@@ -12,7 +12,7 @@
 //! to another endpoint whatever its method; it also wakes that provider's health check.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use detour_core::body::boxed;
@@ -28,6 +28,7 @@ use crate::config::{Config, Provide};
 use crate::forward::attempt;
 use crate::headers::{authority, head_size, strip_hop_by_hop, target};
 use crate::lifecycle::Lifecycle;
+use crate::policy::Policies;
 use crate::providers::LocalProviders;
 use crate::ratelimit::TokenBucket;
 use crate::respond::{MeshError, is_grpc};
@@ -46,8 +47,23 @@ pub struct Inbound {
     pool: Arc<Pool>,
     /// Whether this sidecar is ready (for `/detour/ping`).
     lifecycle: Arc<Lifecycle>,
-    /// Rate limits of the providers that have one.
-    limits: HashMap<ServiceName, std::sync::Mutex<TokenBucket>>,
+    /// The traffic policy (the rate limits the registry sets).
+    policies: Arc<Policies>,
+    /// Rate limits of the providers that have one, as of a generation of the policies.
+    limits: RwLock<Limits>,
+}
+
+/// The PA's token buckets.
+#[derive(Default)]
+struct Limits {
+    generation: Option<u64>,
+    buckets: HashMap<ServiceName, Arc<Mutex<Bucket>>>,
+}
+
+/// One provider's bucket and the (rate, burst) it was made with.
+struct Bucket {
+    bucket: TokenBucket,
+    made_with: (u32, u32),
 }
 
 impl Inbound {
@@ -57,21 +73,12 @@ impl Inbound {
         pool: Arc<Pool>,
         lifecycle: Arc<Lifecycle>,
         health: Arc<LocalProviders>,
+        policies: Arc<Policies>,
     ) -> Self {
         let providers = cfg
             .provide
             .iter()
             .map(|p| (p.service.clone(), p.clone()))
-            .collect();
-        let now = std::time::Instant::now();
-        let limits = cfg
-            .provide
-            .iter()
-            .filter_map(|p| {
-                let (rate, burst) = p.rate_limit?;
-                let bucket = TokenBucket::new(rate, burst, now);
-                Some((p.service.clone(), std::sync::Mutex::new(bucket)))
-            })
             .collect();
         Self {
             cfg,
@@ -79,8 +86,47 @@ impl Inbound {
             health,
             pool,
             lifecycle,
-            limits,
+            policies,
+            limits: RwLock::new(Limits::default()),
         }
+    }
+
+    /// The bucket of `provider`'s service, if it has a rate limit; the buckets are made again
+    /// when the policies changed (a bucket whose rate and burst stay is kept, tokens and all).
+    fn bucket(&self, provider: &Provide) -> Option<Arc<Mutex<Bucket>>> {
+        let generation = self.policies.generation();
+        {
+            let limits = self.limits.read().unwrap_or_else(|p| p.into_inner());
+            if limits.generation == Some(generation) {
+                return limits.buckets.get(&provider.service).cloned();
+            }
+        }
+        let mut limits = self.limits.write().unwrap_or_else(|p| p.into_inner());
+        if limits.generation != Some(generation) {
+            let now = Instant::now();
+            let mut buckets = HashMap::new();
+            for p in self.providers.values() {
+                let Some(made_with) = self.policies.rate_limit(&p.service, p.rate_limit) else {
+                    continue;
+                };
+                let kept = limits
+                    .buckets
+                    .remove(&p.service)
+                    .filter(|b| b.lock().unwrap_or_else(|e| e.into_inner()).made_with == made_with);
+                let bucket = kept.unwrap_or_else(|| {
+                    Arc::new(Mutex::new(Bucket {
+                        bucket: TokenBucket::new(made_with.0, made_with.1, now),
+                        made_with,
+                    }))
+                });
+                buckets.insert(p.service.clone(), bucket);
+            }
+            *limits = Limits {
+                generation: Some(generation),
+                buckets,
+            };
+        }
+        limits.buckets.get(&provider.service).cloned()
     }
 
     async fn route(
@@ -109,20 +155,21 @@ impl Inbound {
             && !caller.is_some_and(|c| allow.contains(c))
         {
             let who = caller.map_or("an unidentified caller", |c| c.as_str());
-            metrics::counter!("detour_denied_total", "service" => service.to_string()).increment(1);
+            metrics::counter!("detour_denied_total", "service" => detour_registry_sync::labels::service(&service)).increment(1);
             tracing::info!(%service, caller = who, "call refused by the allow-list");
             return Err(MeshError::new(
                 MeshErrorKind::Denied,
                 format!("{who} may not call {service} on {}", self.cfg.host),
             ));
         }
-        if let Some(bucket) = self.limits.get(&service)
+        if let Some(bucket) = self.bucket(provider)
             && !bucket
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .try_take(std::time::Instant::now())
+                .bucket
+                .try_take(Instant::now())
         {
-            metrics::counter!("detour_rate_limited_total", "service" => service.to_string())
+            metrics::counter!("detour_rate_limited_total", "service" => detour_registry_sync::labels::service(&service))
                 .increment(1);
             return Err(MeshError::new(
                 MeshErrorKind::RateLimited,

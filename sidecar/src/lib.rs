@@ -25,6 +25,7 @@ pub mod lifecycle;
 pub mod links;
 pub mod listeners;
 pub mod outbound;
+pub mod policy;
 pub mod providers;
 pub mod ratelimit;
 pub mod respond;

@@ -9,6 +9,9 @@
 //! method; one lost after it left goes elsewhere only when idempotent and its body was kept
 //! (`proxy.max_replay_bytes`).
 //!
+//! Each service's policy ([`Policies`]: timeouts, retry budget, outlier ejection, in-flight
+//! limit per endpoint) is read per request, so a change in the registry applies at once.
+//!
 //! Trust: the PA's `x-detour-error` is read (it is a sidecar), then every `x-detour-*` header
 //! of the upstream's answer is removed; an error this CA gives up with is its own.
 
@@ -21,6 +24,7 @@ use detour_core::decide::{Alternatives, Next, Outcome, Part, decide};
 use detour_core::failure::{MeshErrorKind, PATH_HEADER, strip_mesh_headers};
 use detour_core::link::{Event, Reason};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
+use detour_core::transport::ConnectTimeout;
 use detour_core::{BoxBody, Dial, PathTaken, Pool};
 use detour_proto::control::local_control_server::LocalControlServer;
 use detour_proto::{CONTROL_AUTHORITY, Endpoint, InstanceId, ServiceName};
@@ -29,7 +33,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, NoPick};
 use crate::budget::RetryBudget;
 use crate::config::Config;
 use crate::control::ControlService;
@@ -38,14 +42,17 @@ use crate::gray::Gray;
 use crate::headers::{authority, head_size, strip_hop_by_hop, target};
 use crate::lifecycle::Lifecycle;
 use crate::links::Links;
+use crate::policy::{Policies, ServicePolicy};
 use crate::respond::{MeshError, is_grpc};
 use crate::server::{Handler, ping_response};
 use crate::telemetry::{Direction, PathLabel, record_request};
 
 /// The outbound proxy.
 pub struct Outbound {
-    /// Validated config (timeouts, limits, policy).
+    /// Validated config (limits, replay size).
     cfg: Arc<Config>,
+    /// Each service's traffic policy.
+    policies: Arc<Policies>,
     /// Where endpoints come from.
     catalog: Arc<Catalog>,
     /// Connections to providers (the direct path) and to PAs.
@@ -69,12 +76,14 @@ impl Outbound {
         catalog: Arc<Catalog>,
         pools: Upstreams,
         links: Arc<Links>,
-        gray: Arc<Gray>,
+        documents: Documents,
         lifecycle: Arc<Lifecycle>,
         control: ControlService,
     ) -> Self {
+        let Documents { gray, policies } = documents;
         Self {
             cfg,
+            policies,
             catalog,
             pools,
             services: Mutex::new(HashMap::new()),
@@ -92,9 +101,15 @@ impl Outbound {
         }
         map.entry(service.clone())
             .or_insert_with(|| {
+                let generation = self.policies.generation();
+                let policy = Arc::new(self.policies.of(service));
                 Arc::new(PerService {
-                    balancer: Balancer::with_outlier(self.cfg.balance, self.cfg.outlier),
-                    budget: Mutex::new(RetryBudget::new(self.cfg.retry_budget, Instant::now())),
+                    balancer: Balancer::new(self.cfg.balance),
+                    state: Mutex::new(PerState {
+                        budget: RetryBudget::new(policy.budget, Instant::now()),
+                        policy,
+                        generation,
+                    }),
                 })
             })
             .clone()
@@ -106,6 +121,7 @@ impl Outbound {
         parts: http::request::Parts,
         body: Incoming,
     ) -> Result<(Response<BoxBody>, PathTaken), MeshError> {
+        let start = Instant::now();
         let size = head_size(&parts);
         if size > self.cfg.max_header_bytes {
             return Err(MeshError::new(
@@ -128,12 +144,16 @@ impl Outbound {
             ));
         }
         let per = self.service(&service);
+        let policy = per.begin(&self.policies, &service, start);
+        let deadline = start + policy.request_timeout;
         let balancer = &per.balancer;
         balancer.retain(&set);
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
+        req.extensions_mut()
+            .insert(ConnectTimeout(policy.connect_timeout));
         let idempotent = is_idempotent(&req);
-        let (req, replay) = prepare(req, self.cfg.max_replay_bytes, self.cfg.request_timeout)
+        let (req, replay) = prepare(req, self.cfg.max_replay_bytes, policy.request_timeout)
             .await
             .map_err(|e| match e {
                 PrepareError::TimedOut(_) => {
@@ -141,29 +161,47 @@ impl Outbound {
                 }
                 PrepareError::Body(_) => malformed(e.to_string()),
             })?;
-        per.budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .request(Instant::now());
         let mut flight = Held::new(req, replay, idempotent);
         let mut tried: Vec<InstanceId> = Vec::new();
-        let no_endpoint = || MeshError::new(MeshErrorKind::NoEndpoint, service.as_str());
+        let limit = policy.max_concurrent_per_endpoint;
         let (mut ep, mut in_flight) = balancer
-            .pick(&set.endpoints, &tried)
-            .ok_or_else(no_endpoint)?;
+            .pick_limited(&set.endpoints, &tried, limit)
+            .map_err(|why| match why {
+                NoPick::None => MeshError::new(MeshErrorKind::NoEndpoint, service.as_str()),
+                NoPick::AllBusy => {
+                    metrics::counter!("detour_overloaded_total").increment(1);
+                    MeshError::new(
+                        MeshErrorKind::Overloaded,
+                        format!("{service}: every endpoint has {limit} requests in flight"),
+                    )
+                }
+            })?;
         // Switched off by a gray rule or a rollback: straight to the providers (C→CA→P).
         let mesh_on = self.gray.mesh_on(&service);
         let mut via_pa = mesh_on && self.via_pa_chosen(ep);
         loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MeshError::new(
+                    MeshErrorKind::Timeout,
+                    format!(
+                        "{service}: no answer within {} ms",
+                        policy.request_timeout.as_millis()
+                    ),
+                ));
+            }
+            let left = deadline - now;
+            let timeout = policy.try_timeout.map_or(left, |t| t.min(left));
             let result = if via_pa {
-                self.via_pa(&service, ep, &mut flight).await
+                self.via_pa(&service, ep, &mut flight, timeout).await
             } else {
-                self.straight(&service, ep, &mut flight).await
+                self.straight(&service, ep, &mut flight, timeout).await
             };
-            let failed = match result {
+            let mut failed = match result {
                 Ok((resp, path)) => {
                     let err = resp.status().is_server_error();
-                    if balancer.record_answer(&in_flight, err, set.endpoints.len()) {
+                    if balancer.record_answer(&in_flight, err, set.endpoints.len(), policy.outlier)
+                    {
                         tracing::warn!(%service, instance = %ep.instance, "ejected as an outlier: server errors in a row");
                         metrics::counter!("detour_outlier_ejections_total").increment(1);
                     }
@@ -171,6 +209,14 @@ impl Outbound {
                 }
                 Err(f) => f,
             };
+            // An attempt that ran out of its own time (not the request's) is handled as a
+            // request the provider may have processed: another endpoint, when idempotent and
+            // kept, within the budget; otherwise its timeout is the answer.
+            let try_timed_out = failed.outcome == Outcome::TimedOut && Instant::now() < deadline;
+            if try_timed_out {
+                metrics::counter!("detour_try_timeouts_total").increment(1);
+                failed.outcome = Outcome::Lost(Part::Provider);
+            }
             let alt = Alternatives {
                 other_path: via_pa,
                 other_endpoint: tried.len() + 1 < set.endpoints.len(),
@@ -182,8 +228,8 @@ impl Outbound {
             if matches!(failed.outcome, Outcome::Lost(Part::Provider))
                 && matches!(next, Next::Again | Next::OtherPath | Next::NextEndpoint)
             {
-                let mut budget = per.budget.lock().unwrap_or_else(|p| p.into_inner());
-                if budget.try_retry(Instant::now()) {
+                let mut state = per.state.lock().unwrap_or_else(|p| p.into_inner());
+                if state.budget.try_retry(Instant::now()) {
                     metrics::counter!("detour_retries_total").increment(1);
                 } else {
                     metrics::counter!("detour_retry_budget_exhausted_total").increment(1);
@@ -198,13 +244,14 @@ impl Outbound {
                         balancer.eject(&ep.instance, self.cfg.eject);
                     }
                     tried.push(ep.instance.clone());
-                    let Some(next) = balancer.pick(&set.endpoints, &tried) else {
+                    let Ok(next) = balancer.pick_limited(&set.endpoints, &tried, limit) else {
                         return Err(failed.error);
                     };
                     (ep, in_flight) = next;
                     via_pa = mesh_on && self.via_pa_chosen(ep);
                 }
                 Next::Return => return Err(failed.error),
+                Next::Fail(_) if try_timed_out => return Err(failed.error),
                 Next::Fail(f) => return Err(MeshError::gave_up(f, failed.error.detail)),
             }
         }
@@ -223,11 +270,11 @@ impl Outbound {
         service: &ServiceName,
         ep: &Endpoint,
         flight: &mut Held,
+        timeout: std::time::Duration,
     ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
         let pa = ep.pa_address.ok_or_else(|| consumed(ep))?;
         let link = self.links.get(&ep.host, pa);
         let req = flight.take().ok_or_else(|| consumed(ep))?;
-        let timeout = self.cfg.request_timeout;
         let dial = Dial::Tcp(pa);
         let proto = self.cfg.pa_protocol;
         let sent = attempt(
@@ -300,10 +347,10 @@ impl Outbound {
         service: &ServiceName,
         ep: &Endpoint,
         flight: &mut Held,
+        timeout: std::time::Duration,
     ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
         let req = flight.take().ok_or_else(|| consumed(ep))?;
         let dial = Dial::Tcp(ep.app_address);
-        let timeout = self.cfg.request_timeout;
         match attempt(
             &self.pools.providers,
             &dial,
@@ -364,6 +411,15 @@ impl Handler for Outbound {
     }
 }
 
+/// What the registry's documents decide for the CA.
+#[derive(Clone)]
+pub struct Documents {
+    /// The gray rules (a service switched off goes straight to its providers).
+    pub gray: Arc<Gray>,
+    /// Each service's traffic policy.
+    pub policies: Arc<Policies>,
+}
+
 /// The CA's upstream connections.
 #[derive(Debug, Clone)]
 pub struct Upstreams {
@@ -377,8 +433,40 @@ pub struct Upstreams {
 struct PerService {
     /// Endpoint selection, ejections and outliers.
     balancer: Balancer,
+    /// The policy in force and the retry budget.
+    state: Mutex<PerState>,
+}
+
+struct PerState {
     /// Resends of requests a provider may have processed.
-    budget: Mutex<RetryBudget>,
+    budget: RetryBudget,
+    /// The service's policy, as of `generation` of the policies.
+    policy: Arc<ServicePolicy>,
+    generation: u64,
+}
+
+impl PerService {
+    /// Counts a new request in the budget and returns the policy in force (re-read when the
+    /// policies changed since it was last read).
+    fn begin(
+        &self,
+        policies: &Policies,
+        service: &ServiceName,
+        now: Instant,
+    ) -> Arc<ServicePolicy> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = policies.generation();
+        if state.generation != generation {
+            let policy = policies.of(service);
+            if policy.budget != state.policy.budget {
+                state.budget = RetryBudget::new(policy.budget, now);
+            }
+            state.policy = Arc::new(policy);
+            state.generation = generation;
+        }
+        state.budget.request(now);
+        state.policy.clone()
+    }
 }
 
 /// The failure of an attempt that has no request left to send (never expected: the retry

@@ -137,7 +137,13 @@ impl World {
         let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());
         let lifecycle = Lifecycle::new();
         lifecycle.set(detour_proto::SidecarState::Ready);
-        let inbound = Arc::new(Inbound::new(cfg, pool, lifecycle, providers));
+        let inbound = Arc::new(Inbound::new(
+            cfg.clone(),
+            pool,
+            lifecycle,
+            providers,
+            crate::policy::Policies::new(&cfg),
+        ));
         serve(&self.net, Dial::Tcp(addr(pa)), inbound);
     }
 
@@ -173,6 +179,7 @@ impl World {
         );
         let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());
         let gray = self.gray.clone();
+        let policies = crate::policy::Policies::new(&cfg);
         let outbound = Arc::new(Outbound::new(
             cfg,
             catalog,
@@ -181,7 +188,7 @@ impl World {
                 pas: pool,
             },
             links,
-            gray,
+            super::Documents { gray, policies },
             lifecycle,
             control,
         ));

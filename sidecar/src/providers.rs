@@ -156,7 +156,7 @@ impl LocalProviders {
                 tracing::warn!(%service, address = %local.endpoint.app_address, "local provider failed its health check: marked unhealthy");
             }
             metrics::counter!("detour_provider_health_changes_total",
-                "service" => service.to_string(), "healthy" => if healthy { "true" } else { "false" })
+                "service" => detour_registry_sync::labels::service(service), "healthy" => if healthy { "true" } else { "false" })
             .increment(1);
             if let Err(e) = self.publish(&local, healthy).await {
                 // The registry back-end keeps the write and retries it when it is reachable.
@@ -166,7 +166,7 @@ impl LocalProviders {
     }
 
     async fn publish(&self, local: &Local, healthy: bool) -> Result<(), RegistryError> {
-        metrics::gauge!("detour_provider_healthy", "service" => local.endpoint.service.to_string())
+        metrics::gauge!("detour_provider_healthy", "service" => detour_registry_sync::labels::service(&local.endpoint.service))
             .set(if healthy { 1.0 } else { 0.0 });
         let mut ep = local.endpoint.clone();
         ep.healthy = healthy;

@@ -35,6 +35,7 @@ fn describe(kind: MeshErrorKind) -> &'static str {
         MeshErrorKind::Timeout => "upstream timed out",
         MeshErrorKind::RateLimited => "over the rate limit",
         MeshErrorKind::Denied => "the caller is not allowed",
+        MeshErrorKind::Overloaded => "every endpoint is at its concurrency limit",
     }
 }
 

@@ -588,3 +588,26 @@ fn read_status_kib(pid: u32, key: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// The directory registry spec of `mesh` (for `detourctl --registry`).
+pub fn dir_registry(mesh: &Mesh) -> String {
+    format!("dir:{}/registry", mesh.root().display())
+}
+
+/// `detourctl ARGS --registry REGISTRY`: exit status, stdout, stderr.
+pub async fn detourctl(registry: &str, args: &[&str]) -> (i32, String, String) {
+    let bin = find_binary("detourctl", "DETOURCTL_BIN").unwrap_or_else(|e| panic!("{e}"));
+    let out = tokio::process::Command::new(bin)
+        .args(args)
+        .args(["--registry", registry, "--timeout-ms", "1000"])
+        .env_remove("DETOUR_REGISTRY")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run detourctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

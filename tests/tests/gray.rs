@@ -17,7 +17,7 @@ use detour_proto::{HostId, HostStatus, ServiceName, SidecarState};
 use detour_registry_sync::dir::{DirOptions, DirRegistry};
 use detour_registry_sync::{Registry, now_unix_ms};
 use detour_tests::scenario::{at, spawn_load};
-use detour_tests::{Mesh, Offer, admin_get_json, metric, wait_value};
+use detour_tests::{Mesh, Offer, admin_get_json, detourctl, dir_registry, metric, wait_value};
 use detour_thin_sdk::{Client, LinkState, PathTaken};
 use detour_watchdog::load::Stats;
 use detour_watchdog::provider::DemoProvider;
@@ -26,24 +26,6 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
-
-/// `detourctl ARGS --registry REGISTRY`: exit status, stdout, stderr.
-async fn detourctl(registry: &str, args: &[&str]) -> (i32, String, String) {
-    let bin = find_binary("detourctl", "DETOURCTL_BIN").unwrap();
-    let out = tokio::process::Command::new(bin)
-        .args(args)
-        .args(["--registry", registry, "--timeout-ms", "1000"])
-        .env_remove("DETOUR_REGISTRY")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Like [`detourctl`], and it must succeed; its stdout.
 async fn ok(registry: &str, args: &[&str]) -> String {
@@ -55,10 +37,6 @@ async fn ok(registry: &str, args: &[&str]) -> String {
 /// `detourctl status --json`.
 async fn status(registry: &str) -> Value {
     serde_json::from_str(&ok(registry, &["status", "--json"]).await).unwrap()
-}
-
-fn dir_registry(mesh: &Mesh) -> String {
-    format!("dir:{}/registry", mesh.root().display())
 }
 
 /// Provider host h2 (`hello` and `world`), caller hosts h1, h3, h4 — each with an SDK whose

@@ -122,7 +122,7 @@ pub struct RollbackArgs {
     pub reg: RegistryArgs,
 }
 
-fn open(reg: &RegistryArgs) -> Result<Ops, OpsError> {
+pub(crate) fn open(reg: &RegistryArgs) -> Result<Ops, OpsError> {
     let spec: RegistrySpec = reg
         .registry
         .parse()
@@ -155,7 +155,7 @@ fn open(reg: &RegistryArgs) -> Result<Ops, OpsError> {
     )))
 }
 
-fn fail(e: &OpsError) -> ExitCode {
+pub(crate) fn fail(e: &OpsError) -> ExitCode {
     eprintln!("detourctl: {e}");
     ExitCode::from(e.exit_code())
 }

@@ -8,6 +8,7 @@ pub mod agent_config;
 pub mod api;
 pub mod certs;
 pub mod cli_ops;
+pub mod cli_policy;
 pub mod demo;
 pub mod held;
 pub mod load;

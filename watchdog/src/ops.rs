@@ -29,7 +29,7 @@ pub enum OpsError {
     #[error("unknown host {0}: no live host of that name in the registry")]
     UnknownHost(String),
     /// A rule is not well formed.
-    #[error("malformed rule: {0}")]
+    #[error("malformed input: {0}")]
     Malformed(String),
     /// The command cannot be carried out as asked.
     #[error("{0}")]
@@ -124,6 +124,11 @@ impl Ops {
     /// Commands on `store`.
     pub fn new(store: Box<dyn Store>) -> Ops {
         Ops { store }
+    }
+
+    /// The registry's documents (for commands on other documents than the rules).
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
     }
 
     /// The rules in force.

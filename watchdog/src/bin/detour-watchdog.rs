@@ -79,7 +79,7 @@ async fn run(cfg: Config) -> ExitCode {
         }
     };
     let host = cfg.sidecar.host.clone();
-    let rules = registry.watch_rules();
+    let rules = registry.watch_doc(detour_registry_sync::DocName::GrayRules);
     let held = Arc::new(
         Held::restore(
             registry,

@@ -69,6 +69,14 @@ enum Command {
         #[command(flatten)]
         reg: RegistryArgs,
     },
+    /// Per-service traffic policy in the registry (timeouts, retry budget, outlier ejection,
+    /// in-flight limit per endpoint), applied by every sidecar without a restart.
+    Policy {
+        #[command(subcommand)]
+        cmd: detour_watchdog::cli_policy::PolicyCmd,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
     /// Turn the mesh off for a scope in one command (or sidecar versions back), undo it, or
     /// list what was done.
     Rollback(RollbackArgs),
@@ -290,6 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Gray { cmd, reg } => Ok(cli_ops::gray(cmd, reg).await),
+        Command::Policy { cmd, reg } => Ok(detour_watchdog::cli_policy::policy(cmd, reg).await),
         Command::Rollback(args) => Ok(cli_ops::rollback(args).await),
         Command::Status { admin, reg } => Ok(cli_ops::status(reg, admin).await),
         Command::Shutdown { watchdog } => match watched::shutdown(&watchdog).await {

@@ -1,0 +1,282 @@
+//! Per-service traffic policy: at the CA, the sidecar's own settings (`proxy.*`, `[retry]`,
+//! `[outlier]`); at the PA, its providers' rate limits (`[[provide]] rate_limit_rps`); overridden per service by the config's `[policy.service.NAME]` tables and then
+//! by the registry's policy document (`policy/services`), which is followed live: a change
+//! applies to the next request of that service, with no restart. A document that does not parse
+//! leaves the last good one in force; a malformed service entry is left out. Both are logged
+//! and counted (`detour_policy_invalid_total`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use detour_proto::ServiceName;
+use detour_registry_sync::policy::{PolicyDoc, PolicyOverride};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::balance::Outlier;
+use crate::budget::BudgetConfig;
+use crate::config::Config;
+
+/// `[policy]` as written in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyRaw {
+    /// `[policy.service.NAME]`: one service's overrides.
+    pub service: BTreeMap<String, PolicyOverride>,
+}
+
+impl PolicyRaw {
+    /// The overrides by service, every problem pushed to `p`.
+    pub fn validate(&self, p: &mut Vec<String>) -> HashMap<ServiceName, PolicyOverride> {
+        let mut out = HashMap::new();
+        for (name, o) in &self.service {
+            let key = format!("policy.service.{name}");
+            match ServiceName::new(name.clone()) {
+                Ok(s) => {
+                    let problems = o.problems(&key);
+                    if problems.is_empty() {
+                        out.insert(s, o.clone());
+                    }
+                    p.extend(problems);
+                }
+                Err(e) => p.push(format!("{key}: {e}")),
+            }
+        }
+        out
+    }
+}
+
+/// What the CA applies to one service's requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServicePolicy {
+    /// Time for the response head, over every attempt.
+    pub request_timeout: Duration,
+    /// Time for one attempt's response head (`None`: only the request timeout).
+    pub try_timeout: Option<Duration>,
+    /// Time to open a connection for one of the service's requests.
+    pub connect_timeout: Duration,
+    /// The retry budget.
+    pub budget: BudgetConfig,
+    /// Outlier ejection.
+    pub outlier: Outlier,
+    /// Most requests in flight to one endpoint from this sidecar (0: no limit).
+    pub max_concurrent_per_endpoint: usize,
+}
+
+impl ServicePolicy {
+    /// The sidecar's own settings.
+    pub fn base(cfg: &Config) -> ServicePolicy {
+        ServicePolicy {
+            request_timeout: cfg.request_timeout,
+            try_timeout: cfg.try_timeout,
+            connect_timeout: cfg.connect_timeout,
+            budget: cfg.retry_budget,
+            outlier: cfg.outlier,
+            max_concurrent_per_endpoint: cfg.max_concurrent_per_endpoint,
+        }
+    }
+
+    /// These settings with `o`'s keys over them.
+    pub fn with(&self, o: &PolicyOverride) -> ServicePolicy {
+        let ms = Duration::from_millis;
+        ServicePolicy {
+            request_timeout: o.request_timeout_ms.map_or(self.request_timeout, ms),
+            try_timeout: match o.try_timeout_ms {
+                None => self.try_timeout,
+                Some(0) => None,
+                Some(t) => Some(ms(t)),
+            },
+            connect_timeout: o.connect_timeout_ms.map_or(self.connect_timeout, ms),
+            budget: BudgetConfig {
+                ratio: o.retry_budget_ratio.unwrap_or(self.budget.ratio),
+                min_per_second: o.retry_min_per_second.unwrap_or(self.budget.min_per_second),
+                window: self.budget.window,
+            },
+            outlier: Outlier {
+                consecutive_5xx: o
+                    .outlier_consecutive_5xx
+                    .unwrap_or(self.outlier.consecutive_5xx),
+                base_ejection: o
+                    .outlier_base_ejection_ms
+                    .map_or(self.outlier.base_ejection, ms),
+                max_ejected_percent: o
+                    .outlier_max_ejected_percent
+                    .unwrap_or(self.outlier.max_ejected_percent),
+            },
+            max_concurrent_per_endpoint: o
+                .max_concurrent_per_endpoint
+                .map_or(self.max_concurrent_per_endpoint, |n| n as usize),
+        }
+    }
+}
+
+/// The policies in force: base, config overrides, registry overrides.
+pub struct Policies {
+    base: ServicePolicy,
+    configured: HashMap<ServiceName, PolicyOverride>,
+    registry: RwLock<Arc<BTreeMap<ServiceName, PolicyOverride>>>,
+    /// Bumped on every change of the registry's overrides.
+    generation: AtomicU64,
+}
+
+impl Policies {
+    /// The config's policies, no registry overrides yet.
+    pub fn new(cfg: &Config) -> Arc<Policies> {
+        Arc::new(Policies {
+            base: ServicePolicy::base(cfg),
+            configured: cfg.policies.clone(),
+            registry: RwLock::new(Arc::new(BTreeMap::new())),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// Changes with every registry change (callers caching a policy compare it).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The policy of `service` now.
+    pub fn of(&self, service: &ServiceName) -> ServicePolicy {
+        self.base.with(&self.overrides(service))
+    }
+
+    /// The overrides of `service`: the config's, then the registry's.
+    fn overrides(&self, service: &ServiceName) -> PolicyOverride {
+        let registry = self
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let configured = self.configured.get(service).cloned().unwrap_or_default();
+        match registry.get(service) {
+            Some(r) => configured.then(r),
+            None => configured,
+        }
+    }
+
+    /// The PA's rate limit (rate, burst) of its provider of `service`, configured with
+    /// `provided` (`[[provide]] rate_limit_rps`, `rate_limit_burst`).
+    pub fn rate_limit(
+        &self,
+        service: &ServiceName,
+        provided: Option<(u32, u32)>,
+    ) -> Option<(u32, u32)> {
+        self.overrides(service).rate_limit(provided)
+    }
+
+    /// The registry's overrides in force.
+    pub fn registry_overrides(&self) -> Arc<BTreeMap<ServiceName, PolicyOverride>> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Follows `doc` (the registry's policy document) for as long as it lives.
+    pub fn follow(
+        self: &Arc<Self>,
+        mut doc: watch::Receiver<Option<Arc<[u8]>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let bytes = doc.borrow_and_update().clone();
+                me.apply(bytes.as_deref());
+                if doc.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Takes a new policy document (`None`: there is none).
+    pub fn apply(&self, doc: Option<&[u8]>) {
+        let services = match doc.map(PolicyDoc::parse) {
+            None => BTreeMap::new(),
+            Some(Ok(doc)) => {
+                for m in &doc.malformed {
+                    tracing::warn!(entry = %m, "leaving out a malformed service entry of the policy document");
+                    metrics::counter!("detour_policy_invalid_total").increment(1);
+                }
+                doc.services
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "ignoring a malformed policy document; the last good policy stays in force");
+                metrics::counter!("detour_policy_invalid_total").increment(1);
+                return;
+            }
+        };
+        let mut current = self.registry.write().unwrap_or_else(|p| p.into_inner());
+        if **current == services {
+            return;
+        }
+        tracing::info!(
+            services = services.len(),
+            "traffic policy from the registry changed"
+        );
+        metrics::gauge!("detour_policy_registry_services").set(services.len() as f64);
+        *current = Arc::new(services);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::parse(
+            "test",
+            &format!("host = \"h\"\n{extra}"),
+            Vec::<(String, String)>::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn registry_over_config_over_base() {
+        let cfg = config(
+            "[proxy]\nrequest_timeout_ms = 5000\n[policy.service.orders]\nrequest_timeout_ms = 800\ntry_timeout_ms = 200\n",
+        );
+        let p = Policies::new(&cfg);
+        let orders = ServiceName::new("orders").unwrap();
+        let other = ServiceName::new("other").unwrap();
+        assert_eq!(p.of(&other).request_timeout, Duration::from_millis(5000));
+        assert_eq!(p.of(&other).try_timeout, None);
+        assert_eq!(p.of(&orders).request_timeout, Duration::from_millis(800));
+        assert_eq!(p.of(&orders).try_timeout, Some(Duration::from_millis(200)));
+        let g = p.generation();
+        p.apply(Some(
+            br#"{"version":1,"services":{"orders":{"request_timeout_ms":300,"max_concurrent_per_endpoint":4}}}"#,
+        ));
+        assert_ne!(p.generation(), g, "a change is announced");
+        let o = p.of(&orders);
+        assert_eq!(o.request_timeout, Duration::from_millis(300));
+        assert_eq!(
+            o.try_timeout,
+            Some(Duration::from_millis(200)),
+            "config keys stay"
+        );
+        assert_eq!(o.max_concurrent_per_endpoint, 4);
+        // A broken document keeps the last good policy; removing it restores the config's.
+        p.apply(Some(b"{not json"));
+        assert_eq!(p.of(&orders).request_timeout, Duration::from_millis(300));
+        p.apply(None);
+        assert_eq!(p.of(&orders).request_timeout, Duration::from_millis(800));
+    }
+
+    #[test]
+    fn config_entries_are_validated() {
+        let err = Config::parse(
+            "test",
+            "host = \"h\"\n[policy.service.orders]\nretry_budget_ratio = 2.0\nbogus = 1\n",
+            Vec::<(String, String)>::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("retry_budget_ratio"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+    }
+}
