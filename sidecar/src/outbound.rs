@@ -150,8 +150,11 @@ impl Outbound {
         balancer.retain(&set);
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
-        req.extensions_mut()
-            .insert(ConnectTimeout(policy.connect_timeout));
+        if policy.connect_timeout != self.cfg.connect_timeout {
+            // The pools' own timeout is the sidecar's; only another one rides with the request.
+            req.extensions_mut()
+                .insert(ConnectTimeout(policy.connect_timeout));
+        }
         let idempotent = is_idempotent(&req);
         let (req, replay) = prepare(req, self.cfg.max_replay_bytes, policy.request_timeout)
             .await
