@@ -233,3 +233,35 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_are_told_apart_by_key() {
+        let mut view = View::default();
+        let prefix = "/detour/v1";
+        apply_put(
+            prefix,
+            &mut view,
+            b"/detour/v1/policy/services",
+            b"{\"version\":1}",
+        );
+        apply_put(prefix, &mut view, b"/detour/v1/gray/rules", b"rules");
+        apply_put(prefix, &mut view, b"/detour/v1/policy/other", b"ignored");
+        let policy = DocName::Policy as usize;
+        let gray = DocName::GrayRules as usize;
+        assert_eq!(view.docs[policy].as_deref(), Some(&b"{\"version\":1}"[..]));
+        assert_eq!(view.docs[gray].as_deref(), Some(&b"rules"[..]));
+        assert!(view.docs_dirty[policy] && view.docs_dirty[gray]);
+        apply_delete(prefix, &mut view, b"/detour/v1/policy/services");
+        assert!(view.docs[policy].is_none());
+        assert!(view.docs[gray].is_some(), "the other document stays");
+        // An oversized document is refused: the last one read stays.
+        apply_put(prefix, &mut view, b"/detour/v1/policy/services", b"good");
+        let big = vec![b' '; crate::registry::MAX_DOC_BYTES as usize + 1];
+        apply_put(prefix, &mut view, b"/detour/v1/policy/services", &big);
+        assert_eq!(view.docs[policy].as_deref(), Some(&b"good"[..]));
+    }
+}
