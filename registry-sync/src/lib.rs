@@ -28,5 +28,5 @@ pub mod store;
 pub use catalog::Catalog;
 pub use registry::{
     DocName, HostStatuses, MAX_DOC_BYTES, POLICY_DOC, RULES_DOC, Registry, RegistryError,
-    RegistrySpec, now_unix_ms,
+    RegistrySpec, follow_doc, now_unix_ms,
 };

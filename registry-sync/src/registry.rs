@@ -151,6 +151,23 @@ impl DocSenders {
 /// The largest rules document read (a bigger one is reported and ignored).
 pub const MAX_DOC_BYTES: u64 = 1 << 20;
 
+/// Follows a document (a receiver from [`Registry::watch_doc`]) for as long as it lives: `apply`
+/// gets its bytes now and after every change.
+pub fn follow_doc(
+    mut doc: watch::Receiver<Option<Arc<[u8]>>>,
+    apply: impl Fn(Option<&[u8]>) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let bytes = doc.borrow_and_update().clone();
+            apply(bytes.as_deref());
+            if doc.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// Which back-end a config names: `dir:PATH` (the embedded default) or
 /// `etcd:http://HOST:PORT[,http://HOST:PORT…]`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -49,18 +49,10 @@ impl Gray {
     /// Follows `doc` (the registry's rules document) for as long as it lives.
     pub fn follow(
         self: &Arc<Self>,
-        mut doc: watch::Receiver<Option<Arc<[u8]>>>,
+        doc: watch::Receiver<Option<Arc<[u8]>>>,
     ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let bytes = doc.borrow_and_update().clone();
-                me.apply(bytes.as_deref());
-                if doc.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
+        detour_registry_sync::follow_doc(doc, move |bytes| me.apply(bytes))
     }
 
     /// Takes a new rules document (`None`: there is none).
