@@ -1,258 +1,143 @@
-//! Per-service traffic policy on real sidecars, changed through the registry with
-//! `detourctl policy` while they run (no restart): a request timeout, a per-try timeout that
-//! sends an idempotent request on to a healthy endpoint, and an in-flight limit per endpoint.
+//! Traffic policy on real sidecars: an endpoint answering server errors in a row is ejected,
+//! and returns after its ejection.
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use detour_proto::AppProtocol;
-use detour_tests::raw::{self, RawProvider};
+use detour_tests::raw::{RawProvider, Reply};
 use detour_tests::scenario::hello;
-use detour_tests::{
-    Mesh, Offer, admin_get_json, body_text, detourctl, dir_registry, metric, wait_value,
-};
-use detour_thin_sdk::Client;
+use detour_tests::{Mesh, Offer, metric};
 use detour_thin_sdk::body::empty;
+use detour_watchdog::provider::DemoProvider;
 
-/// `detourctl policy ARGS` on `mesh`'s registry; it must succeed.
-async fn policy(mesh: &Mesh, args: &[&str]) {
-    let mut all = vec!["policy"];
-    all.extend_from_slice(args);
-    let (code, out, err) = detourctl(&dir_registry(mesh), &all).await;
-    assert_eq!(code, 0, "detourctl {all:?}: {out}{err}");
-}
-
-/// Waits until `host`'s sidecar holds `want` as the registry's overrides of `hello`
-/// (`Null`: none).
-async fn wait_override(mesh: &Mesh, host: &str, want: serde_json::Value) {
-    let admin = mesh.admin(host);
-    wait_value(
-        "the sidecar applies the policy",
-        Duration::from_secs(10),
-        || {
-            let admin = admin.clone();
-            async move { admin_get_json(&admin, "/state").await["policy_overrides"]["hello"].clone() }
-        },
-        |v| *v == want,
-    )
-    .await;
-}
-
-/// One GET of `hello`: status, `x-detour-error`, body.
-async fn get(client: &Client) -> (u16, String, String) {
-    let req = http::Request::get("/").body(empty()).unwrap();
-    let resp = client.send(&hello(), req).await.unwrap();
-    let status = resp.status().as_u16();
-    let error = resp
-        .headers()
-        .get("x-detour-error")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    (status, error, body_text(resp).await)
-}
-
-#[tokio::test]
-async fn a_request_timeout_set_in_the_registry_applies_without_a_restart() {
-    // The provider answers after 1.5 s; the sidecar's own timeout is 30 s.
-    let slow = RawProvider::start("127.0.0.2", Duration::from_millis(1500), |_| {
-        raw::ok("slow")
+/// A provider that answers every request `500`, keeping connections alive.
+async fn failing_provider() -> std::net::SocketAddr {
+    let answer =
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nx-served-by: bad\r\n\r\n";
+    RawProvider::start("127.0.0.3", Duration::ZERO, |_| {
+        Reply::Send(answer.to_vec())
     })
-    .await;
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", slow.addr)])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
-    let client = mesh.client("h1", AppProtocol::Http1);
-    let pid = mesh.sidecar("h1").child.pid();
-    assert_eq!(get(&client).await, (200, String::new(), "slow".into()));
-
-    policy(
-        &mesh,
-        &["set", "--service", "hello", "--request-timeout-ms", "300"],
-    )
-    .await;
-    wait_override(&mesh, "h1", serde_json::json!({"request_timeout_ms": 300})).await;
-    let (status, error, _) = get(&client).await;
-    assert_eq!((status, error.as_str()), (504, "timeout"));
-
-    // Cleared: the sidecar's own timeout again.
-    policy(&mesh, &["clear", "--service", "hello"]).await;
-    wait_override(&mesh, "h1", serde_json::Value::Null).await;
-    assert_eq!(get(&client).await.0, 200);
-    assert_eq!(mesh.sidecar("h1").child.pid(), pid, "no restart");
-
-    // A document that is no policy at all leaves the last good one in force, and is counted.
-    policy(
-        &mesh,
-        &["set", "--service", "hello", "--request-timeout-ms", "300"],
-    )
-    .await;
-    wait_override(&mesh, "h1", serde_json::json!({"request_timeout_ms": 300})).await;
-    let file = mesh.root().join("registry/policy/services.json");
-    std::fs::write(&file, b"{\"version\": 1, \"services\": [").unwrap();
-    let admin = mesh.admin("h1");
-    detour_tests::wait_metric(&admin, "detour_policy_invalid_total", "", 1.0).await;
-    assert_eq!(get(&client).await.0, 504, "the last good policy stays");
+    .await
+    .addr
 }
 
 #[tokio::test]
-async fn a_try_timeout_sends_an_idempotent_request_on_to_a_healthy_endpoint() {
-    let slow = RawProvider::start("127.0.0.2", Duration::from_secs(2), |_| raw::ok("slow")).await;
-    let fast = RawProvider::start("127.0.0.3", Duration::ZERO, |_| raw::ok("fast")).await;
+async fn an_endpoint_answering_server_errors_is_ejected_and_returns() {
+    let good = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "good")
+        .await
+        .unwrap();
+    let bad = failing_provider().await;
     let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", slow.addr)])
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", good.addr())])
         .await;
-    mesh.start("h3", "127.0.0.3", &[Offer::http1("hello", fast.addr)])
+    mesh.start("h3", "127.0.0.3", &[Offer::http1("hello", bad)])
         .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.start_with(
+        "h1",
+        "127.0.0.1",
+        &[],
+        "[outlier]\nconsecutive_5xx = 5\nbase_ejection_ms = 2000\n",
+    )
+    .await;
     mesh.wait_endpoints("h1", "hello", 2).await;
-    policy(
-        &mesh,
-        &[
-            "set",
-            "--service",
-            "hello",
-            "--try-timeout-ms",
-            "200",
-            "--request-timeout-ms",
-            "5000",
-        ],
-    )
-    .await;
-    wait_override(
-        &mesh,
-        "h1",
-        serde_json::json!({"request_timeout_ms": 5000, "try_timeout_ms": 200}),
-    )
-    .await;
     let client = mesh.client("h1", AppProtocol::Http1);
-    let n = 30;
-    let mut answers = Vec::new();
-    for _ in 0..n {
-        answers.push(get(&client).await);
-    }
-    let tried_slow = slow.requests.load(Ordering::Relaxed);
-    let timeouts = metric(&mesh.admin("h1"), "detour_try_timeouts_total", "")
-        .await
-        .unwrap_or(0.0);
-    println!("TRY-TIMEOUT {n} GETs: slow endpoint tried {tried_slow}, try timeouts {timeouts}");
-    for a in &answers {
-        assert_eq!(*a, (200, String::new(), "fast".into()));
-    }
-    assert!(tried_slow >= 1, "the slow endpoint was tried");
-    assert!(timeouts >= tried_slow as f64, "{timeouts} < {tried_slow}");
-}
-
-#[tokio::test]
-async fn the_in_flight_limit_per_endpoint_refuses_beyond_it() {
-    let provider =
-        RawProvider::start("127.0.0.2", Duration::from_millis(500), |_| raw::ok("ok")).await;
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr)])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
-    policy(
-        &mesh,
-        &[
-            "set",
-            "--service",
-            "hello",
-            "--max-concurrent-per-endpoint",
-            "4",
-        ],
-    )
-    .await;
-    wait_override(
-        &mesh,
-        "h1",
-        serde_json::json!({"max_concurrent_per_endpoint": 4}),
-    )
-    .await;
-    let before = provider.requests.load(Ordering::Relaxed);
-    let client = mesh.client("h1", AppProtocol::Http2);
-    let calls = (0..10).map(|_| {
+    let errors = |n: usize| {
         let client = client.clone();
-        async move { get(&client).await }
-    });
-    let answers = futures_util::future::join_all(calls).await;
-    let ok = answers.iter().filter(|a| a.0 == 200).count();
-    let refused = answers
-        .iter()
-        .filter(|a| a.0 == 503 && a.1 == "overloaded")
-        .count();
-    let seen = provider.requests.load(Ordering::Relaxed) - before;
-    println!("LIMIT 10 at once, limit 4: ok={ok} refused={refused} provider saw {seen}");
-    assert_eq!(ok, 4, "{answers:?}");
-    assert_eq!(refused, 6, "{answers:?}");
-    assert_eq!(seen, 4);
-    let counted = metric(&mesh.admin("h1"), "detour_overloaded_total", "")
+        async move {
+            let mut errors = 0;
+            for _ in 0..n {
+                let req = http::Request::get("/").body(empty()).unwrap();
+                let resp = client.send(&hello(), req).await.unwrap();
+                if resp.status() == 500 {
+                    errors += 1;
+                }
+            }
+            errors
+        }
+    };
+    let first = errors(200).await;
+    let ejections = metric(&mesh.admin("h1"), "detour_outlier_ejections_total", "")
         .await
         .unwrap_or(0.0);
-    assert_eq!(counted, 6.0);
-    // The SDK did not take the refusals for a sick sidecar: the next calls go through it.
-    let (status, _, _) = get(&client).await;
-    assert_eq!(status, 200);
+    println!("OUTLIER first 200 calls: {first} server errors, {ejections} ejections");
+    assert_eq!(ejections, 1.0);
+    // Five in a row eject (one of them may have been the request that made h1 watch hello).
+    assert!(
+        (4..=6).contains(&first),
+        "{first} errors: ejected after five in a row"
+    );
+    // After the ejection (2 s) the endpoint is tried again, and ejected again (for 4 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let second = errors(200).await;
+    let ejections = metric(&mesh.admin("h1"), "detour_outlier_ejections_total", "")
+        .await
+        .unwrap_or(0.0);
+    println!("OUTLIER after the ejection: {second} server errors, {ejections} ejections");
+    assert!((5..=6).contains(&second), "{second}");
+    assert_eq!(ejections, 2.0);
 }
 
 #[tokio::test]
-async fn a_rate_limit_set_in_the_registry_holds_at_the_pa() {
-    let provider = RawProvider::start("127.0.0.2", Duration::ZERO, |_| raw::ok("ok")).await;
+async fn the_pa_rate_limit_holds_and_callers_do_not_take_it_for_a_sick_sidecar() {
+    use detour_thin_sdk::{LinkState, MeshErrorKind, mesh_error};
+    let p = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "p")
+        .await
+        .unwrap();
     let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr)])
-        .await;
+    // 50 requests a second, bursts of 10, for the provider behind h2's PA.
+    let mut cfg = mesh.config("h2", "127.0.0.2", &[Offer::http1("hello", p.addr())], "");
+    cfg.push_str("rate_limit_rps = 50\nrate_limit_burst = 10\n");
+    mesh.start_config("h2", &cfg).await;
     mesh.start("h1", "127.0.0.1", &[]).await;
     mesh.wait_endpoints("h1", "hello", 1).await;
     let client = mesh.client("h1", AppProtocol::Http1);
-    policy(
-        &mesh,
-        &[
-            "set",
-            "--service",
-            "hello",
-            "--rate-limit-rps",
-            "5",
-            "--rate-limit-burst",
-            "5",
-        ],
-    )
-    .await;
-    // The PA's sidecar (h2) applies it.
-    wait_override(
-        &mesh,
-        "h2",
-        serde_json::json!({"rate_limit_rps": 5, "rate_limit_burst": 5}),
-    )
-    .await;
-    let before = provider.requests.load(Ordering::Relaxed);
-    let start = std::time::Instant::now();
-    let mut answers = Vec::new();
-    for _ in 0..40 {
-        answers.push(get(&client).await);
+    let before = p.received();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut limited, mut other) = (0u32, 0u32, 0u32);
+            let end = std::time::Instant::now() + Duration::from_secs(2);
+            while std::time::Instant::now() < end {
+                let req = http::Request::get("/").body(empty()).unwrap();
+                let resp = client.send(&hello(), req).await.unwrap();
+                match (resp.status().as_u16(), mesh_error(&resp)) {
+                    (200, None) => ok += 1,
+                    (429, Some(MeshErrorKind::RateLimited)) => limited += 1,
+                    _ => other += 1,
+                }
+            }
+            (ok, limited, other)
+        }));
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let seen = provider.requests.load(Ordering::Relaxed) - before;
-    let ok = answers.iter().filter(|a| a.0 == 200).count();
-    let limited = answers
-        .iter()
-        .filter(|a| a.0 == 429 && a.1 == "rate-limited")
-        .count();
+    let (mut ok, mut limited, mut other) = (0, 0, 0);
+    for t in tasks {
+        let (a, b, c) = t.await.unwrap();
+        (ok, limited, other) = (ok + a, limited + b, other + c);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let seen = p.received() - before;
+    let bound = 10.0 + 50.0 * secs;
     println!(
-        "RATE 40 GETs in {elapsed:.2} s at 5/s burst 5: ok={ok} limited={limited} provider saw {seen}"
+        "RATE {secs:.2} s: ok={ok} limited={limited} other={other}; provider saw {seen} (bound {bound:.0})"
     );
-    assert_eq!(ok + limited, 40, "{answers:?}");
-    let bound = 5.0 + 5.0 * elapsed;
-    assert!((seen as f64) <= bound, "{seen} > {bound}");
-    assert!(limited >= 1, "the limit refused some");
-    assert_eq!(seen as usize, ok);
-
-    // Cleared: no limit again.
-    policy(&mesh, &["clear", "--all"]).await;
-    wait_override(&mesh, "h2", serde_json::Value::Null).await;
-    for _ in 0..20 {
-        assert_eq!(get(&client).await.0, 200);
-    }
+    assert_eq!(other, 0);
+    assert!(limited > 0, "the limit never engaged");
+    assert!(
+        f64::from(seen as u32) <= bound + 1.0,
+        "the provider saw {seen} > {bound}"
+    );
+    assert_eq!(
+        u64::from(ok),
+        seen,
+        "every request the provider saw was answered 200"
+    );
+    assert_eq!(
+        client.link_state(),
+        LinkState::Primary,
+        "429s are no sign of a sick sidecar"
+    );
 }
