@@ -1,6 +1,7 @@
 //! Per-service traffic policy on real sidecars, changed through the registry with
-//! `detourctl policy` while they run (no restart): a request timeout, a per-try timeout that
-//! sends an idempotent request on to a healthy endpoint, and an in-flight limit per endpoint.
+//! `detourctl policy` while they run (no restart): a request timeout (on the directory registry
+//! and on a real etcd), a per-try timeout that sends an idempotent request on to a healthy
+//! endpoint, an in-flight limit per endpoint, and a PA rate limit.
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
@@ -16,11 +17,16 @@ use detour_tests::{
 use detour_thin_sdk::Client;
 use detour_thin_sdk::body::empty;
 
-/// `detourctl policy ARGS` on `mesh`'s registry; it must succeed.
+/// `detourctl policy ARGS` on `mesh`'s directory registry; it must succeed.
 async fn policy(mesh: &Mesh, args: &[&str]) {
+    policy_on(&dir_registry(mesh), args).await;
+}
+
+/// `detourctl policy ARGS` on `registry`; it must succeed.
+async fn policy_on(registry: &str, args: &[&str]) {
     let mut all = vec!["policy"];
     all.extend_from_slice(args);
-    let (code, out, err) = detourctl(&dir_registry(mesh), &all).await;
+    let (code, out, err) = detourctl(registry, &all).await;
     assert_eq!(code, 0, "detourctl {all:?}: {out}{err}");
 }
 
@@ -255,4 +261,47 @@ async fn a_rate_limit_set_in_the_registry_holds_at_the_pa() {
     for _ in 0..20 {
         assert_eq!(get(&client).await.0, 200);
     }
+}
+
+#[tokio::test]
+async fn a_policy_written_to_etcd_applies_and_a_bad_value_is_refused() {
+    let slow = RawProvider::start("127.0.0.2", Duration::from_millis(1500), |_| {
+        raw::ok("slow")
+    })
+    .await;
+    let mut mesh = Mesh::new();
+    let etcd = detour_tests::etcd::Etcd::start(mesh.root()).await;
+    let registry = format!("etcd:{}", etcd.url);
+    mesh.use_registry(&registry);
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", slow.addr)])
+        .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = mesh.client("h1", AppProtocol::Http1);
+    // A value out of range is refused by detourctl (exit 2) and nothing is written.
+    let (code, _, err) = detourctl(
+        &registry,
+        &[
+            "policy",
+            "set",
+            "--service",
+            "hello",
+            "--retry-budget-ratio",
+            "1.5",
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("retry_budget_ratio"), "{err}");
+    policy_on(
+        &registry,
+        &["set", "--service", "hello", "--request-timeout-ms", "300"],
+    )
+    .await;
+    wait_override(&mesh, "h1", serde_json::json!({"request_timeout_ms": 300})).await;
+    let (status, error, _) = get(&client).await;
+    assert_eq!((status, error.as_str()), (504, "timeout"));
+    policy_on(&registry, &["clear", "--service", "hello"]).await;
+    wait_override(&mesh, "h1", serde_json::Value::Null).await;
+    assert_eq!(get(&client).await.0, 200);
 }
