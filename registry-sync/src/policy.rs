@@ -45,6 +45,9 @@ pub struct PolicyOverride {
     /// Most endpoints ejected as outliers at once (percent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_max_ejected_percent: Option<u8>,
+    /// Below this share of endpoints not ejected (percent), every endpoint is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_panic_threshold_percent: Option<u8>,
     /// Most requests in flight from one sidecar to one endpoint (0: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_per_endpoint: Option<u32>,
@@ -105,6 +108,12 @@ impl PolicyOverride {
             100,
         );
         range(
+            "outlier_panic_threshold_percent",
+            self.outlier_panic_threshold_percent.map(u64::from),
+            0,
+            100,
+        );
+        range(
             "max_concurrent_per_endpoint",
             u(self.max_concurrent_per_endpoint),
             0,
@@ -148,6 +157,9 @@ impl PolicyOverride {
             outlier_max_ejected_percent: over
                 .outlier_max_ejected_percent
                 .or(self.outlier_max_ejected_percent),
+            outlier_panic_threshold_percent: over
+                .outlier_panic_threshold_percent
+                .or(self.outlier_panic_threshold_percent),
             max_concurrent_per_endpoint: over
                 .max_concurrent_per_endpoint
                 .or(self.max_concurrent_per_endpoint),

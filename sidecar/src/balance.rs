@@ -60,6 +60,10 @@ pub struct Outlier {
     pub base_ejection: Duration,
     /// Most endpoints of a service ejected as outliers at once, in percent.
     pub max_ejected_percent: u8,
+    /// The healthy-panic threshold: when fewer than this share of the candidates (percent) are
+    /// not ejected, every candidate is used, so that the few left are not overwhelmed (0: only
+    /// when every one is ejected).
+    pub panic_threshold_percent: u8,
 }
 
 impl Default for Outlier {
@@ -68,6 +72,7 @@ impl Default for Outlier {
             consecutive_5xx: 5,
             base_ejection: Duration::from_secs(30),
             max_ejected_percent: 50,
+            panic_threshold_percent: 50,
         }
     }
 }
@@ -115,16 +120,18 @@ impl Balancer {
         endpoints: &'a [Endpoint],
         exclude: &[InstanceId],
     ) -> Option<(&'a Endpoint, InFlight)> {
-        self.pick_limited(endpoints, exclude, 0).ok()
+        self.pick_limited(endpoints, exclude, 0, 0).ok()
     }
 
     /// [`Self::pick`], passing over endpoints with `limit` requests in flight already (0: no
-    /// limit); [`NoPick::AllBusy`] when every candidate is at the limit.
+    /// limit), and using ejected endpoints too when fewer than `panic_percent` of the
+    /// candidates are not ejected; [`NoPick::AllBusy`] when every candidate is at the limit.
     pub fn pick_limited<'a>(
         &self,
         endpoints: &'a [Endpoint],
         exclude: &[InstanceId],
         limit: usize,
+        panic_percent: u8,
     ) -> Result<(&'a Endpoint, InFlight), NoPick> {
         let now = now_unix_ms();
         let mut pool: Vec<(&Endpoint, Arc<Load>)> = {
@@ -135,9 +142,12 @@ impl Balancer {
                 .map(|e| (e, load_in(&mut loads, &e.instance)))
                 .collect()
         };
-        // Ejected endpoints are passed over unless every one is ejected (panic mode).
-        if pool.iter().any(|(_, l)| !l.ejected(now)) {
+        // Ejected endpoints are passed over unless too few are left (panic mode).
+        let left = pool.iter().filter(|(_, l)| !l.ejected(now)).count();
+        if left > 0 && left * 100 >= pool.len() * usize::from(panic_percent) {
             pool.retain(|(_, l)| !l.ejected(now));
+        } else if left < pool.len() {
+            metrics::counter!("detour_lb_panic_total").increment(1);
         }
         if pool.is_empty() {
             return Err(NoPick::None);
@@ -271,21 +281,50 @@ mod tests {
         let b = Balancer::new(Balance::P2c);
         let e = eps(2);
         let held: Vec<InFlight> = (0..4)
-            .map(|_| b.pick_limited(&e, &[], 2).unwrap().1)
+            .map(|_| b.pick_limited(&e, &[], 2, 0).unwrap().1)
             .collect();
         assert_eq!(b.load_of(&e[0].instance).in_flight(), 2);
         assert_eq!(b.load_of(&e[1].instance).in_flight(), 2);
-        assert_eq!(b.pick_limited(&e, &[], 2).err(), Some(NoPick::AllBusy));
+        assert_eq!(b.pick_limited(&e, &[], 2, 0).err(), Some(NoPick::AllBusy));
         assert_eq!(
-            b.pick_limited(&e, &[e[0].instance.clone(), e[1].instance.clone()], 2)
+            b.pick_limited(&e, &[e[0].instance.clone(), e[1].instance.clone()], 2, 0)
                 .err(),
             Some(NoPick::None)
         );
         drop(held);
         assert!(
-            b.pick_limited(&e, &[], 2).is_ok(),
+            b.pick_limited(&e, &[], 2, 0).is_ok(),
             "a finished request frees its slot"
         );
+    }
+
+    #[test]
+    fn below_the_panic_threshold_every_endpoint_is_used() {
+        let b = Balancer::new(Balance::RoundRobin);
+        let e = eps(4);
+        for ep in &e[..3] {
+            b.eject(&ep.instance, Duration::from_secs(60));
+        }
+        // One of four left (25%): with a threshold of 50%, all four take turns.
+        let mut seen: Vec<String> = (0..8)
+            .map(|_| {
+                b.pick_limited(&e, &[], 0, 50)
+                    .unwrap()
+                    .0
+                    .instance
+                    .to_string()
+            })
+            .collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        // With a threshold of 25% (or 0), the one left takes everything.
+        for t in [25, 0] {
+            for _ in 0..4 {
+                let (ep, _) = b.pick_limited(&e, &[], 0, t).unwrap();
+                assert_eq!(ep.instance.as_str(), "i3");
+            }
+        }
     }
 
     #[test]

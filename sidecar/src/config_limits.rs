@@ -106,6 +106,8 @@ pub struct OutlierRaw {
     pub base_ejection_ms: u64,
     /// Most endpoints of a service ejected at once, in percent.
     pub max_ejected_percent: u8,
+    /// Below this share of endpoints not ejected (percent), every endpoint is used.
+    pub panic_threshold_percent: u8,
 }
 
 impl Default for OutlierRaw {
@@ -115,6 +117,7 @@ impl Default for OutlierRaw {
             consecutive_5xx: d.consecutive_5xx,
             base_ejection_ms: d.base_ejection.as_millis() as u64,
             max_ejected_percent: d.max_ejected_percent,
+            panic_threshold_percent: d.panic_threshold_percent,
         }
     }
 }
@@ -125,6 +128,9 @@ impl OutlierRaw {
         if self.max_ejected_percent > 100 {
             p.push("outlier.max_ejected_percent: at most 100".into());
         }
+        if self.panic_threshold_percent > 100 {
+            p.push("outlier.panic_threshold_percent: at most 100".into());
+        }
         if self.base_ejection_ms == 0 {
             p.push("outlier.base_ejection_ms: must be greater than 0".into());
         }
@@ -132,6 +138,7 @@ impl OutlierRaw {
             consecutive_5xx: self.consecutive_5xx,
             base_ejection: Duration::from_millis(self.base_ejection_ms.max(1)),
             max_ejected_percent: self.max_ejected_percent.min(100),
+            panic_threshold_percent: self.panic_threshold_percent.min(100),
         }
     }
 }

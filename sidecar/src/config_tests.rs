@@ -30,6 +30,32 @@ fn the_protocol_to_remote_pas_is_chosen_by_name() {
 }
 
 #[test]
+fn the_traffic_policy_defaults_and_limits() {
+    let cfg = Config::parse("t", "host = \"h1\"\n", Vec::new()).unwrap();
+    assert_eq!(cfg.try_timeout, None);
+    assert_eq!(cfg.max_concurrent_per_endpoint, 0);
+    assert_eq!(cfg.outlier.panic_threshold_percent, 50);
+    let cfg = Config::parse(
+        "t",
+        "host = \"h1\"\n[proxy]\ntry_timeout_ms = 250\nmax_concurrent_per_endpoint = 64\n[outlier]\npanic_threshold_percent = 0\n",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(cfg.try_timeout, Some(Duration::from_millis(250)));
+    assert_eq!(cfg.max_concurrent_per_endpoint, 64);
+    assert_eq!(cfg.outlier.panic_threshold_percent, 0);
+    let err = Config::parse(
+        "t",
+        "host = \"h1\"\n[outlier]\npanic_threshold_percent = 101\n[proxy]\ntry_timeout_ms = 99999999\n",
+        Vec::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("outlier.panic_threshold_percent"), "{err}");
+    assert!(err.contains("proxy.try_timeout_ms"), "{err}");
+}
+
+#[test]
 fn providers_are_validated() {
     let text = r#"
 host = "h1"

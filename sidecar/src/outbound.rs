@@ -167,8 +167,9 @@ impl Outbound {
         let mut flight = Held::new(req, replay, idempotent);
         let mut tried: Vec<InstanceId> = Vec::new();
         let limit = policy.max_concurrent_per_endpoint;
+        let panic = policy.outlier.panic_threshold_percent;
         let (mut ep, mut in_flight) = balancer
-            .pick_limited(&set.endpoints, &tried, limit)
+            .pick_limited(&set.endpoints, &tried, limit, panic)
             .map_err(|why| match why {
                 NoPick::None => MeshError::new(MeshErrorKind::NoEndpoint, service.as_str()),
                 NoPick::AllBusy => {
@@ -247,7 +248,8 @@ impl Outbound {
                         balancer.eject(&ep.instance, self.cfg.eject);
                     }
                     tried.push(ep.instance.clone());
-                    let Ok(next) = balancer.pick_limited(&set.endpoints, &tried, limit) else {
+                    let Ok(next) = balancer.pick_limited(&set.endpoints, &tried, limit, panic)
+                    else {
                         return Err(failed.error);
                     };
                     (ep, in_flight) = next;

@@ -104,6 +104,9 @@ impl ServicePolicy {
                 max_ejected_percent: o
                     .outlier_max_ejected_percent
                     .unwrap_or(self.outlier.max_ejected_percent),
+                panic_threshold_percent: o
+                    .outlier_panic_threshold_percent
+                    .unwrap_or(self.outlier.panic_threshold_percent),
             },
             max_concurrent_per_endpoint: o
                 .max_concurrent_per_endpoint

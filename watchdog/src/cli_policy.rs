@@ -67,6 +67,9 @@ pub struct PolicyKeys {
     /// Most endpoints ejected as outliers at once (percent).
     #[arg(long)]
     outlier_max_ejected_percent: Option<u8>,
+    /// Below this share of endpoints not ejected (percent), every endpoint is used.
+    #[arg(long)]
+    outlier_panic_threshold_percent: Option<u8>,
     /// Most requests in flight from one sidecar to one endpoint (0: no limit).
     #[arg(long)]
     max_concurrent_per_endpoint: Option<u32>,
@@ -89,6 +92,7 @@ impl PolicyKeys {
             outlier_consecutive_5xx: self.outlier_consecutive_5xx,
             outlier_base_ejection_ms: self.outlier_base_ejection_ms,
             outlier_max_ejected_percent: self.outlier_max_ejected_percent,
+            outlier_panic_threshold_percent: self.outlier_panic_threshold_percent,
             max_concurrent_per_endpoint: self.max_concurrent_per_endpoint,
             rate_limit_rps: self.rate_limit_rps,
             rate_limit_burst: self.rate_limit_burst,
