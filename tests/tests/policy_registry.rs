@@ -199,7 +199,8 @@ async fn the_in_flight_limit_per_endpoint_refuses_beyond_it() {
         .await
         .unwrap_or(0.0);
     assert_eq!(counted, 6.0);
-    // The SDK did not take the refusals for a sick sidecar: the next calls go through it.
+    // The SDK did not take the refusals for a sick sidecar: its link stays on the sidecar.
+    assert_eq!(client.link_state(), detour_thin_sdk::LinkState::Primary);
     let (status, _, _) = get(&client).await;
     assert_eq!(status, 200);
 }
