@@ -11,9 +11,10 @@
 #
 # The backend is one nginx worker on 127.0.0.3 answering a fixed 200. Per path and round:
 # closed-loop max throughput (wrk, 32 connections), then open-loop 2,000 and 5,000 req/s (oha
-# with latency correction, 32 connections); CPU per request of each process from /proc; RSS of
-# each hop after the load; a keep-alive check (no hop may open a connection per request: the
-# connections the next hop and the backend accepted are counted). Before each run the machine
+# with latency correction, 32 connections); CPU per request of each process from /proc, and
+# during the max run the share of the machine left idle; RSS of each hop after the load; a
+# keep-alive check (no hop may open a connection per request: the connections the next hop and
+# the backend accepted are counted). Before each run the machine
 # must be quiet (< 15% CPU busy over a second, waited for up to 20 s; a run that started on a
 # busy machine is marked). Prints one table of medians with ratios against HAProxy and nginx and
 # writes the raw results (one line per run) to OUT.
@@ -51,7 +52,7 @@ source bench/lib.sh
 HAPROXY_THREADS=1
 mkdir -p "$OUT"
 RAW="$OUT/raw.tsv"
-printf 'round\tpath\tload\treq_per_s\tp50_us\tp99_us\terrors\tcpu_hop1_us\tcpu_hop2_us\tcpu_backend_us\trss_hop1_kib\trss_hop2_kib\tconns_hop2\tconns_backend\tquiet\n' >"$RAW"
+printf 'round\tpath\tload\treq_per_s\tp50_us\tp99_us\terrors\tcpu_hop1_us\tcpu_hop2_us\tcpu_backend_us\trss_hop1_kib\trss_hop2_kib\tconns_hop2\tconns_backend\tquiet\tidle_pct\n' >"$RAW"
 
 # --- the backend: one nginx worker, a fixed answer, its own accept counter ---
 nginx_conf() { # DIR LISTEN BODY_OF_SERVER
@@ -183,16 +184,31 @@ quiet() {
   echo no
 }
 ticks() { [ -n "$1" ] && cpu_ticks "$1" || echo 0; }
+# The machine's idle and total CPU ticks so far (idle_pct: the idle share between two readings).
+stat_ticks() { awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+idle_pct() { # IDLE0 TOTAL0 IDLE1 TOTAL1
+  [ "$4" -gt "$2" ] && echo $(( ($3 - $1) * 100 / ($4 - $2) )) || echo -
+}
 per_req() { [ -n "$2" ] && [ "$2" -gt 0 ] && us_per_req "$1" "$2" || echo -; }
 
 # measure ROUND PATH LOAD: one run; appends a raw line.
 measure() {
   local r=$1 p=$2 load=$3 addr=${ADDR[$2]} q a1 a2 ab b1 b2 bb acc0 acc1 n rps p50 p99 err
+  local idle=- i0 t0 i1 t1 wpid
   q=$(quiet)
   a1=$(ticks "${P1[$p]}"); a2=$(ticks "${P2[$p]}"); ab=$(ticks "$BACKEND_PID")
   acc0=$(backend_accepts)
   if [ "$load" = max ]; then
-    wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H 'Host: hello' "http://$addr/" >"$OUT/wrk.out" 2>&1
+    wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H 'Host: hello' "http://$addr/" >"$OUT/wrk.out" 2>&1 &
+    wpid=$!
+    # How much of the machine stays idle while the chain runs flat out: the middle half of the
+    # run (a chain whose stages wait on each other leaves cores idle at its maximum).
+    sleep "$(awk -v s="$SECS" 'BEGIN {print s / 4}')"
+    read -r i0 t0 < <(stat_ticks)
+    sleep "$(awk -v s="$SECS" 'BEGIN {print s / 2}')"
+    read -r i1 t1 < <(stat_ticks)
+    idle=$(idle_pct "$i0" "$t0" "$i1" "$t1")
+    wait "$wpid"
     n=$(awk '/requests in/ {print $1}' "$OUT/wrk.out")
     rps=$(awk '/^Requests\/sec/ {printf "%d", $2}' "$OUT/wrk.out")
     p50=$(awk '$1 == "50%" {print $2}' "$OUT/wrk.out" | to_us)
@@ -218,9 +234,9 @@ PY
   acc1=$(backend_accepts)
   local rss1=- rss2=- c2=-
   [ -n "${P1[$p]}" ] && rss1=$(rss_kib "${P1[$p]}") && rss2=$(rss_kib "${P2[$p]}") && c2=$(accepted_on "${NEXT[$p]}")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$p" "$load" "$rps" "$p50" "$p99" "$err" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$p" "$load" "$rps" "$p50" "$p99" "$err" \
     "$(per_req $((b1 - a1)) "$n")" "$(per_req $((b2 - a2)) "$n")" "$(per_req $((bb - ab)) "$n")" \
-    "$rss1" "$rss2" "$c2" "$((acc1 - acc0))" "$q" | tee -a "$RAW" >&2
+    "$rss1" "$rss2" "$c2" "$((acc1 - acc0))" "$q" "$idle" | tee -a "$RAW" >&2
 }
 # wrk prints 812.00us, 1.20ms, 2.00s: to whole µs.
 to_us() { awk '{v = $1; u = 1; if (v ~ /us$/) u = 1; else if (v ~ /ms$/) u = 1000; else if (v ~ /s$/) u = 1e6; sub(/[a-z]+$/, "", v); printf "%d", v * u}'; }

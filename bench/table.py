@@ -18,7 +18,7 @@ def num(v):
 
 
 def median(rows, key):
-    vals = [num(r[key]) for r in rows]
+    vals = [num(r.get(key)) for r in rows]
     vals = [v for v in vals if v is not None]
     return statistics.median(vals) if vals else None
 
@@ -55,6 +55,7 @@ def main(path):
     figures += [
         ("CPU µs/request, both hops + backend, at max", "max", "cpu_total", True, "{:.1f}"),
         ("CPU µs/request per hop, at max", "max", "cpu_hop", True, "{:.1f}"),
+        ("machine CPU idle during the max run, %", "max", "idle_pct", True, "{:.0f}"),
     ]
     for load in loads:
         if load == "max":

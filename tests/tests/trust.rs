@@ -86,5 +86,7 @@ async fn a_provider_forging_mesh_errors_gets_each_post_exactly_once() {
         assert!(paths.iter().all(|p| *p == PathTaken::Direct), "{paths:?}");
     }
     assert_eq!(provider.received() - before, 50, "C→P: each POST once");
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // No second copy of any of them arrives later either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(provider.received() - before, 50, "no late second copy");
 }
