@@ -12,7 +12,8 @@
 # The backend is one nginx worker on 127.0.0.3 answering a fixed 200. Per path and round:
 # closed-loop max throughput (wrk, 32 connections), then open-loop 2,000 and 5,000 req/s (oha
 # with latency correction, 32 connections); CPU per request of each process from /proc, and
-# during the max run the share of the machine left idle; RSS of each hop after the load; a
+# during the max run the share of the machine left idle; RSS of each hop after the load, and
+# once more at rest, 11 s after the last run; a
 # keep-alive check (no hop may open a connection per request: the connections the next hop and
 # the backend accepted are counted). Before each run the machine
 # must be quiet (< 15% CPU busy over a second, waited for up to 20 s; a run that started on a
@@ -23,7 +24,9 @@
 #   env: OUT=DIR (default target/bench/run-DATE), PATHS="direct detour detour-mtls haproxy nginx",
 #        RATES="2000 5000", DETOUR_EXTRA_TOML (added to both sidecars' config),
 #        BIN=DIR (the Detour binaries, default target/release),
-#        DETOUR_VARIANTS="name=BINDIR …" (other Detour builds or settings, as paths detour-name;
+#        DETOUR_VARIANTS="name=BINDIR …" (other Detour builds or settings, as paths detour-name,
+#        over mutual TLS when the name ends in -mtls; the profile-guided build of
+#        deploy/build-pgo.sh: DETOUR_VARIANTS="pgo=target/pgo/release pgo-mtls=target/pgo/release";
 #        DETOUR_TOML_detour_name="[proxy]\npa_protocol = \"http1\"" adds config to one of them)
 #
 # Installs what it lacks: haproxy, nginx-light and wrk with apt (needs root), oha with cargo.
@@ -82,15 +85,15 @@ backend_accepts() { curl -s "http://$BACKEND/__status" | awk 'NR == 3 {print $1}
 
 # --- the chains: each sets HOP1 (address the load goes to), HOP1_PID, HOP2_PID, HOP2 ---
 # start_detour NAME BINDIR: CA NAME-1 on 127.0.0.1 and PA NAME-2 on 127.0.0.2, on a directory
-# registry of their own, running BINDIR/detour-sidecar; mutual TLS for detour-mtls (certificates
-# from a throw-away CA), plaintext otherwise.
+# registry of their own, running BINDIR/detour-sidecar; mutual TLS for detour-mtls and any path
+# whose name ends in -mtls (certificates from a throw-away CA), plaintext otherwise.
 start_detour() {
   local bin=$2/detour-sidecar reg=$TMP/$1-registry n tls
   for n in 2 1; do
     mkdir -p "$TMP/$1-$n"
     tls='[tls]
 mode = "plaintext"'
-    if [ "$1" = detour-mtls ]; then
+    if [[ "$1" == *-mtls ]]; then
       "$BIN/detourctl" certs --dir "$TMP/pki" --host "$1-$n" >/dev/null
       tls="[tls]
 cert = \"$TMP/pki/$1-$n/cert.pem\"
@@ -252,6 +255,14 @@ for r in $(seq "$ROUNDS"); do
       measure "$r" "${ORDER[$(( (i + r - 1) % ${#ORDER[@]} ))]}" "$load"
     done
   done
+done
+# Resident sets at rest: once more, 11 s after the last run (a sidecar gives its free heap pages
+# back every 10 s; the peers keep theirs as they are).
+sleep 11
+for p in $PATHS; do
+  [ -n "${P1[$p]}" ] || continue
+  printf 'rest\t%s\trest\t-\t-\t-\t0\t-\t-\t-\t%s\t%s\t-\t-\t-\t-\n' "$p" "$(rss_kib "${P1[$p]}")" "$(rss_kib "${P2[$p]}")" |
+    tee -a "$RAW" >&2
 done
 python3 bench/table.py "$RAW" | tee "$OUT/table.md"
 echo "raw results: $RAW"

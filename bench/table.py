@@ -25,7 +25,10 @@ def median(rows, key):
 
 def main(path):
     with open(path) as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+        every = list(csv.DictReader(f, delimiter="\t"))
+    # "rest" lines are resident sets read once after all the runs, not runs.
+    rows = [r for r in every if r["load"] != "rest"]
+    rest = [r for r in every if r["load"] == "rest"]
     paths = []
     for r in rows:
         if r["path"] not in paths:
@@ -69,6 +72,8 @@ def main(path):
     figures += [
         ("RSS per hop after the load, KiB (hop 1 / hop 2)", None, "rss", True, None),
     ]
+    if rest:
+        figures += [("RSS per hop at rest, 11 s after the last run, KiB", None, "rest", True, None)]
 
     ratio_to = [p for p in ("haproxy", "nginx") if p in paths]
     subjects = [p for p in paths if p.startswith("detour")]
@@ -79,8 +84,9 @@ def main(path):
         cells = [label]
         meds = {}
         for p in paths:
-            if key == "rss":
-                last = [r for r in rows if r["path"] == p and num(r["rss_hop1_kib"]) is not None]
+            if key in ("rss", "rest"):
+                pool = rows if key == "rss" else rest
+                last = [r for r in pool if r["path"] == p and num(r["rss_hop1_kib"]) is not None]
                 if not last:
                     cells.append("–")
                     continue

@@ -20,6 +20,7 @@ pub mod forward;
 pub mod gray;
 pub mod handover;
 pub mod headers;
+pub mod heap;
 pub mod inbound;
 pub mod lifecycle;
 pub mod links;
