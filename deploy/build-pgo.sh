@@ -15,7 +15,7 @@
 # hot); the program is the same source, and does the same. What the training does not run
 # (failover, upgrades, the registry back-ends) is optimised for size, as cold code.
 #
-#   deploy/build-pgo.sh        (about 12 minutes on 2 cores; prints the binary's path)
+#   deploy/build-pgo.sh        (12–16 minutes on 2 cores; prints the binary's path)
 #   env: PGO_SECONDS=N (seconds of each training load, default 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
