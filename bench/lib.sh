@@ -66,6 +66,60 @@ TOML
   wait_file "$TMP/$1/sidecar.json" 10
 }
 
+# start_detour NAME BINDIR BACKEND: CA NAME-1 on 127.0.0.1 and PA NAME-2 on 127.0.0.2 (which
+# provides the service hello at BACKEND, ip:port), on a directory registry of their own, running
+# BINDIR/detour-sidecar; mutual TLS when NAME ends in -mtls (certificates from a throw-away CA),
+# plaintext otherwise. Once the chain answers, sets HOP1 (the CA's outbound address), HOP1_PID,
+# HOP2 (the PA's inbound address) and HOP2_PID. DETOUR_EXTRA_TOML and DETOUR_TOML_<NAME> (dashes
+# as underscores) add config.
+start_detour() {
+  local bin=$2/detour-sidecar reg=$TMP/$1-registry n tls
+  for n in 2 1; do
+    mkdir -p "$TMP/$1-$n"
+    tls='[tls]
+mode = "plaintext"'
+    if [[ "$1" == *-mtls ]]; then
+      "$BIN/detourctl" certs --dir "$TMP/pki" --host "$1-$n" >/dev/null
+      tls="[tls]
+cert = \"$TMP/pki/$1-$n/cert.pem\"
+key = \"$TMP/pki/$1-$n/key.pem\"
+bundle = \"$TMP/pki/$1-$n/bundle.pem\""
+    fi
+    local ip=127.0.0.$n provide=""
+    [ "$n" = 2 ] && provide="[[provide]]
+service = \"hello\"
+address = \"$3\""
+    cat >"$TMP/$1-$n/sidecar.toml" <<TOML
+host = "$1-$n"
+run_dir = "$TMP/$1-$n"
+registry = "dir:$reg"
+[outbound]
+listen = "$ip:0"
+unix = "outbound.sock"
+[inbound]
+listen = "$ip:0"
+[admin]
+listen = "$ip:0"
+$tls
+$provide
+${DETOUR_EXTRA_TOML:-}
+$(local v="DETOUR_TOML_${1//-/_}"; printf '%b' "${!v:-}")
+TOML
+    RUST_LOG=warn "$bin" --config "$TMP/$1-$n/sidecar.toml" 2>"$TMP/$1-$n/sidecar.log" &
+    PIDS+=($!)
+    wait_file "$TMP/$1-$n/sidecar.json" 10
+  done
+  HOP2_PID=$(sidecar_field "$1-2" pid)
+  HOP2=$(sidecar_field "$1-2" inbound)
+  HOP1_PID=$(sidecar_field "$1-1" pid)
+  HOP1=$(sidecar_field "$1-1" outbound_tcp)
+  local i=0
+  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: hello' "http://$HOP1/")" = 200 ]; do
+    i=$((i + 1)); [ "$i" -gt 1000 ] && { echo "detour chain $1 never answered" >&2; exit 1; }
+    sleep 0.01
+  done
+}
+
 # sidecar_field HOST KEY: a value from the sidecar's address file (pid, outbound_tcp, …).
 sidecar_field() {
   sed -n "s/.*\"$2\": \"\{0,1\}\([^\",]*\)\"\{0,1\}.*/\1/p" "$TMP/$1/sidecar.json"

@@ -84,56 +84,6 @@ wait_http "http://$BACKEND/" 10
 backend_accepts() { curl -s "http://$BACKEND/__status" | awk 'NR == 3 {print $1}'; }
 
 # --- the chains: each sets HOP1 (address the load goes to), HOP1_PID, HOP2_PID, HOP2 ---
-# start_detour NAME BINDIR: CA NAME-1 on 127.0.0.1 and PA NAME-2 on 127.0.0.2, on a directory
-# registry of their own, running BINDIR/detour-sidecar; mutual TLS for detour-mtls and any path
-# whose name ends in -mtls (certificates from a throw-away CA), plaintext otherwise.
-start_detour() {
-  local bin=$2/detour-sidecar reg=$TMP/$1-registry n tls
-  for n in 2 1; do
-    mkdir -p "$TMP/$1-$n"
-    tls='[tls]
-mode = "plaintext"'
-    if [[ "$1" == *-mtls ]]; then
-      "$BIN/detourctl" certs --dir "$TMP/pki" --host "$1-$n" >/dev/null
-      tls="[tls]
-cert = \"$TMP/pki/$1-$n/cert.pem\"
-key = \"$TMP/pki/$1-$n/key.pem\"
-bundle = \"$TMP/pki/$1-$n/bundle.pem\""
-    fi
-    local ip=127.0.0.$n provide=""
-    [ "$n" = 2 ] && provide="[[provide]]
-service = \"hello\"
-address = \"$BACKEND\""
-    cat >"$TMP/$1-$n/sidecar.toml" <<TOML
-host = "$1-$n"
-run_dir = "$TMP/$1-$n"
-registry = "dir:$reg"
-[outbound]
-listen = "$ip:0"
-unix = "outbound.sock"
-[inbound]
-listen = "$ip:0"
-[admin]
-listen = "$ip:0"
-$tls
-$provide
-${DETOUR_EXTRA_TOML:-}
-$(local v="DETOUR_TOML_${1//-/_}"; printf '%b' "${!v:-}")
-TOML
-    RUST_LOG=warn "$bin" --config "$TMP/$1-$n/sidecar.toml" 2>"$TMP/$1-$n/sidecar.log" &
-    PIDS+=($!)
-    wait_file "$TMP/$1-$n/sidecar.json" 10
-  done
-  HOP2_PID=$(sidecar_field "$1-2" pid)
-  HOP2=$(sidecar_field "$1-2" inbound)
-  HOP1_PID=$(sidecar_field "$1-1" pid)
-  HOP1=$(sidecar_field "$1-1" outbound_tcp)
-  local i=0
-  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: hello' "http://$HOP1/")" = 200 ]; do
-    i=$((i + 1)); [ "$i" -gt 1000 ] && { echo "detour chain $1 never answered" >&2; exit 1; }
-    sleep 0.01
-  done
-}
 nginx_hop() { # N LISTEN NEXT
   nginx_conf "$TMP/nginx$1" "$2" "location / { proxy_pass http://next; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
   sed -i "s|^http {|http {\n  upstream next { server $3; keepalive 256; keepalive_requests 1000000; }|" "$TMP/nginx$1/nginx.conf"
@@ -159,8 +109,8 @@ done
 for p in $PATHS; do
   case $p in
     direct) ADDR[$p]=$BACKEND; P1[$p]=; P2[$p]=; NEXT[$p]= ;;
-    detour | detour-mtls) start_detour "$p" "$BIN" ;;
-    detour-*) start_detour "$p" "${VARIANT[$p]}" ;;
+    detour | detour-mtls) start_detour "$p" "$BIN" "$BACKEND" ;;
+    detour-*) start_detour "$p" "${VARIANT[$p]}" "$BACKEND" ;;
     haproxy) start_chain haproxy haproxy_hop ;;
     nginx) start_chain nginx nginx_hop ;;
     *) echo "unknown path $p" >&2; exit 2 ;;

@@ -45,61 +45,24 @@ mkdir -p "$TMP/bin"
 ln -s "$ROOT/target/pgo-gen/release/detour-sidecar" "$TMP/bin/detour-sidecar"
 
 start_provider 127.0.0.3
-# train MODE: a PA on 127.0.0.2 in front of the provider and a CA on 127.0.0.1, TLS as MODE
-# (plaintext or mtls); load through the CA; both sidecars stopped and waited for.
+# train NAME: a PA in front of the provider and a CA (mutual TLS when NAME ends in -mtls), load
+# through the CA, then both sidecars stopped and waited for: they write their profiles as they
+# exit.
 train() {
-  local mode=$1 n pids=() tls ca
-  for n in 2 1; do
-    local dir=$TMP/$mode-$n provide=""
-    mkdir -p "$dir"
-    [ "$n" = 2 ] && provide="[[provide]]
-service = \"hello\"
-address = \"$PROVIDER\""
-    if [ "$mode" = mtls ]; then
-      "$BIN/detourctl" certs --dir "$TMP/pki" --host "$mode-$n" >/dev/null
-      tls="[tls]
-cert = \"$TMP/pki/$mode-$n/cert.pem\"
-key = \"$TMP/pki/$mode-$n/key.pem\"
-bundle = \"$TMP/pki/$mode-$n/bundle.pem\""
-    else
-      tls='[tls]
-mode = "plaintext"'
-    fi
-    cat >"$dir/sidecar.toml" <<TOML
-host = "$mode-$n"
-run_dir = "$dir"
-registry = "dir:$TMP/$mode-registry"
-[outbound]
-listen = "127.0.0.$n:0"
-unix = "outbound.sock"
-[inbound]
-listen = "127.0.0.$n:0"
-[admin]
-listen = "127.0.0.$n:0"
-$tls
-$provide
-TOML
-    RUST_LOG=warn "$TMP/bin/detour-sidecar" --config "$dir/sidecar.toml" 2>"$dir/sidecar.log" &
-    pids+=($!)
-    PIDS+=($!)
-    wait_file "$dir/sidecar.json" 20
-  done
-  ca=$(sidecar_field "$mode-1" outbound_tcp)
-  local i=0
-  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: hello' "http://$ca/")" = 200 ]; do
-    i=$((i + 1)); [ "$i" -gt 2000 ] && { echo "build-pgo: the $mode chain never answered" >&2; exit 1; }
-    sleep 0.01
-  done
-  local load=("$BIN/detourctl" load --sidecar "$ca" --service hello --duration "$SECS" --concurrency 32)
+  start_detour "$1" "$TMP/bin" "$PROVIDER"
+  local load=("$BIN/detourctl" load --sidecar "$HOP1" --service hello --duration "$SECS" --concurrency 32)
   "${load[@]}" --rate 4000 >&2
   "${load[@]}" --rate 1000 --method MIX --body-bytes 512 >&2
   "${load[@]}" --rate 1000 --protocol http2 >&2
-  kill -TERM "${pids[@]}"
-  for n in "${pids[@]}"; do wait "$n" || { echo "build-pgo: a $mode sidecar exited $?" >&2; exit 1; }; done
+  kill -TERM "$HOP1_PID" "$HOP2_PID"
+  local pid
+  for pid in "$HOP1_PID" "$HOP2_PID"; do
+    wait "$pid" || { echo "build-pgo: a $1 sidecar exited $?" >&2; exit 1; }
+  done
 }
 echo "build-pgo: training ($SECS s per load)" >&2
-train plaintext
-train mtls
+train train
+train train-mtls
 
 shopt -s nullglob
 raw=("$PROFILES"/*.profraw)
