@@ -20,7 +20,8 @@ BIN=target/release/examples/catalog_scale
 "$BIN" "http://127.0.0.1:$PORT" "$N" "$M" "$TMP"
 kill $ETCD; wait $ETCD 2>/dev/null || true
 # Fresh processes, as a restarted sidecar: etcd unreachable, the disk cache alone. The first
-# start after the writer also recovers sled's log; the next ones show a warm start.
+# start after the writer also runs redb's integrity check after its unclean close; the next ones
+# show a warm start.
 for run in 1 2 3; do
   RUST_LOG=error "$BIN" --from-cache "$TMP" "$N" "$M"
 done
@@ -33,7 +34,7 @@ cat >"$TMP/sidecar.toml" <<TOML
 host = "bench"
 run_dir = "$TMP/run"
 registry = "etcd:http://127.0.0.1:9"
-catalog_cache = "$TMP/catalog.sled"
+catalog_cache = "$TMP/catalog.redb"
 [outbound]
 listen = "127.0.0.1:0"
 unix = ""

@@ -11,17 +11,6 @@ start_mesh
 REG="dir:$TMP/registry"
 NEXT="$TMP/detour-sidecar-next"
 cp "$BIN/detour-sidecar" "$NEXT"
-# binary_of HOST: the binary HOST's watchdog runs now.
-binary_of() { watchdog_state "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["watchdog"]["binary"])' 2>/dev/null || echo -; }
-# wait_binary HOST BINARY SINCE_MS: ms from SINCE_MS until HOST runs BINARY (- after 10 s).
-wait_binary() {
-  local deadline=$(( $(now_ms) + 10000 ))
-  while [ "$(now_ms)" -lt "$deadline" ]; do
-    [ "$(binary_of "$1")" = "$2" ] && { echo $(( $(now_ms) - $3 )); return; }
-    sleep 0.05
-  done
-  echo -
-}
 BEFORE=$(binary_of h1)
 start_load
 at 2

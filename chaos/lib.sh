@@ -48,7 +48,8 @@ wait_file() { # FILE SECONDS
 
 # write_sidecar_config HOST IP [EXTRA_TOML]: the host's sidecar config, written once, with a
 # certificate from the run's throw-away CA (mutual TLS between sidecars, as by default)
-# (REGISTRY_DIR_EXTRA adds keys to its [registry_dir] section).
+# (REGISTRY_DIR_EXTRA adds keys to its [registry_dir] section; SIDECAR_EXTRA adds sections to
+# every host's config). Its state directory is $TMP/HOST/state.
 write_sidecar_config() {
   local host=$1 ip=$2 extra=${3:-}
   mkdir -p "$TMP/$host"
@@ -57,6 +58,7 @@ write_sidecar_config() {
     cat >"$TMP/$host/sidecar.toml" <<TOML
 host = "$host"
 run_dir = "$TMP/$host"
+state_dir = "$TMP/$host/state"
 registry = "${REGISTRY:-dir:$TMP/registry}"
 [outbound]
 listen = "$ip:0"
@@ -72,6 +74,7 @@ bundle = "$TMP/pki/$host/bundle.pem"
 [registry_dir]
 poll_ms = 100
 ${REGISTRY_DIR_EXTRA:-}
+${SIDECAR_EXTRA:-}
 $extra
 TOML
   fi
@@ -332,6 +335,19 @@ endpoints_at() {
   curl -sf --max-time 1 "http://$(json_field "$TMP/$1/sidecar.json" admin)/state" | python3 -c '
 import json, sys
 print(len(json.load(sys.stdin).get("services", {}).get(sys.argv[1], {}).get("endpoints", [])))' "$2" 2>/dev/null || echo 0
+}
+
+# binary_of HOST: the binary HOST's watchdog runs now.
+binary_of() { watchdog_state "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["watchdog"]["binary"])' 2>/dev/null || echo -; }
+
+# wait_binary HOST BINARY SINCE_MS: ms from SINCE_MS until HOST runs BINARY (- after 10 s).
+wait_binary() {
+  local deadline=$(( $(now_ms) + 10000 ))
+  while [ "$(now_ms)" -lt "$deadline" ]; do
+    [ "$(binary_of "$1")" = "$2" ] && { echo $(( $(now_ms) - $3 )); return; }
+    sleep 0.05
+  done
+  echo -
 }
 
 # registry_status HOST: HOST's sidecar state as the directory registry holds it.

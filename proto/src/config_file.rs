@@ -67,6 +67,29 @@ pub fn load<T: DeserializeOwned>(
     prefix: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Loaded<T>, ConfigError> {
+    load_with(source_name, text, prefix, env, true)
+}
+
+/// [`load`] for a reader of *another* program's config (the watchdog reading the sidecar's
+/// file): `T` names only the keys it needs, and every other key — of the file or the
+/// environment — is the other program's business, so it is neither a problem nor a warning.
+/// A known key with a bad value is still an error.
+pub fn load_known<T: DeserializeOwned>(
+    source_name: &str,
+    text: &str,
+    prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded<T>, ConfigError> {
+    load_with(source_name, text, prefix, env, false)
+}
+
+fn load_with<T: DeserializeOwned>(
+    source_name: &str,
+    text: &str,
+    prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    report_unknown: bool,
+) -> Result<Loaded<T>, ConfigError> {
     let fail = |problems| ConfigError {
         source_name: source_name.to_owned(),
         problems,
@@ -97,6 +120,9 @@ pub fn load<T: DeserializeOwned>(
         unknown.push(path.to_string());
     });
     let mut warnings = Vec::new();
+    if !report_unknown {
+        unknown.clear();
+    }
     for path in unknown {
         // An unknown table made by a variable is reported by its own path or a parent's.
         let var = from_env.iter().find(|(p, _)| {
@@ -210,6 +236,20 @@ mod tests {
             assert!(text.contains(k), "{k} missing from {text}");
         }
         assert!(!text.contains("ADMN") && !text.contains("admn"), "{text}");
+    }
+
+    #[test]
+    fn a_reader_of_known_keys_ignores_the_others() {
+        let loaded = load_known::<Cfg>(
+            "t",
+            "host = \"a\"\nnew_key = 1\n[new_section]\nx = 2\n[admin]\nlisten = \"x\"\nlater = true\n",
+            "D_",
+            env(&[("D_OTHER__KEY", "1"), ("D_HOST", "b")]),
+        )
+        .unwrap();
+        assert!(loaded.problems.is_empty() && loaded.warnings.is_empty());
+        assert_eq!(loaded.value.host, "b");
+        assert!(load_known::<Cfg>("t", "[admin]\nport = \"no\"\n", "D_", env(&[])).is_err());
     }
 
     #[test]

@@ -8,7 +8,8 @@ pub mod types;
 
 pub use types::{
     ADDRESS_FILE, AppProtocol, Endpoint, EndpointSet, HostId, HostPublication, HostStatus,
-    InstanceId, NameError, ServiceName, SidecarAddresses, SidecarState, Source, WatchdogReport,
+    InstanceId, NameError, PUBLICATION_PROTOCOL, PUBLICATION_PROTOCOL_HEADER, ServiceName,
+    SidecarAddresses, SidecarState, Source, WatchdogReport,
 };
 
 /// Generated code of the `detour.control.v1` package.

@@ -356,11 +356,33 @@ pub struct WatchdogReport {
     pub links: BTreeMap<String, String>,
 }
 
+/// The version of the sidecar ↔ watchdog publication protocol this build speaks. Compatibility
+/// rule: a watchdog of protocol N takes publications of N-1, N and N+1 (fields are only ever
+/// added, and unknown ones are ignored); it answers with its own version in
+/// [`PUBLICATION_PROTOCOL_HEADER`]. Version 1 had no `protocol` field; version 2 added
+/// `protocol` and `self_held`.
+pub const PUBLICATION_PROTOCOL: u32 = 2;
+
+/// The response header a watchdog states its publication protocol in.
+pub const PUBLICATION_PROTOCOL_HEADER: &str = "x-detour-publication-protocol";
+
+fn protocol_v1() -> u32 {
+    1
+}
+
 /// What a sidecar running under a watchdog asks it to keep in the registry for its host: its
 /// status and its providers' endpoints (the whole set, each time). The watchdog holds them under
 /// its own lease, so they outlive the sidecar.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostPublication {
+    /// The publication protocol of the sender ([`PUBLICATION_PROTOCOL`]; 1 when absent).
+    #[serde(default = "protocol_v1")]
+    pub protocol: u32,
+    /// Set while the sidecar keeps these registrations alive itself because its watchdog was
+    /// away: the watchdog then writes every one of them again under its own lease before it
+    /// answers, so the sidecar can let go of them without a gap.
+    #[serde(default)]
+    pub self_held: bool,
     /// The publishing sidecar's process id.
     pub pid: u32,
     /// Its status, once it has one.
@@ -372,6 +394,19 @@ pub struct HostPublication {
     /// Its CA links that are not on their primary path, by remote host.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub links: BTreeMap<String, String>,
+}
+
+impl Default for HostPublication {
+    fn default() -> Self {
+        Self {
+            protocol: PUBLICATION_PROTOCOL,
+            self_held: false,
+            pid: 0,
+            status: None,
+            endpoints: Vec::new(),
+            links: BTreeMap::new(),
+        }
+    }
 }
 
 /// Where a running sidecar's listeners are, as it writes them to `{run_dir}/sidecar.json`

@@ -76,7 +76,7 @@ async fn main() -> Res<()> {
     let (n_arg, m_arg) = if url.is_some() { (2, 3) } else { (3, 4) };
     let n: usize = args.get(n_arg).ok_or(usage)?.parse()?;
     let m: usize = args.get(m_arg).ok_or(usage)?.parse()?;
-    let cache_path = std::path::Path::new(&dir).join("catalog.sled");
+    let cache_path = std::path::Path::new(&dir).join("catalog.redb");
     match url {
         Some(url) => from_etcd(url, n, m, &cache_path).await,
         None => from_cache(&cache_path, n, m).await,

@@ -1,4 +1,4 @@
-//! The catalog's second level: every service's last endpoint set on local disk (sled), so a
+//! The catalog's second level: every service's last endpoint set on local disk (redb), so a
 //! sidecar that starts while the registry is unreachable can route at once. Writes are batched
 //! by a [`CacheWriter`] off the request path. A cache that cannot be opened, or a value that
 //! does not parse, is reported and ignored — never fatal.
@@ -11,6 +11,7 @@ use std::time::Duration;
 use std::net::SocketAddr;
 
 use detour_proto::{AppProtocol, Endpoint, EndpointSet, HostId, InstanceId, ServiceName, Source};
+use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -84,30 +85,68 @@ struct ValueV1 {
     written_unix_ms: u64,
 }
 
-/// The on-disk cache of one sidecar (sled allows one process per database).
-#[derive(Debug, Clone)]
+/// The one table of the cache: service name → stored value.
+const TABLE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("catalog");
+
+/// The on-disk cache of one sidecar: one redb file, locked by the process that has it open (a
+/// successor opens it once its predecessor has gone).
+#[derive(Clone)]
 pub struct DiskCache {
-    db: sled::Db,
+    db: Arc<redb::Database>,
+}
+
+impl std::fmt::Debug for DiskCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiskCache")
+    }
+}
+
+/// Runs `f`, turning a panic inside the store (redb may panic on a file altered outside it)
+/// into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(format!("{what}: the store panicked (a damaged file)")))
 }
 
 impl DiskCache {
-    /// Opens (creating) the cache at `path`, retrying briefly when the previous owner's lock
-    /// is still being released; `None` (logged, counted) when it cannot be used.
+    /// Opens (creating, with its directory) the cache at `path`, retrying briefly while the previous owner still
+    /// holds its lock; `None` (logged, counted) when it cannot be used. A file that is not a
+    /// cache (damaged, or of another program) is moved aside to `{path}.corrupt` and a new
+    /// cache is started in its place.
     pub fn open(path: &Path) -> Option<DiskCache> {
-        for attempt in 0..20 {
-            // Large enough to hold a big catalog while it is read at start (a smaller one thrashes
-            // during that scan); sled only fills it with what is there.
-            match sled::Config::new()
-                .path(path)
-                .cache_capacity(64 << 20)
-                .flush_every_ms(Some(200))
-                .open()
-            {
-                Ok(db) => return Some(DiskCache { db }),
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempt < 19 =>
-                {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let open = || {
+            guarded("open", || {
+                redb::Builder::new()
+                    .set_cache_size(16 << 20)
+                    .set_check_integrity_on_open(true)
+                    .create(path)
+                    .map_err(|e| match e {
+                        redb::DatabaseError::DatabaseAlreadyOpen => "locked".to_owned(),
+                        e => e.to_string(),
+                    })
+            })
+        };
+        let mut moved_aside = false;
+        for attempt in 0..40 {
+            match open() {
+                Ok(db) => {
+                    return Some(DiskCache { db: Arc::new(db) });
+                }
+                Err(e) if e == "locked" && attempt < 39 => {
                     std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) if e != "locked" && !moved_aside && path.is_file() => {
+                    tracing::warn!(path = %path.display(), error = %e, "catalog disk cache damaged: moved aside, starting a new one");
+                    metrics::counter!("detour_catalog_cache_errors_total", "op" => "open")
+                        .increment(1);
+                    let aside = path.with_extension("corrupt");
+                    if std::fs::rename(path, &aside).is_err() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    moved_aside = true;
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "catalog disk cache unusable; running without it");
@@ -122,15 +161,24 @@ impl DiskCache {
 
     /// The cached set of `service`, if any and readable.
     pub fn get(&self, service: &ServiceName) -> Option<Cached> {
-        let raw = match self.db.get(service.as_str()) {
-            Ok(v) => v?,
+        let read = guarded("read", || {
+            let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+            let table = match txn.open_table(TABLE) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.to_string()),
+            };
+            let v = table.get(service.as_str()).map_err(|e| e.to_string())?;
+            Ok(v.map(|g| g.value().to_vec()))
+        });
+        match read {
+            Ok(raw) => parse(service, &raw?),
             Err(e) => {
                 tracing::warn!(%service, error = %e, "catalog disk cache read failed");
                 metrics::counter!("detour_catalog_cache_errors_total", "op" => "read").increment(1);
-                return None;
+                None
             }
-        };
-        parse(service, &raw)
+        }
     }
 
     /// Every readable cached service, in one pass; unreadable entries are reported and
@@ -149,7 +197,7 @@ impl DiskCache {
     /// runtime. Unreadable entries are reported and skipped.
     pub fn stream(&self, chunk: usize, sink: impl Fn(Vec<(ServiceName, Cached)>) + Sync) {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(sled::IVec, sled::IVec)>>(workers * 2);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(String, Vec<u8>)>>(workers * 2);
         let rx = Mutex::new(rx);
         std::thread::scope(|s| {
             for _ in 0..workers {
@@ -161,32 +209,38 @@ impl DiskCache {
                     }
                 });
             }
-            let mut raw = Vec::with_capacity(chunk);
-            for item in self.db.iter() {
-                match item {
-                    Ok(kv) => raw.push(kv),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "catalog disk cache scan stopped");
-                        metrics::counter!("detour_catalog_cache_errors_total", "op" => "read")
-                            .increment(1);
-                        break;
+            let scanned = guarded("scan", || {
+                let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+                let table = match txn.open_table(TABLE) {
+                    Ok(t) => t,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                };
+                let mut raw = Vec::with_capacity(chunk);
+                for item in table.iter().map_err(|e| e.to_string())? {
+                    let (k, v) = item.map_err(|e| e.to_string())?;
+                    raw.push((k.value().to_owned(), v.value().to_vec()));
+                    if raw.len() == chunk {
+                        let full = std::mem::replace(&mut raw, Vec::with_capacity(chunk));
+                        if tx.send(full).is_err() {
+                            return Ok(());
+                        }
                     }
                 }
-                if raw.len() == chunk {
-                    let full = std::mem::replace(&mut raw, Vec::with_capacity(chunk));
-                    if tx.send(full).is_err() {
-                        return;
-                    }
+                if !raw.is_empty() {
+                    let _ = tx.send(raw);
                 }
-            }
-            if !raw.is_empty() {
-                let _ = tx.send(raw);
+                Ok(())
+            });
+            if let Err(e) = scanned {
+                tracing::warn!(error = %e, "catalog disk cache scan stopped");
+                metrics::counter!("detour_catalog_cache_errors_total", "op" => "read").increment(1);
             }
             drop(tx);
         });
     }
 
-    /// Writes `service`'s set now (sled flushes to disk in the background).
+    /// Writes `service`'s set now (durably: the commit is on disk when this returns).
     pub fn put(&self, service: &ServiceName, set: &EndpointSet, now_ms: u64) {
         if let Some(bytes) = encode(set, now_ms) {
             self.write(vec![(service.clone(), bytes)]);
@@ -194,26 +248,45 @@ impl DiskCache {
     }
 
     fn write(&self, entries: Vec<(ServiceName, Vec<u8>)>) {
-        let mut batch = sled::Batch::default();
         let n = entries.len();
-        for (service, bytes) in entries {
-            batch.insert(service.as_str(), bytes);
-        }
-        if let Err(e) = self.db.apply_batch(batch) {
-            tracing::warn!(services = n, error = %e, "catalog disk cache write failed");
-            metrics::counter!("detour_catalog_cache_errors_total", "op" => "write").increment(1);
+        let written = guarded("write", || {
+            let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+            {
+                let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
+                for (service, bytes) in &entries {
+                    table
+                        .insert(service.as_str(), bytes.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            txn.commit().map_err(|e| e.to_string())
+        });
+        match written {
+            Ok(()) => {
+                metrics::counter!("detour_catalog_cache_writes_total").increment(n as u64);
+            }
+            Err(e) => {
+                tracing::warn!(services = n, error = %e, "catalog disk cache write failed");
+                metrics::counter!("detour_catalog_cache_errors_total", "op" => "write")
+                    .increment(1);
+            }
         }
     }
 
     /// Writes raw bytes (tests use it to plant garbage).
     pub fn put_raw(&self, key: &str, bytes: &[u8]) {
-        let _ = self.db.insert(key, bytes);
+        let _ = guarded("write", || {
+            let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+            {
+                let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
+                table.insert(key, bytes).map_err(|e| e.to_string())?;
+            }
+            txn.commit().map_err(|e| e.to_string())
+        });
     }
 
-    /// Flushes to disk now.
-    pub fn flush(&self) {
-        let _ = self.db.flush();
-    }
+    /// Every write is durable when it returns; kept for callers that flush before a stop.
+    pub fn flush(&self) {}
 }
 
 fn encode(set: &EndpointSet, now_ms: u64) -> Option<Vec<u8>> {
@@ -244,9 +317,8 @@ fn encode(set: &EndpointSet, now_ms: u64) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
-fn parse_entry((key, raw): &(sled::IVec, sled::IVec)) -> Option<(ServiceName, Cached)> {
-    let key = String::from_utf8_lossy(key);
-    let Ok(service) = ServiceName::new(key.to_string()) else {
+fn parse_entry((key, raw): &(String, Vec<u8>)) -> Option<(ServiceName, Cached)> {
+    let Ok(service) = ServiceName::new(key.clone()) else {
         tracing::warn!(key = %key, "ignoring a catalog cache entry with an invalid name");
         metrics::counter!("detour_catalog_cache_errors_total", "op" => "parse").increment(1);
         return None;
@@ -297,7 +369,7 @@ fn corrupt(service: &ServiceName) -> Option<Cached> {
 }
 
 /// Writes sets to a [`DiskCache`] in batches: the latest set of each service changed within
-/// `every` is written once, in one sled batch, by a background task.
+/// `every` is written once, in one transaction, by a background task.
 #[derive(Debug)]
 pub struct CacheWriter {
     cache: DiskCache,
@@ -423,10 +495,22 @@ mod tests {
             br#"{"version":9,"written_unix_ms":1,"endpoints":[]}"#,
         );
         assert!(c.get(&ServiceName::new("future").unwrap()).is_none());
-        // A path that is not a database is reported, not fatal.
+        // A path that cannot hold a database is reported, not fatal.
         let file = dir.path().join("file");
         std::fs::write(&file, b"not a db").unwrap();
         assert!(DiskCache::open(&file.join("x")).is_none());
+        // A file that is not a cache is moved aside and a new cache starts in its place.
+        drop(c);
+        let damaged = dir.path().join("damaged");
+        std::fs::write(&damaged, vec![0x5a; 64 << 10]).unwrap();
+        let fresh = DiskCache::open(&damaged).expect("a new cache in its place");
+        assert!(fresh.load_all().is_empty());
+        assert!(dir.path().join("damaged.corrupt").exists());
+        // While one process (here: one handle) holds the cache, another open waits, then gives
+        // up without harm.
+        let held = DiskCache::open(&path).unwrap();
+        assert!(DiskCache::open(&path).is_none(), "locked by its owner");
+        drop(held);
     }
 }
 

@@ -18,7 +18,8 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::registry::{
-    DocName, DocSenders, HostStatuses, Registry, RegistryError, now_unix_ms, subscribe_or_insert,
+    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, now_unix_ms,
+    subscribe_or_insert,
 };
 
 /// The record format this version writes and reads.
@@ -212,7 +213,8 @@ impl Inner {
         let Ok((view, docs)) = read else { return };
         for (name, doc) in docs {
             if let Some(doc) = doc {
-                self.docs.publish(name, doc.map(Arc::from));
+                let revision = doc.as_deref().map_or(0, crate::store::revision_of);
+                self.docs.publish(name, doc.map(Arc::from), revision);
             }
         }
         {
@@ -489,8 +491,16 @@ impl Registry for DirRegistry {
         self.inner.write_own().await
     }
 
-    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<DocState> {
         self.inner.docs.subscribe(doc)
+    }
+
+    async fn release(&self) -> Result<(), RegistryError> {
+        // The file stays as written; with nothing of its own, the heartbeat stops writing it.
+        let mut own = self.inner.own.lock().unwrap_or_else(|p| p.into_inner());
+        own.endpoints.clear();
+        own.status = None;
+        Ok(())
     }
 }
 

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::members::Members;
 use crate::registry::{
-    DocName, DocSenders, HostStatuses, Registry, RegistryError, subscribe_or_insert,
+    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, subscribe_or_insert,
 };
 
 #[path = "etcd_view.rs"]
@@ -238,7 +238,7 @@ impl Inner {
         }
         let mut start = prefix.into_bytes();
         let mut revision = 0;
-        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>, i64)> = Vec::new();
         loop {
             let resp = self
                 .call("list", |mut c| {
@@ -256,10 +256,10 @@ impl Inner {
             pairs.extend(
                 resp.kvs()
                     .iter()
-                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision())),
             );
             match pairs.last() {
-                Some((last, _)) if resp.more() => {
+                Some((last, _, _)) if resp.more() => {
                     start = last.clone();
                     start.push(0);
                 }
@@ -274,8 +274,8 @@ impl Inner {
             docs_dirty: [true; 2],
             ..View::default()
         };
-        for (k, v) in &pairs {
-            apply_put(&self.opts.prefix, &mut view, k, v);
+        for (k, v, rev) in &pairs {
+            apply_put(&self.opts.prefix, &mut view, k, v, *rev);
         }
         view.all_dirty = true;
         let keys = view.len();
@@ -318,7 +318,11 @@ impl Inner {
         }
         for name in DocName::ALL {
             if std::mem::take(&mut view.docs_dirty[name as usize]) {
-                self.docs.publish(name, view.docs[name as usize].clone());
+                self.docs.publish(
+                    name,
+                    view.docs[name as usize].clone(),
+                    view.doc_revisions[name as usize],
+                );
             }
         }
         if all || hosts_dirty {
@@ -376,7 +380,17 @@ async fn lease_loop(inner: Arc<Inner>) {
             }
             let alive = inner
                 .call("keepalive", |mut c| async move {
-                    let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                    // etcd answers an expired lease with TTL 0, which the client turns into
+                    // this error when it opens the keeper: an expired lease, not an outage.
+                    let (mut keeper, mut stream) = match c.lease_keep_alive(id).await {
+                        Ok(k) => k,
+                        Err(etcd_client::Error::LeaseKeepAliveError(m))
+                            if m.contains("lease not found") =>
+                        {
+                            return Ok(0);
+                        }
+                        Err(e) => return Err(e),
+                    };
                     keeper.keep_alive().await?;
                     Ok(stream.message().await?.map_or(0, |r| r.ttl()))
                 })
@@ -484,7 +498,7 @@ impl Registry for EtcdRegistry {
         self.inner.put_owned(key, value).await
     }
 
-    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<DocState> {
         self.inner.docs.subscribe(doc)
     }
 
@@ -498,6 +512,14 @@ impl Registry for EtcdRegistry {
 
     fn synced(&self) -> bool {
         self.inner.synced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn release(&self) -> Result<(), RegistryError> {
+        // The lease stays: a key the other client has not re-written yet stays attached to it,
+        // alive, until that write moves it.
+        let _writing = self.inner.writes.lock().await;
+        *self.inner.own.lock().unwrap_or_else(|p| p.into_inner()) = Own::default();
+        Ok(())
     }
 
     async fn withdraw(&self) -> Result<(), RegistryError> {

@@ -30,6 +30,8 @@ pub(super) struct View {
     pub(super) all_dirty: bool,
     /// The documents (by `DocName as usize`), while there is one.
     pub(super) docs: [Option<Arc<[u8]>>; 2],
+    /// The revision each document was last written or deleted at (0: absent since the list).
+    pub(super) doc_revisions: [u64; 2],
     /// Whether each changed since the last publish.
     pub(super) docs_dirty: [bool; 2],
 }
@@ -74,9 +76,9 @@ pub(super) fn service_set(view: &View, service: &ServiceName) -> EndpointSet {
     set
 }
 
-/// Applies one key's value to the view; a value that does not parse is logged, counted and
-/// dropped (the key then counts as absent), never fatal.
-pub(super) fn apply_put(prefix: &str, view: &mut View, key: &[u8], value: &[u8]) {
+/// Applies one key's value (written at `revision`) to the view; a value that does not parse is
+/// logged, counted and dropped (the key then counts as absent), never fatal.
+pub(super) fn apply_put(prefix: &str, view: &mut View, key: &[u8], value: &[u8], revision: i64) {
     let Some((key, kind)) = classify(prefix, key) else {
         return;
     };
@@ -105,6 +107,7 @@ pub(super) fn apply_put(prefix: &str, view: &mut View, key: &[u8], value: &[u8])
                 bad(key, "larger than 1 MiB");
             } else {
                 view.docs[doc as usize] = Some(Arc::from(value));
+                view.doc_revisions[doc as usize] = u64::try_from(revision).unwrap_or(0);
             }
         }
         KeyKind::Host => {
@@ -131,7 +134,7 @@ fn bad(key: &str, why: &str) {
     metrics::counter!("detour_registry_invalid_records_total").increment(1);
 }
 
-fn apply_delete(prefix: &str, view: &mut View, key: &[u8]) {
+fn apply_delete(prefix: &str, view: &mut View, key: &[u8], revision: i64) {
     match classify(prefix, key) {
         Some((key, KeyKind::Service(name))) => {
             if let Some(m) = view.services.get_mut(&name) {
@@ -145,6 +148,7 @@ fn apply_delete(prefix: &str, view: &mut View, key: &[u8]) {
         }
         Some((_, KeyKind::Doc(doc))) => {
             view.docs[doc as usize] = None;
+            view.doc_revisions[doc as usize] = u64::try_from(revision).unwrap_or(0);
             view.docs_dirty[doc as usize] = true;
         }
         None => {}
@@ -218,10 +222,16 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
                         continue; // already applied (a resumed watch may repeat it)
                     }
                     match ev.event_type() {
-                        EventType::Put => {
-                            apply_put(&inner.opts.prefix, &mut view, kv.key(), kv.value())
+                        EventType::Put => apply_put(
+                            &inner.opts.prefix,
+                            &mut view,
+                            kv.key(),
+                            kv.value(),
+                            kv.mod_revision(),
+                        ),
+                        EventType::Delete => {
+                            apply_delete(&inner.opts.prefix, &mut view, kv.key(), kv.mod_revision())
                         }
-                        EventType::Delete => apply_delete(&inner.opts.prefix, &mut view, kv.key()),
                     }
                     view.revision = view.revision.max(kv.mod_revision());
                 }
@@ -247,21 +257,30 @@ mod tests {
             &mut view,
             b"/detour/v1/policy/services",
             b"{\"version\":1}",
+            7,
         );
-        apply_put(prefix, &mut view, b"/detour/v1/gray/rules", b"rules");
-        apply_put(prefix, &mut view, b"/detour/v1/policy/other", b"ignored");
+        apply_put(prefix, &mut view, b"/detour/v1/gray/rules", b"rules", 8);
+        apply_put(prefix, &mut view, b"/detour/v1/policy/other", b"ignored", 9);
         let policy = DocName::Policy as usize;
         let gray = DocName::GrayRules as usize;
         assert_eq!(view.docs[policy].as_deref(), Some(&b"{\"version\":1}"[..]));
         assert_eq!(view.docs[gray].as_deref(), Some(&b"rules"[..]));
         assert!(view.docs_dirty[policy] && view.docs_dirty[gray]);
-        apply_delete(prefix, &mut view, b"/detour/v1/policy/services");
+        apply_delete(prefix, &mut view, b"/detour/v1/policy/services", 10);
+        assert_eq!(view.doc_revisions[policy], 10);
         assert!(view.docs[policy].is_none());
         assert!(view.docs[gray].is_some(), "the other document stays");
         // An oversized document is refused: the last one read stays.
-        apply_put(prefix, &mut view, b"/detour/v1/policy/services", b"good");
+        apply_put(
+            prefix,
+            &mut view,
+            b"/detour/v1/policy/services",
+            b"good",
+            11,
+        );
         let big = vec![b' '; crate::registry::MAX_DOC_BYTES as usize + 1];
-        apply_put(prefix, &mut view, b"/detour/v1/policy/services", &big);
+        apply_put(prefix, &mut view, b"/detour/v1/policy/services", &big, 12);
         assert_eq!(view.docs[policy].as_deref(), Some(&b"good"[..]));
+        assert_eq!(view.doc_revisions[policy], 11);
     }
 }

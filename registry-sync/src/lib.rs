@@ -9,7 +9,9 @@
 pub mod agent;
 pub mod cache;
 pub mod catalog;
+pub mod client_config;
 pub mod dir;
+pub mod docs;
 pub mod etcd;
 pub mod etcd_security;
 pub mod gray;
@@ -24,9 +26,10 @@ pub mod protection;
 pub mod protection_config;
 mod registry;
 pub mod store;
+pub mod telemetry;
 
 pub use catalog::Catalog;
 pub use registry::{
-    DocName, HostStatuses, MAX_DOC_BYTES, POLICY_DOC, RULES_DOC, Registry, RegistryError,
-    RegistrySpec, follow_doc, now_unix_ms,
+    DocName, DocRead, DocState, HostStatuses, MAX_DOC_BYTES, POLICY_DOC, RULES_DOC, Registry,
+    RegistryError, RegistrySpec, now_unix_ms,
 };

@@ -2,7 +2,7 @@
 //! expire; every client made from one store sees the same data at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -10,7 +10,7 @@ use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, Servic
 use tokio::sync::watch;
 
 use crate::registry::{
-    DocName, DocSenders, HostStatuses, Registry, RegistryError, subscribe_or_insert,
+    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, subscribe_or_insert,
 };
 
 struct Store {
@@ -52,6 +52,8 @@ pub struct MemoryRegistry {
     store: Arc<Mutex<Store>>,
     /// What `synced` answers (a registry not reached yet, for cache tests).
     synced: Arc<AtomicBool>,
+    /// The last document revision.
+    revision: Arc<AtomicU64>,
 }
 
 impl Default for MemoryRegistry {
@@ -59,6 +61,7 @@ impl Default for MemoryRegistry {
         Self {
             store: Arc::default(),
             synced: Arc::new(AtomicBool::new(true)),
+            revision: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -70,12 +73,17 @@ impl std::fmt::Debug for MemoryRegistry {
 }
 
 impl MemoryRegistry {
-    /// An empty registry.
+    /// An empty registry whose documents are known to be absent (a registry that answered).
     pub fn new() -> Self {
-        Self::default()
+        let r = Self::default();
+        for d in DocName::ALL {
+            r.set_doc(d, None);
+        }
+        r
     }
 
-    /// An empty registry that reports not being reached until [`Self::set_synced`].
+    /// An empty registry that reports not being reached until [`Self::set_synced`]; its
+    /// documents stay [`DocState::Unknown`] until set.
     pub fn unsynced() -> Self {
         let r = Self::default();
         r.set_synced(false);
@@ -87,9 +95,10 @@ impl MemoryRegistry {
         self.set_doc(DocName::GrayRules, doc);
     }
 
-    /// Sets one document (`None`: none).
+    /// Sets one document (`None`: none), at a new revision.
     pub fn set_doc(&self, name: DocName, doc: Option<&[u8]>) {
-        self.lock().docs.publish(name, doc.map(Arc::from));
+        let revision = self.revision.fetch_add(1, Ordering::SeqCst) + 1;
+        self.lock().docs.publish(name, doc.map(Arc::from), revision);
     }
 
     /// Sets what `synced` answers.
@@ -161,7 +170,7 @@ impl Registry for MemoryRegistry {
         self.synced.load(Ordering::SeqCst)
     }
 
-    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<DocState> {
         self.lock().docs.subscribe(doc)
     }
 }

@@ -70,14 +70,42 @@ pub trait Registry: Send + Sync + 'static {
     /// Withdraws everything this client registered (a planned stop) and stops keeping it alive.
     async fn withdraw(&self) -> Result<(), RegistryError>;
 
+    /// Stops keeping alive what this client registered, without removing it: another client of
+    /// the same host (its watchdog) has written it again and keeps it from now on.
+    async fn release(&self) -> Result<(), RegistryError> {
+        Ok(())
+    }
+
     /// Whether the view has been read from the registry at least once (before that, a catalog
     /// trusts its disk cache over an empty view).
     fn synced(&self) -> bool {
         true
     }
 
-    /// Follows one of the registry's documents: its bytes, `None` while there is none.
-    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>>;
+    /// Follows one of the registry's documents: [`DocState::Unknown`] until the registry has
+    /// been read, then its bytes (or that there is none) and the revision they came from.
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<DocState>;
+}
+
+/// A registry document as a back-end knows it. *Not read yet* is not *none*: a follower that
+/// has not heard from the registry keeps what it had, it does not fall back to "no rules".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DocState {
+    /// The registry has not answered yet.
+    #[default]
+    Unknown,
+    /// Read from the registry.
+    Known(DocRead),
+}
+
+/// A document read from the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocRead {
+    /// Its bytes; `None` when the registry has no such document.
+    pub bytes: Option<Arc<[u8]>>,
+    /// The registry revision it came from (etcd: the key's modification revision; the
+    /// directory registry: a hash of the contents; 0 when there is no document).
+    pub revision: u64,
 }
 
 /// The name of the gray rules document (etcd key `{prefix}/gray/rules`, directory file
@@ -119,29 +147,34 @@ impl DocName {
     }
 }
 
-/// One watch per document, for the back-ends.
+/// One watch per document, for the back-ends; every one [`DocState::Unknown`] until published.
 #[derive(Debug)]
-pub(crate) struct DocSenders([watch::Sender<Option<Arc<[u8]>>>; 2]);
+pub(crate) struct DocSenders([watch::Sender<DocState>; 2]);
 
 impl Default for DocSenders {
     fn default() -> Self {
-        Self([watch::channel(None).0, watch::channel(None).0])
+        Self([
+            watch::channel(DocState::Unknown).0,
+            watch::channel(DocState::Unknown).0,
+        ])
     }
 }
 
 impl DocSenders {
     /// A receiver of `doc`.
-    pub(crate) fn subscribe(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+    pub(crate) fn subscribe(&self, doc: DocName) -> watch::Receiver<DocState> {
         self.0[doc.index()].subscribe()
     }
 
-    /// Publishes `bytes` as `doc`'s content, waking receivers only when it changed.
-    pub(crate) fn publish(&self, doc: DocName, bytes: Option<Arc<[u8]>>) {
+    /// Publishes `bytes` (at `revision`) as `doc`'s content, waking receivers only when it
+    /// changed.
+    pub(crate) fn publish(&self, doc: DocName, bytes: Option<Arc<[u8]>>, revision: u64) {
+        let next = DocState::Known(DocRead { bytes, revision });
         self.0[doc.index()].send_if_modified(|cur| {
-            if cur.as_deref() == bytes.as_deref() {
+            if *cur == next {
                 false
             } else {
-                *cur = bytes;
+                *cur = next;
                 true
             }
         });
@@ -150,23 +183,6 @@ impl DocSenders {
 
 /// The largest rules document read (a bigger one is reported and ignored).
 pub const MAX_DOC_BYTES: u64 = 1 << 20;
-
-/// Follows a document (a receiver from [`Registry::watch_doc`]) for as long as it lives: `apply`
-/// gets its bytes now and after every change.
-pub fn follow_doc(
-    mut doc: watch::Receiver<Option<Arc<[u8]>>>,
-    apply: impl Fn(Option<&[u8]>) + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let bytes = doc.borrow_and_update().clone();
-            apply(bytes.as_deref());
-            if doc.changed().await.is_err() {
-                return;
-            }
-        }
-    })
-}
 
 /// Which back-end a config names: `dir:PATH` (the embedded default) or
 /// `etcd:http://HOST:PORT[,http://HOST:PORT…]`.

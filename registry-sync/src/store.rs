@@ -107,7 +107,7 @@ pub fn open(
 }
 
 /// A stable revision of bytes (FNV-1a), for the directory store.
-fn revision_of(bytes: &[u8]) -> u64 {
+pub(crate) fn revision_of(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);

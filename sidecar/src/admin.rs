@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when ready to route, 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, the registry's traffic policy overrides in force (`policy_overrides`), catalog per service (endpoints, source, staleness, protection) |
+//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, the registry's traffic policy overrides in force (`policy_overrides`), where each followed registry document came from (`documents`: `registry`, `disk` or `default`, and its revision), catalog per service (endpoints, source, staleness, protection) |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 //! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
 //!
@@ -214,6 +214,10 @@ impl Admin {
             "links": self.links.states(),
             "gray": self.gray.state(),
             "policy_overrides": *self.policies.registry_overrides(),
+            "documents": {
+                detour_registry_sync::RULES_DOC: self.gray.state().document,
+                detour_registry_sync::POLICY_DOC: self.policies.document(),
+            },
         });
         let state = State { head, services };
         serde_json::to_vec(&state).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes())

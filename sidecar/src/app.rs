@@ -9,10 +9,9 @@ use detour_core::{Pool, PoolOptions};
 use detour_proto::{ADDRESS_FILE, HostStatus, SidecarAddresses, SidecarState};
 use detour_registry_sync::cache::DiskCache;
 use detour_registry_sync::catalog::CatalogOptions;
-use detour_registry_sync::dir::{DirOptions, DirRegistry};
-use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
+use detour_registry_sync::docs::{self, DocStore};
 use detour_registry_sync::health::NetCheck;
-use detour_registry_sync::{Catalog, DocName, Registry, RegistryError, RegistrySpec, now_unix_ms};
+use detour_registry_sync::{Catalog, DocName, Registry, RegistryError, now_unix_ms};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -145,6 +144,7 @@ impl Sidecar {
                 reads.clone(),
                 cfg.host.clone(),
                 socket.clone(),
+                cfg.watchdog_takeover,
             ))
         });
         let registry: Arc<dyn Registry> = match &delegated {
@@ -188,10 +188,25 @@ impl Sidecar {
             tls: tls.clone(),
             ..(*opts).clone()
         });
+        // The documents this sidecar follows, saved in its state directory: a start while the
+        // registry is unreachable applies the last ones it knew.
+        let store = Some(DocStore::new(&cfg.state_dir));
+        let (rules, saving_rules) = docs::follow(
+            DocName::GrayRules,
+            registry.watch_doc(DocName::GrayRules),
+            store.clone(),
+            |b| detour_registry_sync::gray::RuleSet::parse(b).is_ok(),
+        );
+        let (policy_doc, saving_policy) = docs::follow(
+            DocName::Policy,
+            registry.watch_doc(DocName::Policy),
+            store,
+            |b| detour_registry_sync::policy::PolicyDoc::parse(b).is_ok(),
+        );
         let gray = Gray::new(cfg.host.clone());
-        let following = gray.follow(registry.watch_doc(DocName::GrayRules));
+        let following = gray.follow(rules);
         let policies = Policies::new(&cfg);
-        let following_policy = policies.follow(registry.watch_doc(DocName::Policy));
+        let following_policy = policies.follow(policy_doc);
         let control = ControlService::new(
             lifecycle.clone(),
             catalog.clone(),
@@ -267,6 +282,8 @@ impl Sidecar {
         let mut tasks = vec![
             following,
             following_policy,
+            saving_rules,
+            saving_policy,
             tokio::spawn(async move {
                 if let Some(t) = tls {
                     t.watch().await;
@@ -350,38 +367,23 @@ impl Sidecar {
 }
 
 /// Creates the run directory, readable by its owner and group only (it holds the admin token
-/// and the sockets).
+/// and the sockets), and the state directory.
 fn prepare_run_dir(cfg: &Config) -> Result<(), StartError> {
     use std::os::unix::fs::PermissionsExt;
-    let err = |source| StartError::RunDir {
-        path: cfg.run_dir.clone(),
-        source,
-    };
-    std::fs::create_dir_all(&cfg.run_dir).map_err(err)?;
-    std::fs::set_permissions(&cfg.run_dir, std::fs::Permissions::from_mode(0o750)).map_err(err)
+    for dir in [&cfg.run_dir, &cfg.state_dir] {
+        let err = |source| StartError::RunDir {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Opens the registry back-end `cfg` names, for this host.
 pub async fn open_registry(cfg: &Config) -> Result<Arc<dyn Registry>, RegistryError> {
-    Ok(match &cfg.registry {
-        RegistrySpec::Dir(dir) => {
-            let opts = DirOptions {
-                ttl: cfg.registry_ttl,
-                poll_interval: cfg.registry_poll,
-            };
-            Arc::new(DirRegistry::open(dir, cfg.host.clone(), opts).await?)
-        }
-        RegistrySpec::Etcd(endpoints) => {
-            let opts = EtcdOptions {
-                endpoints: endpoints.clone(),
-                prefix: cfg.etcd_prefix.clone(),
-                ttl: cfg.etcd_ttl,
-                request_timeout: cfg.etcd_request_timeout,
-                security: cfg.etcd_security.clone(),
-            };
-            Arc::new(EtcdRegistry::open(cfg.host.clone(), opts).await?)
-        }
-    })
+    cfg.registry.open(cfg.host.clone()).await
 }
 
 /// Once the predecessor has exited (it held the catalog's disk cache), opens the cache and

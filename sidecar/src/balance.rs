@@ -1,8 +1,9 @@
 //! Endpoint selection for one service: power-of-two-choices on in-flight requests (weighted)
-//! or round-robin, passing over endpoints recently ejected — for refusing connections, or as
-//! outliers answering server errors in a row ([`Outlier`]) — unless every endpoint is ejected,
-//! in which case all are eligible again (as Envoy's panic mode) — and, when a service sets one,
-//! passing over endpoints at their limit of requests in flight.
+//! or round-robin, passing over endpoints their PA marked unhealthy and endpoints recently
+//! ejected — for refusing connections, or as outliers answering server errors in a row
+//! ([`Outlier`]) — unless fewer than the panic threshold are left, in which case all are
+//! eligible again (as Envoy's panic mode) — and, when a service sets one, passing over
+//! endpoints at their limit of requests in flight.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -142,10 +143,12 @@ impl Balancer {
                 .map(|e| (e, load_in(&mut loads, &e.instance)))
                 .collect()
         };
-        // Ejected endpoints are passed over unless too few are left (panic mode).
-        let left = pool.iter().filter(|(_, l)| !l.ejected(now)).count();
+        // Ejected endpoints, and those their PA marked unhealthy, are passed over unless too
+        // few are left (panic mode).
+        let usable = |(e, l): &(&Endpoint, Arc<Load>)| e.healthy && !l.ejected(now);
+        let left = pool.iter().filter(|x| usable(x)).count();
         if left > 0 && left * 100 >= pool.len() * usize::from(panic_percent) {
-            pool.retain(|(_, l)| !l.ejected(now));
+            pool.retain(usable);
         } else if left < pool.len() {
             metrics::counter!("detour_lb_panic_total").increment(1);
         }
@@ -325,6 +328,39 @@ mod tests {
                 assert_eq!(ep.instance.as_str(), "i3");
             }
         }
+    }
+
+    #[test]
+    fn endpoints_marked_unhealthy_are_passed_over_within_the_panic_threshold() {
+        let b = Balancer::new(Balance::RoundRobin);
+        let mut e = eps(4);
+        e[0].healthy = false;
+        for _ in 0..12 {
+            let (ep, _) = b.pick_limited(&e, &[], 0, 50).unwrap();
+            assert_ne!(
+                ep.instance.as_str(),
+                "i0",
+                "an unhealthy endpoint is not drawn"
+            );
+        }
+        // Three of four unhealthy (25% left, below 50%): every endpoint is used again.
+        e[1].healthy = false;
+        e[2].healthy = false;
+        let mut seen: Vec<String> = (0..8)
+            .map(|_| {
+                b.pick_limited(&e, &[], 0, 50)
+                    .unwrap()
+                    .0
+                    .instance
+                    .to_string()
+            })
+            .collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        // Every one unhealthy: still an answer (none is better than an error).
+        e[3].healthy = false;
+        assert!(b.pick_limited(&e, &[], 0, 50).is_ok());
     }
 
     #[test]

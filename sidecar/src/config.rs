@@ -10,8 +10,7 @@ use std::time::Duration;
 use detour_core::link::LinkConfig;
 use detour_proto::config_file::{self, ConfigError};
 use detour_proto::{AppProtocol, HostId, InstanceId, ServiceName};
-use detour_registry_sync::RegistrySpec;
-use detour_registry_sync::etcd_security::{EtcdSecurity, EtcdSecurityFiles};
+use detour_registry_sync::client_config::{RegistryClient, RegistryDirRaw, RegistryEtcdRaw};
 use detour_registry_sync::protection::ProtectionPolicy;
 use serde::Deserialize;
 
@@ -31,6 +30,9 @@ pub struct RawConfig {
     pub host: String,
     /// Directory for the sidecar's own files (Unix socket, address file). Created if missing.
     pub run_dir: PathBuf,
+    /// Directory for what must survive a restart and a reboot (the catalog's disk cache, the
+    /// registry documents followed): persistent storage, not a tmpfs. `""`: `run_dir`.
+    pub state_dir: PathBuf,
     /// Registry back-end: `dir:PATH`.
     pub registry: String,
     /// Outbound (CA) listeners for local callers.
@@ -49,7 +51,7 @@ pub struct RawConfig {
     pub link: LinkRaw,
     /// etcd-registry tuning.
     pub registry_etcd: RegistryEtcdRaw,
-    /// The catalog's disk cache (sled), relative to `run_dir` unless absolute; `""` disables.
+    /// The catalog's disk cache (redb), relative to `state_dir` unless absolute; `""` disables.
     pub catalog_cache: String,
     /// Registry self-protection.
     pub protection: ProtectionRaw,
@@ -76,6 +78,9 @@ pub struct WatchdogRaw {
     /// The watchdog's Unix socket; when set, registrations and the host status are published
     /// through it (the watchdog sets this when it starts the sidecar).
     pub socket: String,
+    /// How long the watchdog may leave publications untaken before this sidecar keeps the
+    /// host's registrations alive itself (0: a third of the registry's time-to-live).
+    pub takeover_ms: u64,
 }
 
 impl Default for RawConfig {
@@ -83,6 +88,7 @@ impl Default for RawConfig {
         Self {
             host: String::new(),
             run_dir: PathBuf::from("run"),
+            state_dir: PathBuf::new(),
             registry: "dir:registry".into(),
             outbound: OutboundRaw::default(),
             inbound: InboundRaw::default(),
@@ -92,7 +98,7 @@ impl Default for RawConfig {
             registry_dir: RegistryDirRaw::default(),
             link: LinkRaw::default(),
             registry_etcd: RegistryEtcdRaw::default(),
-            catalog_cache: "catalog.sled".into(),
+            catalog_cache: "catalog.redb".into(),
             protection: ProtectionRaw::default(),
             limits: crate::config_limits::LimitsRaw::default(),
             outlier: crate::config_limits::OutlierRaw::default(),
@@ -227,43 +233,6 @@ impl Default for LifecycleRaw {
     }
 }
 
-/// `[registry_etcd]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct RegistryEtcdRaw {
-    /// Key prefix.
-    pub prefix: String,
-    /// Lease time-to-live.
-    pub ttl_ms: u64,
-    /// Time allowed for one request to one member.
-    pub request_timeout_ms: u64,
-    /// The members' CA (PEM), relative to `run_dir` unless absolute: TLS, `https://` URLs.
-    pub ca: String,
-    /// A client certificate (PEM), for members started with `--client-cert-auth`.
-    pub cert: String,
-    /// Its private key (PEM).
-    pub key: String,
-    /// An etcd user, with `password_file`.
-    pub user: String,
-    /// A file whose first line is the user's password.
-    pub password_file: String,
-}
-
-impl Default for RegistryEtcdRaw {
-    fn default() -> Self {
-        Self {
-            prefix: "/detour/v1".into(),
-            ttl_ms: 10_000,
-            request_timeout_ms: 1000,
-            ca: String::new(),
-            cert: String::new(),
-            key: String::new(),
-            user: String::new(),
-            password_file: String::new(),
-        }
-    }
-}
-
 /// `[link]`: how this sidecar's CA watches the PAs it uses.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -288,25 +257,6 @@ impl Default for LinkRaw {
             fail_after: 2,
             recover_after: 3,
             ramp_ms: 2000,
-        }
-    }
-}
-
-/// `[registry_dir]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct RegistryDirRaw {
-    /// Time-to-live of this host's record without a heartbeat.
-    pub ttl_ms: u64,
-    /// How often the directory is rescanned.
-    pub poll_ms: u64,
-}
-
-impl Default for RegistryDirRaw {
-    fn default() -> Self {
-        Self {
-            ttl_ms: 10_000,
-            poll_ms: 250,
         }
     }
 }
@@ -381,8 +331,10 @@ pub struct Config {
     pub host: HostId,
     /// The run directory.
     pub run_dir: PathBuf,
-    /// The registry back-end.
-    pub registry: RegistrySpec,
+    /// The state directory (persistent).
+    pub state_dir: PathBuf,
+    /// The registry back-end and its client settings.
+    pub registry: RegistryClient,
     /// Outbound TCP listener.
     pub outbound_tcp: Option<SocketAddr>,
     /// Outbound Unix socket.
@@ -436,27 +388,17 @@ pub struct Config {
     pub probe_interval: Duration,
     /// Probe timeout.
     pub probe_timeout: Duration,
-    /// Directory-registry record TTL.
-    pub registry_ttl: Duration,
-    /// Directory-registry rescan interval.
-    pub registry_poll: Duration,
     /// The catalog's disk cache.
     pub catalog_cache: Option<PathBuf>,
     /// Self-protection settings, global and per service.
     pub protection: ProtectionPolicy,
-    /// etcd key prefix.
-    pub etcd_prefix: String,
-    /// TLS and credentials towards etcd (files read at validation).
-    pub etcd_security: EtcdSecurity,
-    /// etcd lease TTL.
-    pub etcd_ttl: Duration,
-    /// etcd per-request timeout.
-    pub etcd_request_timeout: Duration,
     /// Local providers.
     pub provide: Vec<Provide>,
     /// Where registrations and the host status go instead of this sidecar's own registry
     /// client: the watchdog's socket, when it runs under one.
     pub watchdog_socket: Option<PathBuf>,
+    /// How long the watchdog may be away before this sidecar keeps the registrations itself.
+    pub watchdog_takeover: Duration,
     /// Environment variables with the prefix that named no key (logged at start).
     pub warnings: Vec<String>,
 }
@@ -500,11 +442,18 @@ impl RawConfig {
         let host = HostId::new(self.host.clone())
             .map_err(|e| p.push(format!("host: {e}")))
             .ok();
-        let registry = self
-            .registry
-            .parse::<RegistrySpec>()
-            .map_err(|e| p.push(format!("registry: {e}")))
-            .ok();
+        let registry = RegistryClient::validate(
+            &self.registry,
+            &self.registry_dir,
+            &self.registry_etcd,
+            &self.run_dir,
+            &mut p,
+        );
+        let state_dir = if self.state_dir.as_os_str().is_empty() {
+            self.run_dir.clone()
+        } else {
+            self.state_dir.clone()
+        };
         let addr = |p: &mut Vec<String>, key: &str, v: &str| -> Option<SocketAddr> {
             v.parse()
                 .map_err(|_| p.push(format!("{key}: {v:?} is not ip:port")))
@@ -601,28 +550,15 @@ impl RawConfig {
             "lifecycle.drain_timeout_ms",
             self.lifecycle.drain_timeout_ms,
         );
-        let registry_ttl = positive(&mut p, "registry_dir.ttl_ms", self.registry_dir.ttl_ms);
-        let registry_poll = positive(&mut p, "registry_dir.poll_ms", self.registry_dir.poll_ms);
-        let etcd_ttl = positive(&mut p, "registry_etcd.ttl_ms", self.registry_etcd.ttl_ms);
-        let etcd_request_timeout = positive(
-            &mut p,
-            "registry_etcd.request_timeout_ms",
-            self.registry_etcd.request_timeout_ms,
-        );
-        let etcd_prefix = self.registry_etcd.prefix.trim_end_matches('/').to_owned();
-        let etcd_security = self.etcd_security(registry.as_ref(), &mut p);
         let protection = self.protection.validate(&mut p);
         let catalog_cache = (!self.catalog_cache.is_empty()).then(|| {
             let c = PathBuf::from(&self.catalog_cache);
             if c.is_absolute() {
                 c
             } else {
-                self.run_dir.join(c)
+                state_dir.join(c)
             }
         });
-        if !etcd_prefix.starts_with('/') {
-            p.push("registry_etcd.prefix: must start with '/'".into());
-        }
         let probe_interval = positive(
             &mut p,
             "link.probe_interval_ms",
@@ -635,6 +571,22 @@ impl RawConfig {
         if !(1024..=1 << 20).contains(&self.proxy.max_header_bytes) {
             p.push("proxy.max_header_bytes: must be between 1024 and 1048576".into());
         }
+        let watchdog_takeover = match (self.watchdog.takeover_ms, &registry) {
+            (0, Some(r)) => r.ttl() / 3,
+            (0, None) => Duration::from_secs(3),
+            (ms, r) => {
+                let t = Duration::from_millis(ms);
+                if let Some(r) = r
+                    && t >= r.ttl()
+                {
+                    p.push(format!(
+                        "watchdog.takeover_ms: {ms} must be shorter than the registry's time-to-live ({} ms)",
+                        r.ttl().as_millis()
+                    ));
+                }
+                t
+            }
+        };
         let mut provide = Vec::new();
         for (i, raw) in self.provide.iter().enumerate() {
             let key = format!("provide[{i}]");
@@ -700,6 +652,7 @@ impl RawConfig {
                 Ok(Config {
                     host,
                     run_dir: self.run_dir,
+                    state_dir,
                     registry,
                     outbound_tcp,
                     outbound_unix,
@@ -733,55 +686,17 @@ impl RawConfig {
                     },
                     probe_interval,
                     probe_timeout,
-                    registry_ttl,
-                    registry_poll,
                     catalog_cache,
                     protection,
-                    etcd_prefix,
-                    etcd_security,
-                    etcd_ttl,
-                    etcd_request_timeout,
                     provide,
                     watchdog_socket: (!self.watchdog.socket.is_empty())
                         .then(|| PathBuf::from(&self.watchdog.socket)),
+                    watchdog_takeover,
                     warnings: Vec::new(),
                 })
             }
             _ => Err(p),
         }
-    }
-}
-
-impl RawConfig {
-    /// Checks `[registry_etcd]`'s TLS and credential settings against the registry and reads
-    /// their files.
-    fn etcd_security(&self, registry: Option<&RegistrySpec>, p: &mut Vec<String>) -> EtcdSecurity {
-        let r = &self.registry_etcd;
-        let files = EtcdSecurityFiles {
-            ca: r.ca.clone(),
-            cert: r.cert.clone(),
-            key: r.key.clone(),
-            user: r.user.clone(),
-            password_file: r.password_file.clone(),
-        };
-        let urls = match registry {
-            Some(RegistrySpec::Etcd(urls)) => urls.clone(),
-            _ => {
-                if files != EtcdSecurityFiles::default() {
-                    p.push("registry_etcd: TLS and credentials need an etcd registry".into());
-                }
-                return EtcdSecurity::default();
-            }
-        };
-        let before = p.len();
-        files.validate("registry_etcd", &urls, p);
-        if p.len() > before {
-            return EtcdSecurity::default();
-        }
-        files.load(&self.run_dir).unwrap_or_else(|e| {
-            p.push(format!("registry_etcd: {e}"));
-            EtcdSecurity::default()
-        })
     }
 }
 

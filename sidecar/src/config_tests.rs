@@ -136,10 +136,10 @@ fn etcd_registry_is_configured() {
     let text = "host = \"h1\"\nregistry = \"etcd:http://127.0.0.1:2379\"\n[registry_etcd]\nprefix = \"/x/y/\"\n";
     let cfg = Config::parse("t", text, Vec::new()).unwrap();
     assert_eq!(
-        cfg.registry,
-        RegistrySpec::Etcd(vec!["http://127.0.0.1:2379".into()])
+        cfg.registry.spec,
+        detour_registry_sync::RegistrySpec::Etcd(vec!["http://127.0.0.1:2379".into()])
     );
-    assert_eq!(cfg.etcd_prefix, "/x/y");
+    assert_eq!(cfg.registry.etcd_prefix, "/x/y");
     let bad = "host = \"h1\"\n[registry_etcd]\nprefix = \"x\"\nttl_ms = 0\n";
     let err = Config::parse("t", bad, Vec::new()).unwrap_err().to_string();
     assert!(

@@ -106,8 +106,9 @@ impl ControlService {
         let mut watchers = JoinSet::new();
         let mut seen: HashSet<ServiceName> = HashSet::new();
         let unknown_slots = Arc::new(tokio::sync::Semaphore::new(MAX_UNKNOWN_FOLLOWED));
-        // The mesh switch last sent for each service.
-        let mut switched: HashMap<ServiceName, bool> = HashMap::new();
+        // The mesh switch last sent for each service (`None`: none sent, the rules being
+        // unknown then — an SDK keeps the switches it has until they are known).
+        let mut switched: HashMap<ServiceName, Option<bool>> = HashMap::new();
         let first = *state.borrow_and_update();
         if tx.send(Ok(self.status(first))).await.is_err()
             || matches!(first, SidecarState::Draining | SidecarState::Stopped)
@@ -125,9 +126,13 @@ impl ControlService {
                             let Ok(service) = ServiceName::new(name) else { continue };
                             if seen.insert(service.clone()) {
                                 // Sent on or off: an SDK that reconnects learns a switch lifted meanwhile.
-                                let on = self.gray.mesh_on(&service);
-                                if tx.send(Ok(Self::switch(&service, on))).await.is_err() { break; }
-                                switched.insert(service.clone(), on);
+                                let mut sent = None;
+                                if self.gray.known() {
+                                    let on = self.gray.mesh_on(&service);
+                                    if tx.send(Ok(Self::switch(&service, on))).await.is_err() { break; }
+                                    sent = Some(on);
+                                }
+                                switched.insert(service.clone(), sent);
                                 watchers.spawn(forward_snapshots(self.catalog.clone(), service, tx.clone(), unknown_slots.clone()));
                             }
                         }
@@ -143,10 +148,11 @@ impl ControlService {
                 changed = rules.changed() => {
                     if changed.is_err() { break; }
                     rules.borrow_and_update();
+                    if !self.gray.known() { continue; }
                     for (service, last) in switched.iter_mut() {
                         let on = self.gray.mesh_on(service);
-                        if on != *last {
-                            *last = on;
+                        if Some(on) != *last {
+                            *last = Some(on);
                             if tx.send(Ok(Self::switch(service, on))).await.is_err() { break; }
                         }
                     }

@@ -7,6 +7,16 @@
 //! The whole publication is sent on every change and once a second, so a watchdog that
 //! restarted learns it at once. A write waits (briefly) until the watchdog has taken it, so that
 //! announcements keep their order with what follows them.
+//!
+//! **A watchdog away for long.** The watchdog's registrations live as long as its lease (or
+//! heartbeat). When a publication has waited `takeover` for it (a third of the registry's
+//! time-to-live by default, so well before its lease can run out), this sidecar writes the
+//! publication with its own registry client and keeps it alive (`self_held`). When the watchdog
+//! answers again, the publication it receives says so; a watchdog of protocol 2 or later then
+//! writes every registration again under its own lease before it answers, and only then does
+//! this sidecar let go of its copies (`Registry::release`, which removes nothing). A watchdog
+//! that does not state a protocol (version 1) is not trusted with that: the sidecar keeps its
+//! copies alive too.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,9 +29,9 @@ use detour_core::body::full;
 use detour_core::{Dial, Pool, PoolOptions};
 use detour_proto::{
     AppProtocol, Endpoint, EndpointSet, HostId, HostPublication, HostStatus, InstanceId,
-    ServiceName,
+    PUBLICATION_PROTOCOL, PUBLICATION_PROTOCOL_HEADER, ServiceName,
 };
-use detour_registry_sync::{DocName, HostStatuses, Registry, RegistryError};
+use detour_registry_sync::{DocName, DocState, HostStatuses, Registry, RegistryError};
 use http::Request;
 use http_body_util::BodyExt;
 use tokio::sync::{Notify, watch};
@@ -46,6 +56,10 @@ pub type LinkStates = Box<dyn Fn() -> BTreeMap<String, String> + Send + Sync>;
 struct Shared {
     host: HostId,
     socket: PathBuf,
+    /// The registry client this sidecar writes with itself while the watchdog is away.
+    reads: Arc<dyn Registry>,
+    /// How long the watchdog may be away before this sidecar keeps the registrations itself.
+    takeover: Duration,
     /// The CA's link states, once the links exist.
     links: OnceLock<LinkStates>,
     publication: Mutex<HostPublication>,
@@ -57,11 +71,19 @@ struct Shared {
 }
 
 impl Delegated {
-    /// Publishes through the watchdog at `socket`; reads from `reads`.
-    pub fn new(reads: Arc<dyn Registry>, host: HostId, socket: PathBuf) -> Self {
+    /// Publishes through the watchdog at `socket`; reads from `reads`, and writes there itself
+    /// when the watchdog has not answered for `takeover`.
+    pub fn new(
+        reads: Arc<dyn Registry>,
+        host: HostId,
+        socket: PathBuf,
+        takeover: Duration,
+    ) -> Self {
         let shared = Arc::new(Shared {
             host,
             socket,
+            reads: reads.clone(),
+            takeover,
             publication: Mutex::new(HostPublication {
                 pid: std::process::id(),
                 ..HostPublication::default()
@@ -113,6 +135,53 @@ impl Drop for Delegated {
     }
 }
 
+/// What this sidecar itself holds in the registry while its watchdog is away.
+#[derive(Default)]
+struct SelfHeld {
+    /// Whether it holds the registrations now.
+    active: bool,
+    /// What it has written, by (service, instance).
+    endpoints: BTreeMap<(ServiceName, InstanceId), Endpoint>,
+    /// The status it has written.
+    status: Option<HostStatus>,
+}
+
+impl SelfHeld {
+    /// Writes what changed in `p` with `registry`.
+    async fn sync(&mut self, registry: &dyn Registry, p: &HostPublication) {
+        let wanted: BTreeMap<_, _> = p
+            .endpoints
+            .iter()
+            .map(|e| ((e.service.clone(), e.instance.clone()), e.clone()))
+            .collect();
+        let gone: Vec<_> = self
+            .endpoints
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for (service, instance) in gone {
+            if registry.deregister(&service, &instance).await.is_ok() {
+                self.endpoints.remove(&(service, instance));
+            }
+        }
+        for (key, e) in wanted {
+            if self.endpoints.get(&key) != Some(&e) && registry.register(e.clone()).await.is_ok() {
+                self.endpoints.insert(key, e);
+            }
+        }
+        if let Some(st) = &p.status {
+            let same = self
+                .status
+                .as_ref()
+                .is_some_and(|s| s.sidecar == st.sidecar && s.version == st.version);
+            if !same && registry.set_host_status(st.clone()).await.is_ok() {
+                self.status = Some(st.clone());
+            }
+        }
+    }
+}
+
 async fn push_loop(shared: Arc<Shared>) {
     let pool = Pool::new(PoolOptions {
         connect_timeout: Duration::from_millis(500),
@@ -120,27 +189,78 @@ async fn push_loop(shared: Arc<Shared>) {
     });
     let dial = Dial::Unix(shared.socket.clone());
     let mut failures = 0u32;
+    // Since when a publication has been waiting for the watchdog (the start of the oldest
+    // attempt not answered yet); `None` while the watchdog takes them.
+    let mut waiting_since: Option<tokio::time::Instant> = None;
+    let mut held = SelfHeld::default();
+    // Pushes come often enough that a watchdog gone quiet is noticed well within `takeover`.
+    let every = (shared.takeover / 2).min(Duration::from_secs(1));
     loop {
+        let deadline = waiting_since.map(|t| t + shared.takeover);
         tokio::select! {
             () = shared.wake.notified() => {}
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(every) => {}
+            () = sleep_until_some(deadline), if !held.active && deadline.is_some() => {}
         }
         let generation = shared.generation.load(Ordering::SeqCst);
-        let body = {
-            let p = shared.publication.lock().unwrap_or_else(|e| e.into_inner());
-            serde_json::to_vec(&*p)
+        let publication = {
+            let mut p = shared
+                .publication
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            p.protocol = PUBLICATION_PROTOCOL;
+            p.self_held = held.active;
+            p
         };
-        let Ok(body) = body else { continue };
-        match push(&pool, &dial, body).await {
-            Ok(()) => {
-                failures = 0;
-                shared.taken.send_if_modified(|t| {
-                    let newer = generation > *t;
-                    *t = (*t).max(generation);
-                    newer
-                });
+        if held.active {
+            // Written before the watchdog is asked: a change must not wait for its timeout.
+            held.sync(&*shared.reads, &publication).await;
+            mark_taken(&shared, generation);
+        }
+        let Ok(body) = serde_json::to_vec(&publication) else {
+            continue;
+        };
+        let since = *waiting_since.get_or_insert_with(tokio::time::Instant::now);
+        let pushed = if held.active {
+            Some(push(&pool, &dial, body).await)
+        } else {
+            tokio::select! {
+                r = push(&pool, &dial, body) => Some(r),
+                () = tokio::time::sleep_until(since + shared.takeover) => None,
             }
-            Err(e) => {
+        };
+        match pushed {
+            Some(Ok(protocol)) => {
+                failures = 0;
+                waiting_since = None;
+                mark_taken(&shared, generation);
+                if held.active && protocol >= 2 {
+                    // The watchdog wrote every registration again under its own lease before it
+                    // answered: let go of the copies, removing nothing.
+                    match shared.reads.release().await {
+                        Ok(()) => {
+                            tracing::info!(
+                                "the watchdog is back and holds the registrations again"
+                            );
+                            metrics::counter!("detour_watchdog_takeovers_total", "event" => "returned")
+                                .increment(1);
+                            held = SelfHeld::default();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot hand the registrations back yet")
+                        }
+                    }
+                }
+                if protocol > PUBLICATION_PROTOCOL + 1 {
+                    tracing::warn!(
+                        watchdog = protocol,
+                        sidecar = PUBLICATION_PROTOCOL,
+                        "the watchdog speaks a newer publication protocol than this sidecar knows"
+                    );
+                }
+            }
+            Some(Err(e)) => {
                 failures += 1;
                 // Logged once, then every minute or so, while the watchdog is away.
                 if failures == 1 || failures.is_multiple_of(60) {
@@ -148,11 +268,45 @@ async fn push_loop(shared: Arc<Shared>) {
                 }
                 metrics::counter!("detour_registry_errors_total", "op" => "publish").increment(1);
             }
+            None => {}
         }
+        if !held.active
+            && let Some(since) = waiting_since
+            && since.elapsed() >= shared.takeover
+        {
+            tracing::warn!(
+                away_ms = since.elapsed().as_millis() as u64,
+                "the watchdog has not taken a publication in time: this sidecar keeps its host's registrations alive itself until it is back"
+            );
+            metrics::counter!("detour_watchdog_takeovers_total", "event" => "taken").increment(1);
+            held.active = true;
+            held.sync(&*shared.reads, &publication).await;
+            mark_taken(&shared, generation);
+            shared.wake.notify_one();
+        }
+        metrics::gauge!("detour_registrations_self_held").set(if held.active { 1.0 } else { 0.0 });
     }
 }
 
-async fn push(pool: &Arc<Pool>, dial: &Dial, body: Vec<u8>) -> Result<(), String> {
+/// Sleeps until `deadline` (for ever when there is none).
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Notes that the publication of `generation` is in the registry (a waiting write goes on).
+fn mark_taken(shared: &Shared, generation: u64) {
+    shared.taken.send_if_modified(|t| {
+        let newer = generation > *t;
+        *t = (*t).max(generation);
+        newer
+    });
+}
+
+/// Sends one publication; the watchdog's protocol version on success (1 when it states none).
+async fn push(pool: &Arc<Pool>, dial: &Dial, body: Vec<u8>) -> Result<u32, String> {
     let req = Request::put(PUBLICATION_PATH)
         .header(http::header::HOST, "detour.watchdog")
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -164,6 +318,12 @@ async fn push(pool: &Arc<Pool>, dial: &Dial, body: Vec<u8>) -> Result<(), String
             .await
             .map_err(|f| f.error.to_string())?;
         let status = resp.status();
+        let protocol = resp
+            .headers()
+            .get(PUBLICATION_PROTOCOL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(1);
         let text = resp
             .into_body()
             .collect()
@@ -171,7 +331,7 @@ async fn push(pool: &Arc<Pool>, dial: &Dial, body: Vec<u8>) -> Result<(), String
             .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
             .unwrap_or_default();
         if status.is_success() {
-            Ok(())
+            Ok(protocol)
         } else {
             Err(format!("the watchdog answered {status}: {}", text.trim()))
         }
@@ -245,7 +405,7 @@ impl Registry for Delegated {
         self.reads.synced()
     }
 
-    fn watch_doc(&self, doc: DocName) -> watch::Receiver<Option<Arc<[u8]>>> {
+    fn watch_doc(&self, doc: DocName) -> watch::Receiver<DocState> {
         self.reads.watch_doc(doc)
     }
 }

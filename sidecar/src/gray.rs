@@ -1,13 +1,17 @@
-//! The gray rules as this sidecar applies them: followed from the registry (`gray/rules`),
-//! parsed (a malformed rule is logged, counted and left out; a document that is no rule set at
-//! all leaves the last good rules in force), and evaluated for this host. The CA asks whether a
-//! service's calls take the mesh (off: straight to the provider, C→CA→P); control sessions tell
-//! their SDKs (a `MeshSwitch`: off, the SDK calls the provider itself, C→P).
+//! The gray rules as this sidecar applies them: followed from the registry (`gray/rules`, with
+//! the copy saved in the state directory before the registry answers — `docs.rs` of the registry
+//! library), parsed (a malformed rule is logged, counted and left out; a document that is no
+//! rule set at all leaves the last good rules in force), and evaluated for this host. The CA asks
+//! whether a service's calls take the mesh (off: straight to the provider, C→CA→P); control
+//! sessions tell their SDKs (a `MeshSwitch`: off, the SDK calls the provider itself, C→P). While
+//! the rules are unknown (no registry answer and no saved copy) every service takes the mesh,
+//! and no `MeshSwitch` is sent: an SDK keeps the switches it has.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use detour_proto::{HostId, ServiceName};
+use detour_registry_sync::docs::{DocStatus, Followed};
 use detour_registry_sync::gray::{Mesh, RuleSet};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -18,6 +22,8 @@ pub struct Gray {
     rules: watch::Sender<Arc<RuleSet>>,
     /// Decisions made since the rules last changed, by service.
     cache: RwLock<Decisions>,
+    /// Where the rules in force came from (unknown until the registry or a saved copy says).
+    doc: RwLock<DocStatus>,
 }
 
 #[derive(Default)]
@@ -34,6 +40,9 @@ pub struct GrayState {
     pub rules: RuleSet,
     /// Services this sidecar has decided for, and whether their calls take the mesh.
     pub mesh: std::collections::BTreeMap<String, bool>,
+    /// Where the rules came from: `registry`, `disk` (saved by an earlier run, the registry
+    /// has not answered) or `default` (nothing known: no rule applies).
+    pub document: DocStatus,
 }
 
 impl Gray {
@@ -43,16 +52,45 @@ impl Gray {
             host,
             rules: watch::channel(Arc::new(RuleSet::default())).0,
             cache: RwLock::new(Decisions::default()),
+            doc: RwLock::new(Followed::unknown().status()),
         })
     }
 
-    /// Follows `doc` (the registry's rules document) for as long as it lives.
+    /// Whether the rules are known (from the registry or a saved copy).
+    pub fn known(&self) -> bool {
+        self.doc.read().unwrap_or_else(|p| p.into_inner()).source
+            != detour_registry_sync::docs::DocSource::Default
+    }
+
+    /// Follows the rules document for as long as `doc` lives.
     pub fn follow(
         self: &Arc<Self>,
-        doc: watch::Receiver<Option<Arc<[u8]>>>,
+        mut doc: watch::Receiver<Followed>,
     ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
-        detour_registry_sync::follow_doc(doc, move |bytes| me.apply(bytes))
+        tokio::spawn(async move {
+            loop {
+                let next = doc.borrow_and_update().clone();
+                me.apply_followed(&next);
+                if doc.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Takes the document as followed: unknown changes nothing.
+    pub fn apply_followed(&self, doc: &Followed) {
+        if !doc.known() {
+            return;
+        }
+        let was_known = self.known();
+        *self.doc.write().unwrap_or_else(|p| p.into_inner()) = doc.status();
+        self.apply(doc.bytes.as_deref());
+        if !was_known {
+            // Control sessions hold their switches until the rules are known: wake them.
+            self.rules.send_modify(|_| {});
+        }
     }
 
     /// Takes a new rules document (`None`: there is none).
@@ -135,6 +173,7 @@ impl Gray {
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
+            document: *self.doc.read().unwrap_or_else(|p| p.into_inner()),
         }
     }
 }
@@ -142,6 +181,35 @@ impl Gray {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_rules_change_nothing_until_known() {
+        use detour_registry_sync::docs::DocSource;
+        let g = Gray::new(HostId::new("web-1").unwrap());
+        let orders = ServiceName::new("orders").unwrap();
+        let off = br#"{"version":1,"rules":[{"id":"r","mesh":"off","service":"orders"}]}"#;
+        assert!(!g.known());
+        g.apply_followed(&Followed {
+            source: DocSource::Disk,
+            revision: 3,
+            bytes: Some(Arc::from(&off[..])),
+        });
+        assert!(
+            g.known() && !g.mesh_on(&orders),
+            "the saved rules apply at once"
+        );
+        assert_eq!(g.state().document.source, DocSource::Disk);
+        // An unknown document (a follower never goes back to it) changes nothing.
+        g.apply_followed(&Followed::unknown());
+        assert!(!g.mesh_on(&orders));
+        g.apply_followed(&Followed {
+            source: DocSource::Registry,
+            revision: 4,
+            bytes: None,
+        });
+        assert!(g.mesh_on(&orders), "the registry's word wins");
+        assert_eq!(g.state().document.revision, 4);
+    }
 
     #[test]
     fn rules_apply_and_a_broken_document_keeps_the_last_good_ones() {

@@ -3,7 +3,9 @@
 //! by the registry's policy document (`policy/services`), which is followed live: a change
 //! applies to the next request of that service, with no restart. A document that does not parse
 //! leaves the last good one in force; a malformed service entry is left out. Both are logged
-//! and counted (`detour_policy_invalid_total`).
+//! and counted (`detour_policy_invalid_total`). The registry's document is followed with the
+//! copy saved in the state directory before the registry answers; while it is unknown the
+//! config's policy applies.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use detour_proto::ServiceName;
+use detour_registry_sync::docs::{DocStatus, Followed};
 use detour_registry_sync::policy::{PolicyDoc, PolicyOverride};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -122,6 +125,8 @@ pub struct Policies {
     registry: RwLock<Arc<BTreeMap<ServiceName, PolicyOverride>>>,
     /// Bumped on every change of the registry's overrides.
     generation: AtomicU64,
+    /// Where the registry's overrides in force came from.
+    doc: RwLock<DocStatus>,
 }
 
 impl Policies {
@@ -132,7 +137,13 @@ impl Policies {
             configured: cfg.policies.clone(),
             registry: RwLock::new(Arc::new(BTreeMap::new())),
             generation: AtomicU64::new(0),
+            doc: RwLock::new(Followed::unknown().status()),
         })
+    }
+
+    /// Where the registry's overrides in force came from.
+    pub fn document(&self) -> DocStatus {
+        *self.doc.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Changes with every registry change (callers caching a policy compare it).
@@ -177,13 +188,30 @@ impl Policies {
             .clone()
     }
 
-    /// Follows `doc` (the registry's policy document) for as long as it lives.
+    /// Follows the policy document for as long as `doc` lives.
     pub fn follow(
         self: &Arc<Self>,
-        doc: watch::Receiver<Option<Arc<[u8]>>>,
+        mut doc: watch::Receiver<Followed>,
     ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
-        detour_registry_sync::follow_doc(doc, move |bytes| me.apply(bytes))
+        tokio::spawn(async move {
+            loop {
+                let next = doc.borrow_and_update().clone();
+                me.apply_followed(&next);
+                if doc.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Takes the document as followed: unknown changes nothing (the config's policy applies).
+    pub fn apply_followed(&self, doc: &Followed) {
+        if !doc.known() {
+            return;
+        }
+        *self.doc.write().unwrap_or_else(|p| p.into_inner()) = doc.status();
+        self.apply(doc.bytes.as_deref());
     }
 
     /// Takes a new policy document (`None`: there is none).

@@ -1,6 +1,6 @@
 //! The catalog's disk cache on real sidecar processes with the registry unreachable: a valid
-//! cache carries the traffic, a garbage entry is skipped and counted, and an unusable cache is
-//! reported without stopping the sidecar.
+//! cache carries the traffic, a garbage entry is skipped and counted, and a damaged cache file is
+//! reported and moved aside without stopping the sidecar.
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
@@ -26,7 +26,7 @@ async fn a_cache_with_garbage_still_routes_what_it_can_while_the_registry_is_dow
         .unwrap();
     let hello = ServiceName::new("hello").unwrap();
     {
-        let cache = DiskCache::open(&mesh.root().join("h1").join("catalog.sled")).unwrap();
+        let cache = DiskCache::open(&mesh.root().join("h1").join("catalog.redb")).unwrap();
         let ep = Endpoint::new(
             hello.clone(),
             InstanceId::new("p1").unwrap(),
@@ -68,12 +68,13 @@ async fn a_cache_with_garbage_still_routes_what_it_can_while_the_registry_is_dow
 }
 
 #[tokio::test]
-async fn an_unusable_cache_is_reported_and_the_sidecar_serves_without_it() {
+async fn a_damaged_cache_is_reported_moved_aside_and_the_sidecar_serves_without_it() {
     let mut mesh = Mesh::new();
     mesh.use_registry(&dead_etcd());
-    // A regular file where the cache directory should be.
-    std::fs::create_dir_all(mesh.root().join("h1")).unwrap();
-    std::fs::write(mesh.root().join("h1").join("catalog.sled"), b"garbage").unwrap();
+    // Garbage where the cache file should be.
+    let h1 = mesh.root().join("h1");
+    std::fs::create_dir_all(&h1).unwrap();
+    std::fs::write(h1.join("catalog.redb"), vec![0x42; 256 << 10]).unwrap();
     mesh.start("h1", "127.0.0.1", &[]).await;
     let admin = mesh.admin("h1");
     assert_eq!(admin_get(&admin, "/ready").await.0, 200);
@@ -82,7 +83,8 @@ async fn an_unusable_cache_is_reported_and_the_sidecar_serves_without_it() {
         Some(1.0)
     );
     let log = std::fs::read_to_string(mesh.sidecar("h1").run_dir.join("sidecar.log")).unwrap();
-    assert!(log.contains("catalog disk cache unusable"), "{log}");
+    assert!(log.contains("catalog disk cache damaged"), "{log}");
+    assert!(h1.join("catalog.corrupt").exists(), "kept aside for a look");
     // With neither registry nor cache, a call gets a clear answer rather than a hang.
     let hello = ServiceName::new("hello").unwrap();
     let client = mesh.client("h1", AppProtocol::Http1);

@@ -7,7 +7,9 @@
 //! breaks, and a session that cannot be opened make it leave the mesh at once. `handing_over`
 //! (the sidecar is being upgraded) is no fault: the SDK stops reusing its connections to that
 //! process and reconnects at once — to its successor, which took the sockets over. Snapshots are also written to a file (when configured) so an app that
-//! starts while its sidecar is down can still call directly.
+//! starts while its sidecar is down can still call directly; the file also keeps which
+//! services the sidecar switched off the mesh (a gray rule or a rollback), so an app restarted
+//! while its sidecar is away keeps calling them direct until the sidecar says otherwise.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -65,53 +67,68 @@ struct Shared {
     snapshot_file: Option<PathBuf>,
 }
 
-/// The snapshot file: every service's last endpoints.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// The snapshot file: every service's last endpoints, and the services switched off the mesh.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct SnapshotFile {
     format: u32,
     services: BTreeMap<ServiceName, Vec<Endpoint>>,
+    /// Services the sidecar last switched off the mesh (absent in files of older SDKs).
+    #[serde(default)]
+    mesh_off: BTreeSet<ServiceName>,
+}
+
+/// What a snapshot file holds, as read.
+#[derive(Debug, Default)]
+struct Kept {
+    snapshots: HashMap<ServiceName, Arc<Snapshot>>,
+    mesh_off: BTreeSet<ServiceName>,
 }
 
 /// Reads a snapshot file; a missing file is empty, a corrupt one is reported and ignored.
-fn load_snapshot_file(path: &Path) -> HashMap<ServiceName, Arc<Snapshot>> {
+fn load_snapshot_file(path: &Path) -> Kept {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Kept::default(),
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "cannot read the snapshot file");
-            return HashMap::new();
+            return Kept::default();
         }
     };
     match serde_json::from_slice::<SnapshotFile>(&bytes) {
-        Ok(f) if f.format == 1 => f
-            .services
-            .into_iter()
-            .map(|(k, endpoints)| {
-                (
-                    k,
-                    Arc::new(Snapshot {
-                        revision: 0,
-                        endpoints,
-                    }),
-                )
-            })
-            .collect(),
+        Ok(f) if f.format == 1 => Kept {
+            snapshots: f
+                .services
+                .into_iter()
+                .map(|(k, endpoints)| {
+                    (
+                        k,
+                        Arc::new(Snapshot {
+                            revision: 0,
+                            endpoints,
+                        }),
+                    )
+                })
+                .collect(),
+            mesh_off: f.mesh_off,
+        },
         Ok(f) => {
             tracing::warn!(file = %path.display(), format = f.format, "ignoring a snapshot file of an unknown format");
-            HashMap::new()
+            Kept::default()
         }
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "ignoring a corrupt snapshot file");
             metrics::counter!("detour_sdk_snapshot_file_errors_total").increment(1);
-            HashMap::new()
+            Kept::default()
         }
     }
 }
 
-/// Writes every snapshot to `path` atomically (write, fsync, rename).
+/// Writes every snapshot and the switched-off services to `path` atomically (write, fsync,
+/// rename).
 fn write_snapshot_file(
     path: &Path,
     snaps: &HashMap<ServiceName, Arc<Snapshot>>,
+    mesh_off: BTreeSet<ServiceName>,
 ) -> std::io::Result<()> {
     let file = SnapshotFile {
         format: 1,
@@ -119,8 +136,53 @@ fn write_snapshot_file(
             .iter()
             .map(|(k, v)| (k.clone(), v.endpoints.clone()))
             .collect(),
+        mesh_off,
     };
     detour_proto::files::write_atomic(path, &serde_json::to_vec(&file)?, 0o644)
+}
+
+impl Shared {
+    /// The services switched off the mesh now.
+    fn mesh_off(&self) -> BTreeSet<ServiceName> {
+        self.switches
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, l)| l.state() == LinkState::Fallback)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Writes the snapshot file, when there is one.
+    fn save(&self) {
+        let Some(path) = &self.snapshot_file else {
+            return;
+        };
+        let snaps = self
+            .snapshots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Err(e) = write_snapshot_file(path, &snaps, self.mesh_off()) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot write the snapshot file");
+        }
+    }
+
+    /// A switch for `service`, made on first use.
+    fn switch(&self, service: &ServiceName) -> Arc<LinkHandle> {
+        let mut switches = self.switches.write().unwrap_or_else(|p| p.into_inner());
+        switches
+            .entry(service.clone())
+            .or_insert_with(|| {
+                Arc::new(LinkHandle::new(
+                    SERVICE_NAMES,
+                    service.to_string(),
+                    self.switch_cfg,
+                    false,
+                ))
+            })
+            .clone()
+    }
 }
 
 /// A running control session; dropping it stops the task.
@@ -148,12 +210,12 @@ impl ControlSession {
         snapshot_file: Option<PathBuf>,
     ) -> Self {
         let pool = pools[0].clone();
-        let snapshots = snapshot_file
+        let kept = snapshot_file
             .as_deref()
             .map(load_snapshot_file)
             .unwrap_or_default();
         let shared = Arc::new(Shared {
-            snapshots: RwLock::new(snapshots),
+            snapshots: RwLock::new(kept.snapshots),
             interest: Mutex::new(BTreeSet::new()),
             tx: Mutex::new(None),
             link,
@@ -166,6 +228,10 @@ impl ControlSession {
             },
             snapshot_file,
         });
+        // Switches kept from an earlier run hold until the sidecar decides again.
+        for service in &kept.mesh_off {
+            shared.switch(service).event(Event::MeshOff);
+        }
         let (state_tx, state) = watch::channel(None);
         let channel = SidecarChannel { pool, sidecar };
         let task = tokio::spawn(run(channel, app, shared.clone(), state_tx));
@@ -353,35 +419,23 @@ async fn session(
                         endpoints,
                     }),
                 );
-                if let Some(path) = &shared.snapshot_file
-                    && let Err(e) = write_snapshot_file(path, &snaps)
-                {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot write the snapshot file");
-                }
+                drop(snaps);
+                shared.save();
             }
             Some(Pb::Mesh(m)) => {
                 let Ok(service) = ServiceName::new(m.service) else {
                     continue;
                 };
-                let link = {
-                    let mut switches = shared.switches.write().unwrap_or_else(|p| p.into_inner());
-                    switches
-                        .entry(service.clone())
-                        .or_insert_with(|| {
-                            Arc::new(LinkHandle::new(
-                                SERVICE_NAMES,
-                                service.to_string(),
-                                shared.switch_cfg,
-                                false,
-                            ))
-                        })
-                        .clone()
-                };
+                let link = shared.switch(&service);
+                let was_off = link.state() == LinkState::Fallback;
                 link.event(if m.mesh_on {
                     Event::MeshOn
                 } else {
                     Event::MeshOff
                 });
+                if was_off != (link.state() == LinkState::Fallback) {
+                    shared.save();
+                }
             }
             None => {}
         }
@@ -437,7 +491,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap.json");
         assert!(
-            load_snapshot_file(&path).is_empty(),
+            load_snapshot_file(&path).snapshots.is_empty(),
             "a missing file is empty"
         );
         let ep: Endpoint = serde_json::from_str(
@@ -452,20 +506,25 @@ mod tests {
                 endpoints: vec![ep.clone()],
             }),
         );
-        write_snapshot_file(&path, &snaps).unwrap();
+        let off: BTreeSet<ServiceName> = [ServiceName::new("payments").unwrap()].into();
+        write_snapshot_file(&path, &snaps, off.clone()).unwrap();
         let back = load_snapshot_file(&path);
         assert_eq!(
-            back[&ServiceName::new("hello").unwrap()].endpoints,
+            back.snapshots[&ServiceName::new("hello").unwrap()].endpoints,
             vec![ep]
         );
+        assert_eq!(back.mesh_off, off);
+        // A file of an SDK from before the switches were kept still reads.
+        std::fs::write(&path, br#"{"format":1,"services":{}}"#).unwrap();
+        assert!(load_snapshot_file(&path).mesh_off.is_empty());
         std::fs::write(&path, b"\x00garbage{").unwrap();
         assert!(
-            load_snapshot_file(&path).is_empty(),
+            load_snapshot_file(&path).snapshots.is_empty(),
             "a corrupt file is ignored"
         );
         std::fs::write(&path, br#"{"format":9,"services":{}}"#).unwrap();
         assert!(
-            load_snapshot_file(&path).is_empty(),
+            load_snapshot_file(&path).snapshots.is_empty(),
             "an unknown format is ignored"
         );
     }

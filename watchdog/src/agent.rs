@@ -2,7 +2,9 @@
 //! with backoff when it exits, kills and restarts it when it hangs, replaces it without loss when
 //! it outgrows its memory ceiling, marks the host `failed` while it crash-loops — and runs
 //! upgrades and rollbacks by socket hand-over. When to restart is `supervise.rs`; what stays
-//! in the registry meanwhile is `held.rs`.
+//! in the registry meanwhile is `held.rs`; what survives a restart of the watchdog is
+//! `kept.rs`. The gray rules it follows are saved in the state directory too; while they are
+//! unknown (no registry answer and no saved copy) the sidecar's binary does not change.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -16,18 +18,16 @@ use detour_registry_sync::now_unix_ms;
 use http::Request;
 use http_body_util::BodyExt;
 use nix::sys::signal::Signal;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::agent_config::Config;
 use crate::api::{Command, Status, UpgradeDone, UpgradeTo};
 use crate::held::Held;
+use crate::kept::{Binaries, Kept};
 use crate::proc::{Exit, Launch, SidecarProc};
 use crate::supervise::Supervisor;
+use detour_registry_sync::docs::Followed;
 use detour_registry_sync::gray::RuleSet;
-
-/// The file, in the run directory, where the binaries to run are kept across restarts.
-pub const BINARIES_FILE: &str = "watchdog-binaries.json";
 
 /// How often a starting sidecar is checked for readiness.
 const TICK: Duration = Duration::from_millis(50);
@@ -40,16 +40,6 @@ pub enum Stopped {
     Left,
     /// Shut down: the sidecar drained and the host's registrations withdrawn.
     Shutdown,
-}
-
-/// The binary the sidecar runs, the one before it, and the one it ran before a gray version
-/// rule moved it (where it goes back when the rule goes).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Binaries {
-    current: PathBuf,
-    previous: Option<PathBuf>,
-    #[serde(default)]
-    baseline: Option<PathBuf>,
 }
 
 /// What the gray rules say this host should run.
@@ -82,8 +72,10 @@ pub struct Agent {
     binaries: Binaries,
     /// Connections to the sidecar's admin API (readiness and liveness).
     admin: Arc<Pool>,
-    /// The gray rules document (version rules choose the binary).
-    rules_doc: tokio::sync::watch::Receiver<Option<Arc<[u8]>>>,
+    /// The gray rules document (version rules choose the binary), with its saved copy.
+    rules_doc: tokio::sync::watch::Receiver<Followed>,
+    /// Whether the rules are known (until they are, the binary does not change).
+    rules_known: bool,
     /// The last well-formed rules.
     rules: RuleSet,
     /// A binary a rule asked for that could not be started (not tried again until the rules
@@ -95,25 +87,38 @@ pub struct Agent {
 
 impl Agent {
     /// An agent for `cfg`, keeping registrations in `held`, reporting in `status`, taking
-    /// `cmds` from the API.
+    /// `cmds` from the API; it carries on from the state an earlier watchdog kept.
     pub fn new(
         cfg: Arc<Config>,
         held: Arc<Held>,
         status: Arc<Mutex<Status>>,
         cmds: mpsc::Receiver<Command>,
-        rules_doc: tokio::sync::watch::Receiver<Option<Arc<[u8]>>>,
+        rules_doc: tokio::sync::watch::Receiver<Followed>,
     ) -> Agent {
-        let kept = std::fs::read(cfg.sidecar.run_dir.join(BINARIES_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Binaries>(&b).ok())
-            .filter(|b| b.current.is_file());
-        let binaries = kept.unwrap_or_else(|| Binaries {
-            current: cfg.sidecar_binary.clone(),
-            previous: None,
-            baseline: None,
+        let kept = crate::kept::load(&cfg.sidecar.state_dir, &cfg.sidecar.run_dir)
+            .filter(|k| k.binaries.current.is_file());
+        let sup = match &kept {
+            Some(k) => Supervisor::restore(cfg.policy, &k.memory(), Instant::now()),
+            None => Supervisor::new(cfg.policy),
+        };
+        let kept = kept.unwrap_or_else(|| {
+            Kept::new(Binaries {
+                current: cfg.sidecar_binary.clone(),
+                previous: None,
+                baseline: None,
+            })
         });
+        {
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            s.restarts = kept.restarts;
+            s.last_exit = kept.last_exit.clone();
+            s.last_upgrade = kept.last_upgrade.clone();
+            s.rule_version = kept.rule_version.clone();
+            s.crash_loop = sup.crash_loop();
+            s.recent_crashes = sup.recent_crashes();
+        }
         Agent {
-            sup: Supervisor::new(cfg.policy),
+            sup,
             admin: Pool::new(PoolOptions {
                 connect_timeout: cfg.probe_timeout,
                 ..PoolOptions::default()
@@ -122,8 +127,9 @@ impl Agent {
             held,
             status,
             cmds,
-            binaries,
+            binaries: kept.binaries,
             rules_doc,
+            rules_known: false,
             rules: RuleSet::default(),
             refused: None,
             since_unix_ms: 0,
@@ -133,7 +139,10 @@ impl Agent {
     /// Takes the rules document as it is now; true when the well-formed rules changed.
     fn read_rules(&mut self) -> bool {
         let doc = self.rules_doc.borrow_and_update().clone();
-        let set = match doc.as_deref().map(RuleSet::parse) {
+        if !doc.known() {
+            return false;
+        }
+        let set = match doc.bytes.as_deref().map(RuleSet::parse) {
             None => RuleSet::default(),
             Some(Ok((set, errors))) => {
                 for e in &errors {
@@ -146,7 +155,15 @@ impl Agent {
                 return false;
             }
         };
-        let changed = set != self.rules;
+        let changed = !self.rules_known || set != self.rules;
+        if !self.rules_known {
+            tracing::info!(
+                source = doc.source.as_str(),
+                revision = doc.revision,
+                "gray rules known"
+            );
+        }
+        self.rules_known = true;
         self.rules = set;
         if changed {
             self.refused = None;
@@ -154,8 +171,12 @@ impl Agent {
         changed
     }
 
-    /// The binary the rules want this host to run, if they say.
+    /// The binary the rules want this host to run, if they say (nothing while they are
+    /// unknown: a watchdog that cannot read the rules moves nothing).
     fn wanted(&self) -> Option<Wanted> {
+        if !self.rules_known {
+            return None;
+        }
         let rule = self.rules.version(&self.cfg.sidecar.host);
         match rule.and_then(|r| r.sidecar.as_ref().map(|v| (r, v))) {
             Some((r, v)) if !v.baseline => Some(Wanted {
@@ -193,6 +214,7 @@ impl Agent {
                 ))
             });
             self.refused = Some(wanted.binary);
+            self.keep();
             return None;
         }
         // Entering a rule's binary remembers where to come back to; coming back forgets it.
@@ -206,8 +228,8 @@ impl Agent {
                 } else if self.binaries.baseline.is_none() {
                     self.binaries.baseline = Some(from);
                 }
-                self.keep_binaries();
                 self.set(|s| s.rule_version = wanted.label.clone());
+                self.keep();
                 Some(new)
             }
             Err(e) => {
@@ -226,6 +248,24 @@ impl Agent {
         &self.cfg.sidecar.run_dir
     }
 
+    /// Writes what a restarted watchdog carries on from (`kept.rs`).
+    fn keep(&self) {
+        let mut k = Kept::new(self.binaries.clone());
+        k.set_memory(&self.sup.memory(Instant::now()));
+        {
+            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            k.restarts = s.restarts;
+            k.last_exit = s.last_exit.clone();
+            k.last_upgrade = s.last_upgrade.clone();
+            k.rule_version = s.rule_version.clone();
+        }
+        if let Err(e) = crate::kept::save(&self.cfg.sidecar.state_dir, &k) {
+            tracing::warn!(error = %e, "cannot keep the watchdog's state on disk");
+            metrics::counter!("detour_state_file_errors_total", "file" => crate::kept::STATE_FILE)
+                .increment(1);
+        }
+    }
+
     /// Runs until `stop` resolves (the sidecar is left running) or a shutdown is asked for.
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Stopped {
         tokio::pin!(stop);
@@ -236,6 +276,14 @@ impl Agent {
             s.sidecar_state = "down".into();
         });
         self.read_rules();
+        if self.sup.crash_loop() {
+            // A crash loop survives a restart of the watchdog: the host stays marked `failed`
+            // whatever the sidecar says, until it has stayed ready long enough.
+            if let Err(e) = self.held.mark(Some(SidecarState::Failed)).await {
+                tracing::warn!(error = %e, "cannot publish the host status");
+            }
+            metrics::gauge!("detour_watchdog_crash_loop").set(1.0);
+        }
         let mut next = SidecarProc::adopt(self.run_dir(), &self.cfg.sidecar_config);
         if let Some(sc) = &next {
             tracing::info!(pid = sc.pid, binary = %sc.binary.display(), "adopted the running sidecar");
@@ -308,6 +356,7 @@ impl Agent {
         }
         metrics::gauge!("detour_watchdog_crash_loop").set(if crash_loop { 1.0 } else { 0.0 });
         metrics::gauge!("detour_watchdog_sidecar_ready").set(0.0);
+        self.keep();
         let mark = if crash_loop {
             SidecarState::Failed
         } else {
@@ -388,6 +437,7 @@ impl Agent {
                         self.set(|s| s.crash_loop = false);
                         metrics::gauge!("detour_watchdog_crash_loop").set(0.0);
                         let _ = self.held.mark(None).await;
+                        self.keep();
                     }
                     if killed.is_some() {
                         continue;
@@ -584,6 +634,7 @@ impl Agent {
             s.upgrade = "idle".into();
             s.last_upgrade = Some(format!("{result}: {line}"));
         });
+        self.keep();
         outcome
     }
 
@@ -637,7 +688,7 @@ impl Agent {
         }
         let previous = std::mem::replace(&mut self.binaries.current, binary.to_owned());
         self.binaries.previous = Some(previous.clone());
-        self.keep_binaries();
+        self.keep();
         let prev = self.binaries.previous.clone();
         self.set(|s| {
             s.binary = binary.to_owned();
@@ -657,18 +708,6 @@ impl Agent {
             "upgrade done"
         );
         Ok((new, done))
-    }
-
-    fn keep_binaries(&self) {
-        let path = self.run_dir().join(BINARIES_FILE);
-        let tmp = path.with_extension("tmp");
-        let res = serde_json::to_vec(&self.binaries)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "cannot keep the binaries on disk");
-        }
     }
 
     /// Drains the sidecar and withdraws the host's registrations.

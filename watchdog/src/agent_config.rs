@@ -1,7 +1,9 @@
 //! The watchdog's configuration: one TOML file, every key overridable by a
 //! `DETOUR_WATCHDOG__<SECTION>__<KEY>` environment variable, validated as a whole before anything
-//! starts. The host, registry and run directory are the sidecar's: the watchdog reads them from
-//! the sidecar's own config file (`sidecar.config`), so the two can never disagree.
+//! starts. The host, registry, run and state directories are the sidecar's: the watchdog reads
+//! them from the sidecar's own config file (`sidecar.config`), so the two can never disagree —
+//! those keys only ([`SidecarView`]): every other key of that file is the sidecar's business,
+//! so a sidecar release that adds a key never stops an older watchdog.
 //!
 //! `docs/configuration.md` lists every key; keep the two in step.
 
@@ -9,7 +11,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use detour_proto::HostId;
 use detour_proto::config_file::{self, ConfigError};
+use detour_registry_sync::client_config::{RegistryClient, RegistryDirRaw, RegistryEtcdRaw};
 use serde::Deserialize;
 
 use crate::supervise::Policy;
@@ -163,6 +167,112 @@ impl Default for UpgradeRaw {
     }
 }
 
+/// The prefix of the sidecar's environment variables (they apply to its file here too).
+const SIDECAR_ENV_PREFIX: &str = "DETOUR_SIDECAR__";
+
+/// The keys of the sidecar's config file the watchdog reads, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+struct SidecarViewRaw {
+    host: String,
+    run_dir: PathBuf,
+    state_dir: PathBuf,
+    registry: String,
+    registry_dir: RegistryDirRaw,
+    registry_etcd: RegistryEtcdRaw,
+    lifecycle: LifecycleView,
+}
+
+impl Default for SidecarViewRaw {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            run_dir: PathBuf::from("run"),
+            state_dir: PathBuf::new(),
+            registry: "dir:registry".into(),
+            registry_dir: RegistryDirRaw::default(),
+            registry_etcd: RegistryEtcdRaw::default(),
+            lifecycle: LifecycleView::default(),
+        }
+    }
+}
+
+/// `[lifecycle]` of the sidecar: how long its stop may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+struct LifecycleView {
+    drain_timeout_ms: u64,
+    announce_ms: u64,
+}
+
+impl Default for LifecycleView {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 10_000,
+            announce_ms: 1000,
+        }
+    }
+}
+
+/// What the watchdog knows of its sidecar's config (with the sidecar's defaults).
+#[derive(Debug, Clone)]
+pub struct SidecarView {
+    /// The host.
+    pub host: HostId,
+    /// The sidecar's run directory (sockets, pid and address files).
+    pub run_dir: PathBuf,
+    /// The host's state directory (persistent): the watchdog keeps its own state there too.
+    pub state_dir: PathBuf,
+    /// The registry.
+    pub registry: RegistryClient,
+    /// The sidecar's graceful-stop bound.
+    pub drain_timeout: Duration,
+    /// How long the sidecar announces a drain.
+    pub announce: Duration,
+}
+
+impl SidecarView {
+    /// Reads the keys the watchdog needs from the sidecar's config `text` (environment
+    /// overrides apply as they do for the sidecar); every other key is ignored.
+    pub fn parse(
+        name: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<SidecarView, ConfigError> {
+        let loaded =
+            config_file::load_known::<SidecarViewRaw>(name, text, SIDECAR_ENV_PREFIX, env)?;
+        loaded.validate(name, |raw| {
+            let mut p = Vec::new();
+            let host = HostId::new(raw.host.clone())
+                .map_err(|e| p.push(format!("host: {e}")))
+                .ok();
+            let registry = RegistryClient::validate(
+                &raw.registry,
+                &raw.registry_dir,
+                &raw.registry_etcd,
+                &raw.run_dir,
+                &mut p,
+            );
+            let state_dir = if raw.state_dir.as_os_str().is_empty() {
+                raw.run_dir.clone()
+            } else {
+                raw.state_dir.clone()
+            };
+            match (host, registry) {
+                (Some(host), Some(registry)) if p.is_empty() => Ok(SidecarView {
+                    host,
+                    run_dir: raw.run_dir,
+                    state_dir,
+                    registry,
+                    drain_timeout: Duration::from_millis(raw.lifecycle.drain_timeout_ms),
+                    announce: Duration::from_millis(raw.lifecycle.announce_ms),
+                }),
+                _ => Err(p),
+            }
+        })
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -170,8 +280,8 @@ pub struct Config {
     pub sidecar_binary: PathBuf,
     /// The sidecar's config file.
     pub sidecar_config: PathBuf,
-    /// The sidecar's config, as the sidecar reads it (host, registry, run directory).
-    pub sidecar: detour_sidecar::config::Config,
+    /// The keys of the sidecar's config the watchdog reads (host, registry, directories).
+    pub sidecar: SidecarView,
     /// The read-only admin listener.
     pub admin_listen: SocketAddr,
     /// The whole API's Unix socket.
@@ -228,7 +338,7 @@ impl Config {
             match text {
                 Ok(t) => {
                     let n = sidecar_config.display().to_string();
-                    detour_sidecar::config::Config::parse(&n, &t, env)
+                    SidecarView::parse(&n, &t, env)
                         .map_err(|e| problems.push(format!("sidecar.config: {e}")))
                         .ok()
                 }
@@ -367,6 +477,39 @@ mod tests {
         let cfg = Config::parse(&dir.path().join("watchdog.toml"), &text, Vec::new()).unwrap();
         assert_eq!(cfg.memory_limit, Some(512 << 20));
         assert_eq!(cfg.admin_unix, PathBuf::from("/run/detour/watchdog.sock"));
+        assert_eq!(cfg.sidecar.state_dir, PathBuf::from("/var/lib/detour"));
+    }
+
+    #[test]
+    fn keys_of_a_newer_sidecar_are_not_the_watchdogs_business() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("sidecar.toml"),
+            "host = \"h1\"\nrun_dir = \"/tmp/r\"\nstate_dir = \"/tmp/s\"\nfeature_of_tomorrow = 1\n[new_section]\nkey = \"v\"\n[proxy]\nbalance = \"p2c\"\nnot_yet_known = true\n",
+        )
+        .unwrap();
+        let cfg = Config::parse(
+            &dir.path().join("watchdog.toml"),
+            "[sidecar]\nconfig = \"sidecar.toml\"\n",
+            env(&[("DETOUR_SIDECAR__ANOTHER__NEW_KEY", "1")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.sidecar.state_dir, PathBuf::from("/tmp/s"));
+        assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+        // A key the watchdog reads must still be right.
+        std::fs::write(
+            dir.path().join("sidecar.toml"),
+            "host = \"\"\nregistry = \"zk:x\"\n",
+        )
+        .unwrap();
+        let err = Config::parse(
+            &dir.path().join("watchdog.toml"),
+            "[sidecar]\nconfig = \"sidecar.toml\"\n",
+            Vec::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("host") && err.contains("registry"), "{err}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use detour_core::BoxBody;
 use detour_core::body::full;
-use detour_proto::{HostId, HostPublication};
+use detour_proto::{HostId, HostPublication, PUBLICATION_PROTOCOL, PUBLICATION_PROTOCOL_HEADER};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -203,7 +203,7 @@ impl Api {
             (Method::GET, "/metrics", _) => {
                 let mut r = text(
                     StatusCode::OK,
-                    &detour_sidecar::telemetry::prometheus().render(),
+                    &detour_registry_sync::telemetry::prometheus().render(),
                 );
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -252,7 +252,8 @@ impl Api {
         let mark = self.held.current_mark().await.map(|m| m.as_str());
         let body = serde_json::json!({
             "host": self.host,
-            "version": detour_sidecar::VERSION,
+            "version": crate::VERSION,
+            "publication_protocol": PUBLICATION_PROTOCOL,
             "watchdog": self.status(),
             "held": { "mark": mark, "publication": publication },
         });
@@ -265,14 +266,38 @@ impl Api {
     }
 
     async fn publication(&self, p: HostPublication) -> Response<BoxBody> {
-        match self.held.apply(p).await {
-            Ok(()) => text(StatusCode::OK, "held\n"),
-            Err(e) => {
-                tracing::warn!(error = %e, "refused a publication");
-                metrics::counter!("detour_watchdog_publications_refused_total").increment(1);
-                text(StatusCode::UNPROCESSABLE_ENTITY, &format!("{e}\n"))
+        let mut r = if !(PUBLICATION_PROTOCOL - 1..=PUBLICATION_PROTOCOL + 1).contains(&p.protocol)
+        {
+            tracing::warn!(
+                sidecar = p.protocol,
+                watchdog = PUBLICATION_PROTOCOL,
+                "refused a publication of a protocol this watchdog does not speak"
+            );
+            metrics::counter!("detour_watchdog_publications_refused_total").increment(1);
+            text(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!(
+                    "publication protocol {} is not one this watchdog takes ({} to {})\n",
+                    p.protocol,
+                    PUBLICATION_PROTOCOL - 1,
+                    PUBLICATION_PROTOCOL + 1
+                ),
+            )
+        } else {
+            match self.held.apply(p).await {
+                Ok(()) => text(StatusCode::OK, "held\n"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "refused a publication");
+                    metrics::counter!("detour_watchdog_publications_refused_total").increment(1);
+                    text(StatusCode::UNPROCESSABLE_ENTITY, &format!("{e}\n"))
+                }
             }
-        }
+        };
+        r.headers_mut().insert(
+            PUBLICATION_PROTOCOL_HEADER,
+            HeaderValue::from(PUBLICATION_PROTOCOL),
+        );
+        r
     }
 
     async fn upgrade(&self, u: UpgradeRequest) -> Response<BoxBody> {

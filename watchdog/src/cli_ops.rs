@@ -12,6 +12,7 @@ use detour_proto::{HostId, ServiceName};
 use detour_registry_sync::RegistrySpec;
 use detour_registry_sync::gray::{Mesh, Origin, Rule, SidecarVersion};
 
+use crate::audit::Actor;
 use crate::ops::{self, Ops, OpsError, RollbackRequest};
 use crate::ops_view;
 
@@ -83,6 +84,9 @@ pub enum GrayCmd {
         /// The share of hosts it covers, 0–100 (always the same hosts).
         #[arg(long)]
         percent: Option<u8>,
+        /// Why (kept in the audit record).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// Lists the rules in force.
     List,
@@ -94,6 +98,9 @@ pub enum GrayCmd {
         /// Every rule.
         #[arg(long)]
         all: bool,
+        /// Why (kept in the audit record).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -179,6 +186,7 @@ pub async fn gray(cmd: GrayCmd, reg: RegistryArgs) -> ExitCode {
             service,
             hosts,
             percent,
+            reason,
         } => {
             let rule = Rule {
                 id,
@@ -193,9 +201,11 @@ pub async fn gray(cmd: GrayCmd, reg: RegistryArgs) -> ExitCode {
                 percent,
                 origin: Origin::Gray,
             };
-            ops.gray_set(rule).await
+            ops.gray_set(rule, &Actor::current(reason)).await
         }
-        GrayCmd::Clear { id, .. } => ops.gray_clear(id.as_deref()).await,
+        GrayCmd::Clear { id, reason, .. } => {
+            ops.gray_clear(id.as_deref(), &Actor::current(reason)).await
+        }
         GrayCmd::List => match ops.rules().await {
             Ok(r) => {
                 if reg.json {
@@ -298,6 +308,33 @@ pub async fn rollback(a: RollbackArgs) -> ExitCode {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// Runs `detourctl history`: every audit record (gray, rollback, policy changes), oldest first;
+/// `limit` keeps only the newest that many.
+pub async fn history(reg: RegistryArgs, limit: Option<usize>) -> ExitCode {
+    let ops = match open(&reg) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    let mut trail = match crate::audit::list(ops.store()).await {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    if let Some(n) = limit {
+        let skip = trail.len().saturating_sub(n);
+        trail.drain(..skip);
+    }
+    if reg.json {
+        println!("{}", ops_view::json(&trail));
+    } else if trail.is_empty() {
+        println!("no changes recorded");
+    } else {
+        for r in &trail {
+            println!("{}", crate::audit::line(r));
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Runs `detourctl status`; `admin` (a local sidecar's admin address) adds its protection view.

@@ -11,7 +11,9 @@ use clap::{Args, Subcommand};
 use detour_proto::ServiceName;
 use detour_registry_sync::POLICY_DOC;
 use detour_registry_sync::policy::{PolicyDoc, PolicyOverride};
-use detour_registry_sync::store::{Doc, Expect, Store};
+use detour_registry_sync::store::{Doc, Expect, Store, Write};
+
+use crate::audit::Actor;
 
 use crate::cli_ops::{RegistryArgs, fail, open};
 use crate::ops::OpsError;
@@ -28,6 +30,9 @@ pub enum PolicyCmd {
         service: String,
         #[command(flatten)]
         keys: PolicyKeys,
+        /// Why (kept in the audit record).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// Removes one service's overrides, or every one.
     Clear {
@@ -37,6 +42,9 @@ pub enum PolicyCmd {
         /// Every service.
         #[arg(long)]
         all: bool,
+        /// Why (kept in the audit record).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -124,15 +132,23 @@ async fn read(store: &dyn Store) -> Result<(Option<Doc>, Option<PolicyDoc>), Ops
     Ok((doc, parsed))
 }
 
-/// Applies `change` with compare-and-swap on the document's revision; returns the new
-/// document.
-pub async fn apply(store: &dyn Store, change: Change) -> Result<PolicyDoc, OpsError> {
+/// Applies `change` with compare-and-swap on the document's revision, with its audit record by
+/// `actor` in the same write; returns the new document.
+pub async fn apply(
+    store: &dyn Store,
+    change: Change,
+    actor: &Actor,
+) -> Result<PolicyDoc, OpsError> {
     let (doc, parsed) = match (&change, read(store).await) {
         (Change::Clear(None), Err(_)) => (store.get(POLICY_DOC).await?, None),
         (_, r) => r?,
     };
     let mut next = parsed.unwrap_or_default();
     next.malformed.clear();
+    let command = match change {
+        Change::Set(..) => "policy set",
+        Change::Clear(_) => "policy clear",
+    };
     match change {
         Change::Set(service, o) => {
             let merged = next
@@ -159,7 +175,24 @@ pub async fn apply(store: &dyn Store, change: Change) -> Result<PolicyDoc, OpsEr
     let expect = doc
         .as_ref()
         .map_or(Expect::Absent, |d| Expect::Revision(d.revision));
-    store.put(POLICY_DOC, next.to_bytes(), expect).await?;
+    let bytes = next.to_bytes();
+    let (_, trail) = crate::audit::record(
+        actor,
+        command,
+        POLICY_DOC,
+        doc.as_ref().map(|d| d.bytes.as_slice()),
+        Some(&bytes),
+    )?;
+    store
+        .put_all(vec![
+            Write {
+                key: POLICY_DOC.into(),
+                bytes,
+                expect,
+            },
+            trail,
+        ])
+        .await?;
     Ok(next)
 }
 
@@ -192,12 +225,21 @@ pub async fn policy(cmd: PolicyCmd, reg: RegistryArgs) -> ExitCode {
     let name = |s: String| ServiceName::new(s).map_err(|e| OpsError::Malformed(e.to_string()));
     let result = match cmd {
         PolicyCmd::List => read(ops.store()).await.map(|(_, d)| d.unwrap_or_default()),
-        PolicyCmd::Set { service, keys } => match name(service) {
-            Ok(s) => apply(ops.store(), Change::Set(s, keys.into_override())).await,
+        PolicyCmd::Set {
+            service,
+            keys,
+            reason,
+        } => match name(service) {
+            Ok(s) => {
+                let actor = Actor::current(reason);
+                apply(ops.store(), Change::Set(s, keys.into_override()), &actor).await
+            }
             Err(e) => Err(e),
         },
-        PolicyCmd::Clear { service, .. } => match service.map(name).transpose() {
-            Ok(s) => apply(ops.store(), Change::Clear(s)).await,
+        PolicyCmd::Clear {
+            service, reason, ..
+        } => match service.map(name).transpose() {
+            Ok(s) => apply(ops.store(), Change::Clear(s), &Actor::current(reason)).await,
             Err(e) => Err(e),
         },
     };

@@ -119,6 +119,7 @@ impl Held {
     /// Takes the sidecar's publication: registers what is new or changed, deregisters what
     /// is gone, and publishes its status (unless the watchdog's own mark overrides it).
     pub async fn apply(&self, p: HostPublication) -> Result<(), Refused> {
+        let forced = p.self_held;
         for e in &p.endpoints {
             if e.host != self.host {
                 return Err(Refused::OtherHost {
@@ -135,6 +136,21 @@ impl Held {
             return Err(Refused::OtherHostStatus(s.host.clone()));
         }
         let mut inner = self.inner.lock().await;
+        if forced {
+            // The sidecar kept the registrations alive itself while this watchdog was away (under
+            // its own lease): write every one of them again, and the status, under this
+            // watchdog's lease before answering, so the sidecar can let go of its copies.
+            tracing::info!(
+                endpoints = p.endpoints.len(),
+                "taking the registrations back from the sidecar"
+            );
+            inner.registered.clear();
+            inner.written = None;
+        }
+        let p = HostPublication {
+            self_held: false,
+            ..p
+        };
         let wanted: BTreeMap<_, _> = p
             .endpoints
             .iter()
@@ -276,6 +292,7 @@ mod tests {
             links: Default::default(),
             status: status(SidecarState::Ready),
             endpoints: vec![ep("h1", "a"), ep("h1", "b")],
+            ..HostPublication::default()
         })
         .await
         .unwrap();
@@ -289,6 +306,7 @@ mod tests {
             links: Default::default(),
             status: status(SidecarState::Ready),
             endpoints: vec![ep("h1", "a")],
+            ..HostPublication::default()
         })
         .await
         .unwrap();
@@ -305,6 +323,7 @@ mod tests {
                 links: Default::default(),
                 status: None,
                 endpoints: vec![ep("h2", "x")],
+                ..HostPublication::default()
             })
             .await
             .unwrap_err();
@@ -314,6 +333,32 @@ mod tests {
         let fresh = Arc::new(MemoryRegistry::new());
         let again = Held::restore(fresh.clone(), host.clone(), file.clone()).await;
         assert_eq!(fresh.watch(&svc).await.unwrap().borrow().endpoints.len(), 1);
+        // A publication the sidecar held itself while the watchdog was away is written again
+        // whole, even what this watchdog believes registered already.
+        fresh
+            .deregister(&svc, &InstanceId::new("a").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(fresh.watch(&svc).await.unwrap().borrow().endpoints.len(), 0);
+        let same = again.publication().await;
+        again.apply(same.clone()).await.unwrap();
+        assert_eq!(
+            fresh.watch(&svc).await.unwrap().borrow().endpoints.len(),
+            0,
+            "an unchanged publication writes nothing"
+        );
+        again
+            .apply(HostPublication {
+                self_held: true,
+                ..same
+            })
+            .await
+            .unwrap();
+        assert_eq!(fresh.watch(&svc).await.unwrap().borrow().endpoints.len(), 1);
+        assert!(
+            !again.publication().await.self_held,
+            "kept without the flag"
+        );
         again.withdraw().await.unwrap();
         assert!(!file.exists());
         // A garbage file is ignored.

@@ -6,11 +6,13 @@
 pub mod agent;
 pub mod agent_config;
 pub mod api;
+pub mod audit;
 pub mod certs;
 pub mod cli_ops;
 pub mod cli_policy;
 pub mod demo;
 pub mod held;
+pub mod kept;
 pub mod load;
 pub mod ops;
 pub mod ops_view;
@@ -20,3 +22,6 @@ pub mod provider;
 pub mod sidecar;
 pub mod supervise;
 pub mod watched;
+
+/// This build's version (as `--version` prints it).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -3,15 +3,17 @@
 //! sidecar versions back to their baseline) with its record, its undo and its history, and the
 //! status of every host and service.
 //!
-//! Every change is one compare-and-swap of the rules document (with the rollback record in the
-//! same write): an operator never overwrites a change they have not seen, and nothing is ever
-//! applied half-way.
+//! Every change is one compare-and-swap of the rules document (with the rollback record and the
+//! audit record, `audit.rs`, in the same write): an operator never overwrites a change they have
+//! not seen, and nothing is ever applied half-way.
 
 use detour_proto::{HostId, HostStatus, ServiceName};
 use detour_registry_sync::gray::{FORMAT, Mesh, Origin, Rule, RuleError, RuleSet, SidecarVersion};
 use detour_registry_sync::now_unix_ms;
 use detour_registry_sync::store::{Doc, Expect, Store, StoreError, Write};
 use serde::{Deserialize, Serialize};
+
+use crate::audit::{self, Actor};
 
 /// The rules document's key.
 pub const RULES: &str = "gray/rules";
@@ -150,7 +152,7 @@ impl Ops {
     }
 
     /// Adds `rule`, or replaces the rule with its id.
-    pub async fn gray_set(&self, rule: Rule) -> Result<RuleSet, OpsError> {
+    pub async fn gray_set(&self, rule: Rule, actor: &Actor) -> Result<RuleSet, OpsError> {
         rule.check()
             .map_err(|e| OpsError::Malformed(e.to_string()))?;
         if let Some(s) = rule.service.as_deref()
@@ -169,12 +171,13 @@ impl Ops {
             Some(x) => *x = rule,
             None => set.rules.push(rule),
         }
-        self.write_rules(&r.doc, &set, Vec::new()).await?;
+        self.write_rules(&r.doc, &set, Vec::new(), actor, "gray set")
+            .await?;
         Ok(set)
     }
 
     /// Removes the rule `id` (every rule when `None`).
-    pub async fn gray_clear(&self, id: Option<&str>) -> Result<RuleSet, OpsError> {
+    pub async fn gray_clear(&self, id: Option<&str>, actor: &Actor) -> Result<RuleSet, OpsError> {
         let doc = self.store.get(RULES).await?;
         let mut set = match &doc {
             Some(d) => RuleSet::parse(&d.bytes)
@@ -192,15 +195,20 @@ impl Ops {
                 }
             }
         }
-        self.write_rules(&doc, &set, Vec::new()).await?;
+        self.write_rules(&doc, &set, Vec::new(), actor, "gray clear")
+            .await?;
         Ok(set)
     }
 
+    /// Writes `set` over `doc` (compare-and-swap), with `more` and the audit record of
+    /// `command` by `actor` in the same transaction.
     async fn write_rules(
         &self,
         doc: &Option<Doc>,
         set: &RuleSet,
         mut more: Vec<Write>,
+        actor: &Actor,
+        command: &str,
     ) -> Result<Vec<u8>, OpsError> {
         set.check().map_err(|errors| {
             OpsError::Malformed(
@@ -216,6 +224,13 @@ impl Ops {
         let expect = doc
             .as_ref()
             .map_or(Expect::Absent, |d| Expect::Revision(d.revision));
+        let (_, trail) = audit::record(
+            actor,
+            command,
+            RULES,
+            doc.as_ref().map(|d| d.bytes.as_slice()),
+            Some(&bytes),
+        )?;
         more.insert(
             0,
             Write {
@@ -224,6 +239,7 @@ impl Ops {
                 expect,
             },
         );
+        more.push(trail);
         self.store.put_all(more).await?;
         Ok(bytes)
     }
@@ -304,6 +320,10 @@ impl Ops {
         let record_bytes =
             serde_json::to_vec(&record).map_err(|e| OpsError::Malformed(e.to_string()))?;
         let key = format!("rollback/{id}");
+        let actor = Actor {
+            user: record.user.clone(),
+            reason: record.reason.clone(),
+        };
         self.write_rules(
             &doc,
             &set,
@@ -312,6 +332,8 @@ impl Ops {
                 bytes: record_bytes,
                 expect: Expect::Absent,
             }],
+            &actor,
+            "rollback",
         )
         .await?;
         Ok(record)
@@ -351,6 +373,16 @@ impl Ops {
             .clone()
             .map(String::into_bytes)
             .unwrap_or_else(|| serde_json::to_vec_pretty(&empty()).unwrap_or_default());
+        let (_, trail) = audit::record(
+            &Actor {
+                user: user.clone(),
+                reason: format!("undo of {}", record.id),
+            },
+            "rollback undo",
+            RULES,
+            doc.as_ref().map(|d| d.bytes.as_slice()),
+            Some(&restored),
+        )?;
         record.undone = Some(Undone {
             at_unix_ms: now_unix_ms(),
             user,
@@ -370,6 +402,7 @@ impl Ops {
                 bytes: record_bytes,
                 expect: current_record.map_or(Expect::Absent, |d| Expect::Revision(d.revision)),
             },
+            trail,
         ];
         self.store.put_all(writes).await?;
         Ok(record)

@@ -31,6 +31,13 @@ fn rule(id: &str, mesh: Mesh) -> Rule {
     }
 }
 
+fn actor() -> Actor {
+    Actor {
+        user: "ops".into(),
+        reason: "test".into(),
+    }
+}
+
 fn request(service: Option<&str>) -> RollbackRequest {
     RollbackRequest {
         service: service.map(|s| ServiceName::new(s).unwrap()),
@@ -63,7 +70,9 @@ async fn a_rollback_is_recorded_and_undone_to_the_rules_it_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let _r = registry(dir.path()).await;
     let ops = ops(dir.path());
-    ops.gray_set(rule("base", Mesh::Off)).await.unwrap();
+    ops.gray_set(rule("base", Mesh::Off), &actor())
+        .await
+        .unwrap();
     let before = ops.rules().await.unwrap().doc.unwrap().bytes;
     let rec = ops.rollback(request(Some("orders"))).await.unwrap();
     assert_eq!(
@@ -84,6 +93,42 @@ async fn a_rollback_is_recorded_and_undone_to_the_rules_it_replaced() {
         ops.undo("ops".into()).await,
         Err(OpsError::Refused(_))
     ));
+    // Every change left an audit record, in order, with the documents before and after.
+    let trail = crate::audit::list(ops.store()).await.unwrap();
+    let commands: Vec<&str> = trail.iter().map(|r| r.command.as_str()).collect();
+    assert_eq!(commands, ["gray set", "rollback", "rollback undo"]);
+    assert!(trail[0].before.is_none());
+    assert_eq!(
+        trail[1].before.as_deref().map(str::as_bytes),
+        Some(&before[..])
+    );
+    assert_eq!(trail[1].reason, "why");
+    assert_eq!(
+        trail[2].after.as_deref().map(str::as_bytes),
+        Some(&before[..])
+    );
+    assert_eq!(trail[2].user, "ops2");
+}
+
+#[tokio::test]
+async fn audit_records_cannot_be_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let _r = registry(dir.path()).await;
+    let ops = ops(dir.path());
+    ops.gray_set(rule("a", Mesh::Off), &actor()).await.unwrap();
+    let trail = crate::audit::list(ops.store()).await.unwrap();
+    let key = format!("{}{}", crate::audit::AUDIT_PREFIX, trail[0].id);
+    // A write that expects the record to be absent (the only kind the commands make) fails.
+    let again = ops
+        .store()
+        .put(
+            &key,
+            b"{}".to_vec(),
+            detour_registry_sync::store::Expect::Absent,
+        )
+        .await;
+    assert!(again.is_err());
+    assert_eq!(crate::audit::list(ops.store()).await.unwrap(), trail);
 }
 
 #[tokio::test]
@@ -92,7 +137,9 @@ async fn undo_is_refused_once_the_rules_changed() {
     let _r = registry(dir.path()).await;
     let ops = ops(dir.path());
     ops.rollback(request(None)).await.unwrap();
-    ops.gray_set(rule("later", Mesh::On)).await.unwrap();
+    ops.gray_set(rule("later", Mesh::On), &actor())
+        .await
+        .unwrap();
     let after = ops.rules().await.unwrap().doc.unwrap().bytes;
     let e = ops.undo("ops".into()).await.unwrap_err();
     assert_eq!(e.exit_code(), 4, "{e}");
@@ -107,11 +154,11 @@ async fn bad_input_writes_nothing() {
     let ops = ops(dir.path());
     let mut r = rule("x", Mesh::Off);
     r.percent = Some(101);
-    assert_eq!(ops.gray_set(r).await.unwrap_err().exit_code(), 2);
+    assert_eq!(ops.gray_set(r, &actor()).await.unwrap_err().exit_code(), 2);
     let mut r = rule("x", Mesh::Off);
     r.service = Some("payments".into());
     assert!(matches!(
-        ops.gray_set(r).await,
+        ops.gray_set(r, &actor()).await,
         Err(OpsError::UnknownService(_))
     ));
     let mut req = request(None);
@@ -126,7 +173,7 @@ async fn bad_input_writes_nothing() {
     assert!(ops.rules().await.unwrap().doc.is_none());
     assert!(ops.history().await.unwrap().is_empty());
     assert!(matches!(
-        ops.gray_clear(Some("nope")).await,
+        ops.gray_clear(Some("nope"), &actor()).await,
         Err(OpsError::Refused(_))
     ));
 }
@@ -136,18 +183,18 @@ async fn of_two_operators_writing_from_the_same_rules_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _r = registry(dir.path()).await;
     let ops = ops(dir.path());
-    ops.gray_set(rule("a", Mesh::Off)).await.unwrap();
+    ops.gray_set(rule("a", Mesh::Off), &actor()).await.unwrap();
     // Both read the same document, then both write.
     let seen = ops.rules().await.unwrap();
     let mut mine = seen.set.clone();
     mine.rules.push(rule("mine", Mesh::On));
     let mut theirs = seen.set.clone();
     theirs.rules.push(rule("theirs", Mesh::On));
-    ops.write_rules(&seen.doc, &theirs, Vec::new())
+    ops.write_rules(&seen.doc, &theirs, Vec::new(), &actor(), "gray set")
         .await
         .unwrap();
     let e = ops
-        .write_rules(&seen.doc, &mine, Vec::new())
+        .write_rules(&seen.doc, &mine, Vec::new(), &actor(), "gray set")
         .await
         .unwrap_err();
     assert_eq!(e.exit_code(), 4, "{e}");

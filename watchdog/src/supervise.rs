@@ -53,6 +53,17 @@ pub struct Restart {
     pub crash_loop_began: bool,
 }
 
+/// What of a [`Supervisor`] outlives the watchdog process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// How long ago each unplanned exit in the window was, oldest first.
+    pub crash_ages: Vec<Duration>,
+    /// Whether the host is marked failed.
+    pub crash_loop: bool,
+    /// The next backoff.
+    pub backoff: Duration,
+}
+
 /// The supervision state of one host's sidecar.
 #[derive(Debug, Clone)]
 pub struct Supervisor {
@@ -87,6 +98,34 @@ impl Supervisor {
     /// Unplanned exits within the window, now.
     pub fn recent_crashes(&self) -> usize {
         self.crashes.len()
+    }
+
+    /// What a restarted watchdog needs to carry on: the age of every crash in the window (at
+    /// `now`), the crash-loop mark and the next backoff.
+    pub fn memory(&self, now: Instant) -> Memory {
+        Memory {
+            crash_ages: self
+                .crashes
+                .iter()
+                .map(|t| now.saturating_duration_since(*t))
+                .collect(),
+            crash_loop: self.crash_loop,
+            backoff: self.backoff,
+        }
+    }
+
+    /// A supervisor carrying on from `m` (taken by an earlier watchdog) at `now`.
+    pub fn restore(policy: Policy, m: &Memory, now: Instant) -> Self {
+        let mut s = Self::new(policy);
+        s.crashes = m
+            .crash_ages
+            .iter()
+            .filter(|age| **age <= policy.window)
+            .filter_map(|age| now.checked_sub(*age))
+            .collect();
+        s.crash_loop = m.crash_loop;
+        s.backoff = m.backoff.clamp(policy.backoff, policy.max_backoff);
+        s
     }
 
     /// The sidecar exited at `now`; `planned` when the watchdog caused it on purpose.
@@ -220,6 +259,36 @@ mod tests {
         assert!(s.tick(t0 + ms(34_000)), "ready 20 s: the mark clears");
         assert!(!s.crash_loop());
         assert!(!s.tick(t0 + ms(35_000)), "once");
+    }
+
+    #[test]
+    fn a_restored_supervisor_keeps_the_crash_loop_and_its_history() {
+        let t0 = Instant::now() + Duration::from_secs(100);
+        let mut s = Supervisor::new(policy());
+        s.on_exit(t0, false);
+        s.on_exit(t0 + ms(1_000), false);
+        assert!(s.on_exit(t0 + ms(2_000), false).crash_loop_began);
+        let m = s.memory(t0 + ms(3_000));
+        assert_eq!(m.crash_ages.len(), 3);
+        // A new watchdog, 2 s later by its own clock.
+        let t1 = t0 + ms(50_000);
+        let mut r = Supervisor::restore(policy(), &m, t1);
+        assert!(r.crash_loop(), "the mark survives");
+        assert_eq!(r.recent_crashes(), 3);
+        assert_eq!(
+            r.on_exit(t1 + ms(1), false).after,
+            ms(5_000),
+            "still looping"
+        );
+        // Crashes older than the window are not brought back.
+        let old = Memory {
+            crash_ages: vec![Duration::from_secs(3600), ms(10)],
+            crash_loop: false,
+            backoff: Duration::from_secs(3600),
+        };
+        let r = Supervisor::restore(policy(), &old, t1);
+        assert_eq!(r.recent_crashes(), 1);
+        assert_eq!(r.memory(t1).backoff, ms(800), "within the policy");
     }
 
     #[test]

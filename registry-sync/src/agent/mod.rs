@@ -1,9 +1,8 @@
 //! `detour-registry-sync`, the agent: a legacy source, the mirror loop into etcd, the admin API,
 //! and a clean stop on SIGTERM/SIGINT (resigning, leaving the entries for a standby to adopt).
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -42,21 +41,7 @@ pub enum StartError {
     },
 }
 
-/// The process's Prometheus handle, installing the recorder on first use.
-pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ])
-            .map(|b| b.build_recorder())
-            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
-        let handle = recorder.handle();
-        let _ = metrics::set_global_recorder(recorder);
-        handle
-    })
-}
+pub use crate::telemetry::prometheus;
 
 struct Shared {
     cfg: Config,

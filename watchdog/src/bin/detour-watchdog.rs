@@ -11,7 +11,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
-use detour_sidecar::telemetry;
+use detour_registry_sync::docs::{self, DocStore};
+use detour_registry_sync::telemetry;
+use detour_registry_sync::{DocName, gray::RuleSet};
 use detour_watchdog::agent::{Agent, Stopped};
 use detour_watchdog::agent_config::Config;
 use detour_watchdog::api::{Api, Status};
@@ -67,24 +69,34 @@ async fn run(cfg: Config) -> ExitCode {
         }
     };
     let run_dir = cfg.sidecar.run_dir.clone();
-    if let Err(e) = std::fs::create_dir_all(&run_dir) {
-        eprintln!("detour-watchdog: run directory {}: {e}", run_dir.display());
-        return ExitCode::from(70);
+    let state_dir = cfg.sidecar.state_dir.clone();
+    for dir in [&run_dir, &state_dir] {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("detour-watchdog: directory {}: {e}", dir.display());
+            return ExitCode::from(70);
+        }
     }
-    let registry = match detour_sidecar::app::open_registry(&cfg.sidecar).await {
+    let host = cfg.sidecar.host.clone();
+    let registry = match cfg.sidecar.registry.open(host.clone()).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("detour-watchdog: registry: {e}");
             return ExitCode::from(70);
         }
     };
-    let host = cfg.sidecar.host.clone();
-    let rules = registry.watch_doc(detour_registry_sync::DocName::GrayRules);
+    // The rules are saved in the state directory: a watchdog restarted while the registry is
+    // unreachable keeps the host on the binary the last rules it knew chose.
+    let (rules, _saving_rules) = docs::follow(
+        DocName::GrayRules,
+        registry.watch_doc(DocName::GrayRules),
+        Some(DocStore::new(&state_dir)),
+        |b| RuleSet::parse(b).is_ok(),
+    );
     let held = Arc::new(
         Held::restore(
             registry,
             host.clone(),
-            run_dir.join("watchdog-publication.json"),
+            state_dir.join("watchdog-publication.json"),
         )
         .await,
     );

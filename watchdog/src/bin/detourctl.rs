@@ -80,6 +80,15 @@ enum Command {
     /// Turn the mesh off for a scope in one command (or sidecar versions back), undo it, or
     /// list what was done.
     Rollback(RollbackArgs),
+    /// Every change an operator made to the gray rules, rollbacks and traffic policy: who,
+    /// when, why, and the document before and after (the audit trail), oldest first.
+    History {
+        /// Only the newest N records.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
     /// Every host and service: states, versions, restarts, links, instances, mesh on or off.
     Status {
         /// A local sidecar's admin address, to show its catalog's protection too.
@@ -301,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy { cmd, reg } => Ok(detour_watchdog::cli_policy::policy(cmd, reg).await),
         Command::Rollback(args) => Ok(cli_ops::rollback(args).await),
         Command::Status { admin, reg } => Ok(cli_ops::status(reg, admin).await),
+        Command::History { limit, reg } => Ok(cli_ops::history(reg, limit).await),
         Command::Shutdown { watchdog } => match watched::shutdown(&watchdog).await {
             Ok(()) => {
                 println!("shutdown: done");

@@ -1,0 +1,129 @@
+//! The audit trail of operator changes. Every command that writes a steering document — `gray
+//! set | clear`, `rollback` and its `--undo`, `policy set | clear` — adds one record under
+//! `audit/{id}` in the same compare-and-swap write as the change (both or neither), and the
+//! record is created only if its key is absent: no command ever rewrites one. A record says who
+//! (the OS user), when, why (`--reason`), which command, and the document before and after.
+//! `detourctl history` lists them, oldest first.
+
+use detour_registry_sync::now_unix_ms;
+use detour_registry_sync::store::{Expect, Store, Write};
+use serde::{Deserialize, Serialize};
+
+use crate::ops::OpsError;
+
+/// Where the records live, under the registry's prefix.
+pub const AUDIT_PREFIX: &str = "audit/";
+
+/// Who makes a change, and why.
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    /// The OS user running the command.
+    pub user: String,
+    /// Why, in the operator's words (may be empty).
+    pub reason: String,
+}
+
+impl Actor {
+    /// The user running this process, with `reason`.
+    pub fn current(reason: impl Into<String>) -> Actor {
+        Actor {
+            user: crate::ops::os_user(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// One change, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Format (1).
+    pub version: u32,
+    /// Sortable id: `au-{unix ms}-{hex}`.
+    pub id: String,
+    /// When.
+    pub at_unix_ms: u64,
+    /// Who.
+    pub user: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+    /// The command: `gray set`, `gray clear`, `rollback`, `rollback undo`, `policy set`,
+    /// `policy clear`.
+    pub command: String,
+    /// The document it wrote (`gray/rules`, `policy/services`).
+    pub document: String,
+    /// The document before (`None`: there was none).
+    pub before: Option<String>,
+    /// The document after.
+    pub after: Option<String>,
+}
+
+/// The write that records `command` on `document` (from `before` to `after`) by `actor`; it
+/// goes in the same transaction as the change.
+pub fn record(
+    actor: &Actor,
+    command: &str,
+    document: &str,
+    before: Option<&[u8]>,
+    after: Option<&[u8]>,
+) -> Result<(AuditRecord, Write), OpsError> {
+    let at = now_unix_ms();
+    let id = format!("au-{at:013}-{:04x}", fastrand::u16(..));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let rec = AuditRecord {
+        version: 1,
+        id: id.clone(),
+        at_unix_ms: at,
+        user: actor.user.clone(),
+        reason: actor.reason.clone(),
+        command: command.to_owned(),
+        document: document.to_owned(),
+        before: before.map(text),
+        after: after.map(text),
+    };
+    let bytes = serde_json::to_vec(&rec).map_err(|e| OpsError::Malformed(e.to_string()))?;
+    Ok((
+        rec,
+        Write {
+            key: format!("{AUDIT_PREFIX}{id}"),
+            bytes,
+            expect: Expect::Absent,
+        },
+    ))
+}
+
+/// Every record, oldest first (one that does not parse is left out and counted).
+pub async fn list(store: &dyn Store) -> Result<Vec<AuditRecord>, OpsError> {
+    let mut out: Vec<AuditRecord> = store
+        .list(AUDIT_PREFIX)
+        .await?
+        .values()
+        .filter_map(|b| match serde_json::from_slice::<AuditRecord>(b) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "leaving out an unreadable audit record");
+                None
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (a.at_unix_ms, &a.id).cmp(&(b.at_unix_ms, &b.id)));
+    Ok(out)
+}
+
+/// One line of `detourctl history`.
+pub fn line(r: &AuditRecord) -> String {
+    let reason = if r.reason.is_empty() {
+        String::new()
+    } else {
+        format!(" reason={:?}", r.reason)
+    };
+    format!(
+        "{}\t{}\t{}\t{}\t{}{}",
+        r.id,
+        crate::ops_view::utc(r.at_unix_ms),
+        r.user,
+        r.command,
+        r.document,
+        reason
+    )
+}
