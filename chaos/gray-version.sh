@@ -7,9 +7,13 @@
 source "$(dirname "$0")/lib.sh"
 WATCHED=yes
 MOVES=no
+# A version rule names a binary of this directory (and its sha256, which detourctl computes).
+mkdir -p "$TMP/sidecars"
+WATCHDOG_EXTRA="[upgrade]
+binaries_dir = \"$TMP/sidecars\""
 start_mesh
 REG="dir:$TMP/registry"
-NEXT="$TMP/detour-sidecar-next"
+NEXT="$TMP/sidecars/detour-sidecar-next"
 cp "$BIN/detour-sidecar" "$NEXT"
 BEFORE=$(binary_of h1)
 start_load

@@ -172,7 +172,7 @@ start_mesh() {
   ensure_binaries
   local n=${1:-1} i
   for i in $(seq 2 $((n + 1))); do start_provider_host "h$i" "127.0.0.$i"; done
-  if [ "${WATCHED:-no}" = yes ]; then start_watched h1 127.0.0.1; else start_sidecar h1 127.0.0.1; fi
+  if [ "${WATCHED:-no}" = yes ]; then start_watched h1 127.0.0.1 "" "${WATCHDOG_EXTRA:-}"; else start_sidecar h1 127.0.0.1; fi
 }
 
 # start_load: steady load through the SDK on h1, GET and POST alternating, in the background.

@@ -11,10 +11,13 @@ SECS=${SECS:-20}
 source "$(dirname "$0")/lib.sh"
 WATCHED=yes
 MOVES=no
+mkdir -p "$TMP/sidecars"
+WATCHDOG_EXTRA="[upgrade]
+binaries_dir = \"$TMP/sidecars\""
 start_etcd 1
 start_mesh
 REG=$REGISTRY
-NEXT="$TMP/detour-sidecar-next"
+NEXT="$TMP/sidecars/detour-sidecar-next"
 cp "$BIN/detour-sidecar" "$NEXT"
 T0=$(now_ms)
 "$BIN/detourctl" gray set --id canary --sidecar-binary "$NEXT" --sidecar-version next --hosts h1 \

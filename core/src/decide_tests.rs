@@ -127,6 +127,7 @@ fn mesh_errors_read_as_outcomes() {
         (K::RateLimited, Answered),
         (K::Denied, Answered),
         (K::Overloaded, Answered),
+        (K::UntrustedPeer, Answered),
     ];
     assert_eq!(rows.len(), K::all().len(), "every kind has a row");
     for (kind, want) in rows {

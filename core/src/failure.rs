@@ -47,6 +47,10 @@ pub enum MeshErrorKind {
     /// Every endpoint of the service has its limit of requests in flight from the caller's
     /// sidecar (the service's `max_concurrent_per_endpoint`): no provider received it.
     Overloaded,
+    /// The provider host's sidecar answered and was not trusted (its TLS handshake failed, or
+    /// it proved another host's identity): no provider received the request, and it is not
+    /// sent elsewhere — least of all in the clear, around the PA.
+    UntrustedPeer,
 }
 
 /// Who caused a mesh error.
@@ -73,7 +77,7 @@ pub enum Delivery {
     Unknown,
 }
 
-const ALL: [MeshErrorKind; 12] = [
+const ALL: [MeshErrorKind; 13] = [
     MeshErrorKind::MalformedRequest,
     MeshErrorKind::HeaderTooLarge,
     MeshErrorKind::BodyTimeout,
@@ -86,6 +90,7 @@ const ALL: [MeshErrorKind; 12] = [
     MeshErrorKind::RateLimited,
     MeshErrorKind::Denied,
     MeshErrorKind::Overloaded,
+    MeshErrorKind::UntrustedPeer,
 ];
 
 impl MeshErrorKind {
@@ -109,6 +114,7 @@ impl MeshErrorKind {
             MeshErrorKind::RateLimited => "rate-limited",
             MeshErrorKind::Denied => "denied",
             MeshErrorKind::Overloaded => "overloaded",
+            MeshErrorKind::UntrustedPeer => "untrusted-peer",
         }
     }
 
@@ -131,9 +137,10 @@ impl MeshErrorKind {
             MeshErrorKind::UpstreamConnect
             | MeshErrorKind::UpstreamReset
             | MeshErrorKind::Timeout => Blame::Upstream,
-            MeshErrorKind::RateLimited | MeshErrorKind::Denied | MeshErrorKind::Overloaded => {
-                Blame::Policy
-            }
+            MeshErrorKind::RateLimited
+            | MeshErrorKind::Denied
+            | MeshErrorKind::Overloaded
+            | MeshErrorKind::UntrustedPeer => Blame::Policy,
         }
     }
 
@@ -156,9 +163,9 @@ impl MeshErrorKind {
             MeshErrorKind::UnknownService
             | MeshErrorKind::NoEndpoint
             | MeshErrorKind::RegistryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            MeshErrorKind::UpstreamConnect | MeshErrorKind::UpstreamReset => {
-                StatusCode::BAD_GATEWAY
-            }
+            MeshErrorKind::UpstreamConnect
+            | MeshErrorKind::UpstreamReset
+            | MeshErrorKind::UntrustedPeer => StatusCode::BAD_GATEWAY,
             MeshErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             MeshErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             MeshErrorKind::Denied => StatusCode::FORBIDDEN,
@@ -174,7 +181,7 @@ impl MeshErrorKind {
             | MeshErrorKind::RateLimited
             | MeshErrorKind::Overloaded => 8, // RESOURCE_EXHAUSTED
             MeshErrorKind::UnknownService => 12,  // UNIMPLEMENTED
-            MeshErrorKind::Denied => 7,           // PERMISSION_DENIED
+            MeshErrorKind::Denied | MeshErrorKind::UntrustedPeer => 7, // PERMISSION_DENIED
             MeshErrorKind::Timeout | MeshErrorKind::BodyTimeout => 4, // DEADLINE_EXCEEDED
             MeshErrorKind::NoEndpoint
             | MeshErrorKind::RegistryUnavailable

@@ -13,26 +13,54 @@ use crate::link::Event;
 use crate::link_handle::LinkHandle;
 use crate::transport::{Dial, Pool, set_target};
 
+/// What one probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probed {
+    /// The sidecar answered 200.
+    Ok,
+    /// It could not be reached, or did not answer 200 in time.
+    Failed,
+    /// It answered and was not trusted (a TLS or identity failure): reachable, and refused.
+    Untrusted,
+}
+
 /// Whether the sidecar at `dial` answers its ping with 200 within `timeout`.
 pub async fn ping(pool: &Arc<Pool>, dial: &Dial, protocol: AppProtocol, timeout: Duration) -> bool {
+    probe(pool, dial, protocol, timeout).await == Probed::Ok
+}
+
+/// Pings the sidecar at `dial` (within `timeout`) and says what it found.
+pub async fn probe(
+    pool: &Arc<Pool>,
+    dial: &Dial,
+    protocol: AppProtocol,
+    timeout: Duration,
+) -> Probed {
     let Ok(req) = Request::get(PING_PATH).body(empty()) else {
-        return false;
+        return Probed::Failed;
     };
     let Ok(req) = set_target(CONTROL_AUTHORITY, protocol, req) else {
-        return false;
+        return Probed::Failed;
     };
     let exchange = async {
         match pool.send(dial, protocol, req).await {
             Ok(resp) => {
                 let ok = resp.status().is_success();
-                ok && resp.into_body().collect().await.is_ok()
+                if ok && resp.into_body().collect().await.is_ok() {
+                    Probed::Ok
+                } else {
+                    Probed::Failed
+                }
             }
-            Err(_) => false,
+            Err(f) if matches!(f.error, crate::transport::TransportError::Untrusted { .. }) => {
+                Probed::Untrusted
+            }
+            Err(_) => Probed::Failed,
         }
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .unwrap_or(false)
+        .unwrap_or(Probed::Failed)
 }
 
 /// Probes `dial` forever, feeding `link`: a probe starts every `interval`, or at once when the

@@ -82,6 +82,16 @@ pub enum TransportError {
         /// The connect timeout.
         after: Duration,
     },
+    /// The target answered and was not trusted (its TLS handshake failed after it spoke, or it
+    /// proved another identity): the request never left, and it must not be sent elsewhere
+    /// because of this — it is a refusal, not an unreachable target.
+    #[error("{target} is not trusted: {reason}")]
+    Untrusted {
+        /// The target.
+        target: Dial,
+        /// Why.
+        reason: String,
+    },
     /// The HTTP handshake failed, or the connection closed before the request was written;
     /// the request never left.
     #[error("request to {target} was not sent: {source}")]
@@ -543,17 +553,26 @@ impl Pool {
         dial: &Dial,
         timeout: Duration,
     ) -> Result<TokioIo<Stream>, TransportError> {
-        let connect = self.connector.connect(dial);
-        match tokio::time::timeout(timeout, connect).await {
-            Ok(Ok(s)) => Ok(TokioIo::new(s)),
-            Ok(Err(source)) => Err(TransportError::Connect {
-                target: dial.clone(),
-                source,
-            }),
-            Err(_) => Err(TransportError::ConnectTimeout {
-                target: dial.clone(),
-                after: timeout,
-            }),
+        match self.connector.connect_within(dial, timeout).await {
+            Ok(s) => Ok(TokioIo::new(s)),
+            Err(source) => Err(
+                if let Some(u) = crate::connect::UntrustedPeer::of(&source) {
+                    TransportError::Untrusted {
+                        target: dial.clone(),
+                        reason: u.0.clone(),
+                    }
+                } else if source.kind() == io::ErrorKind::TimedOut {
+                    TransportError::ConnectTimeout {
+                        target: dial.clone(),
+                        after: timeout,
+                    }
+                } else {
+                    TransportError::Connect {
+                        target: dial.clone(),
+                        source,
+                    }
+                },
+            ),
         }
     }
 

@@ -15,6 +15,7 @@ impl From<&Endpoint> for EndpointInfo {
             zone: ep.zone.clone(),
             version: ep.version.clone(),
             unhealthy: !ep.healthy,
+            no_direct: ep.no_direct,
         }
     }
 }
@@ -40,6 +41,7 @@ impl EndpointInfo {
             source: Source::Native,
             labels: Default::default(),
             healthy: !self.unhealthy,
+            no_direct: self.no_direct,
         })
     }
 }
@@ -74,6 +76,7 @@ mod tests {
             source: Source::Native,
             labels: Default::default(),
             healthy: false,
+            no_direct: true,
         };
         let info = EndpointInfo::from(&ep);
         assert_eq!(info.to_endpoint(&ep.service), Some(ep.clone()));

@@ -232,6 +232,12 @@ pub struct Endpoint {
     /// endpoints while any healthy one is left. Written only when false.
     #[serde(default = "healthy", skip_serializing_if = "is_healthy")]
     pub healthy: bool,
+    /// Callers reach it through its PA only — never on a path that skips the PA (C→P, C→CA→P):
+    /// the provider listens where other hosts cannot reach it (loopback), or its service
+    /// forbids such paths (`direct = "deny"`, or an allow-list at the PA). Written only when
+    /// true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_direct: bool,
 }
 
 fn default_weight() -> u32 {
@@ -267,7 +273,13 @@ impl Endpoint {
             source: Source::Native,
             labels: BTreeMap::new(),
             healthy: true,
+            no_direct: false,
         }
+    }
+
+    /// Whether a path that skips the PA (C→P, C→CA→P) may be taken to it.
+    pub fn direct_allowed(&self) -> bool {
+        !self.no_direct
     }
 }
 
@@ -354,6 +366,9 @@ pub struct WatchdogReport {
     /// The sidecar's CA links that are not on their primary path, by remote host.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub links: BTreeMap<String, String>,
+    /// How the last upgrade ended, when a version rule's binary was refused (why).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub refused: String,
 }
 
 /// The version of the sidecar ↔ watchdog publication protocol this build speaks. Compatibility
@@ -423,6 +438,10 @@ pub struct SidecarAddresses {
     pub inbound: SocketAddr,
     /// Admin listener.
     pub admin: SocketAddr,
+    /// This process's own liveness socket (`GET /live`, `GET /ready` only; mode 0600): its
+    /// watchdog probes it there, where no other local user can take its connection slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<std::path::PathBuf>,
 }
 
 /// The file name, inside a sidecar's run directory, of its [`SidecarAddresses`].

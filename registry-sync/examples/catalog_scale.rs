@@ -43,6 +43,7 @@ fn endpoint(s: usize, i: usize, weight: u32) -> Endpoint {
         source: Source::Native,
         labels: Default::default(),
         healthy: true,
+        no_direct: false,
     }
 }
 

@@ -26,8 +26,9 @@ pub struct Cached {
 
 /// The stored form, version 2: `{"version":2,"written_unix_ms":…,"endpoints":[ROW,…]}`, one row
 /// per endpoint, `[instance, host, app_address, pa_address, protocol, weight, zone, version,
-/// source, labels, healthy]` (the service is the key; rows written before `healthy` existed
-/// have ten fields and read as healthy). Rows parse in about half the time of full objects, which is
+/// source, labels, healthy, no_direct]` (the service is the key; rows written before `healthy`
+/// existed have ten fields and read as healthy, rows before `no_direct` eleven and read as
+/// reachable directly). Rows parse in about half the time of full objects, which is
 /// what a start with a large catalog waits for.
 #[derive(Serialize)]
 struct Value<'a> {
@@ -48,6 +49,7 @@ struct RowRef<'a>(
     &'a str,
     &'a Source,
     &'a BTreeMap<String, String>,
+    bool,
     bool,
 );
 
@@ -71,6 +73,7 @@ struct Row(
     Source,
     BTreeMap<String, String>,
     #[serde(default = "yes")] bool,
+    #[serde(default)] bool,
 );
 
 fn yes() -> bool {
@@ -306,6 +309,7 @@ fn encode(set: &EndpointSet, now_ms: u64) -> Option<Vec<u8>> {
                 &e.source,
                 &e.labels,
                 e.healthy,
+                e.no_direct,
             )
         })
         .collect();
@@ -347,6 +351,7 @@ fn parse(service: &ServiceName, raw: &[u8]) -> Option<Cached> {
                     source: r.8,
                     labels: r.9,
                     healthy: r.10,
+                    no_direct: r.11,
                 })
                 .collect(),
             written_unix_ms: v.written_unix_ms,

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::registry::{
-    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, now_unix_ms,
+    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, Watchers, now_unix_ms,
     subscribe_or_insert,
 };
 
@@ -91,7 +91,7 @@ struct Inner {
     opts: DirOptions,
     own: Mutex<Own>,
     view: RwLock<View>,
-    watchers: Mutex<HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>>,
+    watchers: Mutex<Watchers>,
     hosts: watch::Sender<Arc<HostStatuses>>,
     /// The documents (`{dir}/gray/rules.json`, `{dir}/policy/services.json`).
     docs: DocSenders,
@@ -126,7 +126,7 @@ impl DirRegistry {
             opts,
             own: Mutex::new(Own::default()),
             view: RwLock::new(View::default()),
-            watchers: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(Watchers::default()),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
             docs: DocSenders::default(),
             rescan: Notify::new(),

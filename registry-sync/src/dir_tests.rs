@@ -17,6 +17,7 @@ fn ep(service: &str, host: &str, port: u16) -> Endpoint {
         source: Source::Native,
         labels: Default::default(),
         healthy: true,
+        no_direct: false,
     }
 }
 

@@ -24,7 +24,8 @@ use tokio::task::JoinHandle;
 
 use crate::members::Members;
 use crate::registry::{
-    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, subscribe_or_insert,
+    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, Watchers,
+    subscribe_or_insert,
 };
 
 #[path = "etcd_view.rs"]
@@ -79,7 +80,7 @@ struct Inner {
     /// Woken when what this client owns changed or its lease was lost.
     own_changed: Notify,
     view: Mutex<View>,
-    watchers: Mutex<HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>>,
+    watchers: Mutex<Watchers>,
     hosts: watch::Sender<Arc<HostStatuses>>,
     /// The documents (gray rules, traffic policy).
     docs: DocSenders,
@@ -134,7 +135,7 @@ impl EtcdRegistry {
             lease: Mutex::new(None),
             own_changed: Notify::new(),
             view: Mutex::new(View::default()),
-            watchers: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(Watchers::default()),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
             docs: DocSenders::default(),
             synced: std::sync::atomic::AtomicBool::new(false),

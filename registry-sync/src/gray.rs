@@ -59,9 +59,13 @@ pub enum Mesh {
 /// The sidecar binary a host group runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SidecarVersion {
-    /// The binary's path on the hosts (absolute).
+    /// The binary on the hosts: a file of each watchdog's binaries directory (its name, or its
+    /// absolute path there).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub binary: String,
+    /// The binary's sha256 (64 hexadecimal digits): a watchdog runs nothing else.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
     /// A label for people (`detourctl status`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
@@ -125,10 +129,18 @@ impl Rule {
                     return Err(fail("a sidecar version applies to hosts, not to services"));
                 }
                 match (v.baseline, v.binary.as_str()) {
-                    (true, "") => {}
+                    (true, "") if v.sha256.is_empty() => {}
                     (true, _) => return Err(fail("a baseline rule names no binary")),
-                    (false, b) if b.starts_with('/') && !b.contains('\0') => {}
-                    (false, _) => return Err(fail("sidecar.binary must be an absolute path")),
+                    (false, b) if !b.is_empty() && b.len() <= 4096 && !b.contains('\0') => {
+                        let hex =
+                            v.sha256.len() == 64 && v.sha256.bytes().all(|c| c.is_ascii_hexdigit());
+                        if !hex {
+                            return Err(fail(
+                                "sidecar.sha256 must be the binary's sha256 (64 hexadecimal digits)",
+                            ));
+                        }
+                    }
+                    (false, _) => return Err(fail("sidecar.binary must name the binary")),
                 }
             }
             _ => return Err(fail("give exactly one of \"mesh\" and \"sidecar\"")),

@@ -34,17 +34,25 @@ pub trait HealthCheck: Send + Sync + 'static {
 
 /// Checks over the network: TCP connect to the provider's address, then the HTTP `GET` if the
 /// spec names a path and the provider speaks HTTP/1.1 (HTTP/2 and gRPC providers are checked by
-/// connect alone).
+/// connect alone). An endpoint reached through its PA only (`no_direct`) is never dialled on its
+/// own address (that may be the checking host's own loopback): its PA is, by connect alone.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NetCheck;
 
 impl HealthCheck for NetCheck {
     fn check(&self, ep: &Endpoint, spec: &CheckSpec) -> Pin<Box<dyn Future<Output = bool> + Send>> {
-        let addr = ep.app_address;
-        let path = spec
-            .http_path
-            .clone()
-            .filter(|_| ep.protocol == AppProtocol::Http1);
+        let (addr, path) = if ep.no_direct {
+            match ep.pa_address {
+                Some(pa) => (pa, None),
+                None => return Box::pin(async { false }),
+            }
+        } else {
+            let path = spec
+                .http_path
+                .clone()
+                .filter(|_| ep.protocol == AppProtocol::Http1);
+            (ep.app_address, path)
+        };
         let limit = spec.timeout;
         Box::pin(async move {
             let probe = async {

@@ -10,13 +10,14 @@ use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, Servic
 use tokio::sync::watch;
 
 use crate::registry::{
-    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, subscribe_or_insert,
+    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, Watchers,
+    subscribe_or_insert,
 };
 
 struct Store {
     endpoints: HashMap<ServiceName, Vec<Endpoint>>,
     hosts: watch::Sender<Arc<HostStatuses>>,
-    watchers: HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>,
+    watchers: Watchers,
     docs: DocSenders,
 }
 
@@ -25,7 +26,7 @@ impl Default for Store {
         Self {
             endpoints: HashMap::new(),
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
-            watchers: HashMap::new(),
+            watchers: Watchers::default(),
             docs: DocSenders::default(),
         }
     }

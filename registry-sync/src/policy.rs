@@ -58,6 +58,20 @@ pub struct PolicyOverride {
     /// Requests allowed at once above that rate (absent: the rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_burst: Option<u32>,
+    /// Whether callers may reach the service on paths that skip its PAs (C→P, C→CA→P) when a
+    /// PA cannot be reached: `allow` (absent: what each provider registered) or `deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct: Option<Direct>,
+}
+
+/// Paths that skip a provider's PA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direct {
+    /// Allowed (when the provider allows them too).
+    Allow,
+    /// Forbidden: nothing reaches the service except through a PA.
+    Deny,
 }
 
 /// Longest timeout accepted (one hour).
@@ -165,6 +179,7 @@ impl PolicyOverride {
                 .or(self.max_concurrent_per_endpoint),
             rate_limit_rps: over.rate_limit_rps.or(self.rate_limit_rps),
             rate_limit_burst: over.rate_limit_burst.or(self.rate_limit_burst),
+            direct: over.direct.or(self.direct),
         }
     }
 }

@@ -230,21 +230,41 @@ impl std::str::FromStr for RegistrySpec {
     }
 }
 
+/// The per-service watches of one back-end.
+#[derive(Debug, Default)]
+pub(crate) struct Watchers {
+    map: std::collections::HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>,
+    /// The size at which watches nobody follows are dropped next.
+    prune_at: usize,
+}
+
+impl std::ops::Deref for Watchers {
+    type Target = std::collections::HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
 /// The watchers of one back-end: a subscription to an existing watch, or a new one starting
-/// from `current()` (dropping the watches no receiver follows any more).
+/// from `current()`. Watches nobody follows any more (a lookup of a name that turned out
+/// unknown) are dropped whenever the map has doubled since the last time, so names from the
+/// network cannot grow it, and a start that watches 10,000 services at once does not scan it
+/// 10,000 times.
 pub(crate) fn subscribe_or_insert(
-    watchers: &mut std::collections::HashMap<ServiceName, watch::Sender<Arc<EndpointSet>>>,
+    watchers: &mut Watchers,
     service: &ServiceName,
     current: impl FnOnce() -> EndpointSet,
 ) -> watch::Receiver<Arc<EndpointSet>> {
-    if let Some(tx) = watchers.get(service) {
+    if let Some(tx) = watchers.map.get(service) {
         return tx.subscribe();
     }
-    // Watches nobody follows any more (a lookup of a name that turned out unknown) go, so names
-    // from the network cannot grow the map.
-    watchers.retain(|_, tx| tx.receiver_count() > 0);
+    if watchers.map.len() >= watchers.prune_at {
+        watchers.map.retain(|_, tx| tx.receiver_count() > 0);
+        watchers.prune_at = (watchers.map.len() * 2).max(64);
+    }
     let (tx, rx) = watch::channel(Arc::new(current()));
-    watchers.insert(service.clone(), tx);
+    watchers.map.insert(service.clone(), tx);
     rx
 }
 

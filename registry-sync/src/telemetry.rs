@@ -1,5 +1,6 @@
-//! Metrics and logging set-up every Detour process shares: the one Prometheus recorder of the
-//! process, its upkeep, and the tracing subscriber. `docs/metrics.md` lists every metric.
+//! Process set-up every Detour binary shares: the one Prometheus recorder of the process, its
+//! upkeep, the tracing subscriber, and the open-files limit. `docs/metrics.md` lists every
+//! metric.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -41,6 +42,26 @@ pub fn spawn_upkeep() {
             handle.run_upkeep();
         }
     });
+}
+
+/// Raises the open-files soft limit to the hard one: a proxy holds two descriptors per request
+/// in flight, an agent one per client, and the common soft default (1024) runs out long before
+/// the hard one.
+pub fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(maximum)) = (lim.current, lim.maximum)
+        && current < maximum
+    {
+        let raised = Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::debug!(from = current, to = maximum, "open-files limit raised"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+        }
+    }
 }
 
 /// Installs the tracing subscriber (`RUST_LOG`, default `info`).

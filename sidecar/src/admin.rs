@@ -13,6 +13,11 @@
 //! `{run_dir}/admin.token` as `Authorization: Bearer TOKEN` (else 401) — see
 //! [`crate::admin_guard`]. A client has 5 s to send a request head and 60 s for its whole
 //! connection; at most 64 connections are served at once, and accept errors back off.
+//!
+//! `GET /live` and `GET /ready` are also served on this process's own liveness socket,
+//! `{run_dir}/health-{pid}.sock` (mode 0600, named in `sidecar.json`), with connection slots of
+//! its own: the watchdog probes there, so a local user holding every admin connection slot
+//! cannot make it take a healthy sidecar for a hung one.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -62,6 +67,9 @@ pub struct Admin {
 
 /// Most admin connections served at once (more wait in the accept queue).
 const MAX_CONNECTIONS: usize = 64;
+
+/// Connections the liveness socket serves at once (its only client is the watchdog).
+const HEALTH_CONNECTIONS: usize = 8;
 /// Time a client has to send its request head.
 const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest an admin connection is kept.
@@ -91,6 +99,46 @@ impl Admin {
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(req)) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            });
+        }
+    }
+
+    /// Serves `/live` and `/ready` (nothing else) on the liveness socket.
+    pub async fn serve_health(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(HEALTH_CONNECTIONS));
+        loop {
+            let accepted = tokio::select! {
+                r = async {
+                    let permit = slots.clone().acquire_owned().await;
+                    (permit, listener.accept().await)
+                } => r,
+                () = self.lifecycle.handover_requested() => return,
+            };
+            let (Ok(permit), Ok((stream, _))) = accepted else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let admin = admin.clone();
+                    async move {
+                        let health = matches!(req.uri().path(), "/live" | "/ready")
+                            && req.method() == Method::GET;
+                        Ok::<_, Infallible>(if health {
+                            admin.handle(req)
+                        } else {
+                            text(StatusCode::NOT_FOUND, "only /live and /ready here\n")
+                        })
+                    }
                 });
                 let conn = http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())

@@ -136,6 +136,12 @@ impl Sidecar {
             outbound_unix: cfg.outbound_unix.clone(),
             inbound: local(&listeners.inbound, "inbound")?,
             admin: local(&listeners.admin, "admin")?,
+            health: None,
+        };
+        let (health_path, health) = crate::listeners::bind_health(&cfg.run_dir)?;
+        let bound = SidecarAddresses {
+            health: Some(health_path),
+            ..bound
         };
 
         let reads = open_registry(&cfg).await?;
@@ -212,6 +218,7 @@ impl Sidecar {
             catalog.clone(),
             cfg.host.clone(),
             gray.clone(),
+            policies.clone(),
         );
         let data = Pool::new(pool_opts);
         let pa_hosts = Arc::new(PaHosts::default());
@@ -223,6 +230,7 @@ impl Sidecar {
             None => Pool::new(pool_opts),
         };
         let links = Links::new(cfg.clone(), registry.watch_hosts(), &to_pas, pa_hosts);
+        let pruning = tokio::spawn(prune_links(links.clone(), catalog.clone()));
         if let Some(d) = &delegated {
             let l = links.clone();
             d.set_links(Box::new(move || {
@@ -280,6 +288,7 @@ impl Sidecar {
 
         let lc = &lifecycle;
         let mut tasks = vec![
+            pruning,
             following,
             following_policy,
             saving_rules,
@@ -289,6 +298,7 @@ impl Sidecar {
                     t.watch().await;
                 }
             }),
+            tokio::spawn(admin.clone().serve_health(health)),
             tokio::spawn(admin.serve(listeners.admin)),
             tokio::spawn(crate::handover::serve(
                 listeners.handover,
@@ -366,8 +376,24 @@ impl Sidecar {
     }
 }
 
+/// Every 30 s, forgets the links and PA address claims of hosts no service in the catalog has
+/// an endpoint on any more.
+async fn prune_links(links: Arc<Links>, catalog: Arc<Catalog>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        let keep: std::collections::HashSet<_> = catalog
+            .snapshot()
+            .values()
+            .flat_map(|v| v.set.endpoints.iter().map(|e| e.host.clone()))
+            .collect();
+        links.prune(&keep);
+    }
+}
+
 /// Creates the run directory, readable by its owner and group only (it holds the admin token
-/// and the sockets), and the state directory.
+/// and the sockets), and the state directory. When the outbound Unix socket's group is set and
+/// the socket is in the run directory, the run directory belongs to that group: its members can
+/// reach the socket (the files they must not read are mode 0600).
 fn prepare_run_dir(cfg: &Config) -> Result<(), StartError> {
     use std::os::unix::fs::PermissionsExt;
     for dir in [&cfg.run_dir, &cfg.state_dir] {
@@ -377,6 +403,21 @@ fn prepare_run_dir(cfg: &Config) -> Result<(), StartError> {
         };
         std::fs::create_dir_all(dir).map_err(err)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(err)?;
+    }
+    let in_run_dir = cfg
+        .outbound_unix
+        .as_deref()
+        .and_then(Path::parent)
+        .is_some_and(|p| p == cfg.run_dir);
+    if let Some(gid) = cfg.outbound_unix_group
+        && in_run_dir
+    {
+        rustix::fs::chown(&cfg.run_dir, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(
+            |e| StartError::RunDir {
+                path: cfg.run_dir.clone(),
+                source: e.into(),
+            },
+        )?;
     }
     Ok(())
 }

@@ -292,6 +292,11 @@ pub struct ProvideRaw {
     /// sidecar of the trust domain. Needs `tls.mode = "mutual"`.
     #[serde(default)]
     pub allow: Option<Vec<String>>,
+    /// `allow`: callers may reach the provider on paths that skip this PA (C→P, C→CA→P) when
+    /// the PA is unreachable; `deny`: only through this PA. Default: `deny` with an `allow`
+    /// list (the list would be skipped otherwise), else `allow`.
+    #[serde(default)]
+    pub direct: Option<String>,
 }
 
 /// Load-balancing policy.
@@ -322,6 +327,8 @@ pub struct Provide {
     pub rate_limit: Option<(u32, u32)>,
     /// Caller identities allowed; `None`: every sidecar of the trust domain.
     pub allow: Option<Vec<SpiffeId>>,
+    /// Whether callers may reach the provider on a path that skips this PA.
+    pub direct: bool,
 }
 
 /// The validated configuration.
@@ -625,6 +632,17 @@ impl RawConfig {
                 .allow
                 .as_ref()
                 .map(|ids| allow_list(&mut p, &key, ids, &tls, &self.tls.trust_domain));
+            let direct = match raw.direct.as_deref() {
+                None => allow.is_none(),
+                Some("allow") => true,
+                Some("deny") => false,
+                Some(other) => {
+                    p.push(format!(
+                        "{key}.direct: {other:?} is not one of \"allow\", \"deny\""
+                    ));
+                    false
+                }
+            };
             if let (Some(service), Some(address), Some(protocol), Some(instance)) =
                 (service, address, protocol, instance)
             {
@@ -642,6 +660,7 @@ impl RawConfig {
                         .rate_limit_rps
                         .map(|r| (r, raw.rate_limit_burst.unwrap_or(r))),
                     allow,
+                    direct,
                 });
             }
         }

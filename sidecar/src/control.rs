@@ -2,7 +2,9 @@
 //! sidecar's state, and endpoint snapshots of every service the app says it calls.
 //!
 //! A session ends right after announcing `draining` (a drain) or `handing_over` (an upgrade:
-//! the SDK reconnects, to the successor), so neither waits on it.
+//! the SDK reconnects, to the successor), so neither waits on it. A snapshot marks every
+//! endpoint of a service whose traffic policy forbids paths around its PAs `no_direct`, so the
+//! SDK never calls it directly; it is sent again when the policy changes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use tonic::{Status, Streaming};
 
 use crate::gray::Gray;
 use crate::lifecycle::Lifecycle;
+use crate::policy::Policies;
 
 /// Serves control sessions.
 #[derive(Clone)]
@@ -34,6 +37,8 @@ pub struct ControlService {
     host: HostId,
     /// The gray rules: which services the SDK calls straight (`MeshSwitch`).
     gray: Arc<Gray>,
+    /// The traffic policy: which services allow no path around their PAs.
+    policies: Arc<Policies>,
 }
 
 impl ControlService {
@@ -43,12 +48,14 @@ impl ControlService {
         catalog: Arc<Catalog>,
         host: HostId,
         gray: Arc<Gray>,
+        policies: Arc<Policies>,
     ) -> Self {
         Self {
             lifecycle,
             catalog,
             host,
             gray,
+            policies,
         }
     }
 
@@ -124,6 +131,10 @@ impl ControlService {
                         }
                         for name in req.services {
                             let Ok(service) = ServiceName::new(name) else { continue };
+                            if seen.len() >= MAX_FOLLOWED && !seen.contains(&service) {
+                                metrics::counter!("detour_control_names_ignored_total").increment(1);
+                                continue;
+                            }
                             if seen.insert(service.clone()) {
                                 // Sent on or off: an SDK that reconnects learns a switch lifted meanwhile.
                                 let mut sent = None;
@@ -133,7 +144,7 @@ impl ControlService {
                                     sent = Some(on);
                                 }
                                 switched.insert(service.clone(), sent);
-                                watchers.spawn(forward_snapshots(self.catalog.clone(), service, tx.clone(), unknown_slots.clone()));
+                                watchers.spawn(forward_snapshots(self.catalog.clone(), self.policies.clone(), service, tx.clone(), unknown_slots.clone()));
                             }
                         }
                     }
@@ -172,9 +183,14 @@ impl ControlService {
 /// more get one empty snapshot and are not followed.
 const MAX_UNKNOWN_FOLLOWED: usize = 256;
 
-/// Sends `service`'s snapshot now and after every change, until the session ends.
+/// Most services one control session follows; names past it are ignored (and counted).
+const MAX_FOLLOWED: usize = 4096;
+
+/// Sends `service`'s snapshot now and after every change (of its endpoints or of the policy),
+/// until the session ends.
 async fn forward_snapshots(
     catalog: Arc<Catalog>,
+    policies: Arc<Policies>,
     service: ServiceName,
     tx: Tx,
     unknown_slots: Arc<tokio::sync::Semaphore>,
@@ -211,12 +227,30 @@ async fn forward_snapshots(
             }
         }
     };
+    let mut policy = policies.subscribe();
     loop {
         let set = rx.borrow_and_update().clone();
+        policy.borrow_and_update();
         revision += 1;
-        let ev = snapshot_event(&service, &set.endpoints, revision);
-        if tx.send(Ok(ev)).await.is_err() || rx.changed().await.is_err() {
+        let ev = if policies.of(&service).direct {
+            snapshot_event(&service, &set.endpoints, revision)
+        } else {
+            let pa_only: Vec<Endpoint> = set
+                .endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    no_direct: true,
+                    ..e.clone()
+                })
+                .collect();
+            snapshot_event(&service, &pa_only, revision)
+        };
+        if tx.send(Ok(ev)).await.is_err() {
             return;
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            r = policy.changed() => if r.is_err() { return },
         }
     }
 }

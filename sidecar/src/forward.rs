@@ -28,6 +28,30 @@ pub struct AttemptFailed {
     pub error: MeshError,
 }
 
+/// Logs a refusal of an untrusted peer, once a minute per peer at most (an attacker must not be
+/// able to flood the log), and counts every one.
+fn warn_untrusted(target: &Dial, reason: &str) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static LAST: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
+    metrics::counter!("detour_untrusted_peer_refusals_total").increment(1);
+    let key = target.to_string();
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let map = last.get_or_insert_with(HashMap::new);
+    if map.len() > 1024 {
+        map.clear();
+    }
+    let now = Instant::now();
+    if map
+        .get(&key)
+        .is_none_or(|t| now.duration_since(*t) > Duration::from_secs(60))
+    {
+        map.insert(key, now);
+        tracing::warn!(%target, %reason, "refusing to send to a peer that is not trusted (nothing goes to another path)");
+    }
+}
+
 /// Sends `req` to `dial` over `protocol` with `authority` as its target; `part` says what the
 /// upstream is (a sidecar or a provider).
 pub async fn attempt(
@@ -60,6 +84,20 @@ pub async fn attempt(
             Ok(resp)
         }
         Ok(Err(failed)) => {
+            if let TransportError::Untrusted { target, reason } = &failed.error {
+                // A refusal, not an unreachable peer: the answer is final — nothing goes to
+                // another path, and the link to that host is not told of a fault.
+                warn_untrusted(target, reason);
+                return Err(AttemptFailed {
+                    outcome: Outcome::Answered,
+                    request: None,
+                    refused: false,
+                    error: MeshError::new(
+                        MeshErrorKind::UntrustedPeer,
+                        format!("{target}: {reason}"),
+                    ),
+                });
+            }
             let outcome = failed.outcome(part);
             let kind = match outcome {
                 Outcome::Lost(_) => MeshErrorKind::UpstreamReset,

@@ -16,6 +16,11 @@ use detour_registry_sync::gray::{Mesh, RuleSet};
 use serde::Serialize;
 use tokio::sync::watch;
 
+/// Most decisions kept (one per service name asked about while a mesh-off rule exists). Names
+/// come from the network (control sessions name the services they call); past this many, a
+/// decision is made on every call instead of being kept.
+const MAX_DECIDED: usize = 10_000;
+
 /// The rules in force for one host.
 pub struct Gray {
     host: HostId,
@@ -154,7 +159,9 @@ impl Gray {
             1.0
         });
         let mut c = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        c.by_service.insert(service.clone(), on);
+        if c.by_service.len() < MAX_DECIDED {
+            c.by_service.insert(service.clone(), on);
+        }
         on
     }
 
@@ -209,6 +216,22 @@ mod tests {
         });
         assert!(g.mesh_on(&orders), "the registry's word wins");
         assert_eq!(g.state().document.revision, 4);
+    }
+
+    #[test]
+    fn decisions_kept_are_bounded_whatever_names_are_asked() {
+        let g = Gray::new(HostId::new("web-1").unwrap());
+        g.apply(Some(
+            br#"{"version":1,"rules":[{"id":"r","mesh":"off","service":"orders"}]}"#,
+        ));
+        for i in 0..MAX_DECIDED + 500 {
+            assert!(g.mesh_on(&ServiceName::new(format!("name-{i}")).unwrap()));
+        }
+        assert_eq!(g.state().mesh.len(), MAX_DECIDED);
+        assert!(
+            !g.mesh_on(&ServiceName::new("orders").unwrap()),
+            "still decided"
+        );
     }
 
     #[test]

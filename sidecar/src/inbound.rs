@@ -179,8 +179,9 @@ impl Inbound {
         let caller_value = caller.and_then(|c| HeaderValue::from_str(c.as_str()).ok());
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
-        // The provider learns who called from this PA only, never from the caller.
-        req.headers_mut().remove(CALLER_HEADER);
+        // The provider learns who called from this PA only, never from the caller: no mesh
+        // header of the request reaches it.
+        detour_core::failure::strip_mesh_headers(req.headers_mut());
         if let Some(v) = caller_value {
             req.headers_mut().insert(CALLER_HEADER, v);
         }

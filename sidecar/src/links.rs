@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use detour_core::link::{Event, Reason};
 use detour_core::link_handle::{LinkHandle, StateNames};
-use detour_core::probe::ping;
+use detour_core::probe::{Probed, probe};
 use detour_core::{Dial, Pool, PoolOptions};
 use detour_proto::{AppProtocol, HostId, SidecarState};
 use detour_registry_sync::HostStatuses;
@@ -114,6 +114,28 @@ impl Links {
         link
     }
 
+    /// Whether `host`'s endpoints may go through the PA at `pa` (not when the address has been
+    /// proven to be another host's: the owner is returned).
+    pub fn may_use(&self, host: &HostId, pa: SocketAddr) -> Result<(), HostId> {
+        self.pa_hosts.may_use(host, pa)
+    }
+
+    /// Forgets the links (and their probes) and PA address claims of every host `keep` does
+    /// not name: the state per remote host follows the catalog, whatever names came and went.
+    pub fn prune(&self, keep: &std::collections::HashSet<HostId>) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let before = entries.len();
+        entries.retain(|h, _| keep.contains(h));
+        if entries.len() < before {
+            tracing::debug!(
+                forgotten = before - entries.len(),
+                "links to hosts no longer in the catalog forgotten"
+            );
+        }
+        drop(entries);
+        self.pa_hosts.retain(|h| keep.contains(h));
+    }
+
     /// Every link's state, for `/state`.
     pub fn states(&self) -> BTreeMap<String, &'static str> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,11 +192,12 @@ async fn probe_loop(
     loop {
         ticks.tick().await;
         let addr = *pa.lock().unwrap_or_else(|p| p.into_inner());
-        let ok = ping(&pool, &Dial::Tcp(addr), AppProtocol::Http2, timeout).await;
-        link.event(if ok {
-            Event::ProbeOk
-        } else {
-            Event::ProbeFailed
-        });
+        // A PA that answers and is not trusted is reachable: the link stays on it, and the
+        // requests sent there are refused (`untrusted-peer`) rather than sent around it.
+        let event = match probe(&pool, &Dial::Tcp(addr), AppProtocol::Http2, timeout).await {
+            Probed::Ok | Probed::Untrusted => Event::ProbeOk,
+            Probed::Failed => Event::ProbeFailed,
+        };
+        link.event(event);
     }
 }

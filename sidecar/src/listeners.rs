@@ -128,6 +128,26 @@ impl Listeners {
     }
 }
 
+/// Binds this process's liveness socket, `{run_dir}/health-{pid}.sock` (mode 0600), after
+/// removing those of processes that are gone (a sidecar killed with -9 leaves its own).
+pub fn bind_health(run_dir: &Path) -> Result<(std::path::PathBuf, UnixListener), BindError> {
+    if let Ok(dir) = std::fs::read_dir(run_dir) {
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("health-")
+                && name.ends_with(".sock")
+                && std::os::unix::net::UnixStream::connect(e.path()).is_err()
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let path = run_dir.join(format!("health-{}.sock", std::process::id()));
+    let l = bind_unix(&path, "health", 0o600)?;
+    Ok((path, l))
+}
+
 /// Binds a Unix listener at `path` with `mode`, replacing a stale socket file left by a dead
 /// process (a live one is an error).
 fn bind_unix(path: &Path, listener: &'static str, mode: u32) -> Result<UnixListener, BindError> {

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     let args = Args::parse();
     telemetry::init_logging();
-    raise_open_files_limit();
+    detour_registry_sync::telemetry::raise_open_files_limit();
     let cfg = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -110,23 +110,4 @@ async fn run(cfg: Config, take_over: bool) -> ExitCode {
         "stopped"
     );
     ExitCode::SUCCESS
-}
-
-/// Raises the open-files soft limit to the hard one: a proxy holds two descriptors per request
-/// in flight, and the common soft default (1024) runs out long before the hard one.
-fn raise_open_files_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let lim = getrlimit(Resource::Nofile);
-    if let (Some(current), Some(maximum)) = (lim.current, lim.maximum)
-        && current < maximum
-    {
-        let raised = Rlimit {
-            current: Some(maximum),
-            maximum: Some(maximum),
-        };
-        match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => tracing::debug!(from = current, to = maximum, "open-files limit raised"),
-            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
-        }
-    }
 }

@@ -150,6 +150,9 @@ impl Outbound {
         balancer.retain(&set);
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
+        // An app's mesh headers are not the mesh's word (`x-detour-caller` is set by a PA from
+        // a verified identity only): none leaves this sidecar, on any path.
+        strip_mesh_headers(req.headers_mut());
         if policy.connect_timeout != self.cfg.connect_timeout {
             // The pools' own timeout is the sidecar's; only another one rides with the request.
             req.extensions_mut()
@@ -180,9 +183,12 @@ impl Outbound {
                     )
                 }
             })?;
-        // Switched off by a gray rule or a rollback: straight to the providers (C→CA→P).
+        // Switched off by a gray rule or a rollback: straight to the providers (C→CA→P) —
+        // except those reached through their PA only (the endpoint says so, or the service's
+        // policy forbids paths that skip the PA): those always go through their PA.
         let mesh_on = self.gray.mesh_on(&service);
-        let mut via_pa = mesh_on && self.via_pa_chosen(ep);
+        let direct_ok = |ep: &Endpoint| policy.direct && ep.direct_allowed();
+        let mut via_pa = !direct_ok(ep) || (mesh_on && self.via_pa_chosen(ep));
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -197,7 +203,8 @@ impl Outbound {
             let left = deadline - now;
             let timeout = policy.try_timeout.map_or(left, |t| t.min(left));
             let result = if via_pa {
-                self.via_pa(&service, ep, &mut flight, timeout).await
+                self.via_pa(&service, ep, &mut flight, timeout, direct_ok(ep))
+                    .await
             } else {
                 self.straight(&service, ep, &mut flight, timeout).await
             };
@@ -221,8 +228,10 @@ impl Outbound {
                 metrics::counter!("detour_try_timeouts_total").increment(1);
                 failed.outcome = Outcome::Lost(Part::Provider);
             }
+            // An endpoint refused as untrusted is never tried around its PA.
+            let untrusted = failed.error.kind == MeshErrorKind::UntrustedPeer;
             let alt = Alternatives {
-                other_path: via_pa,
+                other_path: via_pa && direct_ok(ep) && !untrusted,
                 other_endpoint: tried.len() + 1 < set.endpoints.len(),
             };
             let mut next = decide(failed.outcome, flight.kind(), alt);
@@ -253,7 +262,7 @@ impl Outbound {
                         return Err(failed.error);
                     };
                     (ep, in_flight) = next;
-                    via_pa = mesh_on && self.via_pa_chosen(ep);
+                    via_pa = !direct_ok(ep) || (mesh_on && self.via_pa_chosen(ep));
                 }
                 Next::Return => return Err(failed.error),
                 Next::Fail(_) if try_timed_out => return Err(failed.error),
@@ -269,15 +278,45 @@ impl Outbound {
     }
 
     /// One attempt through `ep`'s PA. A mesh error the PA answers with becomes the attempt's
-    /// outcome; transport failures feed the link to the PA's host.
+    /// outcome; transport failures feed the link to the PA's host. `direct_ok`: whether the
+    /// provider may be reached around the PA (a request waiting on a PA the link gives up on
+    /// is abandoned only then).
     async fn via_pa(
         &self,
         service: &ServiceName,
         ep: &Endpoint,
         flight: &mut Held,
         timeout: std::time::Duration,
+        direct_ok: bool,
     ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
-        let pa = ep.pa_address.ok_or_else(|| consumed(ep))?;
+        let Some(pa) = ep.pa_address else {
+            // Reached through a PA only, and it has none: this endpoint cannot be used.
+            return Err(AttemptFailed {
+                outcome: Outcome::NeverReached(Part::Provider),
+                request: None,
+                refused: false,
+                error: MeshError::new(
+                    MeshErrorKind::UpstreamConnect,
+                    format!(
+                        "{} has no sidecar, and {service} allows no path around one",
+                        ep.instance
+                    ),
+                ),
+            });
+        };
+        if let Err(owner) = self.links.may_use(&ep.host, pa) {
+            // The endpoint names another host's PA: it is not used (the next one is), and
+            // nothing goes to its own address either.
+            return Err(AttemptFailed {
+                outcome: Outcome::NeverReached(Part::Provider),
+                request: None,
+                refused: false,
+                error: MeshError::new(
+                    MeshErrorKind::UntrustedPeer,
+                    format!("the PA at {pa} is {owner}'s, not {}'s", ep.host),
+                ),
+            });
+        }
         let link = self.links.get(&ep.host, pa);
         let req = flight.take().ok_or_else(|| consumed(ep))?;
         let dial = Dial::Tcp(pa);
@@ -291,7 +330,7 @@ impl Outbound {
             timeout,
             Part::Sidecar,
         );
-        let result = if flight.idempotent() && flight.has_copy() {
+        let result = if direct_ok && flight.idempotent() && flight.has_copy() {
             // A PA the link gives up on (hung: probes time out) holds no idempotent request:
             // it is abandoned there and sent straight to the provider.
             tokio::select! {

@@ -171,15 +171,16 @@ impl World {
             &self.ca_pool,
             Arc::default(),
         );
+        let policies = crate::policy::Policies::new(&cfg);
         let control = ControlService::new(
             lifecycle.clone(),
             catalog.clone(),
             cfg.host.clone(),
             self.gray.clone(),
+            policies.clone(),
         );
         let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());
         let gray = self.gray.clone();
-        let policies = crate::policy::Policies::new(&cfg);
         let outbound = Arc::new(Outbound::new(
             cfg,
             catalog,

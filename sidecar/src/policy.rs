@@ -66,6 +66,8 @@ pub struct ServicePolicy {
     pub outlier: Outlier,
     /// Most requests in flight to one endpoint from this sidecar (0: no limit).
     pub max_concurrent_per_endpoint: usize,
+    /// Whether paths that skip the PA may be taken (an endpoint may forbid them too).
+    pub direct: bool,
 }
 
 impl ServicePolicy {
@@ -78,6 +80,7 @@ impl ServicePolicy {
             budget: cfg.retry_budget,
             outlier: cfg.outlier,
             max_concurrent_per_endpoint: cfg.max_concurrent_per_endpoint,
+            direct: true,
         }
     }
 
@@ -114,6 +117,9 @@ impl ServicePolicy {
             max_concurrent_per_endpoint: o
                 .max_concurrent_per_endpoint
                 .map_or(self.max_concurrent_per_endpoint, |n| n as usize),
+            direct: o.direct.map_or(self.direct, |d| {
+                d == detour_registry_sync::policy::Direct::Allow
+            }),
         }
     }
 }
@@ -125,6 +131,8 @@ pub struct Policies {
     registry: RwLock<Arc<BTreeMap<ServiceName, PolicyOverride>>>,
     /// Bumped on every change of the registry's overrides.
     generation: AtomicU64,
+    /// Told every new generation (control sessions re-send their snapshots).
+    changed: watch::Sender<u64>,
     /// Where the registry's overrides in force came from.
     doc: RwLock<DocStatus>,
 }
@@ -137,6 +145,7 @@ impl Policies {
             configured: cfg.policies.clone(),
             registry: RwLock::new(Arc::new(BTreeMap::new())),
             generation: AtomicU64::new(0),
+            changed: watch::channel(0).0,
             doc: RwLock::new(Followed::unknown().status()),
         })
     }
@@ -149,6 +158,11 @@ impl Policies {
     /// Changes with every registry change (callers caching a policy compare it).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Follows the generation (woken on every change).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The policy of `service` now.
@@ -241,7 +255,8 @@ impl Policies {
         );
         metrics::gauge!("detour_policy_registry_services").set(services.len() as f64);
         *current = Arc::new(services);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changed.send_replace(g);
     }
 }
 

@@ -3,6 +3,14 @@
 //! connections. A provider that fails its check is marked unhealthy in the registry (callers
 //! pass it over while any healthy endpoint is left) and marked healthy again once it answers.
 //! `/state` and `detour_provider_healthy{service}` show the verdicts.
+//!
+//! **The address other hosts are told.** A provider listening on this host's loopback cannot be
+//! reached from another host: dialling its address there reaches *that* host's loopback. Such a
+//! provider is registered `no_direct` (callers reach it through this PA only), unless its
+//! loopback address is the very one this PA listens on (one loopback address per host, as in a
+//! single-machine mesh). A provider listening on every address (`0.0.0.0`) is published with
+//! the PA's address. A provider whose `direct` is `deny` (by default, one with an `allow` list)
+//! is registered `no_direct` too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,10 +27,27 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 
+/// The address other hosts may dial to reach a provider listening on `provider`, given this
+/// host's inbound (PA) address; `None` when no other host can reach it.
+pub fn reachable_address(provider: SocketAddr, inbound: SocketAddr) -> Option<SocketAddr> {
+    let (ip, own) = (provider.ip(), inbound.ip());
+    if ip.is_unspecified() {
+        // On every address: reachable on the host's own, when that is a real one.
+        return (!own.is_unspecified() && !own.is_loopback())
+            .then(|| SocketAddr::new(own, provider.port()));
+    }
+    if ip.is_loopback() {
+        return (ip == own).then_some(provider);
+    }
+    Some(provider)
+}
+
 /// One local provider and its last verdict.
 struct Local {
     /// The endpoint as registered (its `healthy` field follows the checks).
     endpoint: Endpoint,
+    /// The provider as this host checks it (its own address).
+    local: Endpoint,
     /// How it is checked.
     check: CheckSpec,
     /// The last verdict.
@@ -62,7 +87,11 @@ impl LocalProviders {
             .provide
             .iter()
             .map(|p| {
-                let endpoint = Endpoint {
+                let reachable = reachable_address(p.address, inbound);
+                if reachable.is_none() {
+                    tracing::info!(service = %p.service, address = %p.address, "the provider listens where other hosts cannot reach it: callers reach it through this PA only");
+                }
+                let local = Endpoint {
                     service: p.service.clone(),
                     instance: p.instance.clone(),
                     host: cfg.host.clone(),
@@ -75,6 +104,12 @@ impl LocalProviders {
                     source: Source::Native,
                     labels: Default::default(),
                     healthy: true,
+                    no_direct: false,
+                };
+                let endpoint = Endpoint {
+                    app_address: reachable.unwrap_or(p.address),
+                    no_direct: reachable.is_none() || !p.direct,
+                    ..local.clone()
                 };
                 let check = CheckSpec {
                     timeout: cfg.provider_check_timeout,
@@ -82,6 +117,7 @@ impl LocalProviders {
                 };
                 let local = Local {
                     endpoint,
+                    local,
                     check,
                     healthy: AtomicBool::new(true),
                     wake: Notify::new(),
@@ -100,7 +136,7 @@ impl LocalProviders {
     /// Checks every provider once and registers it with that verdict.
     pub async fn register_all(&self) -> Result<(), RegistryError> {
         for local in self.by_service.values() {
-            let healthy = self.checker.check(&local.endpoint, &local.check).await;
+            let healthy = self.checker.check(&local.local, &local.check).await;
             local.healthy.store(healthy, Ordering::Relaxed);
             self.publish(local, healthy).await?;
         }
@@ -130,7 +166,7 @@ impl LocalProviders {
             .map(|l| ProviderState {
                 service: l.endpoint.service.clone(),
                 instance: l.endpoint.instance.to_string(),
-                address: l.endpoint.app_address,
+                address: l.local.app_address,
                 protocol: l.endpoint.protocol.as_str(),
                 healthy: l.healthy.load(Ordering::Relaxed),
             })
@@ -145,15 +181,15 @@ impl LocalProviders {
                 () = tokio::time::sleep(self.interval) => {}
                 () = local.wake.notified() => {}
             }
-            let healthy = self.checker.check(&local.endpoint, &local.check).await;
+            let healthy = self.checker.check(&local.local, &local.check).await;
             if local.healthy.swap(healthy, Ordering::Relaxed) == healthy {
                 continue;
             }
             let service = &local.endpoint.service;
             if healthy {
-                tracing::info!(%service, address = %local.endpoint.app_address, "local provider answers again: marked healthy");
+                tracing::info!(%service, address = %local.local.app_address, "local provider answers again: marked healthy");
             } else {
-                tracing::warn!(%service, address = %local.endpoint.app_address, "local provider failed its health check: marked unhealthy");
+                tracing::warn!(%service, address = %local.local.app_address, "local provider failed its health check: marked unhealthy");
             }
             metrics::counter!("detour_provider_health_changes_total",
                 "service" => detour_registry_sync::labels::service(service), "healthy" => if healthy { "true" } else { "false" })

@@ -36,6 +36,7 @@ fn describe(kind: MeshErrorKind) -> &'static str {
         MeshErrorKind::RateLimited => "over the rate limit",
         MeshErrorKind::Denied => "the caller is not allowed",
         MeshErrorKind::Overloaded => "every endpoint is at its concurrency limit",
+        MeshErrorKind::UntrustedPeer => "the provider host's sidecar is not trusted",
     }
 }
 

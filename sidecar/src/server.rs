@@ -86,6 +86,15 @@ impl Activity {
     }
 }
 
+/// One request in flight on a connection, until dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
 /// A listener of either kind.
 #[derive(Debug)]
 pub enum Listener {
@@ -246,10 +255,13 @@ where
             req.extensions_mut().insert(c.clone());
         }
         async move {
+            // In flight until its response *body* has been sent (or dropped): a stream whose
+            // head went out long ago — a gRPC stream, a long download — keeps the connection
+            // from counting as idle.
             active.begin();
+            let guard = InFlight(active);
             let resp = h.handle(req).await;
-            active.end();
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(resp.map(|b| detour_core::body::with_guard(b, guard)))
         }
     });
     let idle = opts.limits.idle_timeout;

@@ -92,6 +92,9 @@ impl Sidecar {
 
     fn finish(&self) {
         self.catalog.flush_cache();
+        if let Some(h) = &self.bound.health {
+            let _ = std::fs::remove_file(h);
+        }
         for t in self.tasks.iter().chain(&self.publishers) {
             t.abort();
         }

@@ -397,9 +397,11 @@ async fn a_version_rule_moves_one_host_and_rollback_version_moves_it_back() {
         None,
     )
     .await;
-    mesh.start_watched("h1", "127.0.0.1", &[], "", "", None)
+    // Version rules may only name binaries of this directory (with their sha256).
+    let binaries = format!("[upgrade]\nbinaries_dir = \"{}\"\n", mesh.root().display());
+    mesh.start_watched("h1", "127.0.0.1", &[], "", &binaries, None)
         .await;
-    mesh.start_watched("h3", "127.0.0.3", &[], "", "", None)
+    mesh.start_watched("h3", "127.0.0.3", &[], "", &binaries, None)
         .await;
     mesh.wait_endpoints("h1", "hello", 1).await;
     let client =
@@ -446,8 +448,10 @@ async fn a_version_rule_moves_one_host_and_rollback_version_moves_it_back() {
     let moved_ms = now_unix_ms() - moved;
     assert_eq!(binary_of(&st, "h2"), base, "{st}");
     assert_eq!(binary_of(&st, "h3"), base, "{st}");
-    // A rule naming a binary h3 does not have: h3's sidecar serves on, its watchdog says why.
+    // A rule naming a binary outside the binaries directory, then one in it with a wrong
+    // sha256: h3's sidecar serves on, nothing of them runs, its watchdog says why.
     let h3_pid = mesh.watched("h3").sidecar_pid().unwrap();
+    let zeros = "0".repeat(64);
     ok(
         &reg,
         &[
@@ -457,6 +461,8 @@ async fn a_version_rule_moves_one_host_and_rollback_version_moves_it_back() {
             "typo",
             "--sidecar-binary",
             "/nonexistent/detour-sidecar",
+            "--sidecar-sha256",
+            &zeros,
             "--hosts",
             "h3",
         ],
@@ -481,10 +487,53 @@ async fn a_version_rule_moves_one_host_and_rollback_version_moves_it_back() {
         |s| {
             s["watchdog"]["last_upgrade"]
                 .as_str()
-                .is_some_and(|u| u.contains("not found"))
+                .is_some_and(|u| u.contains("refused") && u.contains("not in the binaries"))
         },
     )
     .await;
+    assert_eq!(mesh.watched("h3").sidecar_pid().unwrap(), h3_pid);
+    let marker = mesh.root().join("evil-ran");
+    let evil = mesh.root().join("evil-sidecar");
+    std::fs::write(
+        &evil,
+        format!("#!/bin/sh\ntouch '{}'\nsleep 60\n", marker.display()),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    ok(
+        &reg,
+        &[
+            "gray",
+            "set",
+            "--id",
+            "typo",
+            "--sidecar-binary",
+            "evil-sidecar",
+            "--sidecar-sha256",
+            &zeros,
+            "--hosts",
+            "h3",
+        ],
+    )
+    .await;
+    wait_value(
+        "h3's watchdog to refuse the wrong sha256",
+        Duration::from_secs(5),
+        || async { status(&reg).await },
+        |st| {
+            st["hosts"].as_array().unwrap().iter().any(|h| {
+                h["host"] == "h3" && h["refused"].as_str().is_some_and(|r| r.contains("sha256"))
+            })
+        },
+    )
+    .await;
+    assert!(
+        !marker.exists(),
+        "the binary with the wrong sha256 never ran"
+    );
     assert_eq!(mesh.watched("h3").sidecar_pid().unwrap(), h3_pid);
     ok(&reg, &["gray", "clear", "--id", "typo"]).await;
     // A manual upgrade of a host a version rule governs is refused (the rule would undo it).

@@ -56,6 +56,8 @@ struct Call<'a> {
     sidecar_failed: Option<TransportError>,
     provider_failed: Option<TransportError>,
     no_snapshot: bool,
+    /// Every provider in the snapshot is reached through its PA only (`no_direct`).
+    direct_forbidden: bool,
     /// The sidecar's own error answer, returned when nothing does better.
     mesh_answer: Option<Response<BoxBody>>,
 }
@@ -96,6 +98,7 @@ impl Client {
             sidecar_failed: None,
             provider_failed: None,
             no_snapshot: false,
+            direct_forbidden: false,
             mesh_answer: None,
         };
         // The sidecar's link, then the service's own switch (a gray rule or a rollback).
@@ -248,11 +251,14 @@ impl Client {
             return Step::GiveUp(Failure::NeverReached);
         }
         if call.direct.is_none() {
-            let endpoints = self
-                .snapshot(call.service)
+            let snapshot = self.snapshot(call.service);
+            let known = snapshot.as_ref().is_some_and(|s| !s.endpoints.is_empty());
+            // Providers reached through their PA only are never called directly.
+            let endpoints = snapshot
                 .map(|s| self.inner.direct.order(&s.endpoints))
                 .unwrap_or_default();
-            call.no_snapshot = endpoints.is_empty();
+            call.no_snapshot = !known;
+            call.direct_forbidden = known && endpoints.is_empty();
             call.direct = Some(endpoints.into());
         }
         let Some(ep) = call.direct.as_mut().and_then(VecDeque::pop_front) else {
@@ -266,10 +272,13 @@ impl Client {
         let Some(req) = call.held.take() else {
             return Step::GiveUp(Failure::NeverReached);
         };
-        let req = match set_target(call.service.as_str(), ep.protocol, req) {
+        let mut req = match set_target(call.service.as_str(), ep.protocol, req) {
             Ok(r) => r,
             Err(e) => return self.invalid(call, e),
         };
+        // Mesh headers are the mesh's word (`x-detour-caller` is set by a PA from a verified
+        // identity): an app's own never reach a provider, on this path either.
+        strip_mesh_headers(req.headers_mut());
         let dial = Dial::Tcp(ep.app_address);
         let failed = match self.inner.pool.send(&dial, ep.protocol, req).await {
             Ok(mut resp) => {
@@ -334,6 +343,16 @@ impl Client {
                     .or(call.sidecar_failed)
                     .map_or_else(|| "no answer in time".into(), |e| e.to_string()),
             }),
+            (Failure::NeverReached, None) if call.direct_forbidden => {
+                let cause = format!(
+                    "every provider of {service} is reached through its host's sidecar only (no direct path)"
+                );
+                let cause = match call.sidecar_failed {
+                    Some(e) => format!("the sidecar is unavailable ({e}) and {cause}"),
+                    None => cause,
+                };
+                Err(Error::NoRoute { service, cause })
+            }
             (Failure::NeverReached, None) if call.no_snapshot => {
                 let cause = format!(
                     "no endpoint of {service} is known (no snapshot from the sidecar, none in the snapshot file)"

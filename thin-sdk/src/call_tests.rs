@@ -272,6 +272,7 @@ fn provider_info() -> EndpointInfo {
         zone: String::new(),
         version: String::new(),
         unhealthy: false,
+        no_direct: false,
     }
 }
 

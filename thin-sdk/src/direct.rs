@@ -1,7 +1,8 @@
 //! The direct path's choice of providers: the endpoints of the last snapshot the sidecar sent,
 //! in turn (round-robin across calls), healthy and recently working ones first — a provider
 //! that refused a connection is passed over for a while, one whose sidecar marked it unhealthy
-//! comes last, and none is ever skipped altogether.
+//! comes last, and none is ever skipped altogether — except those reached through their PA
+//! only (`no_direct`), which the direct path never calls.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ pub(crate) struct Direct {
 impl Direct {
     /// The order in which one call tries `endpoints`.
     pub(crate) fn order(&self, endpoints: &[Endpoint]) -> Vec<Endpoint> {
+        let endpoints: Vec<&Endpoint> = endpoints.iter().filter(|e| e.direct_allowed()).collect();
         if endpoints.is_empty() {
             return Vec::new();
         }

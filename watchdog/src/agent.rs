@@ -50,6 +50,8 @@ struct Wanted {
     label: String,
     /// The rule that says so.
     rule: String,
+    /// Why the rule's binary may not run (`binaries.rs`), if it may not.
+    refused: Option<String>,
 }
 
 /// How watching one sidecar ended.
@@ -179,21 +181,31 @@ impl Agent {
         }
         let rule = self.rules.version(&self.cfg.sidecar.host);
         match rule.and_then(|r| r.sidecar.as_ref().map(|v| (r, v))) {
-            Some((r, v)) if !v.baseline => Some(Wanted {
-                binary: PathBuf::from(&v.binary),
-                label: v.version.clone(),
-                rule: r.id.clone(),
-            }),
+            Some((r, v)) if !v.baseline => {
+                // A registry write names no code to run: only a binary of the local directory
+                // with the sha256 the rule gives.
+                let checked = crate::binaries::verify(&self.cfg.binaries_dir, &v.binary, &v.sha256);
+                Some(Wanted {
+                    binary: checked
+                        .as_ref()
+                        .map_or_else(|_| PathBuf::from(&v.binary), Clone::clone),
+                    label: v.version.clone(),
+                    rule: r.id.clone(),
+                    refused: checked.err(),
+                })
+            }
             // A baseline rule, or no rule: back to what ran before a rule moved the host.
             Some((r, _)) => self.binaries.baseline.clone().map(|b| Wanted {
                 binary: b,
                 label: String::new(),
                 rule: r.id.clone(),
+                refused: None,
             }),
             None => self.binaries.baseline.clone().map(|b| Wanted {
                 binary: b,
                 label: String::new(),
                 rule: String::new(),
+                refused: None,
             }),
         }
     }
@@ -204,17 +216,20 @@ impl Agent {
         if wanted.binary == sc.binary || self.refused.as_ref() == Some(&wanted.binary) {
             return None;
         }
-        if !wanted.binary.is_file() {
-            tracing::error!(binary = %wanted.binary.display(), rule = %wanted.rule, "a version rule names a binary this host does not have");
-            self.set(|s| {
-                s.last_upgrade = Some(format!(
-                    "failed: rule {}: {} not found",
-                    wanted.rule,
-                    wanted.binary.display()
-                ))
-            });
+        let refused = match wanted.refused.clone() {
+            Some(why) => Some(why),
+            None if !wanted.binary.is_file() => {
+                Some(format!("{} not found", wanted.binary.display()))
+            }
+            None => None,
+        };
+        if let Some(why) = refused {
+            tracing::error!(binary = %wanted.binary.display(), rule = %wanted.rule, %why, "refusing a version rule's binary: the running sidecar serves on");
+            metrics::counter!("detour_watchdog_rules_refused_total").increment(1);
+            self.set(|s| s.last_upgrade = Some(format!("refused: rule {}: {why}", wanted.rule)));
             self.refused = Some(wanted.binary);
             self.keep();
+            self.report().await;
             return None;
         }
         // Entering a rule's binary remembers where to come back to; coming back forgets it.
@@ -549,9 +564,9 @@ impl Agent {
 
     /// Publishes what the watchdog reports beside the host status.
     async fn report(&self) {
-        let (restarts, rule_version) = {
+        let (restarts, rule_version, last_upgrade) = {
             let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            (s.restarts, s.rule_version.clone())
+            (s.restarts, s.rule_version.clone(), s.last_upgrade.clone())
         };
         let report = WatchdogReport {
             binary: self.binaries.current.display().to_string(),
@@ -559,6 +574,9 @@ impl Agent {
             since_unix_ms: self.since_unix_ms,
             restarts,
             links: Default::default(),
+            refused: last_upgrade
+                .filter(|u| u.starts_with("refused"))
+                .unwrap_or_default(),
         };
         if let Err(e) = self.held.report(report).await {
             tracing::warn!(error = %e, "cannot publish the watchdog's report");
@@ -569,14 +587,14 @@ impl Agent {
     /// `/ready`.
     async fn is_ready(&self, sc: &SidecarProc) -> bool {
         match self.addresses() {
-            Some(a) if a.pid == sc.pid => self.admin_get(a.admin, "/ready").await,
+            Some(a) if a.pid == sc.pid => self.admin_get(&a, "/ready").await,
             _ => false,
         }
     }
 
     async fn live(&self, sc: &SidecarProc) -> bool {
         match self.addresses() {
-            Some(a) if a.pid == sc.pid => self.admin_get(a.admin, "/live").await,
+            Some(a) if a.pid == sc.pid => self.admin_get(&a, "/live").await,
             // An adopted sidecar whose address file is gone: ask the process itself.
             _ => std::path::Path::new(&format!("/proc/{}", sc.pid)).exists(),
         }
@@ -587,7 +605,13 @@ impl Agent {
         serde_json::from_slice(&bytes).ok()
     }
 
-    async fn admin_get(&self, admin: std::net::SocketAddr, path: &str) -> bool {
+    /// `GET path` of the sidecar at `a`: on its own liveness socket when it has one (no other
+    /// local user can take its slots there), else on its admin port.
+    async fn admin_get(&self, a: &SidecarAddresses, path: &str) -> bool {
+        let dial = match &a.health {
+            Some(h) => Dial::Unix(h.clone()),
+            None => Dial::Tcp(a.admin),
+        };
         let Ok(req) = Request::get(path)
             .header(http::header::HOST, "localhost")
             .body(empty())
@@ -595,11 +619,7 @@ impl Agent {
             return false;
         };
         let exchange = async {
-            match self
-                .admin
-                .send(&Dial::Tcp(admin), AppProtocol::Http1, req)
-                .await
-            {
+            match self.admin.send(&dial, AppProtocol::Http1, req).await {
                 Ok(resp) => {
                     let ok = resp.status().is_success();
                     ok && resp.into_body().collect().await.is_ok()

@@ -157,12 +157,17 @@ pub struct UpgradeRaw {
     /// Time a new sidecar has to become ready before the upgrade is abandoned (the running one
     /// serves on).
     pub ready_timeout_ms: u64,
+    /// The local directory a gray version rule's binary must be in (owned by root or the
+    /// watchdog's user, not writable by group or others); `""`: the directory of
+    /// `sidecar.binary`.
+    pub binaries_dir: String,
 }
 
 impl Default for UpgradeRaw {
     fn default() -> Self {
         Self {
             ready_timeout_ms: 30_000,
+            binaries_dir: String::new(),
         }
     }
 }
@@ -300,6 +305,8 @@ pub struct Config {
     pub memory_limit: Option<u64>,
     /// Time a new sidecar has to become ready in an upgrade.
     pub upgrade_timeout: Duration,
+    /// Where a version rule's binary must be.
+    pub binaries_dir: PathBuf,
     /// Environment variables with the prefix that named no key (logged at start).
     pub warnings: Vec<String>,
 }
@@ -359,6 +366,13 @@ impl Config {
         } else {
             base.join(&raw.sidecar.binary)
         };
+        let binaries_dir = if raw.upgrade.binaries_dir.is_empty() {
+            sidecar_binary
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        } else {
+            base.join(&raw.upgrade.binaries_dir)
+        };
         let admin_listen = raw.admin.listen.parse::<SocketAddr>().map_err(|_| {
             problems.push(format!(
                 "admin.listen: {:?} is not ip:port",
@@ -413,6 +427,7 @@ impl Config {
                     fail_after: raw.probe.fail_after,
                     memory_limit: (raw.memory.limit_mb > 0).then_some(raw.memory.limit_mb << 20),
                     upgrade_timeout,
+                    binaries_dir,
                     warnings,
                 })
             }

@@ -36,6 +36,17 @@ use crate::held::Held;
 /// Largest request body taken.
 const MAX_BODY: usize = 1 << 20;
 
+/// Most connections served at once on each listener (more wait in the accept queue): holding
+/// the loopback port's connections slows its readers down and nothing else — the sidecar
+/// publishes, and the operator commands, on the Unix socket, which has its own.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Time to send a request head.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Longest life of a connection to the read-only loopback API.
+const READ_ONLY_CONNECTION: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What the watchdog is doing, for `/state` and `/ready`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
@@ -146,18 +157,26 @@ impl Api {
         let unix = UnixListener::bind(unix_path)?;
         std::fs::set_permissions(unix_path, std::fs::Permissions::from_mode(0o600))?;
         let me = self.clone();
+        let unix_slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
+                let Ok(permit) = unix_slots.clone().acquire_owned().await else {
+                    return;
+                };
                 match unix.accept().await {
-                    Ok((s, _)) => me.clone().conn(s, true),
+                    Ok((s, _)) => me.clone().conn(s, true, permit),
                     Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
                 }
             }
         });
+        let tcp_slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
+                let Ok(permit) = tcp_slots.clone().acquire_owned().await else {
+                    return;
+                };
                 match tcp.accept().await {
-                    Ok((s, _)) => self.clone().conn(s, false),
+                    Ok((s, _)) => self.clone().conn(s, false, permit),
                     Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
                 }
             }
@@ -171,20 +190,28 @@ impl Api {
         let _ = tokio::time::timeout(within, rx.wait_for(|n| *n == 0)).await;
     }
 
-    fn conn<S>(self: Arc<Self>, io: S, trusted: bool)
+    fn conn<S>(self: Arc<Self>, io: S, trusted: bool, permit: tokio::sync::OwnedSemaphorePermit)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         self.open.send_modify(|n| *n += 1);
         tokio::spawn(async move {
+            let _permit = permit;
             let open = self.open.clone();
             let svc = service_fn(move |req| {
                 let api = self.clone();
                 async move { Ok::<_, Infallible>(api.handle(req, trusted).await) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(io), svc)
-                .await;
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(io), svc);
+            if trusted {
+                // An upgrade's answer may take as long as the upgrade.
+                let _ = conn.await;
+            } else {
+                let _ = tokio::time::timeout(READ_ONLY_CONNECTION, conn).await;
+            }
             open.send_modify(|n| *n = n.saturating_sub(1));
         });
     }

@@ -69,12 +69,17 @@ pub enum GrayCmd {
         /// Mesh on or off for the scope.
         #[arg(long, value_parser = ["on", "off"], conflicts_with = "sidecar_binary")]
         mesh: Option<String>,
-        /// The sidecar binary the hosts in scope run (a version rule).
+        /// The sidecar binary the hosts in scope run (a version rule): a file of each host
+        /// watchdog's `upgrade.binaries_dir`, by name or absolute path.
         #[arg(long)]
         sidecar_binary: Option<String>,
         /// The version label of that binary.
         #[arg(long, requires = "sidecar_binary")]
         sidecar_version: Option<String>,
+        /// The binary's sha256 (a watchdog runs nothing else); default: computed from the file
+        /// when it exists where detourctl runs.
+        #[arg(long, requires = "sidecar_binary")]
+        sidecar_sha256: Option<String>,
         /// The services it covers (a name or a glob; default: every service).
         #[arg(long)]
         service: Option<String>,
@@ -183,16 +188,33 @@ pub async fn gray(cmd: GrayCmd, reg: RegistryArgs) -> ExitCode {
             mesh,
             sidecar_binary,
             sidecar_version,
+            sidecar_sha256,
             service,
             hosts,
             percent,
             reason,
         } => {
+            let sha256 = match (&sidecar_binary, sidecar_sha256) {
+                (_, Some(s)) => s.to_ascii_lowercase(),
+                (Some(b), None) => match crate::binaries::sha256_of(std::path::Path::new(b)) {
+                    Ok(s) => {
+                        eprintln!("sha256 of {b}: {s}");
+                        s
+                    }
+                    Err(e) => {
+                        return fail(&OpsError::Malformed(format!(
+                            "--sidecar-sha256 is needed: {e}"
+                        )));
+                    }
+                },
+                (None, None) => String::new(),
+            };
             let rule = Rule {
                 id,
                 mesh: mesh.map(|m| if m == "on" { Mesh::On } else { Mesh::Off }),
                 sidecar: sidecar_binary.map(|binary| SidecarVersion {
                     binary,
+                    sha256,
                     version: sidecar_version.unwrap_or_default(),
                     baseline: false,
                 }),

@@ -87,6 +87,10 @@ pub struct PolicyKeys {
     /// Requests allowed at once above that rate.
     #[arg(long)]
     rate_limit_burst: Option<u32>,
+    /// `deny`: nothing reaches the service except through a PA (no path that skips it, even
+    /// when the PA is unreachable); `allow`: what each provider registered.
+    #[arg(long, value_parser = ["allow", "deny"])]
+    direct: Option<String>,
 }
 
 impl PolicyKeys {
@@ -104,6 +108,13 @@ impl PolicyKeys {
             max_concurrent_per_endpoint: self.max_concurrent_per_endpoint,
             rate_limit_rps: self.rate_limit_rps,
             rate_limit_burst: self.rate_limit_burst,
+            direct: self.direct.as_deref().map(|d| {
+                if d == "deny" {
+                    detour_registry_sync::policy::Direct::Deny
+                } else {
+                    detour_registry_sync::policy::Direct::Allow
+                }
+            }),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod agent_config;
 pub mod api;
 pub mod audit;
+pub mod binaries;
 pub mod certs;
 pub mod cli_ops;
 pub mod cli_policy;

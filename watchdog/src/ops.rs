@@ -519,6 +519,8 @@ pub struct HostRow {
     pub restarts: Option<u64>,
     /// Its CA links off their primary path (`host=state`).
     pub links: Vec<String>,
+    /// A version rule its watchdog refused to run, and why (empty: none).
+    pub refused: String,
 }
 
 /// One service.
@@ -557,6 +559,7 @@ fn host_row(h: &HostStatus, now: u64) -> HostRow {
         links: w
             .map(|w| w.links.iter().map(|(k, v)| format!("{k}={v}")).collect())
             .unwrap_or_default(),
+        refused: w.map(|w| w.refused.clone()).unwrap_or_default(),
     }
 }
 

@@ -62,6 +62,9 @@ impl StatusReport {
             &["SERVICE", "HEALTHY/INSTANCES", "MESH", "PROTECTED", "RULES"],
             &services,
         ));
+        for h in self.hosts.iter().filter(|h| !h.refused.is_empty()) {
+            out.push_str(&format!("\n{}: {}\n", h.host, h.refused));
+        }
         if !self.malformed_rules.is_empty() {
             out.push_str(&format!(
                 "\n{} malformed rule(s) left out: {}\n",

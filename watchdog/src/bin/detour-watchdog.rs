@@ -32,6 +32,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init_logging();
+    telemetry::raise_open_files_limit();
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
