@@ -189,9 +189,14 @@ impl Sidecar {
             proxy: cfg.host.to_string(),
             limits: cfg.limits.clone(),
             tls: None,
+            handshakes: None,
         });
         let inbound_opts = Arc::new(ConnOptions {
             tls: tls.clone(),
+            handshakes: Some(Arc::new(crate::tls::guard::HandshakeGuard::new(
+                cfg.handshake,
+                std::time::Instant::now(),
+            ))),
             ..(*opts).clone()
         });
         // The documents this sidecar follows, saved in its state directory: a start while the

@@ -383,6 +383,8 @@ pub struct Config {
     pub outlier: crate::balance::Outlier,
     /// Mutual TLS between sidecars, or plaintext.
     pub tls: crate::config_tls::TlsMode,
+    /// Which connections the PA spends a TLS handshake on.
+    pub handshake: crate::tls::guard::HandshakeLimits,
     /// The retry budget per service.
     pub retry_budget: crate::budget::BudgetConfig,
     /// Graceful-stop bound.
@@ -694,6 +696,7 @@ impl RawConfig {
                     limits,
                     outlier,
                     tls,
+                    handshake: self.tls.handshake_limits(),
                     retry_budget,
                     drain_timeout,
                     announce: Duration::from_millis(self.lifecycle.announce_ms),

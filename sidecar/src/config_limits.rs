@@ -28,6 +28,9 @@ pub struct LimitsRaw {
     pub max_connections_per_endpoint: usize,
     /// Most requests waiting for such a connection; beyond, `upstream-connect`.
     pub max_pending_per_endpoint: usize,
+    /// Most requests one caller connection may have in flight to this PA's providers at once
+    /// (its share of their connections); more wait, within their time (0: no share).
+    pub max_in_flight_per_connection: usize,
 }
 
 impl Default for LimitsRaw {
@@ -40,6 +43,7 @@ impl Default for LimitsRaw {
             h2_keepalive_ms: 30_000,
             max_connections_per_endpoint: 512,
             max_pending_per_endpoint: 2048,
+            max_in_flight_per_connection: 128,
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct Limits {
     pub max_connections_per_endpoint: usize,
     /// Requests waiting for one.
     pub max_pending_per_endpoint: usize,
+    /// Requests one caller connection may have in flight to the PA's providers (0: any).
+    pub max_in_flight_per_connection: usize,
 }
 
 impl LimitsRaw {
@@ -87,6 +93,7 @@ impl LimitsRaw {
         Limits {
             max_connections_per_endpoint: per_endpoint,
             max_pending_per_endpoint: self.max_pending_per_endpoint,
+            max_in_flight_per_connection: self.max_in_flight_per_connection,
             max_connections,
             idle_timeout: Duration::from_millis(idle),
             head_timeout: Duration::from_millis(head),

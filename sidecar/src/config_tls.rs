@@ -25,6 +25,13 @@ pub struct TlsRaw {
     pub bundle: String,
     /// How often the three files are checked for changes, milliseconds.
     pub reload_ms: u64,
+    /// Most TLS handshakes the PA runs at once (0: no limit); more connections are closed
+    /// unread.
+    pub handshake_concurrency: u32,
+    /// Most handshakes a second the PA starts, for all sources but known peers (0: no limit).
+    pub handshake_rate: u32,
+    /// Most handshakes a second the PA starts for one source address (0: no limit).
+    pub handshake_rate_per_source: u32,
 }
 
 impl Default for TlsRaw {
@@ -36,6 +43,20 @@ impl Default for TlsRaw {
             key: "tls/key.pem".into(),
             bundle: "tls/bundle.pem".into(),
             reload_ms: 1000,
+            handshake_concurrency: 64,
+            handshake_rate: 250,
+            handshake_rate_per_source: 20,
+        }
+    }
+}
+
+impl TlsRaw {
+    /// The PA's handshake admission limits.
+    pub fn handshake_limits(&self) -> crate::tls::guard::HandshakeLimits {
+        crate::tls::guard::HandshakeLimits {
+            concurrency: self.handshake_concurrency,
+            rate: self.handshake_rate,
+            per_source: self.handshake_rate_per_source,
         }
     }
 }

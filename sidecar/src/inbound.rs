@@ -176,6 +176,28 @@ impl Inbound {
                 format!("{service} is over its rate limit on {}", self.cfg.host),
             ));
         }
+        // This caller connection's share of the providers: wait for a place (within the
+        // request's time) rather than take them all.
+        let share = match parts.extensions.get::<crate::server::ConnShare>() {
+            Some(s) => {
+                match tokio::time::timeout(self.cfg.request_timeout, s.0.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(p)) => Some(p),
+                    _ => {
+                        metrics::counter!("detour_connection_share_exhausted_total").increment(1);
+                        return Err(MeshError::new(
+                            MeshErrorKind::Overloaded,
+                            format!(
+                                "this connection has {} requests with the providers of {}",
+                                self.cfg.limits.max_in_flight_per_connection, self.cfg.host
+                            ),
+                        ));
+                    }
+                }
+            }
+            None => None,
+        };
         let caller_value = caller.and_then(|c| HeaderValue::from_str(c.as_str()).ok());
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());
@@ -202,7 +224,10 @@ impl Inbound {
         {
             Ok(mut resp) => {
                 strip_mesh_headers(resp.headers_mut());
-                return Ok(resp);
+                return Ok(match share {
+                    Some(p) => resp.map(|b| detour_core::body::with_guard(b, p)),
+                    None => resp,
+                });
             }
             Err(f) => f,
         };

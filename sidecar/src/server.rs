@@ -44,6 +44,8 @@ pub struct ConnOptions {
     pub limits: crate::config_limits::Limits,
     /// Mutual TLS on this listener (the PA's, unless plaintext is configured).
     pub tls: Option<Arc<crate::tls::TlsState>>,
+    /// Which connections get a TLS handshake (with `tls`).
+    pub handshakes: Option<Arc<crate::tls::guard::HandshakeGuard>>,
 }
 
 /// How long an idle HTTP/2 connection closed by the idle timeout may take to finish its
@@ -135,7 +137,19 @@ pub async fn accept_loop<H: Handler>(
             _ = lifecycle.accepting_stopped() => break,
         };
         match accepted {
-            Ok(Accepted::Tcp(s)) => {
+            Ok(Accepted::Tcp(s, peer)) => {
+                let handshake = match (&opts.tls, &opts.handshakes) {
+                    (Some(_), Some(guard)) => match guard.admit(peer.ip(), Instant::now()) {
+                        Ok(p) => Some((p, peer.ip())),
+                        Err(why) => {
+                            // Closed before any byte of TLS: no CPU spent on a stranger.
+                            metrics::counter!("detour_tls_handshakes_refused_total", "reason" => why.as_str())
+                                .increment(1);
+                            continue;
+                        }
+                    },
+                    _ => None,
+                };
                 let _ = s.set_nodelay(true);
                 spawn_conn(
                     s,
@@ -143,7 +157,7 @@ pub async fn accept_loop<H: Handler>(
                     handler.clone(),
                     lifecycle.clone(),
                     opts.clone(),
-                    permit,
+                    (permit, handshake),
                 );
             }
             Ok(Accepted::Unix(s)) => {
@@ -153,7 +167,7 @@ pub async fn accept_loop<H: Handler>(
                     handler.clone(),
                     lifecycle.clone(),
                     opts.clone(),
-                    permit,
+                    (permit, None),
                 );
             }
             Err(e) => {
@@ -168,13 +182,13 @@ pub async fn accept_loop<H: Handler>(
 }
 
 enum Accepted {
-    Tcp(tokio::net::TcpStream),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
     Unix(tokio::net::UnixStream),
 }
 
 async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
     match listener {
-        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
         Listener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
     }
 }
@@ -185,7 +199,10 @@ fn spawn_conn<S, H>(
     handler: Arc<H>,
     lifecycle: Arc<Lifecycle>,
     opts: Arc<ConnOptions>,
-    permit: OwnedSemaphorePermit,
+    (permit, handshake): (
+        OwnedSemaphorePermit,
+        Option<(OwnedSemaphorePermit, std::net::IpAddr)>,
+    ),
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
@@ -197,6 +214,12 @@ fn spawn_conn<S, H>(
             None => serve_conn(io, handler, &lifecycle, &opts, None).await,
             Some(tls) => match tls.accept(io, opts.head_timeout).await {
                 Ok((io, caller)) => {
+                    if let Some((slot, source)) = handshake
+                        && let Some(guard) = &opts.handshakes
+                    {
+                        guard.completed(source, Instant::now());
+                        drop(slot);
+                    }
                     metrics::counter!("detour_tls_handshakes_total", "side" => "inbound")
                         .increment(1);
                     serve_conn(io, handler, &lifecycle, &opts, Some(Caller(caller))).await
@@ -216,6 +239,12 @@ fn spawn_conn<S, H>(
         drop(permit);
     });
 }
+
+/// One connection's share of the providers: a request of the connection holds a permit while
+/// it is with a provider (`limits.max_in_flight_per_connection`), so that one caller
+/// connection with thousands of HTTP/2 streams cannot take every provider connection.
+#[derive(Debug, Clone)]
+pub struct ConnShare(pub Arc<tokio::sync::Semaphore>);
 
 /// The verified identity of the sidecar at the other end of a mutual-TLS connection, in every
 /// request's extensions.
@@ -248,11 +277,19 @@ where
     let io = TokioIo::new(Prefixed::new(buf, io));
     let activity = Arc::new(Activity::new());
     let active = activity.clone();
+    let share = (opts.limits.max_in_flight_per_connection > 0).then(|| {
+        ConnShare(Arc::new(tokio::sync::Semaphore::new(
+            opts.limits.max_in_flight_per_connection,
+        )))
+    });
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let h = handler.clone();
         let active = active.clone();
         if let Some(c) = &caller {
             req.extensions_mut().insert(c.clone());
+        }
+        if let Some(s) = &share {
+            req.extensions_mut().insert(s.clone());
         }
         async move {
             // In flight until its response *body* has been sent (or dropped): a stream whose

@@ -449,3 +449,103 @@ async fn the_outbound_unix_socket_serves_its_group() {
         .unwrap();
     assert!(!read.status.success(), "the admin token is not the group's");
 }
+
+/// The bytes of a TLS ClientHello (what a stranger flooding a PA sends).
+fn client_hello() -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "pa.invalid".try_into().unwrap()).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn a_flood_of_client_hellos_is_turned_away_before_the_handshake() {
+    use tokio::io::AsyncWriteExt;
+    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+        .await
+        .unwrap();
+    let mut mesh = Mesh::new();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
+        .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = plain(&mesh, "h1");
+    assert_eq!(get(&client, &[]).await.0, 200);
+    let pa = mesh.sidecar("h2").addrs.inbound;
+    let hello = Arc::new(client_hello());
+    // 600 ClientHellos from one source address, as fast as they go.
+    let mut flood = Vec::new();
+    for _ in 0..600 {
+        let hello = hello.clone();
+        flood.push(tokio::spawn(async move {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(pa).await {
+                let _ = s.write_all(&hello).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+    }
+    // The mesh keeps serving meanwhile.
+    for _ in 0..20 {
+        assert_eq!(get(&client, &[]).await.0, 200);
+    }
+    for f in flood {
+        let _ = f.await;
+    }
+    let h2 = mesh.admin("h2");
+    let refused = metric(
+        &h2,
+        "detour_tls_handshakes_refused_total",
+        "reason=\"source\"",
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(
+        refused >= 400.0,
+        "one source gets its share only: {refused}"
+    );
+    assert_eq!(detour_tests::admin_get(&h2, "/live").await.0, 200);
+}
+
+#[tokio::test]
+async fn one_caller_connection_gets_its_share_of_the_providers() {
+    let slow = RawProvider::start("127.0.0.2", Duration::from_millis(300), |_| raw::ok("ok")).await;
+    let mut mesh = Mesh::new();
+    mesh.start_with(
+        "h2",
+        "127.0.0.2",
+        &[Offer::http1("hello", slow.addr)],
+        "[limits]\nmax_in_flight_per_connection = 20\n",
+    )
+    .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    // 200 requests at once from one app over one HTTP/2 connection; the CA carries them to the
+    // PA on its one connection there.
+    let client = Client::builder(mesh.outbound("h1"))
+        .control(false)
+        .protocol(AppProtocol::Http2)
+        .timeout(Duration::from_secs(30))
+        .build();
+    let before = slow.conns.load(std::sync::atomic::Ordering::Relaxed);
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { get(&c, &[]).await.0 })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    let opened = slow.conns.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert!(
+        opened <= 20,
+        "one caller connection took {opened} provider connections, its share is 20"
+    );
+}

@@ -4,6 +4,7 @@
 //! caller's identity, and the CA's connector to PAs (`connect`).
 
 pub mod connect;
+pub mod guard;
 pub mod identity;
 pub mod verify;
 
