@@ -88,6 +88,15 @@ pub struct RegistryClient {
     pub etcd_security: EtcdSecurity,
 }
 
+/// The state directory a config names: `state_dir`, or `run_dir` when it names none.
+pub fn state_dir(run_dir: &Path, state_dir: &Path) -> std::path::PathBuf {
+    if state_dir.as_os_str().is_empty() {
+        run_dir.to_path_buf()
+    } else {
+        state_dir.to_path_buf()
+    }
+}
+
 impl RegistryClient {
     /// Validates the settings (paths relative to `base`), pushing every problem onto `p`.
     pub fn validate(

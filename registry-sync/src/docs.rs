@@ -203,6 +203,23 @@ fn set_source_gauge(doc: DocName, source: DocSource) {
     }
 }
 
+/// Calls `apply` with the followed document now and after every change, for as long as `doc`
+/// lives.
+pub fn apply_each(
+    mut doc: watch::Receiver<Followed>,
+    apply: impl Fn(&Followed) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let next = doc.borrow_and_update().clone();
+            apply(&next);
+            if doc.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// Follows `doc`: the registry's watch `registry`, with the saved copy in `store` before the
 /// registry answers. `accept` tells whether bytes are a document the follower can use: only
 /// those are saved (a malformed document from the registry never replaces a good saved one).

@@ -36,6 +36,39 @@ pub enum RegistryError {
 /// Every live host's status.
 pub type HostStatuses = std::collections::HashMap<HostId, HostStatus>;
 
+/// What one client has registered, by (service, instance).
+pub type Registered = std::collections::BTreeMap<(ServiceName, InstanceId), Endpoint>;
+
+/// Makes what `registry` holds for this client (`registered`) `wanted`: de-registers what is
+/// gone, registers what is new or changed, and records each step in `registered`. Stops at the
+/// first error (the next call carries on from there).
+pub async fn sync_endpoints(
+    registry: &dyn Registry,
+    registered: &mut Registered,
+    wanted: &[Endpoint],
+) -> Result<(), RegistryError> {
+    let wanted: Registered = wanted
+        .iter()
+        .map(|e| ((e.service.clone(), e.instance.clone()), e.clone()))
+        .collect();
+    let gone: Vec<_> = registered
+        .keys()
+        .filter(|k| !wanted.contains_key(*k))
+        .cloned()
+        .collect();
+    for (service, instance) in gone {
+        registry.deregister(&service, &instance).await?;
+        registered.remove(&(service, instance));
+    }
+    for (key, e) in wanted {
+        if registered.get(&key) != Some(&e) {
+            registry.register(e.clone()).await?;
+            registered.insert(key, e);
+        }
+    }
+    Ok(())
+}
+
 /// One registry client. A client belongs to one host: what it registers is kept alive by the
 /// client until it is de-registered, withdrawn, or the client's process dies (then it expires
 /// after its time-to-live).

@@ -79,49 +79,47 @@ impl Admin {
     /// Serves the admin API on `listener` until the task is aborted, or until a successor that
     /// took the sockets over is ready (it answers from then on).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let accepted = tokio::select! {
-                r = async {
-                    let permit = slots.clone().acquire_owned().await;
-                    (permit, listener.accept().await)
-                } => r,
-                () = self.lifecycle.handover_requested() => return,
-            };
-            let (Ok(permit), Ok((stream, _))) = accepted else {
-                // EMFILE and friends: back off instead of spinning.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            };
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let svc = service_fn(move |req| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(req)) }
-                });
-                let conn = http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEAD_TIMEOUT)
-                    .max_buf_size(64 * 1024)
-                    .serve_connection(TokioIo::new(stream), svc);
-                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
-            });
-        }
+        self.serve_on(
+            crate::server::Listener::Tcp(listener),
+            MAX_CONNECTIONS,
+            false,
+        )
+        .await;
     }
 
     /// Serves `/live` and `/ready` (nothing else) on the liveness socket.
     pub async fn serve_health(self: Arc<Self>, listener: tokio::net::UnixListener) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(HEALTH_CONNECTIONS));
+        self.serve_on(
+            crate::server::Listener::Unix(listener),
+            HEALTH_CONNECTIONS,
+            true,
+        )
+        .await;
+    }
+
+    /// Serves `listener` with `slots` connections at once; `health_only`: `/live` and `/ready`.
+    async fn serve_on(
+        self: Arc<Self>,
+        listener: crate::server::Listener,
+        slots: usize,
+        health_only: bool,
+    ) {
+        use crate::server::Listener;
+        let slots = Arc::new(tokio::sync::Semaphore::new(slots));
         loop {
             let accepted = tokio::select! {
                 r = async {
                     let permit = slots.clone().acquire_owned().await;
-                    (permit, listener.accept().await)
+                    let stream: std::io::Result<Box<dyn detour_core::Io>> = match &listener {
+                        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Box::new(s) as _),
+                        Listener::Unix(l) => l.accept().await.map(|(s, _)| Box::new(s) as _),
+                    };
+                    (permit, stream)
                 } => r,
                 () = self.lifecycle.handover_requested() => return,
             };
-            let (Ok(permit), Ok((stream, _))) = accepted else {
+            let (Ok(permit), Ok(stream)) = accepted else {
+                // EMFILE and friends: back off instead of spinning.
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
@@ -131,9 +129,10 @@ impl Admin {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let admin = admin.clone();
                     async move {
-                        let health = matches!(req.uri().path(), "/live" | "/ready")
-                            && req.method() == Method::GET;
-                        Ok::<_, Infallible>(if health {
+                        let allowed = !health_only
+                            || (matches!(req.uri().path(), "/live" | "/ready")
+                                && req.method() == Method::GET);
+                        Ok::<_, Infallible>(if allowed {
                             admin.handle(req)
                         } else {
                             text(StatusCode::NOT_FOUND, "only /live and /ready here\n")

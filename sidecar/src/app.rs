@@ -2,6 +2,7 @@
 //! registry, register local providers, serve. The two ways it ends — a graceful stop and a
 //! hand-off to a successor — are in `stop.rs`.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -304,13 +305,18 @@ impl Sidecar {
                 }
             }),
             tokio::spawn(admin.clone().serve_health(health)),
-            tokio::spawn(admin.serve(listeners.admin)),
             tokio::spawn(crate::handover::serve(
                 listeners.handover,
                 handover_fds,
                 lc.clone(),
             )),
-            tokio::spawn(accept_loop(
+        ];
+        // Accepting on the shared listeners. A successor starts it only once it is ready, just
+        // before it tells its predecessor: one that fails before then has taken no connection
+        // its predecessor would have served.
+        let mut accepting: Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = vec![
+            Box::pin(admin.serve(listeners.admin)),
+            Box::pin(accept_loop(
                 Listener::Tcp(listeners.inbound),
                 "inbound",
                 inbound,
@@ -319,7 +325,7 @@ impl Sidecar {
             )),
         ];
         if let Some(l) = listeners.outbound_tcp {
-            tasks.push(tokio::spawn(accept_loop(
+            accepting.push(Box::pin(accept_loop(
                 Listener::Tcp(l),
                 "outbound",
                 outbound.clone(),
@@ -328,13 +334,16 @@ impl Sidecar {
             )));
         }
         if let Some(l) = listeners.outbound_unix {
-            tasks.push(tokio::spawn(accept_loop(
+            accepting.push(Box::pin(accept_loop(
                 Listener::Unix(l),
                 "outbound-unix",
                 outbound,
                 lc.clone(),
                 opts,
             )));
+        }
+        if predecessor.is_none() {
+            tasks.extend(accepting.drain(..).map(tokio::spawn));
         }
 
         // Providers are registered with the verdict of a first health check, then watched.
@@ -349,6 +358,7 @@ impl Sidecar {
         tracing::info!(host = %cfg.host, inbound = %bound.inbound, admin = %bound.admin,
             outbound = ?bound.outbound_tcp, unix = ?bound.outbound_unix, "sidecar ready");
         if let Some(mut p) = predecessor {
+            tasks.extend(accepting.drain(..).map(tokio::spawn));
             if let Err(e) = p.ready().await {
                 tracing::warn!(error = %e, "could not tell the predecessor; it may serve on");
             }

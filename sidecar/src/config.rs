@@ -458,11 +458,8 @@ impl RawConfig {
             &self.run_dir,
             &mut p,
         );
-        let state_dir = if self.state_dir.as_os_str().is_empty() {
-            self.run_dir.clone()
-        } else {
-            self.state_dir.clone()
-        };
+        let state_dir =
+            detour_registry_sync::client_config::state_dir(&self.run_dir, &self.state_dir);
         let addr = |p: &mut Vec<String>, key: &str, v: &str| -> Option<SocketAddr> {
             v.parse()
                 .map_err(|_| p.push(format!("{key}: {v:?} is not ip:port")))

@@ -31,7 +31,9 @@ use detour_proto::{
     AppProtocol, Endpoint, EndpointSet, HostId, HostPublication, HostStatus, InstanceId,
     PUBLICATION_PROTOCOL, PUBLICATION_PROTOCOL_HEADER, ServiceName,
 };
-use detour_registry_sync::{DocName, DocState, HostStatuses, Registry, RegistryError};
+use detour_registry_sync::{
+    DocName, DocState, HostStatuses, Registered, Registry, RegistryError, sync_endpoints,
+};
 use http::Request;
 use http_body_util::BodyExt;
 use tokio::sync::{Notify, watch};
@@ -141,7 +143,7 @@ struct SelfHeld {
     /// Whether it holds the registrations now.
     active: bool,
     /// What it has written, by (service, instance).
-    endpoints: BTreeMap<(ServiceName, InstanceId), Endpoint>,
+    endpoints: Registered,
     /// The status it has written.
     status: Option<HostStatus>,
 }
@@ -149,26 +151,8 @@ struct SelfHeld {
 impl SelfHeld {
     /// Writes what changed in `p` with `registry`.
     async fn sync(&mut self, registry: &dyn Registry, p: &HostPublication) {
-        let wanted: BTreeMap<_, _> = p
-            .endpoints
-            .iter()
-            .map(|e| ((e.service.clone(), e.instance.clone()), e.clone()))
-            .collect();
-        let gone: Vec<_> = self
-            .endpoints
-            .keys()
-            .filter(|k| !wanted.contains_key(*k))
-            .cloned()
-            .collect();
-        for (service, instance) in gone {
-            if registry.deregister(&service, &instance).await.is_ok() {
-                self.endpoints.remove(&(service, instance));
-            }
-        }
-        for (key, e) in wanted {
-            if self.endpoints.get(&key) != Some(&e) && registry.register(e.clone()).await.is_ok() {
-                self.endpoints.insert(key, e);
-            }
+        if let Err(e) = sync_endpoints(registry, &mut self.endpoints, &p.endpoints).await {
+            tracing::debug!(error = %e, "registrations not all written yet; again on the next round");
         }
         if let Some(st) = &p.status {
             let same = self

@@ -68,20 +68,9 @@ impl Gray {
     }
 
     /// Follows the rules document for as long as `doc` lives.
-    pub fn follow(
-        self: &Arc<Self>,
-        mut doc: watch::Receiver<Followed>,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn follow(self: &Arc<Self>, doc: watch::Receiver<Followed>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = doc.borrow_and_update().clone();
-                me.apply_followed(&next);
-                if doc.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
+        detour_registry_sync::docs::apply_each(doc, move |d| me.apply_followed(d))
     }
 
     /// Takes the document as followed: unknown changes nothing.

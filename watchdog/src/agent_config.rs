@@ -258,11 +258,8 @@ impl SidecarView {
                 &raw.run_dir,
                 &mut p,
             );
-            let state_dir = if raw.state_dir.as_os_str().is_empty() {
-                raw.run_dir.clone()
-            } else {
-                raw.state_dir.clone()
-            };
+            let state_dir =
+                detour_registry_sync::client_config::state_dir(&raw.run_dir, &raw.state_dir);
             match (host, registry) {
                 (Some(host), Some(registry)) if p.is_empty() => Ok(SidecarView {
                     host,

@@ -4,15 +4,13 @@
 //! while the sidecar is away (`stopped`) or crash-looping (`failed`). The publication is kept
 //! on disk too, so a restarted watchdog republishes it before the sidecar says anything.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use detour_proto::{
-    Endpoint, HostId, HostPublication, HostStatus, InstanceId, ServiceName, SidecarState,
-    WatchdogReport,
+    HostId, HostPublication, HostStatus, InstanceId, ServiceName, SidecarState, WatchdogReport,
 };
-use detour_registry_sync::{Registry, RegistryError, now_unix_ms};
+use detour_registry_sync::{Registered, Registry, RegistryError, now_unix_ms, sync_endpoints};
 use tokio::sync::Mutex;
 
 /// A publication the watchdog will not take.
@@ -52,7 +50,7 @@ struct Inner {
     /// The sidecar's last publication.
     publication: HostPublication,
     /// What is registered now, by (service, instance).
-    registered: BTreeMap<(ServiceName, InstanceId), Endpoint>,
+    registered: Registered,
     /// The watchdog's own status, over the sidecar's.
     mark: Option<SidecarState>,
     /// What the watchdog reports beside the status.
@@ -151,27 +149,7 @@ impl Held {
             self_held: false,
             ..p
         };
-        let wanted: BTreeMap<_, _> = p
-            .endpoints
-            .iter()
-            .map(|e| ((e.service.clone(), e.instance.clone()), e.clone()))
-            .collect();
-        let gone: Vec<_> = inner
-            .registered
-            .keys()
-            .filter(|k| !wanted.contains_key(*k))
-            .cloned()
-            .collect();
-        for (service, instance) in gone {
-            self.registry.deregister(&service, &instance).await?;
-            inner.registered.remove(&(service, instance));
-        }
-        for (key, e) in wanted {
-            if inner.registered.get(&key) != Some(&e) {
-                self.registry.register(e.clone()).await?;
-                inner.registered.insert(key, e);
-            }
-        }
+        sync_endpoints(&*self.registry, &mut inner.registered, &p.endpoints).await?;
         if inner.publication != p {
             self.write_file(&p);
         }
@@ -257,6 +235,7 @@ impl Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use detour_proto::Endpoint;
     use detour_registry_sync::memory::MemoryRegistry;
 
     fn ep(host: &str, i: &str) -> Endpoint {
