@@ -136,6 +136,34 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// The same failure again (for a request that waited on the attempt that failed).
+    fn again(&self) -> TransportError {
+        match self {
+            TransportError::Connect { target, source } => TransportError::Connect {
+                target: target.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            TransportError::ConnectTimeout { target, after } => TransportError::ConnectTimeout {
+                target: target.clone(),
+                after: *after,
+            },
+            TransportError::Untrusted { target, reason } => TransportError::Untrusted {
+                target: target.clone(),
+                reason: reason.clone(),
+            },
+            other => TransportError::Connect {
+                target: match other {
+                    TransportError::NotSent { target, .. }
+                    | TransportError::Overloaded { target, .. }
+                    | TransportError::Refused { target, .. }
+                    | TransportError::AfterSent { target, .. } => target.clone(),
+                    _ => Dial::Tcp(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+                },
+                source: io::Error::other(other.to_string()),
+            },
+        }
+    }
+
     /// Whether the request certainly never reached the server (safe to send elsewhere).
     pub fn never_left(&self) -> bool {
         !matches!(self, TransportError::AfterSent { .. })
@@ -261,6 +289,13 @@ struct Entry {
     h1_waiting: usize,
     /// Wakes one waiter when a connection comes back or closes.
     h1_freed: Arc<tokio::sync::Notify>,
+    /// Held while an HTTP/2 connection to the target is being opened: the requests that find
+    /// none wait for that one instead of each opening their own (a peer's GOAWAY under load
+    /// would otherwise bring as many handshakes as requests in flight).
+    h2_connecting: Arc<tokio::sync::Mutex<()>>,
+    /// How the last HTTP/2 connect to the target failed, and when: the requests that waited
+    /// for it fail the same way at once rather than each try (and time out) in turn.
+    h2_failed: Option<(std::time::Instant, TransportError)>,
 }
 
 /// A pooled HTTP/1.1 connection: its sender, and a second handle on its TCP socket.
@@ -619,10 +654,39 @@ impl Pool {
         let reused = cached.is_some();
         let mut sender = match cached {
             Some(s) => s,
-            None => match self.connect_h2(dial, connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => return Err(Failed::never_sent(e, req, false)),
-            },
+            None => {
+                let connecting = self
+                    .lock()
+                    .entry(dial.clone())
+                    .or_default()
+                    .h2_connecting
+                    .clone();
+                let _one = connecting.lock().await;
+                // Opened meanwhile by the request that held the lock?
+                let fresh = self
+                    .lock()
+                    .get(dial)
+                    .and_then(|e| e.h2.clone())
+                    .filter(|s| !s.is_closed());
+                let failed = self.lock().get(dial).and_then(|e| {
+                    e.h2_failed
+                        .as_ref()
+                        .filter(|(at, _)| at.elapsed() < Duration::from_millis(100))
+                        .map(|(_, err)| err.again())
+                });
+                match (fresh, failed) {
+                    (Some(s), _) => s,
+                    (None, Some(e)) => return Err(Failed::never_sent(e, req, false)),
+                    (None, None) => match self.connect_h2(dial, connect_timeout).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            self.lock().entry(dial.clone()).or_default().h2_failed =
+                                Some((std::time::Instant::now(), e.again()));
+                            return Err(Failed::never_sent(e, req, false));
+                        }
+                    },
+                }
+            }
         };
         let not_sent = |pool: &Self, source| {
             if reused {
