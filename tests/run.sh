@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: install what is missing, build every binary (the integration tests start
 # real detour-sidecar and detourctl processes), run every test in the workspace, and end with
-# one line `N passed, M failed` summed over all test binaries.
+# one line `N passed, M failed` summed over all test binaries. With DETOUR_TEST_KEEP=1 a test's
+# mesh directory (every process's log and state) is kept and its path printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh

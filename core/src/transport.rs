@@ -230,8 +230,12 @@ impl Failed {
 fn refused_stream(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = cur {
+        // A stream reset with REFUSED_STREAM, or one above the last id of the peer's GOAWAY:
+        // h2 reports only the latter as a GOAWAY error from the remote (a connection error the
+        // library or the peer detects arrives as a library GOAWAY, a reset or an I/O error).
         if let Some(h2) = e.downcast_ref::<h2::Error>()
-            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote()))
         {
             return true;
         }
@@ -804,6 +808,10 @@ impl Body for PooledBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+#[path = "transport_goaway_tests.rs"]
+mod goaway_tests;
 
 #[cfg(test)]
 mod tests {

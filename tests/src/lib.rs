@@ -81,6 +81,14 @@ impl Drop for Mesh {
         // temporary directory goes after.
         self.watchdogs.clear();
         self.sidecars.clear();
+        // `DETOUR_TEST_KEEP=1` keeps the directory (logs, state) of a mesh for a look after.
+        if std::env::var_os("DETOUR_TEST_KEEP").is_some() {
+            let kept = std::mem::replace(
+                &mut self.dir,
+                tempfile::TempDir::new().expect("a temporary directory"),
+            );
+            eprintln!("kept {}", kept.keep().display());
+        }
     }
 }
 
