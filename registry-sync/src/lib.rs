@@ -13,6 +13,7 @@ pub mod client_config;
 pub mod dir;
 pub mod docs;
 pub mod etcd;
+pub mod etcd_roles;
 pub mod etcd_security;
 pub mod gray;
 pub mod health;

@@ -212,25 +212,27 @@ fn spawn_conn<S, H>(
     tokio::spawn(async move {
         let served = match &opts.tls {
             None => serve_conn(io, handler, &lifecycle, &opts, None).await,
-            Some(tls) => match tls.accept(io, opts.head_timeout).await {
-                Ok((io, caller)) => {
-                    if let Some((slot, source)) = handshake
-                        && let Some(guard) = &opts.handshakes
-                    {
-                        guard.completed(source, Instant::now());
-                        drop(slot);
+            Some(tls) => {
+                match crate::tls::offload::accept(tls.clone(), io, opts.head_timeout).await {
+                    Ok((io, caller)) => {
+                        if let Some((slot, source)) = handshake
+                            && let Some(guard) = &opts.handshakes
+                        {
+                            guard.completed(source, Instant::now());
+                            drop(slot);
+                        }
+                        metrics::counter!("detour_tls_handshakes_total", "side" => "inbound")
+                            .increment(1);
+                        serve_conn(io, handler, &lifecycle, &opts, Some(Caller(caller))).await
                     }
-                    metrics::counter!("detour_tls_handshakes_total", "side" => "inbound")
+                    Err(e) => {
+                        metrics::counter!("detour_tls_handshake_failures_total", "side" => "inbound")
                         .increment(1);
-                    serve_conn(io, handler, &lifecycle, &opts, Some(Caller(caller))).await
+                        tracing::debug!(listener = name, error = %e, "TLS handshake refused (counted in detour_tls_handshake_failures_total)");
+                        Ok(())
+                    }
                 }
-                Err(e) => {
-                    metrics::counter!("detour_tls_handshake_failures_total", "side" => "inbound")
-                        .increment(1);
-                    tracing::debug!(listener = name, error = %e, "TLS handshake refused (counted in detour_tls_handshake_failures_total)");
-                    Ok(())
-                }
-            },
+            }
         };
         if let Err(e) = served {
             tracing::debug!(listener = name, error = %e, "connection ended with an error");

@@ -135,6 +135,19 @@ pub struct RollbackArgs {
 }
 
 pub(crate) fn open(reg: &RegistryArgs) -> Result<Ops, OpsError> {
+    let (spec, security) = spec_and_security(reg)?;
+    Ok(Ops::new(detour_registry_sync::store::open(
+        &spec,
+        &reg.etcd_prefix,
+        Duration::from_millis(reg.timeout_ms),
+        security,
+    )))
+}
+
+/// The registry of `reg`, and the TLS and credentials of its etcd (none for a directory).
+pub(crate) fn spec_and_security(
+    reg: &RegistryArgs,
+) -> Result<(RegistrySpec, EtcdSecurity), OpsError> {
     let spec: RegistrySpec = reg
         .registry
         .parse()
@@ -159,12 +172,7 @@ pub(crate) fn open(reg: &RegistryArgs) -> Result<Ops, OpsError> {
         }
         RegistrySpec::Dir(_) => EtcdSecurity::default(),
     };
-    Ok(Ops::new(detour_registry_sync::store::open(
-        &spec,
-        &reg.etcd_prefix,
-        Duration::from_millis(reg.timeout_ms),
-        security,
-    )))
+    Ok((spec, security))
 }
 
 pub(crate) fn fail(e: &OpsError) -> ExitCode {

@@ -11,6 +11,7 @@ pub mod binaries;
 pub mod certs;
 pub mod cli_ops;
 pub mod cli_policy;
+pub mod cli_roles;
 pub mod demo;
 pub mod held;
 pub mod kept;

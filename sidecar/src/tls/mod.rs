@@ -6,6 +6,7 @@
 pub mod connect;
 pub mod guard;
 pub mod identity;
+pub mod offload;
 pub mod verify;
 
 use std::io;

@@ -3,7 +3,8 @@
 //! rollback, every host and service); `upgrade` replaces the local sidecar without loss (or
 //! rolls it back); `shutdown` takes the host out of the mesh; `load` drives a fixed request rate through the SDK (or
 //! straight at one provider) and reports every outcome; `provider` runs the demo provider as a
-//! process for scripts; `certs` issues sidecar certificates from a throw-away CA.
+//! process for scripts; `certs` issues sidecar certificates from a throw-away CA; `etcd-roles` sets up
+//! least-privilege etcd users.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -89,6 +90,9 @@ enum Command {
         #[command(flatten)]
         reg: RegistryArgs,
     },
+    /// Least-privilege etcd roles: a host writes only its own keys, operators write rules and
+    /// policy, the sync agent writes endpoints (run with etcd's root credentials).
+    EtcdRoles(detour_watchdog::cli_roles::EtcdRolesArgs),
     /// Every host and service: states, versions, restarts, links, instances, mesh on or off.
     Status {
         /// A local sidecar's admin address, to show its catalog's protection too.
@@ -311,6 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rollback(args) => Ok(cli_ops::rollback(args).await),
         Command::Status { admin, reg } => Ok(cli_ops::status(reg, admin).await),
         Command::History { limit, reg } => Ok(cli_ops::history(reg, limit).await),
+        Command::EtcdRoles(args) => Ok(detour_watchdog::cli_roles::run(args).await),
         Command::Shutdown { watchdog } => match watched::shutdown(&watchdog).await {
             Ok(()) => {
                 println!("shutdown: done");
