@@ -315,6 +315,12 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Whether `service` has a slot: a service the registry has (or had), followed here. Names
+    /// no service has never get one.
+    pub fn has(&self, service: &ServiceName) -> bool {
+        self.read().contains_key(service)
+    }
+
     /// Every service watched so far, for `/state`.
     pub fn snapshot(&self) -> BTreeMap<ServiceName, ServiceView> {
         self.read()

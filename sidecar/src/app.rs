@@ -216,6 +216,8 @@ impl Sidecar {
             |b| detour_registry_sync::policy::PolicyDoc::parse(b).is_ok(),
         );
         let gray = Gray::new(cfg.host.clone());
+        let known = catalog.clone();
+        gray.keep_only_if(move |s| known.has(s));
         let following = gray.follow(rules);
         let policies = Policies::new(&cfg);
         let following_policy = policies.follow(policy_doc);

@@ -8,7 +8,7 @@
 //! and no `MeshSwitch` is sent: an SDK keeps the switches it has.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use detour_proto::{HostId, ServiceName};
 use detour_registry_sync::docs::{DocStatus, Followed};
@@ -16,9 +16,10 @@ use detour_registry_sync::gray::{Mesh, RuleSet};
 use serde::Serialize;
 use tokio::sync::watch;
 
-/// Most decisions kept (one per service name asked about while a mesh-off rule exists). Names
-/// come from the network (control sessions name the services they call); past this many, a
-/// decision is made on every call instead of being kept.
+/// Most decisions kept (one per service asked about while a mesh-off rule exists). Only
+/// services the catalog has are kept (names come from the network: control sessions name the
+/// services they call); past this many, or for a name no service has, a decision is made on
+/// every call instead of being kept.
 const MAX_DECIDED: usize = 10_000;
 
 /// The rules in force for one host.
@@ -29,7 +30,12 @@ pub struct Gray {
     cache: RwLock<Decisions>,
     /// Where the rules in force came from (unknown until the registry or a saved copy says).
     doc: RwLock<DocStatus>,
+    /// Which services' decisions are kept (unset: all, up to [`MAX_DECIDED`]).
+    keep_if: OnceLock<KeepIf>,
 }
+
+/// Whether a decision for a service is kept.
+type KeepIf = Box<dyn Fn(&ServiceName) -> bool + Send + Sync>;
 
 #[derive(Default)]
 struct Decisions {
@@ -58,7 +64,14 @@ impl Gray {
             rules: watch::channel(Arc::new(RuleSet::default())).0,
             cache: RwLock::new(Decisions::default()),
             doc: RwLock::new(Followed::unknown().status()),
+            keep_if: OnceLock::new(),
         })
+    }
+
+    /// Keeps decisions only for the services `keep` says (the catalog's): a stream of names no
+    /// service has is decided call by call and leaves nothing behind. Set once.
+    pub fn keep_only_if(&self, keep: impl Fn(&ServiceName) -> bool + Send + Sync + 'static) {
+        let _ = self.keep_if.set(Box::new(keep));
     }
 
     /// Whether the rules are known (from the registry or a saved copy).
@@ -148,7 +161,7 @@ impl Gray {
             1.0
         });
         let mut c = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        if c.by_service.len() < MAX_DECIDED {
+        if c.by_service.len() < MAX_DECIDED && self.keep_if.get().is_none_or(|keep| keep(service)) {
             c.by_service.insert(service.clone(), on);
         }
         on
@@ -221,6 +234,26 @@ mod tests {
             !g.mesh_on(&ServiceName::new("orders").unwrap()),
             "still decided"
         );
+    }
+
+    #[test]
+    fn only_services_the_catalog_has_are_kept() {
+        let g = Gray::new(HostId::new("web-1").unwrap());
+        g.keep_only_if(|s| s.as_str().starts_with("known-"));
+        g.apply(Some(
+            br#"{"version":1,"rules":[{"id":"r","mesh":"off","service":"*-off"}]}"#,
+        ));
+        for i in 0..1000 {
+            g.mesh_on(&ServiceName::new(format!("random-{i}")).unwrap());
+        }
+        let known_off = ServiceName::new("known-off").unwrap();
+        assert!(!g.mesh_on(&known_off));
+        assert!(
+            !g.mesh_on(&ServiceName::new("random-off").unwrap()),
+            "decided all the same"
+        );
+        let kept: Vec<String> = g.state().mesh.into_keys().collect();
+        assert_eq!(kept, ["known-off"]);
     }
 
     #[test]
