@@ -7,6 +7,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${DETOUR_BIN_DIR:-$ROOT/target/release}
+case "$BIN" in /*) ;; *) BIN=$PWD/$BIN ;; esac # the watchdogs run it from their own directory
 RATE=${RATE:-500}
 SECS=${SECS:-15}
 

@@ -128,6 +128,34 @@ pub struct Stats {
     pub latency_idem_us: Histogram<u64>,
     /// The same, of non-idempotent requests only (POST).
     pub latency_non_idem_us: Histogram<u64>,
+    /// The first [`MAX_LISTED_FAILURES`] failed requests, one by one.
+    pub failed_requests: Vec<FailedRequest>,
+}
+
+/// Failed requests listed one by one at most (the counts cover all of them).
+pub const MAX_LISTED_FAILURES: usize = 1000;
+
+/// One failed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedRequest {
+    /// When it was due (ms since the epoch).
+    pub due_unix_ms: u64,
+    /// When it ended.
+    pub ended_unix_ms: u64,
+    /// Its method.
+    pub method: MethodKind,
+    /// How it failed (as in [`Stats::failures`]).
+    pub kind: String,
+}
+
+impl FailedRequest {
+    /// `failed: due_unix_ms=… ended_unix_ms=… method=… kind=…`
+    pub fn line(&self) -> String {
+        format!(
+            "failed: due_unix_ms={} ended_unix_ms={} method={:?} kind={}",
+            self.due_unix_ms, self.ended_unix_ms, self.method, self.kind
+        )
+    }
 }
 
 /// 1 µs to 1 h at 3 significant figures.
@@ -154,6 +182,7 @@ impl Default for Stats {
             latency_us: histogram(),
             latency_idem_us: histogram(),
             latency_non_idem_us: histogram(),
+            failed_requests: Vec::new(),
         }
     }
 }
@@ -408,6 +437,18 @@ pub async fn run(
             };
             let latency = origin.elapsed();
             let idempotent = kind != MethodKind::Post;
+            if let Some(failure) = &outcome.failure {
+                let mut t = lock(&total);
+                if t.failed_requests.len() < MAX_LISTED_FAILURES {
+                    let ended = detour_registry_sync::now_unix_ms();
+                    t.failed_requests.push(FailedRequest {
+                        due_unix_ms: ended.saturating_sub(latency.as_millis() as u64),
+                        ended_unix_ms: ended,
+                        method: kind,
+                        kind: failure.clone(),
+                    });
+                }
+            }
             lock(&total).record(&outcome, idempotent, latency);
             lock(&window).record(&outcome, idempotent, latency);
             drop(permit);

@@ -403,6 +403,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", stats.latency_line());
             println!("{}", stats.summary("load"));
             println!("{}", stats.failure_line());
+            for f in &stats.failed_requests {
+                println!("{}", f.line());
+            }
             Ok(exit_for(&stats))
         }
     }
