@@ -70,9 +70,9 @@ fn post() -> Request<BoxBody> {
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_stream_above_the_goaways_last_id_was_never_processed() {
-    let (dial, server) = goaway_server(0, false).await;
+/// One POST over HTTP/2 to the GOAWAY server, which must fail.
+async fn post_failing(last_id: u32, close: bool) -> (Failed, tokio::task::JoinHandle<()>) {
+    let (dial, server) = goaway_server(last_id, close).await;
     let pool = Pool::new(PoolOptions::default());
     let failed = tokio::time::timeout(
         Duration::from_secs(5),
@@ -81,6 +81,12 @@ async fn a_stream_above_the_goaways_last_id_was_never_processed() {
     .await
     .expect("answered within 5 s")
     .unwrap_err();
+    (failed, server)
+}
+
+#[tokio::test]
+async fn a_stream_above_the_goaways_last_id_was_never_processed() {
+    let (failed, server) = post_failing(0, false).await;
     assert!(
         matches!(failed.error, TransportError::Refused { .. }),
         "{}",
@@ -91,21 +97,12 @@ async fn a_stream_above_the_goaways_last_id_was_never_processed() {
         failed.outcome(Part::Provider),
         crate::decide::Outcome::NeverReached(Part::Provider)
     );
-    drop(pool);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
 }
 
 #[tokio::test]
 async fn a_stream_the_goaway_kept_and_the_connection_lost_has_an_unknown_outcome() {
-    let (dial, server) = goaway_server(1, true).await;
-    let pool = Pool::new(PoolOptions::default());
-    let failed = tokio::time::timeout(
-        Duration::from_secs(5),
-        pool.send_once(&dial, AppProtocol::Http2, post()),
-    )
-    .await
-    .expect("answered within 5 s")
-    .unwrap_err();
+    let (failed, server) = post_failing(1, true).await;
     assert!(
         matches!(failed.error, TransportError::AfterSent { .. }),
         "{}",

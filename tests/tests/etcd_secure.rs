@@ -15,8 +15,13 @@ use detour_thin_sdk::body::empty;
 use detour_watchdog::provider::DemoProvider;
 
 fn registry_section(etcd: &SecureEtcd, password_file: &std::path::Path) -> String {
+    registry_section_of(etcd, "root", password_file)
+}
+
+/// `[registry_etcd]` with the TLS files of `etcd` and `user`'s password file.
+fn registry_section_of(etcd: &SecureEtcd, user: &str, password_file: &std::path::Path) -> String {
     format!(
-        "[registry_etcd]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nuser = \"root\"\npassword_file = \"{}\"\n",
+        "[registry_etcd]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nuser = \"{user}\"\npassword_file = \"{}\"\n",
         etcd.ca.display(),
         etcd.client_cert.display(),
         etcd.client_key.display(),
@@ -167,14 +172,8 @@ async fn a_hosts_credentials_write_only_its_own_keys_and_operators_write_the_rul
         assert_eq!(code, 0, "{args:?}: {out}{err}");
     }
     // Each host's sidecar runs with its own user: it registers and routes as before.
-    let section = |user: &str, password_file: &str| {
-        format!(
-            "[registry_etcd]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nuser = \"{user}\"\npassword_file = \"{password_file}\"\n",
-            etcd.ca.display(),
-            etcd.client_cert.display(),
-            etcd.client_key.display(),
-        )
-    };
+    let section =
+        |user: &str, password_file: &str| registry_section_of(&etcd, user, password_file.as_ref());
     mesh.use_registry(&format!("etcd:{}", etcd.url));
     mesh.start_with(
         "h2",
