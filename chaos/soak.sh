@@ -10,8 +10,11 @@
 # sidecars. Load: `detourctl load` through the SDK on each caller host, RATE/2 each, GET and
 # POST alternating, HTTP/1.1 from h1 and HTTP/2 from hc. First a fault-free baseline (a quarter
 # of the duration, at most 60 s), then the soak proper with faults scheduled from SEED (the
-# schedule is printed first: the same seed, duration and hosts replay it). Ends with a table and
-# one `RESULT soak:` line; exits non-zero when an idempotent request failed.
+# schedule is printed first: the same seed, duration and hosts replay it). With --legacy, also
+# ZooKeeper with two providers registered as a Dubbo application does (com.acme.Hello) and two
+# detour-registry-sync replicas mirroring them into etcd as more instances of `hello`, and their
+# faults. Ends with a table and one `RESULT soak:` line; exits non-zero when an idempotent
+# request failed.
 set -euo pipefail
 DURATION=2m RATE_ARG=1000 SEED=$(date +%Y%m%d) HOSTS=3 LEGACY=no
 while [ $# -gt 0 ]; do
@@ -21,7 +24,7 @@ while [ $# -gt 0 ]; do
     --seed) SEED=$2; shift 2 ;;
     --hosts) HOSTS=$2; shift 2 ;;
     --legacy) LEGACY=yes; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo pipefail$/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "soak: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -33,10 +36,6 @@ secs_of() { # 90 | 90s | 30m | 1h
 TOTAL=$(secs_of "$DURATION")
 [ "$TOTAL" -ge 40 ] || { echo "soak: --duration must be at least 40 s" >&2; exit 2; }
 [ "$HOSTS" -ge 1 ] && [ "$HOSTS" -le 20 ] || { echo "soak: --hosts must be 1..20" >&2; exit 2; }
-if [ "$LEGACY" = yes ]; then
-  echo "soak: --legacy (ZooKeeper and two registry-sync replicas) is not part of the soak yet; the legacy faults run in chaos/zookeeper-outage.sh and chaos/sync-leader-kill9.sh" >&2
-  exit 2
-fi
 BASE=$(( TOTAL / 4 )); [ "$BASE" -gt 60 ] && BASE=60
 SOAK=$(( TOTAL - BASE ))
 RATE=$RATE_ARG
@@ -51,6 +50,13 @@ command -v etcd >/dev/null || { echo "soak: etcd is required (tests/setup.sh ins
 
 echo "soak: seed=$SEED duration=${TOTAL}s (baseline ${BASE}s, faults ${SOAK}s) rate=$RATE hosts=$HOSTS tmp=$TMP" >&2
 start_etcd 3
+if [ "$LEGACY" = yes ]; then
+  start_zookeeper
+  start_zk_provider l1 127.0.0.41
+  start_zk_provider l2 127.0.0.42
+  start_sync a
+  start_sync b
+fi
 start_mesh "$HOSTS"
 start_watched hc 127.0.0.30 "" ""
 PROVIDERS=() CALLERS=(h1 hc)
@@ -78,9 +84,10 @@ load baseline "$BASE"
 for p in "${LOADS[@]}"; do wait "$p" || true; done
 
 # The schedule: one line per fault, `AT_MS KIND TARGET HOLD_MS`, AT_MS from the soak's start.
-python3 - "$SEED" "$SOAK" "$HOSTS" >"$TMP/schedule" <<'PY'
+python3 - "$SEED" "$SOAK" "$HOSTS" "$LEGACY" >"$TMP/schedule" <<'PY'
 import random, sys
 seed, soak, hosts = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+legacy = sys.argv[4] == "yes"
 rnd = random.Random(seed)
 providers = [f"h{i}" for i in range(2, hosts + 2)]
 callers = ["h1", "hc"]
@@ -101,6 +108,12 @@ kinds = {
     "gray_percent": (1, ["gray"], 5000, 8000),
     "cert_rotation": (1, everyone, 0, 3000),
 }
+if legacy:
+    kinds.update({
+        "sync_leader_kill9": (2, ["sync"], 3000, 8000),
+        "zookeeper_restart": (1, ["zookeeper"], 10000, 15000),
+        "legacy_provider_kill9": (1, ["l1", "l2"], 3000, 25000),
+    })
 names = list(kinds)
 weights = [kinds[k][0] for k in names]
 busy = {}
@@ -190,6 +203,23 @@ fault() {
       sleep "$hold_s"
       ctl gray clear --id soak --reason soak >/dev/null 2>&1 || echo "soak: gray clear refused" >&2 ;;
     cert_rotation) "$BIN/detourctl" certs --dir "$TMP/pki" --host "$t" >/dev/null ;;
+    sync_leader_kill9)
+      local r leader=""
+      for r in a b; do [ "$(sync_role "$r")" = leader ] && leader=$r; done
+      if [ -n "$leader" ]; then
+        pkill -KILL -f -- "--config $TMP/sync-$leader/sync.toml" || true
+        sleep "$hold_s"
+        start_sync "$leader" >/dev/null 2>&1 || echo "soak: sync replica $leader did not come back" >&2
+      fi ;;
+    zookeeper_restart)
+      pkill -KILL -f -- "$TMP/zookeeper/zoo.cfg" || true
+      sleep "$hold_s"
+      restart_zookeeper >/dev/null 2>&1 || echo "soak: ZooKeeper did not come back" >&2 ;;
+    legacy_provider_kill9)
+      pkill -KILL -f -- "--instance $t --addr-file $TMP/" || true
+      sleep "$hold_s"
+      start_zk_provider "$t" "$(case "$t" in l1) echo 127.0.0.41 ;; *) echo 127.0.0.42 ;; esac)" >/dev/null 2>&1 \
+        || echo "soak: legacy provider $t did not come back" >&2 ;;
   esac
   note end "$kind" "$t"
 }
