@@ -327,6 +327,12 @@ where
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(16 << 20)
                 .max_concurrent_streams(opts.limits.max_concurrent_streams)
+                // Streams the peer reset before this side took them up: h2's default (20)
+                // closes the connection past it, with every stream on it. A caller that went
+                // elsewhere while this process was stalled (a SIGSTOP, a long GC of the host)
+                // resets each request it gave up on, and the POSTs still waiting on the same
+                // connection would be lost. Bounded by the stream limit instead.
+                .max_pending_accept_reset_streams(opts.limits.max_concurrent_streams as usize)
                 .max_header_list_size((opts.max_header_bytes * 4) as u32)
                 .keep_alive_interval(Some(ping))
                 .keep_alive_timeout(ping)
@@ -374,3 +380,7 @@ pub fn ping_response(lifecycle: &Lifecycle) -> Response<BoxBody> {
     }
     resp
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

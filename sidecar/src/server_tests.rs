@@ -1,0 +1,113 @@
+//! An HTTP/2 connection to a sidecar that stalled (SIGSTOP, a host frozen) while its caller gave
+//! up on many requests and reset their streams: once it runs again, the requests still waiting
+//! on the connection are answered, not dropped with it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::*;
+
+struct Answer;
+
+impl Handler for Answer {
+    async fn handle(self: Arc<Self>, _req: Request<Incoming>) -> Response<BoxBody> {
+        Response::new(detour_core::body::full("ok"))
+    }
+}
+
+fn options() -> ConnOptions {
+    let mut problems = Vec::new();
+    let limits = crate::config_limits::LimitsRaw::default().validate(&mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    ConnOptions {
+        max_header_bytes: 64 * 1024,
+        head_timeout: Duration::from_secs(5),
+        proxy: "test".into(),
+        limits,
+        tls: None,
+        handshakes: None,
+    }
+}
+
+#[test]
+fn a_stalled_sidecar_keeps_the_requests_its_caller_still_waits_for() {
+    // The sidecar: a runtime on its own thread, which the test stalls as a SIGSTOP would.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (stall, stalls) = std::sync::mpsc::channel::<Duration>();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (io, _) = l.accept().await.unwrap();
+            let lifecycle = Lifecycle::new();
+            let opts = options();
+            let serving = serve_conn(io, Arc::new(Answer), &lifecycle, &opts, None);
+            tokio::pin!(serving);
+            loop {
+                tokio::select! {
+                    r = &mut serving => return r.map_err(|e| e.to_string()),
+                    () = tokio::time::sleep(Duration::from_millis(5)) => {
+                        if let Ok(d) = stalls.try_recv() {
+                            std::thread::sleep(d);
+                        }
+                    }
+                }
+            }
+        })
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake::<_, BoxBody>(TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let get = || {
+            Request::get("http://hello/")
+                .body(detour_core::body::empty())
+                .unwrap()
+        };
+        assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+        // The sidecar stalls for a second. A POST is sent and waits; 100 requests are sent
+        // and given up on (each reset a few milliseconds later), as a caller that went
+        // elsewhere does.
+        stall.send(Duration::from_secs(1)).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut waiting = sender.clone();
+        let post = tokio::spawn(async move {
+            let req = Request::post("http://hello/")
+                .body(detour_core::body::full("one order"))
+                .unwrap();
+            waiting.send_request(req).await
+        });
+        for _ in 0..100 {
+            sender.ready().await.unwrap();
+            let _ =
+                tokio::time::timeout(Duration::from_millis(5), sender.send_request(get())).await;
+        }
+        let answered = tokio::time::timeout(Duration::from_secs(10), post)
+            .await
+            .expect("answered within 10 s")
+            .unwrap();
+        let resp = answered.expect("the POST is answered once the sidecar runs again");
+        assert_eq!(resp.status(), 200);
+    });
+    // The connection closes with the client's runtime; the sidecar's thread ends.
+    drop(rt);
+    server.join().unwrap().unwrap();
+}
