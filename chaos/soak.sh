@@ -16,6 +16,9 @@
 # faults. Ends with a table and one `RESULT soak:` line; exits non-zero when an idempotent
 # request failed.
 set -euo pipefail
+# Read whole before it runs (bash reads a script as it goes): editing it during a long soak
+# changes nothing of the run.
+{
 DURATION=2m RATE_ARG=1000 SEED=$(date +%Y%m%d) HOSTS=3 LEGACY=no
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -323,3 +326,5 @@ print(f"\nRESULT soak: seed={seed} sent={sent} ok={soak['ok']} failed={failed} f
       f"p99_ratio={ratio:.2f} worst_off_mesh_ms={soak['gap']} faults={len(faults)} off_mesh={soak['off']}")
 sys.exit(1 if soak["failed_idem"] or base["failed_idem"] or sent == 0 else 0)
 PY
+exit
+}

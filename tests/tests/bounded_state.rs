@@ -8,19 +8,11 @@ use std::time::Duration;
 
 use detour_proto::control::SessionRequest;
 use detour_proto::control::local_control_client::LocalControlClient;
-use detour_tests::{Mesh, Offer, admin_get_json, detourctl, dir_registry};
-use detour_watchdog::provider::DemoProvider;
+use detour_tests::{admin_get_json, detourctl, dir_registry};
 
 #[tokio::test]
 async fn a_control_session_naming_unknown_services_leaves_no_gray_decision() {
-    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "p")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
+    let (mesh, _provider) = detour_tests::caller_and_provider("").await;
     let reg = dir_registry(&mesh);
     let (code, out, err) = detourctl(&reg, &["gray", "set", "--id", "off", "--mesh", "off"]).await;
     assert_eq!(code, 0, "{out}{err}");

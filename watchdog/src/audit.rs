@@ -67,7 +67,7 @@ pub fn record(
     before: Option<&[u8]>,
     after: Option<&[u8]>,
 ) -> Result<(AuditRecord, Write), OpsError> {
-    let at = now_unix_ms();
+    let at = record_time();
     let id = format!("au-{at:013}-{:04x}", fastrand::u16(..));
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let rec = AuditRecord {
@@ -90,6 +90,22 @@ pub fn record(
             expect: Expect::Absent,
         },
     ))
+}
+
+/// The time of a new record, in ms: the clock, but later than the last record this process
+/// made, so that two changes within one millisecond are listed in the order they were made.
+fn record_time() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_unix_ms();
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let at = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, at, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return at,
+            Err(seen) => last = seen,
+        }
+    }
 }
 
 /// Every record, oldest first (one that does not parse is left out and counted).
