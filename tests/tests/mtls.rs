@@ -157,10 +157,20 @@ async fn the_pa_refuses_callers_without_a_certificate_of_the_trust_domain() {
         "{out:?}"
     );
 
+    // Counted once the handshake ended on the PA's handshake thread, which may be just after
+    // the caller saw its connection closed.
     let admin = mesh.admin("h2");
-    let failures = metric(&admin, "detour_tls_handshake_failures_total", "inbound")
-        .await
-        .unwrap_or(0.0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut failures;
+    loop {
+        failures = metric(&admin, "detour_tls_handshake_failures_total", "inbound")
+            .await
+            .unwrap_or(0.0);
+        if failures >= 5.0 || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(failures >= 5.0, "handshake failures counted: {failures}");
 }
 
