@@ -7,14 +7,16 @@
 #
 # The mesh: a 3-member etcd; HOSTS provider hosts (h2.., a demo provider each) and two caller
 # hosts (h1 on 127.0.0.1, hc on 127.0.0.30), every host under its watchdog, mutual TLS between
-# sidecars. Load: `detourctl load` through the SDK on each caller host, RATE/2 each, GET and
-# POST alternating, HTTP/1.1 from h1 and HTTP/2 from hc. First a fault-free baseline (a quarter
+# sidecars. Load: `detourctl load --method SOAK` through the SDK on each caller host, RATE/2
+# each: of every 20 requests one long stream (20 chunks over about 2 s), two gRPC unary calls
+# and GET and POST alternating; HTTP/1.1 from h1 and HTTP/2 from hc (gRPC is HTTP/2 from both). First a fault-free baseline (a quarter
 # of the duration, at most 60 s), then the soak proper with faults scheduled from SEED (the
 # schedule is printed first: the same seed, duration and hosts replay it). With --legacy, also
 # ZooKeeper with two providers registered as a Dubbo application does (com.acme.Hello) and two
 # detour-registry-sync replicas mirroring them into etcd as more instances of `hello`, and their
 # faults. Ends with a table and one `RESULT soak:` line; exits non-zero when an idempotent
-# request failed.
+# request failed, or a long stream failed without a kill -9 of a process carrying it (a sidecar
+# or a provider) while it was in flight.
 set -euo pipefail
 # Read whole before it runs (bash reads a script as it goes): editing it during a long soak
 # changes nothing of the run.
@@ -76,7 +78,7 @@ load() {
   for h in "${CALLERS[@]}"; do
     proto=http1; [ "$h" = hc ] && proto=http2
     "$BIN/detourctl" load --sidecar "unix:$TMP/$h/outbound.sock" --service hello \
-      --rate $(( RATE / 2 )) --duration "$secs" --method MIX --body-bytes 256 --protocol "$proto" \
+      --rate $(( RATE / 2 )) --duration "$secs" --method SOAK --body-bytes 256 --protocol "$proto" \
       --concurrency 8192 --timeout-ms 20000 --progress >"$TMP/$phase-$h.out" 2>"$TMP/$phase-$h.err" &
     LOADS+=($!); EXTRA_PIDS+=($!)
   done
@@ -148,10 +150,15 @@ while True:
 PY
 echo "soak: schedule (seed $SEED; kind: at_ms target hold_ms):" >&2
 sed 's/^/  /' "$TMP/schedule" >&2
+# Delay and loss need the kernel's netem and a classful qdisc on the loopback device (the hosts
+# are loopback addresses): where the kernel lacks them, the soak says so and goes on without.
 if [ "$(id -u)" != 0 ] || ! command -v tc >/dev/null; then
-  echo "soak: delay and loss on a host's address: skipped (needs root and tc in a network namespace; not built yet)" >&2
+  echo "soak: delay and loss on a host's address: skipped (needs root and tc)" >&2
+elif ! tc qdisc add dev lo root handle 1: prio >/dev/null 2>&1; then
+  echo "soak: delay and loss on a host's address: skipped (this kernel has no prio qdisc for lo)" >&2
 else
-  echo "soak: delay and loss on a host's address: not built yet (hosts share the loopback device)" >&2
+  tc qdisc del dev lo root >/dev/null 2>&1 || true
+  echo "soak: delay and loss on a host's address: skipped (not built: no netem fault kind yet)" >&2
 fi
 
 sidecar_of() { watched_sidecar_pid "$1" 2>/dev/null || true; }
@@ -164,9 +171,11 @@ note() { echo "$(now_ms) $*" >>"$TMP/faults.log"; }
 fault() {
   local kind=$1 t=$2 hold=$3 hold_s pid
   hold_s=$(awk -v m="$3" 'BEGIN { printf "%.3f", m / 1000 }')
+  # A kill's logged start is the moment of the kill: its target is looked up before.
+  [ "$kind" = sidecar_kill9 ] && pid=$(sidecar_of "$t")
   note start "$kind" "$t"
   case "$kind" in
-    sidecar_kill9) pid=$(sidecar_of "$t"); [ -n "$pid" ] && kill -KILL "$pid" ;;
+    sidecar_kill9) [ -n "$pid" ] && kill -KILL "$pid" ;;
     sidecar_term) pid=$(sidecar_of "$t"); [ -n "$pid" ] && kill -TERM "$pid" ;;
     sidecar_stop_short|sidecar_stop_long)
       pid=$(sidecar_of "$t")
@@ -246,7 +255,8 @@ def fields(line):
     return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
 def read(phase):
     out = {"sent": 0, "ok": 0, "failed": 0, "failed_idem": 0, "unknown": 0, "p50": 0.0, "p99": 0.0,
-           "p999": 0.0, "max": 0.0, "max_idem": 0.0, "gap": 0, "failed_list": [], "seconds": [], "mesh": 0, "off": 0}
+           "p999": 0.0, "max": 0.0, "max_idem": 0.0, "gap": 0, "failed_list": [], "seconds": [], "mesh": 0, "off": 0,
+           "grpc": 0, "grpc_failed": 0, "streams": 0, "streams_failed": 0, "stream_max": 0.0}
     for h in ["h1", "hc"]:
         try:
             lines = open(f"{tmp}/{phase}-{h}.out").read().splitlines()
@@ -266,6 +276,11 @@ def read(phase):
                 out["unknown"] += int(f.get("unknown_outcome", 0))
                 out["mesh"] += int(f.get("mesh", 0))
                 out["off"] += int(f.get("ca_direct", 0)) + int(f.get("direct", 0))
+            elif l.startswith("kinds:"):
+                f = fields(l)
+                for k in ["grpc", "grpc_failed", "streams", "streams_failed"]:
+                    out[k] += int(f[k])
+                out["stream_max"] = max(out["stream_max"], float(f["stream_max_ms"]))
             elif l.startswith("latency:"):
                 out["max_idem"] = max(out["max_idem"], float(fields(l)["max_idem_ms"]))
             elif l.startswith("mesh_gap:"):
@@ -290,8 +305,10 @@ for l in open(f"{tmp}/faults.log"):
 for (kind, target), s in open_.items():
     faults.append((kind, target, s, s))
 TAIL = 5000  # a fault's effects are counted until 5 s after it ended
-def active(ms):
-    return [f"{k}:{t}" for k, t, s, e in faults if s <= ms <= e + TAIL]
+def active(due, end=None):
+    # The faults of a request's life: begun before it ended, not over 5 s before it was due.
+    end = due if end is None else end
+    return [f"{k}:{t}" for k, t, s, e in faults if s <= end and due <= e + TAIL]
 kinds = {}
 for k, t, s, e in faults:
     d = kinds.setdefault(k, {"count": 0, "failed": 0, "tail": 0.0})
@@ -305,6 +322,16 @@ for f in soak["failed_list"]:
     for k, t, s, e in faults:
         if s <= due <= e + TAIL:
             kinds[k]["failed"] += 1
+# A long stream is cut when a process carrying it dies: a kill -9 of a sidecar or a provider
+# that began while it was in flight. Any other stream failure is a loss.
+CUTTERS = {"sidecar_kill9", "provider_kill9", "legacy_provider_kill9"}
+def explained(f):
+    due, end = int(f["due_unix_ms"]), int(f["ended_unix_ms"])
+    # 300 ms: from the logged start to the signal (a pkill scans the processes first).
+    return any(k in CUTTERS and due - 300 <= s <= end for k, t, s, e in faults)
+def stream_losses(r):
+    return sum(1 for f in r["failed_list"] if f["method"] == "Stream" and not explained(f))
+streams_lost = stream_losses(soak) + stream_losses(base)
 sent, failed = soak["sent"], soak["failed"]
 lpm = failed / sent * 1e6 if sent else 0.0
 nines = f"{-math.log10(failed / sent):.2f}" if failed and sent else (f">={math.log10(sent):.2f}" if sent else "-")
@@ -319,12 +346,17 @@ for k in sorted(kinds):
 if soak["failed_list"]:
     print("\nfailed requests (due, caller, method, kind, faults active):")
     for f in soak["failed_list"][:200]:
-        print(f"  {int(f['due_unix_ms']) - start:>8} ms  {f['caller']}  {f['method']:<5} {f['kind']:<24} {' '.join(active(int(f['due_unix_ms']))) or '-'}")
+        lost = " (a stream no kill -9 explains)" if f["method"] == "Stream" and not explained(f) else ""
+        print(f"  {int(f['due_unix_ms']) - start:>8} ms  {f['caller']}  {f['method']:<6} {f['kind']:<24} {' '.join(active(int(f['due_unix_ms']), int(f['ended_unix_ms']))) or '-'}{lost}")
+print(f"\ngRPC calls: {soak['grpc']} ({soak['grpc_failed']} failed); long streams: {soak['streams']} ({soak['streams_failed']} failed, "
+      f"{soak['streams_failed'] - stream_losses(soak)} of them cut by a kill -9 of a process carrying them; longest {soak['stream_max']:.0f} ms)")
 print(f"\nRESULT soak: seed={seed} sent={sent} ok={soak['ok']} failed={failed} failed_idempotent={soak['failed_idem']} "
       f"unknown_outcome={soak['unknown']} lost_per_million={lpm:.2f} nines={nines} p50_ms={soak['p50']:.2f} "
       f"p99_ms={soak['p99']:.2f} p999_ms={soak['p999']:.2f} max_ms={soak['max']:.2f} max_idem_ms={soak['max_idem']:.2f} baseline_p99_ms={base['p99']:.2f} "
-      f"p99_ratio={ratio:.2f} worst_off_mesh_ms={soak['gap']} faults={len(faults)} off_mesh={soak['off']}")
-sys.exit(1 if soak["failed_idem"] or base["failed_idem"] or sent == 0 else 0)
+      f"p99_ratio={ratio:.2f} worst_off_mesh_ms={soak['gap']} faults={len(faults)} off_mesh={soak['off']} "
+      f"grpc={soak['grpc']} grpc_failed={soak['grpc_failed']} streams={soak['streams']} streams_failed={soak['streams_failed']} "
+      f"streams_lost={streams_lost} stream_max_ms={soak['stream_max']:.0f}")
+sys.exit(1 if soak["failed_idem"] or base["failed_idem"] or streams_lost or sent == 0 else 0)
 PY
 exit
 }

@@ -69,6 +69,42 @@ async fn http2_callers_cross_the_mesh() {
     }
 }
 
+/// The soak's load (`detourctl load --method SOAK`) crosses the mesh whole: GET, POST, gRPC
+/// calls through the SDK's gRPC channel (checked by their `grpc-status`) and 2-second streams
+/// (checked chunk by chunk), from an HTTP/1.1 and an HTTP/2 caller.
+#[tokio::test]
+async fn the_soak_mix_crosses_the_mesh_whole() {
+    use detour_watchdog::load::{self, LoadSpec, MethodMix, Target};
+    let (mesh, _provider) = caller_and_provider("").await;
+    for protocol in [AppProtocol::Http1, AppProtocol::Http2] {
+        let spec = LoadSpec {
+            methods: MethodMix::Soak,
+            ..detour_tests::scenario::spec(100, 3)
+        };
+        let client = mesh.client("h1", protocol);
+        let stats = load::run(
+            &spec,
+            &Target::Sdk(client),
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(
+            (stats.sent, stats.ok),
+            (300, 300),
+            "{protocol:?}: {}",
+            stats.failure_line()
+        );
+        assert_eq!(
+            (stats.grpc, stats.streams),
+            (30, 15),
+            "{}",
+            stats.kinds_line()
+        );
+        assert_eq!(stats.paths.get("mesh"), Some(&300));
+    }
+}
+
 #[tokio::test]
 async fn grpc_unary_and_streaming_calls() {
     let grpc = GrpcProvider::start("127.0.0.2", "h2-echo").await;

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod held;
 pub mod kept;
 pub mod load;
+pub mod load_stats;
 pub mod ops;
 pub mod ops_view;
 pub mod proc;

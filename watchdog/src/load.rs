@@ -2,8 +2,12 @@
 //! straight to one provider), open loop — a request that could not start on time is sent late
 //! and its latency counted from when it was due, never skipped — with every request counted by
 //! outcome. Lateness within the timer's granularity (2 ms) is not counted as latency.
+//!
+//! Besides GET, POST and PUT it sends gRPC unary calls (HTTP/2, `application/grpc`, through the
+//! SDK's [`detour_thin_sdk::GrpcChannel`]; a call fails unless its `grpc-status` is 0) and long
+//! streams (a GET answered with [`STREAM_CHUNKS`] chunks, one every [`STREAM_EVERY_MS`] ms; it
+//! fails when cut or short). `SOAK` mixes all of them.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,13 +17,21 @@ use detour_core::transport::set_target;
 use detour_core::{BoxBody, Dial, Pool, PoolOptions};
 use detour_proto::{AppProtocol, ServiceName};
 use detour_thin_sdk::{Client, PathTaken, mesh_error, path_taken};
-use hdrhistogram::Histogram;
-use http::{Method, Request, Response};
+use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::provider::SERVED_BY;
+use crate::load_stats::Outcome;
+pub use crate::load_stats::{FailedRequest, MAX_LISTED_FAILURES, Stats};
+use crate::provider::{GRPC_STATUS, SERVED_BY};
+
+/// The chunks of a long stream.
+pub const STREAM_CHUNKS: u32 = 20;
+/// The time between two chunks of a long stream: a stream lasts about 2 s.
+pub const STREAM_EVERY_MS: u32 = 100;
+/// The gRPC method the generator calls (the demo provider answers any).
+pub const GRPC_PATH: &str = "/detour.demo.Echo/Say";
 
 /// Lateness below this is the timer's granularity, not back-pressure.
 const TIMER_SLACK: Duration = Duration::from_millis(2);
@@ -31,6 +43,8 @@ pub enum MethodMix {
     One(MethodKind),
     /// GET and POST alternately.
     Mix,
+    /// Of every 20 requests: 1 long stream, 2 gRPC calls, the others GET and POST alternately.
+    Soak,
 }
 
 /// The methods the generator sends.
@@ -42,6 +56,35 @@ pub enum MethodKind {
     Post,
     /// PUT with the configured body.
     Put,
+    /// A gRPC unary call (POST over HTTP/2) with the configured body as its message.
+    Grpc,
+    /// A long stream: a GET answered over about 2 s.
+    Stream,
+}
+
+impl MethodKind {
+    /// Whether a failure of this kind is a lost idempotent request (GET, PUT). A long stream
+    /// is not counted so: once its body has begun, nobody can send it again.
+    pub fn idempotent(self) -> bool {
+        matches!(self, MethodKind::Get | MethodKind::Put)
+    }
+}
+
+impl MethodMix {
+    /// The kind of the `i`-th request.
+    pub fn kind(self, i: u64) -> MethodKind {
+        match self {
+            MethodMix::One(k) => k,
+            MethodMix::Mix if i.is_multiple_of(2) => MethodKind::Get,
+            MethodMix::Mix => MethodKind::Post,
+            MethodMix::Soak => match i % 20 {
+                19 => MethodKind::Stream,
+                4 | 14 => MethodKind::Grpc,
+                n if n.is_multiple_of(2) => MethodKind::Get,
+                _ => MethodKind::Post,
+            },
+        }
+    }
 }
 
 impl std::str::FromStr for MethodMix {
@@ -51,8 +94,13 @@ impl std::str::FromStr for MethodMix {
             "GET" => Ok(MethodMix::One(MethodKind::Get)),
             "POST" => Ok(MethodMix::One(MethodKind::Post)),
             "PUT" => Ok(MethodMix::One(MethodKind::Put)),
+            "GRPC" => Ok(MethodMix::One(MethodKind::Grpc)),
+            "STREAM" => Ok(MethodMix::One(MethodKind::Stream)),
             "MIX" => Ok(MethodMix::Mix),
-            _ => Err(format!("{s:?}: expected GET, POST, PUT or MIX")),
+            "SOAK" => Ok(MethodMix::Soak),
+            _ => Err(format!(
+                "{s:?}: expected GET, POST, PUT, GRPC, STREAM, MIX or SOAK"
+            )),
         }
     }
 }
@@ -90,271 +138,6 @@ pub struct LoadSpec {
     pub path: String,
     /// Time allowed per request (head and body).
     pub timeout: Duration,
-}
-
-/// Counts of a run (or of one second of it).
-#[derive(Debug, Clone)]
-pub struct Stats {
-    /// Requests started.
-    pub sent: u64,
-    /// Requests answered 2xx/3xx with no mesh error.
-    pub ok: u64,
-    /// Everything else.
-    pub failed: u64,
-    /// Failures of idempotent requests (GET, PUT).
-    pub failed_idempotent: u64,
-    /// Failures whose outcome at the provider is unknown.
-    pub unknown_outcome: u64,
-    /// Failures by kind (`sidecar_unavailable`, `mesh:upstream-connect`, `http_500`, …).
-    pub failures: BTreeMap<String, u64>,
-    /// Which instance answered (from `x-served-by`), when the provider says.
-    pub served_by: BTreeMap<String, u64>,
-    /// When each instance last answered (ms since the epoch).
-    pub served_last_unix_ms: BTreeMap<String, u64>,
-    /// Answered requests by path: `mesh`, `ca_direct`, `direct`.
-    pub paths: BTreeMap<&'static str, u64>,
-    /// When the first answer came over a path other than the mesh (Unix ms).
-    pub first_off_mesh_unix_ms: Option<u64>,
-    /// When the last answer came over a path other than the mesh (Unix ms).
-    pub last_off_mesh_unix_ms: Option<u64>,
-    /// When the last answer came over the direct path (C→P; Unix ms).
-    pub last_direct_unix_ms: Option<u64>,
-    /// Answers over the mesh path per 10 ms (by the Unix ms the 10 ms start at): when callers
-    /// left the mesh and came back.
-    pub mesh_answers: BTreeMap<u64, u64>,
-    /// Latency in microseconds, from when each request was due.
-    pub latency_us: Histogram<u64>,
-    /// The same, of idempotent requests only (GET, PUT).
-    pub latency_idem_us: Histogram<u64>,
-    /// The same, of non-idempotent requests only (POST).
-    pub latency_non_idem_us: Histogram<u64>,
-    /// The first [`MAX_LISTED_FAILURES`] failed requests, one by one.
-    pub failed_requests: Vec<FailedRequest>,
-}
-
-/// Failed requests listed one by one at most (the counts cover all of them).
-pub const MAX_LISTED_FAILURES: usize = 1000;
-
-/// One failed request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FailedRequest {
-    /// When it was due (ms since the epoch).
-    pub due_unix_ms: u64,
-    /// When it ended.
-    pub ended_unix_ms: u64,
-    /// Its method.
-    pub method: MethodKind,
-    /// How it failed (as in [`Stats::failures`]).
-    pub kind: String,
-}
-
-impl FailedRequest {
-    /// `failed: due_unix_ms=… ended_unix_ms=… method=… kind=…`
-    pub fn line(&self) -> String {
-        format!(
-            "failed: due_unix_ms={} ended_unix_ms={} method={:?} kind={}",
-            self.due_unix_ms, self.ended_unix_ms, self.method, self.kind
-        )
-    }
-}
-
-/// 1 µs to 1 h at 3 significant figures.
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
-}
-
-impl Default for Stats {
-    fn default() -> Self {
-        Self {
-            sent: 0,
-            ok: 0,
-            failed: 0,
-            failed_idempotent: 0,
-            unknown_outcome: 0,
-            failures: BTreeMap::new(),
-            served_by: BTreeMap::new(),
-            served_last_unix_ms: BTreeMap::new(),
-            paths: BTreeMap::new(),
-            first_off_mesh_unix_ms: None,
-            last_off_mesh_unix_ms: None,
-            last_direct_unix_ms: None,
-            mesh_answers: BTreeMap::new(),
-            latency_us: histogram(),
-            latency_idem_us: histogram(),
-            latency_non_idem_us: histogram(),
-            failed_requests: Vec::new(),
-        }
-    }
-}
-
-impl Stats {
-    /// Latency quantile `q` in milliseconds.
-    pub fn ms(&self, q: f64) -> f64 {
-        if self.latency_us.is_empty() {
-            return 0.0;
-        }
-        self.latency_us.value_at_quantile(q) as f64 / 1000.0
-    }
-
-    /// The end of the last 10 ms in `[from, to)` (Unix ms) with an answer over the mesh path.
-    pub fn last_mesh_answer_between(&self, from: u64, to: u64) -> Option<u64> {
-        self.mesh_answers
-            .range(from / 10 * 10..to)
-            .next_back()
-            .map(|(t, _)| t + 10)
-    }
-
-    /// The longest time with no answer over the mesh path between two that had one:
-    /// `(end of the last 10 ms with one before, start of the first 10 ms with one after)`.
-    pub fn longest_mesh_gap(&self) -> Option<(u64, u64)> {
-        let times: Vec<u64> = self.mesh_answers.keys().copied().collect();
-        times
-            .windows(2)
-            .map(|w| (w[0] + 10, w[1]))
-            .filter(|(a, b)| b > a)
-            .max_by_key(|(a, b)| b - a)
-    }
-
-    /// `mesh_gap: from_unix_ms=… to_unix_ms=…` ([`Stats::longest_mesh_gap`]; `-` without one).
-    pub fn gap_line(&self) -> String {
-        match self.longest_mesh_gap() {
-            Some((a, b)) => format!("mesh_gap: from_unix_ms={a} to_unix_ms={b}"),
-            None => "mesh_gap: from_unix_ms=- to_unix_ms=-".into(),
-        }
-    }
-
-    /// The `load: …` summary line.
-    pub fn summary(&self, prefix: &str) -> String {
-        format!(
-            "{prefix}: sent={} ok={} failed={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2}",
-            self.sent,
-            self.ok,
-            self.failed,
-            self.ms(0.5),
-            self.ms(0.9),
-            self.ms(0.99),
-            self.ms(0.999),
-            self.latency_us.max() as f64 / 1000.0,
-        )
-    }
-
-    /// Latency by idempotency: `latency: p99_idem_ms=… max_idem_ms=… p99_non_idem_ms=…
-    /// max_non_idem_ms=…`.
-    pub fn latency_line(&self) -> String {
-        let q = |h: &Histogram<u64>, q: f64| {
-            if h.is_empty() {
-                0.0
-            } else {
-                h.value_at_quantile(q) as f64 / 1000.0
-            }
-        };
-        let max = |h: &Histogram<u64>| h.max() as f64 / 1000.0;
-        format!(
-            "latency: p99_idem_ms={:.2} max_idem_ms={:.2} p99_non_idem_ms={:.2} max_non_idem_ms={:.2}",
-            q(&self.latency_idem_us, 0.99),
-            max(&self.latency_idem_us),
-            q(&self.latency_non_idem_us, 0.99),
-            max(&self.latency_non_idem_us),
-        )
-    }
-
-    /// The path line: answers by path and when traffic was off the mesh path.
-    pub fn path_line(&self) -> String {
-        let n = |k| self.paths.get(k).copied().unwrap_or(0);
-        let t = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
-        format!(
-            "paths: mesh={} ca_direct={} direct={} first_off_mesh_unix_ms={} last_off_mesh_unix_ms={} failed_idempotent={} unknown_outcome={}",
-            n("mesh"),
-            n("ca_direct"),
-            n("direct"),
-            t(self.first_off_mesh_unix_ms),
-            t(self.last_off_mesh_unix_ms),
-            self.failed_idempotent,
-            self.unknown_outcome
-        )
-    }
-
-    /// Who answered, how often, and when last: `served: NAME=COUNT@LAST_UNIX_MS …`.
-    pub fn served_line(&self) -> String {
-        let parts: Vec<String> = self
-            .served_by
-            .iter()
-            .map(|(k, n)| {
-                format!(
-                    "{k}={n}@{}",
-                    self.served_last_unix_ms.get(k).copied().unwrap_or(0)
-                )
-            })
-            .collect();
-        format!("served: {}", parts.join(" "))
-    }
-
-    /// The failure breakdown line.
-    pub fn failure_line(&self) -> String {
-        if self.failures.is_empty() {
-            return "failures: none".into();
-        }
-        let parts: Vec<String> = self
-            .failures
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        format!(
-            "failures: {} (idempotent={} unknown_outcome={})",
-            parts.join(" "),
-            self.failed_idempotent,
-            self.unknown_outcome
-        )
-    }
-
-    fn record(&mut self, outcome: &Outcome, idempotent: bool, latency: Duration) {
-        self.sent += 1;
-        let us = (latency.as_micros() as u64).max(1);
-        let _ = self.latency_us.record(us);
-        let by_kind = if idempotent {
-            &mut self.latency_idem_us
-        } else {
-            &mut self.latency_non_idem_us
-        };
-        let _ = by_kind.record(us);
-        if let Some(by) = &outcome.served_by {
-            *self.served_by.entry(by.clone()).or_default() += 1;
-            self.served_last_unix_ms
-                .insert(by.clone(), detour_registry_sync::now_unix_ms());
-        }
-        if let Some(path) = outcome.path {
-            *self.paths.entry(path.as_str()).or_default() += 1;
-            let now = detour_registry_sync::now_unix_ms();
-            if path == PathTaken::Mesh {
-                *self.mesh_answers.entry(now / 10 * 10).or_default() += 1;
-            } else {
-                self.first_off_mesh_unix_ms.get_or_insert(now);
-                self.last_off_mesh_unix_ms = Some(now);
-                if path == PathTaken::Direct {
-                    self.last_direct_unix_ms = Some(now);
-                }
-            }
-        }
-        match &outcome.failure {
-            None => self.ok += 1,
-            Some(kind) => {
-                self.failed += 1;
-                if idempotent {
-                    self.failed_idempotent += 1;
-                }
-                if kind == "outcome_unknown" || kind == "timeout" {
-                    self.unknown_outcome += 1;
-                }
-                *self.failures.entry(kind.clone()).or_default() += 1;
-            }
-        }
-    }
-}
-
-struct Outcome {
-    failure: Option<String>,
-    served_by: Option<String>,
-    path: Option<PathTaken>,
 }
 
 /// Runs `spec` against `target`; `tick` is called about once a second with that second's
@@ -399,11 +182,7 @@ pub async fn run(
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
         };
-        let kind = match spec.methods {
-            MethodMix::One(k) => k,
-            MethodMix::Mix if i.is_multiple_of(2) => MethodKind::Get,
-            MethodMix::Mix => MethodKind::Post,
-        };
+        let kind = spec.methods.kind(i);
         let req = build(kind, &spec.path, &body);
         let (target, service, pool) = (target.clone(), spec.service.clone(), pool.clone());
         let (total, window, timeout) = (total.clone(), window.clone(), spec.timeout);
@@ -420,23 +199,15 @@ pub async fn run(
         tokio::spawn(async move {
             let outcome = match req {
                 Ok(req) => {
-                    match tokio::time::timeout(timeout, send(&target, &pool, &service, req)).await {
+                    let sent = send(&target, &pool, &service, kind, req);
+                    match tokio::time::timeout(timeout, sent).await {
                         Ok(o) => o,
-                        Err(_) => Outcome {
-                            failure: Some("timeout".into()),
-                            served_by: None,
-                            path: None,
-                        },
+                        Err(_) => Outcome::failed("timeout"),
                     }
                 }
-                Err(e) => Outcome {
-                    failure: Some(format!("invalid_request:{e}")),
-                    served_by: None,
-                    path: None,
-                },
+                Err(e) => Outcome::failed(format!("invalid_request:{e}")),
             };
             let latency = origin.elapsed();
-            let idempotent = kind != MethodKind::Post;
             if let Some(failure) = &outcome.failure {
                 let mut t = lock(&total);
                 if t.failed_requests.len() < MAX_LISTED_FAILURES {
@@ -449,8 +220,8 @@ pub async fn run(
                     });
                 }
             }
-            lock(&total).record(&outcome, idempotent, latency);
-            lock(&window).record(&outcome, idempotent, latency);
+            lock(&total).record(&outcome, kind, latency);
+            lock(&window).record(&outcome, kind, latency);
             drop(permit);
         });
         i += 1;
@@ -471,73 +242,124 @@ fn lock(m: &Mutex<Stats>) -> std::sync::MutexGuard<'_, Stats> {
 }
 
 fn build(kind: MethodKind, path: &str, body: &Bytes) -> Result<Request<BoxBody>, http::Error> {
-    let (method, body) = match kind {
-        MethodKind::Get => (Method::GET, empty()),
-        MethodKind::Post => (Method::POST, full(body.clone())),
-        MethodKind::Put => (Method::PUT, full(body.clone())),
+    let (method, uri, body) = match kind {
+        MethodKind::Get => (Method::GET, path.to_owned(), empty()),
+        MethodKind::Post => (Method::POST, path.to_owned(), full(body.clone())),
+        MethodKind::Put => (Method::PUT, path.to_owned(), full(body.clone())),
+        MethodKind::Stream => {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let uri = format!("{path}{sep}chunks={STREAM_CHUNKS}&every_ms={STREAM_EVERY_MS}");
+            (Method::GET, uri, empty())
+        }
+        MethodKind::Grpc => {
+            let mut framed = Vec::with_capacity(body.len() + 5);
+            framed.push(0);
+            framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            framed.extend_from_slice(body);
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(GRPC_PATH)
+                .header(header::CONTENT_TYPE, "application/grpc")
+                .header(header::TE, "trailers")
+                .body(full(framed))?;
+            return Ok(req);
+        }
     };
-    Request::builder().method(method).uri(path).body(body)
+    Request::builder().method(method).uri(uri).body(body)
 }
 
 async fn send(
     target: &Target,
     pool: &Arc<Pool>,
     service: &ServiceName,
+    kind: MethodKind,
     req: Request<BoxBody>,
 ) -> Outcome {
     let resp: Result<Response<BoxBody>, String> = match target {
+        Target::Sdk(client) if kind == MethodKind::Grpc => {
+            let mut channel = client.grpc(service.clone());
+            tower::Service::call(&mut channel, req.map(tonic::body::Body::new))
+                .await
+                .map_err(|e| match e.downcast_ref::<detour_thin_sdk::Error>() {
+                    Some(e) => e.kind().to_owned(),
+                    None => "grpc_transport".to_owned(),
+                })
+        }
         Target::Sdk(client) => client
             .send(service, req)
             .await
             .map_err(|e| e.kind().to_owned()),
-        Target::Direct { dial, protocol } => match set_target(service.as_str(), *protocol, req) {
-            Ok(req) => pool.send(dial, *protocol, req).await.map_err(|f| {
-                if f.error.never_left() {
-                    "connect".into()
-                } else {
-                    "outcome_unknown".into()
-                }
-            }),
-            Err(e) => Err(format!("invalid_request:{e}")),
-        },
-    };
-    match resp {
-        Err(kind) => Outcome {
-            failure: Some(kind),
-            served_by: None,
-            path: None,
-        },
-        Ok(resp) => {
-            let served_by = resp
-                .headers()
-                .get(SERVED_BY)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let path = match target {
-                Target::Sdk(_) => path_taken(&resp),
-                Target::Direct { .. } => Some(PathTaken::Direct),
-            };
-            let mesh = match target {
-                Target::Sdk(_) => mesh_error(&resp).map(|k| format!("mesh:{k}")),
-                Target::Direct { .. } => None,
-            };
-            let status = resp.status();
-            let body_ok = resp.into_body().collect().await.is_ok();
-            let failure = if let Some(m) = mesh {
-                Some(m)
-            } else if !body_ok {
-                Some("body_error".into())
-            } else if status.is_client_error() || status.is_server_error() {
-                Some(format!("http_{}", status.as_u16()))
+        Target::Direct { dial, protocol } => {
+            let protocol = if kind == MethodKind::Grpc {
+                AppProtocol::Http2
             } else {
-                None
+                *protocol
             };
-            Outcome {
-                failure,
-                served_by,
-                path,
+            match set_target(service.as_str(), protocol, req) {
+                Ok(req) => pool.send(dial, protocol, req).await.map_err(|f| {
+                    if f.error.never_left() {
+                        "connect".into()
+                    } else {
+                        "outcome_unknown".into()
+                    }
+                }),
+                Err(e) => Err(format!("invalid_request:{e}")),
             }
         }
+    };
+    let resp = match resp {
+        Err(failure) => return Outcome::failed(failure),
+        Ok(resp) => resp,
+    };
+    let served_by = resp
+        .headers()
+        .get(SERVED_BY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let path = match target {
+        Target::Sdk(_) => path_taken(&resp),
+        Target::Direct { .. } => Some(PathTaken::Direct),
+    };
+    let mesh = match target {
+        Target::Sdk(_) => mesh_error(&resp).map(|k| format!("mesh:{k}")),
+        Target::Direct { .. } => None,
+    };
+    let status = resp.status();
+    // A gRPC answer without a message carries its status in the head (trailers-only).
+    let head_grpc_status = resp.headers().get(GRPC_STATUS).cloned();
+    let body = resp.into_body().collect().await;
+    let failure = if let Some(m) = mesh {
+        Some(m)
+    } else if status.is_client_error() || status.is_server_error() {
+        Some(format!("http_{}", status.as_u16()))
+    } else {
+        match (kind, body) {
+            (MethodKind::Stream, Err(_)) => Some("stream_cut".into()),
+            (_, Err(_)) => Some("body_error".into()),
+            (MethodKind::Stream, Ok(c)) => {
+                let lines = c.to_bytes().iter().filter(|b| **b == b'\n').count();
+                (lines != STREAM_CHUNKS as usize).then(|| "stream_short".into())
+            }
+            (MethodKind::Grpc, Ok(c)) => {
+                let trailer = c.trailers().and_then(|t| t.get(GRPC_STATUS)).cloned();
+                grpc_failure(trailer.or(head_grpc_status).as_ref())
+            }
+            (_, Ok(_)) => None,
+        }
+    };
+    Outcome {
+        failure,
+        served_by,
+        path,
+    }
+}
+
+/// How a gRPC call with this `grpc-status` failed; `None` for 0 (OK).
+fn grpc_failure(status: Option<&HeaderValue>) -> Option<String> {
+    match status.map(|v| v.to_str().unwrap_or("?")) {
+        Some("0") => None,
+        Some(code) => Some(format!("grpc_status_{code}")),
+        None => Some("grpc_no_status".into()),
     }
 }
 
@@ -546,51 +368,69 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stats_count_by_outcome() {
-        let mut s = Stats::default();
-        let ok = Outcome {
-            failure: None,
-            served_by: Some("a".into()),
-            path: Some(PathTaken::Direct),
-        };
-        let bad = Outcome {
-            failure: Some("outcome_unknown".into()),
-            served_by: None,
-            path: None,
-        };
-        s.record(&ok, true, Duration::from_millis(2));
-        s.record(&bad, false, Duration::from_millis(4));
-        s.record(&bad, true, Duration::from_millis(4));
-        assert_eq!((s.sent, s.ok, s.failed), (3, 1, 2));
-        assert_eq!(s.failed_idempotent, 1);
-        assert_eq!(s.unknown_outcome, 2);
-        assert_eq!(s.served_by["a"], 1);
-        assert!(
-            s.summary("load")
-                .starts_with("load: sent=3 ok=1 failed=2 p50_ms=")
-        );
-        assert!(s.failure_line().contains("outcome_unknown=2"));
-        assert!(
-            s.latency_line()
-                .starts_with("latency: p99_idem_ms=4.00 max_idem_ms=4.00 p99_non_idem_ms=4.00"),
-            "{}",
-            s.latency_line()
-        );
+    fn the_soak_mix_sends_every_kind() {
+        let kinds: Vec<MethodKind> = (0..20).map(|i| MethodMix::Soak.kind(i)).collect();
+        let n = |k| kinds.iter().filter(|x| **x == k).count();
+        assert_eq!(n(MethodKind::Stream), 1);
+        assert_eq!(n(MethodKind::Grpc), 2);
+        assert_eq!(n(MethodKind::Get) + n(MethodKind::Post), 17);
+        assert!(n(MethodKind::Post) >= 8);
+        assert_eq!("soak".parse::<MethodMix>(), Ok(MethodMix::Soak));
         assert!("mix".parse::<MethodMix>().is_ok());
         assert!("PATCH".parse::<MethodMix>().is_err());
+        assert!(!MethodKind::Stream.idempotent() && MethodKind::Put.idempotent());
     }
 
     #[test]
-    fn mesh_gaps_are_found_from_the_answers() {
-        let mut s = Stats::default();
-        assert_eq!(s.longest_mesh_gap(), None);
-        for (t, n) in [(1000, 3), (1010, 1), (1500, 2), (1520, 1), (3000, 4)] {
-            s.mesh_answers.insert(t, n);
+    fn requests_of_each_kind_are_shaped_for_the_demo_provider() {
+        let body = Bytes::from_static(b"abc");
+        let s = build(MethodKind::Stream, "/x?a=1", &body).expect("valid");
+        assert_eq!(s.uri(), "/x?a=1&chunks=20&every_ms=100");
+        let g = build(MethodKind::Grpc, "/", &body).expect("valid");
+        assert_eq!(g.method(), Method::POST);
+        assert_eq!(g.uri(), GRPC_PATH);
+        assert_eq!(g.headers()[header::CONTENT_TYPE], "application/grpc");
+        assert_eq!(grpc_failure(Some(&HeaderValue::from_static("0"))), None);
+        assert_eq!(
+            grpc_failure(Some(&HeaderValue::from_static("14"))).as_deref(),
+            Some("grpc_status_14")
+        );
+        assert_eq!(grpc_failure(None).as_deref(), Some("grpc_no_status"));
+    }
+
+    /// A provider that answers a stream with `body` (chunked) and then closes, cleanly or not.
+    async fn one_answer(body: &'static str, finish: bool) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let mut out = String::from("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+            out.push_str(&format!("{:x}\r\n{body}\r\n", body.len()));
+            if finish {
+                out.push_str("0\r\n\r\n");
+            }
+            let _ = s.write_all(out.as_bytes()).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_cut_or_short_stream_fails() {
+        let service = ServiceName::new("hello").expect("valid");
+        let pool = Pool::new(PoolOptions::default());
+        for (finish, want) in [(false, "stream_cut"), (true, "stream_short")] {
+            let target = Target::Direct {
+                dial: Dial::Tcp(one_answer("1\n2\n3\n", finish).await),
+                protocol: AppProtocol::Http1,
+            };
+            let req = build(MethodKind::Stream, "/", &Bytes::new()).expect("valid");
+            let out = send(&target, &pool, &service, MethodKind::Stream, req).await;
+            assert_eq!(out.failure.as_deref(), Some(want));
         }
-        assert_eq!(s.longest_mesh_gap(), Some((1530, 3000)));
-        assert_eq!(s.gap_line(), "mesh_gap: from_unix_ms=1530 to_unix_ms=3000");
-        assert_eq!(s.last_mesh_answer_between(1000, 1600), Some(1530));
-        assert_eq!(s.last_mesh_answer_between(1600, 3000), None);
-        assert_eq!(s.last_mesh_answer_between(1005, 1009), Some(1010));
     }
 }

@@ -6,6 +6,8 @@
 //! | `GET /…` | `hello from {instance}` |
 //! | `POST /…` | the number of body bytes received (the body is streamed, never held) |
 //! | `…?ms=N` | waits N ms before answering |
+//! | `GET …?chunks=N&every_ms=M` | a long stream: N lines (`1\n` … `N\n`), one every M ms (N ≤ 10,000, M ≤ 10,000) |
+//! | `content-type: application/grpc…` | a gRPC answer: the request's message echoed (at most 1 MiB, else `grpc-status: 8`), `grpc-status: 0` in the trailers |
 //! | `/status/NNN` | answers with status NNN |
 //! | `…?forge=REASON` | adds `x-detour-error: REASON` to the answer (as a provider forging the mesh's header would) |
 //! | `GET /healthz` | 200 `ok`, or 503 after [`DemoProvider::set_healthy`]`(false)`; not counted |
@@ -20,18 +22,27 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use detour_core::BoxBody;
-use detour_core::body::full;
+use detour_core::body::{boxed, full};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// The header naming the instance that answered.
 pub const SERVED_BY: &str = "x-served-by";
+/// The gRPC status header (in the trailers, or in the head of a trailers-only answer).
+pub const GRPC_STATUS: &str = "grpc-status";
+/// The largest gRPC request echoed.
+const MAX_GRPC_BYTES: usize = 1 << 20;
+/// The most chunks, and the longest time between two, of a long stream.
+const MAX_STREAM_CHUNKS: u64 = 10_000;
+const MAX_STREAM_EVERY_MS: u64 = 10_000;
 
 /// A running demo provider; stops when dropped.
 #[derive(Debug)]
@@ -129,11 +140,22 @@ async fn answer(
         return resp;
     }
     counts.received.fetch_add(1, Ordering::Relaxed);
-    let wait_ms = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
-        .and_then(|v| v.parse::<u64>().ok());
+    let query = |key: &str| {
+        req.uri()
+            .query()
+            .and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let wait_ms = query("ms");
+    let chunks = query("chunks").map(|n| n.min(MAX_STREAM_CHUNKS));
+    let every_ms = query("every_ms").unwrap_or(0).min(MAX_STREAM_EVERY_MS);
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let forged = req
         .uri()
         .query()
@@ -147,12 +169,16 @@ async fn answer(
         .and_then(|s| StatusCode::from_u16(s).ok());
     let is_post = req.method() == Method::POST || req.method() == Method::PUT;
     let mut received = 0u64;
+    let mut kept = Vec::new();
     let mut body = req.into_body();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
                 if let Some(d) = f.data_ref() {
                     received += d.len() as u64;
+                    if grpc && kept.len() + d.len() <= MAX_GRPC_BYTES + 5 {
+                        kept.extend_from_slice(d);
+                    }
                 }
             }
             Err(_) => break,
@@ -162,12 +188,13 @@ async fn answer(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     counts.served.fetch_add(1, Ordering::Relaxed);
-    let text = if is_post {
-        format!("{received}\n")
+    let mut resp = if grpc {
+        grpc_answer(kept, received)
+    } else if let Some(n) = chunks.filter(|_| !is_post) {
+        stream_answer(n, Duration::from_millis(every_ms))
     } else {
-        format!("hello from {}\n", instance.to_str().unwrap_or("?"))
+        plain_answer(is_post, received, &instance)
     };
-    let mut resp = Response::new(full(Bytes::from(text)));
     if let Some(s) = forced {
         *resp.status_mut() = s;
     }
@@ -177,4 +204,59 @@ async fn answer(
             .insert(detour_core::failure::ERROR_HEADER, v);
     }
     resp
+}
+
+fn plain_answer(is_post: bool, received: u64, instance: &HeaderValue) -> Response<BoxBody> {
+    let text = if is_post {
+        format!("{received}\n")
+    } else {
+        format!("hello from {}\n", instance.to_str().unwrap_or("?"))
+    };
+    Response::new(full(Bytes::from(text)))
+}
+
+/// The message of a gRPC request echoed, or `grpc-status: 8` when it was over the limit.
+fn grpc_answer(kept: Vec<u8>, received: u64) -> Response<BoxBody> {
+    let ok = received as usize == kept.len();
+    let mut trailers = http::HeaderMap::new();
+    let (data, status) = if ok {
+        (Bytes::from(kept), "0")
+    } else {
+        (Bytes::new(), "8")
+    };
+    trailers.insert(GRPC_STATUS, HeaderValue::from_static(status));
+    let mut frames = Vec::new();
+    if !data.is_empty() {
+        frames.push(Ok::<_, Infallible>(Frame::data(data)));
+    }
+    frames.push(Ok(Frame::trailers(trailers)));
+    let mut resp = Response::new(boxed(StreamBody::new(tokio_stream::iter(frames))));
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    // Declared, so that an HTTP/1.1 hop (a PA to a provider registered as http1) carries it.
+    headers.insert(http::header::TRAILER, HeaderValue::from_static(GRPC_STATUS));
+    resp
+}
+
+/// `n` lines, one every `every`: a long stream that ends when the caller goes away.
+fn stream_answer(n: u64, every: Duration) -> Response<BoxBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    tokio::spawn(async move {
+        for i in 1..=n {
+            if i > 1 {
+                tokio::time::sleep(every).await;
+            }
+            if tx
+                .send(Ok(Frame::data(Bytes::from(format!("{i}\n")))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
 }

@@ -169,7 +169,9 @@ struct LoadArgs {
     /// Seconds to send for.
     #[arg(long)]
     duration: u64,
-    /// GET, POST, PUT, or MIX (GET and POST alternately).
+    /// GET, POST, PUT, GRPC (unary gRPC calls), STREAM (long streams of about 2 s), MIX (GET
+    /// and POST alternately) or SOAK (of every 20: one long stream, two gRPC calls, GET and
+    /// POST).
     #[arg(long, default_value = "GET")]
     method: String,
     /// Body size of POST/PUT requests.
@@ -401,6 +403,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", stats.path_line());
             println!("{}", stats.gap_line());
             println!("{}", stats.latency_line());
+            println!("{}", stats.kinds_line());
             println!("{}", stats.summary("load"));
             println!("{}", stats.failure_line());
             for f in &stats.failed_requests {
