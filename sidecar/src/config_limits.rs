@@ -39,11 +39,11 @@ impl Default for LimitsRaw {
             max_connections: 20_000,
             idle_timeout_ms: 600_000,
             head_timeout_ms: 30_000,
-            max_concurrent_streams: 4096,
+            max_concurrent_streams: 1024,
             h2_keepalive_ms: 30_000,
             max_connections_per_endpoint: 512,
             max_pending_per_endpoint: 2048,
-            max_in_flight_per_connection: 128,
+            max_in_flight_per_connection: 256,
         }
     }
 }

@@ -228,7 +228,8 @@ fn limits_have_defaults_and_refuse_zero() {
     let cfg = Config::parse("t", "host = \"h1\"\n", Vec::new()).unwrap();
     assert_eq!(cfg.limits.max_connections, 20_000);
     assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(600));
-    assert_eq!(cfg.limits.max_concurrent_streams, 4096);
+    assert_eq!(cfg.limits.max_concurrent_streams, 1024);
+    assert_eq!(cfg.limits.max_in_flight_per_connection, 256);
     let err = Config::parse(
         "t",
         "host = \"h1\"\n[limits]\nidle_timeout_ms = 0\nmax_connections = 0\n",
