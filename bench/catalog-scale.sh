@@ -15,7 +15,7 @@ etcd --data-dir "$TMP/etcd" --listen-client-urls "http://127.0.0.1:$PORT" --adve
 ETCD=$!
 trap 'kill $ETCD 2>/dev/null; wait $ETCD 2>/dev/null; rm -rf "$TMP"' EXIT
 until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 0.1; done
-cargo build --release -q -p detour-registry-sync --example catalog_scale
+cargo build --release -q -p detour-registry --example catalog_scale
 BIN=target/release/examples/catalog_scale
 "$BIN" "http://127.0.0.1:$PORT" "$N" "$M" "$TMP"
 kill $ETCD; wait $ETCD 2>/dev/null || true

@@ -6,6 +6,7 @@
 //!
 //! Applications do not use this crate: they link `detour-thin-sdk`, whose public surface is
 //! the client alone.
+//! It imports `detour-proto` only: never the registry, the sidecar or the SDK.
 
 pub mod body;
 pub mod connect;

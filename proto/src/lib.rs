@@ -1,6 +1,8 @@
 //! The local control API (generated from `proto/detour/control/v1/control.proto`), the value
 //! types every Detour crate shares (names, endpoints, host status) and the config-file loader
 //! every Detour binary shares.
+//!
+//! It imports no other Detour crate.
 
 pub mod config_file;
 pub mod files;

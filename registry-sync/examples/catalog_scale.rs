@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use detour_proto::{AppProtocol, Endpoint, HostId, InstanceId, ServiceName, Source};
-use detour_registry_sync::cache::DiskCache;
-use detour_registry_sync::catalog::{Catalog, CatalogOptions};
-use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
+use detour_registry::cache::DiskCache;
+use detour_registry::catalog::{Catalog, CatalogOptions};
+use detour_registry::etcd::{EtcdOptions, EtcdRegistry};
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -63,7 +63,7 @@ async fn main() -> Res<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,detour_registry_sync::catalog=info".into()),
+                .unwrap_or_else(|_| "warn,detour_registry::catalog=info".into()),
         )
         .init();
     let args: Vec<String> = std::env::args().collect();
@@ -129,7 +129,7 @@ async fn from_etcd(url: String, n: usize, m: usize, cache_path: &std::path::Path
     let rss0 = rss_kib();
     let t = Instant::now();
     let reg = EtcdRegistry::open(HostId::new("bench").expect("name"), opts.clone()).await?;
-    while !detour_registry_sync::Registry::synced(&reg) {
+    while !detour_registry::Registry::synced(&reg) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let listed = t.elapsed();

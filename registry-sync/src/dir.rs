@@ -69,11 +69,11 @@ struct HostRecordIn {
 
 /// What one scan of the directory saw.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct View {
+pub struct View {
     /// Live endpoints by service (a service whose hosts expired is known and empty).
-    pub(crate) services: HashMap<ServiceName, EndpointSet>,
+    pub services: HashMap<ServiceName, EndpointSet>,
     /// Live hosts' statuses.
-    pub(crate) hosts: HashMap<HostId, HostStatus>,
+    pub hosts: HashMap<HostId, HostStatus>,
 }
 
 /// What this client owns and keeps alive.
@@ -320,10 +320,7 @@ pub(crate) fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> 
 
 /// Reads every host record in `dir` into a view; `bad` hears each file that does not parse, is
 /// not a regular file, is too large, or holds another host's record.
-pub(crate) fn read_records(
-    dir: &Path,
-    mut bad: impl FnMut(&Path, usize, &str),
-) -> std::io::Result<View> {
+pub fn read_records(dir: &Path, mut bad: impl FnMut(&Path, usize, &str)) -> std::io::Result<View> {
     let mut records = Vec::new();
     for entry in std::fs::read_dir(dir)?.flatten() {
         let path = entry.path();

@@ -47,11 +47,13 @@ pub struct EtcdOptions {
     pub security: crate::etcd_security::EtcdSecurity,
 }
 
-/// A service key's value.
+/// A service key's value (also written by the registry-sync agent's mirror).
 #[derive(Serialize, Deserialize)]
-pub(crate) struct EndpointValue {
-    pub(crate) version: u32,
-    pub(crate) endpoint: Endpoint,
+pub struct EndpointValue {
+    /// The value's format version.
+    pub version: u32,
+    /// The endpoint.
+    pub endpoint: Endpoint,
 }
 
 /// A host key's value.

@@ -1,12 +1,12 @@
-//! Detour's view of the service registry: the [`Registry`] trait every back-end implements, the
-//! embedded directory back-end ([`dir::DirRegistry`]), the etcd back-end
-//! ([`etcd::EtcdRegistry`]) and the in-memory endpoint
-//! [`catalog::Catalog`] that sidecars route from; and the mirror of a legacy registry into etcd
-//! ([`legacy`] sources, the [`mirror`], the `detour-registry-sync` [`agent`]).
+//! Detour's registry library: the [`Registry`] trait every back-end implements, the embedded
+//! directory back-end ([`dir::DirRegistry`]), the etcd back-end ([`etcd::EtcdRegistry`]), the
+//! in-memory endpoint [`catalog::Catalog`] that sidecars route from with its disk cache and
+//! self-protection, and the registry documents (gray rules, policy). Every Detour process links
+//! it; the mirror of a legacy registry (ZooKeeper) is the `detour-registry-sync` agent's crate,
+//! which links this one, never the reverse.
 //!
 //! Everything above the trait is identical whichever back-end is configured.
 
-pub mod agent;
 pub mod cache;
 pub mod catalog;
 pub mod client_config;
@@ -18,10 +18,8 @@ pub mod etcd_security;
 pub mod gray;
 pub mod health;
 pub mod labels;
-pub mod legacy;
-pub(crate) mod members;
+pub mod members;
 pub mod memory;
-pub mod mirror;
 pub mod policy;
 pub mod protection;
 pub mod protection_config;

@@ -11,7 +11,7 @@ use crate::etcd_security::EtcdSecurity;
 use crate::registry::RegistryError;
 
 /// One connection per member, opened on first use and dropped after a failure.
-pub(crate) struct Members {
+pub struct Members {
     endpoints: Vec<String>,
     request_timeout: Duration,
     security: EtcdSecurity,
@@ -21,11 +21,8 @@ pub(crate) struct Members {
 }
 
 impl Members {
-    pub(crate) fn new(
-        endpoints: Vec<String>,
-        request_timeout: Duration,
-        security: EtcdSecurity,
-    ) -> Self {
+    /// The members at `endpoints`, each request bounded by `request_timeout`.
+    pub fn new(endpoints: Vec<String>, request_timeout: Duration, security: EtcdSecurity) -> Self {
         let n = endpoints.len();
         Self {
             endpoints,
@@ -37,7 +34,7 @@ impl Members {
     }
 
     /// Runs `op` against the members in turn, starting with the one that answered last.
-    pub(crate) async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RegistryError>
+    pub async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RegistryError>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use detour_core::BoxBody;
 use detour_core::body::full;
 use detour_proto::{Endpoint, SidecarAddresses, SidecarState};
-use detour_registry_sync::Catalog;
-use detour_registry_sync::catalog::DataSource;
+use detour_registry::Catalog;
+use detour_registry::catalog::DataSource;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -228,7 +228,7 @@ impl Admin {
     /// (no intermediate JSON tree: a catalog of 100,000 endpoints would need hundreds of MB).
     fn state_json(&self) -> Vec<u8> {
         let snapshot = self.catalog.snapshot();
-        let now = detour_registry_sync::now_unix_ms();
+        let now = detour_registry::now_unix_ms();
         let services: BTreeMap<&str, ServiceState<'_>> = snapshot
             .iter()
             .map(|(name, v)| {
@@ -262,8 +262,8 @@ impl Admin {
             "gray": self.gray.state(),
             "policy_overrides": *self.policies.registry_overrides(),
             "documents": {
-                detour_registry_sync::RULES_DOC: self.gray.state().document,
-                detour_registry_sync::POLICY_DOC: self.policies.document(),
+                detour_registry::RULES_DOC: self.gray.state().document,
+                detour_registry::POLICY_DOC: self.policies.document(),
             },
         });
         let state = State { head, services };

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use detour_core::{Pool, PoolOptions};
 use detour_proto::{ADDRESS_FILE, HostStatus, SidecarAddresses, SidecarState};
-use detour_registry_sync::cache::DiskCache;
-use detour_registry_sync::catalog::CatalogOptions;
-use detour_registry_sync::docs::{self, DocStore};
-use detour_registry_sync::health::NetCheck;
-use detour_registry_sync::{Catalog, DocName, Registry, RegistryError, now_unix_ms};
+use detour_registry::cache::DiskCache;
+use detour_registry::catalog::CatalogOptions;
+use detour_registry::docs::{self, DocStore};
+use detour_registry::health::NetCheck;
+use detour_registry::{Catalog, DocName, Registry, RegistryError, now_unix_ms};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -207,13 +207,13 @@ impl Sidecar {
             DocName::GrayRules,
             registry.watch_doc(DocName::GrayRules),
             store.clone(),
-            |b| detour_registry_sync::gray::RuleSet::parse(b).is_ok(),
+            |b| detour_registry::gray::RuleSet::parse(b).is_ok(),
         );
         let (policy_doc, saving_policy) = docs::follow(
             DocName::Policy,
             registry.watch_doc(DocName::Policy),
             store,
-            |b| detour_registry_sync::policy::PolicyDoc::parse(b).is_ok(),
+            |b| detour_registry::policy::PolicyDoc::parse(b).is_ok(),
         );
         let gray = Gray::new(cfg.host.clone());
         let known = catalog.clone();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use detour_proto::{Endpoint, EndpointSet, InstanceId};
-use detour_registry_sync::now_unix_ms;
+use detour_registry::now_unix_ms;
 
 use crate::config::Balance;
 

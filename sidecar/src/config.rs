@@ -10,13 +10,13 @@ use std::time::Duration;
 use detour_core::link::LinkConfig;
 use detour_proto::config_file::{self, ConfigError};
 use detour_proto::{AppProtocol, HostId, InstanceId, ServiceName};
-use detour_registry_sync::client_config::{RegistryClient, RegistryDirRaw, RegistryEtcdRaw};
-use detour_registry_sync::protection::ProtectionPolicy;
+use detour_registry::client_config::{RegistryClient, RegistryDirRaw, RegistryEtcdRaw};
+use detour_registry::protection::ProtectionPolicy;
 use serde::Deserialize;
 
 use crate::tls::identity::SpiffeId;
 
-pub use detour_registry_sync::protection_config::ProtectionRaw;
+pub use detour_registry::protection_config::ProtectionRaw;
 
 /// Prefix of the environment variables that override config keys
 /// (`DETOUR_SIDECAR__ADMIN__LISTEN` sets `[admin] listen`).
@@ -367,8 +367,7 @@ pub struct Config {
     /// Most requests in flight from this CA to one endpoint (0: no limit).
     pub max_concurrent_per_endpoint: usize,
     /// Per-service overrides of the traffic policy.
-    pub policies:
-        std::collections::HashMap<ServiceName, detour_registry_sync::policy::PolicyOverride>,
+    pub policies: std::collections::HashMap<ServiceName, detour_registry::policy::PolicyOverride>,
     /// Request-head size limit.
     pub max_header_bytes: usize,
     /// Ejection time after a refused connection.
@@ -458,8 +457,7 @@ impl RawConfig {
             &self.run_dir,
             &mut p,
         );
-        let state_dir =
-            detour_registry_sync::client_config::state_dir(&self.run_dir, &self.state_dir);
+        let state_dir = detour_registry::client_config::state_dir(&self.run_dir, &self.state_dir);
         let addr = |p: &mut Vec<String>, key: &str, v: &str| -> Option<SocketAddr> {
             v.parse()
                 .map_err(|_| p.push(format!("{key}: {v:?} is not ip:port")))
@@ -535,7 +533,7 @@ impl RawConfig {
         let tls = self.tls.validate(&self.run_dir, &mut p);
         let retry_budget = self.retry.validate(&mut p);
         let policies = self.policy.validate(&mut p);
-        let global = detour_registry_sync::policy::PolicyOverride {
+        let global = detour_registry::policy::PolicyOverride {
             try_timeout_ms: Some(self.proxy.try_timeout_ms),
             max_concurrent_per_endpoint: Some(self.proxy.max_concurrent_per_endpoint),
             ..Default::default()

@@ -137,7 +137,7 @@ fn etcd_registry_is_configured() {
     let cfg = Config::parse("t", text, Vec::new()).unwrap();
     assert_eq!(
         cfg.registry.spec,
-        detour_registry_sync::RegistrySpec::Etcd(vec!["http://127.0.0.1:2379".into()])
+        detour_registry::RegistrySpec::Etcd(vec!["http://127.0.0.1:2379".into()])
     );
     assert_eq!(cfg.registry.etcd_prefix, "/x/y");
     let bad = "host = \"h1\"\n[registry_etcd]\nprefix = \"x\"\nttl_ms = 0\n";

@@ -15,8 +15,8 @@ use detour_proto::control::{
     ControlEvent, EndpointInfo, EndpointSnapshot, MeshSwitch, SessionRequest, SidecarStatus,
 };
 use detour_proto::{Endpoint, HostId, ServiceName, SidecarState};
-use detour_registry_sync::Catalog;
-use detour_registry_sync::catalog::Follow;
+use detour_registry::Catalog;
+use detour_registry::catalog::Follow;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;

@@ -31,7 +31,7 @@ use detour_proto::{
     AppProtocol, Endpoint, EndpointSet, HostId, HostPublication, HostStatus, InstanceId,
     PUBLICATION_PROTOCOL, PUBLICATION_PROTOCOL_HEADER, ServiceName,
 };
-use detour_registry_sync::{
+use detour_registry::{
     DocName, DocState, HostStatuses, Registered, Registry, RegistryError, sync_endpoints,
 };
 use http::Request;

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use detour_proto::{HostId, ServiceName};
-use detour_registry_sync::docs::{DocStatus, Followed};
-use detour_registry_sync::gray::{Mesh, RuleSet};
+use detour_registry::docs::{DocStatus, Followed};
+use detour_registry::gray::{Mesh, RuleSet};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -77,13 +77,13 @@ impl Gray {
     /// Whether the rules are known (from the registry or a saved copy).
     pub fn known(&self) -> bool {
         self.doc.read().unwrap_or_else(|p| p.into_inner()).source
-            != detour_registry_sync::docs::DocSource::Default
+            != detour_registry::docs::DocSource::Default
     }
 
     /// Follows the rules document for as long as `doc` lives.
     pub fn follow(self: &Arc<Self>, doc: watch::Receiver<Followed>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
-        detour_registry_sync::docs::apply_each(doc, move |d| me.apply_followed(d))
+        detour_registry::docs::apply_each(doc, move |d| me.apply_followed(d))
     }
 
     /// Takes the document as followed: unknown changes nothing.
@@ -131,7 +131,7 @@ impl Gray {
             c.any_off = set.any_mesh_off_for(&self.host);
             for (service, on) in c.by_service.iter_mut() {
                 *on = set.mesh(&self.host, service).0 == Mesh::On;
-                metrics::gauge!("detour_gray_mesh_off", "service" => detour_registry_sync::labels::service(service))
+                metrics::gauge!("detour_gray_mesh_off", "service" => detour_registry::labels::service(service))
                     .set(if *on { 0.0 } else { 1.0 });
             }
         }
@@ -155,7 +155,7 @@ impl Gray {
         if !on {
             tracing::info!(%service, rule = rule.map(|r| r.id.as_str()), "mesh off for this service");
         }
-        metrics::gauge!("detour_gray_mesh_off", "service" => detour_registry_sync::labels::service(service)).set(if on {
+        metrics::gauge!("detour_gray_mesh_off", "service" => detour_registry::labels::service(service)).set(if on {
             0.0
         } else {
             1.0
@@ -193,7 +193,7 @@ mod tests {
 
     #[test]
     fn unknown_rules_change_nothing_until_known() {
-        use detour_registry_sync::docs::DocSource;
+        use detour_registry::docs::DocSource;
         let g = Gray::new(HostId::new("web-1").unwrap());
         let orders = ServiceName::new("orders").unwrap();
         let off = br#"{"version":1,"rules":[{"id":"r","mesh":"off","service":"orders"}]}"#;

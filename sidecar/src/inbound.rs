@@ -155,7 +155,7 @@ impl Inbound {
             && !caller.is_some_and(|c| allow.contains(c))
         {
             let who = caller.map_or("an unidentified caller", |c| c.as_str());
-            metrics::counter!("detour_denied_total", "service" => detour_registry_sync::labels::service(&service)).increment(1);
+            metrics::counter!("detour_denied_total", "service" => detour_registry::labels::service(&service)).increment(1);
             tracing::info!(%service, caller = who, "call refused by the allow-list");
             return Err(MeshError::new(
                 MeshErrorKind::Denied,
@@ -169,7 +169,7 @@ impl Inbound {
                 .bucket
                 .try_take(Instant::now())
         {
-            metrics::counter!("detour_rate_limited_total", "service" => detour_registry_sync::labels::service(&service))
+            metrics::counter!("detour_rate_limited_total", "service" => detour_registry::labels::service(&service))
                 .increment(1);
             return Err(MeshError::new(
                 MeshErrorKind::RateLimited,

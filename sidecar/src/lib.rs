@@ -4,6 +4,10 @@
 //!
 //! The binary (`src/main.rs`) only reads the config, calls [`app::Sidecar::start`], waits for
 //! a signal and drains; everything else is here.
+//!
+//! It imports `detour-proto`, `detour-core` and the registry library (`detour-registry`), never
+//! the SDK, the watchdog, the operator CLI, the test kit or the registry-sync agent (no
+//! ZooKeeper client); only its own binary and the integration tests link it.
 
 pub mod admin;
 pub mod admin_guard;

@@ -12,7 +12,7 @@ use detour_core::link_handle::{LinkHandle, StateNames};
 use detour_core::probe::{Probed, probe};
 use detour_core::{Dial, Pool, PoolOptions};
 use detour_proto::{AppProtocol, HostId, SidecarState};
-use detour_registry_sync::HostStatuses;
+use detour_registry::HostStatuses;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 

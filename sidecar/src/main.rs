@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     let args = Args::parse();
     telemetry::init_logging();
-    detour_registry_sync::telemetry::raise_open_files_limit();
+    detour_registry::telemetry::raise_open_files_limit();
     let cfg = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

@@ -28,7 +28,7 @@ use detour_core::transport::ConnectTimeout;
 use detour_core::{BoxBody, Dial, PathTaken, Pool};
 use detour_proto::control::local_control_server::LocalControlServer;
 use detour_proto::{CONTROL_AUTHORITY, Endpoint, InstanceId, ServiceName};
-use detour_registry_sync::Catalog;
+use detour_registry::Catalog;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;

@@ -13,8 +13,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use detour_proto::ServiceName;
-use detour_registry_sync::docs::{DocStatus, Followed};
-use detour_registry_sync::policy::{PolicyDoc, PolicyOverride};
+use detour_registry::docs::{DocStatus, Followed};
+use detour_registry::policy::{PolicyDoc, PolicyOverride};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -117,9 +117,9 @@ impl ServicePolicy {
             max_concurrent_per_endpoint: o
                 .max_concurrent_per_endpoint
                 .map_or(self.max_concurrent_per_endpoint, |n| n as usize),
-            direct: o.direct.map_or(self.direct, |d| {
-                d == detour_registry_sync::policy::Direct::Allow
-            }),
+            direct: o
+                .direct
+                .map_or(self.direct, |d| d == detour_registry::policy::Direct::Allow),
         }
     }
 }
@@ -205,7 +205,7 @@ impl Policies {
     /// Follows the policy document for as long as `doc` lives.
     pub fn follow(self: &Arc<Self>, doc: watch::Receiver<Followed>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
-        detour_registry_sync::docs::apply_each(doc, move |d| me.apply_followed(d))
+        detour_registry::docs::apply_each(doc, move |d| me.apply_followed(d))
     }
 
     /// Takes the document as followed: unknown changes nothing (the config's policy applies).

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use detour_proto::{Endpoint, ServiceName, Source};
-use detour_registry_sync::health::{CheckSpec, HealthCheck};
-use detour_registry_sync::{Registry, RegistryError};
+use detour_registry::health::{CheckSpec, HealthCheck};
+use detour_registry::{Registry, RegistryError};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -192,7 +192,7 @@ impl LocalProviders {
                 tracing::warn!(%service, address = %local.local.app_address, "local provider failed its health check: marked unhealthy");
             }
             metrics::counter!("detour_provider_health_changes_total",
-                "service" => detour_registry_sync::labels::service(service), "healthy" => if healthy { "true" } else { "false" })
+                "service" => detour_registry::labels::service(service), "healthy" => if healthy { "true" } else { "false" })
             .increment(1);
             if let Err(e) = self.publish(&local, healthy).await {
                 // The registry back-end keeps the write and retries it when it is reachable.
@@ -202,7 +202,7 @@ impl LocalProviders {
     }
 
     async fn publish(&self, local: &Local, healthy: bool) -> Result<(), RegistryError> {
-        metrics::gauge!("detour_provider_healthy", "service" => detour_registry_sync::labels::service(&local.endpoint.service))
+        metrics::gauge!("detour_provider_healthy", "service" => detour_registry::labels::service(&local.endpoint.service))
             .set(if healthy { 1.0 } else { 0.0 });
         let mut ep = local.endpoint.clone();
         ep.healthy = healthy;
@@ -213,7 +213,7 @@ impl LocalProviders {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use detour_registry_sync::memory::MemoryRegistry;
+    use detour_registry::memory::MemoryRegistry;
     use std::future::Future;
     use std::pin::Pin;
     use std::sync::Mutex;

@@ -1,11 +1,11 @@
 //! The sidecar's per-request metrics, resolved once; the recorder, its upkeep and logging are
-//! the ones every Detour process shares (`detour_registry_sync::telemetry`). `docs/metrics.md`
+//! the ones every Detour process shares (`detour_registry::telemetry`). `docs/metrics.md`
 //! lists every metric.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
-pub use detour_registry_sync::telemetry::{init_logging, prometheus, spawn_upkeep};
+pub use detour_registry::telemetry::{init_logging, prometheus, spawn_upkeep};
 
 /// The label values of `detour_requests_total` and `detour_response_head_seconds`.
 const DIRECTIONS: [&str; 2] = ["outbound", "inbound"];

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use detour_watchdog::certs::Authority;
-use detour_watchdog::process::ChildGuard;
+use detour_kit::certs::Authority;
+use detour_kit::process::ChildGuard;
 
 use crate::etcd::free_port;
 

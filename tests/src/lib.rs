@@ -21,13 +21,13 @@ use std::time::Duration;
 /// The trust domain of test meshes.
 pub const TRUST_DOMAIN: &str = "detour.local";
 
+use detour_kit::certs::{Authority, DEFAULT_VALIDITY};
+use detour_kit::process::ChildGuard;
+use detour_kit::provider::DemoProvider;
+use detour_kit::sidecar::{SidecarProcess, find_binary, find_sidecar_binary};
+use detour_kit::watched::WatchdogProcess;
 use detour_proto::{AppProtocol, ServiceName};
 use detour_thin_sdk::{Client, Dial};
-use detour_watchdog::certs::{Authority, DEFAULT_VALIDITY};
-use detour_watchdog::process::ChildGuard;
-use detour_watchdog::provider::DemoProvider;
-use detour_watchdog::sidecar::{SidecarProcess, find_binary, find_sidecar_binary};
-use detour_watchdog::watched::WatchdogProcess;
 
 /// One provider a host offers.
 #[derive(Debug, Clone)]

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use detour_kit::load::{self, LoadSpec, MethodMix, Stats, Target};
 use detour_proto::ServiceName;
 use detour_thin_sdk::Client;
-use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
 
 /// The service every scenario calls.
 pub fn hello() -> ServiceName {

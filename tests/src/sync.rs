@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use detour_watchdog::process::ChildGuard;
-use detour_watchdog::sidecar::find_binary;
+use detour_kit::process::ChildGuard;
+use detour_kit::sidecar::find_binary;
 
-use detour_watchdog::provider::DemoProvider;
+use detour_kit::provider::DemoProvider;
 use etcd_client::GetOptions;
 
 use crate::wait_value;

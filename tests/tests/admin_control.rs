@@ -5,12 +5,12 @@
 
 use std::time::{Duration, Instant};
 
+use detour_kit::provider::DemoProvider;
+use detour_kit::sidecar::find_sidecar_binary;
 use detour_proto::{AppProtocol, ServiceName, SidecarState};
 use detour_tests::{Mesh, admin_get, admin_get_json, caller_and_provider, wait_until};
 use detour_thin_sdk::body::empty;
 use detour_thin_sdk::{Client, Dial};
-use detour_watchdog::provider::DemoProvider;
-use detour_watchdog::sidecar::find_sidecar_binary;
 use http::Request;
 
 async fn provider_mesh() -> (Mesh, DemoProvider) {

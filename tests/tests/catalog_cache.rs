@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
+use detour_kit::provider::DemoProvider;
 use detour_proto::{AppProtocol, Endpoint, EndpointSet, HostId, InstanceId, ServiceName};
-use detour_registry_sync::cache::DiskCache;
+use detour_registry::cache::DiskCache;
 use detour_tests::{Mesh, admin_get, admin_get_json, body_text, metric};
 use detour_thin_sdk::body::empty;
-use detour_watchdog::provider::DemoProvider;
 use http::Request;
 
 /// A loopback etcd address nothing listens on (bound, then released).

@@ -4,8 +4,8 @@
 
 use std::process::Command;
 
+use detour_kit::sidecar::find_binary;
 use detour_tests::caller_and_provider;
-use detour_watchdog::sidecar::find_binary;
 
 fn detourctl() -> Command {
     Command::new(find_binary("detourctl", "DETOURCTL_BIN").unwrap())

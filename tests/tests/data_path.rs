@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use detour_kit::provider::{DemoProvider, SERVED_BY};
 use detour_proto::{AppProtocol, ERROR_HEADER, ServiceName};
 use detour_tests::grpc::GrpcProvider;
 use detour_tests::grpc::pb::echo_client::EchoClient;
@@ -13,7 +14,6 @@ use detour_tests::grpc::pb::{CountRequest, EchoRequest};
 use detour_tests::{Mesh, Offer, body_text, caller_and_provider, wait_until};
 use detour_thin_sdk::body::{empty, full};
 use detour_thin_sdk::{Client, MeshErrorKind, mesh_error};
-use detour_watchdog::provider::{DemoProvider, SERVED_BY};
 use http::{Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -74,7 +74,7 @@ async fn http2_callers_cross_the_mesh() {
 /// (checked chunk by chunk), from an HTTP/1.1 and an HTTP/2 caller.
 #[tokio::test]
 async fn the_soak_mix_crosses_the_mesh_whole() {
-    use detour_watchdog::load::{self, LoadSpec, MethodMix, Target};
+    use detour_kit::load::{self, LoadSpec, MethodMix, Target};
     let (mesh, _provider) = caller_and_provider("").await;
     for protocol in [AppProtocol::Http1, AppProtocol::Http2] {
         let spec = LoadSpec {

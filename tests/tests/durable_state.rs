@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use detour_kit::provider::DemoProvider;
+use detour_kit::watched::call;
 use detour_proto::AppProtocol;
 use detour_tests::etcd::Etcd;
 use detour_tests::scenario::{at, hello, spawn_load, summary};
@@ -17,8 +19,6 @@ use detour_tests::{
 };
 use detour_thin_sdk::body::empty;
 use detour_thin_sdk::{Client, Dial, PathTaken};
-use detour_watchdog::provider::DemoProvider;
-use detour_watchdog::watched::call;
 use http::Method;
 use nix::sys::signal::Signal;
 
@@ -384,10 +384,10 @@ async fn a_frozen_watchdogs_registrations_are_kept_by_its_sidecar_and_handed_bac
     at(t0, 2.0).await;
     let watchdog = &mesh.watched("h2").child;
     watchdog.signal(Signal::SIGSTOP).unwrap();
-    let fault = detour_registry_sync::now_unix_ms();
+    let fault = detour_registry::now_unix_ms();
     // Frozen for 13 s (over three TTLs): the provider's key is in etcd at every look.
     let mut looks = 0;
-    while detour_registry_sync::now_unix_ms() < fault + 13_000 {
+    while detour_registry::now_unix_ms() < fault + 13_000 {
         let n = raw
             .get("/detour/v1/services/hello/", Some(opts.clone()))
             .await
@@ -397,13 +397,13 @@ async fn a_frozen_watchdogs_registrations_are_kept_by_its_sidecar_and_handed_bac
             n,
             1,
             "h2's provider left etcd {} ms into the freeze",
-            detour_registry_sync::now_unix_ms() - fault
+            detour_registry::now_unix_ms() - fault
         );
         looks += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     watchdog.signal(Signal::SIGCONT).unwrap();
-    let healed = detour_registry_sync::now_unix_ms();
+    let healed = detour_registry::now_unix_ms();
     let h2 = mesh.admin("h2");
     assert!(
         metric(&h2, "detour_watchdog_takeovers_total", "event=\"taken\"")
@@ -501,8 +501,8 @@ async fn a_restarted_watchdog_keeps_the_crash_loop_mark() {
     drop(w);
     std::fs::remove_file(mesh.root().join("crash")).unwrap();
     let binary =
-        detour_watchdog::sidecar::find_binary("detour-watchdog", "DETOUR_WATCHDOG_BIN").unwrap();
-    let again = detour_watchdog::watched::WatchdogProcess::start_with(
+        detour_kit::sidecar::find_binary("detour-watchdog", "DETOUR_WATCHDOG_BIN").unwrap();
+    let again = detour_kit::watched::WatchdogProcess::start_with(
         &binary,
         &run_dir,
         &config,
@@ -545,7 +545,7 @@ async fn a_restarted_watchdog_keeps_the_crash_loop_mark() {
     w.child.wait_exit(Duration::from_secs(5)).await.unwrap();
     drop(w);
     std::fs::write(&state_file, b"{garbage").unwrap();
-    let again = detour_watchdog::watched::WatchdogProcess::start_with(
+    let again = detour_kit::watched::WatchdogProcess::start_with(
         &binary,
         &run_dir,
         &config,

@@ -5,15 +5,15 @@
 
 use std::time::Duration;
 
+use detour_kit::load::Stats;
+use detour_kit::provider::DemoProvider;
 use detour_proto::{Endpoint, HostId, InstanceId};
-use detour_registry_sync::Registry;
-use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
-use detour_registry_sync::now_unix_ms;
+use detour_registry::Registry;
+use detour_registry::etcd::{EtcdOptions, EtcdRegistry};
+use detour_registry::now_unix_ms;
 use detour_tests::etcd::Etcd;
 use detour_tests::scenario::{hello, spawn_load};
 use detour_tests::{Mesh, Offer, admin_get_json, metric, wait_value};
-use detour_watchdog::load::Stats;
-use detour_watchdog::provider::DemoProvider;
 use nix::sys::signal::Signal;
 use tokio::sync::Mutex;
 

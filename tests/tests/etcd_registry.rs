@@ -7,15 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use detour_kit::provider::DemoProvider;
 use detour_proto::{
     AppProtocol, Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName, SidecarState,
 };
-use detour_registry_sync::etcd::{EtcdOptions, EtcdRegistry};
-use detour_registry_sync::{Registry, now_unix_ms};
+use detour_registry::etcd::{EtcdOptions, EtcdRegistry};
+use detour_registry::{Registry, now_unix_ms};
 use detour_tests::etcd::Etcd;
 use detour_tests::{Mesh, Offer, body_text};
 use detour_thin_sdk::body::empty;
-use detour_watchdog::provider::DemoProvider;
 use tokio::sync::watch;
 
 fn opts(url: &str) -> EtcdOptions {

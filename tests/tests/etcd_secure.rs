@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
+use detour_kit::provider::DemoProvider;
 use detour_proto::AppProtocol;
 use detour_tests::etcd_tls::SecureEtcd;
 use detour_tests::scenario::hello;
 use detour_tests::{Mesh, Offer};
 use detour_thin_sdk::body::empty;
-use detour_watchdog::provider::DemoProvider;
 
 fn registry_section(etcd: &SecureEtcd, password_file: &std::path::Path) -> String {
     registry_section_of(etcd, "root", password_file)

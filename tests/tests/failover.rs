@@ -7,14 +7,14 @@
 
 use std::time::Duration;
 
+use detour_kit::load::Stats;
 use detour_proto::AppProtocol;
-use detour_registry_sync::now_unix_ms;
+use detour_registry::now_unix_ms;
 use detour_tests::scenario::{self, at, hello, spawn_load};
 use detour_tests::{Mesh, Offer, ProviderProcess, caller_and_provider};
 use detour_thin_sdk::Client;
 use detour_thin_sdk::LinkState;
 use detour_thin_sdk::body::{empty, full};
-use detour_watchdog::load::Stats;
 use nix::sys::signal::Signal;
 use tokio::sync::Mutex;
 

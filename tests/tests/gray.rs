@@ -13,15 +13,15 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use detour_kit::load::Stats;
+use detour_kit::provider::DemoProvider;
+use detour_kit::sidecar::find_binary;
 use detour_proto::{HostId, HostStatus, ServiceName, SidecarState};
-use detour_registry_sync::dir::{DirOptions, DirRegistry};
-use detour_registry_sync::{Registry, now_unix_ms};
+use detour_registry::dir::{DirOptions, DirRegistry};
+use detour_registry::{Registry, now_unix_ms};
 use detour_tests::scenario::{at, spawn_load};
 use detour_tests::{Mesh, Offer, admin_get_json, detourctl, dir_registry, metric, wait_value};
 use detour_thin_sdk::{Client, LinkState, PathTaken};
-use detour_watchdog::load::Stats;
-use detour_watchdog::provider::DemoProvider;
-use detour_watchdog::sidecar::find_binary;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
@@ -473,7 +473,7 @@ async fn a_version_rule_moves_one_host_and_rollback_version_moves_it_back() {
         "h3's watchdog to refuse the missing binary",
         Duration::from_secs(5),
         || async {
-            let (_, text) = detour_watchdog::watched::call(
+            let (_, text) = detour_kit::watched::call(
                 &detour_thin_sdk::Dial::Tcp(w3.admin),
                 http::Method::GET,
                 "/state",

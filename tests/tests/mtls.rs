@@ -10,14 +10,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use detour_kit::certs::{Authority, Issued};
+use detour_kit::provider::DemoProvider;
 use detour_proto::{AppProtocol, ServiceName};
 use detour_sidecar::tls::verify::PaVerifier;
 use detour_tests::raw::{self, RawProvider};
 use detour_tests::scenario::{at, counts_line, hello, spawn_load};
 use detour_tests::{Mesh, Offer, TRUST_DOMAIN, body_text, metric, wait_metric};
 use detour_thin_sdk::body::empty;
-use detour_watchdog::certs::{Authority, Issued};
-use detour_watchdog::provider::DemoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
+use detour_kit::provider::DemoProvider;
 use detour_proto::AppProtocol;
 use detour_tests::raw::{RawProvider, Reply};
 use detour_tests::scenario::hello;
 use detour_tests::{Mesh, Offer, metric};
 use detour_thin_sdk::body::empty;
-use detour_watchdog::provider::DemoProvider;
 
 /// A provider that answers every request `500`, keeping connections alive.
 async fn failing_provider() -> std::net::SocketAddr {

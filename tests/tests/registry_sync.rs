@@ -302,8 +302,8 @@ async fn a_leader_killed_with_sigkill_is_replaced_and_the_entries_never_drop() {
 
 #[tokio::test]
 async fn a_directory_registry_is_mirrored_too() {
-    use detour_registry_sync::Registry;
-    use detour_registry_sync::dir::{DirOptions, DirRegistry};
+    use detour_registry::Registry;
+    use detour_registry::dir::{DirOptions, DirRegistry};
     let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(root.path()).await;

@@ -5,13 +5,13 @@
 
 use std::time::{Duration, Instant};
 
+use detour_kit::load::Stats;
+use detour_kit::provider::DemoProvider;
 use detour_tests::etcd::Etcd;
 use detour_tests::scenario::spawn_load;
 use detour_tests::sync::{PREFIX, SyncProcess, providers, synced, url, wait_synced, zk_config};
 use detour_tests::zookeeper::{Registrar, ZooKeeper};
 use detour_tests::{Mesh, ProviderProcess, wait_value};
-use detour_watchdog::load::Stats;
-use detour_watchdog::provider::DemoProvider;
 use tokio::sync::Mutex;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -95,12 +95,12 @@ async fn an_instance_removed_from_zookeeper_before_its_process_stops_loses_nothi
     let t0 = tokio::time::Instant::now();
     let load = spawn_load(&client, 500, 10);
     tokio::time::sleep_until(t0 + Duration::from_secs(3)).await;
-    let removed_ms = detour_registry_sync::now_unix_ms();
+    let removed_ms = detour_registry::now_unix_ms();
     r.reg
         .deregister(HELLO, &url(leaving.addr, HELLO, 100))
         .await;
     tokio::time::sleep(Duration::from_millis(grace_ms)).await;
-    let stopped_ms = detour_registry_sync::now_unix_ms();
+    let stopped_ms = detour_registry::now_unix_ms();
     leaving.child.stop(Duration::from_secs(5)).await.unwrap();
     let s = load.await.unwrap();
     line("app-release", &s);

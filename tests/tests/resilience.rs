@@ -7,12 +7,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use detour_kit::provider::DemoProvider;
 use detour_proto::AppProtocol;
 use detour_tests::raw::{self, RawProvider, Reply};
 use detour_tests::scenario::hello;
 use detour_tests::{Mesh, Offer, metric};
 use detour_thin_sdk::body::empty;
-use detour_watchdog::provider::DemoProvider;
 
 #[tokio::test]
 async fn the_retry_budget_caps_resends_when_a_provider_fails() {

@@ -9,6 +9,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use detour_kit::certs::{Authority, DEFAULT_VALIDITY};
+use detour_kit::provider::DemoProvider;
 use detour_proto::AppProtocol;
 use detour_tests::raw::{self, RawProvider};
 use detour_tests::scenario::hello;
@@ -18,8 +20,6 @@ use detour_tests::{
 };
 use detour_thin_sdk::body::empty;
 use detour_thin_sdk::{Client, MeshErrorKind, PathTaken};
-use detour_watchdog::certs::{Authority, DEFAULT_VALIDITY};
-use detour_watchdog::provider::DemoProvider;
 use nix::sys::signal::Signal;
 
 /// A plain client of `host`'s CA (no control session: the CA alone decides the path).
@@ -260,7 +260,7 @@ async fn a_host_cannot_take_another_hosts_pa_address() {
     let record = serde_json::json!({
         "format": 1,
         "host": "h9",
-        "heartbeat_unix_ms": detour_registry_sync::now_unix_ms(),
+        "heartbeat_unix_ms": detour_registry::now_unix_ms(),
         "ttl_ms": 600_000,
         "endpoints": [{
             "service": "hello", "instance": "h9-hello", "host": "h9",

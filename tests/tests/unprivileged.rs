@@ -9,12 +9,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
+use detour_kit::provider::DemoProvider;
+use detour_kit::watched::WatchdogProcess;
 use detour_proto::AppProtocol;
 use detour_tests::scenario::hello;
 use detour_tests::{Mesh, Offer};
 use detour_thin_sdk::body::empty;
-use detour_watchdog::provider::DemoProvider;
-use detour_watchdog::watched::WatchdogProcess;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -70,7 +70,7 @@ async fn a_host_runs_as_an_unprivileged_user_without_capabilities() {
     std::fs::copy(mesh.sidecar_binary(), &sidecar).unwrap();
     let watchdog = bin.join("detour-watchdog");
     std::fs::copy(
-        detour_watchdog::sidecar::find_binary("detour-watchdog", "DETOUR_WATCHDOG_BIN").unwrap(),
+        detour_kit::sidecar::find_binary("detour-watchdog", "DETOUR_WATCHDOG_BIN").unwrap(),
         &watchdog,
     )
     .unwrap();

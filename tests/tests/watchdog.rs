@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use detour_registry_sync::now_unix_ms;
+use detour_kit::load::Stats;
+use detour_kit::provider::DemoProvider;
+use detour_kit::sidecar::find_binary;
+use detour_kit::watched::{WatchdogProcess, call};
+use detour_registry::now_unix_ms;
 use detour_tests::scenario::{at, spawn_load, summary};
 use detour_tests::{Mesh, Offer, admin_get_json, wait_value};
 use detour_thin_sdk::{Client, Dial};
-use detour_watchdog::load::Stats;
-use detour_watchdog::provider::DemoProvider;
-use detour_watchdog::sidecar::find_binary;
-use detour_watchdog::watched::{WatchdogProcess, call};
 use http::Method;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -560,7 +560,7 @@ async fn both_binaries_start_with_their_documented_variables_set() {
         .envs(documented)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(run_dir.join("sidecar.log")).unwrap());
-    let mut sidecar = detour_watchdog::process::ChildGuard::spawn(cmd, "sidecar").unwrap();
+    let mut sidecar = detour_kit::process::ChildGuard::spawn(cmd, "sidecar").unwrap();
     let file = run_dir.join("sidecar.json");
     let text = wait_value(
         "the sidecar ready",
@@ -603,7 +603,7 @@ async fn both_binaries_start_with_their_documented_variables_set() {
         .envs(documented)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(run_dir.join("watchdog.log")).unwrap());
-    let watchdog = detour_watchdog::process::ChildGuard::spawn(cmd, "watchdog").unwrap();
+    let watchdog = detour_kit::process::ChildGuard::spawn(cmd, "watchdog").unwrap();
     let info: serde_json::Value = wait_value(
         "the watchdog running",
         Duration::from_secs(15),

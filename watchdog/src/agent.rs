@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use detour_core::body::empty;
 use detour_core::{Dial, Pool, PoolOptions};
 use detour_proto::{ADDRESS_FILE, AppProtocol, SidecarAddresses, SidecarState, WatchdogReport};
-use detour_registry_sync::now_unix_ms;
+use detour_registry::now_unix_ms;
 use http::Request;
 use http_body_util::BodyExt;
 use nix::sys::signal::Signal;
@@ -26,8 +26,8 @@ use crate::held::Held;
 use crate::kept::{Binaries, Kept};
 use crate::proc::{Exit, Launch, SidecarProc};
 use crate::supervise::Supervisor;
-use detour_registry_sync::docs::Followed;
-use detour_registry_sync::gray::RuleSet;
+use detour_registry::docs::Followed;
+use detour_registry::gray::RuleSet;
 
 /// How often a starting sidecar is checked for readiness.
 const TICK: Duration = Duration::from_millis(50);

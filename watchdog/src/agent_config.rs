@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use detour_proto::HostId;
 use detour_proto::config_file::{self, ConfigError};
-use detour_registry_sync::client_config::{RegistryClient, RegistryDirRaw, RegistryEtcdRaw};
+use detour_registry::client_config::{RegistryClient, RegistryDirRaw, RegistryEtcdRaw};
 use serde::Deserialize;
 
 use crate::supervise::Policy;
@@ -258,8 +258,7 @@ impl SidecarView {
                 &raw.run_dir,
                 &mut p,
             );
-            let state_dir =
-                detour_registry_sync::client_config::state_dir(&raw.run_dir, &raw.state_dir);
+            let state_dir = detour_registry::client_config::state_dir(&raw.run_dir, &raw.state_dir);
             match (host, registry) {
                 (Some(host), Some(registry)) if p.is_empty() => Ok(SidecarView {
                     host,

@@ -230,7 +230,7 @@ impl Api {
             (Method::GET, "/metrics", _) => {
                 let mut r = text(
                     StatusCode::OK,
-                    &detour_registry_sync::telemetry::prometheus().render(),
+                    &detour_registry::telemetry::prometheus().render(),
                 );
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,

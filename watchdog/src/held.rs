@@ -10,7 +10,7 @@ use std::sync::Arc;
 use detour_proto::{
     HostId, HostPublication, HostStatus, InstanceId, ServiceName, SidecarState, WatchdogReport,
 };
-use detour_registry_sync::{Registered, Registry, RegistryError, now_unix_ms, sync_endpoints};
+use detour_registry::{Registered, Registry, RegistryError, now_unix_ms, sync_endpoints};
 use tokio::sync::Mutex;
 
 /// A publication the watchdog will not take.
@@ -236,7 +236,7 @@ impl Held {
 mod tests {
     use super::*;
     use detour_proto::Endpoint;
-    use detour_registry_sync::memory::MemoryRegistry;
+    use detour_registry::memory::MemoryRegistry;
 
     fn ep(host: &str, i: &str) -> Endpoint {
         Endpoint::new(

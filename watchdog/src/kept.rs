@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use detour_registry_sync::docs::state_file_error;
-use detour_registry_sync::now_unix_ms;
+use detour_registry::docs::state_file_error;
+use detour_registry::now_unix_ms;
 use serde::{Deserialize, Serialize};
 
 use crate::supervise::Memory;

@@ -11,9 +11,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
-use detour_registry_sync::docs::{self, DocStore};
-use detour_registry_sync::telemetry;
-use detour_registry_sync::{DocName, gray::RuleSet};
+use detour_registry::docs::{self, DocStore};
+use detour_registry::telemetry;
+use detour_registry::{DocName, gray::RuleSet};
 use detour_watchdog::agent::{Agent, Stopped};
 use detour_watchdog::agent_config::Config;
 use detour_watchdog::api::{Api, Status};

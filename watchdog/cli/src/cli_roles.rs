@@ -1,5 +1,5 @@
 //! `detourctl etcd-roles host | operator | sync`: creates the least-privilege etcd role of a
-//! host, of operators or of a registry-sync agent (`detour_registry_sync::etcd_roles`) and
+//! host, of operators or of a registry-sync agent (`detour_registry::etcd_roles`) and
 //! gives it to a user. Run with etcd's `root` credentials (`--etcd-user root`). Exit statuses:
 //! 0 done, 2 bad input, 3 etcd unreachable or the change refused.
 
@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use detour_proto::{HostId, InstanceId, ServiceName};
-use detour_registry_sync::RegistrySpec;
-use detour_registry_sync::etcd_roles::{self, Access, Grantee, RolePlan};
+use detour_registry::RegistrySpec;
+use detour_registry::etcd_roles::{self, Access, Grantee, RolePlan};
 
 use crate::cli_ops::{RegistryArgs, spec_and_security};
 

@@ -15,9 +15,9 @@ use http_body_util::BodyExt;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::api::{UpgradeDone, UpgradeRequest};
-use crate::proc::{PID_FILE, PidFile};
 use crate::process::ChildGuard;
+use detour_watchdog::api::{UpgradeDone, UpgradeRequest};
+use detour_watchdog::proc::{PID_FILE, PidFile};
 
 /// A running watchdog and the host it keeps.
 #[derive(Debug)]

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use detour_proto::ServiceName;
-use detour_registry_sync::POLICY_DOC;
-use detour_registry_sync::policy::{PolicyDoc, PolicyOverride};
-use detour_registry_sync::store::{Doc, Expect, Store, Write};
+use detour_registry::POLICY_DOC;
+use detour_registry::policy::{PolicyDoc, PolicyOverride};
+use detour_registry::store::{Doc, Expect, Store, Write};
 
 use crate::audit::Actor;
 
@@ -110,9 +110,9 @@ impl PolicyKeys {
             rate_limit_burst: self.rate_limit_burst,
             direct: self.direct.as_deref().map(|d| {
                 if d == "deny" {
-                    detour_registry_sync::policy::Direct::Deny
+                    detour_registry::policy::Direct::Deny
                 } else {
-                    detour_registry_sync::policy::Direct::Allow
+                    detour_registry::policy::Direct::Allow
                 }
             }),
         }

@@ -211,7 +211,7 @@ pub async fn run(
             if let Some(failure) = &outcome.failure {
                 let mut t = lock(&total);
                 if t.failed_requests.len() < MAX_LISTED_FAILURES {
-                    let ended = detour_registry_sync::now_unix_ms();
+                    let ended = detour_registry::now_unix_ms();
                     t.failed_requests.push(FailedRequest {
                         due_unix_ms: ended.saturating_sub(latency.as_millis() as u64),
                         ended_unix_ms: ended,

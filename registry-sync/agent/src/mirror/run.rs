@@ -14,9 +14,9 @@ use tokio::task::JoinSet;
 use super::plan::{Current, Held as Entry, plan};
 use super::target::{Campaign, Outcome, Target, TargetError};
 use super::{Held, Mirror};
-use crate::health::HealthCheck;
 use crate::legacy::{Providers, SourceView};
-use crate::protection::{Change, ProtectionPolicy};
+use detour_registry::health::HealthCheck;
+use detour_registry::protection::{Change, ProtectionPolicy};
 
 /// Timing of the mirror loop.
 #[derive(Debug, Clone)]

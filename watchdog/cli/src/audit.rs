@@ -5,8 +5,8 @@
 //! (the OS user), when, why (`--reason`), which command, and the document before and after.
 //! `detourctl history` lists them, oldest first.
 
-use detour_registry_sync::now_unix_ms;
-use detour_registry_sync::store::{Expect, Store, Write};
+use detour_registry::now_unix_ms;
+use detour_registry::store::{Expect, Store, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::OpsError;

@@ -283,11 +283,11 @@ impl Stats {
         if let Some(by) = &outcome.served_by {
             *self.served_by.entry(by.clone()).or_default() += 1;
             self.served_last_unix_ms
-                .insert(by.clone(), detour_registry_sync::now_unix_ms());
+                .insert(by.clone(), detour_registry::now_unix_ms());
         }
         if let Some(path) = outcome.path {
             *self.paths.entry(path.as_str()).or_default() += 1;
-            let now = detour_registry_sync::now_unix_ms();
+            let now = detour_registry::now_unix_ms();
             if path == PathTaken::Mesh {
                 *self.mesh_answers.entry(now / 10 * 10).or_default() += 1;
             } else {

@@ -1,7 +1,7 @@
 //! How the operator's commands show what they read: the status tables, the rules table, a
 //! rollback record as one line, and JSON for `--json`.
 
-use detour_registry_sync::gray::{Mesh, Rule, RuleSet};
+use detour_registry::gray::{Mesh, Rule, RuleSet};
 use serde::Serialize;
 
 use crate::ops::{RollbackRecord, StatusReport};

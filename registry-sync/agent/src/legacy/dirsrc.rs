@@ -1,5 +1,5 @@
 //! The directory-registry source: another Detour directory registry (one JSON record per host,
-//! see [`crate::dir`]) read every poll interval, for setups without ZooKeeper.
+//! see [`detour_registry::dir`]) read every poll interval, for setups without ZooKeeper.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ impl LegacySource for DirSource {
             let at = Instant::now();
             let path = self.path.clone();
             let read = tokio::task::spawn_blocking(move || {
-                crate::dir::read_records(&path, |file, len, why| {
+                detour_registry::dir::read_records(&path, |file, len, why| {
                     tracing::debug!(file = %file.display(), len, %why, "skipping unreadable record");
                 })
             })

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use detour_proto::{Endpoint, HostId, InstanceId, ServiceName};
-use detour_registry_sync::dir::{DirOptions, DirRegistry};
-use detour_registry_sync::gray::{Mesh, Origin, Rule};
-use detour_registry_sync::{Registry, RegistrySpec, store};
+use detour_registry::dir::{DirOptions, DirRegistry};
+use detour_registry::gray::{Mesh, Origin, Rule};
+use detour_registry::{Registry, RegistrySpec, store};
 
 use super::*;
 
@@ -121,11 +121,7 @@ async fn audit_records_cannot_be_rewritten() {
     // A write that expects the record to be absent (the only kind the commands make) fails.
     let again = ops
         .store()
-        .put(
-            &key,
-            b"{}".to_vec(),
-            detour_registry_sync::store::Expect::Absent,
-        )
+        .put(&key, b"{}".to_vec(), detour_registry::store::Expect::Absent)
         .await;
     assert!(again.is_err());
     assert_eq!(crate::audit::list(ops.store()).await.unwrap(), trail);

@@ -6,12 +6,12 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::health::NetCheck;
 use crate::legacy::dirsrc::DirSource;
 use crate::legacy::zk::{ZkOptions, ZkSource};
 use crate::legacy::{LegacySource, SourceView};
 use crate::mirror::run::{RunOptions, SharedStatus, Status, run};
 use crate::mirror::target::EtcdTarget;
+use detour_registry::health::NetCheck;
 
 pub mod admin;
 pub mod config;
@@ -41,7 +41,7 @@ pub enum StartError {
     },
 }
 
-pub use crate::telemetry::prometheus;
+pub use detour_registry::telemetry::prometheus;
 
 struct Shared {
     cfg: Config,

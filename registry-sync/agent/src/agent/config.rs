@@ -2,7 +2,7 @@
 //! `DETOUR_SYNC__`), every problem reported at once. Keys are documented in
 //! `docs/registry-sync.md`.
 
-use crate::etcd_security::{EtcdSecurity, EtcdSecurityFiles};
+use detour_registry::etcd_security::{EtcdSecurity, EtcdSecurityFiles};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,8 +13,8 @@ use detour_proto::{AppProtocol, ServiceName};
 use serde::Deserialize;
 
 use crate::legacy::dubbo::Mapping;
-use crate::protection::ProtectionPolicy;
-use crate::protection_config::ProtectionRaw;
+use detour_registry::protection::ProtectionPolicy;
+use detour_registry::protection_config::ProtectionRaw;
 
 /// The environment prefix.
 pub const ENV_PREFIX: &str = "DETOUR_SYNC__";

@@ -13,9 +13,9 @@ use detour_proto::{Endpoint, InstanceId, ServiceName, Source};
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 
 use super::plan::{Current, Held, Key, Op};
-use crate::etcd::EndpointValue;
-use crate::members::Members;
-use crate::registry::RegistryError;
+use detour_registry::RegistryError;
+use detour_registry::etcd::EndpointValue;
+use detour_registry::members::Members;
 
 /// A target operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,7 @@ impl EtcdTarget {
         prefix: &str,
         legacy: &str,
         request_timeout: Duration,
-        security: crate::etcd_security::EtcdSecurity,
+        security: detour_registry::etcd_security::EtcdSecurity,
     ) -> Self {
         Self {
             members: Members::new(endpoints, request_timeout, security),

@@ -3,14 +3,14 @@
 //! 0 done, 2 bad input (a malformed rule, an unknown service or host), 3 registry unreachable,
 //! 4 a concurrent change or nothing to do.
 
-use detour_registry_sync::etcd_security::{EtcdSecurity, EtcdSecurityFiles};
+use detour_registry::etcd_security::{EtcdSecurity, EtcdSecurityFiles};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use detour_proto::{HostId, ServiceName};
-use detour_registry_sync::RegistrySpec;
-use detour_registry_sync::gray::{Mesh, Origin, Rule, SidecarVersion};
+use detour_registry::RegistrySpec;
+use detour_registry::gray::{Mesh, Origin, Rule, SidecarVersion};
 
 use crate::audit::Actor;
 use crate::ops::{self, Ops, OpsError, RollbackRequest};
@@ -136,7 +136,7 @@ pub struct RollbackArgs {
 
 pub(crate) fn open(reg: &RegistryArgs) -> Result<Ops, OpsError> {
     let (spec, security) = spec_and_security(reg)?;
-    Ok(Ops::new(detour_registry_sync::store::open(
+    Ok(Ops::new(detour_registry::store::open(
         &spec,
         &reg.etcd_prefix,
         Duration::from_millis(reg.timeout_ms),
@@ -151,7 +151,7 @@ pub(crate) fn spec_and_security(
     let spec: RegistrySpec = reg
         .registry
         .parse()
-        .map_err(|e: detour_registry_sync::RegistryError| OpsError::Malformed(e.to_string()))?;
+        .map_err(|e: detour_registry::RegistryError| OpsError::Malformed(e.to_string()))?;
     let files = EtcdSecurityFiles {
         ca: reg.etcd_ca.clone(),
         cert: reg.etcd_cert.clone(),
@@ -204,17 +204,19 @@ pub async fn gray(cmd: GrayCmd, reg: RegistryArgs) -> ExitCode {
         } => {
             let sha256 = match (&sidecar_binary, sidecar_sha256) {
                 (_, Some(s)) => s.to_ascii_lowercase(),
-                (Some(b), None) => match crate::binaries::sha256_of(std::path::Path::new(b)) {
-                    Ok(s) => {
-                        eprintln!("sha256 of {b}: {s}");
-                        s
+                (Some(b), None) => {
+                    match detour_watchdog::binaries::sha256_of(std::path::Path::new(b)) {
+                        Ok(s) => {
+                            eprintln!("sha256 of {b}: {s}");
+                            s
+                        }
+                        Err(e) => {
+                            return fail(&OpsError::Malformed(format!(
+                                "--sidecar-sha256 is needed: {e}"
+                            )));
+                        }
                     }
-                    Err(e) => {
-                        return fail(&OpsError::Malformed(format!(
-                            "--sidecar-sha256 is needed: {e}"
-                        )));
-                    }
-                },
+                }
                 (None, None) => String::new(),
             };
             let rule = Rule {
@@ -378,7 +380,7 @@ pub async fn status(reg: RegistryArgs, admin: Option<std::net::SocketAddr>) -> E
         Err(e) => return fail(&e),
     };
     if let Some(admin) = admin
-        && let Ok((status, text)) = crate::watched::call(
+        && let Ok((status, text)) = detour_kit::watched::call(
             &detour_core::Dial::Tcp(admin),
             http::Method::GET,
             "/state",

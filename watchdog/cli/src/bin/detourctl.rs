@@ -11,16 +11,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use detour_ctl::cli_ops::{self, GrayCmd, RegistryArgs, RollbackArgs};
+use detour_kit::certs;
+use detour_kit::demo::{self, DemoOptions};
+use detour_kit::load::{self, LoadSpec, MethodMix, Stats, Target};
+use detour_kit::provider::DemoProvider;
+use detour_kit::watched;
 use detour_proto::{AppProtocol, ServiceName};
 use detour_registry_sync::legacy::zk_publish;
 use detour_thin_sdk::{Client, Dial};
 use detour_watchdog::api::UpgradeRequest;
-use detour_watchdog::certs;
-use detour_watchdog::cli_ops::{self, GrayCmd, RegistryArgs, RollbackArgs};
-use detour_watchdog::demo::{self, DemoOptions};
-use detour_watchdog::load::{self, LoadSpec, MethodMix, Stats, Target};
-use detour_watchdog::provider::DemoProvider;
-use detour_watchdog::watched;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Detour operator CLI")]
@@ -74,7 +74,7 @@ enum Command {
     /// in-flight limit per endpoint), applied by every sidecar without a restart.
     Policy {
         #[command(subcommand)]
-        cmd: detour_watchdog::cli_policy::PolicyCmd,
+        cmd: detour_ctl::cli_policy::PolicyCmd,
         #[command(flatten)]
         reg: RegistryArgs,
     },
@@ -92,7 +92,7 @@ enum Command {
     },
     /// Least-privilege etcd roles: a host writes only its own keys, operators write rules and
     /// policy, the sync agent writes endpoints (run with etcd's root credentials).
-    EtcdRoles(detour_watchdog::cli_roles::EtcdRolesArgs),
+    EtcdRoles(detour_ctl::cli_roles::EtcdRolesArgs),
     /// Every host and service: states, versions, restarts, links, instances, mesh on or off.
     Status {
         /// A local sidecar's admin address, to show its catalog's protection too.
@@ -313,11 +313,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Gray { cmd, reg } => Ok(cli_ops::gray(cmd, reg).await),
-        Command::Policy { cmd, reg } => Ok(detour_watchdog::cli_policy::policy(cmd, reg).await),
+        Command::Policy { cmd, reg } => Ok(detour_ctl::cli_policy::policy(cmd, reg).await),
         Command::Rollback(args) => Ok(cli_ops::rollback(args).await),
         Command::Status { admin, reg } => Ok(cli_ops::status(reg, admin).await),
         Command::History { limit, reg } => Ok(cli_ops::history(reg, limit).await),
-        Command::EtcdRoles(args) => Ok(detour_watchdog::cli_roles::run(args).await),
+        Command::EtcdRoles(args) => Ok(detour_ctl::cli_roles::run(args).await),
         Command::Shutdown { watchdog } => match watched::shutdown(&watchdog).await {
             Ok(()) => {
                 println!("shutdown: done");

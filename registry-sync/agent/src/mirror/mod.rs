@@ -2,7 +2,7 @@
 //! target must hold, and the writes that get it there ([`plan`]); the target seam ([`target`]);
 //! the loop that elects a replica and keeps the target converged ([`run`]).
 //!
-//! Self-protection is the sidecar catalog's ([`crate::protection`]), per service: a single
+//! Self-protection is the sidecar catalog's ([`detour_registry::protection`]), per service: a single
 //! de-registration flows through at once; a mass one (or an emptied service) is held, the held
 //! instances are health-checked and only failing ones are removed; it ends when the source
 //! shows them again, after the maximum time, or never starts while the source is disconnected —
@@ -15,7 +15,7 @@ use std::time::Instant;
 use detour_proto::{Endpoint, EndpointSet, InstanceId, ServiceName};
 
 use crate::legacy::SourceView;
-use crate::protection::{Change, Protection, ProtectionPolicy};
+use detour_registry::protection::{Change, Protection, ProtectionPolicy};
 
 pub mod plan;
 pub mod run;

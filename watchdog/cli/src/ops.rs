@@ -8,9 +8,9 @@
 //! not seen, and nothing is ever applied half-way.
 
 use detour_proto::{HostId, HostStatus, ServiceName};
-use detour_registry_sync::gray::{FORMAT, Mesh, Origin, Rule, RuleError, RuleSet, SidecarVersion};
-use detour_registry_sync::now_unix_ms;
-use detour_registry_sync::store::{Doc, Expect, Store, StoreError, Write};
+use detour_registry::gray::{FORMAT, Mesh, Origin, Rule, RuleError, RuleSet, SidecarVersion};
+use detour_registry::now_unix_ms;
+use detour_registry::store::{Doc, Expect, Store, StoreError, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, Actor};
@@ -413,7 +413,7 @@ impl Ops {
         let hosts = self.store.hosts().await?;
         let covered = hosts
             .iter()
-            .filter(|h| detour_registry_sync::gray::in_sample(&h.host, percent))
+            .filter(|h| detour_registry::gray::in_sample(&h.host, percent))
             .map(|h| h.host.to_string())
             .collect();
         Ok((covered, hosts.len()))
@@ -449,7 +449,7 @@ impl Ops {
                     .filter(|r| {
                         r.service
                             .as_deref()
-                            .is_none_or(|p| detour_registry_sync::gray::glob(p, s.as_str()))
+                            .is_none_or(|p| detour_registry::gray::glob(p, s.as_str()))
                     })
                     .map(|r| r.id.clone())
                     .collect();

@@ -1,0 +1,13 @@
+//! What Detour's tests, chaos scenarios, benchmarks and demo share: the load generator behind
+//! `detourctl load` ([`load`], [`load_stats`]), the demo provider ([`provider`]), a throw-away CA
+//! ([`certs`]), finding and starting sidecars ([`sidecar`], [`process`]), watched hosts
+//! ([`watched`]) and the demo mesh ([`demo`]). The watchdog agent never links it.
+
+pub mod certs;
+pub mod demo;
+pub mod load;
+pub mod load_stats;
+pub mod process;
+pub mod provider;
+pub mod sidecar;
+pub mod watched;
