@@ -70,6 +70,13 @@ cp "$BIN/detour-sidecar" "$TMP/detour-sidecar-next"
 declare -A PROVIDER_ADDR=()
 for h in "${PROVIDERS[@]}"; do PROVIDER_ADDR[$h]=$(cat "$TMP/$h.provider.addr"); done
 ctl() { "$BIN/detourctl" "$@" --registry "$REGISTRY" --timeout-ms 2000; }
+# ctl_retry WHAT ARGS…: as an operator does when the registry is down, tries again every second
+# for up to 60 s (a rule left in place holds its hosts off the mesh until it is cleared).
+ctl_retry() {
+  local what=$1 i; shift
+  for i in $(seq 60); do ctl "$@" >/dev/null 2>&1 && return 0; sleep 1; done
+  echo "soak: $what refused for 60 s" >&2; return 1
+}
 
 # load PHASE SECONDS: one load per caller host, in the background; pids in LOADS.
 load() {
@@ -145,7 +152,8 @@ while True:
     target = rnd.choice(free)
     busy[target] = t + hold + after
     if rules:
-        busy["rules"] = t + hold + after
+        # 15 s more: an undo or a clear refused while etcd is down is tried again until it is back.
+        busy["rules"] = t + hold + after + 15000
     print(t, kind, target, hold)
 PY
 echo "soak: schedule (seed $SEED; kind: at_ms target hold_ms):" >&2
@@ -206,14 +214,19 @@ fault() {
       "$BIN/detourctl" upgrade --rollback --watchdog "$TMP/$t/watchdog.sock" >/dev/null 2>&1 \
         || echo "soak: rollback of $t's upgrade refused" >&2 ;;
     mesh_rollback_and_undo)
-      ctl rollback --host "$t" --reason soak >/dev/null 2>&1 || echo "soak: rollback of $t refused" >&2
-      sleep "$hold_s"
-      ctl rollback --undo --reason soak >/dev/null 2>&1 || echo "soak: undo refused" >&2 ;;
+      if ctl rollback --host "$t" --reason soak >/dev/null 2>&1; then
+        sleep "$hold_s"
+        ctl_retry "undo of the rollback of $t" rollback --undo --reason soak || true
+      else
+        echo "soak: rollback of $t refused (the registry is down): nothing to undo" >&2
+      fi ;;
     gray_percent)
-      ctl gray set --id soak --mesh off --percent $(( (RANDOM % 5 + 1) * 10 )) --reason soak >/dev/null 2>&1 \
-        || echo "soak: gray set refused" >&2
-      sleep "$hold_s"
-      ctl gray clear --id soak --reason soak >/dev/null 2>&1 || echo "soak: gray clear refused" >&2 ;;
+      if ctl gray set --id soak --mesh off --percent $(( (RANDOM % 5 + 1) * 10 )) --reason soak >/dev/null 2>&1; then
+        sleep "$hold_s"
+        ctl_retry "gray clear" gray clear --id soak --reason soak || true
+      else
+        echo "soak: gray set refused (the registry is down)" >&2
+      fi ;;
     cert_rotation) "$BIN/detourctl" certs --dir "$TMP/pki" --host "$t" >/dev/null ;;
     sync_leader_kill9)
       local r leader=""

@@ -62,7 +62,7 @@ pub struct Stats {
 }
 
 /// Failed requests listed one by one at most (the counts cover all of them).
-pub const MAX_LISTED_FAILURES: usize = 1000;
+pub const MAX_LISTED_FAILURES: usize = 100_000;
 
 /// One failed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
