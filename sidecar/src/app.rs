@@ -18,18 +18,18 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::control::ControlService;
-use crate::delegate::Delegated;
-use crate::gray::Gray;
-use crate::handover::{HandoverError, Predecessor};
+use crate::http::server::{ConnOptions, Listener, accept_loop};
 use crate::inbound::Inbound;
-use crate::lifecycle::Lifecycle;
-use crate::links::Links;
-use crate::listeners::{BindError, HANDOVER_SOCKET, Listeners};
+use crate::inbound::providers::LocalProviders;
+use crate::outbound::control::ControlService;
+use crate::outbound::gray::Gray;
+use crate::outbound::links::Links;
 use crate::outbound::{Documents, Outbound, Upstreams};
 use crate::policy::Policies;
-use crate::providers::LocalProviders;
-use crate::server::{ConnOptions, Listener, accept_loop};
+use crate::process::delegate::Delegated;
+use crate::process::handover::{HandoverError, Predecessor};
+use crate::process::lifecycle::Lifecycle;
+use crate::process::listeners::{BindError, HANDOVER_SOCKET, Listeners};
 use crate::tls::TlsState;
 use crate::tls::connect::{PaConnect, PaHosts};
 
@@ -88,7 +88,7 @@ impl Sidecar {
     pub async fn take_over(cfg: Config) -> Result<Sidecar, StartError> {
         prepare_run_dir(&cfg)?;
         let (listeners, predecessor) =
-            crate::handover::take_over(&cfg.run_dir.join(HANDOVER_SOCKET)).await?;
+            crate::process::handover::take_over(&cfg.run_dir.join(HANDOVER_SOCKET)).await?;
         Self::assemble(cfg, listeners, Some(predecessor)).await
     }
 
@@ -139,7 +139,7 @@ impl Sidecar {
             admin: local(&listeners.admin, "admin")?,
             health: None,
         };
-        let (health_path, health) = crate::listeners::bind_health(&cfg.run_dir)?;
+        let (health_path, health) = crate::process::listeners::bind_health(&cfg.run_dir)?;
         let bound = SidecarAddresses {
             health: Some(health_path),
             ..bound
@@ -244,7 +244,7 @@ impl Sidecar {
             d.set_links(Box::new(move || {
                 l.states()
                     .into_iter()
-                    .filter(|(_, state)| *state != crate::links::CA_NAMES.primary)
+                    .filter(|(_, state)| *state != crate::outbound::links::CA_NAMES.primary)
                     .map(|(host, state)| (host, state.to_owned()))
                     .collect()
             }));
@@ -286,7 +286,7 @@ impl Sidecar {
             gray,
             policies,
             bound: bound.clone(),
-            token: crate::admin_guard::Token::create(&cfg.run_dir).map_err(|source| {
+            token: crate::admin::guard::Token::create(&cfg.run_dir).map_err(|source| {
                 StartError::RunDir {
                     path: cfg.run_dir.clone(),
                     source,
@@ -307,7 +307,7 @@ impl Sidecar {
                 }
             }),
             tokio::spawn(admin.clone().serve_health(health)),
-            tokio::spawn(crate::handover::serve(
+            tokio::spawn(crate::process::handover::serve(
                 listeners.handover,
                 handover_fds,
                 lc.clone(),

@@ -9,35 +9,20 @@
 //! the SDK, the watchdog, the operator CLI, the test kit or the registry-sync agent (no
 //! ZooKeeper client); only its own binary and the integration tests link it.
 
+// The rooms, each with its own rule of what it may import (docs/architecture.md):
 pub mod admin;
-pub mod admin_guard;
-pub mod app;
-pub mod balance;
-pub mod budget;
 pub mod config;
-pub mod config_limits;
-pub mod config_tls;
-pub mod control;
-pub mod delegate;
-pub mod detect;
-pub mod forward;
-pub mod gray;
-pub mod handover;
-pub mod headers;
-pub mod heap;
+pub mod http;
 pub mod inbound;
-pub mod lifecycle;
-pub mod links;
-pub mod listeners;
 pub mod outbound;
-pub mod policy;
-pub mod providers;
-pub mod ratelimit;
-pub mod respond;
-pub mod server;
-pub mod stop;
-pub mod telemetry;
+pub mod process;
 pub mod tls;
+
+// What the rooms share, and the assembly.
+pub mod app;
+pub mod policy;
+pub mod ratelimit;
+pub mod telemetry;
 
 /// This sidecar's version, reported in `/state`, host status and control events.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

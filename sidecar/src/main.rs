@@ -63,7 +63,7 @@ fn main() -> ExitCode {
 async fn run(cfg: Config, take_over: bool) -> ExitCode {
     telemetry::prometheus();
     telemetry::spawn_upkeep();
-    detour_sidecar::heap::spawn_trim();
+    detour_sidecar::process::heap::spawn_trim();
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),

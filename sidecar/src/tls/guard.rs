@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::tls::HandshakeLimits;
 use crate::ratelimit::TokenBucket;
 
 /// Sources tracked at most (per-source buckets, known peers); the oldest are forgotten.
@@ -25,27 +26,6 @@ const MAX_SOURCES: usize = 4096;
 
 /// How long a source that completed a handshake counts as a known peer.
 const KNOWN_FOR: Duration = Duration::from_secs(600);
-
-/// The limits (`[tls]` `handshake_*`; 0: no limit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HandshakeLimits {
-    /// Handshakes in progress at once.
-    pub concurrency: u32,
-    /// Handshakes a second, for the whole PA (known peers excepted).
-    pub rate: u32,
-    /// Handshakes a second from one source address.
-    pub per_source: u32,
-}
-
-impl Default for HandshakeLimits {
-    fn default() -> Self {
-        Self {
-            concurrency: 64,
-            rate: 250,
-            per_source: 20,
-        }
-    }
-}
 
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

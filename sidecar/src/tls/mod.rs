@@ -22,7 +22,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 
-use crate::config_tls::TlsFiles;
+use crate::config::tls::TlsFiles;
 use identity::{IdError, SpiffeId};
 
 /// Why TLS material could not be used.

@@ -11,6 +11,8 @@
 //! the connection) is answered `upstream-connect`, which tells the CA it may send the request
 //! to another endpoint whatever its method; it also wakes that provider's health check.
 
+pub mod providers;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -25,14 +27,14 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use crate::config::{Config, Provide};
-use crate::forward::attempt;
-use crate::headers::{authority, head_size, strip_hop_by_hop, target};
-use crate::lifecycle::Lifecycle;
+use crate::http::forward::attempt;
+use crate::http::headers::{authority, head_size, strip_hop_by_hop, target};
+use crate::http::respond::{MeshError, is_grpc};
+use crate::http::server::{Caller, Handler, ping_response};
+use crate::inbound::providers::LocalProviders;
 use crate::policy::Policies;
-use crate::providers::LocalProviders;
+use crate::process::lifecycle::Lifecycle;
 use crate::ratelimit::TokenBucket;
-use crate::respond::{MeshError, is_grpc};
-use crate::server::{Caller, Handler, ping_response};
 use crate::telemetry::{Direction, PathLabel, record_request};
 
 /// The inbound proxy.
@@ -178,7 +180,7 @@ impl Inbound {
         }
         // This caller connection's share of the providers: wait for a place (within the
         // request's time) rather than take them all.
-        let share = match parts.extensions.get::<crate::server::ConnShare>() {
+        let share = match parts.extensions.get::<crate::http::server::ConnShare>() {
             Some(s) => {
                 match tokio::time::timeout(self.cfg.request_timeout, s.0.clone().acquire_owned())
                     .await

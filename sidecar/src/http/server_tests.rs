@@ -21,7 +21,7 @@ impl Handler for Answer {
 
 fn options() -> ConnOptions {
     let mut problems = Vec::new();
-    let limits = crate::config_limits::LimitsRaw::default().validate(&mut problems);
+    let limits = crate::config::limits::LimitsRaw::default().validate(&mut problems);
     assert!(problems.is_empty(), "{problems:?}");
     ConnOptions {
         max_header_bytes: 64 * 1024,

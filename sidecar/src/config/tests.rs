@@ -215,7 +215,7 @@ thresold = 0.3
 
 #[test]
 fn the_example_deployment_config_is_valid() {
-    let text = include_str!("../../deploy/sidecar.toml");
+    let text = include_str!("../../../deploy/sidecar.toml");
     let cfg = Config::parse("deploy/sidecar.toml", text, Vec::new()).unwrap();
     let batch = cfg
         .protection
@@ -243,7 +243,7 @@ fn limits_have_defaults_and_refuse_zero() {
 
 #[test]
 fn mutual_tls_is_the_default_and_plaintext_is_explicit() {
-    use crate::config_tls::TlsMode;
+    use crate::config::tls::TlsMode;
     let cfg = Config::parse("t", "host = \"h1\"\nrun_dir = \"/r\"\n", Vec::new()).unwrap();
     let files = cfg.tls.files().unwrap();
     assert_eq!(files.trust_domain, "detour.local");
@@ -298,10 +298,10 @@ fn the_unix_socket_group_is_a_name_or_a_number() {
     let file = dir.path().join("group");
     std::fs::write(&file, "root:x:0:\ncallers:x:1234:app\n").unwrap();
     let f = file.to_str().unwrap();
-    assert_eq!(super::group_id("callers", f), Ok(1234));
-    assert_eq!(super::group_id("77", f), Ok(77));
+    assert_eq!(super::listen::group_id("callers", f), Ok(1234));
+    assert_eq!(super::listen::group_id("77", f), Ok(77));
     assert!(
-        super::group_id("nobody-here", f)
+        super::listen::group_id("nobody-here", f)
             .unwrap_err()
             .contains("no group")
     );

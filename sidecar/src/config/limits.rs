@@ -119,7 +119,7 @@ pub struct OutlierRaw {
 
 impl Default for OutlierRaw {
     fn default() -> Self {
-        let d = crate::balance::Outlier::default();
+        let d = Outlier::default();
         Self {
             consecutive_5xx: d.consecutive_5xx,
             base_ejection_ms: d.base_ejection.as_millis() as u64,
@@ -131,7 +131,7 @@ impl Default for OutlierRaw {
 
 impl OutlierRaw {
     /// Checks every value, pushing each problem onto `p`.
-    pub fn validate(&self, p: &mut Vec<String>) -> crate::balance::Outlier {
+    pub fn validate(&self, p: &mut Vec<String>) -> Outlier {
         if self.max_ejected_percent > 100 {
             p.push("outlier.max_ejected_percent: at most 100".into());
         }
@@ -141,7 +141,7 @@ impl OutlierRaw {
         if self.base_ejection_ms == 0 {
             p.push("outlier.base_ejection_ms: must be greater than 0".into());
         }
-        crate::balance::Outlier {
+        Outlier {
             consecutive_5xx: self.consecutive_5xx,
             base_ejection: Duration::from_millis(self.base_ejection_ms.max(1)),
             max_ejected_percent: self.max_ejected_percent.min(100),
@@ -164,7 +164,7 @@ pub struct RetryRaw {
 
 impl Default for RetryRaw {
     fn default() -> Self {
-        let d = crate::budget::BudgetConfig::default();
+        let d = BudgetConfig::default();
         Self {
             budget_ratio: d.ratio,
             min_per_second: d.min_per_second,
@@ -175,17 +175,67 @@ impl Default for RetryRaw {
 
 impl RetryRaw {
     /// Checks every value, pushing each problem onto `p`.
-    pub fn validate(&self, p: &mut Vec<String>) -> crate::budget::BudgetConfig {
+    pub fn validate(&self, p: &mut Vec<String>) -> BudgetConfig {
         if !(0.0..=1.0).contains(&self.budget_ratio) {
             p.push("retry.budget_ratio: must be between 0 and 1".into());
         }
         if self.window_ms < 10 {
             p.push("retry.window_ms: must be at least 10".into());
         }
-        crate::budget::BudgetConfig {
+        BudgetConfig {
             ratio: self.budget_ratio.clamp(0.0, 1.0),
             min_per_second: self.min_per_second,
             window: Duration::from_millis(self.window_ms.max(10)),
+        }
+    }
+}
+
+/// Outlier ejection (Envoy's `consecutive_5xx`): an endpoint that answers `consecutive_5xx`
+/// server errors in a row is passed over for `base_ejection` times the number of its
+/// ejections (at most 10×; the count starts again after five quiet minutes), unless more than
+/// `max_ejected_percent` of the service's endpoints would then be ejected.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outlier {
+    /// Server errors in a row that eject (0: off).
+    pub consecutive_5xx: u32,
+    /// The first ejection's length.
+    pub base_ejection: Duration,
+    /// Most endpoints of a service ejected as outliers at once, in percent.
+    pub max_ejected_percent: u8,
+    /// The healthy-panic threshold: when fewer than this share of the candidates (percent) are
+    /// not ejected, every candidate is used, so that the few left are not overwhelmed (0: only
+    /// when every one is ejected).
+    pub panic_threshold_percent: u8,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejected_percent: 50,
+            panic_threshold_percent: 50,
+        }
+    }
+}
+
+/// A budget's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetConfig {
+    /// Resends allowed per request sent (0.2: one in five).
+    pub ratio: f64,
+    /// Resends allowed per second whatever the traffic.
+    pub min_per_second: u32,
+    /// How far back requests and resends count.
+    pub window: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            min_per_second: 10,
+            window: Duration::from_secs(10),
         }
     }
 }

@@ -15,6 +15,12 @@
 //! Trust: the PA's `x-detour-error` is read (it is a sidecar), then every `x-detour-*` header
 //! of the upstream's answer is removed; an error this CA gives up with is its own.
 
+pub mod balance;
+pub mod budget;
+pub mod control;
+pub mod gray;
+pub mod links;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -33,18 +39,18 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
-use crate::balance::{Balancer, NoPick};
-use crate::budget::RetryBudget;
 use crate::config::Config;
-use crate::control::ControlService;
-use crate::forward::{AttemptFailed, attempt};
-use crate::gray::Gray;
-use crate::headers::{authority, head_size, strip_hop_by_hop, target};
-use crate::lifecycle::Lifecycle;
-use crate::links::Links;
+use crate::http::forward::{AttemptFailed, attempt};
+use crate::http::headers::{authority, head_size, strip_hop_by_hop, target};
+use crate::http::respond::{MeshError, is_grpc};
+use crate::http::server::{Handler, ping_response};
+use crate::outbound::balance::{Balancer, NoPick};
+use crate::outbound::budget::RetryBudget;
+use crate::outbound::control::ControlService;
+use crate::outbound::gray::Gray;
+use crate::outbound::links::Links;
 use crate::policy::{Policies, ServicePolicy};
-use crate::respond::{MeshError, is_grpc};
-use crate::server::{Handler, ping_response};
+use crate::process::lifecycle::Lifecycle;
 use crate::telemetry::{Direction, PathLabel, record_request};
 
 /// The outbound proxy.
@@ -528,5 +534,4 @@ fn consumed(ep: &Endpoint) -> AttemptFailed {
 }
 
 #[cfg(test)]
-#[path = "outbound_tests.rs"]
 mod tests;

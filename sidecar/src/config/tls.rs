@@ -52,8 +52,8 @@ impl Default for TlsRaw {
 
 impl TlsRaw {
     /// The PA's handshake admission limits.
-    pub fn handshake_limits(&self) -> crate::tls::guard::HandshakeLimits {
-        crate::tls::guard::HandshakeLimits {
+    pub fn handshake_limits(&self) -> HandshakeLimits {
+        HandshakeLimits {
             concurrency: self.handshake_concurrency,
             rate: self.handshake_rate,
             per_source: self.handshake_rate_per_source,
@@ -130,6 +130,27 @@ impl TlsRaw {
                 ));
                 TlsMode::Plaintext
             }
+        }
+    }
+}
+
+/// The limits (`[tls]` `handshake_*`; 0: no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// Handshakes in progress at once.
+    pub concurrency: u32,
+    /// Handshakes a second, for the whole PA (known peers excepted).
+    pub rate: u32,
+    /// Handshakes a second from one source address.
+    pub per_source: u32,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            rate: 250,
+            per_source: 20,
         }
     }
 }

@@ -11,13 +11,15 @@
 //!
 //! Every request must name a loopback `Host` (else 403); the `POST`s also need the token of
 //! `{run_dir}/admin.token` as `Authorization: Bearer TOKEN` (else 401) — see
-//! [`crate::admin_guard`]. A client has 5 s to send a request head and 60 s for its whole
+//! [`crate::admin::guard`]. A client has 5 s to send a request head and 60 s for its whole
 //! connection; at most 64 connections are served at once, and accept errors back off.
 //!
 //! `GET /live` and `GET /ready` are also served on this process's own liveness socket,
 //! `{run_dir}/health-{pid}.sock` (mode 0600, named in `sidecar.json`), with connection slots of
 //! its own: the watchdog probes there, so a local user holding every admin connection slot
 //! cannot make it take a healthy sidecar for a hung one.
+
+pub mod guard;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -38,9 +40,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::lifecycle::Lifecycle;
-use crate::links::Links;
-use crate::providers::LocalProviders;
+use crate::inbound::providers::LocalProviders;
+use crate::outbound::links::Links;
+use crate::process::lifecycle::Lifecycle;
 use crate::telemetry::prometheus;
 
 /// What the admin API reads.
@@ -56,13 +58,13 @@ pub struct Admin {
     /// Local providers and their health, for `/state`.
     pub providers: Arc<LocalProviders>,
     /// The gray rules in force, for `/state`.
-    pub gray: Arc<crate::gray::Gray>,
+    pub gray: Arc<crate::outbound::gray::Gray>,
     /// The traffic policy, for `/state` (the registry's overrides in force).
     pub policies: Arc<crate::policy::Policies>,
     /// Bound addresses, for `/state`.
     pub bound: SidecarAddresses,
     /// The credential of mutating requests.
-    pub token: crate::admin_guard::Token,
+    pub token: crate::admin::guard::Token,
 }
 
 /// Most admin connections served at once (more wait in the accept queue).
@@ -80,7 +82,7 @@ impl Admin {
     /// took the sockets over is ready (it answers from then on).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         self.serve_on(
-            crate::server::Listener::Tcp(listener),
+            crate::http::server::Listener::Tcp(listener),
             MAX_CONNECTIONS,
             false,
         )
@@ -90,7 +92,7 @@ impl Admin {
     /// Serves `/live` and `/ready` (nothing else) on the liveness socket.
     pub async fn serve_health(self: Arc<Self>, listener: tokio::net::UnixListener) {
         self.serve_on(
-            crate::server::Listener::Unix(listener),
+            crate::http::server::Listener::Unix(listener),
             HEALTH_CONNECTIONS,
             true,
         )
@@ -100,11 +102,11 @@ impl Admin {
     /// Serves `listener` with `slots` connections at once; `health_only`: `/live` and `/ready`.
     async fn serve_on(
         self: Arc<Self>,
-        listener: crate::server::Listener,
+        listener: crate::http::server::Listener,
         slots: usize,
         health_only: bool,
     ) {
-        use crate::server::Listener;
+        use crate::http::server::Listener;
         let slots = Arc::new(tokio::sync::Semaphore::new(slots));
         loop {
             let accepted = tokio::select! {
@@ -150,7 +152,7 @@ impl Admin {
     }
 
     fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
-        use crate::admin_guard::{Refusal, check};
+        use crate::admin::guard::{Refusal, check};
         let mutates = req.method() == Method::POST;
         match check(req.headers(), mutates, &self.token) {
             Ok(()) => {}

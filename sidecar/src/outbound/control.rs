@@ -22,9 +22,9 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::gray::Gray;
-use crate::lifecycle::Lifecycle;
+use crate::outbound::gray::Gray;
 use crate::policy::Policies;
+use crate::process::lifecycle::Lifecycle;
 
 /// Serves control sessions.
 #[derive(Clone)]

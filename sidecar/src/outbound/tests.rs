@@ -27,13 +27,13 @@ use tokio::time::Instant;
 
 use super::{Outbound, Upstreams};
 use crate::config::Config;
-use crate::control::ControlService;
-use crate::gray::Gray;
+use crate::http::server::Handler;
 use crate::inbound::Inbound;
-use crate::lifecycle::Lifecycle;
-use crate::links::Links;
-use crate::providers::LocalProviders;
-use crate::server::Handler;
+use crate::inbound::providers::LocalProviders;
+use crate::outbound::control::ControlService;
+use crate::outbound::gray::Gray;
+use crate::outbound::links::Links;
+use crate::process::lifecycle::Lifecycle;
 
 const CA: &str = "/run/h1/outbound.sock";
 

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::lifecycle::Lifecycle;
-use crate::listeners::{Listeners, ROLES};
+use crate::process::lifecycle::Lifecycle;
+use crate::process::listeners::{Listeners, ROLES};
 
 const HELLO: &str = "DETOUR-HANDOVER 1";
 const READY: &str = "READY";
@@ -304,7 +304,7 @@ mod tests {
         let fds = old.dup().unwrap();
         let lifecycle = Lifecycle::new();
         let server = tokio::spawn(serve(old.handover, fds, lifecycle.clone()));
-        let path = dir.path().join(crate::listeners::HANDOVER_SOCKET);
+        let path = dir.path().join(crate::process::listeners::HANDOVER_SOCKET);
         let (new, mut pred) = take_over(&path).await.unwrap();
         assert_eq!(pred.pid, std::process::id());
         assert_eq!(new.inbound.local_addr().unwrap(), inbound);

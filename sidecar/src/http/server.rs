@@ -19,8 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::detect::{Detected, MAX_HEADERS, Prefixed, detect};
-use crate::lifecycle::Lifecycle;
+use crate::http::detect::{Detected, MAX_HEADERS, Prefixed, detect};
+use crate::process::lifecycle::Lifecycle;
 
 /// Something that answers proxied requests.
 pub trait Handler: Send + Sync + 'static {
@@ -41,7 +41,7 @@ pub struct ConnOptions {
     /// This sidecar's name, for the `x-detour-proxy` header.
     pub proxy: String,
     /// Connections, idle time, HTTP/2 streams and pings.
-    pub limits: crate::config_limits::Limits,
+    pub limits: crate::config::limits::Limits,
     /// Mutual TLS on this listener (the PA's, unless plaintext is configured).
     pub tls: Option<Arc<crate::tls::TlsState>>,
     /// Which connections get a TLS handshake (with `tls`).

@@ -5,26 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-/// A budget's settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BudgetConfig {
-    /// Resends allowed per request sent (0.2: one in five).
-    pub ratio: f64,
-    /// Resends allowed per second whatever the traffic.
-    pub min_per_second: u32,
-    /// How far back requests and resends count.
-    pub window: Duration,
-}
-
-impl Default for BudgetConfig {
-    fn default() -> Self {
-        Self {
-            ratio: 0.2,
-            min_per_second: 10,
-            window: Duration::from_secs(10),
-        }
-    }
-}
+use crate::config::limits::BudgetConfig;
 
 /// Slots the window is cut into.
 const SLOTS: usize = 10;

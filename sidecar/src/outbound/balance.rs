@@ -14,6 +14,7 @@ use detour_proto::{Endpoint, EndpointSet, InstanceId};
 use detour_registry::now_unix_ms;
 
 use crate::config::Balance;
+use crate::config::limits::Outlier;
 
 /// Live load of one endpoint.
 #[derive(Debug, Default)]
@@ -46,35 +47,6 @@ pub struct InFlight(Arc<Load>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Outlier ejection (Envoy's `consecutive_5xx`): an endpoint that answers `consecutive_5xx`
-/// server errors in a row is passed over for `base_ejection` times the number of its
-/// ejections (at most 10×; the count starts again after five quiet minutes), unless more than
-/// `max_ejected_percent` of the service's endpoints would then be ejected.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Outlier {
-    /// Server errors in a row that eject (0: off).
-    pub consecutive_5xx: u32,
-    /// The first ejection's length.
-    pub base_ejection: Duration,
-    /// Most endpoints of a service ejected as outliers at once, in percent.
-    pub max_ejected_percent: u8,
-    /// The healthy-panic threshold: when fewer than this share of the candidates (percent) are
-    /// not ejected, every candidate is used, so that the few left are not overwhelmed (0: only
-    /// when every one is ejected).
-    pub panic_threshold_percent: u8,
-}
-
-impl Default for Outlier {
-    fn default() -> Self {
-        Self {
-            consecutive_5xx: 5,
-            base_ejection: Duration::from_secs(30),
-            max_ejected_percent: 50,
-            panic_threshold_percent: 50,
-        }
     }
 }
 

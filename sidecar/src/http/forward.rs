@@ -12,8 +12,8 @@ use detour_core::{BoxBody, Dial, Pool};
 use detour_proto::AppProtocol;
 use http::{Request, Response};
 
-use crate::headers::strip_hop_by_hop;
-use crate::respond::MeshError;
+use crate::http::headers::strip_hop_by_hop;
+use crate::http::respond::MeshError;
 
 /// An attempt that produced no response.
 #[derive(Debug)]

@@ -1,0 +1,378 @@
+//! The sidecar's configuration: one TOML file, every key overridable by a `DETOUR_…`
+//! environment variable, validated as a whole before anything starts.
+//!
+//! `docs/configuration.md` lists every key; keep the two in step.
+
+//! Each section is a module with its raw form (named defaults), its validation (every problem
+//! collected) and its validated form; this module puts them together. The room imports
+//! nothing of the sidecar but `tls::identity` (a value type): every other room imports it.
+
+pub mod limits;
+pub mod listen;
+pub mod policy;
+pub mod provide;
+pub mod proxy;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use detour_core::link::LinkConfig;
+use detour_proto::config_file::{self, ConfigError};
+use detour_proto::{AppProtocol, HostId, ServiceName};
+use detour_registry::client_config::{RegistryClient, RegistryDirRaw, RegistryEtcdRaw};
+use detour_registry::protection::ProtectionPolicy;
+use serde::Deserialize;
+
+pub use listen::{AdminRaw, InboundRaw, OutboundRaw};
+pub use provide::{Provide, ProvideRaw};
+pub use proxy::{Balance, LifecycleRaw, LinkRaw, ProxyRaw};
+
+pub use detour_registry::protection_config::ProtectionRaw;
+
+/// Prefix of the environment variables that override config keys
+/// (`DETOUR_SIDECAR__ADMIN__LISTEN` sets `[admin] listen`).
+pub const ENV_PREFIX: &str = "DETOUR_SIDECAR__";
+
+/// The sidecar's configuration as written in the file (before validation).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    /// This host's id in the registry. Required.
+    pub host: String,
+    /// Directory for the sidecar's own files (Unix socket, address file). Created if missing.
+    pub run_dir: PathBuf,
+    /// Directory for what must survive a restart and a reboot (the catalog's disk cache, the
+    /// registry documents followed): persistent storage, not a tmpfs. `""`: `run_dir`.
+    pub state_dir: PathBuf,
+    /// Registry back-end: `dir:PATH`.
+    pub registry: String,
+    /// Outbound (CA) listeners for local callers.
+    pub outbound: OutboundRaw,
+    /// Inbound (PA) listener for remote callers' sidecars.
+    pub inbound: InboundRaw,
+    /// Admin listener.
+    pub admin: AdminRaw,
+    /// Proxy behaviour.
+    pub proxy: ProxyRaw,
+    /// Lifecycle.
+    pub lifecycle: LifecycleRaw,
+    /// Directory-registry tuning.
+    pub registry_dir: RegistryDirRaw,
+    /// The CA half of the link state machine.
+    pub link: LinkRaw,
+    /// etcd-registry tuning.
+    pub registry_etcd: RegistryEtcdRaw,
+    /// The catalog's disk cache (redb), relative to `state_dir` unless absolute; `""` disables.
+    pub catalog_cache: String,
+    /// Registry self-protection.
+    pub protection: ProtectionRaw,
+    /// Limits on the data listeners.
+    pub limits: limits::LimitsRaw,
+    /// Outlier ejection.
+    pub outlier: limits::OutlierRaw,
+    /// Mutual TLS between sidecars.
+    pub tls: tls::TlsRaw,
+    /// The CA's retry budget.
+    pub retry: limits::RetryRaw,
+    /// Per-service traffic policy.
+    pub policy: policy::PolicyRaw,
+    /// Local providers this sidecar serves inbound and registers.
+    pub provide: Vec<ProvideRaw>,
+    /// The watchdog this sidecar runs under.
+    pub watchdog: WatchdogRaw,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            run_dir: PathBuf::from("run"),
+            state_dir: PathBuf::new(),
+            registry: "dir:registry".into(),
+            outbound: OutboundRaw::default(),
+            inbound: InboundRaw::default(),
+            admin: AdminRaw::default(),
+            proxy: ProxyRaw::default(),
+            lifecycle: LifecycleRaw::default(),
+            registry_dir: RegistryDirRaw::default(),
+            link: LinkRaw::default(),
+            registry_etcd: RegistryEtcdRaw::default(),
+            catalog_cache: "catalog.redb".into(),
+            protection: ProtectionRaw::default(),
+            limits: limits::LimitsRaw::default(),
+            outlier: limits::OutlierRaw::default(),
+            tls: tls::TlsRaw::default(),
+            retry: limits::RetryRaw::default(),
+            policy: policy::PolicyRaw::default(),
+            provide: Vec::new(),
+            watchdog: WatchdogRaw::default(),
+        }
+    }
+}
+
+/// `[watchdog]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct WatchdogRaw {
+    /// The watchdog's Unix socket; when set, registrations and the host status are published
+    /// through it (the watchdog sets this when it starts the sidecar).
+    pub socket: String,
+    /// How long the watchdog may leave publications untaken before this sidecar keeps the
+    /// host's registrations alive itself (0: a third of the registry's time-to-live).
+    pub takeover_ms: u64,
+}
+
+impl WatchdogRaw {
+    /// Validates `[watchdog]` against the registry's time-to-live: the socket and the
+    /// take-over time.
+    fn validate(
+        &self,
+        registry: Option<&RegistryClient>,
+        p: &mut Vec<String>,
+    ) -> (Option<PathBuf>, Duration) {
+        let takeover = match (self.takeover_ms, registry) {
+            (0, Some(r)) => r.ttl() / 3,
+            (0, None) => Duration::from_secs(3),
+            (ms, r) => {
+                let t = Duration::from_millis(ms);
+                if let Some(r) = r
+                    && t >= r.ttl()
+                {
+                    p.push(format!(
+                        "watchdog.takeover_ms: {ms} must be shorter than the registry's time-to-live ({} ms)",
+                        r.ttl().as_millis()
+                    ));
+                }
+                t
+            }
+        };
+        let socket = (!self.socket.is_empty()).then(|| PathBuf::from(&self.socket));
+        (socket, takeover)
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This host.
+    pub host: HostId,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// The state directory (persistent).
+    pub state_dir: PathBuf,
+    /// The registry back-end and its client settings.
+    pub registry: RegistryClient,
+    /// Outbound TCP listener.
+    pub outbound_tcp: Option<SocketAddr>,
+    /// Outbound Unix socket.
+    pub outbound_unix: Option<PathBuf>,
+    /// The group id of the outbound Unix socket, when one is configured.
+    pub outbound_unix_group: Option<u32>,
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// How often local providers are health-checked.
+    pub provider_check_interval: Duration,
+    /// Time one provider health check may take.
+    pub provider_check_timeout: Duration,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Load balancing.
+    pub balance: Balance,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Response-head timeout, over every attempt.
+    pub request_timeout: Duration,
+    /// Response-head timeout of one attempt.
+    pub try_timeout: Option<Duration>,
+    /// Most requests in flight from this CA to one endpoint (0: no limit).
+    pub max_concurrent_per_endpoint: usize,
+    /// Per-service overrides of the traffic policy.
+    pub policies: std::collections::HashMap<ServiceName, detour_registry::policy::PolicyOverride>,
+    /// Request-head size limit.
+    pub max_header_bytes: usize,
+    /// Ejection time after a refused connection.
+    pub eject: Duration,
+    /// Request bodies kept for retries up to this size.
+    pub max_replay_bytes: u64,
+    /// The protocol from this CA to remote PAs.
+    pub pa_protocol: AppProtocol,
+    /// Limits on the data listeners.
+    pub limits: limits::Limits,
+    /// Outlier ejection.
+    pub outlier: limits::Outlier,
+    /// Mutual TLS between sidecars, or plaintext.
+    pub tls: tls::TlsMode,
+    /// Which connections the PA spends a TLS handshake on.
+    pub handshake: tls::HandshakeLimits,
+    /// The retry budget per service.
+    pub retry_budget: limits::BudgetConfig,
+    /// Graceful-stop bound.
+    pub drain_timeout: Duration,
+    /// How long a drain is announced before listeners close.
+    pub announce: Duration,
+    /// The CA link machine's thresholds.
+    pub link: LinkConfig,
+    /// Probe interval to PAs.
+    pub probe_interval: Duration,
+    /// Probe timeout.
+    pub probe_timeout: Duration,
+    /// The catalog's disk cache.
+    pub catalog_cache: Option<PathBuf>,
+    /// Self-protection settings, global and per service.
+    pub protection: ProtectionPolicy,
+    /// Local providers.
+    pub provide: Vec<Provide>,
+    /// Where registrations and the host status go instead of this sidecar's own registry
+    /// client: the watchdog's socket, when it runs under one.
+    pub watchdog_socket: Option<PathBuf>,
+    /// How long the watchdog may be away before this sidecar keeps the registrations itself.
+    pub watchdog_takeover: Duration,
+    /// Environment variables with the prefix that named no key (logged at start).
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Reads `path` (or only defaults and environment when `None`) and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (name, text) = match path {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => (p.display().to_string(), t),
+                Err(e) => {
+                    return Err(ConfigError {
+                        source_name: p.display().to_string(),
+                        problems: vec![format!("cannot read: {e}")],
+                    });
+                }
+            },
+            None => ("defaults".to_owned(), String::new()),
+        };
+        Self::parse(&name, &text, std::env::vars())
+    }
+
+    /// Parses and validates config text with the given environment.
+    pub fn parse(
+        name: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let loaded = config_file::load::<RawConfig>(name, text, ENV_PREFIX, env)?;
+        let warnings = loaded.warnings.clone();
+        let mut cfg = loaded.validate(name, RawConfig::validate)?;
+        cfg.warnings = warnings;
+        Ok(cfg)
+    }
+}
+
+impl RawConfig {
+    /// Checks every value, section by section, collecting every problem.
+    pub fn validate(self) -> Result<Config, Vec<String>> {
+        let mut p = Vec::new();
+        let host = HostId::new(self.host.clone())
+            .map_err(|e| p.push(format!("host: {e}")))
+            .ok();
+        let registry = RegistryClient::validate(
+            &self.registry,
+            &self.registry_dir,
+            &self.registry_etcd,
+            &self.run_dir,
+            &mut p,
+        );
+        let state_dir = detour_registry::client_config::state_dir(&self.run_dir, &self.state_dir);
+        let outbound = self.outbound.validate(&self.run_dir, &mut p);
+        let inbound = self.inbound.validate(&mut p);
+        let admin = self.admin.validate(&mut p);
+        let proxy = self.proxy.validate(&mut p);
+        let limits = self.limits.validate(&mut p);
+        let outlier = self.outlier.validate(&mut p);
+        let tls = self.tls.validate(&self.run_dir, &mut p);
+        let retry_budget = self.retry.validate(&mut p);
+        let policies = self.policy.validate(&mut p);
+        let (drain_timeout, announce) = self.lifecycle.validate(&mut p);
+        let protection = self.protection.validate(&mut p);
+        let catalog_cache = (!self.catalog_cache.is_empty()).then(|| {
+            let c = PathBuf::from(&self.catalog_cache);
+            if c.is_absolute() {
+                c
+            } else {
+                state_dir.join(c)
+            }
+        });
+        let link = self.link.validate(&mut p);
+        let (watchdog_socket, watchdog_takeover) =
+            self.watchdog.validate(registry.as_ref(), &mut p);
+        let provide = provide::validate(
+            &self.provide,
+            &self.host,
+            &tls,
+            &self.tls.trust_domain,
+            &mut p,
+        );
+        let (Some(host), Some(registry), Some(inbound_addr), Some(admin), Some(balance)) =
+            (host, registry, inbound.addr, admin, proxy.balance)
+        else {
+            return Err(p);
+        };
+        if !p.is_empty() {
+            return Err(p);
+        }
+        Ok(Config {
+            host,
+            run_dir: self.run_dir,
+            state_dir,
+            registry,
+            outbound_tcp: outbound.tcp,
+            outbound_unix: outbound.unix,
+            outbound_unix_group: outbound.unix_group,
+            inbound: inbound_addr,
+            provider_check_interval: inbound.check_interval,
+            provider_check_timeout: inbound.check_timeout,
+            admin,
+            balance,
+            connect_timeout: proxy.connect_timeout,
+            request_timeout: proxy.request_timeout,
+            try_timeout: proxy.try_timeout,
+            max_concurrent_per_endpoint: proxy.max_concurrent_per_endpoint,
+            policies,
+            max_header_bytes: proxy.max_header_bytes,
+            eject: proxy.eject,
+            max_replay_bytes: proxy.max_replay_bytes,
+            pa_protocol: proxy.pa_protocol,
+            limits,
+            outlier,
+            tls,
+            handshake: self.tls.handshake_limits(),
+            retry_budget,
+            drain_timeout,
+            announce,
+            link: link.machine,
+            probe_interval: link.probe_interval,
+            probe_timeout: link.probe_timeout,
+            catalog_cache,
+            protection,
+            provide,
+            watchdog_socket,
+            watchdog_takeover,
+            warnings: Vec::new(),
+        })
+    }
+}
+
+/// `v` as `ip:port`, or a problem named `key`.
+fn addr(p: &mut Vec<String>, key: &str, v: &str) -> Option<SocketAddr> {
+    v.parse()
+        .map_err(|_| p.push(format!("{key}: {v:?} is not ip:port")))
+        .ok()
+}
+
+/// `v` milliseconds, with a problem named `key` when it is 0.
+fn positive(p: &mut Vec<String>, key: &str, v: u64) -> Duration {
+    if v == 0 {
+        p.push(format!("{key}: must be greater than 0"));
+    }
+    Duration::from_millis(v)
+}
+
+#[cfg(test)]
+mod tests;
