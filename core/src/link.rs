@@ -10,7 +10,8 @@
 //! path's share of requests from `ramp_start` to 100% over `ramp`; any fault during the ramp
 //! falls back again.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Where a link sends requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

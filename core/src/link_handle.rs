@@ -36,8 +36,8 @@ impl StateNames {
 }
 
 /// Now, on tokio's clock (so tests with paused time drive the ramp).
-fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
+fn now() -> tokio::time::Instant {
+    tokio::time::Instant::now()
 }
 
 /// Gauge value of a state: 0 primary, 1 fallback, 2 recovering.

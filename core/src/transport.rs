@@ -299,7 +299,7 @@ struct Entry {
     h2_connecting: Arc<tokio::sync::Mutex<()>>,
     /// How the last HTTP/2 connect to the target failed, and when: the requests that waited
     /// for it fail the same way at once rather than each try (and time out) in turn.
-    h2_failed: Option<(std::time::Instant, TransportError)>,
+    h2_failed: Option<(tokio::time::Instant, TransportError)>,
 }
 
 /// A pooled HTTP/1.1 connection: its sender, and a second handle on its TCP socket.
@@ -685,7 +685,7 @@ impl Pool {
                         Ok(s) => s,
                         Err(e) => {
                             self.lock().entry(dial.clone()).or_default().h2_failed =
-                                Some((std::time::Instant::now(), e.again()));
+                                Some((tokio::time::Instant::now(), e.again()));
                             return Err(Failed::never_sent(e, req, false));
                         }
                     },

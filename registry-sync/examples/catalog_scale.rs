@@ -7,7 +7,8 @@
 //! process starting with etcd unreachable, as a restarted sidecar would.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_proto::{AppProtocol, Endpoint, HostId, InstanceId, ServiceName, Source};
 use detour_registry::cache::DiskCache;

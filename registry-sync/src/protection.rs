@@ -13,7 +13,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_proto::{Endpoint, EndpointSet, InstanceId, ServiceName};
 

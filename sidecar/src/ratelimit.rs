@@ -1,6 +1,6 @@
 //! A token bucket, pure: `rate` requests a second on average, bursts of up to `burst`.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// One bucket.
 #[derive(Debug, Clone)]

@@ -133,14 +133,14 @@ pub async fn wait_synced(
     n: usize,
     within: Duration,
 ) -> BTreeMap<String, serde_json::Value> {
-    let deadline = std::time::Instant::now() + within;
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let s = synced(etcd).await;
         if s.len() == n {
             return s;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "{} entries mirrored, not {n}",
             s.len()
         );

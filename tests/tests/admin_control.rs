@@ -3,7 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_kit::provider::DemoProvider;
 use detour_kit::sidecar::find_sidecar_binary;
@@ -194,7 +195,7 @@ async fn a_half_sent_head_on_the_admin_port_is_closed() {
     s.write_all(b"GET /state HTTP/1.1\r\nHost: local")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut buf = Vec::new();
     // The head-read timeout is 5 s; the connection must be closed well within 20 s.
     let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;

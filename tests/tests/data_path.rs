@@ -430,7 +430,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     h1.write_all(b"GET / HTTP/1.1\r\nhost: hello\r\n\r\n")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     for (name, s) in [("h2", &mut h2), ("h1", &mut h1)] {
         let mut out = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;

@@ -94,14 +94,14 @@ async fn the_pa_rate_limit_holds_and_callers_do_not_take_it_for_a_sick_sidecar()
     mesh.wait_endpoints("h1", "hello", 1).await;
     let client = mesh.client("h1", AppProtocol::Http1);
     let before = p.received();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut limited, mut other) = (0u32, 0u32, 0u32);
-            let end = std::time::Instant::now() + Duration::from_secs(2);
-            while std::time::Instant::now() < end {
+            let end = tokio::time::Instant::now() + Duration::from_secs(2);
+            while tokio::time::Instant::now() < end {
                 let req = http::Request::get("/").body(empty()).unwrap();
                 let resp = client.send(&hello(), req).await.unwrap();
                 match (resp.status().as_u16(), mesh_error(&resp)) {

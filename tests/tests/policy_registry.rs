@@ -238,7 +238,7 @@ async fn a_rate_limit_set_in_the_registry_holds_at_the_pa() {
     )
     .await;
     let before = provider.requests.load(Ordering::Relaxed);
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let mut answers = Vec::new();
     for _ in 0..40 {
         answers.push(get(&client).await);

@@ -4,7 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_tests::etcd::Etcd;
 use detour_tests::scenario::hello;

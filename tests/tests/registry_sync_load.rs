@@ -3,7 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_kit::load::Stats;
 use detour_kit::provider::DemoProvider;

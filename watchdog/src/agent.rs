@@ -9,7 +9,8 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_core::body::empty;
 use detour_core::{Dial, Pool, PoolOptions};

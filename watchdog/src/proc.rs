@@ -9,7 +9,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

@@ -9,7 +9,8 @@
 //! at once and count for nothing.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// The supervision thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -33,7 +33,7 @@ pub struct AttemptFailed {
 fn warn_untrusted(target: &Dial, reason: &str) {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    use std::time::Instant;
+    use tokio::time::Instant;
     static LAST: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
     metrics::counter!("detour_untrusted_peer_refusals_total").increment(1);
     let key = target.to_string();

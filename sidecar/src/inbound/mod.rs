@@ -15,7 +15,7 @@ pub mod providers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use detour_core::body::boxed;
 use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
@@ -25,6 +25,7 @@ use detour_core::{BoxBody, Dial, Pool};
 use detour_proto::{CALLER_HEADER, CONTROL_AUTHORITY, PING_PATH, ServiceName};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use tracing::Instrument;
 
 use crate::config::{Config, Provide};
 use crate::http::forward::attempt;
@@ -146,6 +147,7 @@ impl Inbound {
         let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
         let name = target(&parts).map_err(|e| malformed(e.into()))?;
         let service = ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
+        tracing::Span::current().record("service", service.as_str());
         let provider = self.providers.get(&service).ok_or_else(|| {
             MeshError::new(
                 MeshErrorKind::UnknownService,
@@ -260,7 +262,9 @@ impl Handler for Inbound {
             return ping_response(&self.lifecycle);
         }
         let grpc = is_grpc(&parts.headers);
-        let resp = match self.route(parts, body).await {
+        let span = tracing::debug_span!("request", direction = "inbound", method = %parts.method,
+            service = tracing::field::Empty);
+        let resp = match self.route(parts, body).instrument(span).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "inbound request failed in the mesh");

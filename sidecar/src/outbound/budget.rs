@@ -3,7 +3,8 @@
 //! requests plus a small floor per second, so a failing provider cannot multiply its load.
 //! Pure: the caller passes the time.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use crate::config::limits::BudgetConfig;
 

@@ -20,13 +20,14 @@ pub mod budget;
 pub mod control;
 pub mod gray;
 pub mod links;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use detour_core::body::{boxed, with_guard};
-use detour_core::decide::{Alternatives, Next, Outcome, Part, decide};
+use detour_core::decide::{Outcome, Part};
 use detour_core::failure::{MeshErrorKind, PATH_HEADER, strip_mesh_headers};
 use detour_core::link::{Event, Reason};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
@@ -38,6 +39,7 @@ use detour_registry::Catalog;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::http::forward::{AttemptFailed, attempt};
@@ -49,6 +51,7 @@ use crate::outbound::budget::RetryBudget;
 use crate::outbound::control::ControlService;
 use crate::outbound::gray::Gray;
 use crate::outbound::links::Links;
+use crate::outbound::retry::Step;
 use crate::policy::{Policies, ServicePolicy};
 use crate::process::lifecycle::Lifecycle;
 use crate::telemetry::{Direction, PathLabel, record_request};
@@ -138,6 +141,7 @@ impl Outbound {
         let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
         let name = target(&parts).map_err(|e| malformed(e.into()))?;
         let service = ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
+        tracing::Span::current().record("service", service.as_str());
         let set = self
             .catalog
             .endpoints(&service)
@@ -195,6 +199,7 @@ impl Outbound {
         let mesh_on = self.gray.mesh_on(&service);
         let direct_ok = |ep: &Endpoint| policy.direct && ep.direct_allowed();
         let mut via_pa = !direct_ok(ep) || (mesh_on && self.via_pa_chosen(ep));
+        let mut attempts: u32 = 0;
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -208,13 +213,19 @@ impl Outbound {
             }
             let left = deadline - now;
             let timeout = policy.try_timeout.map_or(left, |t| t.min(left));
+            attempts += 1;
+            let span = tracing::debug_span!("attempt", n = attempts, instance = %ep.instance,
+                path = if via_pa { "pa" } else { "provider" });
             let result = if via_pa {
                 self.via_pa(&service, ep, &mut flight, timeout, direct_ok(ep))
+                    .instrument(span)
                     .await
             } else {
-                self.straight(&service, ep, &mut flight, timeout).await
+                self.straight(&service, ep, &mut flight, timeout)
+                    .instrument(span)
+                    .await
             };
-            let mut failed = match result {
+            let failed = match result {
                 Ok((resp, path)) => {
                     let err = resp.status().is_server_error();
                     if balancer.record_answer(&in_flight, err, set.endpoints.len(), policy.outlier)
@@ -226,40 +237,43 @@ impl Outbound {
                 }
                 Err(f) => f,
             };
-            // An attempt that ran out of its own time (not the request's) is handled as a
-            // request the provider may have processed: another endpoint, when idempotent and
-            // kept, within the budget; otherwise its timeout is the answer.
-            let try_timed_out = failed.outcome == Outcome::TimedOut && Instant::now() < deadline;
-            if try_timed_out {
+            // The rule after a failed attempt (`retry.rs`): the retry decision, the try
+            // timeout and the retry budget.
+            let plan = retry::plan(
+                retry::Failed {
+                    outcome: failed.outcome,
+                    time_left: Instant::now() < deadline,
+                    untrusted: failed.error.kind == MeshErrorKind::UntrustedPeer,
+                },
+                flight.kind(),
+                retry::Options {
+                    around_pa: via_pa && direct_ok(ep),
+                    other_endpoint: tried.len() + 1 < set.endpoints.len(),
+                },
+            );
+            if plan.try_timed_out {
                 metrics::counter!("detour_try_timeouts_total").increment(1);
-                failed.outcome = Outcome::Lost(Part::Provider);
             }
-            // An endpoint refused as untrusted is never tried around its PA.
-            let untrusted = failed.error.kind == MeshErrorKind::UntrustedPeer;
-            let alt = Alternatives {
-                other_path: via_pa && direct_ok(ep) && !untrusted,
-                other_endpoint: tried.len() + 1 < set.endpoints.len(),
-            };
-            let mut next = decide(failed.outcome, flight.kind(), alt);
-            // Sending again a request a provider may have processed (its connection broke)
-            // spends the retry budget; one lost with a sidecar (a PA that died or hung) goes
-            // straight to the provider without: that is the mesh's own failover.
-            if matches!(failed.outcome, Outcome::Lost(Part::Provider))
-                && matches!(next, Next::Again | Next::OtherPath | Next::NextEndpoint)
-            {
-                let mut state = per.state.lock().unwrap_or_else(|p| p.into_inner());
-                if state.budget.try_retry(Instant::now()) {
-                    metrics::counter!("detour_retries_total").increment(1);
-                } else {
-                    metrics::counter!("detour_retry_budget_exhausted_total").increment(1);
-                    next = Next::Return;
+            let step = match plan.budgeted {
+                false => plan.step,
+                true => {
+                    let mut state = per.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let granted = state.budget.try_retry(Instant::now());
+                    match granted {
+                        true => metrics::counter!("detour_retries_total").increment(1),
+                        false => {
+                            metrics::counter!("detour_retry_budget_exhausted_total").increment(1)
+                        }
+                    }
+                    plan.with_budget(granted)
                 }
-            }
-            match next {
-                Next::Again => {}
-                Next::OtherPath => via_pa = false,
-                Next::NextEndpoint => {
-                    if let Outcome::NeverReached(_) = failed.outcome {
+            };
+            tracing::debug!(outcome = ?failed.outcome, ?step, "attempt failed");
+            match step {
+                Step::Again => {}
+                Step::OtherPath => via_pa = false,
+                Step::NextEndpoint { eject } => {
+                    if eject {
                         balancer.eject(&ep.instance, self.cfg.eject);
                     }
                     tried.push(ep.instance.clone());
@@ -270,9 +284,8 @@ impl Outbound {
                     (ep, in_flight) = next;
                     via_pa = !direct_ok(ep) || (mesh_on && self.via_pa_chosen(ep));
                 }
-                Next::Return => return Err(failed.error),
-                Next::Fail(_) if try_timed_out => return Err(failed.error),
-                Next::Fail(f) => return Err(MeshError::gave_up(f, failed.error.detail)),
+                Step::Return => return Err(failed.error),
+                Step::GiveUp(f) => return Err(MeshError::gave_up(f, failed.error.detail)),
             }
         }
     }
@@ -442,7 +455,9 @@ impl Handler for Outbound {
         }
         let start = Instant::now();
         let grpc = is_grpc(&parts.headers);
-        let (resp, path) = match self.route(parts, body).await {
+        let span = tracing::debug_span!("request", direction = "outbound", method = %parts.method,
+            service = tracing::field::Empty);
+        let (resp, path) = match self.route(parts, body).instrument(span).await {
             Ok((mut resp, path)) => {
                 resp.headers_mut().insert(PATH_HEADER, path.header_value());
                 let label = match path {

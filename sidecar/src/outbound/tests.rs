@@ -357,3 +357,38 @@ async fn a_service_switched_off_goes_straight_to_its_providers_and_comes_back() 
     w.gray.apply(None);
     assert_eq!(w.call(Method::GET).await.headers()[PATH_HEADER], "mesh");
 }
+
+/// A writer into a shared buffer, for a subscriber a test reads back.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_and_each_of_its_attempts_have_a_span() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    // The PA refuses: the first attempt goes through it, the second straight to the provider.
+    let w = broken_pa(Upstream::Refuse).await;
+    let resp = w.call(Method::POST).await;
+    assert_eq!(resp.headers()[PATH_HEADER], "ca-direct");
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let request = r#"request{direction="outbound" method=POST service="hello"}"#;
+    let first = format!(r#"{request}:attempt{{n=1 instance=h2-hello path="pa"}}"#);
+    assert!(log.contains(&first), "no {first} in:\n{log}");
+    assert!(log.contains("attempt failed"), "{log}");
+}

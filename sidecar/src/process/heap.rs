@@ -23,7 +23,7 @@ pub fn spawn_trim() {
         tick.tick().await;
         loop {
             tick.tick().await;
-            let started = std::time::Instant::now();
+            let started = tokio::time::Instant::now();
             let released = trim();
             tracing::trace!(
                 released,

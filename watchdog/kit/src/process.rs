@@ -4,7 +4,8 @@
 use std::io;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

@@ -5,7 +5,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_core::body::{empty, full};
 use detour_core::{BoxBody, Dial, Pool, PoolOptions};

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use detour_proto::{Endpoint, EndpointSet, InstanceId, ServiceName};
 

@@ -1,0 +1,200 @@
+//! Phase *route* of a start: the registry documents followed (gray rules, policy), the CA
+//! (`Outbound`) with its pools and links, the PA (`Inbound`) with its local providers, and the
+//! admin API, wired to the registry and catalog phase *open* gave.
+
+use std::sync::Arc;
+
+use detour_core::{Pool, PoolOptions};
+use detour_proto::SidecarAddresses;
+use detour_registry::docs::{self, DocStore};
+use detour_registry::health::NetCheck;
+use detour_registry::{Catalog, DocName, Registry};
+use tokio::task::JoinHandle;
+
+use super::{Opened, StartError, prune_links};
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::http::server::ConnOptions;
+use crate::inbound::Inbound;
+use crate::inbound::providers::LocalProviders;
+use crate::outbound::control::ControlService;
+use crate::outbound::gray::Gray;
+use crate::outbound::links::{CA_NAMES, Links};
+use crate::outbound::{Documents, Outbound, Upstreams};
+use crate::policy::Policies;
+use crate::process::lifecycle::Lifecycle;
+use crate::tls::TlsState;
+use crate::tls::connect::{PaConnect, PaHosts};
+use crate::tls::guard::HandshakeGuard;
+
+/// What serves, once routed.
+pub(super) struct Routing {
+    pub outbound: Arc<Outbound>,
+    pub inbound: Arc<Inbound>,
+    pub admin: Arc<Admin>,
+    pub providers: Arc<LocalProviders>,
+    /// Connection options of the outbound listeners (no TLS) and of the inbound one.
+    pub outbound_opts: Arc<ConnOptions>,
+    pub inbound_opts: Arc<ConnOptions>,
+    /// Following and saving the documents, pruning the links.
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Builds the CA, the PA and the admin API.
+pub(super) fn route(
+    cfg: &Arc<Config>,
+    opened: &Opened,
+    tls: Option<Arc<TlsState>>,
+    bound: &SidecarAddresses,
+    lifecycle: &Arc<Lifecycle>,
+) -> Result<Routing, StartError> {
+    let (gray, policies, mut tasks) = follow_documents(cfg, &opened.registry, &opened.catalog);
+    let control = ControlService::new(
+        lifecycle.clone(),
+        opened.catalog.clone(),
+        cfg.host.clone(),
+        gray.clone(),
+        policies.clone(),
+    );
+    let pool_opts = PoolOptions {
+        connect_timeout: cfg.connect_timeout,
+        max_conns_per_target: cfg.limits.max_connections_per_endpoint,
+        max_pending_per_target: cfg.limits.max_pending_per_endpoint,
+        ..PoolOptions::default()
+    };
+    let pa_hosts = Arc::new(PaHosts::default());
+    let to_pas = match &tls {
+        Some(t) => Pool::with_connector(
+            pool_opts,
+            Arc::new(PaConnect::new(t.clone(), pa_hosts.clone())),
+        ),
+        None => Pool::new(pool_opts),
+    };
+    let links = Links::new(
+        cfg.clone(),
+        opened.registry.watch_hosts(),
+        &to_pas,
+        pa_hosts,
+    );
+    tasks.push(tokio::spawn(prune_links(
+        links.clone(),
+        opened.catalog.clone(),
+    )));
+    if let Some(d) = &opened.delegated {
+        let l = links.clone();
+        d.set_links(Box::new(move || {
+            l.states()
+                .into_iter()
+                .filter(|(_, state)| *state != CA_NAMES.primary)
+                .map(|(host, state)| (host, state.to_owned()))
+                .collect()
+        }));
+    }
+    let providers = Arc::new(LocalProviders::new(
+        cfg,
+        bound.inbound,
+        opened.registry.clone(),
+        Arc::new(NetCheck),
+    ));
+    let outbound = Arc::new(Outbound::new(
+        cfg.clone(),
+        opened.catalog.clone(),
+        Upstreams {
+            providers: Pool::new(pool_opts),
+            pas: to_pas,
+        },
+        links.clone(),
+        Documents {
+            gray: gray.clone(),
+            policies: policies.clone(),
+        },
+        lifecycle.clone(),
+        control,
+    ));
+    let inbound = Arc::new(Inbound::new(
+        cfg.clone(),
+        Pool::new(pool_opts),
+        lifecycle.clone(),
+        providers.clone(),
+        policies.clone(),
+    ));
+    let admin = Arc::new(Admin {
+        cfg: cfg.clone(),
+        lifecycle: lifecycle.clone(),
+        catalog: opened.catalog.clone(),
+        links,
+        providers: providers.clone(),
+        gray,
+        policies,
+        bound: bound.clone(),
+        token: crate::admin::guard::Token::create(&cfg.run_dir).map_err(|source| {
+            StartError::RunDir {
+                path: cfg.run_dir.clone(),
+                source,
+            }
+        })?,
+    });
+    let (outbound_opts, inbound_opts) = conn_options(cfg, tls);
+    Ok(Routing {
+        outbound,
+        inbound,
+        admin,
+        providers,
+        outbound_opts,
+        inbound_opts,
+        tasks,
+    })
+}
+
+/// The gray rules and the policy document, followed from the registry and saved in the state
+/// directory (a start while the registry is unreachable applies the last ones known); gray
+/// rules only for services the catalog knows.
+fn follow_documents(
+    cfg: &Config,
+    registry: &Arc<dyn Registry>,
+    catalog: &Arc<Catalog>,
+) -> (Arc<Gray>, Arc<Policies>, Vec<JoinHandle<()>>) {
+    let store = Some(DocStore::new(&cfg.state_dir));
+    let (rules, saving_rules) = docs::follow(
+        DocName::GrayRules,
+        registry.watch_doc(DocName::GrayRules),
+        store.clone(),
+        |b| detour_registry::gray::RuleSet::parse(b).is_ok(),
+    );
+    let (policy_doc, saving_policy) = docs::follow(
+        DocName::Policy,
+        registry.watch_doc(DocName::Policy),
+        store,
+        |b| detour_registry::policy::PolicyDoc::parse(b).is_ok(),
+    );
+    let gray = Gray::new(cfg.host.clone());
+    let known = catalog.clone();
+    gray.keep_only_if(move |s| known.has(s));
+    let following = gray.follow(rules);
+    let policies = Policies::new(cfg);
+    let following_policy = policies.follow(policy_doc);
+    let tasks = vec![following, following_policy, saving_rules, saving_policy];
+    (gray, policies, tasks)
+}
+
+/// Connection options of the outbound listeners and of the inbound one (mutual TLS, and the
+/// handshake guard, on the inbound only).
+fn conn_options(cfg: &Config, tls: Option<Arc<TlsState>>) -> (Arc<ConnOptions>, Arc<ConnOptions>) {
+    let opts = ConnOptions {
+        max_header_bytes: cfg.max_header_bytes,
+        head_timeout: cfg.limits.head_timeout,
+        proxy: cfg.host.to_string(),
+        limits: cfg.limits.clone(),
+        tls: None,
+        handshakes: None,
+    };
+    let inbound = ConnOptions {
+        tls,
+        handshakes: Some(Arc::new(HandshakeGuard::new(
+            cfg.handshake,
+            tokio::time::Instant::now(),
+        ))),
+        ..opts.clone()
+    };
+    (Arc::new(opts), Arc::new(inbound))
+}
