@@ -6,23 +6,23 @@
 //! `kept.rs`. The gray rules it follows are saved in the state directory too; while they are
 //! unknown (no registry answer and no saved copy) the sidecar's binary does not change.
 
+mod probe;
+mod upgrade;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-use detour_core::body::empty;
-use detour_core::{Dial, Pool, PoolOptions};
-use detour_proto::{ADDRESS_FILE, AppProtocol, SidecarAddresses, SidecarState, WatchdogReport};
+use detour_core::{Pool, PoolOptions};
+use detour_proto::SidecarState;
 use detour_registry::now_unix_ms;
-use http::Request;
-use http_body_util::BodyExt;
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
 use crate::agent_config::Config;
-use crate::api::{Command, Status, UpgradeDone, UpgradeTo};
+use crate::api::{Command, Status, UpgradeTo};
 use crate::held::Held;
 use crate::kept::{Binaries, Kept};
 use crate::proc::{Exit, Launch, SidecarProc};
@@ -561,174 +561,6 @@ impl Agent {
             tracing::warn!(error = %e, "cannot publish the host status");
         }
         self.report().await;
-    }
-
-    /// Publishes what the watchdog reports beside the host status.
-    async fn report(&self) {
-        let (restarts, rule_version, last_upgrade) = {
-            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            (s.restarts, s.rule_version.clone(), s.last_upgrade.clone())
-        };
-        let report = WatchdogReport {
-            binary: self.binaries.current.display().to_string(),
-            rule_version,
-            since_unix_ms: self.since_unix_ms,
-            restarts,
-            links: Default::default(),
-            refused: last_upgrade
-                .filter(|u| u.starts_with("refused"))
-                .unwrap_or_default(),
-        };
-        if let Err(e) = self.held.report(report).await {
-            tracing::warn!(error = %e, "cannot publish the watchdog's report");
-        }
-    }
-
-    /// Whether `sc` is ready: it wrote its address file (it does once ready) and answers
-    /// `/ready`.
-    async fn is_ready(&self, sc: &SidecarProc) -> bool {
-        match self.addresses() {
-            Some(a) if a.pid == sc.pid => self.admin_get(&a, "/ready").await,
-            _ => false,
-        }
-    }
-
-    async fn live(&self, sc: &SidecarProc) -> bool {
-        match self.addresses() {
-            Some(a) if a.pid == sc.pid => self.admin_get(&a, "/live").await,
-            // An adopted sidecar whose address file is gone: ask the process itself.
-            _ => std::path::Path::new(&format!("/proc/{}", sc.pid)).exists(),
-        }
-    }
-
-    fn addresses(&self) -> Option<SidecarAddresses> {
-        let bytes = std::fs::read(self.run_dir().join(ADDRESS_FILE)).ok()?;
-        serde_json::from_slice(&bytes).ok()
-    }
-
-    /// `GET path` of the sidecar at `a`: on its own liveness socket when it has one (no other
-    /// local user can take its slots there), else on its admin port.
-    async fn admin_get(&self, a: &SidecarAddresses, path: &str) -> bool {
-        let dial = match &a.health {
-            Some(h) => Dial::Unix(h.clone()),
-            None => Dial::Tcp(a.admin),
-        };
-        let Ok(req) = Request::get(path)
-            .header(http::header::HOST, "localhost")
-            .body(empty())
-        else {
-            return false;
-        };
-        let exchange = async {
-            match self.admin.send(&dial, AppProtocol::Http1, req).await {
-                Ok(resp) => {
-                    let ok = resp.status().is_success();
-                    ok && resp.into_body().collect().await.is_ok()
-                }
-                Err(_) => false,
-            }
-        };
-        tokio::time::timeout(self.cfg.probe_timeout, exchange)
-            .await
-            .unwrap_or(false)
-    }
-
-    /// Replaces `sc` by a sidecar running `binary` that takes its sockets over. On failure the
-    /// running one is untouched.
-    async fn upgrade(
-        &mut self,
-        sc: &mut SidecarProc,
-        binary: &Path,
-    ) -> Result<(SidecarProc, UpgradeDone), String> {
-        let t0 = Instant::now();
-        tracing::info!(from = %sc.binary.display(), to = %binary.display(), "upgrade: starting the new sidecar");
-        self.set(|s| s.upgrade = format!("starting {}", binary.display()));
-        metrics::gauge!("detour_watchdog_upgrade_in_progress").set(1.0);
-        let outcome = self.hand_over(sc, binary, t0).await;
-        metrics::gauge!("detour_watchdog_upgrade_in_progress").set(0.0);
-        let (result, line) = match &outcome {
-            Ok((_, d)) => ("ok", format!("{} in {} ms", d.binary.display(), d.done_ms)),
-            Err(e) => ("failed", e.clone()),
-        };
-        metrics::counter!("detour_watchdog_upgrades_total", "result" => result).increment(1);
-        self.set(|s| {
-            s.upgrade = "idle".into();
-            s.last_upgrade = Some(format!("{result}: {line}"));
-        });
-        self.keep();
-        outcome
-    }
-
-    async fn hand_over(
-        &mut self,
-        sc: &mut SidecarProc,
-        binary: &Path,
-        t0: Instant,
-    ) -> Result<(SidecarProc, UpgradeDone), String> {
-        let mut new = self
-            .launch(binary, true)
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-        let deadline = t0 + self.cfg.upgrade_timeout;
-        loop {
-            tokio::select! {
-                exit = new.exited() => {
-                    return Err(format!(
-                        "the new sidecar ({}) ended before it was ready ({exit}); the running one serves on. Its log:\n{}",
-                        binary.display(),
-                        log_tail(&self.run_dir().join("sidecar.log"))
-                    ));
-                }
-                () = tokio::time::sleep(TICK) => {
-                    if self.is_ready(&new).await {
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        new.signal(Signal::SIGKILL);
-                        let _ = new.exited().await;
-                        return Err(format!(
-                            "the new sidecar ({}) was not ready within {} ms; the running one serves on",
-                            binary.display(),
-                            self.cfg.upgrade_timeout.as_millis()
-                        ));
-                    }
-                }
-            }
-        }
-        let ready_ms = t0.elapsed().as_millis() as u64;
-        self.set(|s| s.upgrade = "handing off".into());
-        // The old one hands off and exits by itself; it is killed if it does not in time.
-        let bound =
-            self.cfg.sidecar.drain_timeout + self.cfg.sidecar.announce + Duration::from_secs(5);
-        if tokio::time::timeout(bound, sc.exited()).await.is_err() {
-            tracing::warn!(
-                pid = sc.pid,
-                "the old sidecar did not exit after the hand-off: killing it"
-            );
-            sc.signal(Signal::SIGKILL);
-            let _ = sc.exited().await;
-        }
-        let previous = std::mem::replace(&mut self.binaries.current, binary.to_owned());
-        self.binaries.previous = Some(previous.clone());
-        self.keep();
-        let prev = self.binaries.previous.clone();
-        self.set(|s| {
-            s.binary = binary.to_owned();
-            s.previous_binary = prev;
-        });
-        let done = UpgradeDone {
-            pid: new.pid,
-            binary: binary.to_owned(),
-            previous,
-            ready_ms,
-            done_ms: t0.elapsed().as_millis() as u64,
-        };
-        tracing::info!(
-            pid = new.pid,
-            ready_ms,
-            done_ms = done.done_ms,
-            "upgrade done"
-        );
-        Ok((new, done))
     }
 
     /// Drains the sidecar and withdraws the host's registrations.

@@ -9,23 +9,24 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
 use detour_proto::AppProtocol;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::body::{BoxBody, BoxError, boxed};
+use crate::body::{BoxBody, boxed};
 use crate::connect::{Connect, NetConnect};
-use crate::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
+use crate::decide::{Alternatives, Next, Part, RequestKind, decide};
 pub use crate::dial::{Dial, Stream};
+pub use error::{Failed, TransportError};
+
+mod error;
+mod pooled;
+
+use pooled::{PooledBody, Return};
 
 /// Rewrites a request's target for `protocol`: origin-form plus `Host: authority` for HTTP/1.1,
 /// an absolute `http://authority/...` URI (`:authority`) for HTTP/2.
@@ -60,188 +61,6 @@ pub fn set_target(
         }
     }
     Ok(Request::from_parts(parts, body))
-}
-
-/// A request that failed in transport, saying whether it ever left.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    /// The connection could not be opened; the request never left.
-    #[error("connect to {target}: {source}")]
-    Connect {
-        /// The target.
-        target: Dial,
-        /// The socket error.
-        #[source]
-        source: io::Error,
-    },
-    /// The connection was not opened in time; the request never left.
-    #[error("connect to {target}: timed out after {after:?}")]
-    ConnectTimeout {
-        /// The target.
-        target: Dial,
-        /// The connect timeout.
-        after: Duration,
-    },
-    /// The target answered and was not trusted (its TLS handshake failed after it spoke, or it
-    /// proved another identity): the request never left, and it must not be sent elsewhere
-    /// because of this — it is a refusal, not an unreachable target.
-    #[error("{target} is not trusted: {reason}")]
-    Untrusted {
-        /// The target.
-        target: Dial,
-        /// Why.
-        reason: String,
-    },
-    /// The HTTP handshake failed, or the connection closed before the request was written;
-    /// the request never left.
-    #[error("request to {target} was not sent: {source}")]
-    NotSent {
-        /// The target.
-        target: Dial,
-        /// hyper's error.
-        #[source]
-        source: hyper::Error,
-    },
-    /// The target already has its most HTTP/1.1 connections open and its queue of requests
-    /// waiting for one is full: the request never left.
-    #[error("{target}: {open} connections open and {waiting} requests waiting, the most allowed")]
-    Overloaded {
-        /// The target.
-        target: Dial,
-        /// Connections open.
-        open: usize,
-        /// Requests waiting.
-        waiting: usize,
-    },
-    /// The server refused the HTTP/2 stream without processing it (`REFUSED_STREAM`, or a
-    /// stream above a GOAWAY's last id; RFC 9113 §8.7): it never reached the application.
-    #[error("request to {target} was refused unprocessed: {source}")]
-    Refused {
-        /// The target.
-        target: Dial,
-        /// hyper's error.
-        #[source]
-        source: hyper::Error,
-    },
-    /// The request was (at least partly) sent and then the exchange failed: the outcome at the
-    /// server is unknown.
-    #[error("request to {target} failed after it was sent: {source}")]
-    AfterSent {
-        /// The target.
-        target: Dial,
-        /// hyper's error.
-        #[source]
-        source: hyper::Error,
-    },
-}
-
-impl TransportError {
-    /// The same failure again (for a request that waited on the attempt that failed).
-    fn again(&self) -> TransportError {
-        match self {
-            TransportError::Connect { target, source } => TransportError::Connect {
-                target: target.clone(),
-                source: io::Error::new(source.kind(), source.to_string()),
-            },
-            TransportError::ConnectTimeout { target, after } => TransportError::ConnectTimeout {
-                target: target.clone(),
-                after: *after,
-            },
-            TransportError::Untrusted { target, reason } => TransportError::Untrusted {
-                target: target.clone(),
-                reason: reason.clone(),
-            },
-            other => TransportError::Connect {
-                target: match other {
-                    TransportError::NotSent { target, .. }
-                    | TransportError::Overloaded { target, .. }
-                    | TransportError::Refused { target, .. }
-                    | TransportError::AfterSent { target, .. } => target.clone(),
-                    _ => Dial::Tcp(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
-                },
-                source: io::Error::other(other.to_string()),
-            },
-        }
-    }
-
-    /// Whether the request certainly never reached the server (safe to send elsewhere).
-    pub fn never_left(&self) -> bool {
-        !matches!(self, TransportError::AfterSent { .. })
-    }
-}
-
-/// A failed send: the error, and the request itself whenever it never left (so the caller can
-/// send it elsewhere, whatever its method).
-#[derive(Debug)]
-pub struct Failed {
-    /// What went wrong.
-    pub error: TransportError,
-    /// The untouched request, when it was never written to any connection.
-    pub request: Option<Request<BoxBody>>,
-    /// Whether the attempt used a pooled connection (one that may have closed unnoticed).
-    pub reused: bool,
-}
-
-impl Failed {
-    fn never_sent(error: TransportError, request: Request<BoxBody>, reused: bool) -> Self {
-        Failed {
-            error,
-            request: Some(request),
-            reused,
-        }
-    }
-
-    fn after_sent(error: hyper::Error, target: &Dial, reused: bool) -> Self {
-        let target = target.clone();
-        let error = if refused_stream(&error) {
-            TransportError::Refused {
-                target,
-                source: error,
-            }
-        } else {
-            TransportError::AfterSent {
-                target,
-                source: error,
-            }
-        };
-        Failed {
-            error,
-            request: None,
-            reused,
-        }
-    }
-
-    /// How the attempt ended, `part` being what the target is (the sidecar in between, or a
-    /// provider), for [`decide`].
-    ///
-    /// A request refused unprocessed on a reused HTTP/2 connection counts as stale, too: the
-    /// peer sent GOAWAY (it is going away, or handing its sockets to a successor), and a fresh
-    /// connection shows which — refused (go elsewhere) or accepted by the successor.
-    pub fn outcome(&self, part: Part) -> Outcome {
-        match (&self.request, &self.error) {
-            (Some(_), _) | (None, TransportError::Refused { .. }) if self.reused => Outcome::Stale,
-            (Some(_), _) | (None, TransportError::Refused { .. }) => Outcome::NeverReached(part),
-            (None, _) => Outcome::Lost(part),
-        }
-    }
-}
-
-/// Whether an HTTP/2 error says the stream was not processed (RFC 9113 §8.7).
-fn refused_stream(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = cur {
-        // A stream reset with REFUSED_STREAM, or one above the last id of the peer's GOAWAY:
-        // h2 reports only the latter as a GOAWAY error from the remote (a connection error the
-        // library or the peer detects arrives as a library GOAWAY, a reset or an I/O error).
-        if let Some(h2) = e.downcast_ref::<h2::Error>()
-            && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.is_remote()))
-        {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
 }
 
 /// A request extension: the connect timeout for a connection this request opens (instead of
@@ -751,122 +570,7 @@ impl Pool {
     }
 }
 
-/// Hands an HTTP/1.1 connection back to its pool.
-struct Return {
-    sender: Option<Idle>,
-    pool: Weak<Pool>,
-    dial: Dial,
-    /// The pool's generation for `dial` when the connection was taken.
-    generation: u64,
-}
-
-impl Return {
-    fn give_back(&mut self) {
-        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            pool.give_back_h1(self.dial.clone(), sender, self.generation);
-        }
-    }
-}
-
-/// A response body that returns its connection to the pool when it reaches its end. Dropped
-/// early, it drops the connection instead (its state is unknown).
-struct PooledBody {
-    inner: Incoming,
-    ret: Return,
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match frame {
-            None => {
-                this.ret.give_back();
-                Poll::Ready(None)
-            }
-            Some(Ok(f)) => {
-                if this.inner.is_end_stream() {
-                    this.ret.give_back();
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
-#[path = "transport_goaway_tests.rs"]
 mod goaway_tests;
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn connect_refused_never_left() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        drop(l);
-        let pool = Pool::new(PoolOptions::default());
-        let req = Request::get("/").body(crate::body::empty()).unwrap();
-        let err = pool
-            .send(&Dial::Tcp(addr), AppProtocol::Http1, req)
-            .await
-            .unwrap_err();
-        assert!(
-            err.request.is_some(),
-            "a request that never left comes back"
-        );
-        assert!(err.error.never_left(), "{}", err.error);
-        assert!(
-            matches!(err.error, TransportError::Connect { .. }),
-            "{}",
-            err.error
-        );
-    }
-
-    /// Connects to nothing, ever (a host that drops SYNs).
-    struct Silent;
-
-    impl crate::connect::Connect for Silent {
-        fn connect<'a>(&'a self, _dial: &'a Dial) -> crate::connect::Connecting<'a> {
-            Box::pin(std::future::pending())
-        }
-    }
-
-    #[tokio::test]
-    async fn a_request_can_carry_its_own_connect_timeout() {
-        let pool = Pool::with_connector(PoolOptions::default(), Arc::new(Silent));
-        let dial = Dial::Tcp("127.0.0.1:9".parse().unwrap());
-        for proto in [AppProtocol::Http1, AppProtocol::Http2] {
-            let mut req = Request::get("http://x/")
-                .body(crate::body::empty())
-                .unwrap();
-            req.extensions_mut()
-                .insert(ConnectTimeout(Duration::from_millis(30)));
-            let err = pool.send(&dial, proto, req).await.unwrap_err();
-            match err.error {
-                TransportError::ConnectTimeout { after, .. } => {
-                    assert_eq!(after, Duration::from_millis(30), "{proto:?}")
-                }
-                other => panic!("{proto:?}: {other}"),
-            }
-            assert!(err.request.is_some(), "it never left");
-        }
-    }
-}
+mod tests;
