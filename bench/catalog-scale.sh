@@ -28,24 +28,12 @@ done
 
 # The whole sidecar process: spawned with etcd unreachable and this disk cache, timed until
 # /ready answers 200 and /state lists every service.
-cargo build --release -q --bin detour-sidecar
+cargo build --release -q --bin detour-sidecar --bin detourctl
 mkdir -p "$TMP/run"
-cat >"$TMP/sidecar.toml" <<TOML
-host = "bench"
-run_dir = "$TMP/run"
-registry = "etcd:http://127.0.0.1:9"
-catalog_cache = "$TMP/catalog.redb"
-[outbound]
-listen = "127.0.0.1:0"
-unix = ""
-[inbound]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[tls]
 # one sidecar, no traffic between sidecars: no certificate needed
-mode = "plaintext"
-TOML
+target/release/detourctl sidecar-config --host bench --run-dir "$TMP/run" \
+  --registry "etcd:http://127.0.0.1:9" --catalog-cache "$TMP/catalog.redb" --unix "" \
+  --plaintext >"$TMP/sidecar.toml"
 python3 - "$TMP" "$N" <<'PY'
 import json, os, subprocess, sys, time, urllib.request
 tmp, n = sys.argv[1], int(sys.argv[2])

@@ -44,23 +44,8 @@ start_provider() {
 start_sidecar() {
   mkdir -p "$TMP/$1"
   "$BIN/detourctl" certs --dir "$TMP/pki" --host "$1" >/dev/null
-  cat >"$TMP/$1/sidecar.toml" <<TOML
-host = "$1"
-run_dir = "$TMP/$1"
-registry = "dir:$TMP/registry"
-[outbound]
-listen = "$2:0"
-unix = "outbound.sock"
-[inbound]
-listen = "$2:0"
-[admin]
-listen = "$2:0"
-[tls]
-cert = "$TMP/pki/$1/cert.pem"
-key = "$TMP/pki/$1/key.pem"
-bundle = "$TMP/pki/$1/bundle.pem"
-$3
-TOML
+  "$BIN/detourctl" sidecar-config --host "$1" --ip "$2" --run-dir "$TMP/$1" \
+    --registry "dir:$TMP/registry" --pki "$TMP/pki" --extra "$3" >"$TMP/$1/sidecar.toml"
   RUST_LOG=warn "$BIN/detour-sidecar" --config "$TMP/$1/sidecar.toml" 2>"$TMP/$1/sidecar.log" &
   PIDS+=($!)
   wait_file "$TMP/$1/sidecar.json" 10
@@ -73,38 +58,21 @@ TOML
 # HOP2 (the PA's inbound address) and HOP2_PID. DETOUR_EXTRA_TOML and DETOUR_TOML_<NAME> (dashes
 # as underscores) add config.
 start_detour() {
-  local bin=$2/detour-sidecar reg=$TMP/$1-registry n tls
+  local bin=$2/detour-sidecar reg=$TMP/$1-registry n
   for n in 2 1; do
     mkdir -p "$TMP/$1-$n"
-    tls='[tls]
-mode = "plaintext"'
+    local tls=(--plaintext)
     if [[ "$1" == *-mtls ]]; then
       "$BIN/detourctl" certs --dir "$TMP/pki" --host "$1-$n" >/dev/null
-      tls="[tls]
-cert = \"$TMP/pki/$1-$n/cert.pem\"
-key = \"$TMP/pki/$1-$n/key.pem\"
-bundle = \"$TMP/pki/$1-$n/bundle.pem\""
+      tls=(--pki "$TMP/pki")
     fi
-    local ip=127.0.0.$n provide=""
-    [ "$n" = 2 ] && provide="[[provide]]
-service = \"hello\"
-address = \"$3\""
-    cat >"$TMP/$1-$n/sidecar.toml" <<TOML
-host = "$1-$n"
-run_dir = "$TMP/$1-$n"
-registry = "dir:$reg"
-[outbound]
-listen = "$ip:0"
-unix = "outbound.sock"
-[inbound]
-listen = "$ip:0"
-[admin]
-listen = "$ip:0"
-$tls
-$provide
-${DETOUR_EXTRA_TOML:-}
-$(local v="DETOUR_TOML_${1//-/_}"; printf '%b' "${!v:-}")
-TOML
+    local ip=127.0.0.$n provide=()
+    [ "$n" = 2 ] && provide=(--provide "hello=$3")
+    local v="DETOUR_TOML_${1//-/_}"
+    "$BIN/detourctl" sidecar-config --host "$1-$n" --ip "$ip" --run-dir "$TMP/$1-$n" \
+      --registry "dir:$reg" "${tls[@]}" "${provide[@]}" \
+      --extra "${DETOUR_EXTRA_TOML:-}
+$(printf '%b' "${!v:-}")" >"$TMP/$1-$n/sidecar.toml"
     RUST_LOG=warn "$bin" --config "$TMP/$1-$n/sidecar.toml" 2>"$TMP/$1-$n/sidecar.log" &
     PIDS+=($!)
     wait_file "$TMP/$1-$n/sidecar.json" 10

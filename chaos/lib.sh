@@ -56,28 +56,11 @@ write_sidecar_config() {
   mkdir -p "$TMP/$host"
   if [ ! -f "$TMP/$host/sidecar.toml" ]; then
     "$BIN/detourctl" certs --dir "$TMP/pki" --host "$host" >/dev/null
-    cat >"$TMP/$host/sidecar.toml" <<TOML
-host = "$host"
-run_dir = "$TMP/$host"
-state_dir = "$TMP/$host/state"
-registry = "${REGISTRY:-dir:$TMP/registry}"
-[outbound]
-listen = "$ip:0"
-unix = "outbound.sock"
-[inbound]
-listen = "$ip:0"
-[admin]
-listen = "$ip:0"
-[tls]
-cert = "$TMP/pki/$host/cert.pem"
-key = "$TMP/pki/$host/key.pem"
-bundle = "$TMP/pki/$host/bundle.pem"
-[registry_dir]
-poll_ms = 100
-${REGISTRY_DIR_EXTRA:-}
-${SIDECAR_EXTRA:-}
-$extra
-TOML
+    "$BIN/detourctl" sidecar-config --host "$host" --ip "$ip" --run-dir "$TMP/$host" \
+      --state-dir "$TMP/$host/state" --registry "${REGISTRY:-dir:$TMP/registry}" --pki "$TMP/pki" \
+      --registry-dir "poll_ms = 100
+${REGISTRY_DIR_EXTRA:-}" --extra "${SIDECAR_EXTRA:-}
+$extra" >"$TMP/$host/sidecar.toml"
   fi
 }
 

@@ -26,3 +26,6 @@ pub mod telemetry;
 
 /// This sidecar's version, reported in `/state`, host status and control events.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[cfg(test)]
+mod rooms_tests;

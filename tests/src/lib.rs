@@ -25,6 +25,7 @@ use detour_kit::certs::{Authority, DEFAULT_VALIDITY};
 use detour_kit::process::ChildGuard;
 use detour_kit::provider::DemoProvider;
 use detour_kit::sidecar::{SidecarProcess, find_binary, find_sidecar_binary};
+use detour_kit::sidecar_config::{SidecarToml, TlsFiles};
 use detour_kit::watched::WatchdogProcess;
 use detour_proto::{AppProtocol, ServiceName};
 use detour_thin_sdk::{Client, Dial};
@@ -115,18 +116,19 @@ impl Mesh {
         self.root().join("pki").join(host)
     }
 
-    /// The `[tls]` section of `host` (its files issued now if not yet).
-    pub fn tls_section(&self, host: &str) -> String {
+    /// The `[tls]` files of `host` (issued now if not yet).
+    pub fn tls_files(&self, host: &str) -> TlsFiles {
         let dir = self.pki_dir(host);
         if !dir.join("cert.pem").exists() {
             self.ca
                 .write_host(&dir, host, DEFAULT_VALIDITY)
                 .expect("host certificate");
         }
-        format!(
-            "[tls]\ntrust_domain = \"{TRUST_DOMAIN}\"\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\nbundle = \"{d}/bundle.pem\"\nreload_ms = 200\n",
-            d = dir.display()
-        )
+        TlsFiles::Dir {
+            dir,
+            trust_domain: Some(TRUST_DOMAIN.to_owned()),
+            reload_ms: Some(200),
+        }
     }
 
     /// Makes every sidecar started from now on use `spec` (e.g. `etcd:http://…`).
@@ -139,44 +141,27 @@ impl Mesh {
         self.dir.path()
     }
 
-    /// The config text of host `host` on loopback address `ip`, with `extra` TOML appended.
+    /// The config text of host `host` on loopback address `ip`, with `extra` TOML appended
+    /// (its own `[tls]` replaces the mesh's).
     pub fn config(&self, host: &str, ip: &str, offers: &[Offer], extra: &str) -> String {
-        let root = self.root().display();
-        let registry = self
-            .registry
-            .clone()
-            .unwrap_or_else(|| format!("dir:{root}/registry"));
-        let tls = if extra.contains("[tls]") {
-            String::new()
-        } else {
-            self.tls_section(host)
+        let tls = match extra.contains("[tls]") {
+            true => TlsFiles::Omitted,
+            false => self.tls_files(host),
         };
-        let mut cfg = format!(
-            r#"host = "{host}"
-run_dir = "{root}/{host}"
-registry = "{registry}"
-[outbound]
-listen = "{ip}:0"
-unix = "outbound.sock"
-[inbound]
-listen = "{ip}:0"
-[admin]
-listen = "{ip}:0"
-[registry_dir]
-poll_ms = 50
-ttl_ms = 10000
-{tls}{extra}
-"#
-        );
-        for o in offers {
-            cfg.push_str(&format!(
-                "[[provide]]\nservice = \"{}\"\naddress = \"{}\"\nprotocol = \"{}\"\n",
-                o.service,
-                o.address,
-                o.protocol.as_str()
-            ));
+        let mut t = SidecarToml::new(host, ip, &self.root().join(host))
+            .tls(tls)
+            .registry_dir("poll_ms = 50\nttl_ms = 10000");
+        if let Some(r) = &self.registry {
+            t = t.registry(r);
         }
-        cfg
+        for o in offers {
+            t = t.provide(
+                &o.service,
+                &o.address.to_string(),
+                Some(o.protocol.as_str()),
+            );
+        }
+        t.extra(extra).render()
     }
 
     /// Starts the sidecar of `host` on `ip` offering `offers`; waits until it is ready.

@@ -17,6 +17,7 @@ use crate::certs::{Authority, DEFAULT_VALIDITY};
 use crate::load::{self, LoadSpec, MethodKind, MethodMix, Stats, Target};
 use crate::provider::{DemoProvider, SERVED_BY};
 use crate::sidecar::{find_binary, find_sidecar_binary};
+use crate::sidecar_config::{SidecarToml, TlsFiles};
 use crate::watched::WatchdogProcess;
 
 /// What the demo runs.
@@ -28,38 +29,18 @@ pub struct DemoOptions {
     pub rate: u32,
 }
 
-/// The sidecar config of demo host `n` (1–3).
+/// The sidecar config of demo host `n` (1–3): its certificate where `[tls]` looks by default
+/// (`<run_dir>/tls`).
 pub fn host_config(root: &Path, n: u8, provider: Option<std::net::SocketAddr>) -> String {
-    let mut cfg = format!(
-        r#"host = "h{n}"
-run_dir = "{root}/h{n}"
-registry = "dir:{root}/registry"
-
-[outbound]
-listen = "127.0.0.{n}:0"
-unix = "outbound.sock"
-
-[inbound]
-listen = "127.0.0.{n}:0"
-
-[admin]
-listen = "127.0.0.{n}:0"
-
-[registry_dir]
-poll_ms = 100
-ttl_ms = 3000
-
-[lifecycle]
-drain_timeout_ms = 5000
-"#,
-        root = root.display()
-    );
+    let run_dir = root.join(format!("h{n}"));
+    let mut t = SidecarToml::new(&format!("h{n}"), &format!("127.0.0.{n}"), &run_dir)
+        .tls(TlsFiles::Omitted)
+        .registry_dir("poll_ms = 100\nttl_ms = 3000")
+        .extra("[lifecycle]\ndrain_timeout_ms = 5000");
     if let Some(addr) = provider {
-        cfg.push_str(&format!(
-            "\n[[provide]]\nservice = \"hello\"\naddress = \"{addr}\"\n"
-        ));
+        t = t.provide("hello", &addr.to_string(), None);
     }
-    cfg
+    t.render()
 }
 
 /// Runs the demo, printing progress; returns the totals. `stop` ends it early (Ctrl-C).

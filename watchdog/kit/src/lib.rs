@@ -1,6 +1,7 @@
 //! What Detour's tests, chaos scenarios, benchmarks and demo share: the load generator behind
 //! `detourctl load` ([`load`], [`load_stats`]), the demo provider ([`provider`]), a throw-away CA
-//! ([`certs`]), finding and starting sidecars ([`sidecar`], [`process`]), watched hosts
+//! ([`certs`]), finding and starting sidecars ([`sidecar`], [`process`]), the one writer of their configs
+//! ([`sidecar_config`]), watched hosts
 //! ([`watched`]) and the demo mesh ([`demo`]). The watchdog agent never links it.
 
 pub mod certs;
@@ -10,4 +11,5 @@ pub mod load_stats;
 pub mod process;
 pub mod provider;
 pub mod sidecar;
+pub mod sidecar_config;
 pub mod watched;

@@ -134,6 +134,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         release_grace_ms: u64,
     },
+    /// Print a sidecar config for a trial host (what tests, chaos and bench scripts start):
+    /// every listener on --ip, port 0; the outbound Unix socket; mutual TLS from
+    /// `<pki>/<host>/` (as `certs` writes it) unless --plaintext.
+    SidecarConfig(SidecarConfigArgs),
     /// Issue sidecar certificates from a throw-away CA kept in --dir (made on first use):
     /// `<dir>/ca.pem`, `<dir>/ca-key.pem`, and per host `<dir>/<host>/{cert,key,bundle}.pem`.
     Certs {
@@ -150,6 +154,50 @@ enum Command {
         #[arg(long, default_value_t = 365)]
         days: u64,
     },
+}
+
+#[derive(Debug, Args)]
+struct SidecarConfigArgs {
+    /// The host's id.
+    #[arg(long)]
+    host: String,
+    /// The loopback address of its listeners.
+    #[arg(long, default_value = "127.0.0.1")]
+    ip: String,
+    /// Its run directory.
+    #[arg(long)]
+    run_dir: std::path::PathBuf,
+    /// Its state directory (default: the run directory).
+    #[arg(long)]
+    state_dir: Option<std::path::PathBuf>,
+    /// The registry (default: `dir:` beside the run directory, `<run-dir>/../registry`).
+    #[arg(long)]
+    registry: Option<String>,
+    /// The catalog's disk cache (`""`: none).
+    #[arg(long)]
+    catalog_cache: Option<String>,
+    /// The outbound Unix socket (`""`: none).
+    #[arg(long, default_value = "outbound.sock")]
+    unix: String,
+    /// The certificate directory of `certs` (the host's files in `<pki>/<host>/`).
+    #[arg(
+        long,
+        conflicts_with = "plaintext",
+        required_unless_present = "plaintext"
+    )]
+    pki: Option<std::path::PathBuf>,
+    /// No TLS between sidecars.
+    #[arg(long)]
+    plaintext: bool,
+    /// Lines of `[registry_dir]` (`key = value`, newline-separated).
+    #[arg(long, default_value = "")]
+    registry_dir: String,
+    /// A provider: `SERVICE=ADDRESS` or `SERVICE=ADDRESS@PROTOCOL` (repeat for more).
+    #[arg(long = "provide")]
+    provides: Vec<String>,
+    /// TOML appended as is.
+    #[arg(long, default_value = "")]
+    extra: String,
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +277,10 @@ async fn ctrl_c() {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::SidecarConfig(a) => {
+            print!("{}", sidecar_config(a)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Certs {
             dir,
             trust_domain,
@@ -420,4 +472,38 @@ fn exit_for(stats: &Stats) -> ExitCode {
     } else {
         ExitCode::from(2)
     }
+}
+
+/// The config text `detourctl sidecar-config` prints.
+fn sidecar_config(a: SidecarConfigArgs) -> anyhow::Result<String> {
+    use detour_kit::sidecar_config::{SidecarToml, TlsFiles};
+    let mut t = SidecarToml::new(&a.host, &a.ip, &a.run_dir).unix(&a.unix);
+    if let Some(r) = &a.registry {
+        t = t.registry(r);
+    }
+    if let Some(d) = &a.state_dir {
+        t = t.state_dir(d);
+    }
+    if let Some(c) = &a.catalog_cache {
+        t = t.catalog_cache(c);
+    }
+    t = t.tls(match &a.pki {
+        Some(pki) => TlsFiles::Dir {
+            dir: pki.join(&a.host),
+            trust_domain: None,
+            reload_ms: None,
+        },
+        None => TlsFiles::Plaintext,
+    });
+    for p in &a.provides {
+        let (service, rest) = p.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--provide {p:?}: expected SERVICE=ADDRESS[@PROTOCOL]")
+        })?;
+        let (address, protocol) = match rest.split_once('@') {
+            Some((a, proto)) => (a, Some(proto)),
+            None => (rest, None),
+        };
+        t = t.provide(service, address, protocol);
+    }
+    Ok(t.registry_dir(&a.registry_dir).extra(&a.extra).render())
 }
