@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain: etcd (Debian's etcd-server) for
 # the etcd-registry tests, ZooKeeper (Debian's zookeeper, with the Java it depends on) for the
-# registry-sync tests, curl and procps for the soak CI runs. Idempotent; quiet when everything
+# registry-sync tests, curl and procps for the soak CI runs, promtool (Debian's prometheus) for
+# the alert rules. Idempotent; quiet when everything
 # is present. protoc is not needed: the builds use the vendored one (see .cargo/config.toml).
 set -euo pipefail
 if ! command -v cargo >/dev/null 2>&1; then
@@ -14,6 +15,8 @@ command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 # The chaos scenarios and the soak CI runs: curl for admin APIs, procps for pgrep and pkill.
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v pkill >/dev/null 2>&1 || missing+=(procps)
+# promtool checks and unit-tests the shipped alert rules (deploy/observability/).
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${missing[*]}"

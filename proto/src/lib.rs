@@ -6,6 +6,7 @@
 
 pub mod config_file;
 pub mod files;
+pub mod labels;
 pub mod types;
 
 pub use types::{

@@ -442,6 +442,9 @@ pub struct SidecarAddresses {
     /// watchdog probes it there, where no other local user can take its connection slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<std::path::PathBuf>,
+    /// The scrapeable metrics listener (`GET /metrics` only), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The file name, inside a sidecar's run directory, of its [`SidecarAddresses`].

@@ -17,7 +17,7 @@ pub mod etcd_roles;
 pub mod etcd_security;
 pub mod gray;
 pub mod health;
-pub mod labels;
+pub use detour_proto::labels;
 pub mod members;
 pub mod memory;
 pub mod policy;

@@ -38,8 +38,6 @@ fn main() -> ExitCode {
     #[cfg(feature = "mimalloc")]
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     let args = Args::parse();
-    telemetry::init_logging();
-    detour_registry::telemetry::raise_open_files_limit();
     let cfg = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -47,6 +45,8 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    detour_registry::telemetry::init_logging_as(cfg.log_format, "info");
+    detour_registry::telemetry::raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -62,6 +62,7 @@ fn main() -> ExitCode {
 
 async fn run(cfg: Config, take_over: bool) -> ExitCode {
     telemetry::prometheus();
+    detour_registry::telemetry::build_info("detour-sidecar", detour_sidecar::VERSION);
     telemetry::spawn_upkeep();
     detour_sidecar::process::heap::spawn_trim();
     let (mut term, mut int) = match (

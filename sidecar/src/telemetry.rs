@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-pub use detour_registry::telemetry::{init_logging, prometheus, spawn_upkeep};
+pub use detour_registry::telemetry::{prometheus, spawn_upkeep};
 
 /// The label values of `detour_requests_total` and `detour_response_head_seconds`.
 const DIRECTIONS: [&str; 2] = ["outbound", "inbound"];
@@ -76,14 +76,99 @@ pub fn record_request(
     took: Duration,
 ) {
     let m = request_metrics();
-    let class = match status.as_u16() {
+    let i = (direction as usize * PATHS.len() + path as usize) * CLASSES.len() + class_of(status);
+    m.requests[i].increment(1);
+    m.head[direction as usize].record(took.as_secs_f64());
+}
+
+/// The golden metrics of one service in one direction, resolved once per service:
+/// `detour_service_requests_total{direction, service, path, class}`,
+/// `detour_service_response_seconds{direction, service, path}` and
+/// `detour_service_mesh_errors_total{direction, service, kind}`. The `service` label is
+/// bounded (`detour_registry::labels`: 1,000 names, then `other`).
+pub struct ServiceMetrics {
+    direction: Direction,
+    service: String,
+    requests: Vec<metrics::Counter>,
+    seconds: Vec<metrics::Histogram>,
+}
+
+impl std::fmt::Debug for ServiceMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceMetrics")
+            .field("direction", &self.direction)
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceMetrics {
+    /// The metrics of `service` in `direction`.
+    pub fn new(direction: Direction, service: &detour_proto::ServiceName) -> ServiceMetrics {
+        prometheus();
+        let d = DIRECTIONS[direction as usize];
+        let label = detour_registry::labels::service(service);
+        let mut requests = Vec::with_capacity(PATHS.len() * CLASSES.len());
+        for path in PATHS {
+            for class in CLASSES {
+                requests.push(metrics::counter!(
+                    "detour_service_requests_total",
+                    "direction" => d,
+                    "service" => label.clone(),
+                    "path" => path,
+                    "class" => class
+                ));
+            }
+        }
+        let seconds = PATHS
+            .iter()
+            .map(|path| {
+                metrics::histogram!(
+                    "detour_service_response_seconds",
+                    "direction" => d,
+                    "service" => label.clone(),
+                    "path" => *path
+                )
+            })
+            .collect();
+        ServiceMetrics {
+            direction,
+            service: label,
+            requests,
+            seconds,
+        }
+    }
+
+    /// Counts one request of the service, answered with `status` over `path` after `took`;
+    /// `error`: the mesh error it was answered with, if any.
+    pub fn record(
+        &self,
+        path: PathLabel,
+        status: http::StatusCode,
+        took: Duration,
+        error: Option<detour_core::MeshErrorKind>,
+    ) {
+        self.requests[path as usize * CLASSES.len() + class_of(status)].increment(1);
+        self.seconds[path as usize].record(took.as_secs_f64());
+        if let Some(kind) = error {
+            metrics::counter!(
+                "detour_service_mesh_errors_total",
+                "direction" => DIRECTIONS[self.direction as usize],
+                "service" => self.service.clone(),
+                "kind" => kind.reason()
+            )
+            .increment(1);
+        }
+    }
+}
+
+/// The index of `status`'s class in [`CLASSES`].
+fn class_of(status: http::StatusCode) -> usize {
+    match status.as_u16() {
         100..=199 => 0,
         200..=299 => 1,
         300..=399 => 2,
         400..=499 => 3,
         _ => 4,
-    };
-    let i = (direction as usize * PATHS.len() + path as usize) * CLASSES.len() + class;
-    m.requests[i].increment(1);
-    m.head[direction as usize].record(took.as_secs_f64());
+    }
 }

@@ -294,14 +294,40 @@ impl Client {
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Error> {
         let after = self.inner.timeout;
-        let resp = tokio::time::timeout(after, self.route(service, protocol, req))
+        let start = tokio::time::Instant::now();
+        let routed = tokio::time::timeout(after, self.route(service, protocol, req))
             .await
             .map_err(|_| Error::Timeout {
                 service: service.clone(),
                 after,
-            })??;
-        let path = path_taken(&resp).unwrap_or(PathTaken::Mesh).as_str();
-        metrics::counter!("detour_sdk_requests_total", "path" => path).increment(1);
-        Ok(resp)
+            })
+            .and_then(|r| r);
+        let (path, class) = match &routed {
+            Ok(resp) => {
+                let path = path_taken(resp).unwrap_or(PathTaken::Mesh).as_str();
+                metrics::counter!("detour_sdk_requests_total", "path" => path).increment(1);
+                (path, status_class(resp.status()))
+            }
+            Err(_) => ("none", "error"),
+        };
+        let label = detour_proto::labels::service(service);
+        metrics::counter!("detour_sdk_service_requests_total",
+            "service" => label.clone(), "path" => path, "class" => class)
+        .increment(1);
+        metrics::histogram!("detour_sdk_service_response_seconds",
+            "service" => label, "path" => path)
+        .record(start.elapsed().as_secs_f64());
+        routed
+    }
+}
+
+/// The class label of `status`: `1xx` … `5xx`.
+fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
     }
 }

@@ -228,10 +228,7 @@ impl Api {
                 }
             }
             (Method::GET, "/metrics", _) => {
-                let mut r = text(
-                    StatusCode::OK,
-                    &detour_registry::telemetry::prometheus().render(),
-                );
+                let mut r = text(StatusCode::OK, &detour_registry::telemetry::render());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -40,13 +40,26 @@ impl Token {
         Ok(Token(token))
     }
 
+    /// The token in `path` (surrounding white space trimmed; an empty file is an error).
+    pub fn read(path: &Path) -> std::io::Result<Token> {
+        let text = std::fs::read_to_string(path)?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the token file is empty",
+            ));
+        }
+        Ok(Token(text.to_owned()))
+    }
+
     /// A token with this text (tests).
     pub fn from_text(text: &str) -> Token {
         Token(text.to_owned())
     }
 
     /// Whether `headers` carry this token (compared in constant time).
-    fn matches(&self, headers: &HeaderMap) -> bool {
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
         let Some(given) = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())

@@ -43,7 +43,6 @@ use crate::config::Config;
 use crate::inbound::providers::LocalProviders;
 use crate::outbound::links::Links;
 use crate::process::lifecycle::Lifecycle;
-use crate::telemetry::prometheus;
 
 /// What the admin API reads.
 pub struct Admin {
@@ -65,10 +64,26 @@ pub struct Admin {
     pub bound: SidecarAddresses,
     /// The credential of mutating requests.
     pub token: crate::admin::guard::Token,
+    /// The bearer token of the metrics listener, when one is asked.
+    pub metrics_token: Option<crate::admin::guard::Token>,
+}
+
+/// What one listener of the admin API serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every endpoint (loopback).
+    All,
+    /// `/live` and `/ready` (the liveness socket).
+    Health,
+    /// `GET /metrics` (the scrapeable metrics listener).
+    Metrics,
 }
 
 /// Most admin connections served at once (more wait in the accept queue).
 const MAX_CONNECTIONS: usize = 64;
+
+/// Connections the metrics listener serves at once.
+const METRICS_CONNECTIONS: usize = 16;
 
 /// Connections the liveness socket serves at once (its only client is the watchdog).
 const HEALTH_CONNECTIONS: usize = 8;
@@ -84,7 +99,18 @@ impl Admin {
         self.serve_on(
             crate::http::server::Listener::Tcp(listener),
             MAX_CONNECTIONS,
-            false,
+            Scope::All,
+        )
+        .await;
+    }
+
+    /// Serves `GET /metrics` (nothing else, no `Host` check; the bearer token when one is
+    /// configured) on the scrapeable metrics listener.
+    pub async fn serve_metrics(self: Arc<Self>, listener: TcpListener) {
+        self.serve_on(
+            crate::http::server::Listener::Tcp(listener),
+            METRICS_CONNECTIONS,
+            Scope::Metrics,
         )
         .await;
     }
@@ -94,17 +120,17 @@ impl Admin {
         self.serve_on(
             crate::http::server::Listener::Unix(listener),
             HEALTH_CONNECTIONS,
-            true,
+            Scope::Health,
         )
         .await;
     }
 
-    /// Serves `listener` with `slots` connections at once; `health_only`: `/live` and `/ready`.
+    /// Serves `scope` on `listener` with `slots` connections at once.
     async fn serve_on(
         self: Arc<Self>,
         listener: crate::http::server::Listener,
         slots: usize,
-        health_only: bool,
+        scope: Scope,
     ) {
         use crate::http::server::Listener;
         let slots = Arc::new(tokio::sync::Semaphore::new(slots));
@@ -131,13 +157,18 @@ impl Admin {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let admin = admin.clone();
                     async move {
-                        let allowed = !health_only
-                            || (matches!(req.uri().path(), "/live" | "/ready")
-                                && req.method() == Method::GET);
-                        Ok::<_, Infallible>(if allowed {
-                            admin.handle(req)
-                        } else {
-                            text(StatusCode::NOT_FOUND, "only /live and /ready here\n")
+                        Ok::<_, Infallible>(match scope {
+                            Scope::All => admin.handle(req),
+                            Scope::Health
+                                if matches!(req.uri().path(), "/live" | "/ready")
+                                    && req.method() == Method::GET =>
+                            {
+                                admin.handle(req)
+                            }
+                            Scope::Health => {
+                                text(StatusCode::NOT_FOUND, "only /live and /ready here\n")
+                            }
+                            Scope::Metrics => admin.handle_metrics(&req),
                         })
                     }
                 });
@@ -149,6 +180,30 @@ impl Admin {
                 let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
             });
         }
+    }
+
+    /// A request on the scrapeable metrics listener.
+    fn handle_metrics(&self, req: &Request<Incoming>) -> Response<BoxBody> {
+        if req.uri().path() != "/metrics" {
+            return text(StatusCode::NOT_FOUND, "only /metrics here\n");
+        }
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        if let Some(token) = &self.metrics_token
+            && !token.matches(req.headers())
+        {
+            metrics::counter!("detour_admin_refused_total", "reason" => "metrics-token")
+                .increment(1);
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "refused: send the token of metrics.token_file as `Authorization: Bearer TOKEN`\n",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+        metrics_text()
     }
 
     fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
@@ -183,14 +238,7 @@ impl Admin {
                     &format!("{}\n", s.as_str()),
                 ),
             },
-            (&Method::GET, "/metrics") => {
-                let mut r = text(StatusCode::OK, &prometheus().render());
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                r
-            }
+            (&Method::GET, "/metrics") => metrics_text(),
             (&Method::GET, "/state") => {
                 let mut r = Response::new(full(self.state_json()));
                 r.headers_mut().insert(
@@ -290,6 +338,16 @@ struct ServiceState<'a> {
     updated_unix_ms: u64,
     stale_ms: u64,
     protected: bool,
+}
+
+/// The Prometheus text of this process's metrics.
+fn metrics_text() -> Response<BoxBody> {
+    let mut r = text(StatusCode::OK, &detour_registry::telemetry::render());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: &str) -> Response<BoxBody> {

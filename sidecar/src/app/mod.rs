@@ -45,6 +45,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics listener's token file could not be read.
+    #[error("metrics.token_file {path}: {source}")]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The registry could not be opened or written.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
@@ -81,8 +90,9 @@ impl Sidecar {
     /// exits). Returns once ready.
     pub async fn take_over(cfg: Config) -> Result<Sidecar, StartError> {
         prepare_run_dir(&cfg)?;
-        let (listeners, predecessor) =
+        let (mut listeners, predecessor) =
             crate::process::handover::take_over(&cfg.run_dir.join(HANDOVER_SOCKET)).await?;
+        listeners.settle_metrics(&cfg)?;
         Self::assemble(cfg, listeners, Some(predecessor)).await
     }
 
@@ -189,6 +199,11 @@ fn bound_addresses(
         inbound: local(&listeners.inbound, "inbound")?,
         admin: local(&listeners.admin, "admin")?,
         health: Some(health_path),
+        metrics: listeners
+            .metrics
+            .as_ref()
+            .map(|l| local(l, "metrics"))
+            .transpose()?,
     };
     Ok((bound, health))
 }

@@ -133,6 +133,17 @@ pub(super) fn route(
                 source,
             }
         })?,
+        metrics_token: cfg
+            .metrics
+            .token_file
+            .as_deref()
+            .map(|path| {
+                crate::admin::guard::Token::read(path).map_err(|source| StartError::TokenFile {
+                    path: path.to_owned(),
+                    source,
+                })
+            })
+            .transpose()?,
     });
     let (outbound_opts, inbound_opts) = conn_options(cfg, tls);
     Ok(Routing {

@@ -66,16 +66,17 @@ impl Serving {
             lifecycle.clone(),
         )));
         let lc = lifecycle;
-        let mut accepting: Vec<Accepting> = vec![
-            Box::pin(admin.serve(listeners.admin)),
-            Box::pin(accept_loop(
-                Listener::Tcp(listeners.inbound),
-                "inbound",
-                inbound,
-                lc.clone(),
-                inbound_opts,
-            )),
-        ];
+        let mut accepting: Vec<Accepting> = vec![Box::pin(admin.clone().serve(listeners.admin))];
+        if let Some(l) = listeners.metrics {
+            accepting.push(Box::pin(admin.serve_metrics(l)));
+        }
+        accepting.extend([Box::pin(accept_loop(
+            Listener::Tcp(listeners.inbound),
+            "inbound",
+            inbound,
+            lc.clone(),
+            inbound_opts,
+        )) as Accepting]);
         if let Some(l) = listeners.outbound_tcp {
             accepting.push(Box::pin(accept_loop(
                 Listener::Tcp(l),

@@ -1,5 +1,5 @@
-//! `[outbound]`, `[inbound]` and `[admin]`: where the sidecar listens, each section validated
-//! on its own.
+//! `[outbound]`, `[inbound]`, `[admin]` and `[metrics]`: where the sidecar listens, each
+//! section validated on its own.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -142,6 +142,45 @@ impl AdminRaw {
             p.push(format!("admin.listen: {a} is not a loopback address"));
         }
         admin
+    }
+}
+
+/// `[metrics]`: an optional listener serving only `GET /metrics`, on any address (a central
+/// Prometheus scrapes it; the admin API stays on loopback).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct MetricsRaw {
+    /// `ip:port` (`""`: no such listener).
+    pub listen: String,
+    /// A file holding the bearer token scrapers must send (`Authorization: Bearer TOKEN`),
+    /// relative to `run_dir` unless absolute; `""`: none asked.
+    pub token_file: String,
+}
+
+/// `[metrics]` validated.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsListen {
+    /// The listener, if any.
+    pub listen: Option<SocketAddr>,
+    /// The token file, if any.
+    pub token_file: Option<PathBuf>,
+}
+
+impl MetricsRaw {
+    /// Validates `[metrics]`; a relative token file is under `run_dir`.
+    pub fn validate(&self, run_dir: &Path, p: &mut Vec<String>) -> MetricsListen {
+        let listen = match self.listen.as_str() {
+            "" => None,
+            l => addr(p, "metrics.listen", l),
+        };
+        let token_file = (!self.token_file.is_empty()).then(|| {
+            let f = PathBuf::from(&self.token_file);
+            if f.is_absolute() { f } else { run_dir.join(f) }
+        });
+        if token_file.is_some() && self.listen.is_empty() {
+            p.push("metrics.token_file: needs metrics.listen".into());
+        }
+        MetricsListen { listen, token_file }
     }
 }
 

@@ -23,9 +23,10 @@ use detour_proto::config_file::{self, ConfigError};
 use detour_proto::{AppProtocol, HostId, ServiceName};
 use detour_registry::client_config::{RegistryClient, RegistryDirRaw, RegistryEtcdRaw};
 use detour_registry::protection::ProtectionPolicy;
+use detour_registry::telemetry::LogFormat;
 use serde::Deserialize;
 
-pub use listen::{AdminRaw, InboundRaw, OutboundRaw};
+pub use listen::{AdminRaw, InboundRaw, MetricsListen, MetricsRaw, OutboundRaw};
 pub use provide::{Provide, ProvideRaw};
 pub use proxy::{Balance, LifecycleRaw, LinkRaw, ProxyRaw};
 
@@ -82,6 +83,26 @@ pub struct RawConfig {
     pub provide: Vec<ProvideRaw>,
     /// The watchdog this sidecar runs under.
     pub watchdog: WatchdogRaw,
+    /// Logging.
+    pub log: LogRaw,
+    /// The scrapeable metrics listener.
+    pub metrics: MetricsRaw,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogRaw {
+    /// `text` (readable lines; colours only on a terminal) or `json` (one object a line).
+    pub format: String,
+}
+
+impl Default for LogRaw {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+        }
+    }
 }
 
 impl Default for RawConfig {
@@ -108,6 +129,8 @@ impl Default for RawConfig {
             policy: policy::PolicyRaw::default(),
             provide: Vec::new(),
             watchdog: WatchdogRaw::default(),
+            log: LogRaw::default(),
+            metrics: MetricsRaw::default(),
         }
     }
 }
@@ -229,6 +252,10 @@ pub struct Config {
     pub watchdog_socket: Option<PathBuf>,
     /// How long the watchdog may be away before this sidecar keeps the registrations itself.
     pub watchdog_takeover: Duration,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+    /// The scrapeable metrics listener and its token file.
+    pub metrics: MetricsListen,
     /// Environment variables with the prefix that named no key (logged at start).
     pub warnings: Vec<String>,
 }
@@ -283,6 +310,7 @@ impl RawConfig {
         let outbound = self.outbound.validate(&self.run_dir, &mut p);
         let inbound = self.inbound.validate(&mut p);
         let admin = self.admin.validate(&mut p);
+        let metrics = self.metrics.validate(&self.run_dir, &mut p);
         let proxy = self.proxy.validate(&mut p);
         let limits = self.limits.validate(&mut p);
         let outlier = self.outlier.validate(&mut p);
@@ -300,6 +328,13 @@ impl RawConfig {
             }
         });
         let link = self.link.validate(&mut p);
+        let log_format = LogFormat::parse(&self.log.format).unwrap_or_else(|| {
+            p.push(format!(
+                "log.format: {:?} is not one of \"text\", \"json\"",
+                self.log.format
+            ));
+            LogFormat::Text
+        });
         let (watchdog_socket, watchdog_takeover) =
             self.watchdog.validate(registry.as_ref(), &mut p);
         let provide = provide::validate(
@@ -354,6 +389,8 @@ impl RawConfig {
             provide,
             watchdog_socket,
             watchdog_takeover,
+            log_format,
+            metrics,
             warnings: Vec::new(),
         })
     }

@@ -36,7 +36,7 @@ use crate::inbound::providers::LocalProviders;
 use crate::policy::Policies;
 use crate::process::lifecycle::Lifecycle;
 use crate::ratelimit::TokenBucket;
-use crate::telemetry::{Direction, PathLabel, record_request};
+use crate::telemetry::{Direction, PathLabel, ServiceMetrics, record_request};
 
 /// The inbound proxy.
 pub struct Inbound {
@@ -44,6 +44,8 @@ pub struct Inbound {
     cfg: Arc<Config>,
     /// Local providers by service.
     providers: HashMap<ServiceName, Provide>,
+    /// Their golden metrics.
+    metrics: HashMap<ServiceName, Arc<ServiceMetrics>>,
     /// Their health checks (woken when traffic finds one refusing).
     health: Arc<LocalProviders>,
     /// Connections to local providers.
@@ -83,9 +85,18 @@ impl Inbound {
             .iter()
             .map(|p| (p.service.clone(), p.clone()))
             .collect();
+        let metrics = cfg
+            .provide
+            .iter()
+            .map(|p| {
+                let m = ServiceMetrics::new(Direction::Inbound, &p.service);
+                (p.service.clone(), Arc::new(m))
+            })
+            .collect();
         Self {
             cfg,
             providers,
+            metrics,
             health,
             pool,
             lifecycle,
@@ -136,6 +147,7 @@ impl Inbound {
         &self,
         parts: http::request::Parts,
         body: Incoming,
+        metrics: &mut Option<Arc<ServiceMetrics>>,
     ) -> Result<Response<BoxBody>, MeshError> {
         let size = head_size(&parts);
         if size > self.cfg.max_header_bytes {
@@ -148,6 +160,7 @@ impl Inbound {
         let name = target(&parts).map_err(|e| malformed(e.into()))?;
         let service = ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
         tracing::Span::current().record("service", service.as_str());
+        metrics.clone_from(&self.metrics.get(&service).cloned());
         let provider = self.providers.get(&service).ok_or_else(|| {
             MeshError::new(
                 MeshErrorKind::UnknownService,
@@ -264,19 +277,25 @@ impl Handler for Inbound {
         let grpc = is_grpc(&parts.headers);
         let span = tracing::debug_span!("request", direction = "inbound", method = %parts.method,
             service = tracing::field::Empty);
-        let resp = match self.route(parts, body).instrument(span).await {
-            Ok(r) => r,
+        let mut metrics = None;
+        let (resp, path, error) = match self.route(parts, body, &mut metrics).instrument(span).await
+        {
+            Ok(r) => (r, PathLabel::Local, None),
             Err(e) => {
                 tracing::debug!(error = %e, "inbound request failed in the mesh");
-                e.respond(grpc, self.cfg.host.as_str())
+                let kind = e.kind;
+                (
+                    e.respond(grpc, self.cfg.host.as_str()),
+                    PathLabel::None,
+                    Some(kind),
+                )
             }
         };
-        record_request(
-            Direction::Inbound,
-            PathLabel::Local,
-            resp.status(),
-            start.elapsed(),
-        );
+        let took = start.elapsed();
+        record_request(Direction::Inbound, PathLabel::Local, resp.status(), took);
+        if let Some(m) = metrics {
+            m.record(path, resp.status(), took, error);
+        }
         resp
     }
 }

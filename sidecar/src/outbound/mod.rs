@@ -54,7 +54,7 @@ use crate::outbound::links::Links;
 use crate::outbound::retry::Step;
 use crate::policy::{Policies, ServicePolicy};
 use crate::process::lifecycle::Lifecycle;
-use crate::telemetry::{Direction, PathLabel, record_request};
+use crate::telemetry::{Direction, PathLabel, ServiceMetrics, record_request};
 
 /// The outbound proxy.
 pub struct Outbound {
@@ -114,6 +114,7 @@ impl Outbound {
                 let policy = Arc::new(self.policies.of(service));
                 Arc::new(PerService {
                     balancer: Balancer::new(self.cfg.balance),
+                    metrics: ServiceMetrics::new(Direction::Outbound, service),
                     state: Mutex::new(PerState {
                         budget: RetryBudget::new(policy.budget, Instant::now()),
                         policy,
@@ -129,6 +130,7 @@ impl Outbound {
         &self,
         parts: http::request::Parts,
         body: Incoming,
+        seen: &mut Option<Arc<PerService>>,
     ) -> Result<(Response<BoxBody>, PathTaken), MeshError> {
         let start = Instant::now();
         let size = head_size(&parts);
@@ -154,6 +156,7 @@ impl Outbound {
             ));
         }
         let per = self.service(&service);
+        *seen = Some(per.clone());
         let policy = per.begin(&self.policies, &service, start);
         let deadline = start + policy.request_timeout;
         let balancer = &per.balancer;
@@ -457,21 +460,32 @@ impl Handler for Outbound {
         let grpc = is_grpc(&parts.headers);
         let span = tracing::debug_span!("request", direction = "outbound", method = %parts.method,
             service = tracing::field::Empty);
-        let (resp, path) = match self.route(parts, body).instrument(span).await {
+        let mut per = None;
+        let routed = self.route(parts, body, &mut per).instrument(span).await;
+        let (resp, path, error) = match routed {
             Ok((mut resp, path)) => {
                 resp.headers_mut().insert(PATH_HEADER, path.header_value());
                 let label = match path {
                     PathTaken::Mesh => PathLabel::Mesh,
                     _ => PathLabel::CaDirect,
                 };
-                (resp, label)
+                (resp, label, None)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "outbound request failed in the mesh");
-                (e.respond(grpc, self.cfg.host.as_str()), PathLabel::None)
+                let kind = e.kind;
+                (
+                    e.respond(grpc, self.cfg.host.as_str()),
+                    PathLabel::None,
+                    Some(kind),
+                )
             }
         };
-        record_request(Direction::Outbound, path, resp.status(), start.elapsed());
+        let took = start.elapsed();
+        record_request(Direction::Outbound, path, resp.status(), took);
+        if let Some(per) = per {
+            per.metrics.record(path, resp.status(), took, error);
+        }
         resp
     }
 }
@@ -498,6 +512,8 @@ pub struct Upstreams {
 struct PerService {
     /// Endpoint selection, ejections and outliers.
     balancer: Balancer,
+    /// The service's golden metrics.
+    metrics: ServiceMetrics,
     /// The policy in force and the retry budget.
     state: Mutex<PerState>,
 }

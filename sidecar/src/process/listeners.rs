@@ -41,10 +41,20 @@ pub struct Listeners {
     pub outbound_unix: Option<UnixListener>,
     /// Where a successor asks for these sockets.
     pub handover: UnixListener,
+    /// The scrapeable metrics listener, if configured.
+    pub metrics: Option<TcpListener>,
 }
 
-/// The roles, in the order sockets travel in a hand-over.
-pub const ROLES: [&str; 5] = ["admin", "inbound", "outbound", "outbound-unix", "handover"];
+/// The roles, in the order sockets travel in a hand-over (a role a version does not know is
+/// passed over by it; `metrics` is last so that earlier versions read the others as before).
+pub const ROLES: [&str; 6] = [
+    "admin",
+    "inbound",
+    "outbound",
+    "outbound-unix",
+    "handover",
+    "metrics",
+];
 
 impl Listeners {
     /// Binds every listener `cfg` names.
@@ -78,7 +88,25 @@ impl Listeners {
                 })
                 .transpose()?,
             handover: bind_unix(&cfg.run_dir.join(HANDOVER_SOCKET), "handover", 0o600)?,
+            metrics: cfg.metrics.listen.map(|a| tcp("metrics", a)).transpose()?,
         })
+    }
+
+    /// After a take-over: the metrics listener as `cfg` wants it — the one handed over, a new
+    /// one when the predecessor had none, none when the config names none.
+    pub fn settle_metrics(&mut self, cfg: &Config) -> Result<(), BindError> {
+        match (cfg.metrics.listen, &self.metrics) {
+            (None, _) => self.metrics = None,
+            (Some(addr), None) => {
+                self.metrics = Some(listen_tcp(addr).map_err(|source| BindError {
+                    listener: "metrics",
+                    addr: addr.to_string(),
+                    source,
+                })?);
+            }
+            (Some(_), Some(_)) => {}
+        }
+        Ok(())
     }
 
     /// Rebuilds the listeners from sockets received in `ROLES` order (`None` where the
@@ -110,6 +138,7 @@ impl Listeners {
             outbound_tcp: tcp(next())?,
             outbound_unix: unix(next())?,
             handover: unix(next())?.ok_or_else(|| missing("handover"))?,
+            metrics: tcp(next())?,
         })
     }
 
@@ -124,6 +153,7 @@ impl Listeners {
             one(self.outbound_tcp.as_ref().map(AsFd::as_fd))?,
             one(self.outbound_unix.as_ref().map(AsFd::as_fd))?,
             one(Some(self.handover.as_fd()))?,
+            one(self.metrics.as_ref().map(AsFd::as_fd))?,
         ])
     }
 }

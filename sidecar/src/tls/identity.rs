@@ -103,6 +103,13 @@ impl fmt::Debug for SpiffeId {
     }
 }
 
+/// When the DER certificate `der` expires, seconds since the Unix epoch (`None`: it does not
+/// parse).
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// Whether `domain` is a valid trust domain name (lower-case letters, digits, `.`, `-`, `_`).
 pub fn valid_trust_domain(domain: &str) -> bool {
     !domain.is_empty()

@@ -286,6 +286,9 @@ fn build(files: &TlsFiles, own: &SpiffeId) -> Result<Material, TlsError> {
         .map_err(cfg_err)?;
     let alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     server.alpn_protocols = alpn.clone();
+    if let Some(t) = identity::not_after(&chain[0]) {
+        metrics::gauge!("detour_tls_certificate_expiry_unix_seconds").set(t as f64);
+    }
     let pas = verify::PaVerifier::new(roots, &files.trust_domain, &provider);
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

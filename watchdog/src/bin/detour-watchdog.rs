@@ -55,6 +55,7 @@ fn main() -> ExitCode {
 
 async fn run(cfg: Config) -> ExitCode {
     telemetry::prometheus();
+    telemetry::build_info("detour-watchdog", env!("CARGO_PKG_VERSION"));
     telemetry::spawn_upkeep();
     for w in &cfg.warnings {
         tracing::warn!("{w}");

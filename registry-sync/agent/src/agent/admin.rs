@@ -59,7 +59,11 @@ fn route(
             TEXT,
             "not ready: the target was not reached yet\n",
         ),
-        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", prom.render()),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            detour_registry::telemetry::render_from(prom),
+        ),
         "/state" => {
             let body = serde_json::to_vec_pretty(&src.state()).unwrap_or_default();
             reply(StatusCode::OK, "application/json", body)

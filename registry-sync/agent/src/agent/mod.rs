@@ -99,6 +99,7 @@ pub async fn run_agent(cfg: Config) -> Result<(), StartError> {
         tracing::warn!("{w}");
     }
     let prom = prometheus().clone();
+    detour_registry::telemetry::build_info("detour-registry-sync", env!("CARGO_PKG_VERSION"));
     let listener = TcpListener::bind(cfg.admin_listen)
         .await
         .map_err(|source| StartError::Admin {

@@ -244,12 +244,8 @@ struct LoadArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let format = detour_registry::telemetry::LogFormat::from_env();
+    detour_registry::telemetry::init_logging_as(format, "warn");
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

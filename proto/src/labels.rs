@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
-use detour_proto::ServiceName;
+use crate::ServiceName;
 
 /// Most distinct service label values per process.
 pub const MAX_SERVICE_LABELS: usize = 1000;

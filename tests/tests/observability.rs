@@ -1,0 +1,270 @@
+//! What an operator sees of a running mesh: the per-service golden metrics, the process
+//! metrics and `# HELP` texts, the scrapeable metrics listener (its token, its one endpoint,
+//! kept across an upgrade), and JSON logs — on real sidecar processes.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use detour_kit::process::ChildGuard;
+use detour_proto::{ADDRESS_FILE, AppProtocol, ServiceName, SidecarAddresses};
+use detour_tests::{Mesh, admin_get, body_text, caller_and_provider, metric, wait_until};
+use detour_thin_sdk::body::empty;
+use detour_thin_sdk::{Client, Dial};
+use http::Request;
+
+/// `GET path` on the metrics listener at `addr`, with `token` as a bearer token, naming a
+/// host that is not loopback (as a central Prometheus does): status and body.
+async fn scrape(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let client = Client::builder(Dial::Tcp(addr)).control(false).build();
+    let host = ServiceName::new("prometheus.example").unwrap();
+    let mut req = Request::get(path);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = client
+        .send(&host, req.body(empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, body_text(resp).await)
+}
+
+#[tokio::test]
+async fn each_service_has_its_golden_metrics_by_path_and_logs_are_json() {
+    let (mesh, _p) = caller_and_provider("[log]\nformat = \"json\"\n").await;
+    let client = mesh.client("h1", AppProtocol::Http1);
+    let hello = ServiceName::new("hello").unwrap();
+    let (ca, pa) = (mesh.admin("h1"), mesh.admin("h2"));
+    let out = r#"direction="outbound",service="hello",path="mesh""#;
+    let inbound = r#"direction="inbound",service="hello",path="local",class="2xx""#;
+    let count = |c, name, label| async move { metric(c, name, label).await.unwrap_or(0.0) };
+    let before = (
+        count(&ca, "detour_service_requests_total", out).await,
+        count(&ca, "detour_service_response_seconds_count", out).await,
+        count(&pa, "detour_service_requests_total", inbound).await,
+    );
+    for _ in 0..20 {
+        let req = Request::get("/").body(empty()).unwrap();
+        assert_eq!(client.send(&hello, req).await.unwrap().status(), 200);
+    }
+    let requests = count(&ca, "detour_service_requests_total", out).await;
+    assert_eq!(
+        requests - before.0,
+        20.0,
+        "20 requests to hello over the mesh"
+    );
+    let errors = format!("{out},class=\"5xx\"");
+    assert_eq!(
+        count(&ca, "detour_service_requests_total", &errors).await,
+        0.0
+    );
+    let timed = count(&ca, "detour_service_response_seconds_count", out).await;
+    assert_eq!(
+        timed - before.1,
+        20.0,
+        "each one in the service's histogram"
+    );
+    let provided = count(&pa, "detour_service_requests_total", inbound).await;
+    assert_eq!(provided - before.2, 20.0);
+
+    let (_, text) = admin_get(&ca, "/metrics").await;
+    for needle in [
+        "# HELP detour_service_requests_total ",
+        "# HELP detour_requests_total ",
+        "# TYPE process_cpu_seconds_total counter",
+        "detour_build_info{binary=\"detour-sidecar\"",
+        "detour_service_response_seconds_bucket{direction=\"outbound\",service=\"hello\",path=\"mesh\",le=\"0.0001\"}",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+    }
+    let rss = metric(&ca, "process_resident_memory_bytes", "")
+        .await
+        .unwrap();
+    assert!(rss > 1_000_000.0, "resident memory {rss}");
+    assert!(metric(&ca, "process_open_fds", "").await.unwrap() > 3.0);
+
+    // Every line h1 logged is one JSON object with a level (no colour codes).
+    let log = std::fs::read_to_string(mesh.root().join("h1/sidecar.log")).unwrap();
+    let mut lines = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+        lines += 1;
+    }
+    assert!(lines > 0, "h1 logged nothing");
+}
+
+/// Starts `host` with a metrics listener asking the token `token` (written to its run
+/// directory first).
+async fn with_metrics_listener(mesh: &mut Mesh, host: &str, ip: &str, token: &str) -> SocketAddr {
+    let run_dir = mesh.root().join(host);
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::write(run_dir.join("metrics.token"), format!("{token}\n")).unwrap();
+    let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"metrics.token\"\n";
+    let cfg = mesh.config(host, ip, &[], extra);
+    let sc = mesh.start_config(host, &cfg).await;
+    sc.addrs
+        .metrics
+        .expect("the metrics listener's address in sidecar.json")
+}
+
+#[tokio::test]
+async fn the_metrics_listener_serves_metrics_alone_to_those_with_its_token() {
+    let mut mesh = Mesh::new();
+    let addr = with_metrics_listener(&mut mesh, "h1", "127.0.0.1", "s3cret").await;
+    assert_ne!(addr, mesh.admin_addr("h1"), "a listener of its own");
+    assert_eq!(scrape(addr, "/metrics", None).await.0, 401);
+    assert_eq!(scrape(addr, "/metrics", Some("wrong")).await.0, 401);
+    let (status, text) = scrape(addr, "/metrics", Some("s3cret")).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("detour_build_info"), "{text}");
+    assert!(text.contains("process_cpu_seconds_total"), "{text}");
+    // Nothing else of the admin API is served there, whatever the token.
+    assert_eq!(scrape(addr, "/state", Some("s3cret")).await.0, 404);
+    assert_eq!(scrape(addr, "/drain", Some("s3cret")).await.0, 404);
+    let refused = metric(
+        &mesh.admin("h1"),
+        "detour_admin_refused_total",
+        "metrics-token",
+    )
+    .await;
+    assert_eq!(refused, Some(2.0));
+
+    // A token file that cannot be read stops the start, saying which.
+    let run_dir = mesh.root().join("h9");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let cfg = mesh.config(
+        "h9",
+        "127.0.0.9",
+        &[],
+        "[metrics]\nlisten = \"127.0.0.9:0\"\ntoken_file = \"missing.token\"\n",
+    );
+    std::fs::write(run_dir.join("sidecar.toml"), cfg).unwrap();
+    let out = tokio::process::Command::new(mesh.sidecar_binary())
+        .arg("--config")
+        .arg(run_dir.join("sidecar.toml"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(70));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("metrics.token_file"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_metrics_listener_is_handed_to_the_successor_at_an_upgrade() {
+    let mut mesh = Mesh::new();
+    let addr = with_metrics_listener(&mut mesh, "h1", "127.0.0.1", "t0k3n").await;
+    let old_pid = mesh.sidecar("h1").addrs.pid;
+    let run_dir = mesh.sidecar("h1").run_dir.clone();
+    let config = mesh.sidecar("h1").config.clone();
+    let mut cmd = std::process::Command::new(mesh.sidecar_binary());
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--take-over")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _successor = ChildGuard::spawn(cmd, "successor").unwrap();
+    wait_until("the successor ready", Duration::from_secs(20), || {
+        std::fs::read(run_dir.join(ADDRESS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<SidecarAddresses>(&b).ok())
+            .is_some_and(|a| a.pid != old_pid)
+    })
+    .await;
+    let predecessor = &mut mesh.sidecars.get_mut("h1").unwrap().child;
+    let exited = predecessor
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(exited.is_some(), "the predecessor handed off and exited");
+    let bytes = std::fs::read(run_dir.join(ADDRESS_FILE)).unwrap();
+    let now: SidecarAddresses = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(now.metrics, Some(addr), "the same listener, handed over");
+    let (status, text) = scrape(addr, "/metrics", Some("t0k3n")).await;
+    assert_eq!(status, 200, "{text}");
+}
+
+/// The repository root.
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `promtool ARGS` in `deploy/observability`: its success and output.
+fn promtool(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(repo().join("deploy/observability"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("promtool: {e} (Debian's prometheus package has it; tests/setup.sh installs it)")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The `detour_…` metric names in `text`, without the `_bucket`/`_count`/`_sum` a histogram
+/// adds.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (i, _) in text.match_indices("detour_") {
+        let before = text[..i].chars().next_back();
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_owned();
+        out.insert(base);
+    }
+    out
+}
+
+#[test]
+fn the_shipped_alert_rules_pass_promtool_and_its_unit_tests() {
+    let (ok, text) = promtool(&["check", "rules", "alert-rules.yml"]);
+    assert!(ok, "{text}");
+    let (ok, text) = promtool(&["test", "rules", "alert-rules.test.yml"]);
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn the_dashboard_and_the_rules_name_only_metrics_the_mesh_emits() {
+    let doc = std::fs::read_to_string(repo().join("docs/metrics.md")).unwrap();
+    let documented: std::collections::BTreeSet<&str> = detour_registry::telemetry::documented(&doc)
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    let dir = repo().join("deploy/observability");
+    let dashboard = std::fs::read_to_string(dir.join("detour-dashboard.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(parsed["panels"].as_array().unwrap().len() >= 10);
+    let rules = std::fs::read_to_string(dir.join("alert-rules.yml")).unwrap();
+    for (file, text) in [("dashboard", &dashboard), ("rules", &rules)] {
+        let names = metric_names(text);
+        assert!(names.len() >= 5, "{file}: {names:?}");
+        for name in names {
+            assert!(
+                documented.contains(name.as_str()),
+                "{file} names {name}, which docs/metrics.md does not list"
+            );
+        }
+    }
+}
