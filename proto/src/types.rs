@@ -349,6 +349,10 @@ pub struct HostStatus {
     /// What the host's watchdog adds (absent without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watchdog: Option<WatchdogReport>,
+    /// Where its sidecar's metrics listener answers (`[metrics] listen`), when it has one:
+    /// what `detourctl stat` scrapes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What a host's watchdog reports beside its sidecar's state (`detourctl status`).

@@ -97,6 +97,7 @@ async fn host_status_is_published() {
         version: "1".into(),
         updated_unix_ms: now_unix_ms(),
         watchdog: None,
+        metrics: None,
     };
     h1.set_host_status(status.clone()).await.unwrap();
     let h2 = DirRegistry::open(dir.path(), HostId::new("h2").unwrap(), fast())
@@ -148,6 +149,7 @@ fn expired_records_keep_the_service_known_but_empty() {
             version: String::new(),
             updated_unix_ms: hb,
             watchdog: None,
+            metrics: None,
         }),
         endpoints: vec![serde_json::to_value(ep("echo", "h1", 1)).unwrap()],
     };

@@ -96,6 +96,7 @@ async fn register_watch_deregister_status_and_garbage() {
         version: "t".into(),
         updated_unix_ms: now_unix_ms(),
         watchdog: None,
+        metrics: None,
     };
     a.set_host_status(status.clone()).await.unwrap();
     let mut hosts = b.watch_hosts();

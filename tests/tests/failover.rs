@@ -134,9 +134,17 @@ async fn sigterm_pa_then_restart_loses_nothing() {
 #[tokio::test]
 async fn kill9_pa_then_restart_loses_no_idempotent_request() {
     let _serial = SERIAL.lock().await;
-    let (s, _mesh, _client) =
-        stop_and_restart("pa-kill9", "h2", Signal::SIGKILL, "ca_direct").await;
+    let (s, mesh, _client) = stop_and_restart("pa-kill9", "h2", Signal::SIGKILL, "ca_direct").await;
     assert_only_in_flight_lost(&s);
+    // The failover in the caller's per-service metrics, by path: as many answers straight
+    // from the provider as the callers got.
+    let around = r#"direction="outbound",service="hello",path="ca_direct""#;
+    let counted = detour_tests::metric(&mesh.admin("h1"), "detour_service_requests_total", around)
+        .await
+        .unwrap_or(0.0);
+    let seen = s.paths.get("ca_direct").copied().unwrap_or(0);
+    assert!(seen > 0);
+    assert_eq!(counted as u64, seen, "{:?}", s.paths);
 }
 
 #[tokio::test]

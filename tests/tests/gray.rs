@@ -250,6 +250,7 @@ async fn host_record(dir: &Path, name: &str) -> DirRegistry {
         version: "test".into(),
         updated_unix_ms: now_unix_ms(),
         watchdog: None,
+        metrics: None,
     })
     .await
     .unwrap();

@@ -268,3 +268,71 @@ fn the_dashboard_and_the_rules_name_only_metrics_the_mesh_emits() {
         }
     }
 }
+
+#[tokio::test]
+async fn detourctl_stat_reports_what_callers_on_two_hosts_sent() {
+    use tokio::io::AsyncBufReadExt;
+    let provider =
+        detour_kit::provider::DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+            .await
+            .unwrap();
+    let mut mesh = Mesh::new();
+    let listener = |ip: &str| format!("[metrics]\nlisten = \"{ip}:0\"\n");
+    let offer = [detour_tests::Offer::http1("hello", provider.addr())];
+    mesh.start_with("h2", "127.0.0.2", &offer, &listener("127.0.0.2"))
+        .await;
+    mesh.start_with("h1", "127.0.0.1", &[], &listener("127.0.0.1"))
+        .await;
+    mesh.start_with("h3", "127.0.0.3", &[], &listener("127.0.0.3"))
+        .await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    mesh.wait_endpoints("h3", "hello", 1).await;
+    let bin = detour_kit::sidecar::find_binary("detourctl", "DETOURCTL_BIN").unwrap();
+    let registry = detour_tests::dir_registry(&mesh);
+    let mut stat = tokio::process::Command::new(bin)
+        .args(["stat", "--window", "5", "--json", "--registry", &registry])
+        .env_remove("DETOUR_REGISTRY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The load starts once stat has its first scrape of every sidecar.
+    let mut stderr = tokio::io::BufReader::new(stat.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), stderr.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_or_default();
+    assert!(first.starts_with("stat: 3 sidecars scraped"), "{first}");
+    let hello = ServiceName::new("hello").unwrap();
+    let mut sent = 0;
+    for (host, calls) in [("h1", 150), ("h3", 100)] {
+        let client = mesh.client(host, AppProtocol::Http1);
+        for _ in 0..calls {
+            let req = Request::get("/").body(empty()).unwrap();
+            assert_eq!(client.send(&hello, req).await.unwrap().status(), 200);
+            sent += 1;
+        }
+    }
+    let out = tokio::time::timeout(Duration::from_secs(20), stat.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == "hello")
+        .unwrap_or_else(|| panic!("no hello row: {rows}"));
+    let counted = row["requests"].as_u64().unwrap();
+    assert!(
+        counted.abs_diff(sent) * 100 <= sent,
+        "stat counted {counted} calls, the callers sent {sent}: {row}"
+    );
+    assert_eq!(row["success"], 1.0, "{row}");
+    assert_eq!(row["paths"]["mesh"], 1.0, "{row}");
+    assert!(row["p99_ms"].as_f64().unwrap() > 0.0, "{row}");
+}

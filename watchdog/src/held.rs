@@ -56,7 +56,12 @@ struct Inner {
     /// What the watchdog reports beside the status.
     report: WatchdogReport,
     /// The status last written.
-    written: Option<(SidecarState, String, WatchdogReport)>,
+    written: Option<(
+        SidecarState,
+        String,
+        WatchdogReport,
+        Option<std::net::SocketAddr>,
+    )>,
 }
 
 impl Held {
@@ -211,7 +216,8 @@ impl Held {
             (Some(s), None) => (s.sidecar, s.version.clone()),
             (None, None) => return Ok(()),
         };
-        let written = (state, version, inner.report.clone());
+        let metrics = inner.publication.status.as_ref().and_then(|s| s.metrics);
+        let written = (state, version, inner.report.clone(), metrics);
         if inner.written.as_ref() == Some(&written) {
             return Ok(());
         }
@@ -222,6 +228,7 @@ impl Held {
                 version: written.1.clone(),
                 updated_unix_ms: now_unix_ms(),
                 watchdog: Some(written.2.clone()),
+                metrics,
             })
             .await?;
         if inner.written.as_ref().map(|w| w.0) != Some(state) {
@@ -254,6 +261,7 @@ mod tests {
             version: "1".into(),
             updated_unix_ms: 1,
             watchdog: None,
+            metrics: None,
         })
     }
 

@@ -109,7 +109,7 @@ impl Sidecar {
         let cfg = Arc::new(cfg);
         let lifecycle = Lifecycle::new();
         let (bound, health) = bound_addresses(&cfg, &listeners)?;
-        let opened = open(&cfg, predecessor.is_some()).await?;
+        let opened = open(&cfg, &bound, predecessor.is_some()).await?;
         let routing = route(&cfg, &opened, tls.clone(), &bound, &lifecycle)?;
         let mut serving = Serving::start(listeners, routing, tls, health, &lifecycle)?;
         if predecessor.is_none() {
@@ -219,7 +219,11 @@ struct Opened {
 /// Phase *open*: the registry (through the watchdog when under one), the status `starting`
 /// (not for a successor: its predecessor is still serving), and the catalog with its disk
 /// cache preloaded, so a start while the registry is down routes.
-async fn open(cfg: &Config, successor: bool) -> Result<Opened, StartError> {
+async fn open(
+    cfg: &Config,
+    bound: &SidecarAddresses,
+    successor: bool,
+) -> Result<Opened, StartError> {
     let reads = open_registry(cfg).await?;
     let delegated = cfg.watchdog_socket.as_ref().map(|socket| {
         Arc::new(Delegated::new(
@@ -234,7 +238,7 @@ async fn open(cfg: &Config, successor: bool) -> Result<Opened, StartError> {
         None => reads,
     };
     if !successor {
-        publish_status(&*registry, cfg, SidecarState::Starting).await?;
+        publish_status(&*registry, cfg, bound, SidecarState::Starting).await?;
     }
     let catalog_opts = CatalogOptions {
         policy: Arc::new(cfg.protection.clone()),
@@ -267,7 +271,7 @@ async fn ready(
 ) -> Result<Vec<JoinHandle<()>>, StartError> {
     providers.register_all().await?;
     let publishers = providers.spawn_checks();
-    publish_status(&*opened.registry, cfg, SidecarState::Ready).await?;
+    publish_status(&*opened.registry, cfg, bound, SidecarState::Ready).await?;
     write_address_file(&cfg.run_dir, bound).map_err(|source| StartError::RunDir {
         path: cfg.run_dir.clone(),
         source,
@@ -338,9 +342,12 @@ async fn take_cache_when_gone(p: Predecessor, catalog: Arc<Catalog>, path: Optio
     }
 }
 
+/// Publishes this host's status; `bound`: where its listeners are (the metrics listener is
+/// published for `detourctl stat`).
 pub(crate) async fn publish_status(
     registry: &dyn Registry,
     cfg: &Config,
+    bound: &SidecarAddresses,
     state: SidecarState,
 ) -> Result<(), RegistryError> {
     registry
@@ -350,8 +357,19 @@ pub(crate) async fn publish_status(
             version: crate::VERSION.to_owned(),
             updated_unix_ms: now_unix_ms(),
             watchdog: None,
+            metrics: published_metrics(bound),
         })
         .await
+}
+
+/// The metrics listener's address as others reach it: bound to every address (`0.0.0.0`,
+/// `::`), the host's inbound address with its port.
+fn published_metrics(bound: &SidecarAddresses) -> Option<std::net::SocketAddr> {
+    let m = bound.metrics?;
+    Some(match m.ip().is_unspecified() {
+        true => std::net::SocketAddr::new(bound.inbound.ip(), m.port()),
+        false => m,
+    })
 }
 
 /// Writes the bound addresses atomically for tools and tests to read (and for a watchdog:

@@ -29,7 +29,14 @@ impl Sidecar {
         tracing::info!(announce = ?self.cfg.announce, timeout = ?self.cfg.drain_timeout, "draining");
         let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
         self.lifecycle.set(SidecarState::Draining);
-        if let Err(e) = publish_status(&*self.registry, &self.cfg, SidecarState::Draining).await {
+        if let Err(e) = publish_status(
+            &*self.registry,
+            &self.cfg,
+            &self.bound,
+            SidecarState::Draining,
+        )
+        .await
+        {
             tracing::warn!(error = %e, "could not announce the drain in the registry");
         }
         tokio::time::sleep_until((tokio::time::Instant::now() + self.cfg.announce).min(deadline))
@@ -37,7 +44,14 @@ impl Sidecar {
         self.lifecycle.close();
         let report = self.wait_closed(deadline).await;
         self.lifecycle.set(SidecarState::Stopped);
-        if let Err(e) = publish_status(&*self.registry, &self.cfg, SidecarState::Stopped).await {
+        if let Err(e) = publish_status(
+            &*self.registry,
+            &self.cfg,
+            &self.bound,
+            SidecarState::Stopped,
+        )
+        .await
+        {
             tracing::warn!(error = %e, "could not publish the stop in the registry");
         }
         if let Some(p) = &self.bound.outbound_unix {

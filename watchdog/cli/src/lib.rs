@@ -1,11 +1,14 @@
 //! `detourctl`'s operator commands: gray rules, rollback and its undo, policy, status, history
 //! ([`ops`] the logic, [`ops_view`] tables and JSON, [`cli_ops`], [`cli_policy`], [`cli_roles`]
-//! arguments and exit statuses) and the audit trail they write ([`audit`]). The binary adds the
+//! arguments and exit statuses), per-service numbers from the sidecars' metrics ([`stat`],
+//! [`cli_stat`]) and the audit trail they write ([`audit`]). The binary adds the
 //! demo, load and provider commands from the test kit.
 
 pub mod audit;
 pub mod cli_ops;
 pub mod cli_policy;
 pub mod cli_roles;
+pub mod cli_stat;
 pub mod ops;
 pub mod ops_view;
+pub mod stat;

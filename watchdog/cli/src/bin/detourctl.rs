@@ -101,6 +101,14 @@ enum Command {
         #[command(flatten)]
         reg: RegistryArgs,
     },
+    /// Per service (or per host): calls a second, success rate, p50/p99 and the share of each
+    /// path over a window, from the metrics listeners of the sidecars the registry names.
+    Stat {
+        #[command(flatten)]
+        args: detour_ctl::cli_stat::StatArgs,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
     /// Drain the local sidecar, withdraw the host's registrations and stop its watchdog.
     Shutdown {
         /// The local watchdog's Unix socket.
@@ -364,6 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy { cmd, reg } => Ok(detour_ctl::cli_policy::policy(cmd, reg).await),
         Command::Rollback(args) => Ok(cli_ops::rollback(args).await),
         Command::Status { admin, reg } => Ok(cli_ops::status(reg, admin).await),
+        Command::Stat { args, reg } => Ok(detour_ctl::cli_stat::stat(args, reg).await),
         Command::History { limit, reg } => Ok(cli_ops::history(reg, limit).await),
         Command::EtcdRoles(args) => Ok(detour_ctl::cli_roles::run(args).await),
         Command::Shutdown { watchdog } => match watched::shutdown(&watchdog).await {
