@@ -19,6 +19,7 @@ pub mod process;
 pub mod tls;
 
 // What the rooms share, and the assembly.
+pub mod access_log;
 pub mod app;
 pub mod policy;
 pub mod ratelimit;

@@ -3,8 +3,8 @@
 //! SIGINT or `POST /drain` — or hands off when a successor took the sockets over.
 //!
 //! Signals: SIGTERM and SIGINT drain (stop accepting, finish in-flight requests within
-//! `lifecycle.drain_timeout_ms`) and exit 0; a second SIGINT exits at once. A hand-off also
-//! exits 0. A bad config exits 64, a failed start 70.
+//! `lifecycle.drain_timeout_ms`) and exit 0; a second SIGINT exits at once; SIGHUP reopens the
+//! access log file and nothing else. A hand-off also exits 0. A bad config exits 64, a failed start 70.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +65,15 @@ async fn run(cfg: Config, take_over: bool) -> ExitCode {
     detour_registry::telemetry::build_info("detour-sidecar", detour_sidecar::VERSION);
     telemetry::spawn_upkeep();
     detour_sidecar::process::heap::spawn_trim();
+    // SIGHUP (logrotate) reopens the access log (its writer listens too) and never stops the
+    // sidecar, with or without an access log.
+    if let Ok(mut hup) = signal(SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::debug!("SIGHUP");
+            }
+        });
+    }
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),

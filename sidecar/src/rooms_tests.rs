@@ -20,6 +20,7 @@ const RULES: &[(&str, &[&str])] = &[
             "ratelimit",
             "process::lifecycle",
             "telemetry",
+            "access_log",
         ],
     ),
     (
@@ -31,6 +32,7 @@ const RULES: &[(&str, &[&str])] = &[
             "policy",
             "process::lifecycle",
             "telemetry",
+            "access_log",
         ],
     ),
     (

@@ -67,6 +67,13 @@ pub enum PathLabel {
     None = 3,
 }
 
+impl PathLabel {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        PATHS[self as usize]
+    }
+}
+
 /// Counts one finished request head (`detour_requests_total`) and its time
 /// (`detour_response_head_seconds`).
 pub fn record_request(
@@ -137,6 +144,11 @@ impl ServiceMetrics {
             requests,
             seconds,
         }
+    }
+
+    /// The `service` label value (the service's name, or `other` beyond the bound).
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Counts one request of the service, answered with `status` over `path` after `took`;

@@ -336,3 +336,94 @@ async fn detourctl_stat_reports_what_callers_on_two_hosts_sent() {
     assert_eq!(row["paths"]["mesh"], 1.0, "{row}");
     assert!(row["p99_ms"].as_f64().unwrap() > 0.0, "{row}");
 }
+
+/// The JSON lines of `file` (none when it does not exist).
+fn json_lines(file: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn each_request_has_an_access_log_line_at_the_ca_and_the_pa() {
+    let provider =
+        detour_kit::provider::DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
+            .await
+            .unwrap();
+    let mut mesh = Mesh::new();
+    let log = "[access_log]\npath = \"access.log\"\nmax_per_second = 0\n";
+    let offer = [detour_tests::Offer::http1("hello", provider.addr())];
+    mesh.start_with("h2", "127.0.0.2", &offer, log).await;
+    mesh.start_with("h1", "127.0.0.1", &[], log).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = mesh.client("h1", AppProtocol::Http1);
+    let hello = ServiceName::new("hello").unwrap();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let send = || async {
+        let req = Request::post("/orders?card=4111")
+            .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+            .body(detour_thin_sdk::body::full("x"))
+            .unwrap();
+        assert_eq!(client.send(&hello, req).await.unwrap().status(), 200);
+    };
+    for _ in 0..10 {
+        send().await;
+    }
+    let (ca_log, pa_log) = (
+        mesh.root().join("h1/access.log"),
+        mesh.root().join("h2/access.log"),
+    );
+    wait_until("10 lines at each side", Duration::from_secs(10), || {
+        json_lines(&ca_log).len() >= 10 && json_lines(&pa_log).len() >= 10
+    })
+    .await;
+    let ca = json_lines(&ca_log);
+    let line = &ca[9];
+    for (key, want) in [
+        ("direction", "outbound"),
+        ("service", "hello"),
+        ("method", "POST"),
+        ("path", "/orders"),
+        ("link", "mesh"),
+        ("trace_id", trace),
+        ("endpoint", "h2-hello"),
+    ] {
+        assert_eq!(line[key], want, "{key} in {line}");
+    }
+    assert_eq!(
+        (line["status"].as_u64(), line["attempts"].as_u64()),
+        (Some(200), Some(1))
+    );
+    assert!(line["duration_ms"].as_f64().unwrap() > 0.0, "{line}");
+    let pa = json_lines(&pa_log);
+    assert_eq!(pa[9]["direction"], "inbound", "{}", pa[9]);
+    assert_eq!(
+        pa[9]["caller"], "spiffe://detour.local/host/h1",
+        "{}",
+        pa[9]
+    );
+    assert_eq!(pa[9]["link"], "local", "{}", pa[9]);
+    assert_eq!(
+        pa[9]["trace_id"], trace,
+        "the PA sees the caller's traceparent"
+    );
+
+    // logrotate: the file moved away, then SIGHUP; new lines go to a new file.
+    std::fs::rename(&ca_log, mesh.root().join("h1/access.log.1")).unwrap();
+    mesh.signal("h1", nix::sys::signal::Signal::SIGHUP);
+    let mut tries = 0;
+    while json_lines(&ca_log).is_empty() {
+        tries += 1;
+        assert!(tries < 100, "no line in a new access.log after SIGHUP");
+        send().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(mesh.sidecar("h1").addrs.pid > 0);
+    assert_eq!(
+        detour_tests::admin_get(&mesh.admin("h1"), "/live").await.0,
+        200,
+        "SIGHUP left it running"
+    );
+}

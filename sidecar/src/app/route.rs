@@ -12,6 +12,7 @@ use detour_registry::{Catalog, DocName, Registry};
 use tokio::task::JoinHandle;
 
 use super::{Opened, StartError, prune_links};
+use crate::access_log::AccessLog;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::http::server::ConnOptions;
@@ -49,6 +50,7 @@ pub(super) fn route(
     lifecycle: &Arc<Lifecycle>,
 ) -> Result<Routing, StartError> {
     let (gray, policies, mut tasks) = follow_documents(cfg, &opened.registry, &opened.catalog);
+    let access_log = AccessLog::start(&cfg.access_log).map(Arc::new);
     let control = ControlService::new(
         lifecycle.clone(),
         opened.catalog.clone(),
@@ -96,28 +98,34 @@ pub(super) fn route(
         opened.registry.clone(),
         Arc::new(NetCheck),
     ));
-    let outbound = Arc::new(Outbound::new(
-        cfg.clone(),
-        opened.catalog.clone(),
-        Upstreams {
-            providers: Pool::new(pool_opts),
-            pas: to_pas,
-        },
-        links.clone(),
-        Documents {
-            gray: gray.clone(),
-            policies: policies.clone(),
-        },
-        lifecycle.clone(),
-        control,
-    ));
-    let inbound = Arc::new(Inbound::new(
-        cfg.clone(),
-        Pool::new(pool_opts),
-        lifecycle.clone(),
-        providers.clone(),
-        policies.clone(),
-    ));
+    let outbound = Arc::new(
+        Outbound::new(
+            cfg.clone(),
+            opened.catalog.clone(),
+            Upstreams {
+                providers: Pool::new(pool_opts),
+                pas: to_pas,
+            },
+            links.clone(),
+            Documents {
+                gray: gray.clone(),
+                policies: policies.clone(),
+            },
+            lifecycle.clone(),
+            control,
+        )
+        .with_access_log(access_log.clone()),
+    );
+    let inbound = Arc::new(
+        Inbound::new(
+            cfg.clone(),
+            Pool::new(pool_opts),
+            lifecycle.clone(),
+            providers.clone(),
+            policies.clone(),
+        )
+        .with_access_log(access_log),
+    );
     let admin = Arc::new(Admin {
         cfg: cfg.clone(),
         lifecycle: lifecycle.clone(),

@@ -87,6 +87,65 @@ pub struct RawConfig {
     pub log: LogRaw,
     /// The scrapeable metrics listener.
     pub metrics: MetricsRaw,
+    /// The access log.
+    pub access_log: AccessLogRaw,
+}
+
+/// `[access_log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AccessLogRaw {
+    /// Where lines go: a file (relative to `run_dir` unless absolute; opened again on SIGHUP),
+    /// `-` for stdout, `""` for no access log.
+    pub path: String,
+    /// Share of requests logged, 0 to 1.
+    pub sample: f64,
+    /// Most lines a second (0: no cap); more are dropped and counted.
+    pub max_per_second: u32,
+}
+
+impl Default for AccessLogRaw {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            sample: 1.0,
+            max_per_second: 1000,
+        }
+    }
+}
+
+/// `[access_log]` validated.
+#[derive(Debug, Clone, Default)]
+pub struct AccessLogSettings {
+    /// Where lines go (`-`: stdout); `None`: no access log.
+    pub path: Option<PathBuf>,
+    /// Share of requests logged.
+    pub sample: f64,
+    /// Most lines a second (0: no cap).
+    pub max_per_second: u32,
+}
+
+impl AccessLogRaw {
+    /// Validates `[access_log]`; a relative path is under `run_dir`.
+    fn validate(&self, run_dir: &Path, p: &mut Vec<String>) -> AccessLogSettings {
+        if !(0.0..=1.0).contains(&self.sample) {
+            p.push(format!(
+                "access_log.sample: {} is not between 0 and 1",
+                self.sample
+            ));
+        }
+        let path = match self.path.as_str() {
+            "" => None,
+            "-" => Some(PathBuf::from("-")),
+            f if Path::new(f).is_absolute() => Some(PathBuf::from(f)),
+            f => Some(run_dir.join(f)),
+        };
+        AccessLogSettings {
+            path,
+            sample: self.sample,
+            max_per_second: self.max_per_second,
+        }
+    }
 }
 
 /// `[log]`
@@ -131,6 +190,7 @@ impl Default for RawConfig {
             watchdog: WatchdogRaw::default(),
             log: LogRaw::default(),
             metrics: MetricsRaw::default(),
+            access_log: AccessLogRaw::default(),
         }
     }
 }
@@ -256,6 +316,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The scrapeable metrics listener and its token file.
     pub metrics: MetricsListen,
+    /// The access log.
+    pub access_log: AccessLogSettings,
     /// Environment variables with the prefix that named no key (logged at start).
     pub warnings: Vec<String>,
 }
@@ -311,6 +373,7 @@ impl RawConfig {
         let inbound = self.inbound.validate(&mut p);
         let admin = self.admin.validate(&mut p);
         let metrics = self.metrics.validate(&self.run_dir, &mut p);
+        let access_log = self.access_log.validate(&self.run_dir, &mut p);
         let proxy = self.proxy.validate(&mut p);
         let limits = self.limits.validate(&mut p);
         let outlier = self.outlier.validate(&mut p);
@@ -391,6 +454,7 @@ impl RawConfig {
             watchdog_takeover,
             log_format,
             metrics,
+            access_log,
             warnings: Vec::new(),
         })
     }

@@ -27,6 +27,7 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::{Config, Provide};
 use crate::http::forward::attempt;
 use crate::http::headers::{authority, head_size, strip_hop_by_hop, target};
@@ -56,6 +57,8 @@ pub struct Inbound {
     policies: Arc<Policies>,
     /// Rate limits of the providers that have one, as of a generation of the policies.
     limits: RwLock<Limits>,
+    /// The access log, when one is kept.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// The PA's token buckets.
@@ -102,7 +105,14 @@ impl Inbound {
             lifecycle,
             policies,
             limits: RwLock::new(Limits::default()),
+            access_log: None,
         }
+    }
+
+    /// Keeps an access log of the requests handed to local providers.
+    pub fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Self {
+        self.access_log = log;
+        self
     }
 
     /// The bucket of `provider`'s service, if it has a rate limit; the buckets are made again
@@ -277,9 +287,14 @@ impl Handler for Inbound {
         let grpc = is_grpc(&parts.headers);
         let span = tracing::debug_span!("request", direction = "inbound", method = %parts.method,
             service = tracing::field::Empty);
+        let pending = (self.access_log.as_ref()).filter(|l| l.wants()).map(|_| {
+            let caller = parts.extensions.get::<Caller>().map(|c| c.0.to_string());
+            Pending::of("inbound", &parts, caller)
+        });
         let mut metrics = None;
-        let (resp, path, error) = match self.route(parts, body, &mut metrics).instrument(span).await
-        {
+        let routed = self.route(parts, body, &mut metrics).instrument(span).await;
+        let service = metrics.as_ref().map(|m| m.service().to_owned());
+        let (resp, path, error) = match routed {
             Ok(r) => (r, PathLabel::Local, None),
             Err(e) => {
                 tracing::debug!(error = %e, "inbound request failed in the mesh");
@@ -296,6 +311,23 @@ impl Handler for Inbound {
         if let Some(m) = metrics {
             m.record(path, resp.status(), took, error);
         }
+        if let (Some(log), Some(p)) = (&self.access_log, pending) {
+            let routed = Routed {
+                endpoint: service.as_ref().and_then(|s| self.instance_of(s)),
+                service,
+                attempts: 1,
+            };
+            let kind = error.map(|k| k.reason());
+            log.log(&p.finish(routed, &resp, kind, path.as_str(), took));
+        }
         resp
+    }
+}
+
+impl Inbound {
+    /// The instance id of the local provider of `service` (a metrics label: bounded).
+    fn instance_of(&self, service: &str) -> Option<String> {
+        let name = ServiceName::new(service).ok()?;
+        Some(self.providers.get(&name)?.instance.to_string())
     }
 }

@@ -41,6 +41,7 @@ use hyper::body::Incoming;
 use tower::ServiceExt;
 use tracing::Instrument;
 
+use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::Config;
 use crate::http::forward::{AttemptFailed, attempt};
 use crate::http::headers::{authority, head_size, strip_hop_by_hop, target};
@@ -76,6 +77,15 @@ pub struct Outbound {
     lifecycle: Arc<Lifecycle>,
     /// The local control API, reached with authority `detour.control`.
     control: LocalControlServer<ControlService>,
+    /// The access log, when one is kept.
+    access_log: Option<Arc<AccessLog>>,
+}
+
+/// What routing learnt of a request, for its metrics and its access-log line.
+#[derive(Default)]
+struct RouteInfo {
+    per: Option<Arc<PerService>>,
+    log: Routed,
 }
 
 impl Outbound {
@@ -100,7 +110,14 @@ impl Outbound {
             gray,
             lifecycle,
             control: LocalControlServer::new(control),
+            access_log: None,
         }
+    }
+
+    /// Keeps an access log of the requests routed.
+    pub fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Self {
+        self.access_log = log;
+        self
     }
 
     fn service(&self, service: &ServiceName) -> Arc<PerService> {
@@ -130,7 +147,7 @@ impl Outbound {
         &self,
         parts: http::request::Parts,
         body: Incoming,
-        seen: &mut Option<Arc<PerService>>,
+        info: &mut RouteInfo,
     ) -> Result<(Response<BoxBody>, PathTaken), MeshError> {
         let start = Instant::now();
         let size = head_size(&parts);
@@ -156,7 +173,11 @@ impl Outbound {
             ));
         }
         let per = self.service(&service);
-        *seen = Some(per.clone());
+        info.per = Some(per.clone());
+        let logged = self.access_log.is_some();
+        if logged {
+            info.log.service = Some(service.to_string());
+        }
         let policy = per.begin(&self.policies, &service, start);
         let deadline = start + policy.request_timeout;
         let balancer = &per.balancer;
@@ -217,6 +238,10 @@ impl Outbound {
             let left = deadline - now;
             let timeout = policy.try_timeout.map_or(left, |t| t.min(left));
             attempts += 1;
+            info.log.attempts = attempts;
+            if logged {
+                info.log.endpoint = Some(ep.instance.to_string());
+            }
             let span = tracing::debug_span!("attempt", n = attempts, instance = %ep.instance,
                 path = if via_pa { "pa" } else { "provider" });
             let result = if via_pa {
@@ -460,8 +485,11 @@ impl Handler for Outbound {
         let grpc = is_grpc(&parts.headers);
         let span = tracing::debug_span!("request", direction = "outbound", method = %parts.method,
             service = tracing::field::Empty);
-        let mut per = None;
-        let routed = self.route(parts, body, &mut per).instrument(span).await;
+        let pending = (self.access_log.as_ref())
+            .filter(|l| l.wants())
+            .map(|_| Pending::of("outbound", &parts, None));
+        let mut info = RouteInfo::default();
+        let routed = self.route(parts, body, &mut info).instrument(span).await;
         let (resp, path, error) = match routed {
             Ok((mut resp, path)) => {
                 resp.headers_mut().insert(PATH_HEADER, path.header_value());
@@ -483,8 +511,12 @@ impl Handler for Outbound {
         };
         let took = start.elapsed();
         record_request(Direction::Outbound, path, resp.status(), took);
-        if let Some(per) = per {
+        if let Some(per) = &info.per {
             per.metrics.record(path, resp.status(), took, error);
+        }
+        if let (Some(log), Some(p)) = (&self.access_log, pending) {
+            let kind = error.map(|k| k.reason());
+            log.log(&p.finish(info.log, &resp, kind, path.as_str(), took));
         }
         resp
     }

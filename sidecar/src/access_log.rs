@@ -1,0 +1,336 @@
+//! The access log: one JSON line per request at the CA and the PA, when `[access_log] path`
+//! is set — to a file (opened for appending, opened again on SIGHUP, as logrotate expects) or
+//! to stdout (`-`). Sampled (`sample`) and capped (`max_per_second`) before a line is made;
+//! lines go through a bounded queue to one writer task, so a slow disk drops lines (counted)
+//! and never holds a request.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::AccessLogSettings;
+use crate::ratelimit::TokenBucket;
+
+/// Lines waiting for the writer at most; more are dropped.
+const QUEUE: usize = 4096;
+
+/// One request, as logged.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// When the response head was ready, RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// `outbound` (CA) or `inbound` (PA).
+    pub direction: &'static str,
+    /// The W3C trace id of the request's `traceparent`, if it had a well-formed one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// The caller's identity (the PA: the SPIFFE ID of the calling sidecar).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    /// The service (absent when the request named none that is valid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The method.
+    pub method: String,
+    /// The request's path, without the query (at most 256 bytes).
+    pub path: String,
+    /// The status answered.
+    pub status: u16,
+    /// The mesh error answered with, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'static str>,
+    /// The path the request took: `mesh`, `ca_direct`, `local`, `none`.
+    pub link: &'static str,
+    /// The endpoint (instance) of the last attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The request body's declared length, if declared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_bytes: Option<u64>,
+    /// The response body's declared length, if declared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_bytes: Option<u64>,
+    /// Time to the response head, ms.
+    pub duration_ms: f64,
+}
+
+/// The access log of one sidecar.
+pub struct AccessLog {
+    sample: f64,
+    cap: Option<Mutex<TokenBucket>>,
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("sample", &self.sample)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AccessLog {
+    /// Starts the writer of `settings` (inside the runtime); `None` when no path is set.
+    pub fn start(settings: &AccessLogSettings) -> Option<AccessLog> {
+        let path = settings.path.clone()?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(write_lines(path, rx));
+        Some(AccessLog {
+            sample: settings.sample,
+            cap: (settings.max_per_second > 0).then(|| {
+                let rate = settings.max_per_second;
+                Mutex::new(TokenBucket::new(rate, rate, tokio::time::Instant::now()))
+            }),
+            tx,
+        })
+    }
+
+    /// Whether this request is logged (sampling, then the cap): asked before an entry is made.
+    pub fn wants(&self) -> bool {
+        if self.sample < 1.0 && fastrand::f64() >= self.sample {
+            return false;
+        }
+        if let Some(cap) = &self.cap {
+            let ok = cap
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_take(tokio::time::Instant::now());
+            if !ok {
+                metrics::counter!("detour_access_log_dropped_total", "reason" => "rate")
+                    .increment(1);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Queues `entry` (dropped, and counted, when the writer is behind).
+    pub fn log(&self, entry: &Entry) {
+        let Ok(mut line) = serde_json::to_vec(entry) else {
+            return;
+        };
+        line.push(b'\n');
+        if self.tx.try_send(line).is_err() {
+            metrics::counter!("detour_access_log_dropped_total", "reason" => "queue").increment(1);
+        }
+    }
+}
+
+/// The writer task: appends lines to `path` (`-`: stdout), opening it again on SIGHUP.
+async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let stdout = path.as_os_str() == "-";
+    let open = |path: &PathBuf| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(
+                |e| tracing::error!(path = %path.display(), error = %e, "access log: cannot open"),
+            )
+            .ok()
+    };
+    let mut file = if stdout { None } else { open(&path) };
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            line = rx.recv() => {
+                let Some(line) = line else { return };
+                let written = match (&mut file, stdout) {
+                    (_, true) => std::io::stdout().write_all(&line),
+                    (Some(f), false) => f.write_all(&line),
+                    (None, false) => Err(std::io::Error::other("not open")),
+                };
+                if written.is_err() {
+                    metrics::counter!("detour_access_log_dropped_total", "reason" => "write").increment(1);
+                }
+            }
+            _ = hangup => {
+                if !stdout {
+                    file = open(&path);
+                    tracing::info!(path = %path.display(), "access log opened again (SIGHUP)");
+                }
+            }
+        }
+    }
+}
+
+/// What is known of a request before it is routed (taken only for a request that is logged).
+#[derive(Debug)]
+pub struct Pending {
+    direction: &'static str,
+    trace_id: Option<String>,
+    caller: Option<String>,
+    method: String,
+    path: String,
+    request_bytes: Option<u64>,
+}
+
+/// What routing learnt of a request, for its line.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// The service, once known.
+    pub service: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The endpoint of the last attempt.
+    pub endpoint: Option<String>,
+}
+
+impl Pending {
+    /// The request side of a line (`direction`: `outbound` or `inbound`; `caller`: the calling
+    /// sidecar's identity, at a PA).
+    pub fn of(
+        direction: &'static str,
+        parts: &http::request::Parts,
+        caller: Option<String>,
+    ) -> Self {
+        Pending {
+            direction,
+            trace_id: parts
+                .headers
+                .get("traceparent")
+                .and_then(|v| trace_id(v.as_bytes())),
+            caller,
+            method: parts.method.to_string(),
+            path: logged_path(&parts.uri),
+            request_bytes: content_length(&parts.headers),
+        }
+    }
+
+    /// The line, once answered with `resp` after `took` over `link`.
+    pub fn finish<B>(
+        self,
+        routed: Routed,
+        resp: &http::Response<B>,
+        error: Option<&'static str>,
+        link: &'static str,
+        took: Duration,
+    ) -> Entry {
+        Entry {
+            time: rfc3339_now(),
+            direction: self.direction,
+            trace_id: self.trace_id,
+            caller: self.caller,
+            service: routed.service,
+            method: self.method,
+            path: self.path,
+            status: resp.status().as_u16(),
+            error,
+            link,
+            endpoint: routed.endpoint,
+            attempts: routed.attempts,
+            request_bytes: self.request_bytes,
+            response_bytes: content_length(resp.headers()),
+            duration_ms: took.as_secs_f64() * 1000.0,
+        }
+    }
+}
+
+/// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed
+/// and not all zeros.
+pub fn trace_id(traceparent: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(traceparent).ok()?;
+    let mut parts = text.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let ok = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0');
+    ok.then(|| trace.to_ascii_lowercase())
+}
+
+/// `now` as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let secs = now.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_millis()
+    )
+}
+
+/// The request path to log: no query, at most 256 bytes (cut at a character boundary).
+pub fn logged_path(uri: &http::Uri) -> String {
+    let p = uri.path();
+    let mut end = p.len().min(256);
+    while !p.is_char_boundary(end) {
+        end -= 1;
+    }
+    p[..end].to_owned()
+}
+
+/// A header's declared length.
+pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_of_traceparent() {
+        let tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            trace_id(tp).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            &b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"[..],
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(trace_id(bad), None);
+        }
+    }
+
+    #[test]
+    fn times_paths_and_lengths() {
+        let t = rfc3339_now();
+        assert_eq!(t.len(), "2026-12-06T08:57:05.123Z".len(), "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z'), "{t}");
+        let uri: http::Uri = "/a/b?secret=1".parse().unwrap();
+        assert_eq!(logged_path(&uri), "/a/b");
+        let long: http::Uri = format!("/{}", "a".repeat(300)).parse().unwrap();
+        assert_eq!(logged_path(&long).len(), 256);
+    }
+}
