@@ -58,40 +58,11 @@ pub(super) fn route(
         gray.clone(),
         policies.clone(),
     );
-    let pool_opts = PoolOptions {
-        connect_timeout: cfg.connect_timeout,
-        max_conns_per_target: cfg.limits.max_connections_per_endpoint,
-        max_pending_per_target: cfg.limits.max_pending_per_endpoint,
-        ..PoolOptions::default()
-    };
-    let pa_hosts = Arc::new(PaHosts::default());
-    let to_pas = match &tls {
-        Some(t) => Pool::with_connector(
-            pool_opts,
-            Arc::new(PaConnect::new(t.clone(), pa_hosts.clone())),
-        ),
-        None => Pool::new(pool_opts),
-    };
-    let links = Links::new(
-        cfg.clone(),
-        opened.registry.watch_hosts(),
-        &to_pas,
-        pa_hosts,
-    );
+    let (pool_opts, to_pas, links) = links_to_pas(cfg, opened, tls.as_ref());
     tasks.push(tokio::spawn(prune_links(
         links.clone(),
         opened.catalog.clone(),
     )));
-    if let Some(d) = &opened.delegated {
-        let l = links.clone();
-        d.set_links(Box::new(move || {
-            l.states()
-                .into_iter()
-                .filter(|(_, state)| *state != CA_NAMES.primary)
-                .map(|(host, state)| (host, state.to_owned()))
-                .collect()
-        }));
-    }
     let providers = Arc::new(LocalProviders::new(
         cfg,
         bound.inbound,
@@ -126,14 +97,85 @@ pub(super) fn route(
         )
         .with_access_log(access_log),
     );
-    let admin = Arc::new(Admin {
+    let admin = admin(
+        cfg,
+        opened,
+        links,
+        &providers,
+        (gray, policies),
+        bound,
+        lifecycle,
+    )?;
+    let (outbound_opts, inbound_opts) = conn_options(cfg, tls);
+    Ok(Routing {
+        outbound,
+        inbound,
+        admin,
+        providers,
+        outbound_opts,
+        inbound_opts,
+        tasks,
+    })
+}
+
+/// The pools' settings, the pool of connections to PAs (mutual TLS when on) and the CA half
+/// of the link machine over it (whose states a watchdog reports, when under one).
+fn links_to_pas(
+    cfg: &Arc<Config>,
+    opened: &Opened,
+    tls: Option<&Arc<TlsState>>,
+) -> (PoolOptions, Arc<Pool>, Arc<Links>) {
+    let pool_opts = PoolOptions {
+        connect_timeout: cfg.connect_timeout,
+        max_conns_per_target: cfg.limits.max_connections_per_endpoint,
+        max_pending_per_target: cfg.limits.max_pending_per_endpoint,
+        ..PoolOptions::default()
+    };
+    let pa_hosts = Arc::new(PaHosts::default());
+    let to_pas = match tls {
+        Some(t) => Pool::with_connector(
+            pool_opts,
+            Arc::new(PaConnect::new(t.clone(), pa_hosts.clone())),
+        ),
+        None => Pool::new(pool_opts),
+    };
+    let links = Links::new(
+        cfg.clone(),
+        opened.registry.watch_hosts(),
+        &to_pas,
+        pa_hosts,
+    );
+    if let Some(d) = &opened.delegated {
+        let l = links.clone();
+        d.set_links(Box::new(move || {
+            l.states()
+                .into_iter()
+                .filter(|(_, state)| *state != CA_NAMES.primary)
+                .map(|(host, state)| (host, state.to_owned()))
+                .collect()
+        }));
+    }
+    (pool_opts, to_pas, links)
+}
+
+/// The admin API over what was built, with a new admin token and the metrics listener's.
+fn admin(
+    cfg: &Arc<Config>,
+    opened: &Opened,
+    links: Arc<Links>,
+    providers: &Arc<LocalProviders>,
+    documents: (Arc<Gray>, Arc<Policies>),
+    bound: &SidecarAddresses,
+    lifecycle: &Arc<Lifecycle>,
+) -> Result<Arc<Admin>, StartError> {
+    Ok(Arc::new(Admin {
         cfg: cfg.clone(),
         lifecycle: lifecycle.clone(),
         catalog: opened.catalog.clone(),
         links,
         providers: providers.clone(),
-        gray,
-        policies,
+        gray: documents.0,
+        policies: documents.1,
         bound: bound.clone(),
         token: crate::admin::guard::Token::create(&cfg.run_dir).map_err(|source| {
             StartError::RunDir {
@@ -152,17 +194,7 @@ pub(super) fn route(
                 })
             })
             .transpose()?,
-    });
-    let (outbound_opts, inbound_opts) = conn_options(cfg, tls);
-    Ok(Routing {
-        outbound,
-        inbound,
-        admin,
-        providers,
-        outbound_opts,
-        inbound_opts,
-        tasks,
-    })
+    }))
 }
 
 /// The gray rules and the policy document, followed from the registry and saved in the state
