@@ -8,6 +8,7 @@ pub mod config_file;
 pub mod files;
 pub mod labels;
 pub mod types;
+pub mod utc;
 
 pub use types::{
     ADDRESS_FILE, AppProtocol, Endpoint, EndpointSet, HostId, HostPublication, HostStatus,

@@ -68,6 +68,29 @@ pub fn head_size(parts: &Parts) -> usize {
         + line
 }
 
+/// The service a request names, after its head passed the size limit (`max_header_bytes`):
+/// `header-too-large`, or `malformed-request` when it names none that is valid. Records the
+/// name in the current span's `service` field.
+pub fn service_of(
+    parts: &Parts,
+    max_header_bytes: usize,
+) -> Result<detour_proto::ServiceName, crate::http::respond::MeshError> {
+    use crate::http::respond::MeshError;
+    use detour_core::MeshErrorKind;
+    let size = head_size(parts);
+    if size > max_header_bytes {
+        return Err(MeshError::new(
+            MeshErrorKind::HeaderTooLarge,
+            format!("{size} bytes, limit {max_header_bytes}"),
+        ));
+    }
+    let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
+    let name = target(parts).map_err(|e| malformed(e.into()))?;
+    let service = detour_proto::ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
+    tracing::Span::current().record("service", service.as_str());
+    Ok(service)
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`, and any `TE` other than
 /// `trailers` (which gRPC needs).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -30,7 +30,7 @@ use tracing::Instrument;
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::{Config, Provide};
 use crate::http::forward::attempt;
-use crate::http::headers::{authority, head_size, strip_hop_by_hop, target};
+use crate::http::headers::{authority, service_of, strip_hop_by_hop};
 use crate::http::respond::{MeshError, is_grpc};
 use crate::http::server::{Caller, Handler, ping_response};
 use crate::inbound::providers::LocalProviders;
@@ -159,17 +159,7 @@ impl Inbound {
         body: Incoming,
         metrics: &mut Option<Arc<ServiceMetrics>>,
     ) -> Result<Response<BoxBody>, MeshError> {
-        let size = head_size(&parts);
-        if size > self.cfg.max_header_bytes {
-            return Err(MeshError::new(
-                MeshErrorKind::HeaderTooLarge,
-                format!("{size} bytes, limit {}", self.cfg.max_header_bytes),
-            ));
-        }
-        let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
-        let name = target(&parts).map_err(|e| malformed(e.into()))?;
-        let service = ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
-        tracing::Span::current().record("service", service.as_str());
+        let service = service_of(&parts, self.cfg.max_header_bytes)?;
         metrics.clone_from(&self.metrics.get(&service).cloned());
         let provider = self.providers.get(&service).ok_or_else(|| {
             MeshError::new(

@@ -44,7 +44,7 @@ use tracing::Instrument;
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::Config;
 use crate::http::forward::{AttemptFailed, attempt};
-use crate::http::headers::{authority, head_size, strip_hop_by_hop, target};
+use crate::http::headers::{authority, service_of, strip_hop_by_hop};
 use crate::http::respond::{MeshError, is_grpc};
 use crate::http::server::{Handler, ping_response};
 use crate::outbound::balance::{Balancer, NoPick};
@@ -150,17 +150,7 @@ impl Outbound {
         info: &mut RouteInfo,
     ) -> Result<(Response<BoxBody>, PathTaken), MeshError> {
         let start = Instant::now();
-        let size = head_size(&parts);
-        if size > self.cfg.max_header_bytes {
-            return Err(MeshError::new(
-                MeshErrorKind::HeaderTooLarge,
-                format!("{size} bytes, limit {}", self.cfg.max_header_bytes),
-            ));
-        }
-        let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
-        let name = target(&parts).map_err(|e| malformed(e.into()))?;
-        let service = ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
-        tracing::Span::current().record("service", service.as_str());
+        let service = service_of(&parts, self.cfg.max_header_bytes)?;
         let set = self
             .catalog
             .endpoints(&service)
@@ -182,26 +172,7 @@ impl Outbound {
         let deadline = start + policy.request_timeout;
         let balancer = &per.balancer;
         balancer.retain(&set);
-        let mut req = Request::from_parts(parts, boxed(body));
-        strip_hop_by_hop(req.headers_mut());
-        // An app's mesh headers are not the mesh's word (`x-detour-caller` is set by a PA from
-        // a verified identity only): none leaves this sidecar, on any path.
-        strip_mesh_headers(req.headers_mut());
-        if policy.connect_timeout != self.cfg.connect_timeout {
-            // The pools' own timeout is the sidecar's; only another one rides with the request.
-            req.extensions_mut()
-                .insert(ConnectTimeout(policy.connect_timeout));
-        }
-        let idempotent = is_idempotent(&req);
-        let (req, replay) = prepare(req, self.cfg.max_replay_bytes, policy.request_timeout)
-            .await
-            .map_err(|e| match e {
-                PrepareError::TimedOut(_) => {
-                    MeshError::new(MeshErrorKind::BodyTimeout, e.to_string())
-                }
-                PrepareError::Body(_) => malformed(e.to_string()),
-            })?;
-        let mut flight = Held::new(req, replay, idempotent);
+        let mut flight = self.flight(parts, body, &policy).await?;
         let mut tried: Vec<InstanceId> = Vec::new();
         let limit = policy.max_concurrent_per_endpoint;
         let panic = policy.outlier.panic_threshold_percent;
@@ -316,6 +287,37 @@ impl Outbound {
                 Step::GiveUp(f) => return Err(MeshError::gave_up(f, failed.error.detail)),
             }
         }
+    }
+
+    /// The request as it leaves this CA, held for its attempts: hop-by-hop and mesh headers
+    /// removed (an app's `x-detour-*` are not the mesh's word: `x-detour-caller` is set by a PA
+    /// from a verified identity only), the service's connect timeout when it is not the
+    /// sidecar's, and a small body kept so that a failed attempt can be sent again.
+    async fn flight(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        policy: &ServicePolicy,
+    ) -> Result<Held, MeshError> {
+        let mut req = Request::from_parts(parts, boxed(body));
+        strip_hop_by_hop(req.headers_mut());
+        strip_mesh_headers(req.headers_mut());
+        if policy.connect_timeout != self.cfg.connect_timeout {
+            req.extensions_mut()
+                .insert(ConnectTimeout(policy.connect_timeout));
+        }
+        let idempotent = is_idempotent(&req);
+        let (req, replay) = prepare(req, self.cfg.max_replay_bytes, policy.request_timeout)
+            .await
+            .map_err(|e| match e {
+                PrepareError::TimedOut(_) => {
+                    MeshError::new(MeshErrorKind::BodyTimeout, e.to_string())
+                }
+                PrepareError::Body(_) => {
+                    MeshError::new(MeshErrorKind::MalformedRequest, e.to_string())
+                }
+            })?;
+        Ok(Held::new(req, replay, idempotent))
     }
 
     /// Whether this request to `ep` goes through its PA (the link to its host decides).
