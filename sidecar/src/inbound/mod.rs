@@ -283,7 +283,6 @@ impl Handler for Inbound {
         });
         let mut metrics = None;
         let routed = self.route(parts, body, &mut metrics).instrument(span).await;
-        let service = metrics.as_ref().map(|m| m.service().to_owned());
         let (resp, path, error) = match routed {
             Ok(r) => (r, PathLabel::Local, None),
             Err(e) => {
@@ -298,10 +297,11 @@ impl Handler for Inbound {
         };
         let took = start.elapsed();
         record_request(Direction::Inbound, PathLabel::Local, resp.status(), took);
-        if let Some(m) = metrics {
+        if let Some(m) = &metrics {
             m.record(path, resp.status(), took, error);
         }
         if let (Some(log), Some(p)) = (&self.access_log, pending) {
+            let service = metrics.as_ref().map(|m| m.service().to_owned());
             let routed = Routed {
                 endpoint: service.as_ref().and_then(|s| self.instance_of(s)),
                 service,

@@ -110,6 +110,9 @@ async fn scrape_all(
     Ok(out)
 }
 
+/// The largest `/metrics` page read (a 1,000-service sidecar's is about 5 MiB).
+const MAX_PAGE: usize = 32 << 20;
+
 /// `GET /metrics` of the listener at `addr`.
 async fn scrape(addr: SocketAddr, token: Option<&str>) -> Result<String, String> {
     let client = Client::builder(Dial::Tcp(addr))
@@ -127,11 +130,11 @@ async fn scrape(addr: SocketAddr, token: Option<&str>) -> Result<String, String>
     let resp = client.send(&host, req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     use http_body_util::BodyExt;
-    let body = resp
-        .into_body()
+    // A sidecar's page is a few hundred KiB at most; a listener sending more is not read on.
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_PAGE)
         .collect()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("/metrics: {e}"))?
         .to_bytes();
     if !status.is_success() {
         return Err(format!("/metrics answered {status}"));
