@@ -1,8 +1,8 @@
 //! What the Detour SDK and the sidecar share, internal to the workspace: dialing and pooled
 //! connections ([`transport`], behind the [`connect::Connect`] seam), the body type, keeping
 //! small requests for a second attempt ([`replay`]), the pure link state machine ([`link`]) and
-//! its live handle, active probes, the failure vocabulary ([`failure`]) and the one retry
-//! decision ([`decide`]).
+//! its live handle, active probes, the failure vocabulary ([`failure`]), the one retry
+//! decision ([`decide`]) and trace context and export ([`trace`]).
 //!
 //! Applications do not use this crate: they link `detour-thin-sdk`, whose public surface is
 //! the client alone.
@@ -19,6 +19,7 @@ pub mod probe;
 pub mod replay;
 #[cfg(feature = "test-util")]
 pub mod testing;
+pub mod trace;
 pub mod transport;
 
 pub use body::BoxBody;

@@ -25,7 +25,7 @@ pub struct Entry {
     pub time: String,
     /// `outbound` (CA) or `inbound` (PA).
     pub direction: &'static str,
-    /// The W3C trace id of the request's `traceparent`, if it had a well-formed one.
+    /// The W3C trace id: the request's `traceparent`'s, or the trace this hop started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     /// The caller's identity (the PA: the SPIFFE ID of the calling sidecar).
@@ -190,18 +190,16 @@ pub struct Routed {
 
 impl Pending {
     /// The request side of a line (`direction`: `outbound` or `inbound`; `caller`: the calling
-    /// sidecar's identity, at a PA).
+    /// sidecar's identity, at a PA; `trace`: the request's trace).
     pub fn of(
         direction: &'static str,
         parts: &http::request::Parts,
         caller: Option<String>,
+        trace: detour_core::trace::TraceId,
     ) -> Self {
         Pending {
             direction,
-            trace_id: parts
-                .headers
-                .get("traceparent")
-                .and_then(|v| trace_id(v.as_bytes())),
+            trace_id: Some(trace.hex()),
             caller,
             method: parts.method.to_string(),
             path: logged_path(&parts.uri),
@@ -238,23 +236,6 @@ impl Pending {
     }
 }
 
-/// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed
-/// and not all zeros.
-pub fn trace_id(traceparent: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(traceparent).ok()?;
-    let mut parts = text.trim().split('-');
-    let (version, trace, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let ok = hex(version, 2)
-        && version != "ff"
-        && hex(trace, 32)
-        && hex(parent, 16)
-        && hex(flags, 2)
-        && trace.bytes().any(|b| b != b'0');
-    ok.then(|| trace.to_ascii_lowercase())
-}
-
 /// `now` as RFC 3339 UTC with milliseconds.
 pub fn rfc3339_now() -> String {
     detour_proto::utc::utc_ms(detour_registry::now_unix_ms())
@@ -283,24 +264,6 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn trace_ids_of_traceparent() {
-        let tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(
-            trace_id(tp).as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        for bad in [
-            &b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"[..],
-            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
-            b"00-4bf92f3577b34da6a3ce929d0e0e4736",
-            b"\xff\xfe",
-        ] {
-            assert_eq!(trace_id(bad), None);
-        }
-    }
 
     #[test]
     fn times_paths_and_lengths() {

@@ -88,6 +88,33 @@ pub fn record_request(
     m.head[direction as usize].record(took.as_secs_f64());
 }
 
+/// Ends a hop's span with what it answered: the method (`Some` when recording), the status,
+/// the path and the mesh error; a mesh error or a 5xx marks it failed.
+pub fn close_hop<B>(
+    hop: &mut detour_core::trace::Span,
+    method: Option<String>,
+    resp: &http::Response<B>,
+    path: PathLabel,
+    error: Option<detour_core::MeshErrorKind>,
+) {
+    if !hop.is_recording() {
+        return;
+    }
+    if let Some(m) = method {
+        hop.attr("http.request.method", m);
+    }
+    hop.attr("http.response.status_code", resp.status().as_u16());
+    hop.attr("detour.path", path.as_str());
+    match error {
+        Some(kind) => {
+            hop.attr("detour.error", kind.reason());
+            hop.fail(|| kind.to_string());
+        }
+        None if resp.status().is_server_error() => hop.fail(|| resp.status().to_string()),
+        None => {}
+    }
+}
+
 /// The golden metrics of one service in one direction, resolved once per service:
 /// `detour_service_requests_total{direction, service, path, class}`,
 /// `detour_service_response_seconds{direction, service, path}` and

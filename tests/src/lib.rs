@@ -7,6 +7,7 @@
 pub mod etcd;
 pub mod etcd_tls;
 pub mod grpc;
+pub mod otlp;
 pub mod proxy;
 pub mod raw;
 pub mod scenario;

@@ -14,6 +14,7 @@ use detour_core::decide::{Alternatives, Failure, Next, Outcome, Part, decide};
 use detour_core::failure::{Blame, Delivery, strip_mesh_headers};
 use detour_core::link::{Event, LinkState, Reason};
 use detour_core::replay::{Held, is_idempotent, prepare};
+use detour_core::trace::{Span, SpanKind};
 use detour_core::transport::{Failed, TransportError, set_target};
 use detour_core::{Dial, MeshErrorKind, PathTaken};
 use detour_proto::{AppProtocol, Endpoint, ServiceName};
@@ -27,6 +28,15 @@ use crate::error::Error;
 enum Route {
     Mesh,
     Direct,
+}
+
+impl Route {
+    fn as_str(self) -> &'static str {
+        match self {
+            Route::Mesh => "mesh",
+            Route::Direct => "direct",
+        }
+    }
 }
 
 /// What an attempt leads to.
@@ -60,9 +70,24 @@ struct Call<'a> {
     direct_forbidden: bool,
     /// The sidecar's own error answer, returned when nothing does better.
     mesh_answer: Option<Response<BoxBody>>,
+    /// The call's span (attempts are its children; hedges and path switches its events).
+    trace: &'a mut Span,
+    /// Attempts made.
+    attempts: u32,
 }
 
 impl Call<'_> {
+    /// The span of the next attempt, on `route`.
+    fn attempt(&mut self, route: Route) -> Span {
+        self.attempts += 1;
+        let mut span = self.trace.child("attempt", SpanKind::Client);
+        if span.is_recording() {
+            span.attr("detour.attempt", self.attempts);
+            span.attr("detour.path", route.as_str());
+        }
+        span
+    }
+
     /// Whether the direct path still has providers to try (or has not been looked at).
     fn direct_left(&self) -> bool {
         self.direct_allowed && self.direct.as_ref().is_none_or(|d| !d.is_empty())
@@ -75,6 +100,7 @@ impl Client {
         service: &ServiceName,
         protocol: AppProtocol,
         req: Request<BoxBody>,
+        trace: &mut Span,
     ) -> Result<Response<BoxBody>, Error> {
         let direct_allowed = self.inner.control.is_some();
         let idempotent = is_idempotent(&req);
@@ -100,6 +126,8 @@ impl Client {
             no_snapshot: false,
             direct_forbidden: false,
             mesh_answer: None,
+            trace,
+            attempts: 0,
         };
         // The sidecar's link, then the service's own switch (a gray rule or a rollback).
         let mesh = !direct_allowed
@@ -117,7 +145,17 @@ impl Client {
             };
             match step {
                 Step::Answered(resp) => return Ok(resp),
-                Step::Go(next) => route = next,
+                Step::Go(next) => {
+                    if next != route {
+                        call.trace.event("switch_path", || {
+                            vec![
+                                ("detour.from", route.as_str().into()),
+                                ("detour.to", next.as_str().into()),
+                            ]
+                        });
+                    }
+                    route = next;
+                }
                 Step::GiveUp(failure) => return self.give_up(call, failure),
                 Step::Invalid(e) => return Err(e),
             }
@@ -130,10 +168,21 @@ impl Client {
         let Some(req) = call.held.take() else {
             return Step::GiveUp(Failure::NeverReached);
         };
-        let req = match set_target(call.service.as_str(), call.protocol, req) {
+        let mut req = match set_target(call.service.as_str(), call.protocol, req) {
             Ok(r) => r,
             Err(e) => return self.invalid(call, e),
         };
+        let mut attempt = call.attempt(Route::Mesh);
+        attempt.inject(req.headers_mut());
+        let step = self.mesh_attempt(call, req).await;
+        if !matches!(step, Step::Answered(_)) {
+            attempt.fail(|| "no answer through the sidecar".into());
+        }
+        step
+    }
+
+    /// Sends the request to the sidecar and judges what comes back (hedged when it may be).
+    async fn mesh_attempt(&self, call: &mut Call<'_>, req: Request<BoxBody>) -> Step {
         let sent = self
             .inner
             .pool
@@ -157,6 +206,8 @@ impl Client {
         F: Future<Output = Result<Response<BoxBody>, Failed>>,
     {
         metrics::counter!("detour_sdk_hedged_total").increment(1);
+        call.trace
+            .event("hedge", || vec![("detour.to", "direct".into())]);
         let mut from_mesh = None;
         let direct_answer = {
             let direct = self.direct_all(call);
@@ -279,6 +330,12 @@ impl Client {
         // Mesh headers are the mesh's word (`x-detour-caller` is set by a PA from a verified
         // identity): an app's own never reach a provider, on this path either.
         strip_mesh_headers(req.headers_mut());
+        let mut attempt = call.attempt(Route::Direct);
+        if attempt.is_recording() {
+            attempt.attr("server.address", ep.app_address.to_string());
+            attempt.attr("detour.instance", ep.instance.to_string());
+        }
+        attempt.inject(req.headers_mut());
         let dial = Dial::Tcp(ep.app_address);
         let failed = match self.inner.pool.send(&dial, ep.protocol, req).await {
             Ok(mut resp) => {
@@ -288,6 +345,7 @@ impl Client {
             }
             Err(f) => f,
         };
+        attempt.fail(|| failed.error.to_string());
         let outcome = failed.outcome(Part::Provider);
         if matches!(outcome, Outcome::NeverReached(_)) {
             self.inner.direct.refused(ep.app_address);

@@ -11,6 +11,7 @@ use detour_core::body::{BoxBody, BoxError, boxed};
 use detour_core::connect::{Connect, NetConnect};
 use detour_core::link::{LinkConfig, LinkState};
 use detour_core::link_handle::{LinkHandle, SDK_NAMES};
+use detour_core::trace::{SpanKind, TraceConfig, Tracer};
 use detour_core::{Dial, PathTaken, Pool, PoolOptions};
 use detour_proto::{AppProtocol, ServiceName, SidecarState};
 use http::{Request, Response};
@@ -38,6 +39,7 @@ pub struct ClientBuilder {
     probe_interval: Duration,
     probe_timeout: Duration,
     connector: Arc<dyn Connect>,
+    tracing: Option<TraceConfig>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -109,6 +111,14 @@ impl ClientBuilder {
         self
     }
 
+    /// Records a span per call and per attempt and exports them over OTLP/HTTP
+    /// ([`TraceConfig::from_env`] reads the usual `OTEL_*` variables). Without it, trace context
+    /// is still passed on, and started when a request has none.
+    pub fn tracing(mut self, cfg: TraceConfig) -> Self {
+        self.tracing = Some(cfg);
+        self
+    }
+
     /// Opens connections through `connector` instead of real sockets (unit tests).
     #[cfg(test)]
     pub(crate) fn connector(mut self, connector: Arc<dyn Connect>) -> Self {
@@ -116,8 +126,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Builds the client. With the control session on, this must run inside a tokio runtime.
+    /// Builds the client. With the control session or tracing on, this must run inside a
+    /// tokio runtime.
     pub fn build(self) -> Client {
+        let tracer = self.tracing.clone().map_or_else(Tracer::off, Tracer::start);
         let pool = Pool::with_connector(self.pool, self.connector.clone());
         let link = Arc::new(LinkHandle::new(
             SDK_NAMES,
@@ -161,6 +173,7 @@ impl ClientBuilder {
                 prober,
                 link,
                 errors: ErrorWindow::default(),
+                tracer,
             }),
         }
     }
@@ -188,6 +201,8 @@ pub(crate) struct Inner {
     pub(crate) link: Arc<LinkHandle>,
     /// Recent errors the sidecar blamed on itself.
     pub(crate) errors: ErrorWindow,
+    /// Spans of calls and attempts.
+    pub(crate) tracer: Tracer,
 }
 
 impl Drop for Inner {
@@ -229,6 +244,7 @@ impl Client {
             probe_interval: Duration::from_millis(200),
             probe_timeout: Duration::from_millis(250),
             connector: Arc::new(NetConnect),
+            tracing: None,
         }
     }
 
@@ -291,11 +307,17 @@ impl Client {
         &self,
         service: &ServiceName,
         protocol: AppProtocol,
-        req: Request<BoxBody>,
+        mut req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, Error> {
         let after = self.inner.timeout;
         let start = tokio::time::Instant::now();
-        let routed = tokio::time::timeout(after, self.route(service, protocol, req))
+        let mut span = (self.inner.tracer).begin(req.headers_mut(), "call", SpanKind::Client);
+        if span.is_recording() {
+            span.rename(format!("call {service}"));
+            span.attr("detour.service", service.to_string());
+            span.attr("http.request.method", req.method().to_string());
+        }
+        let routed = tokio::time::timeout(after, self.route(service, protocol, req, &mut span))
             .await
             .map_err(|_| Error::Timeout {
                 service: service.clone(),
@@ -310,6 +332,13 @@ impl Client {
             }
             Err(_) => ("none", "error"),
         };
+        if span.is_recording() {
+            span.attr("detour.path", path);
+            match &routed {
+                Ok(resp) => span.attr("http.response.status_code", resp.status().as_u16()),
+                Err(e) => span.fail(|| e.to_string()),
+            }
+        }
         let label = detour_proto::labels::service(service);
         metrics::counter!("detour_sdk_service_requests_total",
             "service" => label.clone(), "path" => path, "class" => class)

@@ -9,7 +9,7 @@
 //!
 //! The public surface is the client: [`Client`] and its builder, [`GrpcChannel`] for tonic
 //! clients, [`Error`], the markers a response carries ([`PathTaken`], [`mesh_error`]) and the
-//! [`Idempotent`] mark for requests, plus the types these name. Everything the client is built
+//! [`Idempotent`] mark for requests, trace export ([`TraceConfig`]), plus the types these name. Everything the client is built
 //! from lives in the workspace-internal `detour-core` crate, shared with the sidecar.
 
 pub mod body;
@@ -25,6 +25,7 @@ pub use client::{Client, ClientBuilder};
 pub use control::Snapshot;
 pub use detour_core::link::{LinkConfig, LinkState};
 pub use detour_core::replay::Idempotent;
+pub use detour_core::trace::{OtlpEndpoint, TraceConfig};
 pub use detour_core::{BoxBody, Dial, MeshErrorKind, PathTaken, PoolOptions};
 pub use detour_proto::{AppProtocol, ServiceName, SidecarState};
 pub use error::Error;

@@ -27,6 +27,7 @@ use crate::process::lifecycle::Lifecycle;
 use crate::tls::TlsState;
 use crate::tls::connect::{PaConnect, PaHosts};
 use crate::tls::guard::HandshakeGuard;
+use detour_core::trace::Tracer;
 
 /// What serves, once routed.
 pub(super) struct Routing {
@@ -51,6 +52,7 @@ pub(super) fn route(
 ) -> Result<Routing, StartError> {
     let (gray, policies, mut tasks) = follow_documents(cfg, &opened.registry, &opened.catalog);
     let access_log = AccessLog::start(&cfg.access_log).map(Arc::new);
+    let tracer = cfg.tracing.clone().map_or_else(Tracer::off, Tracer::start);
     let control = ControlService::new(
         lifecycle.clone(),
         opened.catalog.clone(),
@@ -85,7 +87,8 @@ pub(super) fn route(
             lifecycle.clone(),
             control,
         )
-        .with_access_log(access_log.clone()),
+        .with_access_log(access_log.clone())
+        .with_tracer(tracer.clone()),
     );
     let inbound = Arc::new(
         Inbound::new(
@@ -95,7 +98,8 @@ pub(super) fn route(
             providers.clone(),
             policies.clone(),
         )
-        .with_access_log(access_log),
+        .with_access_log(access_log)
+        .with_tracer(tracer),
     );
     let admin = admin(
         cfg,

@@ -13,6 +13,7 @@ pub mod policy;
 pub mod provide;
 pub mod proxy;
 pub mod tls;
+pub mod traces;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -89,6 +90,8 @@ pub struct RawConfig {
     pub metrics: MetricsRaw,
     /// The access log.
     pub access_log: AccessLogRaw,
+    /// Trace export.
+    pub tracing: traces::TracingRaw,
 }
 
 /// `[access_log]`
@@ -191,6 +194,7 @@ impl Default for RawConfig {
             log: LogRaw::default(),
             metrics: MetricsRaw::default(),
             access_log: AccessLogRaw::default(),
+            tracing: traces::TracingRaw::default(),
         }
     }
 }
@@ -318,6 +322,8 @@ pub struct Config {
     pub metrics: MetricsListen,
     /// The access log.
     pub access_log: AccessLogSettings,
+    /// Trace export (`None`: spans are not recorded).
+    pub tracing: Option<detour_core::trace::TraceConfig>,
     /// Environment variables with the prefix that named no key (logged at start).
     pub warnings: Vec<String>,
 }
@@ -374,6 +380,7 @@ impl RawConfig {
         let admin = self.admin.validate(&mut p);
         let metrics = self.metrics.validate(&self.run_dir, &mut p);
         let access_log = self.access_log.validate(&self.run_dir, &mut p);
+        let tracing = self.tracing.validate(&self.host, &mut p);
         let proxy = self.proxy.validate(&mut p);
         let limits = self.limits.validate(&mut p);
         let outlier = self.outlier.validate(&mut p);
@@ -455,6 +462,7 @@ impl RawConfig {
             log_format,
             metrics,
             access_log,
+            tracing,
             warnings: Vec::new(),
         })
     }

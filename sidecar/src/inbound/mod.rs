@@ -21,6 +21,7 @@ use detour_core::body::boxed;
 use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
 use detour_core::failure::{MeshErrorKind, strip_mesh_headers};
 use detour_core::replay::is_idempotent;
+use detour_core::trace::{Span, SpanKind, Tracer};
 use detour_core::{BoxBody, Dial, Pool};
 use detour_proto::{CALLER_HEADER, CONTROL_AUTHORITY, PING_PATH, ServiceName};
 use http::{HeaderValue, Request, Response};
@@ -37,7 +38,7 @@ use crate::inbound::providers::LocalProviders;
 use crate::policy::Policies;
 use crate::process::lifecycle::Lifecycle;
 use crate::ratelimit::TokenBucket;
-use crate::telemetry::{Direction, PathLabel, ServiceMetrics, record_request};
+use crate::telemetry::{Direction, PathLabel, ServiceMetrics, close_hop, record_request};
 
 /// The inbound proxy.
 pub struct Inbound {
@@ -59,6 +60,8 @@ pub struct Inbound {
     limits: RwLock<Limits>,
     /// The access log, when one is kept.
     access_log: Option<Arc<AccessLog>>,
+    /// Spans of the hop and its attempt.
+    tracer: Tracer,
 }
 
 /// The PA's token buckets.
@@ -106,7 +109,14 @@ impl Inbound {
             policies,
             limits: RwLock::new(Limits::default()),
             access_log: None,
+            tracer: Tracer::off(),
         }
+    }
+
+    /// Records spans with `tracer`.
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// Keeps an access log of the requests handed to local providers.
@@ -158,8 +168,13 @@ impl Inbound {
         parts: http::request::Parts,
         body: Incoming,
         metrics: &mut Option<Arc<ServiceMetrics>>,
+        hop: &mut Span,
     ) -> Result<Response<BoxBody>, MeshError> {
         let service = service_of(&parts, self.cfg.max_header_bytes)?;
+        if hop.is_recording() {
+            hop.rename(format!("pa {service}"));
+            hop.attr("detour.service", service.to_string());
+        }
         metrics.clone_from(&self.metrics.get(&service).cloned());
         let provider = self.providers.get(&service).ok_or_else(|| {
             MeshError::new(
@@ -225,6 +240,13 @@ impl Inbound {
             req.headers_mut().insert(CALLER_HEADER, v);
         }
         let idempotent = is_idempotent(&req);
+        let mut try_span = hop.child("attempt", SpanKind::Client);
+        try_span.inject(req.headers_mut());
+        if try_span.is_recording() {
+            try_span.attr("detour.attempt", 1u32);
+            try_span.attr("detour.path", "local");
+            try_span.attr("detour.instance", provider.instance.to_string());
+        }
         let dial = Dial::Tcp(provider.address);
         let timeout = self.cfg.request_timeout;
         let proto = provider.protocol;
@@ -248,6 +270,7 @@ impl Inbound {
             }
             Err(f) => f,
         };
+        try_span.fail(|| failed.error.to_string());
         if let Outcome::NeverReached(_) = failed.outcome {
             self.health.suspect(&service);
         }
@@ -270,19 +293,25 @@ impl Inbound {
 impl Handler for Inbound {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
         let start = Instant::now();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         if authority(&parts) == Some(CONTROL_AUTHORITY) && parts.uri.path() == PING_PATH {
             return ping_response(&self.lifecycle);
         }
+        let mut hop = self
+            .tracer
+            .begin(&mut parts.headers, "pa", SpanKind::Server);
         let grpc = is_grpc(&parts.headers);
         let span = tracing::debug_span!("request", direction = "inbound", method = %parts.method,
             service = tracing::field::Empty);
         let pending = (self.access_log.as_ref()).filter(|l| l.wants()).map(|_| {
             let caller = parts.extensions.get::<Caller>().map(|c| c.0.to_string());
-            Pending::of("inbound", &parts, caller)
+            Pending::of("inbound", &parts, caller, hop.trace_id())
         });
         let mut metrics = None;
-        let routed = self.route(parts, body, &mut metrics).instrument(span).await;
+        let method = hop.is_recording().then(|| parts.method.to_string());
+        let routed = (self.route(parts, body, &mut metrics, &mut hop))
+            .instrument(span)
+            .await;
         let (resp, path, error) = match routed {
             Ok(r) => (r, PathLabel::Local, None),
             Err(e) => {
@@ -296,6 +325,7 @@ impl Handler for Inbound {
             }
         };
         let took = start.elapsed();
+        close_hop(&mut hop, method, &resp, path, error);
         record_request(Direction::Inbound, PathLabel::Local, resp.status(), took);
         if let Some(m) = &metrics {
             m.record(path, resp.status(), took, error);

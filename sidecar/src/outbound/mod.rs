@@ -21,6 +21,10 @@ pub mod control;
 pub mod gray;
 pub mod links;
 pub mod retry;
+mod state;
+
+pub use state::{Documents, Upstreams};
+use state::{PerService, PerState};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,8 +35,9 @@ use detour_core::decide::{Outcome, Part};
 use detour_core::failure::{MeshErrorKind, PATH_HEADER, strip_mesh_headers};
 use detour_core::link::{Event, Reason};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
+use detour_core::trace::{Span, SpanKind, Tracer};
 use detour_core::transport::ConnectTimeout;
-use detour_core::{BoxBody, Dial, PathTaken, Pool};
+use detour_core::{BoxBody, Dial, PathTaken};
 use detour_proto::control::local_control_server::LocalControlServer;
 use detour_proto::{CONTROL_AUTHORITY, Endpoint, InstanceId, ServiceName};
 use detour_registry::Catalog;
@@ -55,7 +60,7 @@ use crate::outbound::links::Links;
 use crate::outbound::retry::Step;
 use crate::policy::{Policies, ServicePolicy};
 use crate::process::lifecycle::Lifecycle;
-use crate::telemetry::{Direction, PathLabel, ServiceMetrics, record_request};
+use crate::telemetry::{Direction, PathLabel, ServiceMetrics, close_hop, record_request};
 
 /// The outbound proxy.
 pub struct Outbound {
@@ -79,6 +84,8 @@ pub struct Outbound {
     control: LocalControlServer<ControlService>,
     /// The access log, when one is kept.
     access_log: Option<Arc<AccessLog>>,
+    /// Spans of the hop and its attempts.
+    tracer: Tracer,
 }
 
 /// What routing learnt of a request, for its metrics and its access-log line.
@@ -111,7 +118,14 @@ impl Outbound {
             lifecycle,
             control: LocalControlServer::new(control),
             access_log: None,
+            tracer: Tracer::off(),
         }
+    }
+
+    /// Records spans with `tracer`.
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// Keeps an access log of the requests routed.
@@ -148,9 +162,14 @@ impl Outbound {
         parts: http::request::Parts,
         body: Incoming,
         info: &mut RouteInfo,
+        hop: &mut Span,
     ) -> Result<(Response<BoxBody>, PathTaken), MeshError> {
         let start = Instant::now();
         let service = service_of(&parts, self.cfg.max_header_bytes)?;
+        if hop.is_recording() {
+            hop.rename(format!("ca {service}"));
+            hop.attr("detour.service", service.to_string());
+        }
         let set = self
             .catalog
             .endpoints(&service)
@@ -215,12 +234,18 @@ impl Outbound {
             }
             let span = tracing::debug_span!("attempt", n = attempts, instance = %ep.instance,
                 path = if via_pa { "pa" } else { "provider" });
+            let mut try_span = hop.child("attempt", SpanKind::Client);
+            if try_span.is_recording() {
+                try_span.attr("detour.attempt", attempts);
+                try_span.attr("detour.path", if via_pa { "mesh" } else { "ca_direct" });
+                try_span.attr("detour.instance", ep.instance.to_string());
+            }
             let result = if via_pa {
-                self.via_pa(&service, ep, &mut flight, timeout, direct_ok(ep))
+                self.via_pa(&service, ep, &mut flight, timeout, direct_ok(ep), &try_span)
                     .instrument(span)
                     .await
             } else {
-                self.straight(&service, ep, &mut flight, timeout)
+                self.straight(&service, ep, &mut flight, timeout, &try_span)
                     .instrument(span)
                     .await
             };
@@ -268,6 +293,15 @@ impl Outbound {
                 }
             };
             tracing::debug!(outcome = ?failed.outcome, ?step, "attempt failed");
+            try_span.fail(|| failed.error.to_string());
+            drop(try_span);
+            hop.event(retry::event_name(&step), || {
+                vec![
+                    ("detour.attempt", attempts.into()),
+                    ("detour.error", failed.error.kind.reason().into()),
+                    ("detour.outcome", format!("{:?}", failed.outcome).into()),
+                ]
+            });
             match step {
                 Step::Again => {}
                 Step::OtherPath => via_pa = false,
@@ -337,6 +371,7 @@ impl Outbound {
         flight: &mut Held,
         timeout: std::time::Duration,
         direct_ok: bool,
+        trace: &Span,
     ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
         let Some(pa) = ep.pa_address else {
             // Reached through a PA only, and it has none: this endpoint cannot be used.
@@ -367,7 +402,8 @@ impl Outbound {
             });
         }
         let link = self.links.get(&ep.host, pa);
-        let req = flight.take().ok_or_else(|| consumed(ep))?;
+        let mut req = flight.take().ok_or_else(|| consumed(ep))?;
+        trace.inject(req.headers_mut());
         let dial = Dial::Tcp(pa);
         let proto = self.cfg.pa_protocol;
         let sent = attempt(
@@ -441,8 +477,10 @@ impl Outbound {
         ep: &Endpoint,
         flight: &mut Held,
         timeout: std::time::Duration,
+        trace: &Span,
     ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
-        let req = flight.take().ok_or_else(|| consumed(ep))?;
+        let mut req = flight.take().ok_or_else(|| consumed(ep))?;
+        trace.inject(req.headers_mut());
         let dial = Dial::Tcp(ep.app_address);
         match attempt(
             &self.pools.providers,
@@ -479,19 +517,25 @@ impl Outbound {
 
 impl Handler for Outbound {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         if authority(&parts) == Some(CONTROL_AUTHORITY) {
             return self.serve_control(Request::from_parts(parts, body)).await;
         }
         let start = Instant::now();
+        let mut hop = self
+            .tracer
+            .begin(&mut parts.headers, "ca", SpanKind::Server);
         let grpc = is_grpc(&parts.headers);
         let span = tracing::debug_span!("request", direction = "outbound", method = %parts.method,
             service = tracing::field::Empty);
         let pending = (self.access_log.as_ref())
             .filter(|l| l.wants())
-            .map(|_| Pending::of("outbound", &parts, None));
+            .map(|_| Pending::of("outbound", &parts, None, hop.trace_id()));
         let mut info = RouteInfo::default();
-        let routed = self.route(parts, body, &mut info).instrument(span).await;
+        let method = hop.is_recording().then(|| parts.method.to_string());
+        let routed = (self.route(parts, body, &mut info, &mut hop))
+            .instrument(span)
+            .await;
         let (resp, path, error) = match routed {
             Ok((mut resp, path)) => {
                 resp.headers_mut().insert(PATH_HEADER, path.header_value());
@@ -512,6 +556,7 @@ impl Handler for Outbound {
             }
         };
         let took = start.elapsed();
+        close_hop(&mut hop, method, &resp, path, error);
         record_request(Direction::Outbound, path, resp.status(), took);
         if let Some(per) = &info.per {
             per.metrics.record(path, resp.status(), took, error);
@@ -521,66 +566,6 @@ impl Handler for Outbound {
             log.log(&p.finish(info.log, &resp, kind, path.as_str(), took));
         }
         resp
-    }
-}
-
-/// What the registry's documents decide for the CA.
-#[derive(Clone)]
-pub struct Documents {
-    /// The gray rules (a service switched off goes straight to its providers).
-    pub gray: Arc<Gray>,
-    /// Each service's traffic policy.
-    pub policies: Arc<Policies>,
-}
-
-/// The CA's upstream connections.
-#[derive(Debug, Clone)]
-pub struct Upstreams {
-    /// To providers (the direct path, C→CA→P).
-    pub providers: Arc<Pool>,
-    /// To PAs (mutual TLS unless plaintext is configured).
-    pub pas: Arc<Pool>,
-}
-
-/// What the CA keeps per service it routes.
-struct PerService {
-    /// Endpoint selection, ejections and outliers.
-    balancer: Balancer,
-    /// The service's golden metrics.
-    metrics: ServiceMetrics,
-    /// The policy in force and the retry budget.
-    state: Mutex<PerState>,
-}
-
-struct PerState {
-    /// Resends of requests a provider may have processed.
-    budget: RetryBudget,
-    /// The service's policy, as of `generation` of the policies.
-    policy: Arc<ServicePolicy>,
-    generation: u64,
-}
-
-impl PerService {
-    /// Counts a new request in the budget and returns the policy in force (re-read when the
-    /// policies changed since it was last read).
-    fn begin(
-        &self,
-        policies: &Policies,
-        service: &ServiceName,
-        now: Instant,
-    ) -> Arc<ServicePolicy> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let generation = policies.generation();
-        if state.generation != generation {
-            let policy = policies.of(service);
-            if policy.budget != state.policy.budget {
-                state.budget = RetryBudget::new(policy.budget, now);
-            }
-            state.policy = Arc::new(policy);
-            state.generation = generation;
-        }
-        state.budget.request(now);
-        state.policy.clone()
     }
 }
 

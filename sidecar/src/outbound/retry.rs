@@ -103,6 +103,16 @@ impl Plan {
     }
 }
 
+/// The name of the span event a failed attempt leaves on its hop: what happens next.
+pub fn event_name(step: &Step) -> &'static str {
+    match step {
+        Step::Again => "retry",
+        Step::OtherPath => "switch_path",
+        Step::NextEndpoint { .. } => "next_endpoint",
+        Step::Return | Step::GiveUp(_) => "give_up",
+    }
+}
+
 #[cfg(test)]
 #[path = "retry_tests.rs"]
 mod tests;

@@ -19,7 +19,7 @@ use detour_kit::provider::DemoProvider;
 use detour_kit::watched;
 use detour_proto::{AppProtocol, ServiceName};
 use detour_registry_sync::legacy::zk_publish;
-use detour_thin_sdk::{Client, Dial};
+use detour_thin_sdk::{Client, Dial, TraceConfig};
 use detour_watchdog::api::UpgradeRequest;
 
 #[derive(Debug, Parser)]
@@ -409,12 +409,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let target = match (&args.sidecar, &args.direct) {
                 (Some(s), _) => {
                     let dial: Dial = s.parse().map_err(anyhow::Error::msg)?;
-                    let client = Client::builder(dial)
+                    let mut client = Client::builder(dial)
                         .protocol(protocol)
                         .app("detourctl-load")
-                        .timeout(Duration::from_millis(args.timeout_ms))
-                        .build();
-                    Target::Sdk(client)
+                        .timeout(Duration::from_millis(args.timeout_ms));
+                    // The OpenTelemetry variables turn the SDK's trace export on.
+                    if let Some(cfg) = TraceConfig::from_env("detourctl-load", std::env::vars())
+                        .map_err(anyhow::Error::msg)?
+                    {
+                        client = client.tracing(cfg);
+                    }
+                    Target::Sdk(client.build())
                 }
                 (None, Some(url)) => {
                     let hostport = url

@@ -1,0 +1,334 @@
+//! The span exporter: finished spans go into a bounded queue (full: dropped and counted, never
+//! waited for) and a task sends them in batches to an OTLP/HTTP endpoint, JSON-encoded
+//! (`POST /v1/traces`), one connection at a time with connect and answer timeouts. A batch the
+//! endpoint does not take is dropped and counted: spans are never kept for a retry.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value as Json, json};
+use tokio::sync::mpsc;
+
+use super::{Attribute, Event, SpanId, SpanKind, TraceId, Value};
+
+/// Most spans sent in one request.
+const MAX_BATCH: usize = 512;
+/// Time to connect to the endpoint, and then to get its answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where spans go: an `http://host:port/path` URL (OTLP/HTTP; `/v1/traces` when no path is
+/// given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpEndpoint {
+    /// `host:port`, resolved at each export.
+    pub authority: String,
+    /// The request path.
+    pub path: String,
+}
+
+impl OtlpEndpoint {
+    /// Parses `url`; only `http://` is supported (a collector on the host or the network).
+    pub fn parse(url: &str) -> Result<OtlpEndpoint, String> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            format!("{url:?}: only http:// endpoints are supported (OTLP/HTTP with JSON)")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let uri: http::uri::Authority = authority
+            .parse()
+            .map_err(|_| format!("{url:?}: {authority:?} is not host:port"))?;
+        if uri.port_u16().is_none() || authority.contains('@') {
+            return Err(format!("{url:?}: give the port, and no user"));
+        }
+        let path = match path {
+            "" | "/" => "/v1/traces".to_owned(),
+            p => p.to_owned(),
+        };
+        if path.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(format!("{url:?}: {path:?} is not a valid path"));
+        }
+        Ok(OtlpEndpoint {
+            authority: authority.to_owned(),
+            path,
+        })
+    }
+}
+
+/// How spans are exported.
+#[derive(Debug, Clone)]
+pub struct TraceConfig {
+    /// The OTLP/HTTP endpoint.
+    pub endpoint: OtlpEndpoint,
+    /// The resource's `service.name` (what back-ends group spans by).
+    pub service_name: String,
+    /// More resource attributes (`host.name`, …).
+    pub resource: Vec<(String, String)>,
+    /// Share of the traces this process starts that are recorded, 0 to 1 (traces that come
+    /// with a `traceparent` follow its sampled flag).
+    pub sample: f64,
+    /// Most finished spans waiting for export; beyond, dropped and counted.
+    pub queue: usize,
+    /// How long a batch may wait for more spans.
+    pub flush: Duration,
+}
+
+impl TraceConfig {
+    /// A config with the defaults: everything started here sampled, 2,048 spans queued, a
+    /// batch sent at least every second.
+    pub fn new(endpoint: OtlpEndpoint, service_name: impl Into<String>) -> Self {
+        TraceConfig {
+            endpoint,
+            service_name: service_name.into(),
+            resource: Vec::new(),
+            sample: 1.0,
+            queue: 2048,
+            flush: Duration::from_secs(1),
+        }
+    }
+
+    /// The config the OpenTelemetry variables of `env` describe: the endpoint from
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is) or `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// (`/v1/traces` appended), the name from `OTEL_SERVICE_NAME` (else `service_name`), the
+    /// sampled share from `OTEL_TRACES_SAMPLER_ARG`. `None` with no endpoint; an error names
+    /// the variable that is wrong.
+    pub fn from_env(
+        service_name: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Option<TraceConfig>, String> {
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("OTEL_"))
+            .collect();
+        let endpoint = match (
+            env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
+            (Some(e), _) if !e.is_empty() => OtlpEndpoint::parse(e)
+                .map_err(|e| format!("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: {e}"))?,
+            (_, Some(e)) if !e.is_empty() => {
+                OtlpEndpoint::parse(&format!("{}/v1/traces", e.trim_end_matches('/')))
+                    .map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))?
+            }
+            _ => return Ok(None),
+        };
+        let name = env
+            .get("OTEL_SERVICE_NAME")
+            .filter(|n| !n.is_empty())
+            .map_or(service_name, String::as_str);
+        let mut cfg = TraceConfig::new(endpoint, name);
+        if let Some(arg) = env.get("OTEL_TRACES_SAMPLER_ARG") {
+            cfg.sample = arg
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| {
+                    format!("OTEL_TRACES_SAMPLER_ARG: {arg:?} is not between 0 and 1")
+                })?;
+        }
+        Ok(Some(cfg))
+    }
+}
+
+/// A span as exported.
+pub(super) struct Finished {
+    pub trace_id: TraceId,
+    pub id: SpanId,
+    pub parent: Option<SpanId>,
+    pub name: Cow<'static, str>,
+    pub kind: SpanKind,
+    pub start: u64,
+    pub end: u64,
+    pub attributes: Vec<Attribute>,
+    pub events: Vec<Event>,
+    pub error: Option<String>,
+}
+
+/// The queue's sending side and the sampling rule.
+pub(super) struct Exporter {
+    tx: mpsc::Sender<Finished>,
+    sample: f64,
+    counts: Arc<Counts>,
+}
+
+/// Spans exported and dropped so far (also counted in the metrics).
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    pub exported: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+impl Exporter {
+    pub(super) fn start(cfg: TraceConfig) -> Arc<Exporter> {
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let sample = cfg.sample.clamp(0.0, 1.0);
+        let counts = Arc::new(Counts::default());
+        tokio::spawn(run(rx, cfg, counts.clone()));
+        Arc::new(Exporter { tx, sample, counts })
+    }
+
+    /// Whether a trace started here is recorded.
+    pub(super) fn sample(&self) -> bool {
+        self.sample >= 1.0 || (self.sample > 0.0 && fastrand::f64() < self.sample)
+    }
+
+    pub(super) fn submit(&self, span: Finished) {
+        if self.tx.try_send(span).is_err() {
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("detour_trace_spans_dropped_total", "reason" => "queue_full")
+                .increment(1);
+        }
+    }
+
+    pub(super) fn counts(&self) -> (u64, u64) {
+        (
+            self.counts.exported.load(Ordering::Relaxed),
+            self.counts.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The export task: batches from the queue, posted one at a time.
+async fn run(mut rx: mpsc::Receiver<Finished>, cfg: TraceConfig, counts: Arc<Counts>) {
+    let resource = resource(&cfg);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut warned = false;
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        let flush = tokio::time::sleep(cfg.flush);
+        tokio::pin!(flush);
+        while batch.len() < MAX_BATCH {
+            tokio::select! {
+                s = rx.recv() => match s {
+                    Some(s) => batch.push(s),
+                    None => break,
+                },
+                () = &mut flush => break,
+            }
+        }
+        let n = batch.len() as u64;
+        let body = encode(&resource, &batch);
+        batch.clear();
+        match post(&cfg.endpoint, body).await {
+            Ok(()) => {
+                counts.exported.fetch_add(n, Ordering::Relaxed);
+                metrics::counter!("detour_trace_spans_exported_total").increment(n);
+                warned = false;
+            }
+            Err(e) => {
+                counts.dropped.fetch_add(n, Ordering::Relaxed);
+                metrics::counter!("detour_trace_spans_dropped_total", "reason" => "export_failed")
+                    .increment(n);
+                if !warned {
+                    tracing::warn!(endpoint = %cfg.endpoint.authority, error = %e, "trace export failed; spans are dropped until it works again");
+                    warned = true;
+                }
+            }
+        }
+    }
+}
+
+/// One batch sent; an answer other than 2xx is an error.
+async fn post(endpoint: &OtlpEndpoint, body: Vec<u8>) -> Result<(), String> {
+    let stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(endpoint.authority.as_str()),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_owned())?
+    .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let exchange = async {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let conn = tokio::spawn(conn);
+        let req = http::Request::post(endpoint.path.as_str())
+            .header(http::header::HOST, endpoint.authority.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        // The answer is read (bounded by the timeout) so the collector sees a whole exchange.
+        let _ = resp.into_body().collect().await;
+        conn.abort();
+        match status.is_success() {
+            true => Ok(()),
+            false => Err(format!("the endpoint answered {status}")),
+        }
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "no answer in time".to_owned())?
+}
+
+fn resource(cfg: &TraceConfig) -> Json {
+    let mut attributes = vec![kv("service.name", &Value::from(cfg.service_name.clone()))];
+    for (k, v) in &cfg.resource {
+        attributes.push(json!({"key": k, "value": {"stringValue": v}}));
+    }
+    json!({ "attributes": attributes })
+}
+
+/// The OTLP JSON of one batch (ids in hex, times as decimal strings, as the protocol's JSON
+/// mapping says).
+pub(super) fn encode(resource: &Json, spans: &[Finished]) -> Vec<u8> {
+    let spans: Vec<Json> = spans.iter().map(span_json).collect();
+    let doc = json!({
+        "resourceSpans": [{
+            "resource": resource,
+            "scopeSpans": [{
+                "scope": { "name": "detour", "version": env!("CARGO_PKG_VERSION") },
+                "spans": spans,
+            }],
+        }],
+    });
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+fn span_json(s: &Finished) -> Json {
+    let kind = match s.kind {
+        SpanKind::Internal => 1,
+        SpanKind::Server => 2,
+        SpanKind::Client => 3,
+    };
+    let status = match &s.error {
+        Some(m) => json!({ "code": 2, "message": m }),
+        None => json!({}),
+    };
+    let mut span = json!({
+        "traceId": s.trace_id.hex(),
+        "spanId": s.id.hex(),
+        "name": s.name,
+        "kind": kind,
+        "startTimeUnixNano": s.start.to_string(),
+        "endTimeUnixNano": s.end.to_string(),
+        "attributes": s.attributes.iter().map(|(k, v)| kv(k, v)).collect::<Vec<_>>(),
+        "events": s.events.iter().map(|e| json!({
+            "timeUnixNano": e.time.to_string(),
+            "name": e.name,
+            "attributes": e.attributes.iter().map(|(k, v)| kv(k, v)).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "status": status,
+    });
+    if let Some(p) = s.parent {
+        span["parentSpanId"] = Json::String(p.hex());
+    }
+    span
+}
+
+fn kv(key: &str, value: &Value) -> Json {
+    let value = match value {
+        Value::Str(s) => json!({ "stringValue": s }),
+        Value::Int(i) => json!({ "intValue": i.to_string() }),
+    };
+    json!({ "key": key, "value": value })
+}
