@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use detour_core::trace::{TraceId, TraceParent};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -190,16 +191,18 @@ pub struct Routed {
 
 impl Pending {
     /// The request side of a line (`direction`: `outbound` or `inbound`; `caller`: the calling
-    /// sidecar's identity, at a PA; `trace`: the request's trace).
+    /// sidecar's identity, at a PA; `trace`: the hop's trace, when it takes part in tracing,
+    /// else the request's `traceparent`'s).
     pub fn of(
         direction: &'static str,
         parts: &http::request::Parts,
         caller: Option<String>,
-        trace: detour_core::trace::TraceId,
+        trace: Option<TraceId>,
     ) -> Self {
+        let trace = trace.or_else(|| TraceParent::of(&parts.headers).map(|t| t.trace_id));
         Pending {
             direction,
-            trace_id: Some(trace.hex()),
+            trace_id: trace.map(|t| t.hex()),
             caller,
             method: parts.method.to_string(),
             path: logged_path(&parts.uri),

@@ -299,3 +299,31 @@ async fn a_call_sent_direct_while_its_sidecar_is_killed_is_one_trace_to_the_prov
         "the provider's request names the SDK's direct attempt as its parent"
     );
 }
+
+#[tokio::test]
+async fn without_export_the_mesh_passes_trace_context_on_as_it_came() {
+    let (p, seen) = provider().await;
+    let mut mesh = Mesh::new();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", p.addr)])
+        .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = mesh.client("h1", detour_thin_sdk::AppProtocol::Http1);
+    let hello = ServiceName::new("hello").unwrap();
+    assert_eq!(client.send(&hello, get()).await.unwrap().status(), 200);
+    assert_eq!(
+        seen.lock().unwrap().last().unwrap(),
+        "",
+        "no trace is started"
+    );
+    // Even a malformed context is the app's business when nothing here traces.
+    let odd = "00-zz-00f067aa0ba902b7-01";
+    let req = http::Request::get("/")
+        .header("traceparent", odd)
+        .header("tracestate", "a=1")
+        .body(empty())
+        .unwrap();
+    assert_eq!(client.send(&hello, req).await.unwrap().status(), 200);
+    let got = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(got, format!("traceparent: {odd}\ntracestate: a=1"));
+}

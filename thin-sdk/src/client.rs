@@ -112,8 +112,8 @@ impl ClientBuilder {
     }
 
     /// Records a span per call and per attempt and exports them over OTLP/HTTP
-    /// ([`TraceConfig::from_env`] reads the usual `OTEL_*` variables). Without it, trace context
-    /// is still passed on, and started when a request has none.
+    /// ([`TraceConfig::from_env`] reads the usual `OTEL_*` variables); a call without a
+    /// `traceparent` then starts a trace. Without it, the client touches no trace header.
     pub fn tracing(mut self, cfg: TraceConfig) -> Self {
         self.tracing = Some(cfg);
         self
@@ -126,8 +126,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Builds the client. With the control session or tracing on, this must run inside a
-    /// tokio runtime.
+    /// Builds the client. With the control session on, this must run inside a tokio runtime
+    /// (trace export runs on a thread of its own).
     pub fn build(self) -> Client {
         let tracer = self.tracing.clone().map_or_else(Tracer::off, Tracer::start);
         let pool = Pool::with_connector(self.pool, self.connector.clone());

@@ -1,7 +1,8 @@
 //! The span exporter: finished spans go into a bounded queue (full: dropped and counted, never
-//! waited for) and a task sends them in batches to an OTLP/HTTP endpoint, JSON-encoded
-//! (`POST /v1/traces`), one connection at a time with connect and answer timeouts. A batch the
-//! endpoint does not take is dropped and counted: spans are never kept for a retry.
+//! waited for) and a thread of its own sends them in batches to an OTLP/HTTP endpoint,
+//! JSON-encoded (`POST /v1/traces`), one connection at a time with connect and answer
+//! timeouts. A batch the endpoint does not take is dropped and counted: spans are never kept
+//! for a retry. The thread keeps encoding and sending off the data path's runtime.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -11,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use serde_json::{Value as Json, json};
 use tokio::sync::mpsc;
 
 use super::{Attribute, Event, SpanId, SpanKind, TraceId, Value};
@@ -138,7 +138,7 @@ impl TraceConfig {
 }
 
 /// A span as exported.
-pub(super) struct Finished {
+pub(crate) struct Finished {
     pub trace_id: TraceId,
     pub id: SpanId,
     pub parent: Option<SpanId>,
@@ -170,7 +170,23 @@ impl Exporter {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let sample = cfg.sample.clamp(0.0, 1.0);
         let counts = Arc::new(Counts::default());
-        tokio::spawn(run(rx, cfg, counts.clone()));
+        let kept = counts.clone();
+        let thread = std::thread::Builder::new()
+            .name("detour-traces".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(run(rx, cfg, kept)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no runtime for trace export; spans are dropped")
+                    }
+                }
+            });
+        if let Err(e) = thread {
+            tracing::warn!(error = %e, "no thread for trace export; spans are dropped");
+        }
         Arc::new(Exporter { tx, sample, counts })
     }
 
@@ -270,65 +286,130 @@ async fn post(endpoint: &OtlpEndpoint, body: Vec<u8>) -> Result<(), String> {
         .map_err(|_| "no answer in time".to_owned())?
 }
 
-fn resource(cfg: &TraceConfig) -> Json {
-    let mut attributes = vec![kv("service.name", &Value::from(cfg.service_name.clone()))];
+/// The resource's attributes, as OTLP JSON.
+fn resource(cfg: &TraceConfig) -> String {
+    let mut out = String::from("{\"attributes\":[");
+    kv(
+        &mut out,
+        "service.name",
+        &Value::Str(cfg.service_name.clone().into()),
+    );
     for (k, v) in &cfg.resource {
-        attributes.push(json!({"key": k, "value": {"stringValue": v}}));
+        out.push(',');
+        kv(&mut out, k, &Value::Str(v.clone().into()));
     }
-    json!({ "attributes": attributes })
+    out.push_str("]}");
+    out
 }
 
 /// The OTLP JSON of one batch (ids in hex, times as decimal strings, as the protocol's JSON
-/// mapping says).
-pub(super) fn encode(resource: &Json, spans: &[Finished]) -> Vec<u8> {
-    let spans: Vec<Json> = spans.iter().map(span_json).collect();
-    let doc = json!({
-        "resourceSpans": [{
-            "resource": resource,
-            "scopeSpans": [{
-                "scope": { "name": "detour", "version": env!("CARGO_PKG_VERSION") },
-                "spans": spans,
-            }],
-        }],
-    });
-    serde_json::to_vec(&doc).unwrap_or_default()
+/// mapping says), written straight into one buffer.
+pub(crate) fn encode(resource: &str, spans: &[Finished]) -> Vec<u8> {
+    let mut out = String::with_capacity(256 + spans.len() * 512);
+    out.push_str("{\"resourceSpans\":[{\"resource\":");
+    out.push_str(resource);
+    out.push_str(",\"scopeSpans\":[{\"scope\":{\"name\":\"detour\",\"version\":\"");
+    out.push_str(env!("CARGO_PKG_VERSION"));
+    out.push_str("\"},\"spans\":[");
+    for (i, s) in spans.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        span_json(&mut out, s);
+    }
+    out.push_str("]}]}]}");
+    out.into_bytes()
 }
 
-fn span_json(s: &Finished) -> Json {
+fn span_json(out: &mut String, s: &Finished) {
+    use std::fmt::Write;
     let kind = match s.kind {
         SpanKind::Internal => 1,
         SpanKind::Server => 2,
         SpanKind::Client => 3,
     };
-    let status = match &s.error {
-        Some(m) => json!({ "code": 2, "message": m }),
-        None => json!({}),
-    };
-    let mut span = json!({
-        "traceId": s.trace_id.hex(),
-        "spanId": s.id.hex(),
-        "name": s.name,
-        "kind": kind,
-        "startTimeUnixNano": s.start.to_string(),
-        "endTimeUnixNano": s.end.to_string(),
-        "attributes": s.attributes.iter().map(|(k, v)| kv(k, v)).collect::<Vec<_>>(),
-        "events": s.events.iter().map(|e| json!({
-            "timeUnixNano": e.time.to_string(),
-            "name": e.name,
-            "attributes": e.attributes.iter().map(|(k, v)| kv(k, v)).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        "status": status,
-    });
+    let _ = write!(
+        out,
+        "{{\"traceId\":\"{}\",\"spanId\":\"{}\",",
+        s.trace_id, s.id
+    );
     if let Some(p) = s.parent {
-        span["parentSpanId"] = Json::String(p.hex());
+        let _ = write!(out, "\"parentSpanId\":\"{p}\",");
     }
-    span
+    out.push_str("\"name\":");
+    string(out, &s.name);
+    let _ = write!(
+        out,
+        ",\"kind\":{kind},\"startTimeUnixNano\":\"{}\",\"endTimeUnixNano\":\"{}\",\"attributes\":",
+        s.start, s.end
+    );
+    attributes(out, &s.attributes);
+    out.push_str(",\"events\":[");
+    for (i, e) in s.events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{{\"timeUnixNano\":\"{}\",\"name\":", e.time);
+        string(out, e.name);
+        out.push_str(",\"attributes\":");
+        attributes(out, &e.attributes);
+        out.push('}');
+    }
+    out.push_str("],\"status\":");
+    match &s.error {
+        Some(m) => {
+            out.push_str("{\"code\":2,\"message\":");
+            string(out, m);
+            out.push('}');
+        }
+        None => out.push_str("{}"),
+    }
+    out.push('}');
 }
 
-fn kv(key: &str, value: &Value) -> Json {
-    let value = match value {
-        Value::Str(s) => json!({ "stringValue": s }),
-        Value::Int(i) => json!({ "intValue": i.to_string() }),
-    };
-    json!({ "key": key, "value": value })
+fn attributes(out: &mut String, attrs: &[Attribute]) {
+    out.push('[');
+    for (i, (k, v)) in attrs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        kv(out, k, v);
+    }
+    out.push(']');
+}
+
+fn kv(out: &mut String, key: &str, value: &Value) {
+    out.push_str("{\"key\":");
+    string(out, key);
+    match value {
+        Value::Str(s) => {
+            out.push_str(",\"value\":{\"stringValue\":");
+            string(out, s);
+        }
+        Value::Int(i) => {
+            use std::fmt::Write;
+            let _ = write!(out, ",\"value\":{{\"intValue\":\"{i}\"");
+        }
+    }
+    out.push_str("}}");
+}
+
+/// `s` as a JSON string: quotes, backslashes and control characters escaped.
+fn string(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }

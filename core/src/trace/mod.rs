@@ -1,19 +1,21 @@
 //! Traces across the hops: W3C trace context read, started when absent and passed on by the
-//! SDK, the CA and the PA; a span per hop and per attempt (retries, hedges and path switches as
+//! SDK, the CA and the PA that export spans; a span per hop and per attempt (retries, hedges and path switches as
 //! span events), exported over OTLP/HTTP when configured.
 //!
-//! A hop that does not record (no exporter, or the trace is not sampled) is transparent: the
-//! request keeps the `traceparent` it came with. A request without a valid one gets a new
-//! trace, recorded when an exporter is configured and the sample says so; an invalid one is
-//! replaced and its `tracestate` dropped, as the recommendation says. Spans end when dropped,
-//! so an attempt cancelled by a hedge still ends.
+//! A process without an exporter does not take part: it reads nothing and writes nothing, and
+//! the request keeps the `traceparent` and `tracestate` it came with on every path. With an
+//! exporter, a request without a valid `traceparent` starts a new trace (recorded when the
+//! sample says so), an invalid one is replaced and its `tracestate` dropped, as the
+//! recommendation says, and a valid one is the hop's parent (recorded when its sampled flag is
+//! set; otherwise passed on unchanged). Spans end when dropped, so an attempt cancelled by a
+//! hedge still ends.
 //!
 //! Untrusted input: the sampled flag of an incoming `traceparent` is followed, so a caller can
 //! ask for its calls to be recorded; the export queue is bounded and drops (and counts) what
 //! does not fit, so this costs CPU, never memory or blocking.
 
 mod context;
-mod export;
+pub(crate) mod export;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -79,7 +81,7 @@ impl From<u16> for Value {
 /// A named attribute.
 pub type Attribute = (&'static str, Value);
 
-/// Starts spans; cheap to clone. [`Tracer::off`] records nothing and only propagates.
+/// Starts spans; cheap to clone. [`Tracer::off`] records nothing and touches no header.
 #[derive(Clone, Default)]
 pub struct Tracer {
     exporter: Option<Arc<Exporter>>,
@@ -118,19 +120,21 @@ impl Tracer {
 
     /// The span of a request received with `headers` (a hop, or an SDK call): the child of its
     /// valid `traceparent`, or the root of a new trace. An invalid `traceparent` and its
-    /// `tracestate` are removed from `headers`.
+    /// `tracestate` are removed from `headers`. Without an exporter: a span that is nothing.
     pub fn begin(&self, headers: &mut HeaderMap, name: &'static str, kind: SpanKind) -> Span {
+        let Some(e) = &self.exporter else {
+            return Span::none();
+        };
         match TraceParent::of(headers) {
-            Some(tp) => match (&self.exporter, tp.sampled) {
-                (Some(e), true) => Span::recording(e, tp.trace_id, Some(tp.parent_id), name, kind),
-                _ => Span {
-                    trace_id: tp.trace_id,
-                    id: tp.parent_id,
-                    sampled: tp.sampled,
-                    passthrough: true,
-                    record: None,
-                },
-            },
+            Some(tp) if tp.sampled => {
+                Span::recording(e, tp.trace_id, Some(tp.parent_id), name, kind)
+            }
+            Some(tp) => Span::context(Context {
+                trace_id: tp.trace_id,
+                id: tp.parent_id,
+                sampled: false,
+                passthrough: true,
+            }),
             None => {
                 if headers.contains_key(TRACEPARENT) {
                     headers.remove(TRACEPARENT);
@@ -138,30 +142,36 @@ impl Tracer {
                 }
                 headers.remove(TRACESTATE);
                 let trace_id = TraceId::random();
-                match &self.exporter {
-                    Some(e) if e.sample() => Span::recording(e, trace_id, None, name, kind),
-                    _ => Span {
+                match e.sample() {
+                    true => Span::recording(e, trace_id, None, name, kind),
+                    false => Span::context(Context {
                         trace_id,
                         id: SpanId::random(),
                         sampled: false,
                         passthrough: false,
-                        record: None,
-                    },
+                    }),
                 }
             }
         }
     }
 }
 
-/// One span: recorded and exported when it is dropped, or a bare context when not recording.
+/// One span: recorded and exported when it is dropped, a bare context when not recording, or
+/// nothing at all in a process without an exporter.
 pub struct Span {
+    ctx: Option<Context>,
+    record: Option<Box<Record>>,
+}
+
+/// Where a span sits in its trace.
+#[derive(Debug, Clone, Copy)]
+struct Context {
     trace_id: TraceId,
-    /// This span's id when recording; otherwise the id its children name as their parent.
+    /// The span's id when recording; otherwise the id its children name as their parent.
     id: SpanId,
     sampled: bool,
     /// The request already carries the `traceparent` a child would write.
     passthrough: bool,
-    record: Option<Box<Record>>,
 }
 
 struct Record {
@@ -189,8 +199,7 @@ pub struct Event {
 impl std::fmt::Debug for Span {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Span")
-            .field("trace_id", &self.trace_id)
-            .field("id", &self.id)
+            .field("ctx", &self.ctx)
             .field("recording", &self.record.is_some())
             .finish()
     }
@@ -205,10 +214,12 @@ impl Span {
         kind: SpanKind,
     ) -> Span {
         Span {
-            trace_id,
-            id: SpanId::random(),
-            sampled: true,
-            passthrough: false,
+            ctx: Some(Context {
+                trace_id,
+                id: SpanId::random(),
+                sampled: true,
+                passthrough: false,
+            }),
             record: Some(Box::new(Record {
                 exporter: exporter.clone(),
                 parent,
@@ -222,14 +233,29 @@ impl Span {
         }
     }
 
-    /// The trace this span belongs to.
-    pub fn trace_id(&self) -> TraceId {
-        self.trace_id
+    /// A span that is nothing: no trace, nothing written, nothing recorded.
+    pub fn none() -> Span {
+        Span {
+            ctx: None,
+            record: None,
+        }
+    }
+
+    fn context(ctx: Context) -> Span {
+        Span {
+            ctx: Some(ctx),
+            record: None,
+        }
+    }
+
+    /// The trace this span belongs to (`None` in a process without an exporter).
+    pub fn trace_id(&self) -> Option<TraceId> {
+        self.ctx.map(|c| c.trace_id)
     }
 
     /// This span's id (when not recording: the id its children name as their parent).
-    pub fn id(&self) -> SpanId {
-        self.id
+    pub fn id(&self) -> Option<SpanId> {
+        self.ctx.map(|c| c.id)
     }
 
     /// Whether this span is recorded.
@@ -239,25 +265,22 @@ impl Span {
 
     /// A child span (an attempt of this hop or call).
     pub fn child(&self, name: &'static str, kind: SpanKind) -> Span {
-        match &self.record {
-            Some(r) => Span::recording(&r.exporter, self.trace_id, Some(self.id), name, kind),
-            None => Span {
-                record: None,
-                ..*self
-            },
+        match (&self.record, self.ctx) {
+            (Some(r), Some(c)) => Span::recording(&r.exporter, c.trace_id, Some(c.id), name, kind),
+            (_, ctx) => Span { ctx, record: None },
         }
     }
 
     /// Writes this span as the parent into the `traceparent` of a request about to be sent
     /// (nothing when the request already carries it).
     pub fn inject(&self, headers: &mut HeaderMap) {
-        if self.passthrough {
+        let Some(c) = self.ctx.filter(|c| !c.passthrough) else {
             return;
-        }
+        };
         let tp = TraceParent {
-            trace_id: self.trace_id,
-            parent_id: self.id,
-            sampled: self.sampled,
+            trace_id: c.trace_id,
+            parent_id: c.id,
+            sampled: c.sampled,
         };
         headers.insert(TRACEPARENT, tp.header_value());
     }
@@ -297,7 +320,7 @@ impl Span {
 
 impl Drop for Span {
     fn drop(&mut self) {
-        let Some(r) = self.record.take() else {
+        let (Some(r), Some(c)) = (self.record.take(), self.ctx) else {
             return;
         };
         let Record {
@@ -311,8 +334,8 @@ impl Drop for Span {
             error,
         } = *r;
         exporter.submit(Finished {
-            trace_id: self.trace_id,
-            id: self.id,
+            trace_id: c.trace_id,
+            id: c.id,
             parent,
             name,
             kind,

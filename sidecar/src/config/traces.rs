@@ -1,6 +1,6 @@
 //! `[tracing]`: where this sidecar exports its spans (OTLP/HTTP), how many of the traces it
 //! starts are recorded, and how many finished spans may wait. Off (no endpoint) by default:
-//! trace context is then still read, started when absent and passed on.
+//! the sidecar then touches no trace header.
 
 use detour_core::trace::{OtlpEndpoint, TraceConfig};
 use detour_proto::HostId;
