@@ -12,7 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use tokio::sync::mpsc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use tokio::sync::Notify;
 
 use super::{Attribute, Event, SpanId, SpanKind, TraceId, Value};
 
@@ -151,11 +153,22 @@ pub(crate) struct Finished {
     pub error: Option<String>,
 }
 
-/// The queue's sending side and the sampling rule.
+/// The queue the spans wait in, and the sampling rule.
 pub(super) struct Exporter {
-    tx: mpsc::Sender<Finished>,
+    queue: Arc<Queue>,
     sample: f64,
     counts: Arc<Counts>,
+}
+
+/// Finished spans waiting for the export thread: a plain buffer under a lock, so that a span
+/// costs the data path a push and never a wake-up of another thread (the thread wakes at each
+/// flush interval, or when a whole batch is waiting).
+struct Queue {
+    spans: Mutex<Vec<Finished>>,
+    capacity: usize,
+    /// A whole batch waits, or the exporter is gone.
+    wake: Notify,
+    closed: AtomicBool,
 }
 
 /// Spans exported and dropped so far (also counted in the metrics).
@@ -167,10 +180,15 @@ pub(super) struct Counts {
 
 impl Exporter {
     pub(super) fn start(cfg: TraceConfig) -> Arc<Exporter> {
-        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let queue = Arc::new(Queue {
+            spans: Mutex::new(Vec::new()),
+            capacity: cfg.queue.max(1),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
         let sample = cfg.sample.clamp(0.0, 1.0);
         let counts = Arc::new(Counts::default());
-        let kept = counts.clone();
+        let (q, kept) = (queue.clone(), counts.clone());
         let thread = std::thread::Builder::new()
             .name("detour-traces".into())
             .spawn(move || {
@@ -178,7 +196,7 @@ impl Exporter {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(run(rx, cfg, kept)),
+                    Ok(rt) => rt.block_on(run(q, cfg, kept)),
                     Err(e) => {
                         tracing::warn!(error = %e, "no runtime for trace export; spans are dropped")
                     }
@@ -187,7 +205,11 @@ impl Exporter {
         if let Err(e) = thread {
             tracing::warn!(error = %e, "no thread for trace export; spans are dropped");
         }
-        Arc::new(Exporter { tx, sample, counts })
+        Arc::new(Exporter {
+            queue,
+            sample,
+            counts,
+        })
     }
 
     /// Whether a trace started here is recorded.
@@ -196,10 +218,20 @@ impl Exporter {
     }
 
     pub(super) fn submit(&self, span: Finished) {
-        if self.tx.try_send(span).is_err() {
+        let q = &self.queue;
+        let mut spans = q.spans.lock().unwrap_or_else(|p| p.into_inner());
+        if spans.len() >= q.capacity {
+            drop(spans);
             self.counts.dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("detour_trace_spans_dropped_total", "reason" => "queue_full")
                 .increment(1);
+            return;
+        }
+        spans.push(span);
+        let whole = spans.len() == MAX_BATCH;
+        drop(spans);
+        if whole {
+            q.wake.notify_one();
         }
     }
 
@@ -211,27 +243,37 @@ impl Exporter {
     }
 }
 
-/// The export task: batches from the queue, posted one at a time.
-async fn run(mut rx: mpsc::Receiver<Finished>, cfg: TraceConfig, counts: Arc<Counts>) {
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        self.queue.closed.store(true, Ordering::Relaxed);
+        self.queue.wake.notify_one();
+    }
+}
+
+/// The export thread's loop: at each flush interval (or as soon as a whole batch waits), the
+/// waiting spans in batches, posted one at a time; ends when the exporter is gone.
+async fn run(queue: Arc<Queue>, cfg: TraceConfig, counts: Arc<Counts>) {
     let resource = resource(&cfg);
-    let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut warned = false;
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        let flush = tokio::time::sleep(cfg.flush);
-        tokio::pin!(flush);
-        while batch.len() < MAX_BATCH {
-            tokio::select! {
-                s = rx.recv() => match s {
-                    Some(s) => batch.push(s),
-                    None => break,
-                },
-                () = &mut flush => break,
+    loop {
+        let batch: Vec<Finished> = {
+            let mut spans = queue.spans.lock().unwrap_or_else(|p| p.into_inner());
+            let n = spans.len().min(MAX_BATCH);
+            spans.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            if queue.closed.load(Ordering::Relaxed) {
+                return;
             }
+            tokio::select! {
+                () = tokio::time::sleep(cfg.flush) => {}
+                () = queue.wake.notified() => {}
+            }
+            continue;
         }
         let n = batch.len() as u64;
         let body = encode(&resource, &batch);
-        batch.clear();
+        drop(batch);
         match post(&cfg.endpoint, body).await {
             Ok(()) => {
                 counts.exported.fetch_add(n, Ordering::Relaxed);
@@ -246,6 +288,14 @@ async fn run(mut rx: mpsc::Receiver<Finished>, cfg: TraceConfig, counts: Arc<Cou
                     tracing::warn!(endpoint = %cfg.endpoint.authority, error = %e, "trace export failed; spans are dropped until it works again");
                     warned = true;
                 }
+            }
+        }
+        // Less than a whole batch left: wait for the next interval.
+        let left = queue.spans.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if left < MAX_BATCH && !queue.closed.load(Ordering::Relaxed) {
+            tokio::select! {
+                () = tokio::time::sleep(cfg.flush) => {}
+                () = queue.wake.notified() => {}
             }
         }
     }
