@@ -237,7 +237,10 @@ async fn a_pa_killed_under_load_shows_as_a_path_switch_in_a_trace_and_in_the_met
     .await;
     assert_eq!(failed, 0, "GETs are never lost");
 
-    let hop = switched(&rx, |s| s.name == "ca hello").await;
+    let hop = switched(&rx, |s| {
+        s.name == "ca hello" && s.attr("detour.path") == "ca_direct"
+    })
+    .await;
     let (ev, attrs) = hop.events.iter().find(|(e, _)| e == "switch_path").unwrap();
     assert_eq!(ev, "switch_path");
     assert!(!attrs["detour.error"].is_empty(), "{attrs:?}");
@@ -245,19 +248,19 @@ async fn a_pa_killed_under_load_shows_as_a_path_switch_in_a_trace_and_in_the_met
     let tries: Vec<&ReceivedSpan> = (spans.iter())
         .filter(|s| s.parent.as_deref() == Some(&hop.span_id))
         .collect();
-    let first = tries
-        .iter()
-        .find(|t| t.attr("detour.attempt") == "1")
+    let last = (tries.iter())
+        .max_by_key(|t| t.attr("detour.attempt").parse::<u32>().unwrap())
         .unwrap();
-    let second = tries
-        .iter()
-        .find(|t| t.attr("detour.attempt") == "2")
-        .unwrap();
-    assert_eq!((first.attr("detour.path"), first.failed), ("mesh", true));
     assert_eq!(
-        (second.attr("detour.path"), second.failed),
-        ("ca_direct", false)
+        (last.attr("detour.path"), last.failed),
+        ("ca_direct", false),
+        "{tries:#?}"
     );
+    let through_pa = tries
+        .iter()
+        .find(|t| t.attr("detour.path") == "mesh")
+        .unwrap();
+    assert!(through_pa.failed, "{tries:#?}");
     assert_eq!(hop.attr("http.response.status_code"), "200");
     assert_eq!(hop.attr("detour.path"), "ca_direct");
 
@@ -282,8 +285,12 @@ async fn a_call_sent_direct_while_its_sidecar_is_killed_is_one_trace_to_the_prov
     .await;
     assert_eq!(failed, 0, "GETs are never lost");
 
-    let call = switched(&rx, |s| s.service == "shop" && s.name == "call hello").await;
-    assert_eq!(call.attr("detour.path"), "direct");
+    // A call that was waiting on the sidecar when it died, and was answered direct (a hedged
+    // call the sidecar answered first is answered by the mesh).
+    let call = switched(&rx, |s| {
+        s.service == "shop" && s.name == "call hello" && s.attr("detour.path") == "direct"
+    })
+    .await;
     let spans = rx.trace(&call.trace_id, 2).await;
     let direct = (spans.iter())
         .find(|s| s.parent.as_deref() == Some(&call.span_id) && s.attr("detour.path") == "direct")
