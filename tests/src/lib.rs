@@ -6,13 +6,18 @@
 
 pub mod etcd;
 pub mod etcd_tls;
+pub mod gray;
 pub mod grpc;
 pub mod otlp;
+mod provider_process;
 pub mod proxy;
 pub mod raw;
 pub mod scenario;
 pub mod sync;
+pub mod watchdog_host;
 pub mod zookeeper;
+
+pub use provider_process::ProviderProcess;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +28,6 @@ use std::time::Duration;
 pub const TRUST_DOMAIN: &str = "detour.local";
 
 use detour_kit::certs::{Authority, DEFAULT_VALIDITY};
-use detour_kit::process::ChildGuard;
 use detour_kit::provider::DemoProvider;
 use detour_kit::sidecar::{SidecarProcess, find_binary, find_sidecar_binary};
 use detour_kit::sidecar_config::{SidecarToml, TlsFiles};
@@ -425,45 +429,6 @@ pub async fn ready_sdk(mesh: &Mesh, host: &str, service: &str, snapshot_file: &P
     )
     .await;
     client
-}
-
-/// A demo provider in its own process (`detourctl provider`), for faults only a process shows
-/// (kill -9).
-#[derive(Debug)]
-pub struct ProviderProcess {
-    /// The process.
-    pub child: ChildGuard,
-    /// Where it listens.
-    pub addr: SocketAddr,
-}
-
-impl ProviderProcess {
-    /// Starts one as `instance` on `listen` (port 0 for any); waits until it listens.
-    pub async fn start(listen: SocketAddr, instance: &str, dir: &Path) -> ProviderProcess {
-        let bin = find_binary("detourctl", "DETOURCTL_BIN").unwrap_or_else(|e| panic!("{e}"));
-        let file = dir.join(format!("{instance}.{}.addr", fastrand::u64(..)));
-        let mut cmd = std::process::Command::new(bin);
-        cmd.args([
-            "provider",
-            "--listen",
-            &listen.to_string(),
-            "--instance",
-            instance,
-        ])
-        .arg("--addr-file")
-        .arg(&file)
-        .stdout(std::process::Stdio::null());
-        let child = ChildGuard::spawn(cmd, instance).expect("provider process starts");
-        let text = wait_value(
-            &format!("{instance} listening"),
-            Duration::from_secs(10),
-            || async { std::fs::read_to_string(&file).unwrap_or_default() },
-            |t| !t.trim().is_empty(),
-        )
-        .await;
-        let addr = text.trim().parse().expect("provider address");
-        ProviderProcess { child, addr }
-    }
 }
 
 impl Default for Mesh {

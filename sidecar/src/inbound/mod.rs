@@ -163,6 +163,75 @@ impl Inbound {
         limits.buckets.get(&provider.service).cloned()
     }
 
+    /// The provider's allow-list and rate limit: whether `caller` may call `service` now.
+    fn admit(
+        &self,
+        service: &ServiceName,
+        provider: &Provide,
+        caller: Option<&crate::tls::identity::SpiffeId>,
+    ) -> Result<(), MeshError> {
+        if let Some(allow) = &provider.allow
+            && !caller.is_some_and(|c| allow.contains(c))
+        {
+            let who = caller.map_or("an unidentified caller", |c| c.as_str());
+            metrics::counter!("detour_denied_total", "service" => detour_registry::labels::service(service)).increment(1);
+            tracing::info!(%service, caller = who, "call refused by the allow-list");
+            return Err(MeshError::new(
+                MeshErrorKind::Denied,
+                format!("{who} may not call {service} on {}", self.cfg.host),
+            ));
+        }
+        if let Some(bucket) = self.bucket(provider)
+            && !bucket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .bucket
+                .try_take(Instant::now())
+        {
+            metrics::counter!("detour_rate_limited_total", "service" => detour_registry::labels::service(service))
+                .increment(1);
+            return Err(MeshError::new(
+                MeshErrorKind::RateLimited,
+                format!("{service} is over its rate limit on {}", self.cfg.host),
+            ));
+        }
+        Ok(())
+    }
+
+    /// This caller connection's share of the providers: waits for a place (within the
+    /// request's time) rather than take them all; `None` when the connection has no share.
+    async fn share_of(
+        &self,
+        parts: &http::request::Parts,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, MeshError> {
+        Ok(
+            match parts.extensions.get::<crate::http::server::ConnShare>() {
+                Some(s) => {
+                    match tokio::time::timeout(
+                        self.cfg.request_timeout,
+                        s.0.clone().acquire_owned(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(p)) => Some(p),
+                        _ => {
+                            metrics::counter!("detour_connection_share_exhausted_total")
+                                .increment(1);
+                            return Err(MeshError::new(
+                                MeshErrorKind::Overloaded,
+                                format!(
+                                    "this connection has {} requests with the providers of {}",
+                                    self.cfg.limits.max_in_flight_per_connection, self.cfg.host
+                                ),
+                            ));
+                        }
+                    }
+                }
+                None => None,
+            },
+        )
+    }
+
     async fn route(
         &self,
         parts: http::request::Parts,
@@ -183,53 +252,8 @@ impl Inbound {
             )
         })?;
         let caller = parts.extensions.get::<Caller>().map(|c| &c.0);
-        if let Some(allow) = &provider.allow
-            && !caller.is_some_and(|c| allow.contains(c))
-        {
-            let who = caller.map_or("an unidentified caller", |c| c.as_str());
-            metrics::counter!("detour_denied_total", "service" => detour_registry::labels::service(&service)).increment(1);
-            tracing::info!(%service, caller = who, "call refused by the allow-list");
-            return Err(MeshError::new(
-                MeshErrorKind::Denied,
-                format!("{who} may not call {service} on {}", self.cfg.host),
-            ));
-        }
-        if let Some(bucket) = self.bucket(provider)
-            && !bucket
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .bucket
-                .try_take(Instant::now())
-        {
-            metrics::counter!("detour_rate_limited_total", "service" => detour_registry::labels::service(&service))
-                .increment(1);
-            return Err(MeshError::new(
-                MeshErrorKind::RateLimited,
-                format!("{service} is over its rate limit on {}", self.cfg.host),
-            ));
-        }
-        // This caller connection's share of the providers: wait for a place (within the
-        // request's time) rather than take them all.
-        let share = match parts.extensions.get::<crate::http::server::ConnShare>() {
-            Some(s) => {
-                match tokio::time::timeout(self.cfg.request_timeout, s.0.clone().acquire_owned())
-                    .await
-                {
-                    Ok(Ok(p)) => Some(p),
-                    _ => {
-                        metrics::counter!("detour_connection_share_exhausted_total").increment(1);
-                        return Err(MeshError::new(
-                            MeshErrorKind::Overloaded,
-                            format!(
-                                "this connection has {} requests with the providers of {}",
-                                self.cfg.limits.max_in_flight_per_connection, self.cfg.host
-                            ),
-                        ));
-                    }
-                }
-            }
-            None => None,
-        };
+        self.admit(&service, provider, caller)?;
+        let share = self.share_of(&parts).await?;
         let caller_value = caller.and_then(|c| HeaderValue::from_str(c.as_str()).ok());
         let mut req = Request::from_parts(parts, boxed(body));
         strip_hop_by_hop(req.headers_mut());

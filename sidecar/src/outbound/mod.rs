@@ -170,17 +170,7 @@ impl Outbound {
             hop.rename(format!("ca {service}"));
             hop.attr("detour.service", service.to_string());
         }
-        let set = self
-            .catalog
-            .endpoints(&service)
-            .await
-            .map_err(|e| MeshError::new(MeshErrorKind::RegistryUnavailable, e.to_string()))?;
-        if !set.known {
-            return Err(MeshError::new(
-                MeshErrorKind::UnknownService,
-                service.as_str(),
-            ));
-        }
+        let set = self.endpoints_of(&service).await?;
         let per = self.service(&service);
         info.per = Some(per.clone());
         let logged = self.access_log.is_some();
@@ -197,16 +187,7 @@ impl Outbound {
         let panic = policy.outlier.panic_threshold_percent;
         let (mut ep, mut in_flight) = balancer
             .pick_limited(&set.endpoints, &tried, limit, panic)
-            .map_err(|why| match why {
-                NoPick::None => MeshError::new(MeshErrorKind::NoEndpoint, service.as_str()),
-                NoPick::AllBusy => {
-                    metrics::counter!("detour_overloaded_total").increment(1);
-                    MeshError::new(
-                        MeshErrorKind::Overloaded,
-                        format!("{service}: every endpoint has {limit} requests in flight"),
-                    )
-                }
-            })?;
+            .map_err(|why| no_pick(&service, limit, why))?;
         // Switched off by a gray rule or a rollback: straight to the providers (C→CA→P) —
         // except those reached through their PA only (the endpoint says so, or the service's
         // policy forbids paths that skip the PA): those always go through their PA.
@@ -234,12 +215,7 @@ impl Outbound {
             }
             let span = tracing::debug_span!("attempt", n = attempts, instance = %ep.instance,
                 path = if via_pa { "pa" } else { "provider" });
-            let mut try_span = hop.child("attempt", SpanKind::Client);
-            if try_span.is_recording() {
-                try_span.attr("detour.attempt", attempts);
-                try_span.attr("detour.path", if via_pa { "mesh" } else { "ca_direct" });
-                try_span.attr("detour.instance", ep.instance.to_string());
-            }
+            let mut try_span = attempt_span(hop, attempts, via_pa, ep);
             let result = if via_pa {
                 self.via_pa(&service, ep, &mut flight, timeout, direct_ok(ep), &try_span)
                     .instrument(span)
@@ -275,23 +251,7 @@ impl Outbound {
                     other_endpoint: tried.len() + 1 < set.endpoints.len(),
                 },
             );
-            if plan.try_timed_out {
-                metrics::counter!("detour_try_timeouts_total").increment(1);
-            }
-            let step = match plan.budgeted {
-                false => plan.step,
-                true => {
-                    let mut state = per.state.lock().unwrap_or_else(|p| p.into_inner());
-                    let granted = state.budget.try_retry(Instant::now());
-                    match granted {
-                        true => metrics::counter!("detour_retries_total").increment(1),
-                        false => {
-                            metrics::counter!("detour_retry_budget_exhausted_total").increment(1)
-                        }
-                    }
-                    plan.with_budget(granted)
-                }
-            };
+            let step = per.budgeted(plan);
             tracing::debug!(outcome = ?failed.outcome, ?step, "attempt failed");
             try_span.fail(|| failed.error.to_string());
             drop(try_span);
@@ -320,6 +280,25 @@ impl Outbound {
                 Step::Return => return Err(failed.error),
                 Step::GiveUp(f) => return Err(MeshError::gave_up(f, failed.error.detail)),
             }
+        }
+    }
+
+    /// The endpoints of `service`, known to the registry.
+    async fn endpoints_of(
+        &self,
+        service: &ServiceName,
+    ) -> Result<Arc<detour_proto::EndpointSet>, MeshError> {
+        let set = self
+            .catalog
+            .endpoints(service)
+            .await
+            .map_err(|e| MeshError::new(MeshErrorKind::RegistryUnavailable, e.to_string()))?;
+        match set.known {
+            true => Ok(set),
+            false => Err(MeshError::new(
+                MeshErrorKind::UnknownService,
+                service.as_str(),
+            )),
         }
     }
 
@@ -375,31 +354,17 @@ impl Outbound {
     ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
         let Some(pa) = ep.pa_address else {
             // Reached through a PA only, and it has none: this endpoint cannot be used.
-            return Err(AttemptFailed {
-                outcome: Outcome::NeverReached(Part::Provider),
-                request: None,
-                refused: false,
-                error: MeshError::new(
-                    MeshErrorKind::UpstreamConnect,
-                    format!(
-                        "{} has no sidecar, and {service} allows no path around one",
-                        ep.instance
-                    ),
-                ),
-            });
+            let why = format!(
+                "{} has no sidecar, and {service} allows no path around one",
+                ep.instance
+            );
+            return Err(unusable(MeshErrorKind::UpstreamConnect, why));
         };
         if let Err(owner) = self.links.may_use(&ep.host, pa) {
             // The endpoint names another host's PA: it is not used (the next one is), and
             // nothing goes to its own address either.
-            return Err(AttemptFailed {
-                outcome: Outcome::NeverReached(Part::Provider),
-                request: None,
-                refused: false,
-                error: MeshError::new(
-                    MeshErrorKind::UntrustedPeer,
-                    format!("the PA at {pa} is {owner}'s, not {}'s", ep.host),
-                ),
-            });
+            let why = format!("the PA at {pa} is {owner}'s, not {}'s", ep.host);
+            return Err(unusable(MeshErrorKind::UntrustedPeer, why));
         }
         let link = self.links.get(&ep.host, pa);
         let mut req = flight.take().ok_or_else(|| consumed(ep))?;
@@ -566,6 +531,42 @@ impl Handler for Outbound {
             log.log(&p.finish(info.log, &resp, kind, path.as_str(), took));
         }
         resp
+    }
+}
+
+/// The error when no endpoint of `service` can be picked (`limit`: requests in flight per
+/// endpoint).
+fn no_pick(service: &ServiceName, limit: usize, why: NoPick) -> MeshError {
+    match why {
+        NoPick::None => MeshError::new(MeshErrorKind::NoEndpoint, service.as_str()),
+        NoPick::AllBusy => {
+            metrics::counter!("detour_overloaded_total").increment(1);
+            MeshError::new(
+                MeshErrorKind::Overloaded,
+                format!("{service}: every endpoint has {limit} requests in flight"),
+            )
+        }
+    }
+}
+
+/// The span of attempt `n` of a hop, through `ep`'s PA or straight to its provider.
+fn attempt_span(hop: &Span, n: u32, via_pa: bool, ep: &Endpoint) -> Span {
+    let mut span = hop.child("attempt", SpanKind::Client);
+    if span.is_recording() {
+        span.attr("detour.attempt", n);
+        span.attr("detour.path", if via_pa { "mesh" } else { "ca_direct" });
+        span.attr("detour.instance", ep.instance.to_string());
+    }
+    span
+}
+
+/// The failure of an attempt on an endpoint that cannot be used (nothing was sent).
+fn unusable(kind: MeshErrorKind, why: String) -> AttemptFailed {
+    AttemptFailed {
+        outcome: Outcome::NeverReached(Part::Provider),
+        request: None,
+        refused: false,
+        error: MeshError::new(kind, why),
     }
 }
 

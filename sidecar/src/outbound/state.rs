@@ -11,6 +11,7 @@ use detour_proto::ServiceName;
 use crate::outbound::balance::Balancer;
 use crate::outbound::budget::RetryBudget;
 use crate::outbound::gray::Gray;
+use crate::outbound::retry::{Plan, Step};
 use crate::policy::{Policies, ServicePolicy};
 use crate::telemetry::ServiceMetrics;
 
@@ -71,5 +72,25 @@ impl PerService {
         }
         state.budget.request(now);
         state.policy.clone()
+    }
+}
+
+impl PerService {
+    /// The step `plan` asks for, once the retry budget has had its say (a resend it refuses
+    /// gets the attempt's own error); counts try timeouts, retries and refusals.
+    pub(super) fn budgeted(&self, plan: Plan) -> Step {
+        if plan.try_timed_out {
+            metrics::counter!("detour_try_timeouts_total").increment(1);
+        }
+        if !plan.budgeted {
+            return plan.step;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let granted = state.budget.try_retry(Instant::now());
+        match granted {
+            true => metrics::counter!("detour_retries_total").increment(1),
+            false => metrics::counter!("detour_retry_budget_exhausted_total").increment(1),
+        }
+        plan.with_budget(granted)
     }
 }

@@ -257,92 +257,93 @@ impl RawConfig {
     /// Checks every value, collecting every problem.
     pub fn validate(self) -> Result<Config, Vec<String>> {
         let mut p = Vec::new();
-        if self.name.is_empty() {
-            p.push("name: required (the legacy registry's name, e.g. \"zk\")".into());
-        } else if !self
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            p.push(format!(
-                "name: {:?} may hold only letters, digits, '-' and '_'",
-                self.name
-            ));
-        }
-        let ms = |p: &mut Vec<String>, key: &str, v: u64| {
-            if v == 0 {
-                p.push(format!("{key}: must be greater than 0"));
-            }
-            Duration::from_millis(v.max(1))
+        validate_name(&self.name, &mut p);
+        let source = self.source.validate(&self.name, &mut p);
+        let target = self.target.validate(&mut p);
+        let admin_listen = self.admin.validate(&mut p);
+        let protection = self.protection.validate(&mut p);
+        let check_interval = ms(&mut p, "check_interval_ms", self.check_interval_ms);
+        let replica = if self.replica.is_empty() {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        } else {
+            self.replica.clone()
         };
-        let source = match self.source.kind.as_str() {
-            "zookeeper" => {
-                if self.source.servers.is_empty() {
-                    p.push("source.servers: required for kind = \"zookeeper\" (host:port[,host:port…])".into());
-                }
-                if !self.source.root.starts_with('/') {
-                    p.push(format!(
-                        "source.root: {:?} must start with '/'",
-                        self.source.root
-                    ));
-                }
-                let protocols = if self.source.protocols.is_empty() {
-                    Mapping::default_protocols()
-                } else {
-                    let mut m = HashMap::new();
-                    for (scheme, proto) in &self.source.protocols {
-                        match AppProtocol::parse(proto) {
-                            Some(a) => {
-                                m.insert(scheme.to_ascii_lowercase(), a);
-                            }
-                            None => p.push(format!(
-                                "source.protocols.{scheme}: {proto:?} is not http1 or http2"
-                            )),
-                        }
-                    }
-                    m
-                };
-                let mut services = HashMap::new();
-                for (iface, svc) in &self.source.services {
-                    match ServiceName::new(svc.clone()) {
-                        Ok(s) => {
-                            services.insert(iface.clone(), s);
-                        }
-                        Err(e) => p.push(format!("source.services.{iface:?}: {e}")),
-                    }
-                }
-                SourceSpec::ZooKeeper {
-                    servers: self.source.servers.clone(),
-                    root: self.source.root.clone(),
-                    session_timeout: ms(
-                        &mut p,
-                        "source.session_timeout_ms",
-                        self.source.session_timeout_ms,
-                    ),
-                    mapping: Mapping {
-                        legacy: self.name.clone(),
-                        protocols,
-                        services,
-                        ignored_params: self
-                            .source
-                            .ignored_params
-                            .clone()
-                            .unwrap_or_else(Mapping::default_ignored),
-                    },
-                    max_per_interface: self.source.max_per_interface.max(1),
-                }
-            }
+        // The credentials are read only once every key is right.
+        let etcd_security = match p.is_empty() {
+            true => target.files.load(Path::new(".")).unwrap_or_else(|e| {
+                p.push(format!("target: {e}"));
+                EtcdSecurity::default()
+            }),
+            false => EtcdSecurity::default(),
+        };
+        if !p.is_empty() {
+            return Err(p);
+        }
+        Ok(Config {
+            name: self.name,
+            replica,
+            source,
+            etcd: self.target.etcd,
+            prefix: self.target.prefix.trim_end_matches('/').to_owned(),
+            election_ttl: target.election_ttl,
+            lease_ttl: target.lease_ttl,
+            request_timeout: target.request_timeout,
+            etcd_security,
+            resync_interval: target.resync_interval,
+            check_interval,
+            settle: Duration::from_millis(self.source.settle_ms.min(10_000)),
+            protection,
+            admin_listen,
+            admin_address_file: (!self.admin.address_file.is_empty())
+                .then(|| PathBuf::from(self.admin.address_file)),
+            warnings: Vec::new(),
+        })
+    }
+}
+
+/// `name`: required, letters, digits, `-` and `_`.
+fn validate_name(name: &str, p: &mut Vec<String>) {
+    if name.is_empty() {
+        p.push("name: required (the legacy registry's name, e.g. \"zk\")".into());
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        p.push(format!(
+            "name: {name:?} may hold only letters, digits, '-' and '_'"
+        ));
+    }
+}
+
+/// `v` milliseconds, with a problem named `key` when it is 0.
+fn ms(p: &mut Vec<String>, key: &str, v: u64) -> Duration {
+    if v == 0 {
+        p.push(format!("{key}: must be greater than 0"));
+    }
+    Duration::from_millis(v.max(1))
+}
+
+/// `v` seconds, with a problem named `key` when it is 0.
+fn secs(p: &mut Vec<String>, key: &str, v: u64) -> Duration {
+    if v == 0 {
+        p.push(format!("{key}: must be at least 1"));
+    }
+    Duration::from_secs(v.max(1))
+}
+
+impl SourceRaw {
+    /// `[source]` checked; `legacy`: the legacy registry's name.
+    fn validate(&self, legacy: &str, p: &mut Vec<String>) -> SourceSpec {
+        match self.kind.as_str() {
+            "zookeeper" => self.zookeeper(legacy, p),
             "dir" => {
-                if self.source.path.is_empty() {
+                if self.path.is_empty() {
                     p.push("source.path: required for kind = \"dir\"".into());
                 }
                 SourceSpec::Dir {
-                    path: PathBuf::from(&self.source.path),
-                    poll_interval: ms(
-                        &mut p,
-                        "source.poll_interval_ms",
-                        self.source.poll_interval_ms,
-                    ),
+                    path: PathBuf::from(&self.path),
+                    poll_interval: ms(p, "source.poll_interval_ms", self.poll_interval_ms),
                 }
             }
             other => {
@@ -354,11 +355,77 @@ impl RawConfig {
                     poll_interval: Duration::from_secs(1),
                 }
             }
+        }
+    }
+
+    /// `[source]` of kind `zookeeper`: servers, root, and how Dubbo providers map to endpoints.
+    fn zookeeper(&self, legacy: &str, p: &mut Vec<String>) -> SourceSpec {
+        if self.servers.is_empty() {
+            p.push(
+                "source.servers: required for kind = \"zookeeper\" (host:port[,host:port…])".into(),
+            );
+        }
+        if !self.root.starts_with('/') {
+            p.push(format!("source.root: {:?} must start with '/'", self.root));
+        }
+        let protocols = if self.protocols.is_empty() {
+            Mapping::default_protocols()
+        } else {
+            let mut m = HashMap::new();
+            for (scheme, proto) in &self.protocols {
+                match AppProtocol::parse(proto) {
+                    Some(a) => {
+                        m.insert(scheme.to_ascii_lowercase(), a);
+                    }
+                    None => p.push(format!(
+                        "source.protocols.{scheme}: {proto:?} is not http1 or http2"
+                    )),
+                }
+            }
+            m
         };
-        if self.target.etcd.is_empty() {
+        let mut services = HashMap::new();
+        for (iface, svc) in &self.services {
+            match ServiceName::new(svc.clone()) {
+                Ok(s) => {
+                    services.insert(iface.clone(), s);
+                }
+                Err(e) => p.push(format!("source.services.{iface:?}: {e}")),
+            }
+        }
+        SourceSpec::ZooKeeper {
+            servers: self.servers.clone(),
+            root: self.root.clone(),
+            session_timeout: ms(p, "source.session_timeout_ms", self.session_timeout_ms),
+            mapping: Mapping {
+                legacy: legacy.to_owned(),
+                protocols,
+                services,
+                ignored_params: self
+                    .ignored_params
+                    .clone()
+                    .unwrap_or_else(Mapping::default_ignored),
+            },
+            max_per_interface: self.max_per_interface.max(1),
+        }
+    }
+}
+
+/// `[target]` checked (its credential files are read later, once every key is right).
+struct Target {
+    files: EtcdSecurityFiles,
+    election_ttl: Duration,
+    lease_ttl: Duration,
+    request_timeout: Duration,
+    resync_interval: Duration,
+}
+
+impl TargetRaw {
+    fn validate(&self, p: &mut Vec<String>) -> Target {
+        if self.etcd.is_empty() {
             p.push("target.etcd: at least one member URL is required".into());
         }
-        for u in &self.target.etcd {
+        for u in &self.etcd {
             if !u.starts_with("http://") && !u.starts_with("https://") {
                 p.push(format!(
                     "target.etcd: {u:?} is not an http:// or https:// URL"
@@ -366,89 +433,48 @@ impl RawConfig {
             }
         }
         let files = EtcdSecurityFiles {
-            ca: self.target.ca.clone(),
-            cert: self.target.cert.clone(),
-            key: self.target.key.clone(),
-            user: self.target.user.clone(),
-            password_file: self.target.password_file.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            user: self.user.clone(),
+            password_file: self.password_file.clone(),
         };
-        files.validate("target", &self.target.etcd, &mut p);
-        let etcd_security = if p.is_empty() {
-            files.load(Path::new(".")).unwrap_or_else(|e| {
-                p.push(format!("target: {e}"));
-                EtcdSecurity::default()
-            })
-        } else {
-            EtcdSecurity::default()
-        };
-        if !self.target.prefix.starts_with('/') {
+        files.validate("target", &self.etcd, p);
+        if !self.prefix.starts_with('/') {
             p.push(format!(
                 "target.prefix: {:?} must start with '/'",
-                self.target.prefix
+                self.prefix
             ));
         }
-        let secs = |p: &mut Vec<String>, key: &str, v: u64| {
-            if v == 0 {
-                p.push(format!("{key}: must be at least 1"));
-            }
-            Duration::from_secs(v.max(1))
-        };
-        let election_ttl = secs(&mut p, "target.election_ttl_s", self.target.election_ttl_s);
-        let lease_ttl = secs(&mut p, "target.lease_ttl_s", self.target.lease_ttl_s);
+        let election_ttl = secs(p, "target.election_ttl_s", self.election_ttl_s);
+        let lease_ttl = secs(p, "target.lease_ttl_s", self.lease_ttl_s);
         if lease_ttl < election_ttl * 2 {
             p.push("target.lease_ttl_s: must be at least twice target.election_ttl_s (a successor must re-attach the entries before they expire)".into());
         }
-        let admin_listen = match self.admin.listen.parse::<SocketAddr>() {
+        Target {
+            files,
+            election_ttl,
+            lease_ttl,
+            request_timeout: ms(p, "target.request_timeout_ms", self.request_timeout_ms),
+            resync_interval: ms(p, "target.resync_interval_ms", self.resync_interval_ms),
+        }
+    }
+}
+
+impl AdminRaw {
+    /// `[admin] listen`: a loopback address.
+    fn validate(&self, p: &mut Vec<String>) -> SocketAddr {
+        match self.listen.parse::<SocketAddr>() {
             Ok(a) if a.ip().is_loopback() => a,
             Ok(a) => {
                 p.push(format!("admin.listen: {a} is not a loopback address"));
                 a
             }
             Err(_) => {
-                p.push(format!(
-                    "admin.listen: {:?} is not ip:port",
-                    self.admin.listen
-                ));
+                p.push(format!("admin.listen: {:?} is not ip:port", self.listen));
                 SocketAddr::from(([127, 0, 0, 1], 0))
             }
-        };
-        let protection = self.protection.validate(&mut p);
-        let replica = if self.replica.is_empty() {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            format!("{}-{}", host.trim(), std::process::id())
-        } else {
-            self.replica.clone()
-        };
-        if !p.is_empty() {
-            return Err(p);
         }
-        Ok(Config {
-            name: self.name,
-            replica,
-            source,
-            etcd: self.target.etcd,
-            prefix: self.target.prefix.trim_end_matches('/').to_owned(),
-            election_ttl,
-            lease_ttl,
-            request_timeout: ms(
-                &mut p,
-                "target.request_timeout_ms",
-                self.target.request_timeout_ms,
-            ),
-            etcd_security,
-            resync_interval: ms(
-                &mut p,
-                "target.resync_interval_ms",
-                self.target.resync_interval_ms,
-            ),
-            check_interval: ms(&mut p, "check_interval_ms", self.check_interval_ms),
-            settle: Duration::from_millis(self.source.settle_ms.min(10_000)),
-            protection,
-            admin_listen,
-            admin_address_file: (!self.admin.address_file.is_empty())
-                .then(|| PathBuf::from(self.admin.address_file)),
-            warnings: Vec::new(),
-        })
     }
 }
 

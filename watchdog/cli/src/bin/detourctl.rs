@@ -290,20 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             trust_domain,
             hosts,
             days,
-        } => {
-            let validity = Duration::from_secs(days.max(1) * 24 * 3600);
-            let ca = certs::open_or_create(&dir, &trust_domain)?;
-            for host in &hosts {
-                let host = detour_proto::HostId::new(host.clone())?;
-                let to = dir.join(host.as_str());
-                ca.write_host(&to, host.as_str(), validity)?;
-                println!(
-                    "certs: spiffe://{trust_domain}/host/{host} in {}",
-                    to.display()
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => certs_cmd(&dir, &trust_domain, &hosts, days),
         Command::Provider {
             listen,
             instance,
@@ -312,62 +299,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             interface,
             release_grace_ms,
         } => {
-            let provider = DemoProvider::start(listen, &instance).await?;
-            let registration = zookeeper.zip(interface).map(|(servers, iface)| {
-                let url = zk_publish::provider_url(provider.addr(), &iface, &instance, 100);
-                zk_publish::ZkRegistration::hold(servers, "/dubbo", &iface, &url)
-            });
-            if let Some(path) = addr_file {
-                let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, provider.addr().to_string())?;
-                std::fs::rename(&tmp, &path)?;
-            }
-            println!("provider: {instance} listening on {}", provider.addr());
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                _ = ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            if let Some(r) = registration {
-                r.withdraw().await;
-                println!("provider: {instance} de-registered; serving {release_grace_ms} ms more");
-                tokio::time::sleep(std::time::Duration::from_millis(release_grace_ms)).await;
-            }
-            println!("provider: {instance} served {}", provider.served());
-            Ok(ExitCode::SUCCESS)
+            let zk = zookeeper.zip(interface);
+            provider_cmd(listen, &instance, addr_file, zk, release_grace_ms).await
         }
         Command::Upgrade {
             binary,
             rollback,
             watchdog,
-        } => {
-            let binary = match binary {
-                Some(b) => Some(
-                    std::fs::canonicalize(&b)
-                        .with_context(|| format!("--binary {}: no such file", b.display()))?,
-                ),
-                None => None,
-            };
-            let req = UpgradeRequest { binary, rollback };
-            match watched::upgrade(&watchdog, &req).await {
-                Ok(done) => {
-                    println!(
-                        "upgrade: pid={} binary={} previous={} ready_ms={} done_ms={}",
-                        done.pid,
-                        done.binary.display(),
-                        done.previous.display(),
-                        done.ready_ms,
-                        done.done_ms
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(reason) => {
-                    eprintln!("detourctl: upgrade failed: {reason}");
-                    Ok(ExitCode::from(1))
-                }
-            }
-        }
+        } => upgrade_cmd(binary, rollback, &watchdog).await,
         Command::Gray { cmd, reg } => Ok(cli_ops::gray(cmd, reg).await),
         Command::Policy { cmd, reg } => Ok(detour_ctl::cli_policy::policy(cmd, reg).await),
         Command::Rollback(args) => Ok(cli_ops::rollback(args).await),
@@ -385,95 +324,190 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Command::Demo { duration, rate } => {
-            let opts = DemoOptions {
-                duration: duration.map(Duration::from_secs),
-                rate,
-            };
-            let stats = demo::run(&opts, ctrl_c()).await?;
-            println!("{}", stats.failure_line());
+        Command::Demo { duration, rate } => demo_cmd(duration, rate).await,
+        Command::Load(args) => load_cmd(args).await,
+    }
+}
+
+/// `detourctl certs`: a certificate per host from the throw-away CA in `dir`.
+fn certs_cmd(
+    dir: &std::path::Path,
+    trust_domain: &str,
+    hosts: &[String],
+    days: u64,
+) -> anyhow::Result<ExitCode> {
+    let validity = Duration::from_secs(days.max(1) * 24 * 3600);
+    let ca = certs::open_or_create(dir, trust_domain)?;
+    for host in hosts {
+        let host = detour_proto::HostId::new(host.clone())?;
+        let to = dir.join(host.as_str());
+        ca.write_host(&to, host.as_str(), validity)?;
+        println!(
+            "certs: spiffe://{trust_domain}/host/{host} in {}",
+            to.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `detourctl provider`: the demo provider until SIGTERM or Ctrl-C, registered in ZooKeeper
+/// as a Dubbo provider when `zk` (servers, interface) is given.
+async fn provider_cmd(
+    listen: std::net::SocketAddr,
+    instance: &str,
+    addr_file: Option<std::path::PathBuf>,
+    zk: Option<(String, String)>,
+    release_grace_ms: u64,
+) -> anyhow::Result<ExitCode> {
+    let provider = DemoProvider::start(listen, instance).await?;
+    let registration = zk.map(|(servers, iface)| {
+        let url = zk_publish::provider_url(provider.addr(), &iface, instance, 100);
+        zk_publish::ZkRegistration::hold(servers, "/dubbo", &iface, &url)
+    });
+    if let Some(path) = addr_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, provider.addr().to_string())?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    println!("provider: {instance} listening on {}", provider.addr());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    if let Some(r) = registration {
+        r.withdraw().await;
+        println!("provider: {instance} de-registered; serving {release_grace_ms} ms more");
+        tokio::time::sleep(std::time::Duration::from_millis(release_grace_ms)).await;
+    }
+    println!("provider: {instance} served {}", provider.served());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `detourctl upgrade`: asks the watchdog at `watchdog` to hand the sidecar over to `binary`
+/// (or back to the previous one).
+async fn upgrade_cmd(
+    binary: Option<std::path::PathBuf>,
+    rollback: bool,
+    watchdog: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let binary = match binary {
+        Some(b) => Some(
+            std::fs::canonicalize(&b)
+                .with_context(|| format!("--binary {}: no such file", b.display()))?,
+        ),
+        None => None,
+    };
+    let req = UpgradeRequest { binary, rollback };
+    match watched::upgrade(watchdog, &req).await {
+        Ok(done) => {
             println!(
-                "demo: sent={} ok={} failed={} p50_ms={:.2} p99_ms={:.2}",
-                stats.sent,
-                stats.ok,
-                stats.failed,
-                stats.ms(0.5),
-                stats.ms(0.99)
+                "upgrade: pid={} binary={} previous={} ready_ms={} done_ms={}",
+                done.pid,
+                done.binary.display(),
+                done.previous.display(),
+                done.ready_ms,
+                done.done_ms
             );
-            Ok(exit_for(&stats))
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Load(args) => {
-            let protocol = AppProtocol::parse(&args.protocol).with_context(|| {
-                format!("--protocol {:?}: expected http1 or http2", args.protocol)
-            })?;
-            let target = match (&args.sidecar, &args.direct) {
-                (Some(s), _) => {
-                    let dial: Dial = s.parse().map_err(anyhow::Error::msg)?;
-                    let mut client = Client::builder(dial)
-                        .protocol(protocol)
-                        .app("detourctl-load")
-                        .timeout(Duration::from_millis(args.timeout_ms));
-                    // The OpenTelemetry variables turn the SDK's trace export on.
-                    if let Some(cfg) = TraceConfig::from_env("detourctl-load", std::env::vars())
-                        .map_err(anyhow::Error::msg)?
-                    {
-                        client = client.tracing(cfg);
-                    }
-                    Target::Sdk(client.build())
-                }
-                (None, Some(url)) => {
-                    let hostport = url
-                        .strip_prefix("http://")
-                        .unwrap_or(url)
-                        .trim_end_matches('/');
-                    let addr = hostport
-                        .parse()
-                        .with_context(|| format!("--direct {url:?}: expected http://ip:port"))?;
-                    Target::Direct {
-                        dial: Dial::Tcp(addr),
-                        protocol,
-                    }
-                }
-                (None, None) => anyhow::bail!("one of --sidecar and --direct is required"),
-            };
-            let spec = LoadSpec {
-                service: ServiceName::new(args.service.clone())?,
-                rate: args.rate,
-                duration: Duration::from_secs(args.duration),
-                methods: args
-                    .method
-                    .parse::<MethodMix>()
-                    .map_err(anyhow::Error::msg)?,
-                body_bytes: args.body_bytes,
-                concurrency: args.concurrency,
-                path: args.path.clone(),
-                timeout: Duration::from_millis(args.timeout_ms),
-            };
-            let progress = args.progress;
-            let stats = load::run(
-                &spec,
-                &target,
-                |s, w| {
-                    if progress {
-                        println!("{}", w.summary(&format!("t={s}s")));
-                    }
-                },
-                ctrl_c(),
-            )
-            .await;
-            println!("{}", stats.served_line());
-            println!("{}", stats.path_line());
-            println!("{}", stats.gap_line());
-            println!("{}", stats.latency_line());
-            println!("{}", stats.kinds_line());
-            println!("{}", stats.summary("load"));
-            println!("{}", stats.failure_line());
-            for f in &stats.failed_requests {
-                println!("{}", f.line());
-            }
-            Ok(exit_for(&stats))
+        Err(reason) => {
+            eprintln!("detourctl: upgrade failed: {reason}");
+            Ok(ExitCode::from(1))
         }
     }
+}
+
+/// `detourctl demo`: the demo mesh under load.
+async fn demo_cmd(duration: Option<u64>, rate: u32) -> anyhow::Result<ExitCode> {
+    let opts = DemoOptions {
+        duration: duration.map(Duration::from_secs),
+        rate,
+    };
+    let stats = demo::run(&opts, ctrl_c()).await?;
+    println!("{}", stats.failure_line());
+    println!(
+        "demo: sent={} ok={} failed={} p50_ms={:.2} p99_ms={:.2}",
+        stats.sent,
+        stats.ok,
+        stats.failed,
+        stats.ms(0.5),
+        stats.ms(0.99)
+    );
+    Ok(exit_for(&stats))
+}
+
+/// `detourctl load`: steady load through the SDK or straight to a provider, with its summary
+/// lines and every failed request.
+async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    let protocol = AppProtocol::parse(&args.protocol)
+        .with_context(|| format!("--protocol {:?}: expected http1 or http2", args.protocol))?;
+    let target = match (&args.sidecar, &args.direct) {
+        (Some(s), _) => {
+            let dial: Dial = s.parse().map_err(anyhow::Error::msg)?;
+            let mut client = Client::builder(dial)
+                .protocol(protocol)
+                .app("detourctl-load")
+                .timeout(Duration::from_millis(args.timeout_ms));
+            // The OpenTelemetry variables turn the SDK's trace export on.
+            if let Some(cfg) = TraceConfig::from_env("detourctl-load", std::env::vars())
+                .map_err(anyhow::Error::msg)?
+            {
+                client = client.tracing(cfg);
+            }
+            Target::Sdk(client.build())
+        }
+        (None, Some(url)) => {
+            let hostport = url
+                .strip_prefix("http://")
+                .unwrap_or(url)
+                .trim_end_matches('/');
+            let addr = hostport
+                .parse()
+                .with_context(|| format!("--direct {url:?}: expected http://ip:port"))?;
+            Target::Direct {
+                dial: Dial::Tcp(addr),
+                protocol,
+            }
+        }
+        (None, None) => anyhow::bail!("one of --sidecar and --direct is required"),
+    };
+    let spec = LoadSpec {
+        service: ServiceName::new(args.service.clone())?,
+        rate: args.rate,
+        duration: Duration::from_secs(args.duration),
+        methods: args
+            .method
+            .parse::<MethodMix>()
+            .map_err(anyhow::Error::msg)?,
+        body_bytes: args.body_bytes,
+        concurrency: args.concurrency,
+        path: args.path.clone(),
+        timeout: Duration::from_millis(args.timeout_ms),
+    };
+    let progress = args.progress;
+    let stats = load::run(
+        &spec,
+        &target,
+        |s, w| {
+            if progress {
+                println!("{}", w.summary(&format!("t={s}s")));
+            }
+        },
+        ctrl_c(),
+    )
+    .await;
+    println!("{}", stats.served_line());
+    println!("{}", stats.path_line());
+    println!("{}", stats.gap_line());
+    println!("{}", stats.latency_line());
+    println!("{}", stats.kinds_line());
+    println!("{}", stats.summary("load"));
+    println!("{}", stats.failure_line());
+    for f in &stats.failed_requests {
+        println!("{}", f.line());
+    }
+    Ok(exit_for(&stats))
 }
 
 fn exit_for(stats: &Stats) -> ExitCode {
