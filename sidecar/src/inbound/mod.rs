@@ -168,8 +168,9 @@ impl Inbound {
         &self,
         service: &ServiceName,
         provider: &Provide,
-        caller: Option<&crate::tls::identity::SpiffeId>,
+        caller: Option<&Caller>,
     ) -> Result<(), MeshError> {
+        let caller = caller.map(|c| &c.0);
         if let Some(allow) = &provider.allow
             && !caller.is_some_and(|c| allow.contains(c))
         {
@@ -251,8 +252,9 @@ impl Inbound {
                 format!("{service} is not provided on {}", self.cfg.host),
             )
         })?;
-        let caller = parts.extensions.get::<Caller>().map(|c| &c.0);
+        let caller = parts.extensions.get::<Caller>();
         self.admit(&service, provider, caller)?;
+        let caller = caller.map(|c| &c.0);
         let share = self.share_of(&parts).await?;
         let caller_value = caller.and_then(|c| HeaderValue::from_str(c.as_str()).ok());
         let mut req = Request::from_parts(parts, boxed(body));
@@ -326,7 +328,12 @@ impl Handler for Inbound {
             .begin(&mut parts.headers, "pa", SpanKind::Server);
         let grpc = is_grpc(&parts.headers);
         let span = tracing::debug_span!("request", direction = "inbound", method = %parts.method,
-            service = tracing::field::Empty);
+            service = tracing::field::Empty, trace_id = tracing::field::Empty);
+        if let Some(t) = hop.trace_id()
+            && !span.is_disabled()
+        {
+            span.record("trace_id", tracing::field::display(t));
+        }
         let pending = (self.access_log.as_ref()).filter(|l| l.wants()).map(|_| {
             let caller = parts.extensions.get::<Caller>().map(|c| c.0.to_string());
             Pending::of("inbound", &parts, caller, hop.trace_id())

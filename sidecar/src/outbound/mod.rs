@@ -492,7 +492,12 @@ impl Handler for Outbound {
             .begin(&mut parts.headers, "ca", SpanKind::Server);
         let grpc = is_grpc(&parts.headers);
         let span = tracing::debug_span!("request", direction = "outbound", method = %parts.method,
-            service = tracing::field::Empty);
+            service = tracing::field::Empty, trace_id = tracing::field::Empty);
+        if let Some(t) = hop.trace_id()
+            && !span.is_disabled()
+        {
+            span.record("trace_id", tracing::field::display(t));
+        }
         let pending = (self.access_log.as_ref())
             .filter(|l| l.wants())
             .map(|_| Pending::of("outbound", &parts, None, hop.trace_id()));

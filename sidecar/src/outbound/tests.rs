@@ -70,6 +70,8 @@ struct World {
     ca_pool: Arc<Pool>,
     /// The caller host's gray rules.
     gray: Arc<Gray>,
+    /// The CA's tracer.
+    tracer: detour_core::trace::Tracer,
 }
 
 fn config(host: &str, extra: &str) -> Arc<Config> {
@@ -86,6 +88,7 @@ impl World {
             registry: Arc::new(MemoryRegistry::new()),
             seen: Arc::default(),
             gray: Gray::new(HostId::new("h1").unwrap()),
+            tracer: detour_core::trace::Tracer::off(),
         }
     }
 
@@ -181,18 +184,21 @@ impl World {
         );
         let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());
         let gray = self.gray.clone();
-        let outbound = Arc::new(Outbound::new(
-            cfg,
-            catalog,
-            Upstreams {
-                providers: pool.clone(),
-                pas: pool,
-            },
-            links,
-            super::Documents { gray, policies },
-            lifecycle,
-            control,
-        ));
+        let outbound = Arc::new(
+            Outbound::new(
+                cfg,
+                catalog,
+                Upstreams {
+                    providers: pool.clone(),
+                    pas: pool,
+                },
+                links,
+                super::Documents { gray, policies },
+                lifecycle,
+                control,
+            )
+            .with_tracer(self.tracer.clone()),
+        );
         serve(&self.net, Dial::Unix(CA.into()), outbound);
     }
 
@@ -391,4 +397,32 @@ async fn a_request_and_each_of_its_attempts_have_a_span() {
     let first = format!(r#"{request}:attempt{{n=1 instance=h2-hello path="pa"}}"#);
     assert!(log.contains(&first), "no {first} in:\n{log}");
     assert!(log.contains("attempt failed"), "{log}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ca_that_traces_names_the_trace_in_its_request_span() {
+    use detour_core::trace::{OtlpEndpoint, TraceConfig, Tracer};
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let mut w = World::new();
+    w.provider("p2", "10.0.2.1:80", P::Ok);
+    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
+    // Exporting (to nowhere), recording none of the traces it starts: ids without spans.
+    let mut cfg = TraceConfig::new(OtlpEndpoint::parse("http://127.0.0.1:9").unwrap(), "t");
+    cfg.sample = 0.0;
+    w.tracer = Tracer::start(cfg);
+    w.ca();
+    assert_eq!(w.call(Method::GET).await.status(), StatusCode::OK);
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let at = log
+        .find("trace_id=")
+        .unwrap_or_else(|| panic!("no trace_id in:\n{log}"));
+    let id = &log[at + "trace_id=".len()..][..32];
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
 }
