@@ -378,8 +378,8 @@ impl std::io::Write for Captured {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_request_and_each_of_its_attempts_have_a_span() {
+/// Debug logs of this thread, into a buffer, while the guard lives.
+fn debug_log() -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -387,7 +387,12 @@ async fn a_request_and_each_of_its_attempts_have_a_span() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_and_each_of_its_attempts_have_a_span() {
+    let (captured, _default) = debug_log();
     // The PA refuses: the first attempt goes through it, the second straight to the provider.
     let w = broken_pa(Upstream::Refuse).await;
     let resp = w.call(Method::POST).await;
@@ -402,14 +407,7 @@ async fn a_request_and_each_of_its_attempts_have_a_span() {
 #[tokio::test(start_paused = true)]
 async fn a_ca_that_traces_names_the_trace_in_its_request_span() {
     use detour_core::trace::{OtlpEndpoint, TraceConfig, Tracer};
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (captured, _default) = debug_log();
     let mut w = World::new();
     w.provider("p2", "10.0.2.1:80", P::Ok);
     w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
