@@ -328,32 +328,7 @@ impl Config {
         let loaded = config_file::load::<RawConfig>(&name, text, ENV_PREFIX, env.clone())?;
         let base = path.parent().unwrap_or(Path::new("."));
         let (raw, mut problems, warnings) = (loaded.value, loaded.problems, loaded.warnings);
-        let sidecar_config = if raw.sidecar.config.is_empty() {
-            problems.push("sidecar.config: the sidecar's config file is required".to_owned());
-            PathBuf::new()
-        } else {
-            base.join(&raw.sidecar.config)
-        };
-        let sidecar = if sidecar_config.as_os_str().is_empty() {
-            None
-        } else {
-            let text = std::fs::read_to_string(&sidecar_config);
-            match text {
-                Ok(t) => {
-                    let n = sidecar_config.display().to_string();
-                    SidecarView::parse(&n, &t, env)
-                        .map_err(|e| problems.push(format!("sidecar.config: {e}")))
-                        .ok()
-                }
-                Err(e) => {
-                    problems.push(format!(
-                        "sidecar.config: cannot read {}: {e}",
-                        sidecar_config.display()
-                    ));
-                    None
-                }
-            }
-        };
+        let (sidecar_config, sidecar) = sidecar_view(&raw.sidecar.config, base, env, &mut problems);
         let sidecar_binary = if raw.sidecar.binary.is_empty() {
             std::env::current_exe()
                 .ok()
@@ -369,23 +344,8 @@ impl Config {
         } else {
             base.join(&raw.upgrade.binaries_dir)
         };
-        let admin_listen = raw.admin.listen.parse::<SocketAddr>().map_err(|_| {
-            problems.push(format!(
-                "admin.listen: {:?} is not ip:port",
-                raw.admin.listen
-            ))
-        });
-        if let Ok(a) = admin_listen
-            && !a.ip().is_loopback()
-        {
-            problems.push(format!("admin.listen: {a} is not a loopback address"));
-        }
-        let mut ms = |key: &str, v: u64| {
-            if v == 0 {
-                problems.push(format!("{key}: must be greater than 0"));
-            }
-            Duration::from_millis(v)
-        };
+        let admin_listen = loopback(&raw.admin.listen, &mut problems);
+        let mut ms = |key: &str, v: u64| positive_ms(&mut problems, key, v);
         let policy = Policy {
             backoff: ms("restart.backoff_ms", raw.restart.backoff_ms),
             max_backoff: ms("restart.max_backoff_ms", raw.restart.max_backoff_ms),
@@ -433,6 +393,64 @@ impl Config {
             }),
         }
     }
+}
+
+/// The sidecar's config file (`sidecar.config`, relative to `base`) and the keys of it the
+/// watchdog reads; each problem pushed onto `problems`.
+fn sidecar_view(
+    config: &str,
+    base: &Path,
+    env: Vec<(String, String)>,
+    problems: &mut Vec<String>,
+) -> (PathBuf, Option<SidecarView>) {
+    let sidecar_config = if config.is_empty() {
+        problems.push("sidecar.config: the sidecar's config file is required".to_owned());
+        PathBuf::new()
+    } else {
+        base.join(config)
+    };
+    let sidecar = if sidecar_config.as_os_str().is_empty() {
+        None
+    } else {
+        let text = std::fs::read_to_string(&sidecar_config);
+        match text {
+            Ok(t) => {
+                let n = sidecar_config.display().to_string();
+                SidecarView::parse(&n, &t, env)
+                    .map_err(|e| problems.push(format!("sidecar.config: {e}")))
+                    .ok()
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "sidecar.config: cannot read {}: {e}",
+                    sidecar_config.display()
+                ));
+                None
+            }
+        }
+    };
+    (sidecar_config, sidecar)
+}
+
+/// `v` milliseconds, with a problem named `key` when it is 0.
+fn positive_ms(problems: &mut Vec<String>, key: &str, v: u64) -> Duration {
+    if v == 0 {
+        problems.push(format!("{key}: must be greater than 0"));
+    }
+    Duration::from_millis(v)
+}
+
+/// `admin.listen`: `ip:port` on loopback.
+fn loopback(listen: &str, problems: &mut Vec<String>) -> Result<SocketAddr, ()> {
+    let addr = listen
+        .parse::<SocketAddr>()
+        .map_err(|_| problems.push(format!("admin.listen: {listen:?} is not ip:port")));
+    if let Ok(a) = addr
+        && !a.ip().is_loopback()
+    {
+        problems.push(format!("admin.listen: {a} is not a loopback address"));
+    }
+    addr
 }
 
 #[cfg(test)]

@@ -159,6 +159,27 @@ pub struct LogRaw {
     pub format: String,
 }
 
+impl LogRaw {
+    /// `log.format`: `text` or `json`.
+    fn validate(&self, p: &mut Vec<String>) -> LogFormat {
+        LogFormat::parse(&self.format).unwrap_or_else(|| {
+            p.push(format!(
+                "log.format: {:?} is not one of \"text\", \"json\"",
+                self.format
+            ));
+            LogFormat::Text
+        })
+    }
+}
+
+/// `path` under `dir` unless absolute; `None` when empty (the file is not kept).
+fn under(dir: &Path, path: &str) -> Option<PathBuf> {
+    (!path.is_empty()).then(|| {
+        let c = PathBuf::from(path);
+        if c.is_absolute() { c } else { dir.join(c) }
+    })
+}
+
 impl Default for LogRaw {
     fn default() -> Self {
         Self {
@@ -389,22 +410,9 @@ impl RawConfig {
         let policies = self.policy.validate(&mut p);
         let (drain_timeout, announce) = self.lifecycle.validate(&mut p);
         let protection = self.protection.validate(&mut p);
-        let catalog_cache = (!self.catalog_cache.is_empty()).then(|| {
-            let c = PathBuf::from(&self.catalog_cache);
-            if c.is_absolute() {
-                c
-            } else {
-                state_dir.join(c)
-            }
-        });
+        let catalog_cache = under(&state_dir, &self.catalog_cache);
         let link = self.link.validate(&mut p);
-        let log_format = LogFormat::parse(&self.log.format).unwrap_or_else(|| {
-            p.push(format!(
-                "log.format: {:?} is not one of \"text\", \"json\"",
-                self.log.format
-            ));
-            LogFormat::Text
-        });
+        let log_format = self.log.validate(&mut p);
         let (watchdog_socket, watchdog_takeover) =
             self.watchdog.validate(registry.as_ref(), &mut p);
         let provide = provide::validate(

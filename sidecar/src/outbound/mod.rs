@@ -198,13 +198,7 @@ impl Outbound {
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(MeshError::new(
-                    MeshErrorKind::Timeout,
-                    format!(
-                        "{service}: no answer within {} ms",
-                        policy.request_timeout.as_millis()
-                    ),
-                ));
+                return Err(timed_out(&service, &policy));
             }
             let left = deadline - now;
             let timeout = policy.try_timeout.map_or(left, |t| t.min(left));
@@ -237,24 +231,13 @@ impl Outbound {
                 }
                 Err(f) => f,
             };
-            // The rule after a failed attempt (`retry.rs`): the retry decision, the try
-            // timeout and the retry budget.
-            let plan = retry::plan(
-                retry::Failed {
-                    outcome: failed.outcome,
-                    time_left: Instant::now() < deadline,
-                    untrusted: failed.error.kind == MeshErrorKind::UntrustedPeer,
-                },
-                flight.kind(),
-                retry::Options {
-                    around_pa: via_pa && direct_ok(ep),
-                    other_endpoint: tried.len() + 1 < set.endpoints.len(),
-                },
-            );
-            let step = per.budgeted(plan);
-            tracing::debug!(outcome = ?failed.outcome, ?step, "attempt failed");
             try_span.fail(|| failed.error.to_string());
             drop(try_span);
+            let options = retry::Options {
+                around_pa: via_pa && direct_ok(ep),
+                other_endpoint: tried.len() + 1 < set.endpoints.len(),
+            };
+            let step = next_step(&per, &failed, flight.kind(), options, deadline);
             hop.event(retry::event_name(&step), || {
                 vec![
                     ("detour.attempt", attempts.into()),
@@ -537,6 +520,40 @@ impl Handler for Outbound {
         }
         resp
     }
+}
+
+/// The rule after a failed attempt (`retry.rs`: the retry decision, the try timeout) with
+/// the service's retry budget.
+fn next_step(
+    per: &PerService,
+    failed: &AttemptFailed,
+    kind: detour_core::decide::RequestKind,
+    options: retry::Options,
+    deadline: Instant,
+) -> Step {
+    let plan = retry::plan(
+        retry::Failed {
+            outcome: failed.outcome,
+            time_left: Instant::now() < deadline,
+            untrusted: failed.error.kind == MeshErrorKind::UntrustedPeer,
+        },
+        kind,
+        options,
+    );
+    let step = per.budgeted(plan);
+    tracing::debug!(outcome = ?failed.outcome, ?step, "attempt failed");
+    step
+}
+
+/// The error of a request whose time ran out.
+fn timed_out(service: &ServiceName, policy: &ServicePolicy) -> MeshError {
+    MeshError::new(
+        MeshErrorKind::Timeout,
+        format!(
+            "{service}: no answer within {} ms",
+            policy.request_timeout.as_millis()
+        ),
+    )
 }
 
 /// The error when no endpoint of `service` can be picked (`limit`: requests in flight per

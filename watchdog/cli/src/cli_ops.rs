@@ -202,22 +202,9 @@ pub async fn gray(cmd: GrayCmd, reg: RegistryArgs) -> ExitCode {
             percent,
             reason,
         } => {
-            let sha256 = match (&sidecar_binary, sidecar_sha256) {
-                (_, Some(s)) => s.to_ascii_lowercase(),
-                (Some(b), None) => {
-                    match detour_watchdog::binaries::sha256_of(std::path::Path::new(b)) {
-                        Ok(s) => {
-                            eprintln!("sha256 of {b}: {s}");
-                            s
-                        }
-                        Err(e) => {
-                            return fail(&OpsError::Malformed(format!(
-                                "--sidecar-sha256 is needed: {e}"
-                            )));
-                        }
-                    }
-                }
-                (None, None) => String::new(),
+            let sha256 = match binary_sha256(sidecar_binary.as_deref(), sidecar_sha256) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
             };
             let rule = Rule {
                 id,
@@ -238,27 +225,7 @@ pub async fn gray(cmd: GrayCmd, reg: RegistryArgs) -> ExitCode {
         GrayCmd::Clear { id, reason, .. } => {
             ops.gray_clear(id.as_deref(), &Actor::current(reason)).await
         }
-        GrayCmd::List => match ops.rules().await {
-            Ok(r) => {
-                if reg.json {
-                    let malformed = r.malformed.iter().map(ToString::to_string).collect();
-                    println!(
-                        "{}",
-                        ops_view::json(&ops_view::RulesJson {
-                            rules: &r.set.rules,
-                            malformed,
-                        })
-                    );
-                } else {
-                    print!("{}", ops_view::rules_table(&r.set));
-                    for m in &r.malformed {
-                        println!("malformed (left out): {m}");
-                    }
-                }
-                return ExitCode::SUCCESS;
-            }
-            Err(e) => return fail(&e),
-        },
+        GrayCmd::List => return gray_list(&ops, reg.json).await,
     };
     match result {
         Ok(set) => {
@@ -285,6 +252,47 @@ pub async fn gray(cmd: GrayCmd, reg: RegistryArgs) -> ExitCode {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// The sha256 a version rule names: the one given, else the named binary's own (printed).
+fn binary_sha256(binary: Option<&str>, given: Option<String>) -> Result<String, OpsError> {
+    match (binary, given) {
+        (_, Some(s)) => Ok(s.to_ascii_lowercase()),
+        (Some(b), None) => match detour_watchdog::binaries::sha256_of(std::path::Path::new(b)) {
+            Ok(s) => {
+                eprintln!("sha256 of {b}: {s}");
+                Ok(s)
+            }
+            Err(e) => Err(OpsError::Malformed(format!(
+                "--sidecar-sha256 is needed: {e}"
+            ))),
+        },
+        (None, None) => Ok(String::new()),
+    }
+}
+
+/// `detourctl gray list`: the rules, and those left out as malformed.
+async fn gray_list(ops: &Ops, json: bool) -> ExitCode {
+    let r = match ops.rules().await {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    if json {
+        let malformed = r.malformed.iter().map(ToString::to_string).collect();
+        println!(
+            "{}",
+            ops_view::json(&ops_view::RulesJson {
+                rules: &r.set.rules,
+                malformed,
+            })
+        );
+    } else {
+        print!("{}", ops_view::rules_table(&r.set));
+        for m in &r.malformed {
+            println!("malformed (left out): {m}");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Runs `detourctl rollback …`.

@@ -516,4 +516,18 @@ mod tests {
             assert!(e.contains(want), "{want} missing from {e}");
         }
     }
+
+    #[test]
+    fn zero_times_are_reported() {
+        let e = parse("name = \"zk\"\ncheck_interval_ms = 0\n[source]\nservers = \"127.0.0.1:2181\"\n[target]\netcd = [\"http://127.0.0.1:2379\"]\nrequest_timeout_ms = 0\nresync_interval_ms = 0\n")
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "check_interval_ms",
+            "target.request_timeout_ms",
+            "target.resync_interval_ms",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+    }
 }
