@@ -1,5 +1,5 @@
 //! The HTTP plumbing both directions share: accepting and serving connections (protocol
-//! detection, HTTP/1.1 or HTTP/2, limits), one forwarding attempt, header handling, and the
+//! detection, HTTP/1.1 or HTTP/2, limits, a lingering close), one forwarding attempt, header handling, and the
 //! errors the mesh itself answers with.
 //!
 //! It may import `config`, `tls`, `process::lifecycle` and `ratelimit`; never `inbound`,
@@ -8,5 +8,6 @@
 pub mod detect;
 pub mod forward;
 pub mod headers;
+pub mod linger;
 pub mod respond;
 pub mod server;

@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::http::detect::{Detected, MAX_HEADERS, Prefixed, detect};
+use crate::http::linger::Lingering;
 use crate::process::lifecycle::Lifecycle;
 
 /// Something that answers proxied requests.
@@ -254,6 +255,10 @@ pub struct ConnShare(pub Arc<tokio::sync::Semaphore>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller(pub crate::tls::identity::SpiffeId);
 
+/// How long a closed connection keeps reading what its peer still sends, waiting for the
+/// peer to close too.
+const LINGER: Duration = Duration::from_secs(1);
+
 /// Serves one connection until it closes; on drain, closes it gracefully (HTTP/1.1: after the
 /// current response; HTTP/2: GOAWAY, then the open streams finish). `caller`, when known, goes
 /// into every request's extensions.
@@ -277,7 +282,8 @@ where
         &opts.proxy,
     )
     .await?;
-    let io = TokioIo::new(Prefixed::new(buf, io));
+    // Closed with a lingering close: the peer gets to read every answer (see `linger`).
+    let io = TokioIo::new(Lingering::new(Prefixed::new(buf, io), LINGER));
     let activity = Arc::new(Activity::new());
     let active = activity.clone();
     let share = (opts.limits.max_in_flight_per_connection > 0).then(|| {
