@@ -159,11 +159,13 @@ start_mesh() {
   if [ "${WATCHED:-no}" = yes ]; then start_watched h1 127.0.0.1 "" "${WATCHDOG_EXTRA:-}"; else start_sidecar h1 127.0.0.1; fi
 }
 
-# start_load: steady load through the SDK on h1, GET and POST alternating, in the background.
+# start_load: steady load through the SDK on h1, GET and POST alternating (LOAD_METHOD sets
+# another mix, LOAD_ARGS adds arguments), in the background.
 start_load() {
   LOAD_START=$(now_ms)
   "$BIN/detourctl" load --sidecar "unix:$TMP/h1/outbound.sock" --service hello --rate "$RATE" \
-    --duration "$SECS" --method MIX --body-bytes 256 --concurrency 8192 --timeout-ms 20000 >"$TMP/load.out" 2>"$TMP/load.err" &
+    --duration "$SECS" --method "${LOAD_METHOD:-MIX}" --body-bytes 256 --concurrency 8192 --timeout-ms 20000 ${LOAD_ARGS:-} \
+    >"$TMP/load.out" 2>"$TMP/load.err" &
   LOAD_PID=$!
   EXTRA_PIDS+=("$LOAD_PID")
 }

@@ -2,7 +2,8 @@
 //! connections ([`transport`], behind the [`connect::Connect`] seam), the body type, keeping
 //! small requests for a second attempt ([`replay`]), the pure link state machine ([`link`]) and
 //! its live handle, active probes, the failure vocabulary ([`failure`]), the one retry
-//! decision ([`decide`]) and trace context and export ([`trace`]).
+//! decision ([`decide`]), the routing decision by version and label ([`route`]) and trace
+//! context and export ([`trace`]).
 //!
 //! Applications do not use this crate: they link `detour-thin-sdk`, whose public surface is
 //! the client alone.
@@ -17,6 +18,7 @@ pub mod link;
 pub mod link_handle;
 pub mod probe;
 pub mod replay;
+pub mod route;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod trace;

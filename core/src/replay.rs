@@ -72,6 +72,23 @@ impl Held {
         }
     }
 
+    /// What routing looks at in it (`None` when it left and no copy was kept).
+    pub fn view(&self) -> Option<crate::route::RequestView<'_>> {
+        match (&self.req, &self.replay) {
+            (Some(r), _) => Some(crate::route::RequestView {
+                method: r.method(),
+                path: r.uri().path(),
+                headers: r.headers(),
+            }),
+            (None, Some(c)) => Some(crate::route::RequestView {
+                method: &c.method,
+                path: c.uri.path(),
+                headers: &c.headers,
+            }),
+            (None, None) => None,
+        }
+    }
+
     /// Whether it may be processed twice.
     pub fn idempotent(&self) -> bool {
         self.idempotent

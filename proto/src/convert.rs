@@ -16,6 +16,11 @@ impl From<&Endpoint> for EndpointInfo {
             version: ep.version.clone(),
             unhealthy: !ep.healthy,
             no_direct: ep.no_direct,
+            labels: ep
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 }
@@ -39,7 +44,11 @@ impl EndpointInfo {
             zone: self.zone.clone(),
             version: self.version.clone(),
             source: Source::Native,
-            labels: Default::default(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             healthy: !self.unhealthy,
             no_direct: self.no_direct,
         })
@@ -74,7 +83,7 @@ mod tests {
             zone: "z".into(),
             version: "1".into(),
             source: Source::Native,
-            labels: Default::default(),
+            labels: [("track".to_owned(), "canary".to_owned())].into(),
             healthy: false,
             no_direct: true,
         };

@@ -274,7 +274,7 @@ impl Inner {
         *view = View {
             known,
             revision,
-            docs_dirty: [true; 2],
+            docs_dirty: [true; DocName::ALL.len()],
             ..View::default()
         };
         for (k, v, rev) in &pairs {

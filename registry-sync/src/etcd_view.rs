@@ -29,11 +29,11 @@ pub(super) struct View {
     /// Whether everything must be published (after a re-list).
     pub(super) all_dirty: bool,
     /// The documents (by `DocName as usize`), while there is one.
-    pub(super) docs: [Option<Arc<[u8]>>; 2],
+    pub(super) docs: [Option<Arc<[u8]>>; DocName::ALL.len()],
     /// The revision each document was last written or deleted at (0: absent since the list).
-    pub(super) doc_revisions: [u64; 2],
+    pub(super) doc_revisions: [u64; DocName::ALL.len()],
     /// Whether each changed since the last publish.
-    pub(super) docs_dirty: [bool; 2],
+    pub(super) docs_dirty: [bool; DocName::ALL.len()],
 }
 
 impl View {

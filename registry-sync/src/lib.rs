@@ -29,6 +29,6 @@ pub mod telemetry;
 
 pub use catalog::Catalog;
 pub use registry::{
-    DocName, DocRead, DocState, HostStatuses, MAX_DOC_BYTES, POLICY_DOC, RULES_DOC, Registered,
-    Registry, RegistryError, RegistrySpec, now_unix_ms, sync_endpoints,
+    DocName, DocRead, DocState, HostStatuses, MAX_DOC_BYTES, POLICY_DOC, ROUTES_DOC, RULES_DOC,
+    Registered, Registry, RegistryError, RegistrySpec, now_unix_ms, sync_endpoints,
 };

@@ -149,6 +149,10 @@ pub const RULES_DOC: &str = "gray/rules";
 /// file `{dir}/policy/services.json`).
 pub const POLICY_DOC: &str = "policy/services";
 
+/// The name of the route document (etcd key `{prefix}/routes/services`, directory file
+/// `{dir}/routes/services.json`).
+pub const ROUTES_DOC: &str = "routes/services";
+
 /// A document the registry holds beside endpoints and host records, followed by every sidecar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DocName {
@@ -156,17 +160,20 @@ pub enum DocName {
     GrayRules,
     /// The per-service traffic policy ([`POLICY_DOC`]).
     Policy,
+    /// The per-service routes by version and label ([`ROUTES_DOC`]).
+    Routes,
 }
 
 impl DocName {
     /// Every document.
-    pub const ALL: [DocName; 2] = [DocName::GrayRules, DocName::Policy];
+    pub const ALL: [DocName; 3] = [DocName::GrayRules, DocName::Policy, DocName::Routes];
 
     /// Its key under the registry's prefix (or its path, without `.json`, in the directory).
     pub fn key(self) -> &'static str {
         match self {
             DocName::GrayRules => RULES_DOC,
             DocName::Policy => POLICY_DOC,
+            DocName::Routes => ROUTES_DOC,
         }
     }
 
@@ -182,14 +189,11 @@ impl DocName {
 
 /// One watch per document, for the back-ends; every one [`DocState::Unknown`] until published.
 #[derive(Debug)]
-pub(crate) struct DocSenders([watch::Sender<DocState>; 2]);
+pub(crate) struct DocSenders([watch::Sender<DocState>; DocName::ALL.len()]);
 
 impl Default for DocSenders {
     fn default() -> Self {
-        Self([
-            watch::channel(DocState::Unknown).0,
-            watch::channel(DocState::Unknown).0,
-        ])
+        Self(DocName::ALL.map(|_| watch::channel(DocState::Unknown).0))
     }
 }
 

@@ -250,6 +250,7 @@ impl LocalControl for Ctl {
                                 service,
                                 endpoints: vec![provider_info()],
                                 revision: 1,
+                                routes: String::new(),
                             };
                             let _ = tx.send(Ok(ControlEvent { event: Some(Pb::Snapshot(snap)) })).await;
                         }
@@ -273,6 +274,7 @@ fn provider_info() -> EndpointInfo {
         version: String::new(),
         unhealthy: false,
         no_direct: false,
+        labels: Default::default(),
     }
 }
 

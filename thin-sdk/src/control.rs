@@ -31,6 +31,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use detour_core::body::{BoxBody, BoxError, boxed};
 use detour_core::link::{Event, LinkConfig, LinkState, Reason};
 use detour_core::link_handle::{LinkHandle, StateNames};
+use detour_core::route::ServiceRoutes;
 use detour_core::{Dial, Pool};
 
 /// The names of a per-service mesh switch's states.
@@ -47,6 +48,9 @@ pub struct Snapshot {
     pub revision: u64,
     /// The endpoints.
     pub endpoints: Vec<Endpoint>,
+    /// The service's routes by version and label, applied on the direct path as the CA
+    /// applies them on the mesh path.
+    pub routes: Option<Arc<ServiceRoutes>>,
 }
 
 struct Shared {
@@ -75,6 +79,9 @@ struct SnapshotFile {
     /// Services the sidecar last switched off the mesh (absent in files of older SDKs).
     #[serde(default)]
     mesh_off: BTreeSet<ServiceName>,
+    /// Each service's routes, as the sidecar sent them (absent in files of older SDKs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    routes: BTreeMap<ServiceName, String>,
 }
 
 /// What a snapshot file holds, as read.
@@ -82,6 +89,22 @@ struct SnapshotFile {
 struct Kept {
     snapshots: HashMap<ServiceName, Arc<Snapshot>>,
     mesh_off: BTreeSet<ServiceName>,
+}
+
+/// `service`'s routes from their JSON text (empty: none); routes that do not parse are
+/// reported, counted and ignored (the direct path then uses every endpoint).
+fn routes_of(service: &ServiceName, json: &str) -> Option<Arc<ServiceRoutes>> {
+    if json.is_empty() {
+        return None;
+    }
+    match ServiceRoutes::parse(json) {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            tracing::warn!(%service, error = %e, "ignoring routes that do not parse");
+            metrics::counter!("detour_sdk_routes_invalid_total").increment(1);
+            None
+        }
+    }
 }
 
 /// Reads a snapshot file; a missing file is empty, a corrupt one is reported and ignored.
@@ -100,13 +123,13 @@ fn load_snapshot_file(path: &Path) -> Kept {
                 .services
                 .into_iter()
                 .map(|(k, endpoints)| {
-                    (
-                        k,
-                        Arc::new(Snapshot {
-                            revision: 0,
-                            endpoints,
-                        }),
-                    )
+                    let routes = f.routes.get(&k).and_then(|j| routes_of(&k, j));
+                    let snap = Snapshot {
+                        revision: 0,
+                        endpoints,
+                        routes,
+                    };
+                    (k, Arc::new(snap))
                 })
                 .collect(),
             mesh_off: f.mesh_off,
@@ -137,6 +160,10 @@ fn write_snapshot_file(
             .map(|(k, v)| (k.clone(), v.endpoints.clone()))
             .collect(),
         mesh_off,
+        routes: snaps
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.routes.as_ref()?.json.to_string())))
+            .collect(),
     };
     detour_proto::files::write_atomic(path, &serde_json::to_vec(&file)?, 0o644)
 }
@@ -412,11 +439,13 @@ async fn session(
                     tracing::debug!(%service, "keeping the last non-empty snapshot for the direct path");
                     continue;
                 }
+                let routes = routes_of(&service, &snap.routes);
                 snaps.insert(
                     service,
                     Arc::new(Snapshot {
                         revision: snap.revision,
                         endpoints,
+                        routes,
                     }),
                 );
                 drop(snaps);
@@ -504,6 +533,10 @@ mod tests {
             Arc::new(Snapshot {
                 revision: 3,
                 endpoints: vec![ep.clone()],
+                routes: routes_of(
+                    &ServiceName::new("hello").unwrap(),
+                    r#"{"subsets":{"v2":{"version":"2"}},"default":"v2"}"#,
+                ),
             }),
         );
         let off: BTreeSet<ServiceName> = [ServiceName::new("payments").unwrap()].into();
@@ -514,6 +547,15 @@ mod tests {
             vec![ep]
         );
         assert_eq!(back.mesh_off, off);
+        let routes = back.snapshots[&ServiceName::new("hello").unwrap()]
+            .routes
+            .clone()
+            .unwrap();
+        assert_eq!(
+            routes.subsets[0].name, "v2",
+            "routes are kept with the endpoints"
+        );
+        assert!(routes_of(&ServiceName::new("hello").unwrap(), "{bad").is_none());
         // A file of an SDK from before the switches were kept still reads.
         std::fs::write(&path, br#"{"format":1,"services":{}}"#).unwrap();
         assert!(load_snapshot_file(&path).mesh_off.is_empty());

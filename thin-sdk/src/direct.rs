@@ -1,5 +1,7 @@
 //! The direct path's choice of providers: the endpoints of the last snapshot the sidecar sent,
-//! in turn (round-robin across calls), healthy and recently working ones first — a provider
+//! those of the subset the service's routes choose for the call first (the same decision as
+//! the CA's, `detour_core::route`), in turn (round-robin across calls) or by the call's pinning
+//! key (rendezvous hashing), healthy and recently working ones first — a provider
 //! that refused a connection is passed over for a while, one whose sidecar marked it unhealthy
 //! comes last, and none is ever skipped altogether — except those reached through their PA
 //! only (`no_direct`), which the direct path never calls.
@@ -10,8 +12,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use detour_core::route::{RequestView, rendezvous_order};
 use detour_proto::Endpoint;
 use tokio::time::Instant;
+
+use crate::control::Snapshot;
 
 /// How long a provider that refused a connection is tried last.
 const EJECT_FOR: Duration = Duration::from_secs(2);
@@ -24,26 +29,53 @@ pub(crate) struct Direct {
 }
 
 impl Direct {
-    /// The order in which one call tries `endpoints`.
-    pub(crate) fn order(&self, endpoints: &[Endpoint]) -> Vec<Endpoint> {
-        let endpoints: Vec<&Endpoint> = endpoints.iter().filter(|e| e.direct_allowed()).collect();
-        if endpoints.is_empty() {
+    /// The order in which one call (`req`) tries the endpoints of `snap`: the subset its
+    /// routes choose first, then the others; by the pinning key when the call has one.
+    pub(crate) fn order(&self, snap: &Snapshot, req: Option<RequestView<'_>>) -> Vec<Endpoint> {
+        let allowed: Vec<&Endpoint> = snap
+            .endpoints
+            .iter()
+            .filter(|e| e.direct_allowed())
+            .collect();
+        if allowed.is_empty() {
             return Vec::new();
         }
+        let (subset, key) = match (&snap.routes, req) {
+            (Some(r), Some(req)) => {
+                let sel = r.select(&req, fastrand::u64(..), |i| {
+                    allowed
+                        .iter()
+                        .any(|e| e.healthy && r.subsets[i].contains(e))
+                });
+                if sel.fell_back {
+                    metrics::counter!("detour_sdk_route_fallbacks_total").increment(1);
+                }
+                (sel.subset.map(|i| &r.subsets[i]), sel.key)
+            }
+            _ => (None, None),
+        };
+        let mut order: Vec<&Endpoint> = match key {
+            Some(key) => rendezvous_order(key, &allowed)
+                .into_iter()
+                .map(|i| allowed[i])
+                .collect(),
+            None => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..allowed.len())
+                    .map(|i| allowed[(start + i) % allowed.len()])
+                    .collect()
+            }
+        };
         let now = Instant::now();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut order: Vec<Endpoint> = (0..endpoints.len())
-            .map(|i| endpoints[(start + i) % endpoints.len()].clone())
-            .collect();
         let ejected = self.ejected.lock().unwrap_or_else(|p| p.into_inner());
         let rank = |e: &Endpoint| {
             let refused = ejected
                 .get(&e.app_address)
                 .is_some_and(|until| *until > now);
-            (!e.healthy, refused)
+            (subset.is_some_and(|s| !s.contains(e)), !e.healthy, refused)
         };
         order.sort_by_key(|e| rank(e));
-        order
+        order.into_iter().cloned().collect()
     }
 
     /// Notes that the provider at `addr` refused a connection.
@@ -58,7 +90,9 @@ impl Direct {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use detour_core::route::ServiceRoutes;
     use detour_proto::{HostId, InstanceId, ServiceName};
+    use http::{HeaderMap, HeaderValue, Method};
 
     fn ep(i: u16, healthy: bool) -> Endpoint {
         let mut e = Endpoint::new(
@@ -71,33 +105,90 @@ mod tests {
         e
     }
 
+    /// The order of a call without routes.
+    struct Order<'a>(&'a Direct, &'a Snapshot);
+
+    impl Order<'_> {
+        fn get(&self) -> Vec<Endpoint> {
+            self.0.order(self.1, None)
+        }
+    }
+
     fn ports(v: &[Endpoint]) -> Vec<u16> {
         v.iter().map(|e| e.app_address.port()).collect()
+    }
+
+    fn snap(endpoints: &[Endpoint], routes: &str) -> Snapshot {
+        Snapshot {
+            revision: 1,
+            endpoints: endpoints.to_vec(),
+            routes: (!routes.is_empty())
+                .then(|| std::sync::Arc::new(ServiceRoutes::parse(routes).unwrap())),
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn healthy_working_providers_first_in_turn() {
         let d = Direct::default();
-        let all = [ep(1, true), ep(2, true), ep(3, false)];
-        assert_eq!(ports(&d.order(&all)), [1, 2, 3]);
+        let all = snap(&[ep(1, true), ep(2, true), ep(3, false)], "");
+        let all = Order(&d, &all);
+        assert_eq!(ports(&all.get()), [1, 2, 3]);
         assert_eq!(
-            ports(&d.order(&all)),
+            ports(&all.get()),
             [2, 1, 3],
             "round-robin start, unhealthy last"
         );
-        d.refused(all[1].app_address);
-        assert_eq!(ports(&d.order(&all)), [1, 2, 3]);
+        d.refused(all.1.endpoints[1].app_address);
+        assert_eq!(ports(&all.get()), [1, 2, 3]);
         assert_eq!(
-            ports(&d.order(&all)),
+            ports(&all.get()),
             [1, 2, 3],
             "a refusing provider goes after the others"
         );
         tokio::time::advance(EJECT_FOR + Duration::from_millis(1)).await;
-        assert_eq!(
-            ports(&d.order(&all)),
-            [2, 1, 3],
-            "and comes back after a while"
-        );
-        assert!(d.order(&[]).is_empty());
+        assert_eq!(ports(&all.get()), [2, 1, 3], "and comes back after a while");
+        assert!(d.order(&snap(&[], ""), None).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_routed_subset_comes_first_and_a_pinned_call_keeps_its_provider() {
+        let d = Direct::default();
+        let mut eps: Vec<Endpoint> = (1..=4).map(|i| ep(i, true)).collect();
+        eps[2].version = "2".into();
+        eps[3].version = "2".into();
+        let routes = r#"{"subsets":{"v2":{"version":"2"}},
+            "rules":[{"match":{"headers":{"x-canary":"1"}},"to":"v2"}],
+            "hash":{"header":"x-user"}}"#;
+        let s = snap(&eps, routes);
+        let mut h = HeaderMap::new();
+        h.insert("x-canary", HeaderValue::from_static("1"));
+        static GET: Method = Method::GET;
+        fn view(h: &HeaderMap) -> RequestView<'_> {
+            RequestView {
+                method: &GET,
+                path: "/",
+                headers: h,
+            }
+        }
+        for _ in 0..4 {
+            let first_two = ports(&d.order(&s, Some(view(&h))))[..2].to_vec();
+            assert!(
+                first_two.iter().all(|p| *p == 3 || *p == 4),
+                "{first_two:?}"
+            );
+        }
+        // Pinned: the same order every call, whatever the round-robin counter.
+        h.insert("x-user", HeaderValue::from_static("alice"));
+        let pinned = ports(&d.order(&s, Some(view(&h))));
+        for _ in 0..4 {
+            assert_eq!(ports(&d.order(&s, Some(view(&h)))), pinned);
+        }
+        // The subset down: every endpoint, the others first.
+        let mut down = eps.clone();
+        down[2].healthy = false;
+        down[3].healthy = false;
+        let order = ports(&d.order(&snap(&down, routes), Some(view(&h))));
+        assert_eq!(order.len(), 4);
+        assert!(order[..2].iter().all(|p| *p == 1 || *p == 2), "{order:?}");
     }
 }

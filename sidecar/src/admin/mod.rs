@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when ready to route, 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, the registry's traffic policy overrides in force (`policy_overrides`), where each followed registry document came from (`documents`: `registry`, `disk` or `default`, and its revision), catalog per service (endpoints, source, staleness, protection) |
+//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, the registry's traffic policy overrides in force (`policy_overrides`), the routes by version and label in force with the requests each subset took since they last changed (`routes`), where each followed registry document came from (`documents`: `registry`, `disk` or `default`, and its revision), catalog per service (endpoints, source, staleness, protection) |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 //! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
 //!
@@ -60,6 +60,8 @@ pub struct Admin {
     pub gray: Arc<crate::outbound::gray::Gray>,
     /// The traffic policy, for `/state` (the registry's overrides in force).
     pub policies: Arc<crate::policy::Policies>,
+    /// The routes by version and label, for `/state` (those in force and requests per subset).
+    pub routes: Arc<crate::outbound::routes::Routes>,
     /// Bound addresses, for `/state`.
     pub bound: SidecarAddresses,
     /// The credential of mutating requests.
@@ -311,9 +313,11 @@ impl Admin {
             "links": self.links.states(),
             "gray": self.gray.state(),
             "policy_overrides": *self.policies.registry_overrides(),
+            "routes": self.routes.state(),
             "documents": {
                 detour_registry::RULES_DOC: self.gray.state().document,
                 detour_registry::POLICY_DOC: self.policies.document(),
+                detour_registry::ROUTES_DOC: self.routes.document(),
             },
         });
         let state = State { head, services };

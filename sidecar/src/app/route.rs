@@ -1,4 +1,4 @@
-//! Phase *route* of a start: the registry documents followed (gray rules, policy), the CA
+//! Phase *route* of a start: the registry documents followed (gray rules, policy, routes), the CA
 //! (`Outbound`) with its pools and links, the PA (`Inbound`) with its local providers, and the
 //! admin API, wired to the registry and catalog phase *open* gave.
 
@@ -21,6 +21,7 @@ use crate::inbound::providers::LocalProviders;
 use crate::outbound::control::ControlService;
 use crate::outbound::gray::Gray;
 use crate::outbound::links::{CA_NAMES, Links};
+use crate::outbound::routes::Routes;
 use crate::outbound::{Documents, Outbound, Upstreams};
 use crate::policy::Policies;
 use crate::process::lifecycle::Lifecycle;
@@ -50,15 +51,14 @@ pub(super) fn route(
     bound: &SidecarAddresses,
     lifecycle: &Arc<Lifecycle>,
 ) -> Result<Routing, StartError> {
-    let (gray, policies, mut tasks) = follow_documents(cfg, &opened.registry, &opened.catalog);
+    let (documents, mut tasks) = follow_documents(cfg, &opened.registry, &opened.catalog);
     let access_log = AccessLog::start(&cfg.access_log).map(Arc::new);
     let tracer = cfg.tracing.clone().map_or_else(Tracer::off, Tracer::start);
     let control = ControlService::new(
         lifecycle.clone(),
         opened.catalog.clone(),
         cfg.host.clone(),
-        gray.clone(),
-        policies.clone(),
+        documents.clone(),
     );
     let (pool_opts, to_pas, links) = links_to_pas(cfg, opened, tls.as_ref());
     tasks.push(tokio::spawn(prune_links(
@@ -80,10 +80,7 @@ pub(super) fn route(
                 pas: to_pas,
             },
             links.clone(),
-            Documents {
-                gray: gray.clone(),
-                policies: policies.clone(),
-            },
+            documents.clone(),
             lifecycle.clone(),
             control,
         )
@@ -96,20 +93,12 @@ pub(super) fn route(
             Pool::new(pool_opts),
             lifecycle.clone(),
             providers.clone(),
-            policies.clone(),
+            documents.policies.clone(),
         )
         .with_access_log(access_log)
         .with_tracer(tracer),
     );
-    let admin = admin(
-        cfg,
-        opened,
-        links,
-        &providers,
-        (gray, policies),
-        bound,
-        lifecycle,
-    )?;
+    let admin = admin(cfg, opened, links, &providers, documents, bound, lifecycle)?;
     let (outbound_opts, inbound_opts) = conn_options(cfg, tls);
     Ok(Routing {
         outbound,
@@ -168,7 +157,7 @@ fn admin(
     opened: &Opened,
     links: Arc<Links>,
     providers: &Arc<LocalProviders>,
-    documents: (Arc<Gray>, Arc<Policies>),
+    documents: Documents,
     bound: &SidecarAddresses,
     lifecycle: &Arc<Lifecycle>,
 ) -> Result<Arc<Admin>, StartError> {
@@ -178,8 +167,9 @@ fn admin(
         catalog: opened.catalog.clone(),
         links,
         providers: providers.clone(),
-        gray: documents.0,
-        policies: documents.1,
+        gray: documents.gray,
+        policies: documents.policies,
+        routes: documents.routes,
         bound: bound.clone(),
         token: crate::admin::guard::Token::create(&cfg.run_dir).map_err(|source| {
             StartError::RunDir {
@@ -201,35 +191,46 @@ fn admin(
     }))
 }
 
-/// The gray rules and the policy document, followed from the registry and saved in the state
-/// directory (a start while the registry is unreachable applies the last ones known); gray
-/// rules only for services the catalog knows.
+/// The gray rules, the policy and the route documents, followed from the registry and saved
+/// in the state directory (a start while the registry is unreachable applies the last ones
+/// known); gray rules only for services the catalog knows.
 fn follow_documents(
     cfg: &Config,
     registry: &Arc<dyn Registry>,
     catalog: &Arc<Catalog>,
-) -> (Arc<Gray>, Arc<Policies>, Vec<JoinHandle<()>>) {
+) -> (Documents, Vec<JoinHandle<()>>) {
     let store = Some(DocStore::new(&cfg.state_dir));
-    let (rules, saving_rules) = docs::follow(
-        DocName::GrayRules,
-        registry.watch_doc(DocName::GrayRules),
-        store.clone(),
-        |b| detour_registry::gray::RuleSet::parse(b).is_ok(),
-    );
-    let (policy_doc, saving_policy) = docs::follow(
-        DocName::Policy,
-        registry.watch_doc(DocName::Policy),
-        store,
-        |b| detour_registry::policy::PolicyDoc::parse(b).is_ok(),
-    );
+    let follow = |name: DocName, accept: fn(&[u8]) -> bool| {
+        docs::follow(name, registry.watch_doc(name), store.clone(), accept)
+    };
+    let (rules, saving_rules) = follow(DocName::GrayRules, |b| {
+        detour_registry::gray::RuleSet::parse(b).is_ok()
+    });
+    let (policy_doc, saving_policy) = follow(DocName::Policy, |b| {
+        detour_registry::policy::PolicyDoc::parse(b).is_ok()
+    });
+    let (route_doc, saving_routes) = follow(DocName::Routes, |b| {
+        detour_core::route::RouteDoc::parse(b).is_ok()
+    });
     let gray = Gray::new(cfg.host.clone());
     let known = catalog.clone();
     gray.keep_only_if(move |s| known.has(s));
-    let following = gray.follow(rules);
     let policies = Policies::new(cfg);
-    let following_policy = policies.follow(policy_doc);
-    let tasks = vec![following, following_policy, saving_rules, saving_policy];
-    (gray, policies, tasks)
+    let routes = Routes::new();
+    let tasks = vec![
+        gray.follow(rules),
+        policies.follow(policy_doc),
+        routes.follow(route_doc),
+        saving_rules,
+        saving_policy,
+        saving_routes,
+    ];
+    let documents = Documents {
+        gray,
+        policies,
+        routes,
+    };
+    (documents, tasks)
 }
 
 /// Connection options of the outbound listeners and of the inbound one (mutual TLS, and the

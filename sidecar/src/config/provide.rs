@@ -1,6 +1,7 @@
 //! `[[provide]]`: the local providers this sidecar serves inbound and registers, validated
 //! entry by entry (every problem of every entry collected).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use detour_proto::{AppProtocol, InstanceId, ServiceName};
@@ -46,6 +47,15 @@ pub struct ProvideRaw {
     /// list (the list would be skipped otherwise), else `allow`.
     #[serde(default)]
     pub direct: Option<String>,
+    /// The provider's version, registered with it (route subsets select on it).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Its failure domain, registered with it (route subsets select on it).
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Free labels, registered with it (route subsets select on them).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A validated local provider.
@@ -69,6 +79,47 @@ pub struct Provide {
     pub allow: Option<Vec<SpiffeId>>,
     /// Whether callers may reach the provider on a path that skips this PA.
     pub direct: bool,
+    /// Its version (empty: none).
+    pub version: String,
+    /// Its zone (empty: none).
+    pub zone: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Most labels one provider registers.
+const MAX_LABELS: usize = 16;
+
+/// Whether `v` may be a version, zone, label name or value: 1–128 bytes of letters, digits and
+/// `.-_/:`.
+fn meta_ok(v: &str) -> bool {
+    (1..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_/:".contains(&b))
+}
+
+/// Checks the version, zone and labels of entry `key`.
+fn check_meta(p: &mut Vec<String>, key: &str, raw: &ProvideRaw) {
+    let fields = [("version", &raw.version), ("zone", &raw.zone)];
+    for (name, v) in fields {
+        if let Some(v) = v
+            && !meta_ok(v)
+        {
+            p.push(format!(
+                "{key}.{name}: {v:?} is not 1-128 letters, digits or .-_/:"
+            ));
+        }
+    }
+    if raw.labels.len() > MAX_LABELS {
+        p.push(format!("{key}.labels: more than {MAX_LABELS}"));
+    }
+    for (k, v) in &raw.labels {
+        if !meta_ok(k) || !meta_ok(v) {
+            p.push(format!(
+                "{key}.labels.{k}: {v:?}: names and values are 1-128 letters, digits or .-_/:"
+            ));
+        }
+    }
 }
 
 /// Validates every `[[provide]]` entry of host `host`; `tls` and `trust_domain` decide the
@@ -153,6 +204,7 @@ impl ProvideRaw {
                 false
             }
         };
+        check_meta(p, key, self);
         Some(Provide {
             service: service?,
             instance: instance?,
@@ -165,6 +217,9 @@ impl ProvideRaw {
                 .map(|r| (r, self.rate_limit_burst.unwrap_or(r))),
             allow,
             direct,
+            version: self.version.clone().unwrap_or_default(),
+            zone: self.zone.clone().unwrap_or_default(),
+            labels: self.labels.clone(),
         })
     }
 }

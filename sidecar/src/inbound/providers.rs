@@ -99,10 +99,10 @@ impl LocalProviders {
                     pa_address: Some(inbound),
                     protocol: p.protocol,
                     weight: p.weight,
-                    zone: String::new(),
-                    version: String::new(),
+                    zone: p.zone.clone(),
+                    version: p.version.clone(),
                     source: Source::Native,
-                    labels: Default::default(),
+                    labels: p.labels.clone(),
                     healthy: true,
                     no_direct: false,
                 };

@@ -1,5 +1,5 @@
-//! Endpoint selection for one service: power-of-two-choices on in-flight requests (weighted)
-//! or round-robin, passing over endpoints their PA marked unhealthy and endpoints recently
+//! Endpoint selection for one service: power-of-two-choices on in-flight requests (weighted),
+//! round-robin, or rendezvous hashing on a request's pinning key (routes with `hash`), passing over endpoints their PA marked unhealthy and endpoints recently
 //! ejected — for refusing connections, or as outliers answering server errors in a row
 //! ([`Outlier`]) — unless fewer than the panic threshold are left, in which case all are
 //! eligible again (as Envoy's panic mode) — and, when a service sets one, passing over
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use detour_core::route::rendezvous_best;
 use detour_proto::{Endpoint, EndpointSet, InstanceId};
 use detour_registry::now_unix_ms;
 
@@ -106,6 +107,20 @@ impl Balancer {
         limit: usize,
         panic_percent: u8,
     ) -> Result<(&'a Endpoint, InFlight), NoPick> {
+        self.pick_keyed(endpoints, exclude, limit, panic_percent, None)
+    }
+
+    /// [`Self::pick_limited`]; with a pinning `key`, the candidate rendezvous hashing ranks
+    /// first for it instead of the policy's choice (the same key, the same endpoint, while it
+    /// is usable).
+    pub fn pick_keyed<'a>(
+        &self,
+        endpoints: &'a [Endpoint],
+        exclude: &[InstanceId],
+        limit: usize,
+        panic_percent: u8,
+        key: Option<u64>,
+    ) -> Result<(&'a Endpoint, InFlight), NoPick> {
         let now = now_unix_ms();
         let mut pool: Vec<(&Endpoint, Arc<Load>)> = {
             let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
@@ -128,10 +143,14 @@ impl Balancer {
             return Err(NoPick::None);
         }
         loop {
-            let i = match pool.len() {
-                0 => return Err(NoPick::AllBusy),
-                1 => 0,
-                n => match self.policy {
+            let i = match (pool.len(), key) {
+                (0, _) => return Err(NoPick::AllBusy),
+                (1, _) => 0,
+                (_, Some(key)) => {
+                    let candidates: Vec<&Endpoint> = pool.iter().map(|(e, _)| *e).collect();
+                    rendezvous_best(key, &candidates, |_| true).unwrap_or(0)
+                }
+                (n, None) => match self.policy {
                     Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
                     Balance::P2c => {
                         let a = fastrand::usize(..n);

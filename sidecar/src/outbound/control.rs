@@ -4,7 +4,9 @@
 //! A session ends right after announcing `draining` (a drain) or `handing_over` (an upgrade:
 //! the SDK reconnects, to the successor), so neither waits on it. A snapshot marks every
 //! endpoint of a service whose traffic policy forbids paths around its PAs `no_direct`, so the
-//! SDK never calls it directly; it is sent again when the policy changes.
+//! SDK never calls it directly; it is sent again when the policy changes. A snapshot carries the
+//! service's routes by version and label too (the SDK's direct path applies them), and is sent
+//! again when they change.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,7 +24,9 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::outbound::Documents;
 use crate::outbound::gray::Gray;
+use crate::outbound::routes::Routes;
 use crate::policy::Policies;
 use crate::process::lifecycle::Lifecycle;
 
@@ -39,6 +43,8 @@ pub struct ControlService {
     gray: Arc<Gray>,
     /// The traffic policy: which services allow no path around their PAs.
     policies: Arc<Policies>,
+    /// The routes by version and label, sent with each snapshot.
+    routes: Arc<Routes>,
 }
 
 impl ControlService {
@@ -47,15 +53,15 @@ impl ControlService {
         lifecycle: Arc<Lifecycle>,
         catalog: Arc<Catalog>,
         host: HostId,
-        gray: Arc<Gray>,
-        policies: Arc<Policies>,
+        documents: Documents,
     ) -> Self {
         Self {
             lifecycle,
             catalog,
             host,
-            gray,
-            policies,
+            gray: documents.gray,
+            policies: documents.policies,
+            routes: documents.routes,
         }
     }
 
@@ -144,7 +150,7 @@ impl ControlService {
                                     sent = Some(on);
                                 }
                                 switched.insert(service.clone(), sent);
-                                watchers.spawn(forward_snapshots(self.catalog.clone(), self.policies.clone(), service, tx.clone(), unknown_slots.clone()));
+                                watchers.spawn(forward_snapshots(self.clone(), service, tx.clone(), unknown_slots.clone()));
                             }
                         }
                     }
@@ -186,11 +192,10 @@ const MAX_UNKNOWN_FOLLOWED: usize = 256;
 /// Most services one control session follows; names past it are ignored (and counted).
 const MAX_FOLLOWED: usize = 4096;
 
-/// Sends `service`'s snapshot now and after every change (of its endpoints or of the policy),
-/// until the session ends.
+/// Sends `service`'s snapshot now and after every change (of its endpoints, of the policy or
+/// of the routes), until the session ends.
 async fn forward_snapshots(
-    catalog: Arc<Catalog>,
-    policies: Arc<Policies>,
+    docs: ControlService,
     service: ServiceName,
     tx: Tx,
     unknown_slots: Arc<tokio::sync::Semaphore>,
@@ -199,11 +204,11 @@ async fn forward_snapshots(
     // A name no service has gets an empty snapshot and is followed in the registry alone (no
     // catalog state) until it exists.
     let mut rx = loop {
-        match catalog.follow(&service).await {
+        match docs.catalog.follow(&service).await {
             Ok(Follow::Routed(rx)) => break rx,
             Ok(Follow::Unknown(mut unknown)) => {
                 revision += 1;
-                let ev = snapshot_event(&service, &[], revision);
+                let ev = snapshot_event(&service, &[], revision, "");
                 if tx.send(Ok(ev)).await.is_err() {
                     return;
                 }
@@ -227,13 +232,17 @@ async fn forward_snapshots(
             }
         }
     };
-    let mut policy = policies.subscribe();
+    let mut policy = docs.policies.subscribe();
+    let mut routes = docs.routes.subscribe();
     loop {
         let set = rx.borrow_and_update().clone();
         policy.borrow_and_update();
+        routes.borrow_and_update();
         revision += 1;
-        let ev = if policies.of(&service).direct {
-            snapshot_event(&service, &set.endpoints, revision)
+        let json = docs.routes.of(&service).map(|r| r.json.clone());
+        let json = json.as_deref().unwrap_or("");
+        let ev = if docs.policies.of(&service).direct {
+            snapshot_event(&service, &set.endpoints, revision, json)
         } else {
             let pa_only: Vec<Endpoint> = set
                 .endpoints
@@ -243,7 +252,7 @@ async fn forward_snapshots(
                     ..e.clone()
                 })
                 .collect();
-            snapshot_event(&service, &pa_only, revision)
+            snapshot_event(&service, &pa_only, revision, json)
         };
         if tx.send(Ok(ev)).await.is_err() {
             return;
@@ -251,15 +260,22 @@ async fn forward_snapshots(
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             r = policy.changed() => if r.is_err() { return },
+            r = routes.changed() => if r.is_err() { return },
         }
     }
 }
 
-fn snapshot_event(service: &ServiceName, endpoints: &[Endpoint], revision: u64) -> ControlEvent {
+fn snapshot_event(
+    service: &ServiceName,
+    endpoints: &[Endpoint],
+    revision: u64,
+    routes: &str,
+) -> ControlEvent {
     let snap = EndpointSnapshot {
         service: service.to_string(),
         endpoints: endpoints.iter().map(EndpointInfo::from).collect(),
         revision,
+        routes: routes.to_owned(),
     };
     ControlEvent {
         event: Some(Event::Snapshot(snap)),

@@ -21,6 +21,7 @@ pub mod control;
 pub mod gray;
 pub mod links;
 pub mod retry;
+pub mod routes;
 mod state;
 
 pub use state::{Documents, Upstreams};
@@ -35,6 +36,7 @@ use detour_core::decide::{Outcome, Part};
 use detour_core::failure::{MeshErrorKind, PATH_HEADER, strip_mesh_headers};
 use detour_core::link::{Event, Reason};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
+use detour_core::route::RequestView;
 use detour_core::trace::{Span, SpanKind, Tracer};
 use detour_core::transport::ConnectTimeout;
 use detour_core::{BoxBody, Dial, PathTaken};
@@ -58,6 +60,7 @@ use crate::outbound::control::ControlService;
 use crate::outbound::gray::Gray;
 use crate::outbound::links::Links;
 use crate::outbound::retry::Step;
+use crate::outbound::routes::Routes;
 use crate::policy::{Policies, ServicePolicy};
 use crate::process::lifecycle::Lifecycle;
 use crate::telemetry::{Direction, PathLabel, ServiceMetrics, close_hop, record_request};
@@ -78,6 +81,8 @@ pub struct Outbound {
     links: Arc<Links>,
     /// The gray rules (a service switched off goes straight to its providers).
     gray: Arc<Gray>,
+    /// Each service's routes by version and label.
+    routes: Arc<Routes>,
     /// Whether this sidecar is ready (for `/detour/ping`).
     lifecycle: Arc<Lifecycle>,
     /// The local control API, reached with authority `detour.control`.
@@ -106,7 +111,11 @@ impl Outbound {
         lifecycle: Arc<Lifecycle>,
         control: ControlService,
     ) -> Self {
-        let Documents { gray, policies } = documents;
+        let Documents {
+            gray,
+            policies,
+            routes,
+        } = documents;
         Self {
             cfg,
             policies,
@@ -115,6 +124,7 @@ impl Outbound {
             services: Mutex::new(HashMap::new()),
             links,
             gray,
+            routes,
             lifecycle,
             control: LocalControlServer::new(control),
             access_log: None,
@@ -181,13 +191,12 @@ impl Outbound {
         let deadline = start + policy.request_timeout;
         let balancer = &per.balancer;
         balancer.retain(&set);
+        let routed = self.routes.route(&service, &RequestView::of(&parts), &set);
         let mut flight = self.flight(parts, body, &policy).await?;
         let mut tried: Vec<InstanceId> = Vec::new();
         let limit = policy.max_concurrent_per_endpoint;
-        let panic = policy.outlier.panic_threshold_percent;
-        let (mut ep, mut in_flight) = balancer
-            .pick_limited(&set.endpoints, &tried, limit, panic)
-            .map_err(|why| no_pick(&service, limit, why))?;
+        let pick = |tried: &[InstanceId]| routed.pick(balancer, &set, tried, &policy);
+        let (mut ep, mut in_flight) = pick(&tried).map_err(|why| no_pick(&service, limit, why))?;
         // Switched off by a gray rule or a rollback: straight to the providers (C→CA→P) —
         // except those reached through their PA only (the endpoint says so, or the service's
         // policy forbids paths that skip the PA): those always go through their PA.
@@ -253,8 +262,7 @@ impl Outbound {
                         balancer.eject(&ep.instance, self.cfg.eject);
                     }
                     tried.push(ep.instance.clone());
-                    let Ok(next) = balancer.pick_limited(&set.endpoints, &tried, limit, panic)
-                    else {
+                    let Ok(next) = pick(&tried) else {
                         return Err(failed.error);
                     };
                     (ep, in_flight) = next;

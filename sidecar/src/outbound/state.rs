@@ -12,6 +12,7 @@ use crate::outbound::balance::Balancer;
 use crate::outbound::budget::RetryBudget;
 use crate::outbound::gray::Gray;
 use crate::outbound::retry::{Plan, Step};
+use crate::outbound::routes::Routes;
 use crate::policy::{Policies, ServicePolicy};
 use crate::telemetry::ServiceMetrics;
 
@@ -22,6 +23,8 @@ pub struct Documents {
     pub gray: Arc<Gray>,
     /// Each service's traffic policy.
     pub policies: Arc<Policies>,
+    /// Each service's routes by version and label.
+    pub routes: Arc<Routes>,
 }
 
 /// The CA's upstream connections.

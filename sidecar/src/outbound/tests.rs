@@ -33,6 +33,7 @@ use crate::inbound::providers::LocalProviders;
 use crate::outbound::control::ControlService;
 use crate::outbound::gray::Gray;
 use crate::outbound::links::Links;
+use crate::outbound::routes::Routes;
 use crate::process::lifecycle::Lifecycle;
 
 const CA: &str = "/run/h1/outbound.sock";
@@ -70,6 +71,8 @@ struct World {
     ca_pool: Arc<Pool>,
     /// The caller host's gray rules.
     gray: Arc<Gray>,
+    /// The caller host's routes.
+    routes: Arc<Routes>,
     /// The CA's tracer.
     tracer: detour_core::trace::Tracer,
 }
@@ -88,6 +91,7 @@ impl World {
             registry: Arc::new(MemoryRegistry::new()),
             seen: Arc::default(),
             gray: Gray::new(HostId::new("h1").unwrap()),
+            routes: Routes::new(),
             tracer: detour_core::trace::Tracer::off(),
         }
     }
@@ -126,9 +130,14 @@ impl World {
 
     /// Host `host`'s PA (a real `Inbound`) at `pa`, providing `hello` from `provider`.
     async fn pa(&mut self, host: &str, pa: &str, provider: &str) {
+        self.pa_with(host, pa, provider, "").await;
+    }
+
+    /// [`Self::pa`], with more keys of the `[[provide]]` entry.
+    async fn pa_with(&mut self, host: &str, pa: &str, provider: &str, keys: &str) {
         let cfg = config(
             host,
-            &format!("[[provide]]\nservice = \"hello\"\naddress = \"{provider}\"\n"),
+            &format!("[[provide]]\nservice = \"hello\"\naddress = \"{provider}\"\n{keys}\n"),
         );
         let providers = Arc::new(LocalProviders::new(
             &cfg,
@@ -174,16 +183,18 @@ impl World {
             &self.ca_pool,
             Arc::default(),
         );
-        let policies = crate::policy::Policies::new(&cfg);
+        let documents = super::Documents {
+            gray: self.gray.clone(),
+            policies: crate::policy::Policies::new(&cfg),
+            routes: self.routes.clone(),
+        };
         let control = ControlService::new(
             lifecycle.clone(),
             catalog.clone(),
             cfg.host.clone(),
-            self.gray.clone(),
-            policies.clone(),
+            documents.clone(),
         );
         let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());
-        let gray = self.gray.clone();
         let outbound = Arc::new(
             Outbound::new(
                 cfg,
@@ -193,7 +204,7 @@ impl World {
                     pas: pool,
                 },
                 links,
-                super::Documents { gray, policies },
+                documents,
                 lifecycle,
                 control,
             )
@@ -204,6 +215,11 @@ impl World {
 
     /// One call through the CA, as an app would make it.
     async fn call(&self, method: Method) -> Response<BoxBody> {
+        self.call_with(method, &[]).await
+    }
+
+    /// [`Self::call`] with `headers`.
+    async fn call_with(&self, method: Method, headers: &[(&str, &str)]) -> Response<BoxBody> {
         let body = if method == Method::POST {
             full("order #1")
         } else {
@@ -215,6 +231,12 @@ impl World {
             .header(http::header::HOST, "hello")
             .body(body)
             .unwrap();
+        let mut req = req;
+        for (k, v) in headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+            req.headers_mut()
+                .insert(name, HeaderValue::from_str(v).unwrap());
+        }
         self.ca_pool
             .send(&Dial::Unix(CA.into()), AppProtocol::Http1, req)
             .await
@@ -423,4 +445,49 @@ async fn a_ca_that_traces_names_the_trace_in_its_request_span() {
         .unwrap_or_else(|| panic!("no trace_id in:\n{log}"));
     let id = &log[at + "trace_id=".len()..][..32];
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn routes_send_each_request_to_its_subset_on_the_mesh_and_ca_direct_paths() {
+    let mut w = World::new();
+    w.provider("v1", "10.0.2.1:80", P::Ok);
+    w.provider("v2", "10.0.3.1:80", P::Ok);
+    w.pa_with("h2", "10.0.2.9:4143", "10.0.2.1:80", "version = \"1\"")
+        .await;
+    w.pa_with("h3", "10.0.3.9:4143", "10.0.3.1:80", "version = \"2\"")
+        .await;
+    w.ca();
+    w.routes.apply(Some(
+        br#"{"version":1,"services":{"hello":{
+            "subsets":{"v1":{"version":"1"},"v2":{"version":"2"}},
+            "rules":[{"match":{"headers":{"x-canary":"1"}},"to":"v2"}],
+            "default":"v1"}}}"#,
+    ));
+    for path in ["mesh", "ca-direct"] {
+        for _ in 0..10 {
+            let resp = w.call_with(Method::GET, &[("x-canary", "1")]).await;
+            assert_eq!(resp.headers()[PATH_HEADER], path);
+            assert_eq!(text(resp).await, "v2");
+            let resp = w.call(Method::POST).await;
+            assert_eq!(resp.headers()[PATH_HEADER], path);
+            assert_eq!(text(resp).await, "v1");
+        }
+        // The mesh off for the service: the CA goes straight to the providers, by the same rules.
+        w.gray.apply(Some(
+            br#"{"version":1,"rules":[{"id":"rb","mesh":"off","service":"hello","origin":"rollback"}]}"#,
+        ));
+    }
+    // A subset with no endpoint (v3 not deployed yet): its requests fall back to the default.
+    w.routes.apply(Some(
+        br#"{"version":1,"services":{"hello":{
+            "subsets":{"v1":{"version":"1"},"v3":{"version":"3"}},
+            "rules":[{"match":{"headers":{"x-canary":"1"}},"to":"v3"}],
+            "default":"v1"}}}"#,
+    ));
+    for _ in 0..10 {
+        let resp = w.call_with(Method::GET, &[("x-canary", "1")]).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(text(resp).await, "v1");
+    }
+    assert_eq!(w.routes.state()["hello"]["fallbacks"], 10);
 }

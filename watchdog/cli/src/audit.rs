@@ -1,12 +1,12 @@
 //! The audit trail of operator changes. Every command that writes a steering document — `gray
-//! set | clear`, `rollback` and its `--undo`, `policy set | clear` — adds one record under
+//! set | clear`, `rollback` and its `--undo`, `policy set | clear`, `route set | clear | undo` — adds one record under
 //! `audit/{id}` in the same compare-and-swap write as the change (both or neither), and the
 //! record is created only if its key is absent: no command ever rewrites one. A record says who
 //! (the OS user), when, why (`--reason`), which command, and the document before and after.
 //! `detourctl history` lists them, oldest first.
 
 use detour_registry::now_unix_ms;
-use detour_registry::store::{Expect, Store, Write};
+use detour_registry::store::{Doc, Expect, Store, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::OpsError;
@@ -48,9 +48,9 @@ pub struct AuditRecord {
     #[serde(default)]
     pub reason: String,
     /// The command: `gray set`, `gray clear`, `rollback`, `rollback undo`, `policy set`,
-    /// `policy clear`.
+    /// `policy clear`, `route set`, `route clear`, `route undo`.
     pub command: String,
-    /// The document it wrote (`gray/rules`, `policy/services`).
+    /// The document it wrote (`gray/rules`, `policy/services`, `routes/services`).
     pub document: String,
     /// The document before (`None`: there was none).
     pub before: Option<String>,
@@ -90,6 +90,33 @@ pub fn record(
             expect: Expect::Absent,
         },
     ))
+}
+
+/// Writes `bytes` as document `key` with compare-and-swap on `was` (its revision as read;
+/// `None`: it must still be absent), with `actor`'s audit record of `command` in the same write.
+pub async fn write_doc(
+    store: &dyn Store,
+    actor: &Actor,
+    command: &str,
+    key: &str,
+    was: Option<&Doc>,
+    bytes: Vec<u8>,
+) -> Result<(), OpsError> {
+    let expect = was.map_or(Expect::Absent, |d| Expect::Revision(d.revision));
+    let (_, trail) = record(
+        actor,
+        command,
+        key,
+        was.map(|d| d.bytes.as_slice()),
+        Some(&bytes),
+    )?;
+    let change = Write {
+        key: key.into(),
+        bytes,
+        expect,
+    };
+    store.put_all(vec![change, trail]).await?;
+    Ok(())
 }
 
 /// The time of a new record, in ms: the clock, but later than the last record this process

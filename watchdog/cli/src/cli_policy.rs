@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use detour_proto::ServiceName;
 use detour_registry::POLICY_DOC;
 use detour_registry::policy::{PolicyDoc, PolicyOverride};
-use detour_registry::store::{Doc, Expect, Store, Write};
+use detour_registry::store::{Doc, Store};
 
 use crate::audit::Actor;
 
@@ -183,27 +183,15 @@ pub async fn apply(
         }
         Change::Clear(None) => next.services.clear(),
     }
-    let expect = doc
-        .as_ref()
-        .map_or(Expect::Absent, |d| Expect::Revision(d.revision));
-    let bytes = next.to_bytes();
-    let (_, trail) = crate::audit::record(
+    crate::audit::write_doc(
+        store,
         actor,
         command,
         POLICY_DOC,
-        doc.as_ref().map(|d| d.bytes.as_slice()),
-        Some(&bytes),
-    )?;
-    store
-        .put_all(vec![
-            Write {
-                key: POLICY_DOC.into(),
-                bytes,
-                expect,
-            },
-            trail,
-        ])
-        .await?;
+        doc.as_ref(),
+        next.to_bytes(),
+    )
+    .await?;
     Ok(next)
 }
 

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod cli_ops;
 pub mod cli_policy;
 pub mod cli_roles;
+pub mod cli_route;
 pub mod cli_stat;
 pub mod ops;
 pub mod ops_view;

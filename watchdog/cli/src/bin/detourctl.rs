@@ -78,10 +78,19 @@ enum Command {
         #[command(flatten)]
         reg: RegistryArgs,
     },
+    /// Routes by version and label in the registry: subsets of a service's endpoints, match
+    /// rules, canary weights, pinning by header or cookie — the same on the mesh and direct
+    /// paths (docs/routing.md).
+    Route {
+        #[command(subcommand)]
+        cmd: detour_ctl::cli_route::RouteCmd,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
     /// Turn the mesh off for a scope in one command (or sidecar versions back), undo it, or
     /// list what was done.
     Rollback(RollbackArgs),
-    /// Every change an operator made to the gray rules, rollbacks and traffic policy: who,
+    /// Every change an operator made to the gray rules, rollbacks, traffic policy and routes: who,
     /// when, why, and the document before and after (the audit trail), oldest first.
     History {
         /// Only the newest N records.
@@ -245,7 +254,8 @@ struct LoadArgs {
     /// Per-request timeout in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
-    /// Print a line every second.
+    /// Print a line every second (`t=Ns …`), and who answered in it (`served_at: UNIX_MS
+    /// NAME=COUNT@LAST_UNIX_MS …`).
     #[arg(long)]
     progress: bool,
 }
@@ -309,6 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => upgrade_cmd(binary, rollback, &watchdog).await,
         Command::Gray { cmd, reg } => Ok(cli_ops::gray(cmd, reg).await),
         Command::Policy { cmd, reg } => Ok(detour_ctl::cli_policy::policy(cmd, reg).await),
+        Command::Route { cmd, reg } => Ok(detour_ctl::cli_route::route(cmd, reg).await),
         Command::Rollback(args) => Ok(cli_ops::rollback(args).await),
         Command::Status { admin, reg } => Ok(cli_ops::status(reg, admin).await),
         Command::Stat { args, reg } => Ok(detour_ctl::cli_stat::stat(args, reg).await),
@@ -492,6 +503,12 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         |s, w| {
             if progress {
                 println!("{}", w.summary(&format!("t={s}s")));
+                if !w.served_by.is_empty() {
+                    // Who answered in that second: `served_at: UNIX_MS NAME=COUNT@LAST …`.
+                    let line = w.served_line();
+                    let who = line.strip_prefix("served: ").unwrap_or(&line);
+                    println!("served_at: {} {who}", detour_registry::now_unix_ms());
+                }
             }
         },
         ctrl_c(),

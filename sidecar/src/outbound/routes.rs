@@ -1,0 +1,315 @@
+//! The route document (`routes/services`) as the CA applies it: followed live from the registry
+//! (with the copy saved in the state directory before the registry answers), each service's
+//! routes matched against the request before an endpoint is picked — on the mesh path and the
+//! CA-direct path alike — and the counts per subset that `/state` shows.
+//!
+//! A document that does not parse leaves the last good one in force; a malformed service entry
+//! is left out. Both are logged and counted (`detour_route_invalid_total`). A request of a
+//! service with routes is counted in `detour_route_requests_total{service,subset}`, a fallback
+//! (its subset had no healthy endpoint) in `detour_route_fallbacks_total{service}`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use detour_core::route::{RequestView, RouteDoc, ServiceRoutes};
+use detour_proto::{Endpoint, EndpointSet, InstanceId, ServiceName};
+use detour_registry::docs::{DocStatus, Followed};
+use tokio::sync::watch;
+
+use crate::outbound::balance::{Balancer, InFlight, NoPick};
+use crate::policy::ServicePolicy;
+
+/// The routes in force, and what they did.
+pub struct Routes {
+    doc: RwLock<Arc<BTreeMap<ServiceName, Arc<ServiceRoutes>>>>,
+    status: RwLock<DocStatus>,
+    generation: AtomicU64,
+    changed: watch::Sender<u64>,
+    /// Per service, its subsets' endpoints for the endpoint set last seen.
+    compiled: Mutex<HashMap<ServiceName, Arc<Compiled>>>,
+    /// Per service and subset, the requests routed there since the routes last changed.
+    counts: Mutex<BTreeMap<ServiceName, Counts>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    subsets: BTreeMap<String, u64>,
+    fallbacks: u64,
+}
+
+/// A service's routes over one endpoint set.
+struct Compiled {
+    generation: u64,
+    set: Arc<EndpointSet>,
+    routes: Arc<ServiceRoutes>,
+    /// Each subset's endpoints, in the set's order.
+    members: Vec<Arc<[Endpoint]>>,
+    /// Whether each subset has a healthy endpoint.
+    usable: Vec<bool>,
+}
+
+/// Where one request may go.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// The chosen subset's endpoints (`None`: every endpoint of the service).
+    pub members: Option<Arc<[Endpoint]>>,
+    /// The pinning key's hash: the endpoint is chosen by rendezvous hashing.
+    pub key: Option<u64>,
+}
+
+impl Routed {
+    /// Picks the request's next endpoint, passing over those `tried`: from its subset while
+    /// one is left that can take it, then from every endpoint of `set` (never an error while
+    /// any endpoint can); by the pinning key when the request has one.
+    pub(super) fn pick<'a>(
+        &'a self,
+        balancer: &Balancer,
+        set: &'a EndpointSet,
+        tried: &[InstanceId],
+        policy: &ServicePolicy,
+    ) -> Result<(&'a Endpoint, InFlight), NoPick> {
+        let limit = policy.max_concurrent_per_endpoint;
+        let panic = policy.outlier.panic_threshold_percent;
+        if let Some(members) = &self.members
+            && let Ok(picked) = balancer.pick_keyed(members, tried, limit, panic, self.key)
+        {
+            return Ok(picked);
+        }
+        balancer.pick_keyed(&set.endpoints, tried, limit, panic, self.key)
+    }
+}
+
+impl Routes {
+    /// No routes yet.
+    pub fn new() -> Arc<Routes> {
+        Arc::new(Routes {
+            doc: RwLock::new(Arc::new(BTreeMap::new())),
+            status: RwLock::new(Followed::unknown().status()),
+            generation: AtomicU64::new(0),
+            changed: watch::channel(0).0,
+            compiled: Mutex::new(HashMap::new()),
+            counts: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Where the routes in force came from.
+    pub fn document(&self) -> DocStatus {
+        *self.status.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Follows the generation (woken on every change).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The routes of `service`, if any.
+    pub fn of(&self, service: &ServiceName) -> Option<Arc<ServiceRoutes>> {
+        let doc = self.doc.read().unwrap_or_else(|p| p.into_inner());
+        doc.get(service).cloned()
+    }
+
+    /// Routes one request of `service` over `set`.
+    pub fn route(
+        &self,
+        service: &ServiceName,
+        req: &RequestView<'_>,
+        set: &Arc<EndpointSet>,
+    ) -> Routed {
+        let Some(c) = self.compiled_for(service, set) else {
+            return Routed::default();
+        };
+        let sel = c.routes.select(req, fastrand::u64(..), |i| c.usable[i]);
+        let name = c.routes.subset_name(sel.subset).to_owned();
+        let label = detour_proto::labels::service(service);
+        if sel.fell_back {
+            tracing::debug!(%service, subset = %name, "route fell back: no healthy endpoint in the subset chosen");
+            metrics::counter!("detour_route_fallbacks_total", "service" => label.clone())
+                .increment(1);
+        }
+        metrics::counter!("detour_route_requests_total", "service" => label, "subset" => name.clone())
+            .increment(1);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = counts.entry(service.clone()).or_default();
+        *entry.subsets.entry(name).or_default() += 1;
+        entry.fallbacks += u64::from(sel.fell_back);
+        Routed {
+            members: sel.subset.map(|i| c.members[i].clone()),
+            key: sel.key,
+        }
+    }
+
+    /// `service`'s routes compiled over `set` (compiled again when either changed).
+    fn compiled_for(&self, service: &ServiceName, set: &Arc<EndpointSet>) -> Option<Arc<Compiled>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = compiled.get(service)
+            && c.generation == generation
+            && Arc::ptr_eq(&c.set, set)
+        {
+            return Some(c.clone());
+        }
+        let Some(routes) = self.of(service) else {
+            compiled.remove(service);
+            return None;
+        };
+        let members: Vec<Arc<[Endpoint]>> = routes
+            .subsets
+            .iter()
+            .map(|s| {
+                set.endpoints
+                    .iter()
+                    .filter(|e| s.contains(e))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        let usable = members
+            .iter()
+            .map(|m| m.iter().any(|e| e.healthy))
+            .collect();
+        let c = Arc::new(Compiled {
+            generation,
+            set: set.clone(),
+            routes,
+            members,
+            usable,
+        });
+        compiled.insert(service.clone(), c.clone());
+        Some(c)
+    }
+
+    /// Follows the route document for as long as `doc` lives.
+    pub fn follow(self: &Arc<Self>, doc: watch::Receiver<Followed>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        detour_registry::docs::apply_each(doc, move |d| me.apply_followed(d))
+    }
+
+    /// Takes the document as followed: unknown changes nothing (no routes apply).
+    pub fn apply_followed(&self, doc: &Followed) {
+        if !doc.known() {
+            return;
+        }
+        *self.status.write().unwrap_or_else(|p| p.into_inner()) = doc.status();
+        self.apply(doc.bytes.as_deref());
+    }
+
+    /// Takes a new route document (`None`: there is none).
+    pub fn apply(&self, doc: Option<&[u8]>) {
+        let services = match doc.map(RouteDoc::parse) {
+            None => BTreeMap::new(),
+            Some(Ok(doc)) => {
+                for m in &doc.malformed {
+                    tracing::warn!(entry = %m, "leaving out a malformed service entry of the route document");
+                    metrics::counter!("detour_route_invalid_total").increment(1);
+                }
+                doc.services
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "ignoring a malformed route document; the last good routes stay in force");
+                metrics::counter!("detour_route_invalid_total").increment(1);
+                return;
+            }
+        };
+        let mut current = self.doc.write().unwrap_or_else(|p| p.into_inner());
+        if **current == services {
+            return;
+        }
+        tracing::info!(
+            services = services.len(),
+            "routes from the registry changed"
+        );
+        metrics::gauge!("detour_route_services").set(services.len() as f64);
+        *current = Arc::new(services);
+        drop(current);
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changed.send_replace(g);
+    }
+
+    /// What `/state` shows: each service's routes as written, and its requests per subset
+    /// since they last changed.
+    pub fn state(&self) -> serde_json::Value {
+        let doc = self.doc.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let services: serde_json::Map<String, serde_json::Value> = doc
+            .iter()
+            .map(|(service, r)| {
+                let c = counts.get(service);
+                let routes: serde_json::Value =
+                    serde_json::from_str(&r.json).unwrap_or(serde_json::Value::Null);
+                let v = serde_json::json!({
+                    "routes": routes,
+                    "requests": c.map(|c| c.subsets.clone()).unwrap_or_default(),
+                    "fallbacks": c.map_or(0, |c| c.fallbacks),
+                });
+                (service.to_string(), v)
+            })
+            .collect();
+        serde_json::Value::Object(services)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detour_proto::{HostId, InstanceId};
+    use http::{HeaderMap, Method};
+
+    fn ep(instance: &str, version: &str, healthy: bool) -> Endpoint {
+        let mut e = Endpoint::new(
+            ServiceName::new("hello").unwrap(),
+            InstanceId::new(instance).unwrap(),
+            HostId::new("h").unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+        );
+        e.version = version.into();
+        e.healthy = healthy;
+        e
+    }
+
+    #[test]
+    fn routed_requests_draw_from_their_subset_and_fall_back_when_it_is_down() {
+        let routes = Routes::new();
+        let hello = ServiceName::new("hello").unwrap();
+        let h = HeaderMap::new();
+        let req = RequestView {
+            method: &Method::GET,
+            path: "/",
+            headers: &h,
+        };
+        let set = Arc::new(EndpointSet::known(vec![
+            ep("a", "1", true),
+            ep("b", "2", true),
+        ]));
+        assert!(
+            routes.route(&hello, &req, &set).members.is_none(),
+            "no routes"
+        );
+        routes.apply(Some(
+            br#"{"version":1,"services":{"hello":{"subsets":{"v2":{"version":"2"}},"default":"v2"}}}"#,
+        ));
+        let r = routes.route(&hello, &req, &set);
+        let members = r.members.unwrap();
+        assert_eq!(members.len(), 1);
+        assert_eq!(members[0].instance.as_str(), "b");
+        // v2's only endpoint unhealthy: every endpoint, counted.
+        let down = Arc::new(EndpointSet::known(vec![
+            ep("a", "1", true),
+            ep("b", "2", false),
+        ]));
+        assert!(routes.route(&hello, &req, &down).members.is_none());
+        let st = routes.state();
+        assert_eq!(st["hello"]["requests"]["v2"], 1, "{st}");
+        assert_eq!(st["hello"]["requests"]["all"], 1, "{st}");
+        assert_eq!(st["hello"]["fallbacks"], 1, "{st}");
+        // A broken document keeps the routes; none removes them.
+        routes.apply(Some(b"{broken"));
+        assert!(routes.of(&hello).is_some());
+        routes.apply(None);
+        assert!(routes.route(&hello, &req, &set).members.is_none());
+    }
+}
