@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Chaos: a canary release by routes. Provider hosts h2 (version 1) and h3 (version 2); under
 # steady SDK load (GET) from h1, `detourctl route set` shifts the share of version 2 through
-# 0 → 5 → 50 → 100 → 50 → 5 → 0 %, 8 s a step; h3's sidecar is killed with kill -9 in the middle
+# 0 → 5 → 50 → 100 → 50 → 5 → 0 %, 10 s a step; h3's sidecar is killed with kill -9 in the middle
 # of the first 50% step and started again 3 s later (meanwhile h1's CA reaches h3's provider
 # straight, C→CA→P, by the same routes). Expectation: lossless; the share of version 2 seen in
 # each step (its first second left out, while sidecars take the change) within 2 points of the
 # weight; no answer from version 2 later than 1 s after the last step took it to 0%.
 # Appended: shares (weight:observed% per step, with the requests counted) and last_v2_ms.
-source "$(dirname "$0")/lib.sh"
 RATE=${RATE:-1000}
+source "$(dirname "$0")/lib.sh"
 STEPS=(0 5 50 100 50 5 0)
-STEP_S=8
+STEP_S=10
 SECS=$(( ${#STEPS[@]} * STEP_S + 4 ))
 LOAD_METHOD=GET
 LOAD_ARGS=--progress

@@ -22,6 +22,7 @@ now_ms() { date +%s%3N; }
 
 TMP=$(mktemp -d /tmp/detour-chaos-XXXXXX)
 declare -A PID_OF=()
+declare -A ZONE_OF=() # a host's zone (`zone` in its sidecar config), when set
 EXTRA_PIDS=()
 declare -A WATCHDOG_PID=()
 cleanup() {
@@ -50,7 +51,7 @@ wait_file() { # FILE SECONDS
 # write_sidecar_config HOST IP [EXTRA_TOML]: the host's sidecar config, written once, with a
 # certificate from the run's throw-away CA (mutual TLS between sidecars, as by default)
 # (REGISTRY_DIR_EXTRA adds keys to its [registry_dir] section; SIDECAR_EXTRA adds sections to
-# every host's config). Its state directory is $TMP/HOST/state.
+# every host's config; ZONE_OF[HOST] its zone). Its state directory is $TMP/HOST/state.
 write_sidecar_config() {
   local host=$1 ip=$2 extra=${3:-}
   mkdir -p "$TMP/$host"
@@ -58,6 +59,7 @@ write_sidecar_config() {
     "$BIN/detourctl" certs --dir "$TMP/pki" --host "$host" >/dev/null
     "$BIN/detourctl" sidecar-config --host "$host" --ip "$ip" --run-dir "$TMP/$host" \
       --state-dir "$TMP/$host/state" --registry "${REGISTRY:-dir:$TMP/registry}" --pki "$TMP/pki" \
+      ${ZONE_OF[$host]:+--zone "${ZONE_OF[$host]}"} \
       --registry-dir "poll_ms = 100
 ${REGISTRY_DIR_EXTRA:-}" --extra "${SIDECAR_EXTRA:-}
 $extra" >"$TMP/$host/sidecar.toml"

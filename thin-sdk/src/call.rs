@@ -306,7 +306,10 @@ impl Client {
             let known = snapshot.as_ref().is_some_and(|s| !s.endpoints.is_empty());
             // Providers reached through their PA only are never called directly.
             let endpoints = snapshot
-                .map(|s| self.inner.direct.order(&s, call.held.view()))
+                .map(|s| {
+                    let zone = self.inner.control.as_ref().and_then(|c| c.zone());
+                    self.inner.direct.order(&s, call.held.view(), zone.as_ref())
+                })
                 .unwrap_or_default();
             call.no_snapshot = !known;
             call.direct_forbidden = known && endpoints.is_empty();

@@ -223,6 +223,7 @@ impl LocalControl for Ctl {
                     state: s as i32,
                     host: "h1".into(),
                     version: "test".into(),
+                    ..SidecarStatus::default()
                 })),
             };
             let first = *state.borrow_and_update();

@@ -31,7 +31,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use detour_core::body::{BoxBody, BoxError, boxed};
 use detour_core::link::{Event, LinkConfig, LinkState, Reason};
 use detour_core::link_handle::{LinkHandle, StateNames};
-use detour_core::route::ServiceRoutes;
+use detour_core::route::{ServiceRoutes, ZonePreference};
 use detour_core::{Dial, Pool};
 
 /// The names of a per-service mesh switch's states.
@@ -69,6 +69,8 @@ struct Shared {
     switch_cfg: LinkConfig,
     /// Where snapshots are kept across restarts of the app.
     snapshot_file: Option<PathBuf>,
+    /// The sidecar's zone, as its status said (the direct path prefers it).
+    zone: RwLock<Option<ZonePreference>>,
 }
 
 /// The snapshot file: every service's last endpoints, and the services switched off the mesh.
@@ -254,6 +256,7 @@ impl ControlSession {
                 ..link_cfg
             },
             snapshot_file,
+            zone: RwLock::new(None),
         });
         // Switches kept from an earlier run hold until the sidecar decides again.
         for service in &kept.mesh_off {
@@ -298,6 +301,15 @@ impl ControlSession {
             .read()
             .unwrap_or_else(|p| p.into_inner());
         switches.get(service).map(|l| l.state())
+    }
+
+    /// The sidecar's zone, as its last status said.
+    pub(crate) fn zone(&self) -> Option<ZonePreference> {
+        self.shared
+            .zone
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn snapshot(&self, service: &ServiceName) -> Option<Arc<Snapshot>> {
@@ -412,6 +424,12 @@ async fn session(
                     _ => SidecarState::Starting,
                 };
                 state.send_replace(Some(st));
+                let zone = (!s.zone.is_empty()).then(|| ZonePreference {
+                    zone: s.zone.clone(),
+                    min_healthy_percent: u8::try_from(s.zone_min_healthy_percent.min(100))
+                        .unwrap_or(100),
+                });
+                *shared.zone.write().unwrap_or_else(|p| p.into_inner()) = zone;
                 shared.link.event(match st {
                     SidecarState::Ready => Event::PeerReady,
                     SidecarState::Draining | SidecarState::Stopped | SidecarState::Failed => {

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use detour_core::route::{RequestView, rendezvous_order};
+use detour_core::route::{RequestView, ZonePreference, rendezvous_order};
 use detour_proto::Endpoint;
 use tokio::time::Instant;
 
@@ -31,7 +31,14 @@ pub(crate) struct Direct {
 impl Direct {
     /// The order in which one call (`req`) tries the endpoints of `snap`: the subset its
     /// routes choose first, then the others; by the pinning key when the call has one.
-    pub(crate) fn order(&self, snap: &Snapshot, req: Option<RequestView<'_>>) -> Vec<Endpoint> {
+    /// With `zone`, the endpoints of the caller's zone come first in each part while enough of
+    /// them are usable, as at the CA.
+    pub(crate) fn order(
+        &self,
+        snap: &Snapshot,
+        req: Option<RequestView<'_>>,
+        zone: Option<&ZonePreference>,
+    ) -> Vec<Endpoint> {
         let allowed: Vec<&Endpoint> = snap
             .endpoints
             .iter()
@@ -68,11 +75,27 @@ impl Direct {
         };
         let now = Instant::now();
         let ejected = self.ejected.lock().unwrap_or_else(|p| p.into_inner());
-        let rank = |e: &Endpoint| {
-            let refused = ejected
+        let refused = |e: &Endpoint| {
+            ejected
                 .get(&e.app_address)
-                .is_some_and(|until| *until > now);
-            (subset.is_some_and(|s| !s.contains(e)), !e.healthy, refused)
+                .is_some_and(|until| *until > now)
+        };
+        let first: Vec<&&Endpoint> = allowed
+            .iter()
+            .filter(|e| subset.is_none_or(|s| s.contains(e)))
+            .collect();
+        let stays = zone.is_some_and(|z| {
+            let local = first.iter().filter(|e| e.zone == z.zone).count();
+            let up = first
+                .iter()
+                .filter(|e| e.zone == z.zone && e.healthy && !refused(e))
+                .count();
+            z.stays(local, up, first.len())
+        });
+        let away = |e: &Endpoint| stays && zone.is_some_and(|z| e.zone != z.zone);
+        let rank = |e: &Endpoint| {
+            let out = subset.is_some_and(|s| !s.contains(e));
+            (out, away(e), !e.healthy, refused(e))
         };
         order.sort_by_key(|e| rank(e));
         order.into_iter().cloned().collect()
@@ -110,7 +133,7 @@ mod tests {
 
     impl Order<'_> {
         fn get(&self) -> Vec<Endpoint> {
-            self.0.order(self.1, None)
+            self.0.order(self.1, None, None)
         }
     }
 
@@ -147,7 +170,7 @@ mod tests {
         );
         tokio::time::advance(EJECT_FOR + Duration::from_millis(1)).await;
         assert_eq!(ports(&all.get()), [2, 1, 3], "and comes back after a while");
-        assert!(d.order(&snap(&[], ""), None).is_empty());
+        assert!(d.order(&snap(&[], ""), None, None).is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -171,7 +194,7 @@ mod tests {
             }
         }
         for _ in 0..4 {
-            let first_two = ports(&d.order(&s, Some(view(&h))))[..2].to_vec();
+            let first_two = ports(&d.order(&s, Some(view(&h)), None))[..2].to_vec();
             assert!(
                 first_two.iter().all(|p| *p == 3 || *p == 4),
                 "{first_two:?}"
@@ -179,16 +202,39 @@ mod tests {
         }
         // Pinned: the same order every call, whatever the round-robin counter.
         h.insert("x-user", HeaderValue::from_static("alice"));
-        let pinned = ports(&d.order(&s, Some(view(&h))));
+        let pinned = ports(&d.order(&s, Some(view(&h)), None));
         for _ in 0..4 {
-            assert_eq!(ports(&d.order(&s, Some(view(&h)))), pinned);
+            assert_eq!(ports(&d.order(&s, Some(view(&h)), None)), pinned);
         }
         // The subset down: every endpoint, the others first.
         let mut down = eps.clone();
         down[2].healthy = false;
         down[3].healthy = false;
-        let order = ports(&d.order(&snap(&down, routes), Some(view(&h))));
+        let order = ports(&d.order(&snap(&down, routes), Some(view(&h)), None));
         assert_eq!(order.len(), 4);
         assert!(order[..2].iter().all(|p| *p == 1 || *p == 2), "{order:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_callers_zone_comes_first_while_enough_of_it_works() {
+        let d = Direct::default();
+        let mut eps: Vec<Endpoint> = (1..=4).map(|i| ep(i, true)).collect();
+        for e in &mut eps {
+            e.zone = if e.app_address.port() <= 2 { "a" } else { "b" }.into();
+        }
+        let zone = ZonePreference {
+            zone: "a".into(),
+            min_healthy_percent: 50,
+        };
+        let s = snap(&eps, "");
+        for _ in 0..4 {
+            let order = ports(&d.order(&s, None, Some(&zone)));
+            assert!(order[..2].iter().all(|p| *p <= 2), "{order:?}");
+        }
+        // Zone a refusing: the others first.
+        d.refused(eps[0].app_address);
+        d.refused(eps[1].app_address);
+        let order = ports(&d.order(&s, None, Some(&zone)));
+        assert!(order[..2].iter().all(|p| *p > 2), "{order:?}");
     }
 }

@@ -29,6 +29,28 @@ pub use parse::{
     MAX_ROUTE_SERVICES, MAX_RULES, MAX_SUBSETS, ROUTES_VERSION, RouteDoc, RouteDocError,
 };
 
+/// A caller's preference for providers of its own zone (the sidecar's `zone`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZonePreference {
+    /// The zone.
+    pub zone: String,
+    /// Callers stay in the zone while at least this share of its endpoints (percent) is usable
+    /// (healthy, not ejected), and spill over to every zone otherwise.
+    pub min_healthy_percent: u8,
+}
+
+impl ZonePreference {
+    /// Whether a caller stays in its zone, which has `local` candidates of which `usable` are
+    /// usable, among `total` candidates in all: when some are elsewhere, and at least one and
+    /// the minimum share of the zone's are usable.
+    pub fn stays(&self, local: usize, usable: usize, total: usize) -> bool {
+        local > 0
+            && local < total
+            && usable > 0
+            && usable * 100 >= local * usize::from(self.min_healthy_percent)
+    }
+}
+
 /// What a subset selects on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum LabelKey {

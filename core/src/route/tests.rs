@@ -320,3 +320,27 @@ fn documents_keep_good_entries_and_refuse_bad_versions() {
     ));
     assert!(RouteDoc::parse(b"\xff").is_err());
 }
+
+#[test]
+fn a_zone_is_kept_while_its_minimum_share_is_usable() {
+    let z = ZonePreference {
+        zone: "a".into(),
+        min_healthy_percent: 50,
+    };
+    // (local, usable, total) → stays
+    let cases = [
+        ((2, 2, 4), true),
+        ((2, 1, 4), true),
+        ((3, 1, 5), false),
+        ((2, 0, 4), false),
+        ((0, 0, 4), false),
+        ((4, 4, 4), false),
+    ];
+    for ((local, usable, total), stays) in cases {
+        assert_eq!(
+            z.stays(local, usable, total),
+            stays,
+            "{local} {usable} {total}"
+        );
+    }
+}

@@ -57,7 +57,7 @@ pub(super) fn route(
     let control = ControlService::new(
         lifecycle.clone(),
         opened.catalog.clone(),
-        cfg.host.clone(),
+        (cfg.host.clone(), cfg.zone.clone()),
         documents.clone(),
     );
     let (pool_opts, to_pas, links) = links_to_pas(cfg, opened, tls.as_ref());

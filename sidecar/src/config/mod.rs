@@ -28,7 +28,7 @@ use detour_registry::telemetry::LogFormat;
 use serde::Deserialize;
 
 pub use listen::{AdminRaw, InboundRaw, MetricsListen, MetricsRaw, OutboundRaw};
-pub use provide::{Provide, ProvideRaw};
+pub use provide::{Provide, ProvideRaw, ZonePreference};
 pub use proxy::{Balance, LifecycleRaw, LinkRaw, ProxyRaw};
 
 pub use detour_registry::protection_config::ProtectionRaw;
@@ -43,6 +43,9 @@ pub const ENV_PREFIX: &str = "DETOUR_SIDECAR__";
 pub struct RawConfig {
     /// This host's id in the registry. Required.
     pub host: String,
+    /// This host's failure domain (zone): the CA and its SDKs prefer providers of the same
+    /// zone, and local providers without a zone of their own are registered in it. `""`: none.
+    pub zone: String,
     /// Directory for the sidecar's own files (Unix socket, address file). Created if missing.
     pub run_dir: PathBuf,
     /// Directory for what must survive a restart and a reboot (the catalog's disk cache, the
@@ -192,6 +195,7 @@ impl Default for RawConfig {
     fn default() -> Self {
         Self {
             host: String::new(),
+            zone: String::new(),
             run_dir: PathBuf::from("run"),
             state_dir: PathBuf::new(),
             registry: "dir:registry".into(),
@@ -345,6 +349,9 @@ pub struct Config {
     pub access_log: AccessLogSettings,
     /// Trace export (`None`: spans are not recorded).
     pub tracing: Option<detour_core::trace::TraceConfig>,
+    /// This host's zone, and the share of its endpoints a zone must have usable for callers to
+    /// stay in it (`None`: no zone).
+    pub zone: Option<ZonePreference>,
     /// Environment variables with the prefix that named no key (logged at start).
     pub warnings: Vec<String>,
 }
@@ -422,6 +429,7 @@ impl RawConfig {
             &self.tls.trust_domain,
             &mut p,
         );
+        let zone = provide::zone(&self.zone, proxy.zone_min_healthy_percent, &mut p);
         let (Some(host), Some(registry), Some(inbound_addr), Some(admin), Some(balance)) =
             (host, registry, inbound.addr, admin, proxy.balance)
         else {
@@ -471,6 +479,7 @@ impl RawConfig {
             metrics,
             access_log,
             tracing,
+            zone,
             warnings: Vec::new(),
         })
     }

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use detour_proto::{AppProtocol, InstanceId, ServiceName};
 use serde::Deserialize;
 
+pub use detour_core::route::ZonePreference;
+
 use super::addr;
 use super::tls::TlsMode;
 use crate::tls::identity::SpiffeId;
@@ -50,7 +52,8 @@ pub struct ProvideRaw {
     /// The provider's version, registered with it (route subsets select on it).
     #[serde(default)]
     pub version: Option<String>,
-    /// Its failure domain, registered with it (route subsets select on it).
+    /// Its failure domain, registered with it (route subsets select on it); absent: the
+    /// sidecar's `zone`.
     #[serde(default)]
     pub zone: Option<String>,
     /// Free labels, registered with it (route subsets select on them).
@@ -81,7 +84,7 @@ pub struct Provide {
     pub direct: bool,
     /// Its version (empty: none).
     pub version: String,
-    /// Its zone (empty: none).
+    /// Its zone (empty: the sidecar's).
     pub zone: String,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
@@ -96,6 +99,25 @@ fn meta_ok(v: &str) -> bool {
     (1..=128).contains(&v.len())
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-_/:".contains(&b))
+}
+
+/// Validates the top-level `zone` (and `proxy.zone_min_healthy_percent`).
+pub fn zone(zone: &str, min_healthy_percent: u8, p: &mut Vec<String>) -> Option<ZonePreference> {
+    if zone.is_empty() {
+        return None;
+    }
+    if !meta_ok(zone) {
+        p.push(format!(
+            "zone: {zone:?} is not 1-128 letters, digits or .-_/:"
+        ));
+    }
+    if min_healthy_percent > 100 {
+        p.push("proxy.zone_min_healthy_percent: must be between 0 and 100".into());
+    }
+    Some(ZonePreference {
+        zone: zone.to_owned(),
+        min_healthy_percent,
+    })
 }
 
 /// Checks the version, zone and labels of entry `key`.

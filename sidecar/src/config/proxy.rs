@@ -32,6 +32,9 @@ pub struct ProxyRaw {
     /// The protocol from this CA to remote PAs: `http2` (one multiplexed connection per PA) or
     /// `http1` (a keep-alive pool per PA).
     pub pa_protocol: String,
+    /// With a `zone`: callers stay in their zone while at least this share (percent) of its
+    /// endpoints of a service is usable.
+    pub zone_min_healthy_percent: u8,
 }
 
 impl Default for ProxyRaw {
@@ -46,6 +49,7 @@ impl Default for ProxyRaw {
             eject_ms: 2000,
             max_replay_bytes: 64 * 1024,
             pa_protocol: "http2".into(),
+            zone_min_healthy_percent: 50,
         }
     }
 }
@@ -80,6 +84,8 @@ pub struct ProxySettings {
     pub eject: Duration,
     /// Request bodies kept for retries up to this size.
     pub max_replay_bytes: u64,
+    /// See [`ProxyRaw::zone_min_healthy_percent`].
+    pub zone_min_healthy_percent: u8,
 }
 
 impl ProxyRaw {
@@ -127,6 +133,7 @@ impl ProxyRaw {
             max_header_bytes: self.max_header_bytes,
             eject: Duration::from_millis(self.eject_ms),
             max_replay_bytes: self.max_replay_bytes,
+            zone_min_healthy_percent: self.zone_min_healthy_percent,
         }
     }
 }

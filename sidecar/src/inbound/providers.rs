@@ -99,7 +99,10 @@ impl LocalProviders {
                     pa_address: Some(inbound),
                     protocol: p.protocol,
                     weight: p.weight,
-                    zone: p.zone.clone(),
+                    zone: match (&*p.zone, &cfg.zone) {
+                        ("", Some(z)) => z.zone.clone(),
+                        _ => p.zone.clone(),
+                    },
                     version: p.version.clone(),
                     source: Source::Native,
                     labels: p.labels.clone(),

@@ -3,7 +3,9 @@
 //! ejected — for refusing connections, or as outliers answering server errors in a row
 //! ([`Outlier`]) — unless fewer than the panic threshold are left, in which case all are
 //! eligible again (as Envoy's panic mode) — and, when a service sets one, passing over
-//! endpoints at their limit of requests in flight.
+//! endpoints at their limit of requests in flight. A caller with a zone draws from the
+//! candidates of its zone while at least `proxy.zone_min_healthy_percent` of them are usable,
+//! and from every zone otherwise (counted in `detour_zone_spillover_total`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -14,8 +16,8 @@ use detour_core::route::rendezvous_best;
 use detour_proto::{Endpoint, EndpointSet, InstanceId};
 use detour_registry::now_unix_ms;
 
-use crate::config::Balance;
 use crate::config::limits::Outlier;
+use crate::config::{Balance, ZonePreference};
 
 /// Live load of one endpoint.
 #[derive(Debug, Default)]
@@ -48,6 +50,41 @@ pub struct InFlight(Arc<Load>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How one pick chooses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pick<'a> {
+    /// Most requests in flight per endpoint (0: no limit).
+    pub limit: usize,
+    /// Below this share of usable candidates (percent), every candidate is used.
+    pub panic_percent: u8,
+    /// A pinned request's key: rendezvous hashing chooses.
+    pub key: Option<u64>,
+    /// The caller's zone: its candidates are preferred.
+    pub zone: Option<&'a ZonePreference>,
+}
+
+/// Keeps only `pool`'s candidates in `zone` when at least its share of them is `usable` (and
+/// one at least); leaves the pool whole (spills over to every zone) otherwise.
+fn stay_in_zone(
+    pool: &mut Vec<(&Endpoint, Arc<Load>)>,
+    zone: &ZonePreference,
+    usable: impl Fn(&(&Endpoint, Arc<Load>)) -> bool,
+) {
+    let local = pool.iter().filter(|(e, _)| e.zone == zone.zone).count();
+    if local == pool.len() || local == 0 {
+        return;
+    }
+    let up = pool
+        .iter()
+        .filter(|x| x.0.zone == zone.zone && usable(x))
+        .count();
+    if zone.stays(local, up, pool.len()) {
+        pool.retain(|(e, _)| e.zone == zone.zone);
+    } else {
+        metrics::counter!("detour_zone_spillover_total").increment(1);
     }
 }
 
@@ -107,20 +144,25 @@ impl Balancer {
         limit: usize,
         panic_percent: u8,
     ) -> Result<(&'a Endpoint, InFlight), NoPick> {
-        self.pick_keyed(endpoints, exclude, limit, panic_percent, None)
+        let how = Pick {
+            limit,
+            panic_percent,
+            ..Pick::default()
+        };
+        self.pick_with(endpoints, exclude, &how)
     }
 
-    /// [`Self::pick_limited`]; with a pinning `key`, the candidate rendezvous hashing ranks
-    /// first for it instead of the policy's choice (the same key, the same endpoint, while it
-    /// is usable).
-    pub fn pick_keyed<'a>(
+    /// [`Self::pick_limited`] as `how` says: with a pinning key, the candidate rendezvous
+    /// hashing ranks first for it instead of the policy's choice (the same key, the same
+    /// endpoint, while it is usable); with a zone, among the candidates of that zone while
+    /// enough of them are usable.
+    pub fn pick_with<'a>(
         &self,
         endpoints: &'a [Endpoint],
         exclude: &[InstanceId],
-        limit: usize,
-        panic_percent: u8,
-        key: Option<u64>,
+        how: &Pick<'_>,
     ) -> Result<(&'a Endpoint, InFlight), NoPick> {
+        let (limit, panic_percent, key) = (how.limit, how.panic_percent, how.key);
         let now = now_unix_ms();
         let mut pool: Vec<(&Endpoint, Arc<Load>)> = {
             let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
@@ -133,6 +175,9 @@ impl Balancer {
         // Ejected endpoints, and those their PA marked unhealthy, are passed over unless too
         // few are left (panic mode).
         let usable = |(e, l): &(&Endpoint, Arc<Load>)| e.healthy && !l.ejected(now);
+        if let Some(zone) = how.zone {
+            stay_in_zone(&mut pool, zone, usable);
+        }
         let left = pool.iter().filter(|x| usable(x)).count();
         if left > 0 && left * 100 >= pool.len() * usize::from(panic_percent) {
             pool.retain(usable);
@@ -459,5 +504,46 @@ mod tests {
         b.load_of(&all.endpoints[2].instance);
         b.retain(&two);
         assert_eq!(b.loads.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_caller_stays_in_its_zone_while_enough_of_it_is_usable() {
+        let b = Balancer::new(Balance::P2c);
+        let mut e = eps(4);
+        for (i, ep) in e.iter_mut().enumerate() {
+            ep.zone = if i < 2 { "a" } else { "b" }.into();
+        }
+        let zone = ZonePreference {
+            zone: "a".into(),
+            min_healthy_percent: 50,
+        };
+        let how = Pick {
+            zone: Some(&zone),
+            ..Pick::default()
+        };
+        let zone_of = |b: &Balancer, e: &[Endpoint], tried: &[InstanceId]| {
+            b.pick_with(e, tried, &how).unwrap().0.zone.clone()
+        };
+        for _ in 0..20 {
+            assert_eq!(zone_of(&b, &e, &[]), "a");
+        }
+        // Half of zone a ejected: still at the minimum, still a.
+        b.eject(&e[0].instance, Duration::from_secs(60));
+        for _ in 0..20 {
+            assert_eq!(zone_of(&b, &e, &[]), "a");
+        }
+        // Both tried or ejected: spill over to b.
+        assert_eq!(zone_of(&b, &e, &[e[1].instance.clone()]), "b");
+        e[1].healthy = false;
+        assert_eq!(zone_of(&b, &e, &[]), "b");
+        // Below the minimum share (one of three usable, 50% wanted): spill over.
+        let mut three = eps(5);
+        for (i, ep) in three.iter_mut().enumerate() {
+            ep.zone = if i < 3 { "a" } else { "b" }.into();
+        }
+        three[0].healthy = false;
+        three[1].healthy = false;
+        let spilled = (0..40).filter(|_| zone_of(&b, &three, &[]) == "b").count();
+        assert!(spilled > 0, "traffic spills to zone b");
     }
 }

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::config::ZonePreference;
 use crate::outbound::Documents;
 use crate::outbound::gray::Gray;
 use crate::outbound::routes::Routes;
@@ -39,6 +40,8 @@ pub struct ControlService {
     catalog: Arc<Catalog>,
     /// This host, reported in status events.
     host: HostId,
+    /// This host's zone, reported in status events.
+    zone: Option<ZonePreference>,
     /// The gray rules: which services the SDK calls straight (`MeshSwitch`).
     gray: Arc<Gray>,
     /// The traffic policy: which services allow no path around their PAs.
@@ -52,13 +55,14 @@ impl ControlService {
     pub fn new(
         lifecycle: Arc<Lifecycle>,
         catalog: Arc<Catalog>,
-        host: HostId,
+        (host, zone): (HostId, Option<ZonePreference>),
         documents: Documents,
     ) -> Self {
         Self {
             lifecycle,
             catalog,
             host,
+            zone,
             gray: documents.gray,
             policies: documents.policies,
             routes: documents.routes,
@@ -89,6 +93,15 @@ impl ControlService {
                 state: pb as i32,
                 host: self.host.to_string(),
                 version: crate::VERSION.to_owned(),
+                zone: self
+                    .zone
+                    .as_ref()
+                    .map(|z| z.zone.clone())
+                    .unwrap_or_default(),
+                zone_min_healthy_percent: self
+                    .zone
+                    .as_ref()
+                    .map_or(0, |z| u32::from(z.min_healthy_percent)),
             })),
         }
     }

@@ -195,7 +195,8 @@ impl Outbound {
         let mut flight = self.flight(parts, body, &policy).await?;
         let mut tried: Vec<InstanceId> = Vec::new();
         let limit = policy.max_concurrent_per_endpoint;
-        let pick = |tried: &[InstanceId]| routed.pick(balancer, &set, tried, &policy);
+        let zone = self.cfg.zone.as_ref();
+        let pick = |tried: &[InstanceId]| routed.pick(balancer, &set, tried, &policy, zone);
         let (mut ep, mut in_flight) = pick(&tried).map_err(|why| no_pick(&service, limit, why))?;
         // Switched off by a gray rule or a rollback: straight to the providers (C→CA→P) —
         // except those reached through their PA only (the endpoint says so, or the service's

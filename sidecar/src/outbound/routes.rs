@@ -17,7 +17,8 @@ use detour_proto::{Endpoint, EndpointSet, InstanceId, ServiceName};
 use detour_registry::docs::{DocStatus, Followed};
 use tokio::sync::watch;
 
-use crate::outbound::balance::{Balancer, InFlight, NoPick};
+use crate::config::ZonePreference;
+use crate::outbound::balance::{Balancer, InFlight, NoPick, Pick};
 use crate::policy::ServicePolicy;
 
 /// The routes in force, and what they did.
@@ -62,21 +63,36 @@ impl Routed {
     /// Picks the request's next endpoint, passing over those `tried`: from its subset while
     /// one is left that can take it, then from every endpoint of `set` (never an error while
     /// any endpoint can); by the pinning key when the request has one.
+    /// With `zone`, the caller's zone is preferred in each; when every candidate of the zone is
+    /// at its limit of requests in flight, the others are drawn from.
     pub(super) fn pick<'a>(
         &'a self,
         balancer: &Balancer,
         set: &'a EndpointSet,
         tried: &[InstanceId],
         policy: &ServicePolicy,
+        zone: Option<&ZonePreference>,
     ) -> Result<(&'a Endpoint, InFlight), NoPick> {
-        let limit = policy.max_concurrent_per_endpoint;
-        let panic = policy.outlier.panic_threshold_percent;
-        if let Some(members) = &self.members
-            && let Ok(picked) = balancer.pick_keyed(members, tried, limit, panic, self.key)
-        {
-            return Ok(picked);
+        let how = Pick {
+            limit: policy.max_concurrent_per_endpoint,
+            panic_percent: policy.outlier.panic_threshold_percent,
+            key: self.key,
+            zone,
+        };
+        let anywhere = Pick { zone: None, ..how };
+        let members = self.members.as_deref();
+        for candidates in members.into_iter().chain([&set.endpoints[..]]) {
+            if let Ok(picked) = balancer.pick_with(candidates, tried, &how) {
+                return Ok(picked);
+            }
+            if zone.is_some()
+                && let Ok(picked) = balancer.pick_with(candidates, tried, &anywhere)
+            {
+                return Ok(picked);
+            }
         }
-        balancer.pick_keyed(&set.endpoints, tried, limit, panic, self.key)
+        // Nothing anywhere: the error says why.
+        balancer.pick_with(&set.endpoints, tried, &anywhere)
     }
 }
 

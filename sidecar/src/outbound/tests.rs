@@ -191,7 +191,7 @@ impl World {
         let control = ControlService::new(
             lifecycle.clone(),
             catalog.clone(),
-            cfg.host.clone(),
+            (cfg.host.clone(), cfg.zone.clone()),
             documents.clone(),
         );
         let pool = Pool::with_connector(PoolOptions::default(), self.net.clone());

@@ -34,6 +34,7 @@ pub struct SidecarToml {
     state_dir: Option<PathBuf>,
     registry: String,
     catalog_cache: Option<String>,
+    zone: Option<String>,
     unix: String,
     tls: TlsFiles,
     registry_dir: String,
@@ -56,12 +57,19 @@ impl SidecarToml {
             state_dir: None,
             registry,
             catalog_cache: None,
+            zone: None,
             unix: "outbound.sock".to_owned(),
             tls: TlsFiles::Plaintext,
             registry_dir: String::new(),
             provides: Vec::new(),
             extra: String::new(),
         }
+    }
+
+    /// The host's zone (top-level `zone`).
+    pub fn zone(mut self, zone: &str) -> Self {
+        self.zone = Some(zone.to_owned());
+        self
     }
 
     /// The registry (`dir:PATH` or `etcd:URL,…`).
@@ -132,6 +140,9 @@ impl SidecarToml {
             let _ = writeln!(t, "state_dir = {}", quote(&s.display().to_string()));
         }
         let _ = writeln!(t, "registry = {}", quote(&self.registry));
+        if let Some(z) = &self.zone {
+            let _ = writeln!(t, "zone = {}", quote(z));
+        }
         if let Some(c) = &self.catalog_cache {
             let _ = writeln!(t, "catalog_cache = {}", quote(c));
         }

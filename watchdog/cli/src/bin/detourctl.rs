@@ -193,6 +193,9 @@ struct SidecarConfigArgs {
     /// The catalog's disk cache (`""`: none).
     #[arg(long)]
     catalog_cache: Option<String>,
+    /// The host's zone (callers prefer providers of their own zone).
+    #[arg(long)]
+    zone: Option<String>,
     /// The outbound Unix socket (`""`: none).
     #[arg(long, default_value = "outbound.sock")]
     unix: String,
@@ -547,6 +550,9 @@ fn sidecar_config(a: SidecarConfigArgs) -> anyhow::Result<String> {
     }
     if let Some(c) = &a.catalog_cache {
         t = t.catalog_cache(c);
+    }
+    if let Some(z) = &a.zone {
+        t = t.zone(z);
     }
     t = t.tls(match &a.pki {
         Some(pki) => TlsFiles::Dir {
