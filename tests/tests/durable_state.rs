@@ -132,9 +132,12 @@ async fn a_sidecar_restarted_while_etcd_is_down_keeps_the_rollback_and_the_polic
             "the rollback holds after the restart"
         );
     }
+    // The gray rules, the policy and the route document (absent from the registry: known to be
+    // absent).
+    assert_eq!(st["documents"]["routes/services"]["source"], "disk", "{st}");
     assert_eq!(
         metric(&admin, "detour_document_source", "source=\"disk\"").await,
-        Some(2.0)
+        Some(3.0)
     );
 
     // etcd back: the registry's word (the same rules) takes over; the undo then applies.

@@ -143,7 +143,12 @@ impl Routes {
             metrics::counter!("detour_route_fallbacks_total", "service" => label.clone())
                 .increment(1);
         }
-        metrics::counter!("detour_route_requests_total", "service" => label, "subset" => name.clone())
+        // Past the bound on service labels, subsets share one label too.
+        let subset = match label == detour_proto::labels::OTHER {
+            true => detour_proto::labels::OTHER.to_owned(),
+            false => name.clone(),
+        };
+        metrics::counter!("detour_route_requests_total", "service" => label, "subset" => subset)
             .increment(1);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let entry = counts.entry(service.clone()).or_default();
