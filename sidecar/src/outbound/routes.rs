@@ -9,7 +9,7 @@
 //! (its subset had no healthy endpoint) in `detour_route_fallbacks_total{service}`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use detour_core::route::{RequestView, RouteDoc, ServiceRoutes};
@@ -27,16 +27,64 @@ pub struct Routes {
     status: RwLock<DocStatus>,
     generation: AtomicU64,
     changed: watch::Sender<u64>,
+    /// Whether any service has routes (a request of a mesh without routes looks no further).
+    any: AtomicBool,
     /// Per service, its subsets' endpoints for the endpoint set last seen.
     compiled: Mutex<HashMap<ServiceName, Arc<Compiled>>>,
-    /// Per service and subset, the requests routed there since the routes last changed.
-    counts: Mutex<BTreeMap<ServiceName, Counts>>,
+    /// Per service, the requests routed to each subset since the routes last changed.
+    tallies: Mutex<HashMap<ServiceName, Arc<Tally>>>,
 }
 
-#[derive(Default)]
-struct Counts {
-    subsets: BTreeMap<String, u64>,
-    fallbacks: u64,
+/// What one service's routes did since they last changed, with its metric handles resolved
+/// once (a request allocates nothing to be counted).
+struct Tally {
+    /// Per subset, then for every endpoint (`all`).
+    requests: Vec<AtomicU64>,
+    fallbacks: AtomicU64,
+    /// `detour_route_requests_total` per subset, then `all`.
+    counters: Vec<metrics::Counter>,
+    /// `detour_route_fallbacks_total`.
+    fallback_counter: metrics::Counter,
+}
+
+impl Tally {
+    fn new(service: &ServiceName, routes: &ServiceRoutes) -> Tally {
+        let label = detour_proto::labels::service(service);
+        // Past the bound on service labels, subsets share one label too.
+        let other = label == detour_proto::labels::OTHER;
+        let names = routes
+            .subsets
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(["all"]);
+        let counters = names
+            .map(|name| {
+                let subset = if other {
+                    detour_proto::labels::OTHER
+                } else {
+                    name
+                };
+                metrics::counter!("detour_route_requests_total", "service" => label.clone(),
+                    "subset" => subset.to_owned())
+            })
+            .collect::<Vec<_>>();
+        Tally {
+            requests: counters.iter().map(|_| AtomicU64::new(0)).collect(),
+            fallbacks: AtomicU64::new(0),
+            counters,
+            fallback_counter: metrics::counter!("detour_route_fallbacks_total", "service" => label),
+        }
+    }
+
+    fn count(&self, subset: Option<usize>, fell_back: bool) {
+        let i = subset.unwrap_or(self.requests.len() - 1);
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
+        self.counters[i].increment(1);
+        if fell_back {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            self.fallback_counter.increment(1);
+        }
+    }
 }
 
 /// A service's routes over one endpoint set.
@@ -48,6 +96,8 @@ struct Compiled {
     members: Vec<Arc<[Endpoint]>>,
     /// Whether each subset has a healthy endpoint.
     usable: Vec<bool>,
+    /// What the service's routes did.
+    tally: Arc<Tally>,
 }
 
 /// Where one request may go.
@@ -104,8 +154,9 @@ impl Routes {
             status: RwLock::new(Followed::unknown().status()),
             generation: AtomicU64::new(0),
             changed: watch::channel(0).0,
+            any: AtomicBool::new(false),
             compiled: Mutex::new(HashMap::new()),
-            counts: Mutex::new(BTreeMap::new()),
+            tallies: Mutex::new(HashMap::new()),
         })
     }
 
@@ -132,28 +183,17 @@ impl Routes {
         req: &RequestView<'_>,
         set: &Arc<EndpointSet>,
     ) -> Routed {
+        if !self.any.load(Ordering::Acquire) {
+            return Routed::default();
+        }
         let Some(c) = self.compiled_for(service, set) else {
             return Routed::default();
         };
         let sel = c.routes.select(req, fastrand::u64(..), |i| c.usable[i]);
-        let name = c.routes.subset_name(sel.subset).to_owned();
-        let label = detour_proto::labels::service(service);
         if sel.fell_back {
-            tracing::debug!(%service, subset = %name, "route fell back: no healthy endpoint in the subset chosen");
-            metrics::counter!("detour_route_fallbacks_total", "service" => label.clone())
-                .increment(1);
+            tracing::debug!(%service, subset = %c.routes.subset_name(sel.subset), "route fell back: no healthy endpoint in the subset chosen");
         }
-        // Past the bound on service labels, subsets share one label too.
-        let subset = match label == detour_proto::labels::OTHER {
-            true => detour_proto::labels::OTHER.to_owned(),
-            false => name.clone(),
-        };
-        metrics::counter!("detour_route_requests_total", "service" => label, "subset" => subset)
-            .increment(1);
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = counts.entry(service.clone()).or_default();
-        *entry.subsets.entry(name).or_default() += 1;
-        entry.fallbacks += u64::from(sel.fell_back);
+        c.tally.count(sel.subset, sel.fell_back);
         Routed {
             members: sel.subset.map(|i| c.members[i].clone()),
             key: sel.key,
@@ -189,12 +229,20 @@ impl Routes {
             .iter()
             .map(|m| m.iter().any(|e| e.healthy))
             .collect();
+        let tally = self
+            .tallies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(service.clone())
+            .or_insert_with(|| Arc::new(Tally::new(service, &routes)))
+            .clone();
         let c = Arc::new(Compiled {
             generation,
             set: set.clone(),
             routes,
             members,
             usable,
+            tally,
         });
         compiled.insert(service.clone(), c.clone());
         Some(c)
@@ -241,9 +289,10 @@ impl Routes {
             "routes from the registry changed"
         );
         metrics::gauge!("detour_route_services").set(services.len() as f64);
+        self.any.store(!services.is_empty(), Ordering::Release);
         *current = Arc::new(services);
         drop(current);
-        self.counts
+        self.tallies
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
@@ -255,17 +304,26 @@ impl Routes {
     /// since they last changed.
     pub fn state(&self) -> serde_json::Value {
         let doc = self.doc.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let tallies = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
         let services: serde_json::Map<String, serde_json::Value> = doc
             .iter()
             .map(|(service, r)| {
-                let c = counts.get(service);
+                let t = tallies.get(service);
+                let names = r.subsets.iter().map(|s| s.name.as_str()).chain(["all"]);
+                let requests: BTreeMap<&str, u64> = match t {
+                    Some(t) => names
+                        .zip(&t.requests)
+                        .map(|(n, c)| (n, c.load(Ordering::Relaxed)))
+                        .filter(|(_, c)| *c > 0)
+                        .collect(),
+                    None => BTreeMap::new(),
+                };
                 let routes: serde_json::Value =
                     serde_json::from_str(&r.json).unwrap_or(serde_json::Value::Null);
                 let v = serde_json::json!({
                     "routes": routes,
-                    "requests": c.map(|c| c.subsets.clone()).unwrap_or_default(),
-                    "fallbacks": c.map_or(0, |c| c.fallbacks),
+                    "requests": requests,
+                    "fallbacks": t.map_or(0, |t| t.fallbacks.load(Ordering::Relaxed)),
                 });
                 (service.to_string(), v)
             })
