@@ -155,8 +155,11 @@ fn apply_delete(prefix: &str, view: &mut View, key: &[u8], revision: i64) {
     }
 }
 
+/// How long a watch may be silent before it is asked for its progress.
+const QUIET: Duration = Duration::from_secs(1);
+
 /// Follows the whole prefix: resumes after the last revision seen; re-lists when that
-/// revision was compacted away.
+/// revision was compacted away; reopens it on another member when it stalls.
 pub(super) async fn watch_loop(inner: Arc<Inner>) {
     let prefix = format!("{}/", inner.opts.prefix);
     loop {
@@ -193,10 +196,36 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
                 continue;
             }
         };
+        // A watch with nothing to say for a second is asked for its progress; one that does not
+        // answer within the request timeout is on a member that stopped answering (frozen,
+        // partitioned: its connection may look open for much longer), and is reopened on
+        // another member.
+        let mut asked: Option<tokio::time::Instant> = None;
         loop {
-            let msg = match stream.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) | Err(_) => break,
+            let msg = match tokio::time::timeout(QUIET, stream.message()).await {
+                Ok(Ok(Some(m))) => {
+                    asked = None;
+                    m
+                }
+                Ok(Ok(None) | Err(_)) => break,
+                Err(_) => match asked {
+                    None => {
+                        if stream.request_progress().await.is_err() {
+                            break;
+                        }
+                        asked = Some(tokio::time::Instant::now());
+                        continue;
+                    }
+                    Some(t) if t.elapsed() >= inner.opts.request_timeout => {
+                        tracing::warn!(
+                            "etcd watch stalled (no answer to a progress request); reopening it on another member"
+                        );
+                        metrics::counter!("detour_registry_watch_stalls_total").increment(1);
+                        inner.members.distrust_preferred().await;
+                        break;
+                    }
+                    Some(_) => continue,
+                },
             };
             if msg.compact_revision() > 0
                 || (msg.canceled() && msg.cancel_reason().contains("compacted"))

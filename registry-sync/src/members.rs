@@ -69,6 +69,22 @@ impl Members {
         })
     }
 
+    /// Drops the connection to the member that answered last and starts the next request with
+    /// the one after it: its watch stream stalled (a frozen or partitioned member whose
+    /// connection still looks open).
+    pub async fn distrust_preferred(&self) {
+        let n = self.endpoints.len();
+        let idx = {
+            let mut p = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
+            let idx = *p;
+            *p = (idx + 1) % n.max(1);
+            idx
+        };
+        if let Some(c) = self.clients.lock().await.get_mut(idx) {
+            *c = None;
+        }
+    }
+
     async fn client(&self, idx: usize) -> Result<Client, String> {
         let mut clients = self.clients.lock().await;
         if let Some(c) = &clients[idx] {

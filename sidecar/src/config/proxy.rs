@@ -13,7 +13,8 @@ use super::positive;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct ProxyRaw {
-    /// `p2c` (least loaded of two random picks) or `round-robin`.
+    /// `p2c` (least loaded of two random picks), `peak-ewma` (of two random picks, the lower
+    /// latency estimate times requests in flight) or `round-robin`.
     pub balance: String,
     /// Upstream connect timeout.
     pub connect_timeout_ms: u64,
@@ -61,6 +62,8 @@ pub enum Balance {
     P2c,
     /// Each endpoint in turn.
     RoundRobin,
+    /// Power of two choices, lower peak-EWMA latency times in-flight requests.
+    PeakEwma,
 }
 
 /// `[proxy]` validated.
@@ -94,9 +97,10 @@ impl ProxyRaw {
         let balance = match self.balance.as_str() {
             "p2c" => Some(Balance::P2c),
             "round-robin" => Some(Balance::RoundRobin),
+            "peak-ewma" => Some(Balance::PeakEwma),
             other => {
                 p.push(format!(
-                    "proxy.balance: {other:?} is not one of \"p2c\", \"round-robin\""
+                    "proxy.balance: {other:?} is not one of \"p2c\", \"peak-ewma\", \"round-robin\""
                 ));
                 None
             }

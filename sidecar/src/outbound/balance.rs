@@ -1,4 +1,5 @@
-//! Endpoint selection for one service: power-of-two-choices on in-flight requests (weighted),
+//! Endpoint selection for one service: power-of-two-choices on in-flight requests (weighted) or
+//! on peak-EWMA latency times in-flight requests (`peak-ewma`),
 //! round-robin, or rendezvous hashing on a request's pinning key (routes with `hash`), passing over endpoints their PA marked unhealthy and endpoints recently
 //! ejected — for refusing connections, or as outliers answering server errors in a row
 //! ([`Outlier`]) — unless fewer than the panic threshold are left, in which case all are
@@ -15,9 +16,11 @@ use std::time::Duration;
 use detour_core::route::rendezvous_best;
 use detour_proto::{Endpoint, EndpointSet, InstanceId};
 use detour_registry::now_unix_ms;
+use tokio::time::Instant;
 
 use crate::config::limits::Outlier;
 use crate::config::{Balance, ZonePreference};
+use crate::outbound::ewma::{self, PeakEwma};
 
 /// Live load of one endpoint.
 #[derive(Debug, Default)]
@@ -30,6 +33,8 @@ pub struct Load {
     consecutive_5xx: AtomicU32,
     /// Outlier ejections so far (the next lasts that many times the base, at most 10).
     ejections: AtomicU32,
+    /// Its latency estimate (the latency-aware balancer's).
+    latency: PeakEwma,
 }
 
 impl Load {
@@ -45,11 +50,15 @@ impl Load {
 
 /// Counts one request in flight on an endpoint until dropped.
 #[derive(Debug)]
-pub struct InFlight(Arc<Load>);
+pub struct InFlight {
+    load: Arc<Load>,
+    /// When it was sent (read only by the latency-aware balancer).
+    started: Option<Instant>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -197,12 +206,16 @@ impl Balancer {
                 }
                 (n, None) => match self.policy {
                     Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
-                    Balance::P2c => {
+                    Balance::P2c | Balance::PeakEwma => {
                         let a = fastrand::usize(..n);
                         let mut b = fastrand::usize(..n - 1);
                         if b >= a {
                             b += 1;
                         }
+                        let cost = match self.policy {
+                            Balance::PeakEwma => latency_cost,
+                            _ => cost,
+                        };
                         if cost(&pool[a]) <= cost(&pool[b]) {
                             a
                         } else {
@@ -219,7 +232,11 @@ impl Balancer {
                 })
                 .is_ok();
             if admitted {
-                return Ok((pool[i].0, InFlight(pool[i].1.clone())));
+                let flight = InFlight {
+                    load: pool[i].1.clone(),
+                    started: ewma::started(self.policy == Balance::PeakEwma),
+                };
+                return Ok((pool[i].0, flight));
             }
             pool.swap_remove(i);
         }
@@ -242,7 +259,10 @@ impl Balancer {
         total: usize,
         o: Outlier,
     ) -> bool {
-        let load = &flight.0;
+        let load = &flight.load;
+        if let Some(started) = flight.started {
+            load.latency.observe(started.elapsed());
+        }
         if !server_error {
             if load.consecutive_5xx.load(Ordering::Relaxed) != 0 {
                 load.consecutive_5xx.store(0, Ordering::Relaxed);
@@ -290,6 +310,14 @@ fn load_in(loads: &mut HashMap<InstanceId, Arc<Load>>, id: &InstanceId) -> Arc<L
         return l.clone();
     }
     loads.entry(id.clone()).or_default().clone()
+}
+
+/// The latency-aware cost: the endpoint's peak-EWMA latency (plus 1 µs, so that endpoints not
+/// measured yet compare by load) times its requests in flight plus one, per unit of weight.
+fn latency_cost((ep, load): &(&Endpoint, Arc<Load>)) -> u64 {
+    let ns = load.latency.get() + 1_000.0;
+    let cost = ns * (load.in_flight() as f64 + 1.0) / f64::from(ep.weight.max(1));
+    cost.min(u64::MAX as f64) as u64
 }
 
 /// In-flight requests per unit of weight (scaled to stay in integers).
@@ -415,12 +443,13 @@ mod tests {
         let e = eps(2);
         // Hold 10 requests on i0.
         let held: Vec<InFlight> = (0..10)
-            .map(|_| {
-                InFlight({
+            .map(|_| InFlight {
+                load: {
                     let l = b.load_of(&e[0].instance);
                     l.in_flight.fetch_add(1, Ordering::Relaxed);
                     l
-                })
+                },
+                started: None,
             })
             .collect();
         for _ in 0..20 {
@@ -545,5 +574,24 @@ mod tests {
         three[1].healthy = false;
         let spilled = (0..40).filter(|_| zone_of(&b, &three, &[]) == "b").count();
         assert!(spilled > 0, "traffic spills to zone b");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_latency_aware_balancer_prefers_the_faster_endpoint() {
+        let b = Balancer::new(Balance::PeakEwma);
+        let e = eps(2);
+        let outlier = Outlier::default();
+        // One answer each: i0 in 50 ms, i1 in 5 ms.
+        for (i, ms) in [(0, 50), (1, 5)] {
+            let (ep, flight) = b.pick(&e[i..=i], &[]).unwrap();
+            assert_eq!(ep.instance, e[i].instance);
+            tokio::time::advance(Duration::from_millis(ms)).await;
+            b.record_answer(&flight, false, 2, outlier);
+        }
+        let to_i1 = (0..100)
+            .filter(|_| b.pick(&e, &[]).unwrap().0.instance.as_str() == "i1")
+            .count();
+        // Both candidates of every draw are the two endpoints: the faster wins each.
+        assert_eq!(to_i1, 100);
     }
 }

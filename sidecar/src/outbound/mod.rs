@@ -18,6 +18,7 @@
 pub mod balance;
 pub mod budget;
 pub mod control;
+pub mod ewma;
 pub mod gray;
 pub mod links;
 pub mod retry;

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /…` | `hello from {instance}` |
 //! | `POST /…` | the number of body bytes received (the body is streamed, never held) |
-//! | `…?ms=N` | waits N ms before answering |
+//! | `…?ms=N` | waits N ms before answering (beside [`DemoProvider::set_delay_ms`], `detourctl provider --delay-ms`) |
 //! | `GET …?chunks=N&every_ms=M` | a long stream: N lines (`1\n` … `N\n`), one every M ms (N ≤ 10,000, M ≤ 10,000) |
 //! | `content-type: application/grpc…` | a gRPC answer: the request's message echoed (at most 1 MiB, else `grpc-status: 8`), `grpc-status: 0` in the trailers |
 //! | `/status/NNN` | answers with status NNN |
@@ -87,6 +87,14 @@ impl DemoProvider {
         self.counts.received.load(Ordering::Relaxed)
     }
 
+    /// Waits `ms` before every answer from now on (a slow provider), beside a request's own
+    /// `?ms=`.
+    pub fn set_delay_ms(&self, ms: u64) {
+        self.counts
+            .delay_ms
+            .store(ms.min(60_000), Ordering::Relaxed);
+    }
+
     /// What `GET /healthz` answers from now on (200 or 503); other requests are served as
     /// before.
     pub fn set_healthy(&self, healthy: bool) {
@@ -100,6 +108,8 @@ struct Counts {
     received: AtomicU64,
     served: AtomicU64,
     unhealthy: AtomicBool,
+    /// Waited before every answer (ms).
+    delay_ms: AtomicU64,
 }
 
 async fn serve(listener: TcpListener, instance: HeaderValue, served: Arc<Counts>) {
@@ -184,8 +194,9 @@ async fn answer(
             Err(_) => break,
         }
     }
-    if let Some(ms) = wait_ms {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    let delay = counts.delay_ms.load(Ordering::Relaxed) + wait_ms.unwrap_or(0);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     counts.served.fetch_add(1, Ordering::Relaxed);
     let mut resp = if grpc {

@@ -150,6 +150,9 @@ enum Command {
         /// Dubbo's graceful shutdown wait).
         #[arg(long, default_value_t = 0)]
         release_grace_ms: u64,
+        /// Wait this long before every answer, milliseconds (a slow provider).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Print a sidecar config for a trial host (what tests, chaos and bench scripts start):
     /// every listener on --ip, port 0; the outbound Unix socket; mutual TLS from
@@ -311,9 +314,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             zookeeper,
             interface,
             release_grace_ms,
+            delay_ms,
         } => {
             let zk = zookeeper.zip(interface);
-            provider_cmd(listen, &instance, addr_file, zk, release_grace_ms).await
+            provider_cmd(
+                listen,
+                &instance,
+                addr_file,
+                zk,
+                (release_grace_ms, delay_ms),
+            )
+            .await
         }
         Command::Upgrade {
             binary,
@@ -371,9 +382,10 @@ async fn provider_cmd(
     instance: &str,
     addr_file: Option<std::path::PathBuf>,
     zk: Option<(String, String)>,
-    release_grace_ms: u64,
+    (release_grace_ms, delay_ms): (u64, u64),
 ) -> anyhow::Result<ExitCode> {
     let provider = DemoProvider::start(listen, instance).await?;
+    provider.set_delay_ms(delay_ms);
     let registration = zk.map(|(servers, iface)| {
         let url = zk_publish::provider_url(provider.addr(), &iface, instance, 100);
         zk_publish::ZkRegistration::hold(servers, "/dubbo", &iface, &url)
