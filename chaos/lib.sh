@@ -457,3 +457,24 @@ start_legacy_mesh() {
     sleep 0.1
   done
 }
+
+# health_at HOST INSTANCE: true, false or absent, as HOST's sidecar catalog shows INSTANCE of
+# hello.
+health_at() {
+  curl -sf --max-time 1 "http://$(json_field "$TMP/$1/sidecar.json" admin)/state" | python3 -c '
+import json, sys
+eps = json.load(sys.stdin).get("services", {}).get("hello", {}).get("endpoints", [])
+e = [e for e in eps if e["instance"] == sys.argv[1]]
+print("absent" if not e else str(e[0].get("healthy", True)).lower())' "$2" 2>/dev/null || echo absent
+}
+
+# wait_health_at HOST INSTANCE WANT SINCE_MS [SECONDS]: ms from SINCE_MS until HOST shows
+# INSTANCE as WANT (or - after SECONDS, default 4).
+wait_health_at() {
+  local deadline=$(( $(now_ms) + ${5:-4} * 1000 ))
+  while [ "$(now_ms)" -lt "$deadline" ]; do
+    [ "$(health_at "$1" "$2")" = "$3" ] && { echo $(( $(now_ms) - $4 )); return; }
+    sleep 0.02
+  done
+  echo -
+}

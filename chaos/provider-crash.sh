@@ -12,27 +12,7 @@
 source "$(dirname "$0")/lib.sh"
 MOVES=no
 start_mesh 2
-ADMIN_H1=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$TMP/h1/sidecar.json")
-ADMIN_H2=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$TMP/h2/sidecar.json")
-
-# h2_healthy_at_h1: prints true/false/absent as h1's catalog shows h2's provider.
-h2_healthy_at_h1() {
-  curl -sf --max-time 1 "http://$ADMIN_H1/state" | python3 -c '
-import json, sys
-s = json.load(sys.stdin)
-eps = s.get("services", {}).get("hello", {}).get("endpoints", [])
-e = [e for e in eps if e["instance"] == "h2-hello"]
-print("absent" if not e else str(e[0].get("healthy", True)).lower())' 2>/dev/null || echo absent
-}
-# wait_h2_at_h1 WANT SINCE_MS: ms from SINCE_MS until h1 shows WANT (or - after 4 s).
-wait_h2_at_h1() {
-  local deadline=$(( $(now_ms) + 4000 ))
-  while [ "$(now_ms)" -lt "$deadline" ]; do
-    [ "$(h2_healthy_at_h1)" = "$1" ] && { echo $(( $(now_ms) - $2 )); return; }
-    sleep 0.02
-  done
-  echo -
-}
+ADMIN_H2=$(json_field "$TMP/h2/sidecar.json" admin)
 
 start_load
 at 4
@@ -40,11 +20,11 @@ ADDR=$(cat "$TMP/h2.provider.addr")
 FAULT=$(now_ms)
 kill -KILL "${PROVIDER_PID[h2]}"
 wait "${PROVIDER_PID[h2]}" 2>/dev/null || true
-DRAWN=$(wait_h2_at_h1 false "$FAULT")
+DRAWN=$(wait_health_at h1 h2-hello false "$FAULT")
 at 9
 start_provider h2 "$ADDR"
 HEALED=$(now_ms)
-RESTORED=$(wait_h2_at_h1 true "$HEALED")
+RESTORED=$(wait_health_at h1 h2-hello true "$HEALED")
 bounced() {
   curl -sf --max-time 1 "http://$ADMIN_H2/metrics" |
     awk '/^detour_mesh_errors_total\{reason="upstream-connect"\}/ { n += $2 } END { print n + 0 }'

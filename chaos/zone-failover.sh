@@ -15,35 +15,17 @@ LOAD_METHOD=GET
 LOAD_ARGS=--progress
 ZONE_OF=([h1]=a [h2]=a [h3]=b)
 start_mesh 2
-ADMIN_H1=$(json_field "$TMP/h1/sidecar.json" admin)
-
-h2_healthy_at_h1() {
-  curl -sf --max-time 1 "http://$ADMIN_H1/state" | python3 -c '
-import json, sys
-eps = json.load(sys.stdin).get("services", {}).get("hello", {}).get("endpoints", [])
-e = [e for e in eps if e["instance"] == "h2-hello"]
-print("absent" if not e else str(e[0].get("healthy", True)).lower())' 2>/dev/null || echo absent
-}
-wait_h2_at_h1() { # WANT SINCE_MS: ms until h1 shows WANT (- after 5 s)
-  local deadline=$(( $(now_ms) + 5000 ))
-  while [ "$(now_ms)" -lt "$deadline" ]; do
-    [ "$(h2_healthy_at_h1)" = "$1" ] && { echo $(( $(now_ms) - $2 )); return; }
-    sleep 0.02
-  done
-  echo -
-}
-
 start_load
 at 5
 ADDR=$(cat "$TMP/h2.provider.addr")
 FAULT=$(now_ms)
 kill -KILL "${PROVIDER_PID[h2]}"
 wait "${PROVIDER_PID[h2]}" 2>/dev/null || true
-DRAWN=$(wait_h2_at_h1 false "$FAULT")
+DRAWN=$(wait_health_at h1 h2-hello false "$FAULT" 5)
 at 11
 start_provider h2 "$ADDR"
 HEALED=$(now_ms)
-RESTORED=$(wait_h2_at_h1 true "$HEALED")
+RESTORED=$(wait_health_at h1 h2-hello true "$HEALED" 5)
 wait "$LOAD_PID" || true
 # Shares of zone a (h2) and b (h3) over whole seconds within each window.
 read -r BEFORE DURING AFTER ZONES_OK < <(python3 - "$TMP/load.out" "$LOAD_START" "$FAULT" "${DRAWN/-/99999}" "$HEALED" "${RESTORED/-/99999}" <<'PY'

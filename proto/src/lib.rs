@@ -7,6 +7,7 @@
 pub mod config_file;
 pub mod files;
 pub mod labels;
+pub mod service_doc;
 pub mod types;
 pub mod utc;
 

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use detour_proto::ServiceName;
+use detour_proto::service_doc;
 use serde::{Deserialize, Serialize};
 
 /// The document's format version.
@@ -184,15 +185,6 @@ impl PolicyOverride {
     }
 }
 
-/// The document as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyDocRaw {
-    version: u32,
-    #[serde(default)]
-    services: BTreeMap<String, serde_json::Value>,
-}
-
 /// A parsed document: the well-formed entries, and why the others were left out.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicyDoc {
@@ -203,68 +195,37 @@ pub struct PolicyDoc {
 }
 
 /// Why a whole document was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyDocError {
-    /// Not JSON of the document's shape.
-    #[error("not a policy document: {0}")]
-    Shape(#[from] serde_json::Error),
-    /// A version this build does not read.
-    #[error("policy document version {0}, this build reads {POLICY_VERSION}")]
-    Version(u32),
-    /// Too many services.
-    #[error("policy document names {0} services, at most {MAX_POLICY_SERVICES} are read")]
-    TooMany(usize),
-}
+pub type PolicyDocError = detour_proto::service_doc::ServiceDocError;
 
 impl PolicyDoc {
     /// Parses `bytes`: the whole document must have the right shape and version; then each
     /// service's entry is kept or left out on its own.
     pub fn parse(bytes: &[u8]) -> Result<PolicyDoc, PolicyDocError> {
-        let raw: PolicyDocRaw = serde_json::from_slice(bytes)?;
-        if raw.version != POLICY_VERSION {
-            return Err(PolicyDocError::Version(raw.version));
-        }
-        if raw.services.len() > MAX_POLICY_SERVICES {
-            return Err(PolicyDocError::TooMany(raw.services.len()));
-        }
-        let mut doc = PolicyDoc::default();
-        for (name, value) in raw.services {
-            let service = match ServiceName::new(name.clone()) {
-                Ok(s) => s,
-                Err(e) => {
-                    doc.malformed.push(format!("{name:?}: {e}"));
-                    continue;
-                }
-            };
-            match serde_json::from_value::<PolicyOverride>(value) {
-                Ok(o) => {
-                    let problems = o.problems(&name);
-                    if problems.is_empty() {
-                        doc.services.insert(service, o);
-                    } else {
-                        doc.malformed.push(problems.join("; "));
-                    }
-                }
-                Err(e) => doc.malformed.push(format!("{name}: {e}")),
+        let shape = ("policy", POLICY_VERSION, MAX_POLICY_SERVICES);
+        let (services, malformed) = service_doc::parse(bytes, shape, |name, value| {
+            let o = serde_json::from_value::<PolicyOverride>(value)
+                .map_err(|e| format!("{name}: {e}"))?;
+            let problems = o.problems(name);
+            match problems.is_empty() {
+                true => Ok(o),
+                false => Err(problems.join("; ")),
             }
-        }
-        Ok(doc)
+        })?;
+        Ok(PolicyDoc {
+            services,
+            malformed,
+        })
     }
 
     /// The document's bytes (well-formed entries only).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let raw = PolicyDocRaw {
-            version: POLICY_VERSION,
-            services: self
-                .services
-                .iter()
-                .map(|(k, v)| {
-                    let value = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
-                    (k.to_string(), value)
-                })
-                .collect(),
-        };
-        serde_json::to_vec_pretty(&raw).unwrap_or_default()
+        service_doc::to_bytes(
+            POLICY_VERSION,
+            self.services.iter().map(|(k, v)| {
+                let value = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+                (k.to_string(), value)
+            }),
+        )
     }
 }
 
@@ -296,7 +257,7 @@ mod tests {
     fn whole_document_refusals() {
         assert!(matches!(
             PolicyDoc::parse(br#"{"version":2,"services":{}}"#),
-            Err(PolicyDocError::Version(2))
+            Err(PolicyDocError::Version { found: 2, .. })
         ));
         assert!(PolicyDoc::parse(b"\xff garbage").is_err());
         assert!(PolicyDoc::parse(br#"{"version":1,"extra":1}"#).is_err());

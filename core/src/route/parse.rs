@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use detour_proto::ServiceName;
+use detour_proto::service_doc;
 use serde::{Deserialize, Serialize};
 
 use super::{HashOn, LabelKey, Matcher, Rule, ServiceRoutes, Split, Subset};
@@ -25,15 +26,6 @@ pub const MAX_RULES: usize = 64;
 
 /// Longest header, cookie, label or path value a rule may name.
 const MAX_VALUE: usize = 256;
-
-/// The document as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RouteDocRaw {
-    version: u32,
-    #[serde(default)]
-    services: BTreeMap<String, serde_json::Value>,
-}
 
 /// One service's entry as written.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -99,63 +91,33 @@ pub struct RouteDoc {
 }
 
 /// Why a whole document was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum RouteDocError {
-    /// Not JSON of the document's shape.
-    #[error("not a route document: {0}")]
-    Shape(#[from] serde_json::Error),
-    /// A version this build does not read.
-    #[error("route document version {0}, this build reads {ROUTES_VERSION}")]
-    Version(u32),
-    /// Too many services.
-    #[error("route document names {0} services, at most {MAX_ROUTE_SERVICES} are read")]
-    TooMany(usize),
-}
+pub type RouteDocError = detour_proto::service_doc::ServiceDocError;
 
 impl RouteDoc {
     /// Parses `bytes`: the whole document must have the right shape and version; then each
     /// service's entry is kept or left out on its own.
     pub fn parse(bytes: &[u8]) -> Result<RouteDoc, RouteDocError> {
-        let raw: RouteDocRaw = serde_json::from_slice(bytes)?;
-        if raw.version != ROUTES_VERSION {
-            return Err(RouteDocError::Version(raw.version));
-        }
-        if raw.services.len() > MAX_ROUTE_SERVICES {
-            return Err(RouteDocError::TooMany(raw.services.len()));
-        }
-        let mut doc = RouteDoc::default();
-        for (name, value) in raw.services {
-            let service = match ServiceName::new(name.clone()) {
-                Ok(s) => s,
-                Err(e) => {
-                    doc.malformed.push(format!("{name:?}: {e}"));
-                    continue;
-                }
-            };
-            match ServiceRoutes::from_value(value) {
-                Ok(r) => {
-                    doc.services.insert(service, Arc::new(r));
-                }
-                Err(e) => doc.malformed.push(format!("{name}: {e}")),
-            }
-        }
-        Ok(doc)
+        let shape = ("route", ROUTES_VERSION, MAX_ROUTE_SERVICES);
+        let (services, malformed) = service_doc::parse(bytes, shape, |name, value| {
+            ServiceRoutes::from_value(value)
+                .map(Arc::new)
+                .map_err(|e| format!("{name}: {e}"))
+        })?;
+        Ok(RouteDoc {
+            services,
+            malformed,
+        })
     }
 
     /// The document's bytes (well-formed entries only, as written).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let raw = RouteDocRaw {
-            version: ROUTES_VERSION,
-            services: self
-                .services
-                .iter()
-                .map(|(k, v)| {
-                    let value = serde_json::from_str(&v.json).unwrap_or(serde_json::Value::Null);
-                    (k.to_string(), value)
-                })
-                .collect(),
-        };
-        serde_json::to_vec_pretty(&raw).unwrap_or_default()
+        service_doc::to_bytes(
+            ROUTES_VERSION,
+            self.services.iter().map(|(k, v)| {
+                let value = serde_json::from_str(&v.json).unwrap_or(serde_json::Value::Null);
+                (k.to_string(), value)
+            }),
+        )
     }
 }
 

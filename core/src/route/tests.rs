@@ -316,7 +316,7 @@ fn documents_keep_good_entries_and_refuse_bad_versions() {
     assert_eq!(again.services, doc.services);
     assert!(matches!(
         RouteDoc::parse(br#"{"version": 2}"#),
-        Err(RouteDocError::Version(2))
+        Err(RouteDocError::Version { found: 2, .. })
     ));
     assert!(RouteDoc::parse(b"\xff").is_err());
 }
