@@ -92,6 +92,46 @@ pub fn record(
     ))
 }
 
+/// Reads document `key` and parses it with `parse`: `None` when absent; an unreadable one is
+/// refused (`what` names it, `clear` the command that replaces it), not overwritten blindly.
+pub async fn read_doc<T, E: std::fmt::Display>(
+    store: &dyn Store,
+    key: &str,
+    (what, clear): (&str, &str),
+    parse: impl Fn(&[u8]) -> Result<T, E>,
+) -> Result<(Option<Doc>, Option<T>), OpsError> {
+    let doc = store.get(key).await?;
+    let parsed = match &doc {
+        None => None,
+        Some(d) => Some(parse(&d.bytes).map_err(|e| {
+            OpsError::Refused(format!(
+                "the {what} document in the registry is unreadable ({e}); every sidecar keeps its last good {what} — replace it with `{clear}`"
+            ))
+        })?),
+    };
+    Ok((doc, parsed))
+}
+
+/// What a document command prints: the document (`json`) or its table, or the error.
+pub fn print_doc<T>(
+    result: Result<T, OpsError>,
+    json: bool,
+    bytes: impl Fn(&T) -> Vec<u8>,
+    table: impl Fn(&T) -> String,
+) -> std::process::ExitCode {
+    match result {
+        Ok(doc) if json => {
+            println!("{}", String::from_utf8_lossy(&bytes(&doc)));
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(doc) => {
+            print!("{}", table(&doc));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => crate::cli_ops::fail(&e),
+    }
+}
+
 /// Writes `bytes` as document `key` with compare-and-swap on `was` (its revision as read;
 /// `None`: it must still be absent), with `actor`'s audit record of `command` in the same write.
 pub async fn write_doc(

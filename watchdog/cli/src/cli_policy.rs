@@ -131,16 +131,8 @@ pub enum Change {
 /// Reads the document: `None` when absent; an unreadable one is refused, not overwritten
 /// blindly, unless the change clears everything.
 async fn read(store: &dyn Store) -> Result<(Option<Doc>, Option<PolicyDoc>), OpsError> {
-    let doc = store.get(POLICY_DOC).await?;
-    let parsed = match &doc {
-        None => None,
-        Some(d) => Some(PolicyDoc::parse(&d.bytes).map_err(|e| {
-            OpsError::Refused(format!(
-                "the policy document in the registry is unreadable ({e}); every sidecar keeps its last good policy — replace it with `detourctl policy clear --all`"
-            ))
-        })?),
-    };
-    Ok((doc, parsed))
+    let names = ("policy", "detourctl policy clear --all");
+    crate::audit::read_doc(store, POLICY_DOC, names, PolicyDoc::parse).await
 }
 
 /// Applies `change` with compare-and-swap on the document's revision, with its audit record by
@@ -242,15 +234,5 @@ pub async fn policy(cmd: PolicyCmd, reg: RegistryArgs) -> ExitCode {
             Err(e) => Err(e),
         },
     };
-    match result {
-        Ok(doc) if reg.json => {
-            println!("{}", String::from_utf8_lossy(&doc.to_bytes()));
-            ExitCode::SUCCESS
-        }
-        Ok(doc) => {
-            print!("{}", table(&doc));
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(&e),
-    }
+    crate::audit::print_doc(result, reg.json, PolicyDoc::to_bytes, table)
 }

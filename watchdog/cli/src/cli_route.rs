@@ -71,16 +71,8 @@ pub enum Change {
 /// Reads the document: `None` when absent; an unreadable one is refused, not overwritten
 /// blindly, unless the change clears everything.
 async fn read(store: &dyn Store) -> Result<(Option<Doc>, Option<RouteDoc>), OpsError> {
-    let doc = store.get(ROUTES_DOC).await?;
-    let parsed = match &doc {
-        None => None,
-        Some(d) => Some(RouteDoc::parse(&d.bytes).map_err(|e| {
-            OpsError::Refused(format!(
-                "the route document in the registry is unreadable ({e}); every sidecar keeps its last good routes — replace it with `detourctl route clear --all`"
-            ))
-        })?),
-    };
-    Ok((doc, parsed))
+    let names = ("route", "detourctl route clear --all");
+    crate::audit::read_doc(store, ROUTES_DOC, names, RouteDoc::parse).await
 }
 
 /// Applies `change` with compare-and-swap on the document's revision, with its audit record by
@@ -213,15 +205,5 @@ pub async fn route(cmd: RouteCmd, reg: RegistryArgs) -> ExitCode {
         },
         RouteCmd::Undo { reason } => undo(store, &Actor::current(reason)).await,
     };
-    match result {
-        Ok(doc) if reg.json => {
-            println!("{}", String::from_utf8_lossy(&doc.to_bytes()));
-            ExitCode::SUCCESS
-        }
-        Ok(doc) => {
-            print!("{}", table(&doc));
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(&e),
-    }
+    crate::audit::print_doc(result, reg.json, RouteDoc::to_bytes, table)
 }
