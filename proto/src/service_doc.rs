@@ -46,13 +46,16 @@ pub enum ServiceDocError {
     },
 }
 
+/// A document as read: each well-formed entry, and the reasons of those left out.
+pub type Parsed<T> = Result<(BTreeMap<ServiceName, T>, Vec<String>), ServiceDocError>;
+
 /// What a document of `what` (version `version`, at most `max` services) holds: each well-formed
 /// entry as `entry` reads it, and the reasons of those left out.
 pub fn parse<T>(
     bytes: &[u8],
     (what, version, max): (&'static str, u32, usize),
     entry: impl Fn(&str, serde_json::Value) -> Result<T, String>,
-) -> Result<(BTreeMap<ServiceName, T>, Vec<String>), ServiceDocError> {
+) -> Parsed<T> {
     let raw: Raw = serde_json::from_slice(bytes).map_err(|e| ServiceDocError::Shape(what, e))?;
     if raw.version != version {
         return Err(ServiceDocError::Version {

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use detour_proto::ServiceName;
+use detour_proto::service_doc::Parsed;
 use detour_registry::docs::{DocStatus, Followed};
 use detour_registry::policy::{PolicyDoc, PolicyOverride};
 use tokio::sync::watch;
@@ -188,20 +189,13 @@ impl Policies {
 
     /// Takes a new policy document (`None`: there is none).
     pub fn apply(&self, doc: Option<&[u8]>) {
-        let services = match doc.map(PolicyDoc::parse) {
-            None => BTreeMap::new(),
-            Some(Ok(doc)) => {
-                for m in &doc.malformed {
-                    tracing::warn!(entry = %m, "leaving out a malformed service entry of the policy document");
-                    metrics::counter!("detour_policy_invalid_total").increment(1);
-                }
-                doc.services
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "ignoring a malformed policy document; the last good policy stays in force");
-                metrics::counter!("detour_policy_invalid_total").increment(1);
-                return;
-            }
+        let parsed = doc.map(|b| PolicyDoc::parse(b).map(|d| (d.services, d.malformed)));
+        let Some(services) = services_in(
+            parsed,
+            "policy",
+            metrics::counter!("detour_policy_invalid_total"),
+        ) else {
+            return;
         };
         let mut current = self.registry.write().unwrap_or_else(|p| p.into_inner());
         if **current == services {
@@ -215,6 +209,31 @@ impl Policies {
         *current = Arc::new(services);
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.changed.send_replace(g);
+    }
+}
+
+/// The services of a per-service document `what` as read (`None`: there is none, so none), or
+/// `None` when it does not parse: the last good one stays in force. Both a document that does not
+/// parse and each entry left out are logged and counted in `invalid`.
+pub fn services_in<T>(
+    parsed: Option<Parsed<T>>,
+    what: &str,
+    invalid: metrics::Counter,
+) -> Option<BTreeMap<ServiceName, T>> {
+    match parsed {
+        None => Some(BTreeMap::new()),
+        Some(Ok((services, malformed))) => {
+            for m in &malformed {
+                tracing::warn!(entry = %m, "leaving out a malformed service entry of the {what} document");
+                invalid.increment(1);
+            }
+            Some(services)
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "ignoring a malformed {what} document; the last good one stays in force");
+            invalid.increment(1);
+            None
+        }
     }
 }
 

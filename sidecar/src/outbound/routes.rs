@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::config::ZonePreference;
 use crate::outbound::balance::{Balancer, InFlight, NoPick, Pick};
-use crate::policy::ServicePolicy;
+use crate::policy::{ServicePolicy, services_in};
 
 /// The routes in force, and what they did.
 pub struct Routes {
@@ -265,20 +265,13 @@ impl Routes {
 
     /// Takes a new route document (`None`: there is none).
     pub fn apply(&self, doc: Option<&[u8]>) {
-        let services = match doc.map(RouteDoc::parse) {
-            None => BTreeMap::new(),
-            Some(Ok(doc)) => {
-                for m in &doc.malformed {
-                    tracing::warn!(entry = %m, "leaving out a malformed service entry of the route document");
-                    metrics::counter!("detour_route_invalid_total").increment(1);
-                }
-                doc.services
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "ignoring a malformed route document; the last good routes stay in force");
-                metrics::counter!("detour_route_invalid_total").increment(1);
-                return;
-            }
+        let parsed = doc.map(|b| RouteDoc::parse(b).map(|d| (d.services, d.malformed)));
+        let Some(services) = services_in(
+            parsed,
+            "route",
+            metrics::counter!("detour_route_invalid_total"),
+        ) else {
+            return;
         };
         let mut current = self.doc.write().unwrap_or_else(|p| p.into_inner());
         if **current == services {
