@@ -5,11 +5,13 @@
 //! - `{prefix}/services/{service}/{instance}` → `{"version":1,"endpoint":{…}}`
 //! - `{prefix}/hosts/{host}` → `{"version":1,"status":{…}}`
 //!
-//! Everything this client writes is attached to one lease, kept alive every third of its TTL; a
-//! lost lease is granted again and everything re-registered. One prefix watch feeds every
-//! service watcher and the host statuses; after a disconnect it resumes from the last revision
-//! seen, and when that revision was compacted it re-lists from scratch. Each operation tries
-//! the cluster's members in turn, so one dead member fails nothing.
+//! Everything this client writes is attached to one lease, kept alive every third of its TTL on
+//! one keep-alive stream; a lost lease is granted again and everything re-registered. One
+//! prefix watch feeds every service watcher and the host statuses; after a disconnect it
+//! resumes from the last revision seen, and only when that revision was compacted does it
+//! re-list (in pages). Each operation tries the cluster's members in turn, so one dead member
+//! fails nothing; every retry waits an exponential backoff with full jitter
+//! ([`crate::backoff`]), so a fleet does not come back in step after an outage.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::backoff::Backoff;
 use crate::members::Members;
 use crate::registry::{
     DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, Watchers,
@@ -88,6 +91,8 @@ struct Inner {
     docs: DocSenders,
     /// Set once the prefix has been listed.
     synced: std::sync::atomic::AtomicBool,
+    /// Full listings of the prefix done (the first, then one per compaction missed).
+    lists: std::sync::atomic::AtomicU64,
 }
 
 /// A client of the etcd registry for one host.
@@ -141,6 +146,7 @@ impl EtcdRegistry {
             hosts: watch::channel(Arc::new(HostStatuses::new())).0,
             docs: DocSenders::default(),
             synced: std::sync::atomic::AtomicBool::new(false),
+            lists: std::sync::atomic::AtomicU64::new(0),
         });
         // Wait briefly for a first full view; a catalog routes from its disk cache meanwhile,
         // and the watch task keeps trying, so a slow or absent etcd never delays a start.
@@ -158,6 +164,12 @@ impl EtcdRegistry {
             tokio::spawn(watch_loop(inner.clone())),
         ];
         Ok(Self { inner, tasks })
+    }
+
+    /// How many times this client listed the whole prefix: once at start, and once more per
+    /// compaction it missed; a disconnect alone resumes the watch without listing.
+    pub fn lists(&self) -> u64 {
+        self.inner.lists.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -269,6 +281,8 @@ impl Inner {
                 _ => break,
             }
         }
+        self.lists
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
         let known = std::mem::take(&mut view.known);
         *view = View {
@@ -346,10 +360,13 @@ impl Inner {
     }
 }
 
-/// Keeps a lease, writing everything owned under it; grants a new one when it is lost.
+/// Keeps a lease, writing everything owned under it; grants a new one when it is lost. The
+/// lease is renewed every third of its TTL on one keep-alive stream, reopened only when it
+/// fails; failed grants and writes are retried with [`Backoff`].
 async fn lease_loop(inner: Arc<Inner>) {
     let ttl_secs = inner.opts.ttl.as_secs().max(2) as i64;
     let period = Duration::from_secs_f64(ttl_secs as f64 / 3.0);
+    let mut backoff = Backoff::REGISTRY;
     loop {
         let granted = inner
             .call("lease", |mut c| async move {
@@ -360,12 +377,13 @@ async fn lease_loop(inner: Arc<Inner>) {
             Ok(r) => r.id(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot get an etcd lease; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                backoff.wait().await;
                 continue;
             }
         };
         *inner.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
         tracing::info!(lease = id, ttl_secs, "etcd lease granted");
+        let mut keeper = None;
         let mut dirty = true;
         loop {
             if dirty {
@@ -381,35 +399,22 @@ async fn lease_loop(inner: Arc<Inner>) {
                     dirty |= written.is_err();
                 }
             }
-            let alive = inner
-                .call("keepalive", |mut c| async move {
-                    // etcd answers an expired lease with TTL 0, which the client turns into
-                    // this error when it opens the keeper: an expired lease, not an outage.
-                    let (mut keeper, mut stream) = match c.lease_keep_alive(id).await {
-                        Ok(k) => k,
-                        Err(etcd_client::Error::LeaseKeepAliveError(m))
-                            if m.contains("lease not found") =>
-                        {
-                            return Ok(0);
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    keeper.keep_alive().await?;
-                    Ok(stream.message().await?.map_or(0, |r| r.ttl()))
-                })
-                .await;
-            match alive {
+            match keep_alive(&inner, id, &mut keeper).await {
                 Ok(ttl) if ttl > 0 => {}
                 Ok(_) => {
                     tracing::warn!(lease = id, "etcd lease expired; registering again");
                     metrics::counter!("detour_registry_lease_lost_total").increment(1);
                     break;
                 }
-                Err(e) => tracing::warn!(lease = id, error = %e, "etcd keep-alive failed"),
+                Err(e) => {
+                    tracing::warn!(lease = id, error = %e, "etcd keep-alive failed");
+                    dirty = true;
+                }
             }
             let wait = if dirty {
-                Duration::from_millis(300)
+                backoff.next_delay().min(period)
             } else {
+                backoff.reset();
                 period
             };
             tokio::select! {
@@ -419,6 +424,57 @@ async fn lease_loop(inner: Arc<Inner>) {
         }
         *inner.lease.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
+}
+
+/// The lease's keep-alive stream: the keeper that sends and the stream that answers.
+type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// Renews lease `id` once on the held stream, opening one (on the first member that answers)
+/// when there is none or it failed; returns the TTL etcd gives back, 0 for an expired lease.
+async fn keep_alive(
+    inner: &Inner,
+    id: i64,
+    held: &mut Option<Keeper>,
+) -> Result<i64, RegistryError> {
+    if let Some((keeper, stream)) = held.as_mut() {
+        let renewed = tokio::time::timeout(inner.opts.request_timeout, async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        })
+        .await;
+        match renewed {
+            Ok(Ok(Some(r))) => return Ok(r.ttl()),
+            Ok(Ok(None)) => tracing::debug!(lease = id, "keep-alive stream ended; reopening"),
+            Ok(Err(e)) => {
+                tracing::debug!(lease = id, error = %e, "keep-alive stream failed; reopening")
+            }
+            Err(_) => tracing::debug!(lease = id, "keep-alive stream silent; reopening"),
+        }
+        *held = None;
+    }
+    // Opening the stream renews the lease once and reads the answer.
+    let opened = inner
+        .call("keepalive", |mut c| async move {
+            match c.lease_keep_alive(id).await {
+                Ok(k) => Ok(Some(k)),
+                // etcd answers an expired lease with TTL 0, which the client turns into this
+                // error when it opens the keeper: an expired lease, not an outage.
+                Err(etcd_client::Error::LeaseKeepAliveError(m))
+                    if m.contains("lease not found") =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+    Ok(match opened {
+        Some(k) => {
+            *held = Some(k);
+            1 // the client read a positive TTL (it refuses 0) without handing it out
+        }
+        None => 0,
+    })
 }
 
 #[async_trait]

@@ -9,6 +9,7 @@ use detour_proto::{Endpoint, EndpointSet, HostStatus, ServiceName};
 use etcd_client::{EventType, WatchOptions};
 
 use super::{EndpointValue, HostValue, Inner};
+use crate::backoff::Backoff;
 use crate::registry::DocName;
 
 /// What the prefix watch has seen, indexed by service so that one change costs one service.
@@ -158,16 +159,18 @@ fn apply_delete(prefix: &str, view: &mut View, key: &[u8], revision: i64) {
 /// How long a watch may be silent before it is asked for its progress.
 const QUIET: Duration = Duration::from_secs(1);
 
-/// Follows the whole prefix: resumes after the last revision seen; re-lists when that
-/// revision was compacted away; reopens it on another member when it stalls.
+/// Follows the whole prefix: resumes after the last revision seen (never listing again for a
+/// disconnect); re-lists when that revision was compacted away; reopens it on another member
+/// when it stalls. Every retry waits with [`Backoff`], reset by the first message of a watch.
 pub(super) async fn watch_loop(inner: Arc<Inner>) {
     let prefix = format!("{}/", inner.opts.prefix);
+    let mut backoff = Backoff::REGISTRY;
     loop {
         if !inner.synced.load(std::sync::atomic::Ordering::SeqCst)
             && let Err(e) = inner.relist().await
         {
             tracing::debug!(error = %e, "etcd not listed yet; retrying");
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            backoff.wait().await;
             continue;
         }
         let from = inner
@@ -192,10 +195,12 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "etcd watch not open; retrying");
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                backoff.wait().await;
                 continue;
             }
         };
+        // A stream that ends before its first message counts as a failure: the next one waits.
+        let mut answered = false;
         // A watch with nothing to say for a second is asked for its progress; one that does not
         // answer within the request timeout is on a member that stopped answering (frozen,
         // partitioned: its connection may look open for much longer), and is reopened on
@@ -205,6 +210,10 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
             let msg = match tokio::time::timeout(QUIET, stream.message()).await {
                 Ok(Ok(Some(m))) => {
                     asked = None;
+                    if !answered {
+                        answered = true;
+                        backoff.reset();
+                    }
                     m
                 }
                 Ok(Ok(None) | Err(_)) => break,
@@ -236,7 +245,7 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
                 );
                 metrics::counter!("detour_registry_relists_total").increment(1);
                 if inner.relist().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    backoff.wait().await;
                 }
                 break;
             }
@@ -269,6 +278,9 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
                 // still to come in later messages.
             }
             inner.publish();
+        }
+        if !answered {
+            backoff.wait().await;
         }
     }
 }

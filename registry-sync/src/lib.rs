@@ -7,6 +7,7 @@
 //!
 //! Everything above the trait is identical whichever back-end is configured.
 
+pub mod backoff;
 pub mod cache;
 pub mod catalog;
 pub mod client_config;

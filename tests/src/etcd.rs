@@ -117,12 +117,43 @@ impl Etcd {
         *self = again;
     }
 
+    /// The sum of etcd's own metric `name` over the series whose labels contain every one of
+    /// `labels` (`grpc_method="Watch"`…), read from its `/metrics`.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        metric_at(&self.url, name, labels).await
+    }
+
     /// A raw client, for tests that write what Detour would not (garbage, compactions).
     pub async fn raw(&self) -> etcd_client::Client {
         etcd_client::Client::connect([self.url.as_str()], None)
             .await
             .expect("connect to etcd")
     }
+}
+
+/// The sum of metric `name` at etcd client URL `url` over the series whose labels contain each
+/// of `labels`.
+pub async fn metric_at(url: &str, name: &str, labels: &[&str]) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to etcd's /metrics");
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .expect("ask etcd's /metrics");
+    let mut text = String::new();
+    conn.read_to_string(&mut text)
+        .await
+        .expect("read etcd's /metrics");
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && labels.iter().all(|want| l.contains(want))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A 3-member etcd cluster on loopback.

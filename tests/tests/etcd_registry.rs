@@ -1,6 +1,7 @@
 //! The etcd back-end against a real etcd: registration under a lease, watches, host status,
-//! garbage values, lease expiry, an etcd restart, compaction while a watcher is away, and a
-//! sidecar routing from it.
+//! garbage values, lease expiry, an etcd restart, a watcher cut off (resumed without a list) or
+//! away during a compaction (listed again), one keep-alive stream per lease, and a sidecar
+//! routing from it.
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
@@ -160,6 +161,75 @@ async fn registrations_and_watches_survive_an_etcd_restart() {
 }
 
 #[tokio::test]
+async fn a_watcher_cut_off_resumes_from_its_revision_without_listing_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let etcd_addr: std::net::SocketAddr = etcd.url.trim_start_matches("http://").parse().unwrap();
+    let proxy = detour_tests::proxy::CutProxy::start(etcd_addr).await;
+    let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let b = EtcdRegistry::open(
+        HostId::new("h2").unwrap(),
+        opts(&format!("http://{}", proxy.addr)),
+    )
+    .await
+    .unwrap();
+    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    a.register(ep("h1", "i1", 1)).await.unwrap();
+    until(&mut rx, "registered", |s| s.endpoints.len() == 1).await;
+    assert_eq!(b.lists(), 1, "listed once at start");
+    // Three cuts, each with changes made while the watcher is away (no compaction).
+    for round in 0..3u16 {
+        proxy.cut();
+        a.register(ep("h1", &format!("r{round}"), 10 + round))
+            .await
+            .unwrap();
+        assert_eq!(rx.borrow().endpoints.len(), 1 + usize::from(round));
+        // The cut closed the watcher's connections; let its retries meet the cut for a while.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.restore();
+        until(&mut rx, "the change made while cut off", |s| {
+            s.endpoints.len() == 2 + usize::from(round)
+        })
+        .await;
+    }
+    assert_eq!(
+        b.lists(),
+        1,
+        "every reconnect resumed the watch from its revision"
+    );
+}
+
+#[tokio::test]
+async fn one_keep_alive_stream_holds_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let streams = || {
+        etcd.metric(
+            "grpc_server_started_total",
+            &["grpc_method=\"LeaseKeepAlive\""],
+        )
+    };
+    let before = streams().await;
+    // TTL 2 s: renewed every 667 ms, so six renewals in the next four seconds.
+    let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    a.register(ep("h1", "i1", 1)).await.unwrap();
+    let renewals_before = etcd.metric("etcd_debugging_lease_renewed_total", &[]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let renewed = etcd.metric("etcd_debugging_lease_renewed_total", &[]).await - renewals_before;
+    assert!(renewed >= 4.0, "the lease was renewed ({renewed} times)");
+    assert_eq!(
+        streams().await - before,
+        1.0,
+        "every renewal went over one stream"
+    );
+    drop(a);
+}
+
+#[tokio::test]
 async fn a_watcher_that_missed_a_compaction_relists_and_converges() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(dir.path()).await;
@@ -217,6 +287,7 @@ async fn a_watcher_that_missed_a_compaction_relists_and_converges() {
                 .all(|e| !["x10", "i1"].contains(&e.instance.as_str()))
     })
     .await;
+    assert_eq!(b.lists(), 2, "listed at start and after the compaction");
 }
 
 #[tokio::test]

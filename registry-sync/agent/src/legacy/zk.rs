@@ -7,6 +7,7 @@
 //! as not connected (nothing is deleted from it); an expired session is replaced by a new one,
 //! which lists everything again.
 
+use detour_registry::backoff::Backoff;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,7 +87,7 @@ impl LegacySource for ZkSource {
     }
 
     async fn run(self: Box<Self>, out: watch::Sender<SourceView>) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::REGISTRY;
         loop {
             let connector = zk::Client::connector()
                 .with_session_timeout(self.opts.session_timeout)
@@ -95,12 +96,11 @@ impl LegacySource for ZkSource {
                 Ok(c) => c,
                 Err(e) => {
                     disconnected(&out, format!("cannot connect to ZooKeeper: {e}"));
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff.wait().await;
                     continue;
                 }
             };
-            backoff = Duration::from_millis(200);
+            backoff.reset();
             tracing::info!(servers = %self.opts.servers, session = ?client.session_id(), "ZooKeeper session established");
             let why = follow_session(client, &self.opts, &out).await;
             disconnected(&out, why.clone());
