@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use crate::backoff::Backoff;
 use crate::members::Members;
 use crate::registry::{
-    DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, Watchers,
+    Applied, DocName, DocSenders, DocState, HostStatuses, Registry, RegistryError, Watchers,
     subscribe_or_insert,
 };
 
@@ -93,6 +93,8 @@ struct Inner {
     synced: std::sync::atomic::AtomicBool,
     /// Full listings of the prefix done (the first, then one per compaction missed).
     lists: std::sync::atomic::AtomicU64,
+    /// The view's revision as of the last publish that moved it, and when.
+    published: Mutex<Applied>,
 }
 
 /// A client of the etcd registry for one host.
@@ -147,6 +149,7 @@ impl EtcdRegistry {
             docs: DocSenders::default(),
             synced: std::sync::atomic::AtomicBool::new(false),
             lists: std::sync::atomic::AtomicU64::new(0),
+            published: Mutex::new(Applied::default()),
         });
         // Wait briefly for a first full view; a catalog routes from its disk cache meanwhile,
         // and the watch task keeps trying, so a slow or absent etcd never delays a start.
@@ -342,6 +345,7 @@ impl Inner {
                 );
             }
         }
+        let revision = u64::try_from(view.revision).unwrap_or(0);
         if all || hosts_dirty {
             let hosts: HostStatuses = view
                 .hosts
@@ -356,6 +360,13 @@ impl Inner {
                     true
                 }
             });
+        }
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        if published.revision != revision {
+            *published = Applied {
+                revision,
+                at_unix_ms: crate::registry::now_unix_ms(),
+            };
         }
     }
 }
@@ -406,16 +417,16 @@ async fn lease_loop(inner: Arc<Inner>) {
                     metrics::counter!("detour_registry_lease_lost_total").increment(1);
                     break;
                 }
-                Err(e) => {
-                    tracing::warn!(lease = id, error = %e, "etcd keep-alive failed");
-                    dirty = true;
-                }
+                // Retried at the next period, well within the TTL; what was written stays.
+                Err(e) => tracing::warn!(lease = id, error = %e, "etcd keep-alive failed"),
             }
+            // A renewal every third of the TTL, shortened by up to a quarter at random: a fleet
+            // started together does not renew in step.
             let wait = if dirty {
                 backoff.next_delay().min(period)
             } else {
                 backoff.reset();
-                period
+                period.mul_f64(1.0 - fastrand::f64() / 4.0)
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -571,6 +582,14 @@ impl Registry for EtcdRegistry {
 
     fn synced(&self) -> bool {
         self.inner.synced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn applied(&self) -> Applied {
+        *self
+            .inner
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     async fn release(&self) -> Result<(), RegistryError> {

@@ -30,6 +30,6 @@ pub mod telemetry;
 
 pub use catalog::Catalog;
 pub use registry::{
-    DocName, DocRead, DocState, HostStatuses, MAX_DOC_BYTES, POLICY_DOC, ROUTES_DOC, RULES_DOC,
-    Registered, Registry, RegistryError, RegistrySpec, now_unix_ms, sync_endpoints,
+    Applied, DocName, DocRead, DocState, HostStatuses, MAX_DOC_BYTES, POLICY_DOC, ROUTES_DOC,
+    RULES_DOC, Registered, Registry, RegistryError, RegistrySpec, now_unix_ms, sync_endpoints,
 };

@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName};
+use serde::Serialize;
 use tokio::sync::watch;
 
 /// A registry operation that failed.
@@ -72,6 +73,15 @@ pub async fn sync_endpoints(
 /// One registry client. A client belongs to one host: what it registers is kept alive by the
 /// client until it is de-registered, withdrawn, or the client's process dies (then it expires
 /// after its time-to-live).
+/// The last registry revision a client told its watchers, and when.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    /// The revision (0: none yet, or a back-end without revisions).
+    pub revision: u64,
+    /// When its changes were told, in Unix milliseconds.
+    pub at_unix_ms: u64,
+}
+
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// Registers (or replaces) an endpoint of this client's host.
@@ -113,6 +123,13 @@ pub trait Registry: Send + Sync + 'static {
     /// trusts its disk cache over an empty view).
     fn synced(&self) -> bool {
         true
+    }
+
+    /// The registry's revision whose changes every watcher has been told (etcd's store
+    /// revision) and when; zeros for a back-end without revisions. Comparing it across
+    /// sidecars shows which have not applied a change yet, and how long each took.
+    fn applied(&self) -> Applied {
+        Applied::default()
     }
 
     /// Follows one of the registry's documents: [`DocState::Unknown`] until the registry has

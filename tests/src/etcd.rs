@@ -134,18 +134,24 @@ impl Etcd {
 /// The sum of metric `name` at etcd client URL `url` over the series whose labels contain each
 /// of `labels`.
 pub async fn metric_at(url: &str, name: &str, labels: &[&str]) -> f64 {
+    let text = metrics_text(url).await.expect("read etcd's /metrics");
+    sum_metric(&text, name, labels)
+}
+
+/// etcd's `/metrics` page at client URL `url`.
+pub async fn metrics_text(url: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = url.trim_start_matches("http://");
-    let mut conn = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to etcd's /metrics");
-    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .await
-        .expect("ask etcd's /metrics");
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
     let mut text = String::new();
-    conn.read_to_string(&mut text)
-        .await
-        .expect("read etcd's /metrics");
+    conn.read_to_string(&mut text).await?;
+    Ok(text)
+}
+
+/// The sum of metric `name` in a Prometheus text page over the series whose labels contain
+/// each of `labels`.
+pub fn sum_metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
@@ -287,6 +293,27 @@ impl EtcdCluster {
         if let Some(mut m) = self.members[i].take() {
             let _ = m.signal(nix::sys::signal::Signal::SIGKILL);
             let _ = m.wait_exit(Duration::from_secs(10)).await;
+        }
+    }
+
+    /// Kills every member (SIGKILL): the whole cluster is down.
+    pub async fn kill_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i).await;
+        }
+    }
+
+    /// Starts every member that is not running, with its data, and waits until each has a
+    /// leader again.
+    pub async fn start_all(&mut self) {
+        let down: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].is_none())
+            .collect();
+        for &i in &down {
+            self.spawn(i);
+        }
+        for &i in &down {
+            self.wait_member(i).await;
         }
     }
 

@@ -202,6 +202,32 @@ async fn a_watcher_cut_off_resumes_from_its_revision_without_listing_again() {
 }
 
 #[tokio::test]
+async fn every_key_of_one_transaction_reaches_a_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let b = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    // Another registration system writes five instances in one transaction: one revision.
+    let ops: Vec<etcd_client::TxnOp> = (0..5)
+        .map(|i| {
+            let v = serde_json::json!({"version": 1, "endpoint": ep("h9", &format!("t{i}"), 9)});
+            etcd_client::TxnOp::put(
+                format!("/detour/test/services/echo/t{i}"),
+                v.to_string(),
+                None,
+            )
+        })
+        .collect();
+    let mut raw = etcd.raw().await;
+    raw.txn(etcd_client::Txn::new().and_then(ops))
+        .await
+        .unwrap();
+    until(&mut rx, "all five instances", |s| s.endpoints.len() == 5).await;
+}
+
+#[tokio::test]
 async fn one_keep_alive_stream_holds_a_lease() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(dir.path()).await;

@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when ready to route, 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, the registry's traffic policy overrides in force (`policy_overrides`), the routes by version and label in force with the requests each subset took since they last changed (`routes`), where each followed registry document came from (`documents`: `registry`, `disk` or `default`, and its revision), catalog per service (endpoints, source, staleness, protection) |
+//! | `GET /state` | JSON: host, version, roles (`ca`; `pa` when it has providers), state, draining, listeners, local providers (with their health), CA links per remote host, the gray rules in force and this host's mesh decisions, the registry's traffic policy overrides in force (`policy_overrides`), the routes by version and label in force with the requests each subset took since they last changed (`routes`), where each followed registry document came from (`documents`: `registry`, `disk` or `default`, and its revision), the registry's state (`registry`: `synced`, and `applied`: the last revision whose changes this sidecar applied and when, 0 on a directory registry), catalog per service (endpoints, source, staleness, protection) |
 //! | `POST /drain` | starts a graceful stop (as SIGTERM) |
 //! | `POST /protection/end?service=NAME` | ends a service's registry self-protection |
 //!
@@ -314,6 +314,10 @@ impl Admin {
             "gray": self.gray.state(),
             "policy_overrides": *self.policies.registry_overrides(),
             "routes": self.routes.state(),
+            "registry": {
+                "synced": self.catalog.registry().synced(),
+                "applied": self.catalog.registry().applied(),
+            },
             "documents": {
                 detour_registry::RULES_DOC: self.gray.state().document,
                 detour_registry::POLICY_DOC: self.policies.document(),

@@ -389,6 +389,10 @@ impl Registry for Delegated {
         self.reads.synced()
     }
 
+    fn applied(&self) -> detour_registry::Applied {
+        self.reads.applied()
+    }
+
     fn watch_doc(&self, doc: DocName) -> watch::Receiver<DocState> {
         self.reads.watch_doc(doc)
     }
