@@ -91,6 +91,7 @@ async fn from_etcd(url: String, n: usize, m: usize, cache_path: &std::path::Path
         prefix: "/detour/v1".into(),
         ttl: Duration::from_secs(10),
         request_timeout: Duration::from_secs(5),
+        watch_check: Duration::from_secs(1),
         security: Default::default(),
     };
 
@@ -210,6 +211,7 @@ async fn from_cache(cache_path: &std::path::Path, n: usize, m: usize) -> Res<()>
         prefix: "/detour/v1".into(),
         ttl: Duration::from_secs(10),
         request_timeout: Duration::from_millis(200),
+        watch_check: Duration::from_secs(1),
         security: Default::default(),
     };
     let rss0 = rss_kib();

@@ -44,6 +44,8 @@ pub struct RegistryEtcdRaw {
     pub ttl_ms: u64,
     /// Time allowed for one request to one member.
     pub request_timeout_ms: u64,
+    /// A watch silent this long is asked for its progress.
+    pub watch_check_ms: u64,
     /// The members' CA (PEM), relative to `run_dir` unless absolute: TLS, `https://` URLs.
     pub ca: String,
     /// A client certificate (PEM), for members started with `--client-cert-auth`.
@@ -62,6 +64,7 @@ impl Default for RegistryEtcdRaw {
             prefix: "/detour/v1".into(),
             ttl_ms: 10_000,
             request_timeout_ms: 1000,
+            watch_check_ms: 1000,
             ca: String::new(),
             cert: String::new(),
             key: String::new(),
@@ -84,6 +87,8 @@ pub struct RegistryClient {
     pub etcd_ttl: Duration,
     /// etcd per-request timeout.
     pub etcd_request_timeout: Duration,
+    /// How long an etcd watch may be silent before it is asked for its progress.
+    pub etcd_watch_check: Duration,
     /// TLS and credentials towards etcd (files read at validation).
     pub etcd_security: EtcdSecurity,
 }
@@ -124,6 +129,7 @@ impl RegistryClient {
         let etcd_ttl = positive("registry_etcd.ttl_ms", etcd.ttl_ms);
         let etcd_request_timeout =
             positive("registry_etcd.request_timeout_ms", etcd.request_timeout_ms);
+        let etcd_watch_check = positive("registry_etcd.watch_check_ms", etcd.watch_check_ms);
         let etcd_prefix = etcd.prefix.trim_end_matches('/').to_owned();
         if !etcd_prefix.starts_with('/') {
             p.push("registry_etcd.prefix: must start with '/'".into());
@@ -136,6 +142,7 @@ impl RegistryClient {
             etcd_prefix,
             etcd_ttl,
             etcd_request_timeout,
+            etcd_watch_check,
             etcd_security,
         })
     }
@@ -159,6 +166,7 @@ impl RegistryClient {
                     prefix: self.etcd_prefix.clone(),
                     ttl: self.etcd_ttl,
                     request_timeout: self.etcd_request_timeout,
+                    watch_check: self.etcd_watch_check,
                     security: self.etcd_security.clone(),
                 };
                 Arc::new(EtcdRegistry::open(host, opts).await?)
@@ -212,6 +220,7 @@ mod tests {
         let etcd = RegistryEtcdRaw {
             prefix: "x".into(),
             ttl_ms: 0,
+            watch_check_ms: 0,
             ..RegistryEtcdRaw::default()
         };
         let dir = RegistryDirRaw {
@@ -224,6 +233,7 @@ mod tests {
             "registry:",
             "registry_dir.poll_ms",
             "registry_etcd.ttl_ms",
+            "registry_etcd.watch_check_ms",
             "registry_etcd.prefix",
         ] {
             assert!(all.contains(k), "{k} missing from {all}");

@@ -46,6 +46,9 @@ pub struct EtcdOptions {
     pub ttl: Duration,
     /// Time allowed for one request to one member.
     pub request_timeout: Duration,
+    /// How long the prefix watch may be silent before it is asked for its progress (plus up
+    /// to a quarter at random); at rest, each client sends etcd about one request this often.
+    pub watch_check: Duration,
     /// TLS and credentials.
     pub security: crate::etcd_security::EtcdSecurity,
 }

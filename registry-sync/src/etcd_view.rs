@@ -156,10 +156,10 @@ fn apply_delete(prefix: &str, view: &mut View, key: &[u8], revision: i64) {
     }
 }
 
-/// How long a watch may be silent before it is asked for its progress: 1 s plus up to a
+/// How long a watch may be silent before it is asked for its progress: `check` plus up to a
 /// quarter more at random, so that a fleet told of one change together does not ask together.
-fn quiet() -> Duration {
-    Duration::from_millis(1_000 + fastrand::u64(..250))
+fn quiet(check: Duration) -> Duration {
+    check.mul_f64(1.0 + fastrand::f64() / 4.0)
 }
 
 /// Follows the whole prefix: resumes after the last revision seen (never listing again for a
@@ -204,13 +204,15 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
         };
         // A stream that ends before its first message counts as a failure: the next one waits.
         let mut answered = false;
-        // A watch with nothing to say for a second is asked for its progress; one that does not
+        // A watch with nothing to say for `watch_check` is asked for its progress; one that does not
         // answer within the request timeout is on a member that stopped answering (frozen,
         // partitioned: its connection may look open for much longer), and is reopened on
         // another member.
         let mut asked: Option<tokio::time::Instant> = None;
         loop {
-            let msg = match tokio::time::timeout(quiet(), stream.message()).await {
+            let msg = match tokio::time::timeout(quiet(inner.opts.watch_check), stream.message())
+                .await
+            {
                 Ok(Ok(Some(m))) => {
                     asked = None;
                     if !answered {

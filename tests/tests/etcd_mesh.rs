@@ -25,6 +25,7 @@ fn registrar_opts(url: &str) -> EtcdOptions {
         prefix: "/detour/v1".into(),
         ttl: Duration::from_secs(10),
         request_timeout: Duration::from_secs(1),
+        watch_check: Duration::from_secs(1),
         security: Default::default(),
     }
 }

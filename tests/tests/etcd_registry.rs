@@ -25,6 +25,7 @@ fn opts(url: &str) -> EtcdOptions {
         prefix: "/detour/test".into(),
         ttl: Duration::from_secs(2),
         request_timeout: Duration::from_secs(1),
+        watch_check: Duration::from_secs(1),
         security: Default::default(),
     }
 }
@@ -383,6 +384,7 @@ async fn a_frozen_member_stalls_neither_writes_nor_watches() {
         prefix: "/detour/test".into(),
         ttl: Duration::from_secs(6),
         request_timeout: Duration::from_secs(1),
+        watch_check: Duration::from_secs(1),
         security: Default::default(),
     };
     // Both clients start on member 0, the first listed.

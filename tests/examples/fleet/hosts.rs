@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_kit::process::ChildGuard;
 use detour_kit::sidecar_config::SidecarToml;
@@ -49,10 +50,9 @@ pub fn spawn_all(
     bin: &Path,
     root: &Path,
     registry: &str,
+    extra: &str,
     app: SocketAddr,
-    hosts: usize,
-    per_host: usize,
-    services: usize,
+    (hosts, per_host, services): (usize, usize, usize),
 ) -> std::io::Result<Vec<Host>> {
     let mut out = Vec::with_capacity(hosts);
     for i in 0..hosts {
@@ -61,7 +61,8 @@ pub fn spawn_all(
         std::fs::create_dir_all(&run_dir)?;
         let mut toml = SidecarToml::new(&name, &ip_of(i), &run_dir)
             .registry(registry)
-            .unix("");
+            .unix("")
+            .extra(extra);
         for svc in services_of(i, per_host, services) {
             toml = toml.provide(&svc, &app.to_string(), None);
         }
@@ -145,6 +146,21 @@ pub async fn wait_applied(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     done
+}
+
+/// How many times, over every sidecar's log, a local provider was marked unhealthy (the
+/// shared demo provider not answering a health check in time: each is a registry write that
+/// every sidecar is told of).
+pub fn health_flips(hosts: &[Host]) -> usize {
+    hosts
+        .iter()
+        .map(|h| {
+            std::fs::read_to_string(h.run_dir.join("sidecar.log"))
+                .unwrap_or_default()
+                .matches("failed its health check")
+                .count()
+        })
+        .sum()
 }
 
 /// Every sidecar's CPU and RSS now.

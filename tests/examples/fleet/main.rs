@@ -5,7 +5,8 @@
 //! recovery from a whole-cluster etcd outage under steady load, and (with `--catalog N`) what
 //! N services × 5 endpoints cost each sidecar. Prints `key: value` lines.
 //!
-//! `fleet HOSTS [SERVICES] [--per-host K] [--outage-secs S] [--catalog N] [--bin DIR]`
+//! `fleet HOSTS [SERVICES] [--per-host K] [--outage-secs S] [--catalog N] [--watch-check-ms N]
+//! [--bin DIR]`
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)] // a benchmark's report
 
@@ -14,7 +15,8 @@ mod measure;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_kit::provider::DemoProvider;
 use detour_proto::{Endpoint, HostId, InstanceId, ServiceName};
@@ -33,6 +35,7 @@ struct Args {
     per_host: usize,
     outage_secs: u64,
     catalog: usize,
+    watch_check_ms: Option<u64>,
     bin: PathBuf,
 }
 
@@ -43,6 +46,7 @@ fn args() -> Args {
         per_host: 3,
         outage_secs: 30,
         catalog: 0,
+        watch_check_ms: None,
         bin: PathBuf::from("target/release"),
     };
     let mut it = std::env::args().skip(1);
@@ -53,6 +57,9 @@ fn args() -> Args {
             "--per-host" => a.per_host = value().parse().expect("--per-host N"),
             "--outage-secs" => a.outage_secs = value().parse().expect("--outage-secs S"),
             "--catalog" => a.catalog = value().parse().expect("--catalog N"),
+            "--watch-check-ms" => {
+                a.watch_check_ms = Some(value().parse().expect("--watch-check-ms N"));
+            }
             "--bin" => a.bin = PathBuf::from(value()),
             n if positional == 0 => {
                 a.hosts = n.parse().expect("HOSTS");
@@ -129,10 +136,11 @@ async fn converge_one(fleet: &[Host], etcd: &mut Client, n: u64) -> (Vec<f64>, u
 fn cost_line(label: &str, a: &EtcdSample, b: &EtcdSample, secs: f64, sidecar_cpu: &[f64]) {
     let mut cpu = sidecar_cpu.to_vec();
     println!(
-        "{label}: etcd_msgs_per_s={:.0} (watch={:.0} keepalive={:.0}) etcd_cpu_pct={:.1} etcd_rss_mb={:.0} watchers={:.0} keys={:.0} db_mb={:.1} sidecar_cpu_pct_{}",
+        "{label}: etcd_msgs_per_s={:.0} (watch={:.0} keepalive={:.0}) puts_per_s={:.1} etcd_cpu_pct={:.1} etcd_rss_mb={:.0} watchers={:.0} keys={:.0} db_mb={:.1} sidecar_cpu_pct_{}",
         (b.messages - a.messages) / secs,
         (b.watch_messages - a.watch_messages) / secs,
         (b.keepalive_messages - a.keepalive_messages) / secs,
+        (b.puts - a.puts) / secs,
         100.0 * (b.cpu_secs - a.cpu_secs) / secs,
         b.rss_bytes / 1e6,
         b.watchers,
@@ -196,24 +204,28 @@ async fn main() {
         .await
         .expect("the demo provider");
     println!(
-        "fleet: hosts={} services={} per_host={} endpoints={} etcd_members=3",
+        "fleet: hosts={} services={} per_host={} endpoints={} etcd_members=3 watch_check_ms={}",
         a.hosts,
         a.services,
         a.per_host,
-        a.hosts * a.per_host
+        a.hosts * a.per_host,
+        a.watch_check_ms.unwrap_or(1000)
     );
 
     // 1. The registration storm.
     let start_ms = now_unix_ms();
     let t0 = Instant::now();
+    let extra = a
+        .watch_check_ms
+        .map(|ms| format!("[registry_etcd]\nwatch_check_ms = {ms}"))
+        .unwrap_or_default();
     let mut fleet = hosts::spawn_all(
         &a.bin,
         root.path(),
         &etcd.spec(),
+        &extra,
         app.addr(),
-        a.hosts,
-        a.per_host,
-        a.services,
+        (a.hosts, a.per_host, a.services),
     )
     .expect("sidecars start");
     let ready = hosts::wait_ready(&mut fleet, Duration::from_secs(120)).await;
@@ -221,22 +233,33 @@ async fn main() {
         Ok(at) => at.duration_since(t0).as_millis(),
         Err(missing) => panic!("{} sidecars not ready in 120 s: {missing:?}", missing.len()),
     };
-    let want = (a.hosts * a.per_host) as i64;
-    let registered_rev = loop {
-        let r = kv
-            .get(
-                format!("{PREFIX}/services/fleet-svc-"),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await
-            .expect("count registrations");
-        if r.count() >= want {
-            break r.header().map_or(0, |h| h.revision()) as u64;
+    // Every provider and every host status written.
+    let want = [
+        ("services/fleet-svc-", a.hosts * a.per_host),
+        ("hosts/", a.hosts),
+    ];
+    let registered_rev = 'written: loop {
+        let mut rev = 0;
+        let mut short = Vec::new();
+        for (under, n) in want {
+            let r = kv
+                .get(
+                    format!("{PREFIX}/{under}"),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .expect("count registrations");
+            rev = rev.max(r.header().map_or(0, |h| h.revision()) as u64);
+            if r.count() < n as i64 {
+                short.push(format!("{under}: {}/{n}", r.count()));
+            }
+        }
+        if short.is_empty() {
+            break 'written rev;
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "registrations: {}",
-            r.count()
+            t0.elapsed() < Duration::from_secs(300),
+            "registrations: {short:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -261,7 +284,11 @@ async fn main() {
         .iter()
         .map(|p| p.rss_bytes as f64 / 1e6)
         .collect();
-    println!("sidecar_rss_mb: {}", spread_f(&mut rss));
+    println!(
+        "sidecar_rss_mb: {} provider_health_flips_so_far={}",
+        spread_f(&mut rss),
+        hosts::health_flips(&fleet)
+    );
 
     // 3. Convergence of one change at a time.
     let mut all = Vec::new();

@@ -3,7 +3,8 @@
 //! quantiles it prints.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use detour_tests::etcd::{metrics_text, sum_metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,6 +20,8 @@ pub struct EtcdSample {
     pub keepalive_messages: f64,
     /// Streams and unary calls started.
     pub started: f64,
+    /// Keys written (puts, including those of transactions).
+    pub puts: f64,
     /// Watchers held (every member).
     pub watchers: f64,
     /// Keys in the store (the largest member's count).
@@ -50,6 +53,7 @@ pub async fn etcd_sample(urls: &[String]) -> EtcdSample {
             &["grpc_method=\"LeaseKeepAlive\""],
         );
         s.started += m("grpc_server_started_total", &[]);
+        s.puts = s.puts.max(m("etcd_mvcc_put_total", &[]));
         s.watchers += m("etcd_debugging_mvcc_watcher_total", &[]);
         s.keys = s.keys.max(m("etcd_debugging_mvcc_keys_total", &[]));
         s.db_bytes = s.db_bytes.max(m("etcd_mvcc_db_total_size_in_bytes", &[]));
