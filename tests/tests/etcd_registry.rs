@@ -161,10 +161,18 @@ async fn registrations_and_watches_survive_an_etcd_restart() {
     .await;
 }
 
-#[tokio::test]
-async fn a_watcher_cut_off_resumes_from_its_revision_without_listing_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(dir.path()).await;
+/// etcd; registry `a` on it; registry `b` reaching it only through a proxy the test can cut,
+/// watching `echo`, once it has seen `a`'s first instance.
+async fn watcher_behind_a_proxy(
+    dir: &std::path::Path,
+) -> (
+    Etcd,
+    detour_tests::proxy::CutProxy,
+    EtcdRegistry,
+    EtcdRegistry,
+    watch::Receiver<Arc<EndpointSet>>,
+) {
+    let etcd = Etcd::start(dir).await;
     let etcd_addr: std::net::SocketAddr = etcd.url.trim_start_matches("http://").parse().unwrap();
     let proxy = detour_tests::proxy::CutProxy::start(etcd_addr).await;
     let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
@@ -179,6 +187,13 @@ async fn a_watcher_cut_off_resumes_from_its_revision_without_listing_again() {
     let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
     a.register(ep("h1", "i1", 1)).await.unwrap();
     until(&mut rx, "registered", |s| s.endpoints.len() == 1).await;
+    (etcd, proxy, a, b, rx)
+}
+
+#[tokio::test]
+async fn a_watcher_cut_off_resumes_from_its_revision_without_listing_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_etcd, proxy, a, b, mut rx) = watcher_behind_a_proxy(dir.path()).await;
     assert_eq!(b.lists(), 1, "listed once at start");
     // Three cuts, each with changes made while the watcher is away (no compaction).
     for round in 0..3u16 {
@@ -259,22 +274,7 @@ async fn one_keep_alive_stream_holds_a_lease() {
 #[tokio::test]
 async fn a_watcher_that_missed_a_compaction_relists_and_converges() {
     let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(dir.path()).await;
-    let etcd_addr: std::net::SocketAddr = etcd.url.trim_start_matches("http://").parse().unwrap();
-    // The watcher reaches etcd only through a proxy the test can cut.
-    let proxy = detour_tests::proxy::CutProxy::start(etcd_addr).await;
-    let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
-        .await
-        .unwrap();
-    let b = EtcdRegistry::open(
-        HostId::new("h2").unwrap(),
-        opts(&format!("http://{}", proxy.addr)),
-    )
-    .await
-    .unwrap();
-    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
-    a.register(ep("h1", "i1", 1)).await.unwrap();
-    until(&mut rx, "registered", |s| s.endpoints.len() == 1).await;
+    let (etcd, proxy, a, b, mut rx) = watcher_behind_a_proxy(dir.path()).await;
     // Disconnect the watcher; change things and compact the history it would resume from.
     proxy.cut();
     let mut raw = etcd.raw().await;

@@ -1,6 +1,6 @@
 //! The fleet's hosts: HOSTS real sidecar processes, each on its own loopback address
-//! (127.20.x.y), each providing a few services; started together, and probed for the registry
-//! revision each has applied.
+//! (127.20.x.y), each providing a few services, each started directly or by its own
+//! `detour-watchdog`; started together, and probed for the registry revision each has applied.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,16 +21,54 @@ pub struct Host {
     /// Its id (`f0042`).
     pub name: String,
     run_dir: PathBuf,
+    /// The sidecar, or the watchdog that runs it.
     child: ChildGuard,
+    watched: bool,
     /// Its addresses, once ready.
     pub addrs: Option<SidecarAddresses>,
 }
 
 impl Host {
-    /// The sidecar's pid.
+    /// The sidecar's pid (its address file's, once ready).
     pub fn pid(&self) -> u32 {
-        self.child.pid()
+        self.addrs.as_ref().map_or(self.child.pid(), |a| a.pid)
     }
+
+    /// The watchdog's pid, for a watched host.
+    pub fn watchdog_pid(&self) -> Option<u32> {
+        self.watched.then(|| self.child.pid())
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // A watchdog's sidecar outlives its watchdog by design: stopped by its own pid.
+        if self.watched
+            && let Some(a) = &self.addrs
+            && let Ok(pid) = i32::try_from(a.pid)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// How the hosts run.
+pub struct Launch<'a> {
+    /// The directory of `detour-sidecar` (and `detour-watchdog`).
+    pub bin: &'a Path,
+    /// Where each host's run directory is made.
+    pub root: &'a Path,
+    /// The registry spec.
+    pub registry: &'a str,
+    /// TOML appended to every sidecar's config.
+    pub extra: &'a str,
+    /// The provider every host provides.
+    pub app: SocketAddr,
+    /// Each sidecar under its own watchdog.
+    pub watched: bool,
 }
 
 /// The services host `i` provides: `per_host` consecutive ones of `services`.
@@ -45,33 +83,43 @@ pub fn ip_of(i: usize) -> String {
     format!("127.20.{}.{}", i / 250, i % 250 + 1)
 }
 
-/// Writes every host's config and starts every sidecar at once.
+/// Writes every host's config and starts every sidecar (or watchdog) at once.
 pub fn spawn_all(
-    bin: &Path,
-    root: &Path,
-    registry: &str,
-    extra: &str,
-    app: SocketAddr,
+    l: &Launch<'_>,
     (hosts, per_host, services): (usize, usize, usize),
 ) -> std::io::Result<Vec<Host>> {
     let mut out = Vec::with_capacity(hosts);
     for i in 0..hosts {
         let name = format!("f{i:04}");
-        let run_dir = root.join(&name);
+        let run_dir = l.root.join(&name);
         std::fs::create_dir_all(&run_dir)?;
         let mut toml = SidecarToml::new(&name, &ip_of(i), &run_dir)
-            .registry(registry)
+            .registry(l.registry)
             .unix("")
-            .extra(extra);
+            .extra(l.extra);
         for svc in services_of(i, per_host, services) {
-            toml = toml.provide(&svc, &app.to_string(), None);
+            toml = toml.provide(&svc, &l.app.to_string(), None);
         }
         let config = run_dir.join("sidecar.toml");
         std::fs::write(&config, toml.render())?;
-        let log = std::fs::File::create(run_dir.join("sidecar.log"))?;
-        let mut cmd = Command::new(bin.join("detour-sidecar"));
+        let (program, config, log) = if l.watched {
+            let watchdog = run_dir.join("watchdog.toml");
+            let sidecar = l.bin.join("detour-sidecar");
+            let text = format!(
+                "[sidecar]\nbinary = \"{}\"\nconfig = \"sidecar.toml\"\n[admin]\nlisten = \"{}:0\"\n",
+                sidecar.display(),
+                ip_of(i)
+            );
+            std::fs::write(&watchdog, text)?;
+            ("detour-watchdog", watchdog, "watchdog.log")
+        } else {
+            ("detour-sidecar", config, "sidecar.log")
+        };
+        let log = std::fs::File::create(run_dir.join(log))?;
+        let mut cmd = Command::new(l.bin.join(program));
         cmd.arg("--config")
             .arg(&config)
+            .current_dir(&run_dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -81,6 +129,7 @@ pub fn spawn_all(
             name,
             run_dir,
             child,
+            watched: l.watched,
             addrs: None,
         });
     }
@@ -96,7 +145,7 @@ pub async fn wait_ready(hosts: &mut [Host], within: Duration) -> Result<Instant,
             let file = h.run_dir.join(ADDRESS_FILE);
             if let Ok(text) = std::fs::read_to_string(&file)
                 && let Ok(a) = serde_json::from_str::<SidecarAddresses>(&text)
-                && a.pid == h.pid()
+                && (h.watched || a.pid == h.child.pid())
             {
                 h.addrs = Some(a);
             }
@@ -168,5 +217,13 @@ pub fn sample(hosts: &[Host]) -> Vec<measure::ProcSample> {
     hosts
         .iter()
         .map(|h| measure::proc_sample(h.pid()))
+        .collect()
+}
+
+/// Every watchdog's CPU and RSS now (none when the hosts are not watched).
+pub fn sample_watchdogs(hosts: &[Host]) -> Vec<measure::ProcSample> {
+    hosts
+        .iter()
+        .filter_map(|h| Some(measure::proc_sample(h.watchdog_pid()?)))
         .collect()
 }

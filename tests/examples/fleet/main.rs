@@ -6,7 +6,7 @@
 //! N services × 5 endpoints cost each sidecar. Prints `key: value` lines.
 //!
 //! `fleet HOSTS [SERVICES] [--per-host K] [--outage-secs S] [--catalog N] [--watch-check-ms N]
-//! [--bin DIR]`
+//! [--watched] [--bin DIR]`
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)] // a benchmark's report
 
@@ -36,6 +36,7 @@ struct Args {
     outage_secs: u64,
     catalog: usize,
     watch_check_ms: Option<u64>,
+    watched: bool,
     bin: PathBuf,
 }
 
@@ -47,7 +48,8 @@ fn args() -> Args {
         outage_secs: 30,
         catalog: 0,
         watch_check_ms: None,
-        bin: PathBuf::from("target/release"),
+        watched: false,
+        bin: std::path::absolute("target/release").expect("the working directory"),
     };
     let mut it = std::env::args().skip(1);
     let mut positional = 0;
@@ -60,7 +62,9 @@ fn args() -> Args {
             "--watch-check-ms" => {
                 a.watch_check_ms = Some(value().parse().expect("--watch-check-ms N"));
             }
-            "--bin" => a.bin = PathBuf::from(value()),
+            // Absolute: every host process runs in its own run directory.
+            "--bin" => a.bin = std::path::absolute(value()).expect("--bin DIR"),
+            "--watched" => a.watched = true,
             n if positional == 0 => {
                 a.hosts = n.parse().expect("HOSTS");
                 positional += 1;
@@ -204,12 +208,13 @@ async fn main() {
         .await
         .expect("the demo provider");
     println!(
-        "fleet: hosts={} services={} per_host={} endpoints={} etcd_members=3 watch_check_ms={}",
+        "fleet: hosts={} services={} per_host={} endpoints={} etcd_members=3 watch_check_ms={} watched={}",
         a.hosts,
         a.services,
         a.per_host,
         a.hosts * a.per_host,
-        a.watch_check_ms.unwrap_or(1000)
+        a.watch_check_ms.unwrap_or(1000),
+        a.watched
     );
 
     // 1. The registration storm.
@@ -219,15 +224,16 @@ async fn main() {
         .watch_check_ms
         .map(|ms| format!("[registry_etcd]\nwatch_check_ms = {ms}"))
         .unwrap_or_default();
-    let mut fleet = hosts::spawn_all(
-        &a.bin,
-        root.path(),
-        &etcd.spec(),
-        &extra,
-        app.addr(),
-        (a.hosts, a.per_host, a.services),
-    )
-    .expect("sidecars start");
+    let launch = hosts::Launch {
+        bin: &a.bin,
+        root: root.path(),
+        registry: &etcd.spec(),
+        extra: &extra,
+        app: app.addr(),
+        watched: a.watched,
+    };
+    let mut fleet =
+        hosts::spawn_all(&launch, (a.hosts, a.per_host, a.services)).expect("sidecars start");
     let ready = hosts::wait_ready(&mut fleet, Duration::from_secs(120)).await;
     let ready_ms = match ready {
         Ok(at) => at.duration_since(t0).as_millis(),
@@ -289,6 +295,22 @@ async fn main() {
         spread_f(&mut rss),
         hosts::health_flips(&fleet)
     );
+    if a.watched {
+        let w0 = hosts::sample_watchdogs(&fleet);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let w1 = hosts::sample_watchdogs(&fleet);
+        let mut cpu: Vec<f64> = w0
+            .iter()
+            .zip(&w1)
+            .map(|(a, b)| 100.0 * (b.cpu_secs - a.cpu_secs) / 10.0)
+            .collect();
+        let mut rss: Vec<f64> = w1.iter().map(|p| p.rss_bytes as f64 / 1e6).collect();
+        println!(
+            "watchdog_at_rest: cpu_pct_{} rss_mb_{}",
+            spread_f(&mut cpu),
+            spread_f(&mut rss)
+        );
+    }
 
     // 3. Convergence of one change at a time.
     let mut all = Vec::new();
