@@ -222,6 +222,12 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether this client owns no key.
+    fn owns_nothing(&self) -> bool {
+        let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        own.endpoints.is_empty() && own.status.is_none()
+    }
+
     /// Everything this client owns, as key/value pairs.
     fn owned_pairs(&self) -> Vec<(String, Vec<u8>)> {
         let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
@@ -376,12 +382,18 @@ impl Inner {
 
 /// Keeps a lease, writing everything owned under it; grants a new one when it is lost. The
 /// lease is renewed every third of its TTL on one keep-alive stream, reopened only when it
-/// fails; failed grants and writes are retried with [`Backoff`].
+/// fails; failed grants and writes are retried with [`Backoff`]. A client that owns nothing
+/// holds no lease (a sidecar under a watchdog only reads until it takes its registrations
+/// over), so it costs etcd no keep-alives.
 async fn lease_loop(inner: Arc<Inner>) {
     let ttl_secs = inner.opts.ttl.as_secs().max(2) as i64;
     let period = Duration::from_secs_f64(ttl_secs as f64 / 3.0);
     let mut backoff = Backoff::REGISTRY;
     loop {
+        while inner.owns_nothing() {
+            // `register` and `set_host_status` notify after recording what they own.
+            inner.own_changed.notified().await;
+        }
         let granted = inner
             .call("lease", |mut c| async move {
                 c.lease_grant(ttl_secs, None).await

@@ -244,7 +244,7 @@ async fn every_key_of_one_transaction_reaches_a_watcher() {
 }
 
 #[tokio::test]
-async fn one_keep_alive_stream_holds_a_lease() {
+async fn one_keep_alive_stream_holds_a_lease_taken_only_once_something_is_owned() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(dir.path()).await;
     let streams = || {
@@ -254,15 +254,21 @@ async fn one_keep_alive_stream_holds_a_lease() {
         )
     };
     let before = streams().await;
-    // TTL 2 s: renewed every 667 ms, so six renewals in the next four seconds.
     let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
         .await
         .unwrap();
+    // A client that owns nothing (a sidecar under a watchdog) takes no lease.
+    let _rx = a.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let granted = || etcd.metric("etcd_debugging_lease_granted_total", &[]);
+    assert_eq!(granted().await, 0.0, "no lease while nothing is owned");
+    // TTL 2 s: renewed every 500–667 ms, so at least six renewals in the next four seconds.
     a.register(ep("h1", "i1", 1)).await.unwrap();
     let renewals_before = etcd.metric("etcd_debugging_lease_renewed_total", &[]).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let renewed = etcd.metric("etcd_debugging_lease_renewed_total", &[]).await - renewals_before;
     assert!(renewed >= 4.0, "the lease was renewed ({renewed} times)");
+    assert_eq!(granted().await, 1.0, "one lease once something is owned");
     assert_eq!(
         streams().await - before,
         1.0,
