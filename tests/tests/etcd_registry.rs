@@ -145,10 +145,7 @@ async fn registrations_and_watches_survive_an_etcd_restart() {
     let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
         .await
         .unwrap();
-    let b = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
-        .await
-        .unwrap();
-    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    let (_b, mut rx) = echo_watcher("h2", &opts(&etcd.url)).await;
     a.register(ep("h1", "i1", 1)).await.unwrap();
     until(&mut rx, "registered", |s| s.endpoints.len() == 1).await;
     etcd.stop().await;
@@ -159,6 +156,18 @@ async fn registrations_and_watches_survive_an_etcd_restart() {
         s.endpoints.len() == 2
     })
     .await;
+}
+
+/// A registry client for `host` and its watch of service `echo`.
+async fn echo_watcher(
+    host: &str,
+    opts: &EtcdOptions,
+) -> (EtcdRegistry, watch::Receiver<Arc<EndpointSet>>) {
+    let r = EtcdRegistry::open(HostId::new(host).unwrap(), opts.clone())
+        .await
+        .unwrap();
+    let rx = r.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    (r, rx)
 }
 
 /// etcd; registry `a` on it; registry `b` reaching it only through a proxy the test can cut,
@@ -178,13 +187,7 @@ async fn watcher_behind_a_proxy(
     let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
         .await
         .unwrap();
-    let b = EtcdRegistry::open(
-        HostId::new("h2").unwrap(),
-        opts(&format!("http://{}", proxy.addr)),
-    )
-    .await
-    .unwrap();
-    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    let (b, mut rx) = echo_watcher("h2", &opts(&format!("http://{}", proxy.addr))).await;
     a.register(ep("h1", "i1", 1)).await.unwrap();
     until(&mut rx, "registered", |s| s.endpoints.len() == 1).await;
     (etcd, proxy, a, b, rx)
@@ -221,10 +224,7 @@ async fn a_watcher_cut_off_resumes_from_its_revision_without_listing_again() {
 async fn every_key_of_one_transaction_reaches_a_watcher() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(dir.path()).await;
-    let b = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
-        .await
-        .unwrap();
-    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    let (_b, mut rx) = echo_watcher("h2", &opts(&etcd.url)).await;
     // Another registration system writes five instances in one transaction: one revision.
     let ops: Vec<etcd_client::TxnOp> = (0..5)
         .map(|i| {
@@ -356,10 +356,7 @@ async fn a_sidecar_routes_from_etcd() {
 async fn a_burst_of_registrations_right_after_open_is_seen() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(dir.path()).await;
-    let b = EtcdRegistry::open(HostId::new("h2").unwrap(), opts(&etcd.url))
-        .await
-        .unwrap();
-    let mut rx = b.watch(&ServiceName::new("echo").unwrap()).await.unwrap();
+    let (_b, mut rx) = echo_watcher("h2", &opts(&etcd.url)).await;
     let a = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
         .await
         .unwrap();
