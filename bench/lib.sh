@@ -2,7 +2,7 @@
 # sidecar on the directory registry, and CPU/memory readings from /proc. Source it after `cd`
 # to the repository root.
 BIN=${BIN:-target/release}
-if [ ! -x "$BIN/detour-sidecar" ] || [ ! -x "$BIN/detourctl" ]; then
+if [ ! -x "$BIN/detour-sidecar" ] || [ ! -x "$BIN/detourctl" ] || [ ! -x "$BIN/detour-floor" ]; then
   cargo build --release --bins
 fi
 TMP=$(mktemp -d /tmp/detour-bench-XXXXXX)

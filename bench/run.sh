@@ -6,6 +6,10 @@
 #   detour:  load → CA (127.0.0.1, Host: hello) → h2c → PA (127.0.0.2) → backend
 #            (tls.mode = "plaintext", as the peers' hops are)
 #   detour-mtls: the same over mutual TLS between CA and PA (h2 over TLS 1.3), the default
+#   floor:   load → detour-floor (127.0.0.1) → h2c → detour-floor (127.0.0.2) → backend
+#            (bench/floor: a bare hyper hop with the sidecar's runtime, socket options and pool
+#            shape and none of Detour's code — what Detour adds per hop is detour / floor)
+#   floor-h1: the same floor as HTTP/1.1 all the way (load → h1 → h1 → backend)
 #   haproxy: load → haproxy (127.0.0.1) → haproxy (127.0.0.2) → backend      (nbthread 1 each)
 #   nginx:   load → nginx (127.0.0.1) → nginx (127.0.0.2) → backend          (1 worker each)
 #
@@ -21,7 +25,8 @@
 # writes the raw results (one line per run) to OUT.
 #
 #   bench/run.sh [ROUNDS] [SECONDS]        (defaults: 4 rounds of 8 s per measurement)
-#   env: OUT=DIR (default target/bench/run-DATE), PATHS="direct detour detour-mtls haproxy nginx",
+#   env: OUT=DIR (default target/bench/run-DATE),
+#        PATHS="direct detour detour-mtls floor floor-h1 haproxy nginx",
 #        RATES="2000 5000", DETOUR_EXTRA_TOML (added to both sidecars' config),
 #        BIN=DIR (the Detour binaries, default target/release),
 #        DETOUR_VARIANTS="name=BINDIR …" (other Detour builds or settings, as paths detour-name,
@@ -34,7 +39,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-4}
 SECS=${2:-8}
-PATHS=${PATHS:-direct detour detour-mtls haproxy nginx}
+PATHS=${PATHS:-direct detour detour-mtls floor floor-h1 haproxy nginx}
 RATES=${RATES:-2000 5000}
 CONNS=32
 OUT=${OUT:-target/bench/run-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -99,6 +104,13 @@ start_chain() { # NAME HOP_FN
   HOP1_PID=$!
   wait_http "http://$HOP1/" 10
 }
+# The floor: hop 1 takes HTTP/1.1 and sends UP1, hop 2 takes that and sends HTTP/1.1.
+floor_hop() { # N LISTEN NEXT
+  local accept=h1 upstream=h1
+  if [ "$1" = 1 ]; then upstream=$FLOOR_UP; else accept=$FLOOR_UP; fi
+  "$BIN/detour-floor" --listen "$2" --to "$3" --accept "$accept" --upstream "$upstream" &
+  PIDS+=($!)
+}
 declare -A ADDR P1 P2 NEXT VARIANT
 # Other Detour builds, measured in the same rounds: DETOUR_VARIANTS="name=BINDIR …" adds the
 # path detour-name.
@@ -111,6 +123,8 @@ for p in $PATHS; do
     direct) ADDR[$p]=$BACKEND; P1[$p]=; P2[$p]=; NEXT[$p]= ;;
     detour | detour-mtls) start_detour "$p" "$BIN" "$BACKEND" ;;
     detour-*) start_detour "$p" "${VARIANT[$p]}" "$BACKEND" ;;
+    floor) FLOOR_UP=h2 start_chain floor floor_hop ;;
+    floor-h1) FLOOR_UP=h1 start_chain floor-h1 floor_hop ;;
     haproxy) start_chain haproxy haproxy_hop ;;
     nginx) start_chain nginx nginx_hop ;;
     *) echo "unknown path $p" >&2; exit 2 ;;

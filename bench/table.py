@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Summarises the raw results of bench/run.sh: medians per path and load, with Detour's ratios
-against the HAProxy and nginx chains, as one Markdown table; then the checks (keep-alive, errors,
+against the floor (a bare hyper hop, bench/floor) and the HAProxy and nginx chains, as one Markdown table; then the checks (keep-alive, errors,
 runs that started on a busy machine).
 
     bench/table.py RAW.tsv
@@ -75,7 +75,7 @@ def main(path):
     if rest:
         figures += [("RSS per hop at rest, 11 s after the last run, KiB", None, "rest", True, None)]
 
-    ratio_to = [p for p in ("haproxy", "nginx") if p in paths]
+    ratio_to = [p for p in ("floor", "haproxy", "nginx") if p in paths]
     subjects = [p for p in paths if p.startswith("detour")]
     head = ["figure (median)"] + paths + [f"{d} / {p}" for d in subjects for p in ratio_to]
     print("| " + " | ".join(head) + " |")

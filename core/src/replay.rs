@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 
 use crate::body::{BoxBody, full};
 use crate::decide::RequestKind;
+use crate::transport::ConnectTimeout;
 
 /// Marks a request as safe to send twice although its method is not idempotent
 /// (`req.extensions_mut().insert(Idempotent)`).
@@ -25,9 +26,23 @@ pub struct Replay {
     version: Version,
     headers: HeaderMap,
     body: Bytes,
+    /// The one extension the pool reads ([`ConnectTimeout`]), carried into every copy.
+    connect_timeout: Option<ConnectTimeout>,
 }
 
 impl Replay {
+    /// The copy of `parts` with `body`.
+    fn of(parts: &http::request::Parts, body: Bytes) -> Self {
+        Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body,
+            connect_timeout: parts.extensions.get::<ConnectTimeout>().copied(),
+        }
+    }
+
     /// A fresh copy of the request.
     pub fn request(&self) -> Request<BoxBody> {
         let mut req = Request::new(full(self.body.clone()));
@@ -35,6 +50,9 @@ impl Replay {
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
+        if let Some(t) = self.connect_timeout {
+            req.extensions_mut().insert(t);
+        }
         req
     }
 }
@@ -129,15 +147,19 @@ pub enum PrepareError {
 
 /// Buffers `req`'s body when it is at most `max` bytes (known from its size hint) and arrives
 /// within `deadline`, returning the request to send and a copy to replay. A body of unknown or
-/// larger size is left streaming.
+/// larger size is left streaming. A request without a body is sent as it is, with a copy of its
+/// head (no timer, no buffering); the request sent keeps its extensions.
 pub async fn prepare(
     req: Request<BoxBody>,
     max: u64,
     deadline: Duration,
 ) -> Result<(Request<BoxBody>, Option<Replay>), PrepareError> {
-    let fits =
-        req.body().is_end_stream() || req.body().size_hint().upper().is_some_and(|u| u <= max);
-    if !fits {
+    if req.body().is_end_stream() {
+        let (parts, body) = req.into_parts();
+        let replay = Replay::of(&parts, Bytes::new());
+        return Ok((Request::from_parts(parts, body), Some(replay)));
+    }
+    if req.body().size_hint().upper().is_none_or(|u| u > max) {
         return Ok((req, None));
     }
     let (parts, body) = req.into_parts();
@@ -146,14 +168,8 @@ pub async fn prepare(
         Ok(Err(e)) => return Err(PrepareError::Body(e)),
         Err(_) => return Err(PrepareError::TimedOut(deadline)),
     };
-    let replay = Replay {
-        method: parts.method,
-        uri: parts.uri,
-        version: parts.version,
-        headers: parts.headers,
-        body: bytes,
-    };
-    Ok((replay.request(), Some(replay)))
+    let replay = Replay::of(&parts, bytes.clone());
+    Ok((Request::from_parts(parts, full(bytes)), Some(replay)))
 }
 
 #[cfg(test)]
@@ -209,6 +225,28 @@ mod tests {
 
         let req = Request::get("/").body(empty()).unwrap();
         assert!(prepare(req, 0, SEC).await.unwrap().1.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_connect_timeout_reaches_the_request_sent_and_every_copy() {
+        let t = crate::transport::ConnectTimeout(Duration::from_millis(70));
+        for req in [
+            Request::get("/").body(empty()).unwrap(),
+            Request::post("/").body(full("abc")).unwrap(),
+        ] {
+            let mut req = req;
+            req.extensions_mut().insert(t);
+            let (sent, replay) = prepare(req, 10, SEC).await.unwrap();
+            assert_eq!(
+                sent.extensions().get::<crate::transport::ConnectTimeout>(),
+                Some(&t)
+            );
+            let again = replay.unwrap().request();
+            assert_eq!(
+                again.extensions().get::<crate::transport::ConnectTimeout>(),
+                Some(&t)
+            );
+        }
     }
 
     fn futures_stream()

@@ -5,6 +5,7 @@
 //! It imports no other Detour crate.
 
 pub mod config_file;
+pub mod fastmap;
 pub mod files;
 pub mod labels;
 pub mod service_doc;

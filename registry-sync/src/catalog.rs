@@ -7,7 +7,8 @@
 //! that every registry change goes through self-protection, then to L1 and L2. While a service is
 //! protected, its kept instances are health-checked every second.
 
-use std::collections::{BTreeMap, HashMap};
+use detour_proto::fastmap::FastMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -113,7 +114,7 @@ pub struct Catalog {
     registry: Arc<dyn Registry>,
     opts: CatalogOptions,
     writer: Writer,
-    services: RwLock<HashMap<ServiceName, Slot>>,
+    services: RwLock<FastMap<ServiceName, Slot>>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -138,7 +139,7 @@ impl Catalog {
             registry,
             opts,
             writer,
-            services: RwLock::new(HashMap::new()),
+            services: RwLock::new(FastMap::default()),
         }
     }
 
@@ -354,7 +355,7 @@ impl Catalog {
         true
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ServiceName, Slot>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, FastMap<ServiceName, Slot>> {
         self.services.read().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -6,7 +6,7 @@
 //! the connection level (not hyper-util's pooled client) is what lets a failure say whether the
 //! request ever left: see [`Failed::outcome`].
 
-use std::collections::HashMap;
+use detour_proto::fastmap::FastMap;
 use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, Weak};
@@ -199,7 +199,7 @@ enum Admit {
 pub struct Pool {
     opts: PoolOptions,
     connector: Arc<dyn Connect>,
-    entries: Mutex<HashMap<Dial, Entry>>,
+    entries: Mutex<FastMap<Dial, Entry>>,
 }
 
 impl fmt::Debug for Pool {
@@ -219,7 +219,7 @@ impl Pool {
         Arc::new(Pool {
             opts,
             connector,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(FastMap::default()),
         })
     }
 
@@ -229,7 +229,7 @@ impl Pool {
         Self::with_connector(opts, self.connector.clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Dial, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<Dial, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -5,7 +5,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross a proxy.
-const HOP_BY_HOP: [HeaderName; 6] = [
+static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -94,33 +94,51 @@ pub fn service_of(
 /// Removes hop-by-hop headers, including those named by `Connection`, and any `TE` other than
 /// `trailers` (which gRPC needs).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none: one pass over the names instead of a lookup per name.
-    if !headers
-        .keys()
-        .any(|k| k == header::TE || HOP_BY_HOP.contains(k))
-    {
+    // One pass over the names: which of them are here (most requests carry none; most HTTP/1.1
+    // answers carry `Connection` only). Only those present are looked up again.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut te = false;
+    for k in headers.keys() {
+        if k == header::TE {
+            te = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present[i] = true;
+        }
+    }
+    if !te && !present.contains(&true) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(n);
+    if present[0] {
+        // The names `Connection` lists go too; its values are taken out first.
+        let listed: Vec<http::HeaderValue> = match headers.entry(header::CONNECTION) {
+            header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+            header::Entry::Vacant(_) => Vec::new(),
+        };
+        for v in &listed {
+            for name in v.to_str().unwrap_or("").split(',') {
+                let name = name.trim();
+                if !name.is_empty() {
+                    // Not a header name: nothing to remove.
+                    headers.remove(name);
+                }
+            }
+        }
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(h);
+    }
+    if te || headers.contains_key(header::TE) {
+        let te_trailers = headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -194,10 +212,32 @@ mod tests {
         );
         strip_hop_by_hop(&mut p.headers);
         assert!(p.headers.get("x-secret").is_none());
+        assert_eq!(p.headers.len(), 2, "{:?}", p.headers);
         assert!(p.headers.get("connection").is_none());
         assert!(p.headers.get("keep-alive").is_none());
         assert_eq!(p.headers["te"], "trailers");
         assert_eq!(p.headers["x-keep"], "1");
         assert!(head_size(&p) > 10);
+    }
+
+    #[test]
+    fn every_connection_header_and_every_name_it_lists_go() {
+        let mut h = HeaderMap::new();
+        h.append("connection", "keep-alive".parse().unwrap());
+        h.append("connection", "X-A , x-b,,not a name".parse().unwrap());
+        h.append("x-a", "1".parse().unwrap());
+        h.append("x-b", "1".parse().unwrap());
+        h.append("keep-alive", "timeout=5".parse().unwrap());
+        h.append("upgrade", "h2c".parse().unwrap());
+        h.append("proxy-authorization", "secret".parse().unwrap());
+        h.append("te", "gzip".parse().unwrap());
+        h.append("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+        // Nothing to remove: nothing changes.
+        let mut plain = HeaderMap::new();
+        plain.append("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
     }
 }

@@ -265,7 +265,7 @@ const LINGER: Duration = Duration::from_secs(1);
 pub async fn serve_conn<S, H>(
     mut io: S,
     handler: Arc<H>,
-    lifecycle: &Lifecycle,
+    lifecycle: &Arc<Lifecycle>,
     opts: &ConnOptions,
     caller: Option<Caller>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -306,11 +306,13 @@ where
             // from counting as idle.
             active.begin();
             let guard = InFlight(active);
-            let resp = h.handle(req).await;
+            // Boxed: the handler's future is large, and hyper moves this one several times
+            // (into its dispatcher, into a task per HTTP/2 stream); a pointer moves instead.
+            let resp = Box::pin(h.handle(req)).await;
             Ok::<_, Infallible>(resp.map(|b| detour_core::body::with_guard(b, guard)))
         }
     });
-    let idle = opts.limits.idle_timeout;
+    let (_watcher, mut stop) = watch(lifecycle, &activity, opts.limits.idle_timeout);
     match detected {
         Detected::Http1 => {
             let conn = http1::Builder::new()
@@ -322,7 +324,7 @@ where
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => return Ok(r?),
-                _ = closed_or_idle(lifecycle, &activity, idle) => {}
+                _ = stop_asked(&mut stop) => {}
             }
             conn.as_mut().graceful_shutdown();
             Ok(conn.await?)
@@ -347,7 +349,7 @@ where
             tokio::pin!(conn);
             let idled = tokio::select! {
                 r = conn.as_mut() => return Ok(r?),
-                idled = closed_or_idle(lifecycle, &activity, idle) => idled,
+                idled = stop_asked(&mut stop) => idled,
             };
             conn.as_mut().graceful_shutdown();
             if !idled {
@@ -360,6 +362,39 @@ where
             }
         }
         Detected::Closed | Detected::Rejected(_) => Ok(()),
+    }
+}
+
+/// Watches one connection on a task of its own until dropped: a select over the watch itself
+/// would poll its timer and the lifecycle on every wake of the connection, that is, on every
+/// request. The receiver gets what [`closed_or_idle`] returns.
+fn watch(
+    lifecycle: &Arc<Lifecycle>,
+    activity: &Arc<Activity>,
+    idle: Duration,
+) -> (Watcher, tokio::sync::oneshot::Receiver<bool>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (lifecycle, activity) = (lifecycle.clone(), activity.clone());
+    let task = tokio::spawn(async move {
+        let _ = tx.send(closed_or_idle(&lifecycle, &activity, idle).await);
+    });
+    (Watcher(task), rx)
+}
+
+/// The watch task of a connection, stopped when the connection ends.
+struct Watcher(tokio::task::JoinHandle<()>);
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the watch said: closed (false) or idle (true); never resolves without a word.
+async fn stop_asked(rx: &mut tokio::sync::oneshot::Receiver<bool>) -> bool {
+    match rx.await {
+        Ok(idled) => idled,
+        Err(_) => std::future::pending().await,
     }
 }
 

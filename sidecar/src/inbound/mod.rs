@@ -207,8 +207,10 @@ impl Inbound {
     ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, MeshError> {
         Ok(
             match parts.extensions.get::<crate::http::server::ConnShare>() {
-                Some(s) => {
-                    match tokio::time::timeout(
+                Some(s) => match s.0.clone().try_acquire_owned() {
+                    // A permit at hand: no timer.
+                    Ok(p) => Some(p),
+                    Err(_) => match tokio::time::timeout(
                         self.cfg.request_timeout,
                         s.0.clone().acquire_owned(),
                     )
@@ -226,8 +228,8 @@ impl Inbound {
                                 ),
                             ));
                         }
-                    }
-                }
+                    },
+                },
                 None => None,
             },
         )

@@ -8,7 +8,7 @@
 //! candidates of its zone while at least `proxy.zone_min_healthy_percent` of them are usable,
 //! and from every zone otherwise (counted in `detour_zone_spillover_total`).
 
-use std::collections::HashMap;
+use detour_proto::fastmap::FastMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -111,7 +111,7 @@ pub enum NoPick {
 pub struct Balancer {
     policy: Balance,
     next: AtomicUsize,
-    loads: Mutex<HashMap<InstanceId, Arc<Load>>>,
+    loads: Mutex<FastMap<InstanceId, Arc<Load>>>,
     /// Address of the endpoint set `loads` was last pruned for (pruning is per change, not per
     /// request).
     pruned_for: AtomicUsize,
@@ -123,7 +123,7 @@ impl Balancer {
         Self {
             policy,
             next: AtomicUsize::new(0),
-            loads: Mutex::new(HashMap::new()),
+            loads: Mutex::new(FastMap::default()),
             pruned_for: AtomicUsize::new(0),
         }
     }
@@ -305,7 +305,7 @@ impl Balancer {
 }
 
 /// The load of `id`, created on first use (cloning the id only then).
-fn load_in(loads: &mut HashMap<InstanceId, Arc<Load>>, id: &InstanceId) -> Arc<Load> {
+fn load_in(loads: &mut FastMap<InstanceId, Arc<Load>>, id: &InstanceId) -> Arc<Load> {
     if let Some(l) = loads.get(id) {
         return l.clone();
     }

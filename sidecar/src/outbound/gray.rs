@@ -7,7 +7,7 @@
 //! the rules are unknown (no registry answer and no saved copy) every service takes the mesh,
 //! and no `MeshSwitch` is sent: an SDK keeps the switches it has.
 
-use std::collections::HashMap;
+use detour_proto::fastmap::FastMap;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use detour_proto::{HostId, ServiceName};
@@ -41,7 +41,7 @@ type KeepIf = Box<dyn Fn(&ServiceName) -> bool + Send + Sync>;
 struct Decisions {
     /// Whether any rule can switch anything off on this host (if not, everything is on).
     any_off: bool,
-    by_service: HashMap<ServiceName, bool>,
+    by_service: FastMap<ServiceName, bool>,
 }
 
 /// What `/state` shows.

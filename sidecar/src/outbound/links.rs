@@ -3,7 +3,8 @@
 //! connection failures seen on real traffic (reported by `outbound`). While a link is on its
 //! fallback, requests for that host's providers go C→CA→P.
 
-use std::collections::{BTreeMap, HashMap};
+use detour_proto::fastmap::FastMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -44,7 +45,7 @@ pub struct Links {
     cfg: Arc<Config>,
     /// Probe connections, apart from data traffic.
     pool: Arc<Pool>,
-    entries: Mutex<HashMap<HostId, Entry>>,
+    entries: Mutex<FastMap<HostId, Entry>>,
     hosts: watch::Receiver<Arc<HostStatuses>>,
     /// The host behind each PA address, for the TLS connector's identity check.
     pa_hosts: Arc<PaHosts>,
@@ -67,7 +68,7 @@ impl Links {
         let links = Arc::new(Self {
             cfg,
             pool,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(FastMap::default()),
             hosts: hosts.clone(),
             pa_hosts,
         });

@@ -25,10 +25,10 @@ pub mod retry;
 pub mod routes;
 mod state;
 
+use detour_proto::fastmap::FastMap;
 pub use state::{Documents, Upstreams};
 use state::{PerService, PerState};
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
@@ -77,7 +77,7 @@ pub struct Outbound {
     /// Connections to providers (the direct path) and to PAs.
     pools: Upstreams,
     /// One selector and retry budget per service, created on first use.
-    services: Mutex<HashMap<ServiceName, Arc<PerService>>>,
+    services: Mutex<FastMap<ServiceName, Arc<PerService>>>,
     /// The CA half of the link state machine, per remote host.
     links: Arc<Links>,
     /// The gray rules (a service switched off goes straight to its providers).
@@ -122,7 +122,7 @@ impl Outbound {
             policies,
             catalog,
             pools,
-            services: Mutex::new(HashMap::new()),
+            services: Mutex::new(FastMap::default()),
             links,
             gray,
             routes,

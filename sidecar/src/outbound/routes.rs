@@ -8,7 +8,8 @@
 //! service with routes is counted in `detour_route_requests_total{service,subset}`, a fallback
 //! (its subset had no healthy endpoint) in `detour_route_fallbacks_total{service}`.
 
-use std::collections::{BTreeMap, HashMap};
+use detour_proto::fastmap::FastMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -30,9 +31,9 @@ pub struct Routes {
     /// Whether any service has routes (a request of a mesh without routes looks no further).
     any: AtomicBool,
     /// Per service, its subsets' endpoints for the endpoint set last seen.
-    compiled: Mutex<HashMap<ServiceName, Arc<Compiled>>>,
+    compiled: Mutex<FastMap<ServiceName, Arc<Compiled>>>,
     /// Per service, the requests routed to each subset since the routes last changed.
-    tallies: Mutex<HashMap<ServiceName, Arc<Tally>>>,
+    tallies: Mutex<FastMap<ServiceName, Arc<Tally>>>,
 }
 
 /// What one service's routes did since they last changed, with its metric handles resolved
@@ -155,8 +156,8 @@ impl Routes {
             generation: AtomicU64::new(0),
             changed: watch::channel(0).0,
             any: AtomicBool::new(false),
-            compiled: Mutex::new(HashMap::new()),
-            tallies: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(FastMap::default()),
+            tallies: Mutex::new(FastMap::default()),
         })
     }
 

@@ -33,6 +33,7 @@ pub fn spawn_trim() {
             if released {
                 metrics::counter!("detour_heap_trims_total").increment(1);
             }
+            super::code::drop_unused();
         }
     });
 }
