@@ -70,13 +70,13 @@ run() {
     sleep 0.1
   done
   wrk -t1 -c8 -d2s -H 'Host: hello' "http://$hop1/" >/dev/null
-  callgrind_control -i on "$p1" >/dev/null
-  callgrind_control -i on "$p2" >/dev/null
+  callgrind_control -i on "$p1" >/dev/null 2>&1
+  callgrind_control -i on "$p2" >/dev/null 2>&1
   wrk -t1 -c8 -d"${SECS}s" -H 'Host: hello' "http://$hop1/" >"$dir/wrk.txt"
-  callgrind_control -i off "$p1" >/dev/null
-  callgrind_control -i off "$p2" >/dev/null
-  callgrind_control -d "$p1" >/dev/null
-  callgrind_control -d "$p2" >/dev/null
+  callgrind_control -i off "$p1" >/dev/null 2>&1
+  callgrind_control -i off "$p2" >/dev/null 2>&1
+  callgrind_control -d "$p1" >/dev/null 2>&1
+  callgrind_control -d "$p2" >/dev/null 2>&1
   sleep 1
   kill "$p1" "$p2" 2>/dev/null || true
   wait "$p1" "$p2" 2>/dev/null || true
