@@ -5,10 +5,10 @@
 //! code resident although the request path runs a small part of it: about 6.5 MiB of the
 //! sidecar's 8 MiB of code, half of its resident set. [`drop_unused`] tells the kernel to
 //! unmap the code mapping's pages (`MADV_DONTNEED`: they are clean pages of the file, mapped
-//! again from the page cache on their next use) and to map one page per fault from then on
-//! (`MADV_RANDOM`). Only the executable mapping (`r-xp`) of the sidecar's own binary is touched:
-//! it is never written, so nothing is lost. Runs with the heap trim, every
-//! [`super::heap::TRIM_EVERY`].
+//! again from the page cache on their next use) and to expect random access to them
+//! (`MADV_RANDOM`: no read-ahead for later faults). Only the executable mapping (`r-xp`) of
+//! the sidecar's own binary is touched: it is never written, so nothing is lost. Runs on the
+//! heap trim's tick, every [`super::heap::TRIM_EVERY`], whatever the allocator.
 
 /// The address range of the executable mapping that holds this function.
 #[cfg(target_os = "linux")]
@@ -36,7 +36,7 @@ pub fn drop_unused() -> Option<usize> {
     // SAFETY: the range is a whole private, read-only, executable mapping of this process's
     // own binary (found in /proc/self/maps), never written: MADV_DONTNEED only unmaps clean
     // pages that the next access maps again from the same file, and MADV_RANDOM only changes
-    // how many pages a fault maps. No memory this process wrote is touched.
+    // the kernel's read-ahead for the mapping. No memory this process wrote is touched.
     #[allow(unsafe_code)]
     let ok = unsafe {
         let addr = start as *mut libc::c_void;

@@ -12,26 +12,27 @@ use std::time::Duration;
 /// How often the free heap is given back.
 pub const TRIM_EVERY: Duration = Duration::from_secs(10);
 
-/// Runs [`trim`] every [`TRIM_EVERY`]; call once per process inside the runtime.
+/// Every [`TRIM_EVERY`], runs [`trim`] (where [`supported`]) and unmaps the code pages not in
+/// use ([`super::code::drop_unused`], whatever the allocator); call once per process inside the
+/// runtime.
 pub fn spawn_trim() {
-    if !supported() {
-        return;
-    }
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TRIM_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tick.tick().await;
-            let started = tokio::time::Instant::now();
-            let released = trim();
-            tracing::trace!(
-                released,
-                took_us = started.elapsed().as_micros(),
-                "heap trimmed"
-            );
-            if released {
-                metrics::counter!("detour_heap_trims_total").increment(1);
+            if supported() {
+                let started = tokio::time::Instant::now();
+                let released = trim();
+                tracing::trace!(
+                    released,
+                    took_us = started.elapsed().as_micros(),
+                    "heap trimmed"
+                );
+                if released {
+                    metrics::counter!("detour_heap_trims_total").increment(1);
+                }
             }
             super::code::drop_unused();
         }
