@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Instructions per request of each hop, counted by callgrind (valgrind): repeatable whatever else
-# the machine does, and broken down by function. Runs the Detour chain (CA → h2c → PA, plaintext)
+# Instructions per request of each hop, counted by callgrind (valgrind): a count, not a time (how
+# requests batch into wake-ups still moves it a little), broken down by function. Runs the Detour chain (CA → h2c → PA, plaintext)
 # and the floor's mesh form (bench/floor: h1 → h2c → h1) in turn in front of one nginx backend,
 # both hops of each under callgrind; counts only while wrk (-c8) drives the chain, after a 2 s
 # warm-up; prints instructions per request per hop and leaves the callgrind files in OUT for
