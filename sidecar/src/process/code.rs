@@ -1,14 +1,16 @@
 //! Unmaps the pages of the sidecar's own machine code that it mapped but does not run.
 //!
-//! The kernel maps an executable's code around each page fault (64 KiB at a time, from the page
-//! cache), so starting — config, command line, registry client, TLS set-up — leaves most of the
-//! code resident although the request path runs a small part of it: about 6.5 MiB of the
-//! sidecar's 8 MiB of code, half of its resident set. [`drop_unused`] tells the kernel to
-//! unmap the code mapping's pages (`MADV_DONTNEED`: they are clean pages of the file, mapped
-//! again from the page cache on their next use) and to expect random access to them
-//! (`MADV_RANDOM`: no read-ahead for later faults). Only the executable mapping (`r-xp`) of
-//! the sidecar's own binary is touched: it is never written, so nothing is lost. Runs on the
-//! heap trim's tick, every [`super::heap::TRIM_EVERY`], whatever the allocator.
+//! The kernel maps an executable's code around each page fault (fault-around: 64 KiB by
+//! default, from the page cache), so starting — config, command line, registry client, TLS
+//! set-up — leaves most of the code resident although the request path runs a small part of
+//! it: about 6.5 MiB of the sidecar's 8 MiB of code, half of its resident set.
+//!
+//! [`drop_unused`] tells the kernel to unmap the code mapping's pages (`MADV_DONTNEED`: they
+//! are clean pages of the file, mapped again from the page cache on their next use) and to
+//! expect random access to them (`MADV_RANDOM`: no read-ahead for later faults). Only the
+//! executable mapping (`r-xp`) of the sidecar's own binary is touched: it is never written, so
+//! nothing is lost. Runs on the heap trim's tick, every [`super::heap::TRIM_EVERY`], whatever
+//! the allocator.
 
 /// The address range of the executable mapping that holds this function.
 #[cfg(target_os = "linux")]
