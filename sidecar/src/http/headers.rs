@@ -127,7 +127,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(h);
     }
-    if te || headers.contains_key(header::TE) {
+    if te {
         let te_trailers = headers
             .get(header::TE)
             .and_then(|v| v.to_str().ok())

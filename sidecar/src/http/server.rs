@@ -312,56 +312,57 @@ where
             Ok::<_, Infallible>(resp.map(|b| detour_core::body::with_guard(b, guard)))
         }
     });
+    let http2 = match detected {
+        Detected::Http1 => false,
+        Detected::Http2 => true,
+        // Nothing to serve: the peer closed, or `detect` answered a head it refused.
+        Detected::Closed | Detected::Rejected(_) => return Ok(()),
+    };
     let (_watcher, mut stop) = watch(lifecycle, &activity, opts.limits.idle_timeout);
-    match detected {
-        Detected::Http1 => {
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(opts.head_timeout)
-                .max_buf_size((opts.max_header_bytes * 2).max(64 * 1024))
-                .max_headers(MAX_HEADERS)
-                .serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => return Ok(r?),
-                _ = stop_asked(&mut stop) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            Ok(conn.await?)
+    if !http2 {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(opts.head_timeout)
+            .max_buf_size((opts.max_header_bytes * 2).max(64 * 1024))
+            .max_headers(MAX_HEADERS)
+            .serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => return Ok(r?),
+            _ = stop_asked(&mut stop) => {}
         }
-        Detected::Http2 => {
-            let ping = opts.limits.h2_keepalive;
-            let conn = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(16 << 20)
-                .max_concurrent_streams(opts.limits.max_concurrent_streams)
-                // Streams the peer reset before this side took them up: h2's default (20)
-                // closes the connection past it, with every stream on it. A caller that went
-                // elsewhere while this process was stalled (a SIGSTOP, a long GC of the host)
-                // resets each request it gave up on, and the POSTs still waiting on the same
-                // connection would be lost. Bounded by the stream limit instead.
-                .max_pending_accept_reset_streams(opts.limits.max_concurrent_streams as usize)
-                .max_header_list_size((opts.max_header_bytes * 4) as u32)
-                .keep_alive_interval(Some(ping))
-                .keep_alive_timeout(ping)
-                .serve_connection(io, svc);
-            tokio::pin!(conn);
-            let idled = tokio::select! {
-                r = conn.as_mut() => return Ok(r?),
-                idled = stop_asked(&mut stop) => idled,
-            };
-            conn.as_mut().graceful_shutdown();
-            if !idled {
-                return Ok(conn.await?);
-            }
-            // An idle peer that does not answer the GOAWAY's ping is not waited for.
-            match tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await {
-                Ok(r) => Ok(r?),
-                Err(_) => Ok(()),
-            }
-        }
-        Detected::Closed | Detected::Rejected(_) => Ok(()),
+        conn.as_mut().graceful_shutdown();
+        return Ok(conn.await?);
+    }
+    let ping = opts.limits.h2_keepalive;
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_concurrent_streams(opts.limits.max_concurrent_streams)
+        // Streams the peer reset before this side took them up: h2's default (20)
+        // closes the connection past it, with every stream on it. A caller that went
+        // elsewhere while this process was stalled (a SIGSTOP, a long GC of the host)
+        // resets each request it gave up on, and the POSTs still waiting on the same
+        // connection would be lost. Bounded by the stream limit instead.
+        .max_pending_accept_reset_streams(opts.limits.max_concurrent_streams as usize)
+        .max_header_list_size((opts.max_header_bytes * 4) as u32)
+        .keep_alive_interval(Some(ping))
+        .keep_alive_timeout(ping)
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    let idled = tokio::select! {
+        r = conn.as_mut() => return Ok(r?),
+        idled = stop_asked(&mut stop) => idled,
+    };
+    conn.as_mut().graceful_shutdown();
+    if !idled {
+        return Ok(conn.await?);
+    }
+    // An idle peer that does not answer the GOAWAY's ping is not waited for.
+    match tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Ok(()),
     }
 }
 
