@@ -1,4 +1,4 @@
-//! Lossless failover on real processes: steady load through the SDK (500 req/s for 15 s, GET
+//! Lossless failover on real processes: steady load through the SDK (500 req/s for 11 s, GET
 //! and POST alternating), one fault per test, every request counted by outcome and path.
 //!
 //! The tests run one at a time (they share two cores with the sidecars they measure).
@@ -21,7 +21,7 @@ use tokio::sync::Mutex;
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const RATE: u32 = 500;
-const SECS: u64 = 15;
+const SECS: u64 = 11;
 
 fn start_load(client: Client) -> tokio::task::JoinHandle<Stats> {
     spawn_load(&client, RATE, SECS)
@@ -52,7 +52,7 @@ fn assert_went_and_came_back(s: &Stats, off_path: &str, load_end_ms: u64) {
 
 const FAST_LINK: &str = "";
 
-/// One stop-and-restart scenario: `signal` to `host`'s sidecar at 4 s, restart at 7 s, load
+/// One stop-and-restart scenario: `signal` to `host`'s sidecar at 3 s, restart at 5 s, load
 /// through the caller's SDK throughout. Returns the counts, the mesh and the SDK client.
 async fn stop_and_restart(
     name: &str,
@@ -65,10 +65,10 @@ async fn stop_and_restart(
     let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
     let t0 = tokio::time::Instant::now();
     let load = start_load(client.clone());
-    at(t0, 4.0).await;
+    at(t0, 3.0).await;
     let fault = now_unix_ms();
     mesh.stop_with(host, signal).await;
-    at(t0, 7.0).await;
+    at(t0, 5.0).await;
     mesh.restart(host).await;
     let healed = now_unix_ms();
     let s = load.await.unwrap();
@@ -155,10 +155,10 @@ async fn sigstop_ca_is_detected_by_probes() {
     let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
     let t0 = tokio::time::Instant::now();
     let load = start_load(client.clone());
-    at(t0, 4.0).await;
+    at(t0, 3.0).await;
     let fault = now_unix_ms();
     mesh.signal("h1", Signal::SIGSTOP);
-    at(t0, 9.0).await;
+    at(t0, 6.5).await;
     mesh.signal("h1", Signal::SIGCONT);
     let healed = now_unix_ms();
     let s = load.await.unwrap();
@@ -169,7 +169,7 @@ async fn sigstop_ca_is_detected_by_probes() {
     let switch = s.first_off_mesh_unix_ms.unwrap().saturating_sub(fault);
     assert!(switch < 2000, "took {switch} ms to leave a hung sidecar");
     // Idempotent requests waiting on the stopped sidecar are re-sent direct once the probes
-    // give up on it (about 0.7 s): none waits for the 5 s the sidecar stays stopped. (The
+    // give up on it (about 0.7 s): none waits for the 3.5 s the sidecar stays stopped. (The
     // bound is the behaviour, with a wide margin for a loaded machine, not a speed figure.)
     let max_idem = s.latency_idem_us.max() / 1000;
     assert!(
@@ -193,7 +193,7 @@ async fn app_started_while_its_sidecar_is_down_calls_directly_then_mesh() {
         .build();
     let t0 = tokio::time::Instant::now();
     let load = start_load(client.clone());
-    at(t0, 5.0).await;
+    at(t0, 4.0).await;
     mesh.restart("h1").await;
     let healed = now_unix_ms();
     let s = load.await.unwrap();
@@ -314,7 +314,7 @@ async fn a_provider_killed_behind_a_live_pa_loses_nothing() {
     let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
     let t0 = tokio::time::Instant::now();
     let load = start_load(client.clone());
-    at(t0, 4.0).await;
+    at(t0, 3.0).await;
     let fault = now_unix_ms();
     p2.child.signal(Signal::SIGKILL).unwrap();
     p2.child.wait_exit(Duration::from_secs(5)).await.unwrap();
@@ -336,7 +336,7 @@ async fn a_provider_killed_behind_a_live_pa_loses_nothing() {
     )
     .await;
     let drawn = now_unix_ms() - fault;
-    at(t0, 9.0).await;
+    at(t0, 6.5).await;
     let _p2 = ProviderProcess::start(p2.addr, "h2-hello", &dir).await;
     let healed = now_unix_ms();
     detour_tests::wait_value(

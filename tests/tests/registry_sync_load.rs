@@ -130,7 +130,7 @@ async fn a_zookeeper_outage_deletes_nothing_and_traffic_rides_through() {
     let outage_s: u64 = std::env::var("SYNC_ZK_OUTAGE_S")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(20);
     let ps: Vec<DemoProvider> =
         providers((2..6).map(|i| (format!("127.0.0.{i}"), format!("p{i}")))).await;
     let addrs: Vec<_> = ps[..3].iter().map(DemoProvider::addr).collect();
