@@ -21,7 +21,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::registry::{DocName, DocState, MAX_DOC_BYTES};
+use crate::registry::{DocName, DocRead, DocState, MAX_DOC_BYTES};
 
 /// Where a followed document's content came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,28 +231,7 @@ pub fn follow(
     accept: fn(&[u8]) -> bool,
 ) -> (watch::Receiver<Followed>, tokio::task::JoinHandle<()>) {
     let saved = store.as_ref().and_then(|s| s.load(doc, &accept));
-    let start = match (&*registry.borrow_and_update(), saved) {
-        (DocState::Known(read), _) => Followed {
-            source: DocSource::Registry,
-            revision: read.revision,
-            bytes: read.bytes.clone(),
-        },
-        (DocState::Unknown, Some(saved)) => {
-            tracing::info!(
-                document = doc.key(),
-                revision = saved.revision,
-                "registry not read yet: using the saved copy of the document"
-            );
-            saved
-        }
-        (DocState::Unknown, None) => {
-            tracing::warn!(
-                document = doc.key(),
-                "registry not read yet and no saved copy of the document: its defaults apply until the registry answers"
-            );
-            Followed::unknown()
-        }
-    };
+    let start = first(doc, &registry.borrow_and_update(), saved);
     set_source_gauge(doc, start.source);
     let mut last_saved =
         (start.source == DocSource::Disk).then(|| (start.revision, start.bytes.clone()));
@@ -280,26 +259,10 @@ pub fn follow(
                     changed
                 });
                 let usable = read.bytes.as_deref().is_none_or(accept);
-                let pair = (read.revision, read.bytes.clone());
                 if let Some(store) = &store
                     && usable
-                    && last_saved.as_ref() != Some(&pair)
                 {
-                    let s = store.clone();
-                    let bytes = read.bytes.clone();
-                    let written = tokio::task::spawn_blocking(move || {
-                        s.save(doc, read.revision, bytes.as_deref())
-                    })
-                    .await;
-                    match written {
-                        Ok(Ok(())) => last_saved = Some(pair),
-                        Ok(Err(e)) => {
-                            tracing::warn!(document = doc.key(), error = %e, "cannot save the document to the state directory");
-                            metrics::counter!("detour_state_file_errors_total", "file" => doc.key())
-                                .increment(1);
-                        }
-                        Err(_) => {}
-                    }
+                    save(store, doc, read, &mut last_saved).await;
                 }
             }
             if registry.changed().await.is_err() {
@@ -308,6 +271,58 @@ pub fn follow(
         }
     });
     (rx, task)
+}
+
+/// The document to start from: the registry's when it has been read, else the saved copy,
+/// else none (its defaults apply).
+fn first(doc: DocName, registry: &DocState, saved: Option<Followed>) -> Followed {
+    match (registry, saved) {
+        (DocState::Known(read), _) => Followed {
+            source: DocSource::Registry,
+            revision: read.revision,
+            bytes: read.bytes.clone(),
+        },
+        (DocState::Unknown, Some(saved)) => {
+            tracing::info!(
+                document = doc.key(),
+                revision = saved.revision,
+                "registry not read yet: using the saved copy of the document"
+            );
+            saved
+        }
+        (DocState::Unknown, None) => {
+            tracing::warn!(
+                document = doc.key(),
+                "registry not read yet and no saved copy of the document: its defaults apply until the registry answers"
+            );
+            Followed::unknown()
+        }
+    }
+}
+
+/// Saves `read` to `store` unless it is the copy saved last (a failure is logged and counted).
+async fn save(
+    store: &DocStore,
+    doc: DocName,
+    read: DocRead,
+    last_saved: &mut Option<(u64, Option<Arc<[u8]>>)>,
+) {
+    let pair = (read.revision, read.bytes.clone());
+    if last_saved.as_ref() == Some(&pair) {
+        return;
+    }
+    let s = store.clone();
+    let written =
+        tokio::task::spawn_blocking(move || s.save(doc, read.revision, read.bytes.as_deref()))
+            .await;
+    match written {
+        Ok(Ok(())) => *last_saved = Some(pair),
+        Ok(Err(e)) => {
+            tracing::warn!(document = doc.key(), error = %e, "cannot save the document to the state directory");
+            metrics::counter!("detour_state_file_errors_total", "file" => doc.key()).increment(1);
+        }
+        Err(_) => {}
+    }
 }
 
 #[cfg(test)]

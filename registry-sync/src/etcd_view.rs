@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use detour_proto::{Endpoint, EndpointSet, HostStatus, ServiceName};
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, WatchOptions, WatchResponse, WatchStream};
 
 use super::{EndpointValue, HostValue, Inner};
 use crate::backoff::Backoff;
@@ -176,25 +176,7 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
             backoff.wait().await;
             continue;
         }
-        let from = inner
-            .view
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .revision
-            + 1;
-        let opened = inner
-            .call("watch", |mut c| {
-                let prefix = prefix.clone();
-                async move {
-                    c.watch(
-                        prefix,
-                        Some(WatchOptions::new().with_prefix().with_start_revision(from)),
-                    )
-                    .await
-                }
-            })
-            .await;
-        let mut stream = match opened {
+        let stream = match open_watch(&inner, &prefix).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "etcd watch not open; retrying");
@@ -203,95 +185,125 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
             }
         };
         // A stream that ends before its first message counts as a failure: the next one waits.
-        let mut answered = false;
-        // A watch with nothing to say for `watch_check` is asked for its progress; one that does not
-        // answer within the request timeout is on a member that stopped answering (frozen,
-        // partitioned: its connection may look open for much longer), and is reopened on
-        // another member.
-        let mut asked: Option<tokio::time::Instant> = None;
-        loop {
-            let msg = match tokio::time::timeout(quiet(inner.opts.watch_check), stream.message())
-                .await
-            {
-                Ok(Ok(Some(m))) => {
-                    asked = None;
-                    if !answered {
-                        answered = true;
-                        backoff.reset();
-                    }
-                    m
-                }
-                Ok(Ok(None) | Err(_)) => break,
-                Err(_) => match asked {
-                    None => {
-                        if stream.request_progress().await.is_err() {
-                            break;
-                        }
-                        asked = Some(tokio::time::Instant::now());
-                        continue;
-                    }
-                    Some(t) if t.elapsed() >= inner.opts.request_timeout => {
-                        tracing::warn!(
-                            "etcd watch stalled (no answer to a progress request); reopening it on another member"
-                        );
-                        metrics::counter!("detour_registry_watch_stalls_total").increment(1);
-                        inner.members.distrust_preferred().await;
-                        break;
-                    }
-                    Some(_) => continue,
-                },
-            };
-            if msg.compact_revision() > 0
-                || (msg.canceled() && msg.cancel_reason().contains("compacted"))
-            {
-                tracing::info!(
-                    compacted = msg.compact_revision(),
-                    "watch revision compacted; re-listing"
-                );
-                metrics::counter!("detour_registry_relists_total").increment(1);
-                if inner.relist().await.is_err() {
-                    backoff.wait().await;
-                }
-                break;
-            }
-            if msg.canceled() {
-                break;
-            }
-            {
-                let mut view = inner.view.lock().unwrap_or_else(|p| p.into_inner());
-                // The revision applied before this message: every key of one transaction
-                // carries the same revision, so it is compared with this, not with the last
-                // event's.
-                let before = view.revision;
-                for ev in msg.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    if kv.mod_revision() <= before && ev.event_type() == EventType::Put {
-                        continue; // already applied (a resumed watch may repeat it)
-                    }
-                    match ev.event_type() {
-                        EventType::Put => apply_put(
-                            &inner.opts.prefix,
-                            &mut view,
-                            kv.key(),
-                            kv.value(),
-                            kv.mod_revision(),
-                        ),
-                        EventType::Delete => {
-                            apply_delete(&inner.opts.prefix, &mut view, kv.key(), kv.mod_revision())
-                        }
-                    }
-                    view.revision = view.revision.max(kv.mod_revision());
-                }
-                // Not the header's revision: the watch's first ("created") message carries the
-                // store's current revision, and events between the list and that revision are
-                // still to come in later messages.
-            }
-            inner.publish();
-        }
-        if !answered {
+        if !follow(&inner, stream, &mut backoff).await {
             backoff.wait().await;
         }
     }
+}
+
+/// A watch of `prefix` from the revision after the last one applied.
+async fn open_watch(inner: &Inner, prefix: &str) -> Result<WatchStream, crate::RegistryError> {
+    let from = inner
+        .view
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .revision
+        + 1;
+    let options = WatchOptions::new().with_prefix().with_start_revision(from);
+    inner
+        .call("watch", |mut c| {
+            let (prefix, options) = (prefix.to_owned(), options.clone());
+            async move { c.watch(prefix, Some(options)).await }
+        })
+        .await
+}
+
+/// Applies what one open watch says until it ends, stalls, or its revision is compacted away
+/// (then re-lists); whether it said anything.
+async fn follow(inner: &Inner, mut stream: WatchStream, backoff: &mut Backoff) -> bool {
+    let mut answered = false;
+    // A watch with nothing to say for `watch_check` is asked for its progress; one that does
+    // not answer within the request timeout is on a member that stopped answering (frozen,
+    // partitioned: its connection may look open for much longer), and is reopened on another
+    // member.
+    let mut asked: Option<tokio::time::Instant> = None;
+    loop {
+        let msg = match tokio::time::timeout(quiet(inner.opts.watch_check), stream.message()).await
+        {
+            Ok(Ok(Some(m))) => {
+                asked = None;
+                if !answered {
+                    answered = true;
+                    backoff.reset();
+                }
+                m
+            }
+            Ok(Ok(None) | Err(_)) => return answered,
+            Err(_) => match stalled(inner, &mut stream, &mut asked).await {
+                true => return answered,
+                false => continue,
+            },
+        };
+        if msg.compact_revision() > 0
+            || (msg.canceled() && msg.cancel_reason().contains("compacted"))
+        {
+            tracing::info!(
+                compacted = msg.compact_revision(),
+                "watch revision compacted; re-listing"
+            );
+            metrics::counter!("detour_registry_relists_total").increment(1);
+            if inner.relist().await.is_err() {
+                backoff.wait().await;
+            }
+            return answered;
+        }
+        if msg.canceled() {
+            return answered;
+        }
+        apply_events(inner, &msg);
+        inner.publish();
+    }
+}
+
+/// A watch that was quiet for a while: asked for its progress the first time; stalled (true)
+/// when it has not answered that within the request timeout (the member it is on is then
+/// distrusted), or when it cannot even be asked.
+async fn stalled(
+    inner: &Inner,
+    stream: &mut WatchStream,
+    asked: &mut Option<tokio::time::Instant>,
+) -> bool {
+    match asked {
+        None => {
+            if stream.request_progress().await.is_err() {
+                return true;
+            }
+            *asked = Some(tokio::time::Instant::now());
+            false
+        }
+        Some(t) if t.elapsed() >= inner.opts.request_timeout => {
+            tracing::warn!(
+                "etcd watch stalled (no answer to a progress request); reopening it on another member"
+            );
+            metrics::counter!("detour_registry_watch_stalls_total").increment(1);
+            inner.members.distrust_preferred().await;
+            true
+        }
+        Some(_) => false,
+    }
+}
+
+/// Applies a watch message's events to the view.
+fn apply_events(inner: &Inner, msg: &WatchResponse) {
+    let mut view = inner.view.lock().unwrap_or_else(|p| p.into_inner());
+    // The revision applied before this message: every key of one transaction carries the same
+    // revision, so it is compared with this, not with the last event's.
+    let before = view.revision;
+    let prefix = &inner.opts.prefix;
+    for ev in msg.events() {
+        let Some(kv) = ev.kv() else { continue };
+        if kv.mod_revision() <= before && ev.event_type() == EventType::Put {
+            continue; // already applied (a resumed watch may repeat it)
+        }
+        match ev.event_type() {
+            EventType::Put => apply_put(prefix, &mut view, kv.key(), kv.value(), kv.mod_revision()),
+            EventType::Delete => apply_delete(prefix, &mut view, kv.key(), kv.mod_revision()),
+        }
+        view.revision = view.revision.max(kv.mod_revision());
+    }
+    // Not the header's revision: the watch's first ("created") message carries the store's
+    // current revision, and events between the list and that revision are still to come in
+    // later messages.
 }
 
 #[cfg(test)]

@@ -416,78 +416,85 @@ async fn session(
                 }
                 return Ok(Ended::HandedOver);
             }
-            Some(Pb::Status(s)) => {
-                let st = match PbState::try_from(s.state) {
-                    Ok(PbState::Ready) => SidecarState::Ready,
-                    Ok(PbState::Draining) => SidecarState::Draining,
-                    Ok(PbState::Stopped) => SidecarState::Stopped,
-                    _ => SidecarState::Starting,
-                };
-                state.send_replace(Some(st));
-                let zone = (!s.zone.is_empty()).then(|| ZonePreference {
-                    zone: s.zone.clone(),
-                    min_healthy_percent: u8::try_from(s.zone_min_healthy_percent.min(100))
-                        .unwrap_or(100),
-                });
-                *shared.zone.write().unwrap_or_else(|p| p.into_inner()) = zone;
-                shared.link.event(match st {
-                    SidecarState::Ready => Event::PeerReady,
-                    SidecarState::Draining | SidecarState::Stopped | SidecarState::Failed => {
-                        Event::Fault(Reason::DrainAnnounced)
-                    }
-                    SidecarState::Starting => Event::PeerNotReady,
-                });
-            }
-            Some(Pb::Snapshot(snap)) => {
-                let Ok(service) = ServiceName::new(snap.service.clone()) else {
-                    continue;
-                };
-                let endpoints: Vec<Endpoint> = snap
-                    .endpoints
-                    .iter()
-                    .filter_map(|e| e.to_endpoint(&service))
-                    .collect();
-                let mut snaps = shared.snapshots.write().unwrap_or_else(|p| p.into_inner());
-                // The snapshot exists for the direct path, used when the sidecar is sick: an
-                // empty set from it must not erase the last providers known to work (if they
-                // are really gone, they refuse connections and the call fails just the same).
-                if endpoints.is_empty()
-                    && snaps.get(&service).is_some_and(|s| !s.endpoints.is_empty())
-                {
-                    tracing::debug!(%service, "keeping the last non-empty snapshot for the direct path");
-                    continue;
-                }
-                let routes = routes_of(&service, &snap.routes);
-                snaps.insert(
-                    service,
-                    Arc::new(Snapshot {
-                        revision: snap.revision,
-                        endpoints,
-                        routes,
-                    }),
-                );
-                drop(snaps);
-                shared.save();
-            }
-            Some(Pb::Mesh(m)) => {
-                let Ok(service) = ServiceName::new(m.service) else {
-                    continue;
-                };
-                let link = shared.switch(&service);
-                let was_off = link.state() == LinkState::Fallback;
-                link.event(if m.mesh_on {
-                    Event::MeshOn
-                } else {
-                    Event::MeshOff
-                });
-                if was_off != (link.state() == LinkState::Fallback) {
-                    shared.save();
-                }
-            }
+            Some(Pb::Status(s)) => on_status(shared, state, &s),
+            Some(Pb::Snapshot(snap)) => on_snapshot(shared, &snap),
+            Some(Pb::Mesh(m)) => on_mesh(shared, m),
             None => {}
         }
     }
     Ok(Ended::Closed)
+}
+
+/// The sidecar's state: published, its zone kept, the link told.
+fn on_status(
+    shared: &Shared,
+    state: &watch::Sender<Option<SidecarState>>,
+    s: &detour_proto::control::SidecarStatus,
+) {
+    let st = match PbState::try_from(s.state) {
+        Ok(PbState::Ready) => SidecarState::Ready,
+        Ok(PbState::Draining) => SidecarState::Draining,
+        Ok(PbState::Stopped) => SidecarState::Stopped,
+        _ => SidecarState::Starting,
+    };
+    state.send_replace(Some(st));
+    let zone = (!s.zone.is_empty()).then(|| ZonePreference {
+        zone: s.zone.clone(),
+        min_healthy_percent: u8::try_from(s.zone_min_healthy_percent.min(100)).unwrap_or(100),
+    });
+    *shared.zone.write().unwrap_or_else(|p| p.into_inner()) = zone;
+    shared.link.event(match st {
+        SidecarState::Ready => Event::PeerReady,
+        SidecarState::Draining | SidecarState::Stopped | SidecarState::Failed => {
+            Event::Fault(Reason::DrainAnnounced)
+        }
+        SidecarState::Starting => Event::PeerNotReady,
+    });
+}
+
+/// A service's endpoints and routes, kept (and saved) for the direct path.
+fn on_snapshot(shared: &Shared, snap: &detour_proto::control::EndpointSnapshot) {
+    let Ok(service) = ServiceName::new(snap.service.clone()) else {
+        return;
+    };
+    let endpoints: Vec<Endpoint> = (snap.endpoints.iter())
+        .filter_map(|e| e.to_endpoint(&service))
+        .collect();
+    let mut snaps = shared.snapshots.write().unwrap_or_else(|p| p.into_inner());
+    // The snapshot exists for the direct path, used when the sidecar is sick: an empty set
+    // from it must not erase the last providers known to work (if they are really gone, they
+    // refuse connections and the call fails just the same).
+    if endpoints.is_empty() && snaps.get(&service).is_some_and(|s| !s.endpoints.is_empty()) {
+        tracing::debug!(%service, "keeping the last non-empty snapshot for the direct path");
+        return;
+    }
+    let routes = routes_of(&service, &snap.routes);
+    let revision = snap.revision;
+    let kept = Snapshot {
+        revision,
+        endpoints,
+        routes,
+    };
+    snaps.insert(service, Arc::new(kept));
+    drop(snaps);
+    shared.save();
+}
+
+/// A service's mesh switch (a gray rule or a rollback), saved when it moved the link.
+fn on_mesh(shared: &Shared, m: detour_proto::control::MeshSwitch) {
+    let Ok(service) = ServiceName::new(m.service) else {
+        return;
+    };
+    let link = shared.switch(&service);
+    let was_off = link.state() == LinkState::Fallback;
+    link.event(if m.mesh_on {
+        Event::MeshOn
+    } else {
+        Event::MeshOff
+    });
+    if was_off != (link.state() == LinkState::Fallback) {
+        shared.save();
+    }
 }
 
 /// Carries control RPCs straight to the sidecar over HTTP/2 (never through path selection).

@@ -320,12 +320,7 @@ where
     };
     let (_watcher, mut stop) = watch(lifecycle, &activity, opts.limits.idle_timeout);
     if !http2 {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(opts.head_timeout)
-            .max_buf_size((opts.max_header_bytes * 2).max(64 * 1024))
-            .max_headers(MAX_HEADERS)
-            .serve_connection(io, svc);
+        let conn = h1_server(opts).serve_connection(io, svc);
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => return Ok(r?),
@@ -334,22 +329,7 @@ where
         conn.as_mut().graceful_shutdown();
         return Ok(conn.await?);
     }
-    let ping = opts.limits.h2_keepalive;
-    let conn = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(16 << 20)
-        .max_concurrent_streams(opts.limits.max_concurrent_streams)
-        // Streams the peer reset before this side took them up: h2's default (20)
-        // closes the connection past it, with every stream on it. A caller that went
-        // elsewhere while this process was stalled (a SIGSTOP, a long GC of the host)
-        // resets each request it gave up on, and the POSTs still waiting on the same
-        // connection would be lost. Bounded by the stream limit instead.
-        .max_pending_accept_reset_streams(opts.limits.max_concurrent_streams as usize)
-        .max_header_list_size((opts.max_header_bytes * 4) as u32)
-        .keep_alive_interval(Some(ping))
-        .keep_alive_timeout(ping)
-        .serve_connection(io, svc);
+    let conn = h2_server(opts).serve_connection(io, svc);
     tokio::pin!(conn);
     let idled = tokio::select! {
         r = conn.as_mut() => return Ok(r?),
@@ -364,6 +344,36 @@ where
         Ok(r) => Ok(r?),
         Err(_) => Ok(()),
     }
+}
+
+/// The HTTP/1.1 server of a connection: head timeout and size limits from `opts`.
+fn h1_server(opts: &ConnOptions) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(opts.head_timeout)
+        .max_buf_size((opts.max_header_bytes * 2).max(64 * 1024))
+        .max_headers(MAX_HEADERS);
+    b
+}
+
+/// The HTTP/2 server of a connection: windows, stream and header limits, keep-alive pings.
+fn h2_server(opts: &ConnOptions) -> http2::Builder<TokioExecutor> {
+    let ping = opts.limits.h2_keepalive;
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_concurrent_streams(opts.limits.max_concurrent_streams)
+        // Streams the peer reset before this side took them up: h2's default (20)
+        // closes the connection past it, with every stream on it. A caller that went
+        // elsewhere while this process was stalled (a SIGSTOP, a long GC of the host)
+        // resets each request it gave up on, and the POSTs still waiting on the same
+        // connection would be lost. Bounded by the stream limit instead.
+        .max_pending_accept_reset_streams(opts.limits.max_concurrent_streams as usize)
+        .max_header_list_size((opts.max_header_bytes * 4) as u32)
+        .keep_alive_interval(Some(ping))
+        .keep_alive_timeout(ping);
+    b
 }
 
 /// Watches one connection on a task of its own until dropped: a select over the watch itself

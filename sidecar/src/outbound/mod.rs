@@ -15,6 +15,7 @@
 //! Trust: the PA's `x-detour-error` is read (it is a sidecar), then every `x-detour-*` header
 //! of the upstream's answer is removed; an error this CA gives up with is its own.
 
+mod attempt;
 pub mod balance;
 pub mod budget;
 pub mod control;
@@ -25,6 +26,7 @@ pub mod retry;
 pub mod routes;
 mod state;
 
+use attempt::Try;
 use detour_proto::fastmap::FastMap;
 pub use state::{Documents, Upstreams};
 use state::{PerService, PerState};
@@ -33,14 +35,12 @@ use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 use detour_core::body::{boxed, with_guard};
-use detour_core::decide::{Outcome, Part};
 use detour_core::failure::{MeshErrorKind, PATH_HEADER, strip_mesh_headers};
-use detour_core::link::{Event, Reason};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
 use detour_core::route::RequestView;
 use detour_core::trace::{Span, SpanKind, Tracer};
 use detour_core::transport::ConnectTimeout;
-use detour_core::{BoxBody, Dial, PathTaken};
+use detour_core::{BoxBody, PathTaken};
 use detour_proto::control::local_control_server::LocalControlServer;
 use detour_proto::{CONTROL_AUTHORITY, Endpoint, InstanceId, ServiceName};
 use detour_registry::Catalog;
@@ -51,7 +51,7 @@ use tracing::Instrument;
 
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::Config;
-use crate::http::forward::{AttemptFailed, attempt};
+use crate::http::forward::AttemptFailed;
 use crate::http::headers::{authority, service_of, strip_hop_by_hop};
 use crate::http::respond::{MeshError, is_grpc};
 use crate::http::server::{Handler, ping_response};
@@ -99,6 +99,16 @@ pub struct Outbound {
 struct RouteInfo {
     per: Option<Arc<PerService>>,
     log: Routed,
+}
+
+impl RouteInfo {
+    /// Attempt `n` goes to `ep` (named in the access-log line when one is `logged`).
+    fn attempt(&mut self, n: u32, ep: &Endpoint, logged: bool) {
+        self.log.attempts = n;
+        if logged {
+            self.log.endpoint = Some(ep.instance.to_string());
+        }
+    }
 }
 
 impl Outbound {
@@ -177,17 +187,10 @@ impl Outbound {
     ) -> Result<(Response<BoxBody>, PathTaken), MeshError> {
         let start = Instant::now();
         let service = service_of(&parts, self.cfg.max_header_bytes)?;
-        if hop.is_recording() {
-            hop.rename(format!("ca {service}"));
-            hop.attr("detour.service", service.to_string());
-        }
+        let logged = self.note_service(&service, hop, info);
         let set = self.endpoints_of(&service).await?;
         let per = self.service(&service);
         info.per = Some(per.clone());
-        let logged = self.access_log.is_some();
-        if logged {
-            info.log.service = Some(service.to_string());
-        }
         let policy = per.begin(&self.policies, &service, start);
         let deadline = start + policy.request_timeout;
         let balancer = &per.balancer;
@@ -195,67 +198,50 @@ impl Outbound {
         let routed = self.routes.route(&service, &RequestView::of(&parts), &set);
         let mut flight = self.flight(parts, body, &policy).await?;
         let mut tried: Vec<InstanceId> = Vec::new();
-        let limit = policy.max_concurrent_per_endpoint;
         let zone = self.cfg.zone.as_ref();
         let pick = |tried: &[InstanceId]| routed.pick(balancer, &set, tried, &policy, zone);
-        let (mut ep, mut in_flight) = pick(&tried).map_err(|why| no_pick(&service, limit, why))?;
+        let (mut ep, mut in_flight) = (pick(&tried))
+            .map_err(|why| no_pick(&service, policy.max_concurrent_per_endpoint, why))?;
         // Switched off by a gray rule or a rollback: straight to the providers (C→CA→P) —
         // except those reached through their PA only (the endpoint says so, or the service's
         // policy forbids paths that skip the PA): those always go through their PA.
         let mesh_on = self.gray.mesh_on(&service);
         let direct_ok = |ep: &Endpoint| policy.direct && ep.direct_allowed();
-        let mut via_pa = !direct_ok(ep) || (mesh_on && self.via_pa_chosen(ep));
+        let path_for = |ep: &Endpoint| !direct_ok(ep) || (mesh_on && self.via_pa_chosen(ep));
+        let mut via_pa = path_for(ep);
         let mut attempts: u32 = 0;
         loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(timed_out(&service, &policy));
-            }
-            let left = deadline - now;
-            let timeout = policy.try_timeout.map_or(left, |t| t.min(left));
+            let left = (deadline.checked_duration_since(Instant::now()))
+                .filter(|left| !left.is_zero())
+                .ok_or_else(|| timed_out(&service, &policy))?;
             attempts += 1;
-            info.log.attempts = attempts;
-            if logged {
-                info.log.endpoint = Some(ep.instance.to_string());
-            }
-            let span = tracing::debug_span!("attempt", n = attempts, instance = %ep.instance,
-                path = if via_pa { "pa" } else { "provider" });
-            let mut try_span = attempt_span(hop, attempts, via_pa, ep);
-            let result = if via_pa {
-                self.via_pa(&service, ep, &mut flight, timeout, direct_ok(ep), &try_span)
-                    .instrument(span)
-                    .await
-            } else {
-                self.straight(&service, ep, &mut flight, timeout, &try_span)
-                    .instrument(span)
-                    .await
+            info.attempt(attempts, ep, logged);
+            let t = Try {
+                service: &service,
+                ep,
+                n: attempts,
+                timeout: policy.try_timeout.map_or(left, |t| t.min(left)),
+                via_pa,
+                direct_ok: direct_ok(ep),
             };
-            let failed = match result {
+            let failed = match self.one_attempt(&t, &mut flight, hop).await {
                 Ok((resp, path)) => {
                     let err = resp.status().is_server_error();
-                    if balancer.record_answer(&in_flight, err, set.endpoints.len(), policy.outlier)
-                    {
-                        tracing::warn!(%service, instance = %ep.instance, "ejected as an outlier: server errors in a row");
-                        metrics::counter!("detour_outlier_ejections_total").increment(1);
+                    let eps = set.endpoints.len();
+                    if balancer.record_answer(&in_flight, err, eps, policy.outlier) {
+                        outlier_ejected(&service, ep);
                     }
                     return Ok((resp.map(|b| with_guard(b, in_flight)), path));
                 }
                 Err(f) => f,
             };
-            try_span.fail(|| failed.error.to_string());
-            drop(try_span);
+            let other_endpoint = tried.len() + 1 < set.endpoints.len();
             let options = retry::Options {
-                around_pa: via_pa && direct_ok(ep),
-                other_endpoint: tried.len() + 1 < set.endpoints.len(),
+                around_pa: via_pa && t.direct_ok,
+                other_endpoint,
             };
             let step = next_step(&per, &failed, flight.kind(), options, deadline);
-            hop.event(retry::event_name(&step), || {
-                vec![
-                    ("detour.attempt", attempts.into()),
-                    ("detour.error", failed.error.kind.reason().into()),
-                    ("detour.outcome", format!("{:?}", failed.outcome).into()),
-                ]
-            });
+            retry_event(hop, &step, attempts, &failed);
             match step {
                 Step::Again => {}
                 Step::OtherPath => via_pa = false,
@@ -268,12 +254,26 @@ impl Outbound {
                         return Err(failed.error);
                     };
                     (ep, in_flight) = next;
-                    via_pa = !direct_ok(ep) || (mesh_on && self.via_pa_chosen(ep));
+                    via_pa = path_for(ep);
                 }
                 Step::Return => return Err(failed.error),
                 Step::GiveUp(f) => return Err(MeshError::gave_up(f, failed.error.detail)),
             }
         }
+    }
+
+    /// Names the hop's span and the access-log line after `service`; whether an access log is
+    /// kept.
+    fn note_service(&self, service: &ServiceName, hop: &mut Span, info: &mut RouteInfo) -> bool {
+        if hop.is_recording() {
+            hop.rename(format!("ca {service}"));
+            hop.attr("detour.service", service.to_string());
+        }
+        let logged = self.access_log.is_some();
+        if logged {
+            info.log.service = Some(service.to_string());
+        }
+        logged
     }
 
     /// The endpoints of `service`, known to the registry.
@@ -330,136 +330,6 @@ impl Outbound {
     fn via_pa_chosen(&self, ep: &Endpoint) -> bool {
         ep.pa_address
             .is_some_and(|pa| self.links.get(&ep.host, pa).choose_primary())
-    }
-
-    /// One attempt through `ep`'s PA. A mesh error the PA answers with becomes the attempt's
-    /// outcome; transport failures feed the link to the PA's host. `direct_ok`: whether the
-    /// provider may be reached around the PA (a request waiting on a PA the link gives up on
-    /// is abandoned only then).
-    async fn via_pa(
-        &self,
-        service: &ServiceName,
-        ep: &Endpoint,
-        flight: &mut Held,
-        timeout: std::time::Duration,
-        direct_ok: bool,
-        trace: &Span,
-    ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
-        let Some(pa) = ep.pa_address else {
-            // Reached through a PA only, and it has none: this endpoint cannot be used.
-            let why = format!(
-                "{} has no sidecar, and {service} allows no path around one",
-                ep.instance
-            );
-            return Err(unusable(MeshErrorKind::UpstreamConnect, why));
-        };
-        if let Err(owner) = self.links.may_use(&ep.host, pa) {
-            // The endpoint names another host's PA: it is not used (the next one is), and
-            // nothing goes to its own address either.
-            let why = format!("the PA at {pa} is {owner}'s, not {}'s", ep.host);
-            return Err(unusable(MeshErrorKind::UntrustedPeer, why));
-        }
-        let link = self.links.get(&ep.host, pa);
-        let mut req = flight.take().ok_or_else(|| consumed(ep))?;
-        trace.inject(req.headers_mut());
-        let dial = Dial::Tcp(pa);
-        let proto = self.cfg.pa_protocol;
-        let sent = attempt(
-            &self.pools.pas,
-            &dial,
-            proto,
-            service.as_str(),
-            req,
-            timeout,
-            Part::Sidecar,
-        );
-        let result = if direct_ok && flight.idempotent() && flight.has_copy() {
-            // A PA the link gives up on (hung: probes time out) holds no idempotent request:
-            // it is abandoned there and sent straight to the provider.
-            tokio::select! {
-                biased;
-                r = sent => r,
-                () = link.left_primary() => {
-                    metrics::counter!("detour_abandoned_total", "peer" => "pa").increment(1);
-                    Err(AttemptFailed {
-                        outcome: Outcome::Lost(Part::Sidecar),
-                        request: None,
-                        refused: false,
-                        error: MeshError::new(
-                            MeshErrorKind::UpstreamReset,
-                            format!("the link to {} left it while the request waited", ep.host),
-                        ),
-                    })
-                }
-            }
-        } else {
-            sent.await
-        };
-        match result {
-            Ok(mut resp) => {
-                let kind = MeshErrorKind::from_headers(resp.headers());
-                strip_mesh_headers(resp.headers_mut());
-                let Some(kind) = kind else {
-                    return Ok((resp, PathTaken::Mesh));
-                };
-                Err(AttemptFailed {
-                    outcome: Outcome::of_mesh_error(kind),
-                    request: None,
-                    refused: false,
-                    error: MeshError::new(
-                        kind,
-                        format!("the sidecar of {} answered {kind}", ep.host),
-                    ),
-                })
-            }
-            Err(mut f) => {
-                let reason = if f.refused {
-                    Reason::DrainAnnounced
-                } else {
-                    Reason::ConnectFailed
-                };
-                if matches!(f.outcome, Outcome::NeverReached(_) | Outcome::Lost(_)) {
-                    tracing::debug!(%service, host = %ep.host, error = %f.error, "the PA failed; the link decides where to go");
-                    link.event(Event::Fault(reason));
-                }
-                flight.give_back(f.request.take());
-                Err(f)
-            }
-        }
-    }
-
-    /// One attempt straight to `ep`'s provider.
-    async fn straight(
-        &self,
-        service: &ServiceName,
-        ep: &Endpoint,
-        flight: &mut Held,
-        timeout: std::time::Duration,
-        trace: &Span,
-    ) -> Result<(Response<BoxBody>, PathTaken), AttemptFailed> {
-        let mut req = flight.take().ok_or_else(|| consumed(ep))?;
-        trace.inject(req.headers_mut());
-        let dial = Dial::Tcp(ep.app_address);
-        match attempt(
-            &self.pools.providers,
-            &dial,
-            ep.protocol,
-            service.as_str(),
-            req,
-            timeout,
-            Part::Provider,
-        )
-        .await
-        {
-            Ok(mut resp) => {
-                strip_mesh_headers(resp.headers_mut());
-                Ok((resp, PathTaken::CaDirect))
-            }
-            Err(mut f) => {
-                flight.give_back(f.request.take());
-                Err(f)
-            }
-        }
     }
 
     async fn serve_control(&self, req: Request<Incoming>) -> Response<BoxBody> {
@@ -555,6 +425,23 @@ fn next_step(
     step
 }
 
+/// An endpoint ejected as an outlier (server errors in a row): logged and counted.
+fn outlier_ejected(service: &ServiceName, ep: &Endpoint) {
+    tracing::warn!(%service, instance = %ep.instance, "ejected as an outlier: server errors in a row");
+    metrics::counter!("detour_outlier_ejections_total").increment(1);
+}
+
+/// The hop span's event for the step after failed attempt `n`.
+fn retry_event(hop: &mut Span, step: &Step, n: u32, failed: &AttemptFailed) {
+    hop.event(retry::event_name(step), || {
+        vec![
+            ("detour.attempt", n.into()),
+            ("detour.error", failed.error.kind.reason().into()),
+            ("detour.outcome", format!("{:?}", failed.outcome).into()),
+        ]
+    });
+}
+
 /// The error of a request whose time ran out.
 fn timed_out(service: &ServiceName, policy: &ServicePolicy) -> MeshError {
     MeshError::new(
@@ -578,41 +465,6 @@ fn no_pick(service: &ServiceName, limit: usize, why: NoPick) -> MeshError {
                 format!("{service}: every endpoint has {limit} requests in flight"),
             )
         }
-    }
-}
-
-/// The span of attempt `n` of a hop, through `ep`'s PA or straight to its provider.
-fn attempt_span(hop: &Span, n: u32, via_pa: bool, ep: &Endpoint) -> Span {
-    let mut span = hop.child("attempt", SpanKind::Client);
-    if span.is_recording() {
-        span.attr("detour.attempt", n);
-        span.attr("detour.path", if via_pa { "mesh" } else { "ca_direct" });
-        span.attr("detour.instance", ep.instance.to_string());
-    }
-    span
-}
-
-/// The failure of an attempt on an endpoint that cannot be used (nothing was sent).
-fn unusable(kind: MeshErrorKind, why: String) -> AttemptFailed {
-    AttemptFailed {
-        outcome: Outcome::NeverReached(Part::Provider),
-        request: None,
-        refused: false,
-        error: MeshError::new(kind, why),
-    }
-}
-
-/// The failure of an attempt that has no request left to send (never expected: the retry
-/// decision only asks for another attempt when a copy is at hand).
-fn consumed(ep: &Endpoint) -> AttemptFailed {
-    AttemptFailed {
-        outcome: Outcome::Answered,
-        request: None,
-        refused: false,
-        error: MeshError::new(
-            MeshErrorKind::UpstreamConnect,
-            format!("{}: the request was already consumed", ep.instance),
-        ),
     }
 }
 

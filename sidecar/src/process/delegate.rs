@@ -72,6 +72,18 @@ struct Shared {
     wake: Notify,
 }
 
+impl Shared {
+    /// The publication to push now, saying whether this sidecar holds the registrations.
+    fn publication(&self, self_held: bool) -> HostPublication {
+        let mut p = (self.publication.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        p.protocol = PUBLICATION_PROTOCOL;
+        p.self_held = self_held;
+        p
+    }
+}
+
 impl Delegated {
     /// Publishes through the watchdog at `socket`; reads from `reads`, and writes there itself
     /// when the watchdog has not answered for `takeover`.
@@ -187,16 +199,7 @@ async fn push_loop(shared: Arc<Shared>) {
             () = sleep_until_some(deadline), if !held.active && deadline.is_some() => {}
         }
         let generation = shared.generation.load(Ordering::SeqCst);
-        let publication = {
-            let mut p = shared
-                .publication
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            p.protocol = PUBLICATION_PROTOCOL;
-            p.self_held = held.active;
-            p
-        };
+        let publication = shared.publication(held.active);
         if held.active {
             // Written before the watchdog is asked: a change must not wait for its timeout.
             held.sync(&*shared.reads, &publication).await;
@@ -219,30 +222,7 @@ async fn push_loop(shared: Arc<Shared>) {
                 failures = 0;
                 waiting_since = None;
                 mark_taken(&shared, generation);
-                if held.active && protocol >= 2 {
-                    // The watchdog wrote every registration again under its own lease before it
-                    // answered: let go of the copies, removing nothing.
-                    match shared.reads.release().await {
-                        Ok(()) => {
-                            tracing::info!(
-                                "the watchdog is back and holds the registrations again"
-                            );
-                            metrics::counter!("detour_watchdog_takeovers_total", "event" => "returned")
-                                .increment(1);
-                            held = SelfHeld::default();
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot hand the registrations back yet")
-                        }
-                    }
-                }
-                if protocol > PUBLICATION_PROTOCOL + 1 {
-                    tracing::warn!(
-                        watchdog = protocol,
-                        sidecar = PUBLICATION_PROTOCOL,
-                        "the watchdog speaks a newer publication protocol than this sidecar knows"
-                    );
-                }
+                taken_by_watchdog(&shared, &mut held, protocol).await;
             }
             Some(Err(e)) => {
                 failures += 1;
@@ -269,6 +249,31 @@ async fn push_loop(shared: Arc<Shared>) {
             shared.wake.notify_one();
         }
         metrics::gauge!("detour_registrations_self_held").set(if held.active { 1.0 } else { 0.0 });
+    }
+}
+
+/// The watchdog took a publication (it speaks `protocol`): registrations this sidecar held
+/// while it was away are handed back to it.
+async fn taken_by_watchdog(shared: &Shared, held: &mut SelfHeld, protocol: u32) {
+    if held.active && protocol >= 2 {
+        // The watchdog wrote every registration again under its own lease before it answered:
+        // let go of the copies, removing nothing.
+        match shared.reads.release().await {
+            Ok(()) => {
+                tracing::info!("the watchdog is back and holds the registrations again");
+                metrics::counter!("detour_watchdog_takeovers_total", "event" => "returned")
+                    .increment(1);
+                *held = SelfHeld::default();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot hand the registrations back yet"),
+        }
+    }
+    if protocol > PUBLICATION_PROTOCOL + 1 {
+        tracing::warn!(
+            watchdog = protocol,
+            sidecar = PUBLICATION_PROTOCOL,
+            "the watchdog speaks a newer publication protocol than this sidecar knows"
+        );
     }
 }
 

@@ -208,25 +208,37 @@ pub async fn run(
                 Err(e) => Outcome::failed(format!("invalid_request:{e}")),
             };
             let latency = origin.elapsed();
-            if let Some(failure) = &outcome.failure {
-                let mut t = lock(&total);
-                if t.failed_requests.len() < MAX_LISTED_FAILURES {
-                    let ended = detour_registry::now_unix_ms();
-                    t.failed_requests.push(FailedRequest {
-                        due_unix_ms: ended.saturating_sub(latency.as_millis() as u64),
-                        ended_unix_ms: ended,
-                        method: kind,
-                        kind: failure.clone(),
-                    });
-                }
-            }
-            lock(&total).record(&outcome, kind, latency);
-            lock(&window).record(&outcome, kind, latency);
+            record(&total, &window, &outcome, kind, latency);
             drop(permit);
         });
         i += 1;
     }
     finish(total, sem, spec).await
+}
+
+/// Counts one request's outcome in the totals and the current second's window; a failure is
+/// also listed (up to [`MAX_LISTED_FAILURES`]).
+fn record(
+    total: &Mutex<Stats>,
+    window: &Mutex<Stats>,
+    outcome: &Outcome,
+    kind: MethodKind,
+    latency: Duration,
+) {
+    if let Some(failure) = &outcome.failure {
+        let mut t = lock(total);
+        if t.failed_requests.len() < MAX_LISTED_FAILURES {
+            let ended = detour_registry::now_unix_ms();
+            t.failed_requests.push(FailedRequest {
+                due_unix_ms: ended.saturating_sub(latency.as_millis() as u64),
+                ended_unix_ms: ended,
+                method: kind,
+                kind: failure.clone(),
+            });
+        }
+    }
+    lock(total).record(outcome, kind, latency);
+    lock(window).record(outcome, kind, latency);
 }
 
 async fn finish(total: Arc<Mutex<Stats>>, sem: Arc<Semaphore>, spec: &LoadSpec) -> Stats {
@@ -275,38 +287,7 @@ async fn send(
     kind: MethodKind,
     req: Request<BoxBody>,
 ) -> Outcome {
-    let resp: Result<Response<BoxBody>, String> = match target {
-        Target::Sdk(client) if kind == MethodKind::Grpc => {
-            let mut channel = client.grpc(service.clone());
-            tower::Service::call(&mut channel, req.map(tonic::body::Body::new))
-                .await
-                .map_err(|e| match e.downcast_ref::<detour_thin_sdk::Error>() {
-                    Some(e) => e.kind().to_owned(),
-                    None => "grpc_transport".to_owned(),
-                })
-        }
-        Target::Sdk(client) => client
-            .send(service, req)
-            .await
-            .map_err(|e| e.kind().to_owned()),
-        Target::Direct { dial, protocol } => {
-            let protocol = if kind == MethodKind::Grpc {
-                AppProtocol::Http2
-            } else {
-                *protocol
-            };
-            match set_target(service.as_str(), protocol, req) {
-                Ok(req) => pool.send(dial, protocol, req).await.map_err(|f| {
-                    if f.error.never_left() {
-                        "connect".into()
-                    } else {
-                        "outcome_unknown".into()
-                    }
-                }),
-                Err(e) => Err(format!("invalid_request:{e}")),
-            }
-        }
-    };
+    let resp = exchange(target, pool, service, kind, req).await;
     let resp = match resp {
         Err(failure) => return Outcome::failed(failure),
         Ok(resp) => resp,
@@ -351,6 +332,48 @@ async fn send(
         failure,
         served_by,
         path,
+    }
+}
+
+/// Sends one request to `target`: its answer, or how it failed.
+async fn exchange(
+    target: &Target,
+    pool: &Arc<Pool>,
+    service: &ServiceName,
+    kind: MethodKind,
+    req: Request<BoxBody>,
+) -> Result<Response<BoxBody>, String> {
+    match target {
+        Target::Sdk(client) if kind == MethodKind::Grpc => {
+            let mut channel = client.grpc(service.clone());
+            tower::Service::call(&mut channel, req.map(tonic::body::Body::new))
+                .await
+                .map_err(|e| match e.downcast_ref::<detour_thin_sdk::Error>() {
+                    Some(e) => e.kind().to_owned(),
+                    None => "grpc_transport".to_owned(),
+                })
+        }
+        Target::Sdk(client) => client
+            .send(service, req)
+            .await
+            .map_err(|e| e.kind().to_owned()),
+        Target::Direct { dial, protocol } => {
+            let protocol = if kind == MethodKind::Grpc {
+                AppProtocol::Http2
+            } else {
+                *protocol
+            };
+            match set_target(service.as_str(), protocol, req) {
+                Ok(req) => pool.send(dial, protocol, req).await.map_err(|f| {
+                    if f.error.never_left() {
+                        "connect".into()
+                    } else {
+                        "outcome_unknown".into()
+                    }
+                }),
+                Err(e) => Err(format!("invalid_request:{e}")),
+            }
+        }
     }
 }
 

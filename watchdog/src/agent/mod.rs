@@ -8,6 +8,7 @@
 
 mod probe;
 mod upgrade;
+mod watch;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
 use crate::agent_config::Config;
-use crate::api::{Command, Status, UpgradeTo};
+use crate::api::{Command, Status};
 use crate::held::Held;
 use crate::kept::{Binaries, Kept};
 use crate::proc::{Exit, Launch, SidecarProc};
@@ -427,122 +428,6 @@ impl Agent {
         let sc = self.launch(&self.binaries.current, false)?;
         tracing::info!(pid = sc.pid, binary = %sc.binary.display(), "sidecar started");
         Ok(sc)
-    }
-
-    /// Watches one sidecar until it exits, is replaced, or the agent stops.
-    async fn watch(
-        &mut self,
-        sc: &mut SidecarProc,
-        stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-    ) -> Watched {
-        let mut ready = false;
-        let mut killed: Option<&'static str> = None;
-        let mut failed_probes = 0u32;
-        let mut next_probe = Instant::now();
-        let mut ticks = tokio::time::interval(TICK);
-        loop {
-            tokio::select! {
-                exit = sc.exited() => {
-                    let reason = killed.unwrap_or(if ready { "exited" } else { "exited_starting" });
-                    return Watched::Exited(exit, reason);
-                }
-                _ = ticks.tick() => {
-                    let now = Instant::now();
-                    if self.sup.tick(now) {
-                        tracing::info!("the sidecar stayed ready: the crash loop is over");
-                        self.set(|s| s.crash_loop = false);
-                        metrics::gauge!("detour_watchdog_crash_loop").set(0.0);
-                        let _ = self.held.mark(None).await;
-                        self.keep();
-                    }
-                    if killed.is_some() {
-                        continue;
-                    }
-                    if !ready {
-                        if self.is_ready(sc).await {
-                            ready = true;
-                            self.became_ready(sc).await;
-                            if let Some(new) = self.follow_rules(sc).await {
-                                return Watched::Replaced(Box::new(new));
-                            }
-                        } else if sc.since.elapsed() > self.cfg.ready_timeout {
-                            tracing::warn!(pid = sc.pid, "the sidecar did not become ready in time: killing it");
-                            sc.signal(Signal::SIGKILL);
-                            killed = Some("not_ready");
-                        }
-                        continue;
-                    }
-                    if now < next_probe {
-                        continue;
-                    }
-                    next_probe = now + self.cfg.probe_interval;
-                    if self.live(sc).await {
-                        failed_probes = 0;
-                    } else {
-                        failed_probes += 1;
-                        if failed_probes >= self.cfg.fail_after {
-                            tracing::warn!(pid = sc.pid, failed_probes, "the sidecar is hung: killing it");
-                            self.set(|s| s.sidecar_state = "hung".into());
-                            sc.signal(Signal::SIGKILL);
-                            killed = Some("hung");
-                            continue;
-                        }
-                    }
-                    if let (Some(limit), Some(rss)) = (self.cfg.memory_limit, sc.rss_bytes())
-                        && rss > limit
-                    {
-                        tracing::warn!(pid = sc.pid, rss, limit, "the sidecar passed its memory ceiling: replacing it");
-                        metrics::counter!("detour_watchdog_restarts_total", "reason" => "memory").increment(1);
-                        let binary = sc.binary.clone();
-                        match self.upgrade(sc, &binary).await {
-                            Ok((new, _)) => return Watched::Replaced(Box::new(new)),
-                            Err(e) => tracing::warn!(error = %e, "replacing it failed; it serves on"),
-                        }
-                    }
-                }
-                changed = self.rules_doc.changed() => {
-                    if changed.is_err() || !self.read_rules() || !ready || killed.is_some() {
-                        continue;
-                    }
-                    if let Some(new) = self.follow_rules(sc).await {
-                        return Watched::Replaced(Box::new(new));
-                    }
-                }
-                cmd = self.cmds.recv() => match cmd {
-                    Some(Command::Upgrade { reply, .. }) if self.rules.version(&self.cfg.sidecar.host).is_some() => {
-                        let id = self.rules.version(&self.cfg.sidecar.host).map(|r| r.id.clone()).unwrap_or_default();
-                        let _ = reply.send(Err(format!(
-                            "gray rule {id:?} decides this host's sidecar binary: change the rule (detourctl gray) instead"
-                        )));
-                    }
-                    Some(Command::Upgrade { to, reply }) => {
-                        let binary = match to {
-                            UpgradeTo::Binary(b) => Some(b),
-                            UpgradeTo::Rollback => self.binaries.previous.clone(),
-                        };
-                        let outcome = match binary {
-                            None => Err("no previous binary to roll back to".to_owned()),
-                            Some(_) if !ready => Err("the sidecar is not ready yet; try again".to_owned()),
-                            Some(b) => self.upgrade(sc, &b).await,
-                        };
-                        match outcome {
-                            Ok((new, done)) => {
-                                let _ = reply.send(Ok(done));
-                                return Watched::Replaced(Box::new(new));
-                            }
-                            Err(e) => { let _ = reply.send(Err(e)); }
-                        }
-                    }
-                    Some(Command::Shutdown { reply }) => {
-                        self.shutdown(sc).await;
-                        let _ = reply.send(());
-                        return Watched::Stop(Stopped::Shutdown);
-                    }
-                    None => {}
-                },
-                () = stop.as_mut() => return Watched::Stop(Stopped::Left),
-            }
-        }
     }
 
     async fn became_ready(&mut self, sc: &SidecarProc) {

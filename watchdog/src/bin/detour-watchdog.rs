@@ -6,11 +6,13 @@
 //! mesh). `detourctl shutdown` drains the sidecar, withdraws the host's registrations and stops
 //! the watchdog. A bad config exits 64, a failed start 70.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
+use detour_registry::docs::Followed;
 use detour_registry::docs::{self, DocStore};
 use detour_registry::telemetry;
 use detour_registry::{DocName, gray::RuleSet};
@@ -53,6 +55,15 @@ fn main() -> ExitCode {
     rt.block_on(run(cfg))
 }
 
+/// The gray rules document followed, and the task that follows it.
+type Rules = (
+    tokio::sync::watch::Receiver<Followed>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// A start that failed: the message printed before exiting 70.
+struct Failed(String);
+
 async fn run(cfg: Config) -> ExitCode {
     telemetry::prometheus();
     telemetry::build_info("detour-watchdog", env!("CARGO_PKG_VERSION"));
@@ -60,52 +71,39 @@ async fn run(cfg: Config) -> ExitCode {
     for w in &cfg.warnings {
         tracing::warn!("{w}");
     }
+    match start(cfg).await {
+        Ok(stopped) => {
+            tracing::info!(?stopped, "watchdog stopped");
+            match stopped {
+                Stopped::Left | Stopped::Shutdown => ExitCode::SUCCESS,
+            }
+        }
+        Err(Failed(e)) => {
+            eprintln!("detour-watchdog: {e}");
+            ExitCode::from(70)
+        }
+    }
+}
+
+/// Starts the agent and its API, and runs them until the watchdog stops.
+async fn start(cfg: Config) -> Result<Stopped, Failed> {
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) {
         (Ok(t), Ok(i)) => (t, i),
-        _ => {
-            eprintln!("detour-watchdog: cannot install signal handlers");
-            return ExitCode::from(70);
-        }
+        _ => return Err(Failed("cannot install signal handlers".into())),
     };
     let run_dir = cfg.sidecar.run_dir.clone();
-    let state_dir = cfg.sidecar.state_dir.clone();
-    for dir in [&run_dir, &state_dir] {
-        if let Err(e) = std::fs::create_dir_all(dir) {
-            eprintln!("detour-watchdog: directory {}: {e}", dir.display());
-            return ExitCode::from(70);
-        }
+    for dir in [&run_dir, &cfg.sidecar.state_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failed(format!("directory {}: {e}", dir.display())))?;
     }
-    let host = cfg.sidecar.host.clone();
-    let registry = match cfg.sidecar.registry.open(host.clone()).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("detour-watchdog: registry: {e}");
-            return ExitCode::from(70);
-        }
-    };
-    // The rules are saved in the state directory: a watchdog restarted while the registry is
-    // unreachable keeps the host on the binary the last rules it knew chose.
-    let (rules, _saving_rules) = docs::follow(
-        DocName::GrayRules,
-        registry.watch_doc(DocName::GrayRules),
-        Some(DocStore::new(&state_dir)),
-        |b| RuleSet::parse(b).is_ok(),
-    );
-    let held = Arc::new(
-        Held::restore(
-            registry,
-            host.clone(),
-            state_dir.join("watchdog-publication.json"),
-        )
-        .await,
-    );
+    let (rules, held) = open_registry(&cfg).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let status = Arc::new(Mutex::new(Status::default()));
     let api = Arc::new(Api {
-        host,
+        host: cfg.sidecar.host.clone(),
         held: held.clone(),
         status: status.clone(),
         cmds: tx,
@@ -116,29 +114,11 @@ async fn run(cfg: Config) -> ExitCode {
         api.clone().serve(tcp, &cfg.admin_unix)?;
         Ok(addr)
     });
-    let admin = match served {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("detour-watchdog: admin API: {e}");
-            return ExitCode::from(70);
-        }
-    };
-    let info = serde_json::json!({
-        "pid": std::process::id(),
-        "admin": admin,
-        "unix": cfg.admin_unix,
-    });
-    let info_file = run_dir.join("watchdog.json");
-    let tmp = run_dir.join(".watchdog.json.tmp");
-    if std::fs::write(&tmp, info.to_string())
-        .and_then(|()| std::fs::rename(&tmp, &info_file))
-        .is_err()
-    {
-        tracing::warn!("cannot write watchdog.json");
-    }
+    let admin = served.map_err(|e| Failed(format!("admin API: {e}")))?;
+    let info_file = write_info(&run_dir, admin, &cfg.admin_unix);
     tracing::info!(%admin, unix = %cfg.admin_unix.display(), "watchdog running");
     let unix = cfg.admin_unix.clone();
-    let agent = Agent::new(Arc::new(cfg), held, status, rx, rules);
+    let agent = Agent::new(Arc::new(cfg), held, status, rx, rules.0);
     let stop = async {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping the watchdog; the sidecar runs on"),
@@ -150,10 +130,46 @@ async fn run(cfg: Config) -> ExitCode {
         // The caller is still reading the answer to its shutdown.
         api.quiesce(std::time::Duration::from_secs(2)).await;
     }
+    drop(rules.1);
     let _ = std::fs::remove_file(&info_file);
     let _ = std::fs::remove_file(&unix);
-    tracing::info!(?stopped, "watchdog stopped");
-    match stopped {
-        Stopped::Left | Stopped::Shutdown => ExitCode::SUCCESS,
+    Ok(stopped)
+}
+
+/// The gray rules followed (and the task that follows them), and the host's publication as
+/// the last watchdog left it, from the registry the config names.
+async fn open_registry(cfg: &Config) -> Result<(Rules, Arc<Held>), Failed> {
+    let host = cfg.sidecar.host.clone();
+    let state_dir = &cfg.sidecar.state_dir;
+    let registry = (cfg.sidecar.registry.open(host.clone()).await)
+        .map_err(|e| Failed(format!("registry: {e}")))?;
+    // The rules are saved in the state directory: a watchdog restarted while the registry is
+    // unreachable keeps the host on the binary the last rules it knew chose.
+    let rules = docs::follow(
+        DocName::GrayRules,
+        registry.watch_doc(DocName::GrayRules),
+        Some(DocStore::new(state_dir)),
+        |b| RuleSet::parse(b).is_ok(),
+    );
+    let publication = state_dir.join("watchdog-publication.json");
+    let held = Arc::new(Held::restore(registry, host, publication).await);
+    Ok((rules, held))
+}
+
+/// Writes `watchdog.json` (pid and admin addresses) in `run_dir`; its path.
+fn write_info(run_dir: &Path, admin: SocketAddr, unix: &Path) -> PathBuf {
+    let info = serde_json::json!({
+        "pid": std::process::id(),
+        "admin": admin,
+        "unix": unix,
+    });
+    let info_file = run_dir.join("watchdog.json");
+    let tmp = run_dir.join(".watchdog.json.tmp");
+    if std::fs::write(&tmp, info.to_string())
+        .and_then(|()| std::fs::rename(&tmp, &info_file))
+        .is_err()
+    {
+        tracing::warn!("cannot write watchdog.json");
     }
+    info_file
 }

@@ -93,23 +93,12 @@ impl admin::StateSource for Shared {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub async fn run_agent(cfg: Config) -> Result<(), StartError> {
-    for w in &cfg.warnings {
-        tracing::warn!("{w}");
-    }
-    let prom = prometheus().clone();
-    detour_registry::telemetry::build_info("detour-registry-sync", env!("CARGO_PKG_VERSION"));
-    let listener = TcpListener::bind(cfg.admin_listen)
-        .await
-        .map_err(|source| StartError::Admin {
-            addr: cfg.admin_listen,
-            source,
-        })?;
-    let admin_addr = listener.local_addr().map_err(|source| StartError::Admin {
-        addr: cfg.admin_listen,
-        source,
-    })?;
+/// The admin listener, bound; its address written to `admin_address_file` when set.
+async fn bind_admin(cfg: &Config) -> Result<(TcpListener, std::net::SocketAddr), StartError> {
+    let addr = cfg.admin_listen;
+    let admin = |source| StartError::Admin { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(admin)?;
+    let admin_addr = listener.local_addr().map_err(admin)?;
     if let Some(path) = &cfg.admin_address_file {
         detour_proto::files::write_atomic(path, format!("{admin_addr}\n").as_bytes(), 0o644)
             .map_err(|source| StartError::AddressFile {
@@ -117,7 +106,12 @@ pub async fn run_agent(cfg: Config) -> Result<(), StartError> {
                 source,
             })?;
     }
-    let source: Box<dyn LegacySource> = match &cfg.source {
+    Ok((listener, admin_addr))
+}
+
+/// The legacy registry the config names.
+fn legacy_source(cfg: &Config) -> Box<dyn LegacySource> {
+    match &cfg.source {
         SourceSpec::ZooKeeper {
             servers,
             root,
@@ -139,7 +133,18 @@ pub async fn run_agent(cfg: Config) -> Result<(), StartError> {
             poll_interval: *poll_interval,
             legacy: cfg.name.clone(),
         }),
-    };
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run_agent(cfg: Config) -> Result<(), StartError> {
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    let prom = prometheus().clone();
+    detour_registry::telemetry::build_info("detour-registry-sync", env!("CARGO_PKG_VERSION"));
+    let (listener, admin_addr) = bind_admin(&cfg).await?;
+    let source = legacy_source(&cfg);
     let describe = source.describe();
     tracing::info!(name = %cfg.name, replica = %cfg.replica, source = %describe, admin = %admin_addr, etcd = ?cfg.etcd, "detour-registry-sync starting");
     let (view_tx, view_rx) = watch::channel(SourceView::default());

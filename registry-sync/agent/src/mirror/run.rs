@@ -140,31 +140,24 @@ pub async fn run(
             }
         };
         let mut keeper = LeaseKeeper::new(election, opts.election_ttl);
-        // Campaign until elected (keeping the election lease alive meanwhile).
-        let fence = loop {
-            if !keeper.tick(&*target).await {
-                break None;
-            }
-            match target.campaign(&opts.replica, election).await {
-                Ok(Campaign::Won { fence }) => break Some(fence),
-                Ok(Campaign::Lost { leader }) => {
-                    metrics::gauge!("detour_sync_leader").set(0.0);
-                    set_status(&status, |s| {
-                        s.role = "standby".into();
-                        s.leader = leader;
-                    });
-                }
-                Err(e) => set_status(&status, |s| s.last_error = Some(e.to_string())),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => {}
-                _ = stop.changed() => {
-                    let _ = target.revoke(election).await;
-                    return;
-                }
+        let fence = match campaign(
+            &opts,
+            &*target,
+            election,
+            &mut keeper,
+            &status,
+            &mut stop,
+            poll,
+        )
+        .await
+        {
+            Campaigned::Won(fence) => fence,
+            Campaigned::Expired => continue,
+            Campaigned::Stopped => {
+                let _ = target.revoke(election).await;
+                return;
             }
         };
-        let Some(fence) = fence else { continue };
         tracing::info!(replica = %opts.replica, fence, "elected: mirroring into the target");
         metrics::counter!("detour_sync_elected_total").increment(1);
         metrics::gauge!("detour_sync_leader").set(1.0);
@@ -193,6 +186,49 @@ pub async fn run(
         tracing::warn!(reason = %why, "no longer mirroring");
         if resigned {
             return;
+        }
+    }
+}
+
+/// How a campaign ended.
+enum Campaigned {
+    /// Elected, with this fence.
+    Won(i64),
+    /// The election lease expired first.
+    Expired,
+    /// `stop` came first.
+    Stopped,
+}
+
+/// Campaigns with `election` every `poll` until elected, keeping the election lease alive
+/// meanwhile; the status says who leads while this replica stands by.
+async fn campaign(
+    opts: &RunOptions,
+    target: &dyn Target,
+    election: i64,
+    keeper: &mut LeaseKeeper,
+    status: &SharedStatus,
+    stop: &mut watch::Receiver<bool>,
+    poll: Duration,
+) -> Campaigned {
+    loop {
+        if !keeper.tick(target).await {
+            return Campaigned::Expired;
+        }
+        match target.campaign(&opts.replica, election).await {
+            Ok(Campaign::Won { fence }) => return Campaigned::Won(fence),
+            Ok(Campaign::Lost { leader }) => {
+                metrics::gauge!("detour_sync_leader").set(0.0);
+                set_status(status, |s| {
+                    s.role = "standby".into();
+                    s.leader = leader;
+                });
+            }
+            Err(e) => set_status(status, |s| s.last_error = Some(e.to_string())),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = stop.changed() => return Campaigned::Stopped,
         }
     }
 }
@@ -245,6 +281,25 @@ struct Term<'a> {
     health: &'a Arc<dyn HealthCheck>,
 }
 
+/// What a term keeps from one round to the next.
+struct TermState {
+    /// Lags are measured from the first converged listing on (not the initial copy).
+    baseline: Option<Instant>,
+    mirror: Mirror,
+    /// The data lease and its keeper, once granted.
+    data: Option<(i64, LeaseKeeper)>,
+    /// What the target holds, as last listed and written.
+    current: Current,
+    lags: Lags,
+    recorded: HashMap<ServiceName, Instant>,
+    /// When the target is listed again.
+    resync_at: Instant,
+    /// Whether the mirror was seeded from a first listing.
+    seeded: bool,
+    /// The providers of the last complete listing of the source.
+    applied: Arc<Providers>,
+}
+
 impl Term<'_> {
     /// Leads until the election is lost or `stop`; returns why it ended.
     async fn lead(
@@ -252,99 +307,138 @@ impl Term<'_> {
         source: &mut watch::Receiver<SourceView>,
         stop: &mut watch::Receiver<bool>,
     ) -> String {
-        // Lags are measured from the first converged listing on (not the initial copy).
-        let mut baseline: Option<Instant> = None;
-        let mut mirror = Mirror::new(self.opts.policy.clone());
-        let mut data: Option<(i64, LeaseKeeper)> = None;
-        let mut current = Current::default();
-        let mut lags = Lags::default();
-        let mut recorded: HashMap<ServiceName, Instant> = HashMap::new();
-        let mut resync_at = Instant::now();
+        let mut st = TermState {
+            baseline: None,
+            mirror: Mirror::new(self.opts.policy.clone()),
+            data: None,
+            current: Current::default(),
+            lags: Lags::default(),
+            recorded: HashMap::new(),
+            resync_at: Instant::now(),
+            seeded: false,
+            applied: Arc::default(),
+        };
         let mut checks = tokio::time::interval(self.opts.check_interval);
         let mut ticks = tokio::time::interval(Duration::from_millis(200));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seeded = false;
-        let mut applied: Arc<Providers> = Arc::default();
         loop {
             if !self.keeper.tick(self.target).await {
                 return "the election lease expired".into();
             }
-            // The data lease: granted at the start of the term and again if it ever expires.
-            let lease_ok = match &mut data {
-                Some((_, k)) => k.tick(self.target).await,
-                None => false,
-            };
-            if !lease_ok {
-                match self.target.grant(self.opts.lease_ttl).await {
-                    Ok(l) => {
-                        data = Some((l, LeaseKeeper::new(l, self.opts.lease_ttl)));
-                        resync_at = Instant::now(); // list again: what the old lease held is gone
-                    }
-                    Err(e) => self.error(&e),
-                }
+            self.keep_data_lease(&mut st).await;
+            if Instant::now() >= st.resync_at {
+                self.resync(&mut st).await;
             }
-            if Instant::now() >= resync_at {
-                match self.target.list().await {
-                    Ok(c) => {
-                        current = c;
-                        resync_at = Instant::now() + self.opts.resync_interval;
-                        if !seeded {
-                            mirror.seed(&current, Instant::now());
-                            seeded = true;
-                        }
-                    }
-                    Err(e) => self.error(&e),
-                }
+            if let Err(why) = self.follow_source(&mut st, source).await {
+                return why;
             }
-            if seeded && let Some((lease, _)) = &data {
-                let view = source.borrow_and_update().clone();
-                if view.connected && view.listed {
-                    applied = view.providers.clone();
-                }
-                let now = Instant::now();
-                report(mirror.on_source(&view, now));
-                report(mirror.expire(now));
-                match self
-                    .converge(
-                        &mirror,
-                        &mut current,
-                        *lease,
-                        &view,
-                        baseline,
-                        &mut recorded,
-                        &mut lags,
-                    )
-                    .await
-                {
-                    Ok(()) => {
-                        if baseline.is_none() && view.connected && view.listed {
-                            baseline = Some(Instant::now());
-                        }
-                    }
-                    Err(TargetError::NotLeader) => return "another replica was elected".into(),
-                    Err(e) => self.error(&e),
-                }
-            }
-            self.publish(&mirror, &current, &lags);
+            self.publish(&st.mirror, &st.current, &st.lags);
             tokio::select! {
                 _ = source.changed() => {
-                    // A removal waits a moment for the rest of its batch, so that a mass removal
-                    // is judged as one (and held) rather than trusted in its first few.
-                    let removes = {
-                        let v = source.borrow();
-                        v.connected && removes_any(&applied, &v.providers)
-                    };
-                    if removes && !self.opts.settle.is_zero() {
-                        tokio::select! {
-                            _ = tokio::time::sleep(self.opts.settle) => {}
-                            _ = stop.changed() => return "stopping".into(),
-                        }
+                    if self.settle(&st, source, stop).await {
+                        return "stopping".into();
                     }
                 }
-                _ = checks.tick() => self.check_held(&mut mirror).await,
+                _ = checks.tick() => self.check_held(&mut st.mirror).await,
                 _ = ticks.tick() => {}
                 _ = stop.changed() => return "stopping".into(),
             }
+        }
+    }
+
+    /// The data lease: granted at the start of the term and again if it ever expires (the
+    /// target is then listed again: what the old lease held is gone).
+    async fn keep_data_lease(&self, st: &mut TermState) {
+        let lease_ok = match &mut st.data {
+            Some((_, k)) => k.tick(self.target).await,
+            None => false,
+        };
+        if lease_ok {
+            return;
+        }
+        match self.target.grant(self.opts.lease_ttl).await {
+            Ok(l) => {
+                st.data = Some((l, LeaseKeeper::new(l, self.opts.lease_ttl)));
+                st.resync_at = Instant::now();
+            }
+            Err(e) => self.error(&e),
+        }
+    }
+
+    /// Lists what the target holds; the first listing seeds the mirror.
+    async fn resync(&self, st: &mut TermState) {
+        match self.target.list().await {
+            Ok(c) => {
+                st.current = c;
+                st.resync_at = Instant::now() + self.opts.resync_interval;
+                if !st.seeded {
+                    st.mirror.seed(&st.current, Instant::now());
+                    st.seeded = true;
+                }
+            }
+            Err(e) => self.error(&e),
+        }
+    }
+
+    /// Takes the source's view into the mirror and converges the target on it; `Err` with why
+    /// the term ends when another replica was elected.
+    async fn follow_source(
+        &self,
+        st: &mut TermState,
+        source: &mut watch::Receiver<SourceView>,
+    ) -> Result<(), String> {
+        let Some(lease) = st.data.as_ref().map(|(l, _)| *l).filter(|_| st.seeded) else {
+            return Ok(());
+        };
+        let view = source.borrow_and_update().clone();
+        if view.connected && view.listed {
+            st.applied = view.providers.clone();
+        }
+        let now = Instant::now();
+        report(st.mirror.on_source(&view, now));
+        report(st.mirror.expire(now));
+        let converged = self
+            .converge(
+                &st.mirror,
+                &mut st.current,
+                lease,
+                &view,
+                st.baseline,
+                &mut st.recorded,
+                &mut st.lags,
+            )
+            .await;
+        match converged {
+            Ok(()) => {
+                if st.baseline.is_none() && view.connected && view.listed {
+                    st.baseline = Some(Instant::now());
+                }
+            }
+            Err(TargetError::NotLeader) => return Err("another replica was elected".into()),
+            Err(e) => self.error(&e),
+        }
+        Ok(())
+    }
+
+    /// After a change of the source: a removal waits a moment for the rest of its batch, so
+    /// that a mass removal is judged as one (and held) rather than trusted in its first few.
+    /// True when `stop` came meanwhile.
+    async fn settle(
+        &self,
+        st: &TermState,
+        source: &watch::Receiver<SourceView>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let removes = {
+            let v = source.borrow();
+            v.connected && removes_any(&st.applied, &v.providers)
+        };
+        if !removes || self.opts.settle.is_zero() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(self.opts.settle) => false,
+            _ = stop.changed() => true,
         }
     }
 
