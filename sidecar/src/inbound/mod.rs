@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::{Config, Provide};
-use crate::http::forward::attempt;
+use crate::http::forward::{AttemptFailed, attempt};
 use crate::http::headers::{authority, service_of, strip_hop_by_hop};
 use crate::http::respond::{MeshError, is_grpc};
 use crate::http::server::{Caller, Handler, ping_response};
@@ -259,14 +259,7 @@ impl Inbound {
         let caller = caller.map(|c| &c.0);
         let share = self.share_of(&parts).await?;
         let caller_value = caller.and_then(|c| HeaderValue::from_str(c.as_str()).ok());
-        let mut req = Request::from_parts(parts, boxed(body));
-        strip_hop_by_hop(req.headers_mut());
-        // The provider learns who called from this PA only, never from the caller: no mesh
-        // header of the request reaches it.
-        detour_core::failure::strip_mesh_headers(req.headers_mut());
-        if let Some(v) = caller_value {
-            req.headers_mut().insert(CALLER_HEADER, v);
-        }
+        let mut req = to_provider(Request::from_parts(parts, boxed(body)), caller_value);
         let idempotent = is_idempotent(&req);
         let mut try_span = hop.child("attempt", SpanKind::Client);
         try_span.inject(req.headers_mut());
@@ -302,19 +295,36 @@ impl Inbound {
         if let Outcome::NeverReached(_) = failed.outcome {
             self.health.suspect(&service);
         }
-        // There is one provider here: the decision can only end the request, and says how.
-        let kind = RequestKind {
-            idempotent,
-            resendable: failed.request.is_some(),
-        };
-        let none = Alternatives {
-            other_path: false,
-            other_endpoint: false,
-        };
-        match decide(failed.outcome, kind, none) {
-            Next::Fail(f) => Err(MeshError::gave_up(f, failed.error.detail)),
-            _ => Err(failed.error),
-        }
+        Err(gave_up(failed, idempotent))
+    }
+}
+
+/// The request as it goes to the local provider: hop-by-hop headers and every mesh header
+/// removed, then the caller's verified identity (`caller`) set. The provider learns who called
+/// from this PA only, never from the caller.
+fn to_provider(mut req: Request<BoxBody>, caller: Option<HeaderValue>) -> Request<BoxBody> {
+    strip_hop_by_hop(req.headers_mut());
+    detour_core::failure::strip_mesh_headers(req.headers_mut());
+    if let Some(v) = caller {
+        req.headers_mut().insert(CALLER_HEADER, v);
+    }
+    req
+}
+
+/// The error a failed attempt on the local provider ends the request with. There is one
+/// provider here: the retry decision can only end the request, and says how.
+fn gave_up(failed: AttemptFailed, idempotent: bool) -> MeshError {
+    let kind = RequestKind {
+        idempotent,
+        resendable: failed.request.is_some(),
+    };
+    let none = Alternatives {
+        other_path: false,
+        other_endpoint: false,
+    };
+    match decide(failed.outcome, kind, none) {
+        Next::Fail(f) => MeshError::gave_up(f, failed.error.detail),
+        _ => failed.error,
     }
 }
 
