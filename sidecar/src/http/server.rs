@@ -285,33 +285,12 @@ where
     // Closed with a lingering close: the peer gets to read every answer (see `linger`).
     let io = TokioIo::new(Lingering::new(Prefixed::new(buf, io), LINGER));
     let activity = Arc::new(Activity::new());
-    let active = activity.clone();
     let share = (opts.limits.max_in_flight_per_connection > 0).then(|| {
         ConnShare(Arc::new(tokio::sync::Semaphore::new(
             opts.limits.max_in_flight_per_connection,
         )))
     });
-    let svc = service_fn(move |mut req: Request<Incoming>| {
-        let h = handler.clone();
-        let active = active.clone();
-        if let Some(c) = &caller {
-            req.extensions_mut().insert(c.clone());
-        }
-        if let Some(s) = &share {
-            req.extensions_mut().insert(s.clone());
-        }
-        async move {
-            // In flight until its response *body* has been sent (or dropped): a stream whose
-            // head went out long ago — a gRPC stream, a long download — keeps the connection
-            // from counting as idle.
-            active.begin();
-            let guard = InFlight(active);
-            // Boxed: the handler's future is large, and hyper moves this one several times
-            // (into its dispatcher, into a task per HTTP/2 stream); a pointer moves instead.
-            let resp = Box::pin(h.handle(req)).await;
-            Ok::<_, Infallible>(resp.map(|b| detour_core::body::with_guard(b, guard)))
-        }
-    });
+    let svc = conn_service(handler, activity.clone(), caller, share);
     let http2 = match detected {
         Detected::Http1 => false,
         Detected::Http2 => true,
@@ -344,6 +323,43 @@ where
         Ok(r) => Ok(r?),
         Err(_) => Ok(()),
     }
+}
+
+/// The service of one connection: each request gets the caller's identity and the
+/// connection's share (when there are), and counts as in flight until its response body has
+/// been sent or dropped.
+fn conn_service<H: Handler>(
+    handler: Arc<H>,
+    active: Arc<Activity>,
+    caller: Option<Caller>,
+    share: Option<ConnShare>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<BoxBody>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone {
+    service_fn(move |mut req: Request<Incoming>| {
+        let h = handler.clone();
+        let active = active.clone();
+        if let Some(c) = &caller {
+            req.extensions_mut().insert(c.clone());
+        }
+        if let Some(s) = &share {
+            req.extensions_mut().insert(s.clone());
+        }
+        async move {
+            // In flight until its response *body* has been sent (or dropped): a stream whose
+            // head went out long ago — a gRPC stream, a long download — keeps the connection
+            // from counting as idle.
+            active.begin();
+            let guard = InFlight(active);
+            // Boxed: the handler's future is large, and hyper moves this one several times
+            // (into its dispatcher, into a task per HTTP/2 stream); a pointer moves instead.
+            let resp = Box::pin(h.handle(req)).await;
+            Ok::<_, Infallible>(resp.map(|b| detour_core::body::with_guard(b, guard)))
+        }
+    })
 }
 
 /// The HTTP/1.1 server of a connection: head timeout and size limits from `opts`.

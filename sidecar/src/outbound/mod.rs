@@ -55,7 +55,7 @@ use crate::http::forward::AttemptFailed;
 use crate::http::headers::{authority, service_of, strip_hop_by_hop};
 use crate::http::respond::{MeshError, is_grpc};
 use crate::http::server::{Handler, ping_response};
-use crate::outbound::balance::{Balancer, NoPick};
+use crate::outbound::balance::{Balancer, InFlight, NoPick};
 use crate::outbound::budget::RetryBudget;
 use crate::outbound::control::ControlService;
 use crate::outbound::gray::Gray;
@@ -226,12 +226,9 @@ impl Outbound {
             };
             let failed = match self.one_attempt(&t, &mut flight, hop).await {
                 Ok((resp, path)) => {
-                    let err = resp.status().is_server_error();
                     let eps = set.endpoints.len();
-                    if balancer.record_answer(&in_flight, err, eps, policy.outlier) {
-                        outlier_ejected(&service, ep);
-                    }
-                    return Ok((resp.map(|b| with_guard(b, in_flight)), path));
+                    let resp = answered(resp, balancer, in_flight, eps, &policy, (&service, ep));
+                    return Ok((resp, path));
                 }
                 Err(f) => f,
             };
@@ -425,10 +422,22 @@ fn next_step(
     step
 }
 
-/// An endpoint ejected as an outlier (server errors in a row): logged and counted.
-fn outlier_ejected(service: &ServiceName, ep: &Endpoint) {
-    tracing::warn!(%service, instance = %ep.instance, "ejected as an outlier: server errors in a row");
-    metrics::counter!("detour_outlier_ejections_total").increment(1);
+/// An endpoint's answer: recorded for outlier ejection (among `eps` endpoints; an ejection is
+/// logged and counted), its body holding the endpoint's in-flight slot until it ends.
+fn answered(
+    resp: Response<BoxBody>,
+    balancer: &Balancer,
+    in_flight: InFlight,
+    eps: usize,
+    policy: &ServicePolicy,
+    (service, ep): (&ServiceName, &Endpoint),
+) -> Response<BoxBody> {
+    let err = resp.status().is_server_error();
+    if balancer.record_answer(&in_flight, err, eps, policy.outlier) {
+        tracing::warn!(%service, instance = %ep.instance, "ejected as an outlier: server errors in a row");
+        metrics::counter!("detour_outlier_ejections_total").increment(1);
+    }
+    resp.map(|b| with_guard(b, in_flight))
 }
 
 /// The hop span's event for the step after failed attempt `n`.
