@@ -71,9 +71,9 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
         detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
 
     let t0 = tokio::time::Instant::now();
-    let load = spawn_load(&client, 500, 30);
+    let load = spawn_load(&client, 500, 22);
     tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
-    etcd.stop().await; // for 20 s
+    etcd.stop().await; // for 12 s: longer than the registrations' TTL (10 s)
     tokio::time::sleep_until(t0 + Duration::from_secs(5)).await;
     mesh.stop_with("h1", Signal::SIGTERM).await;
     mesh.restart("h1").await; // etcd is down: ready from its disk cache alone
@@ -83,16 +83,17 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
     println!("restarted during the outage: {svc}");
     assert_eq!(svc["source"], "disk-cache", "{svc}");
     assert_eq!(svc["endpoints"].as_array().unwrap().len(), 2, "{svc}");
-    tokio::time::sleep_until(t0 + Duration::from_secs(21)).await;
-    // The restarted sidecar carries the traffic again while etcd is still down.
+    tokio::time::sleep_until(t0 + Duration::from_secs(13)).await;
+    // The restarted sidecar carries the traffic again while etcd is still down (its link
+    // comes back about 2.5 s after its restart: some 2,500 requests by now).
     let outbound = metric(&h1, "detour_requests_total", "direction=\"outbound\"")
         .await
         .unwrap_or(0.0);
     assert!(
-        outbound > 5_000.0,
+        outbound > 1_500.0,
         "the restarted sidecar carried only {outbound} requests during the outage"
     );
-    tokio::time::sleep_until(t0 + Duration::from_secs(22)).await;
+    tokio::time::sleep_until(t0 + Duration::from_secs(14)).await;
     etcd.restart().await;
     // Changes made once etcd is back: one instance added, one removed.
     a.deregister(&hello(), &InstanceId::new("x1").unwrap())
@@ -104,7 +105,7 @@ async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
     b.register(bare("hy", "x2", &py)).await.unwrap();
     let s = load.await.unwrap();
     line("outage", &s);
-    assert_eq!(s.sent, 15_000);
+    assert_eq!(s.sent, 11_000);
     assert_eq!(s.failed, 0, "{:?}", s.failures);
     assert!(
         s.paths.get("direct").copied().unwrap_or(0) > 0,
