@@ -119,9 +119,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Opens connections through `connector` instead of real sockets (unit tests).
-    #[cfg(test)]
-    pub(crate) fn connector(mut self, connector: Arc<dyn Connect>) -> Self {
+    /// Opens connections (to the sidecar and, on the direct path, to providers) through
+    /// `connector` instead of real sockets: in-memory networks in tests, or a connector of
+    /// the application's own.
+    pub fn connector(mut self, connector: Arc<dyn Connect>) -> Self {
         self.connector = connector;
         self
     }

@@ -491,3 +491,66 @@ async fn routes_send_each_request_to_its_subset_on_the_mesh_and_ca_direct_paths(
     }
     assert_eq!(w.routes.state()["hello"]["fallbacks"], 10);
 }
+
+/// An app's request for `hello` (a POST carries a body).
+fn app_request(method: Method) -> Request<BoxBody> {
+    let body = if method == Method::POST {
+        full("order #1")
+    } else {
+        empty()
+    };
+    Request::builder()
+        .method(method)
+        .uri("/")
+        .body(body)
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_sdk_goes_around_a_ca_that_is_gone_and_comes_back_when_it_is_served_again() {
+    use detour_core::PathTaken;
+    use detour_thin_sdk::{Client, path_taken};
+    let mut w = World::new();
+    w.provider("p2", "10.0.2.1:80", P::Ok);
+    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
+    w.ca();
+    // The app's SDK, on the same in-memory network: C→CA→PA→P.
+    let client = Client::builder(Dial::Unix(CA.into()))
+        .connector(w.net.clone())
+        .timeout(Duration::from_secs(5))
+        .build();
+    assert!(client.wait_ready(Duration::from_secs(5)).await);
+    let resp = client.send(&svc(), app_request(Method::GET)).await.unwrap();
+    assert_eq!(path_taken(&resp), Some(PathTaken::Mesh));
+    while client.snapshot(&svc()).is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The CA gone (its socket refuses): every call goes straight to the provider, once.
+    w.net.set(Dial::Unix(CA.into()), Upstream::Refuse);
+    let posts = w.got("p2", Method::POST);
+    for i in 0..20 {
+        let method = if i % 2 == 0 {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        let resp = client.send(&svc(), app_request(method)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(path_taken(&resp), Some(PathTaken::Direct));
+    }
+    assert_eq!(w.got("p2", Method::POST) - posts, 10, "each POST ran once");
+    // A CA served again (a new `Outbound`, as after a restart): the link's probes and a new
+    // control session bring the calls back to the mesh.
+    w.ca();
+    let mut paths = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let resp = client.send(&svc(), app_request(Method::GET)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        paths.push(path_taken(&resp));
+        if paths.ends_with(&[Some(PathTaken::Mesh); 5]) {
+            return;
+        }
+    }
+    panic!("the calls never settled back on the mesh: {paths:?}");
+}
