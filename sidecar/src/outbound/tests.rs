@@ -220,18 +220,8 @@ impl World {
 
     /// [`Self::call`] with `headers`.
     async fn call_with(&self, method: Method, headers: &[(&str, &str)]) -> Response<BoxBody> {
-        let body = if method == Method::POST {
-            full("order #1")
-        } else {
-            empty()
-        };
-        let req = Request::builder()
-            .method(method)
-            .uri("/")
-            .header(http::header::HOST, "hello")
-            .body(body)
-            .unwrap();
-        let mut req = req;
+        let mut req = app_request(method);
+        (req.headers_mut()).insert(http::header::HOST, HeaderValue::from_static("hello"));
         for (k, v) in headers {
             let name = http::HeaderName::from_bytes(k.as_bytes()).unwrap();
             req.headers_mut()

@@ -139,15 +139,7 @@ async fn answer(
     counts: Arc<Counts>,
 ) -> Response<BoxBody> {
     if req.uri().path() == "/healthz" {
-        let (status, text) = if counts.unhealthy.load(Ordering::Relaxed) {
-            (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n")
-        } else {
-            (StatusCode::OK, "ok\n")
-        };
-        let mut resp = Response::new(full(text));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(SERVED_BY, instance);
-        return resp;
+        return health_answer(&counts, instance);
     }
     counts.received.fetch_add(1, Ordering::Relaxed);
     let query = |key: &str| {
@@ -178,22 +170,7 @@ async fn answer(
         .and_then(|s| s.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok());
     let is_post = req.method() == Method::POST || req.method() == Method::PUT;
-    let mut received = 0u64;
-    let mut kept = Vec::new();
-    let mut body = req.into_body();
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => {
-                if let Some(d) = f.data_ref() {
-                    received += d.len() as u64;
-                    if grpc && kept.len() + d.len() <= MAX_GRPC_BYTES + 5 {
-                        kept.extend_from_slice(d);
-                    }
-                }
-            }
-            Err(_) => break,
-        }
-    }
+    let (received, kept) = read_body(req.into_body(), grpc).await;
     let delay = counts.delay_ms.load(Ordering::Relaxed) + wait_ms.unwrap_or(0);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -215,6 +192,36 @@ async fn answer(
             .insert(detour_core::failure::ERROR_HEADER, v);
     }
     resp
+}
+
+/// The answer to `/healthz`: 200, or 503 while the provider is told to be unhealthy.
+fn health_answer(counts: &Counts, instance: HeaderValue) -> Response<BoxBody> {
+    let (status, text) = if counts.unhealthy.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n")
+    } else {
+        (StatusCode::OK, "ok\n")
+    };
+    let mut resp = Response::new(full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(SERVED_BY, instance);
+    resp
+}
+
+/// Reads a request body to its end (or its first error): how many bytes came, and, for a gRPC
+/// call (`grpc`), the bytes themselves up to one message of the largest size echoed.
+async fn read_body(mut body: Incoming, grpc: bool) -> (u64, Vec<u8>) {
+    let mut received = 0u64;
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(f) = frame else { break };
+        if let Some(d) = f.data_ref() {
+            received += d.len() as u64;
+            if grpc && kept.len() + d.len() <= MAX_GRPC_BYTES + 5 {
+                kept.extend_from_slice(d);
+            }
+        }
+    }
+    (received, kept)
 }
 
 fn plain_answer(is_post: bool, received: u64, instance: &HeaderValue) -> Response<BoxBody> {

@@ -155,15 +155,7 @@ pub fn parse_provider(child: &str, interface: &str, map: &Mapping) -> Result<End
             format!("address {app_address} cannot be dialled"),
         ));
     }
-    let mut params = BTreeMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k =
-            percent_decode(k).ok_or_else(|| reject(Skip::Malformed, "bad %-escape in query"))?;
-        let v =
-            percent_decode(v).ok_or_else(|| reject(Skip::Malformed, "bad %-escape in query"))?;
-        params.insert(k, v);
-    }
+    let mut params = query_params(query)?;
     let named = if path.is_empty() { interface } else { path };
     if named != interface {
         return Err(reject(
@@ -204,6 +196,20 @@ pub fn parse_provider(child: &str, interface: &str, map: &Mapping) -> Result<End
         .take(MAX_LABELS)
         .collect();
     Ok(ep)
+}
+
+/// The parameters of a provider URL's query, %-decoded (the last of a repeated name wins).
+fn query_params(query: &str) -> Result<BTreeMap<String, String>, Rejected> {
+    let mut params = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k =
+            percent_decode(k).ok_or_else(|| reject(Skip::Malformed, "bad %-escape in query"))?;
+        let v =
+            percent_decode(v).ok_or_else(|| reject(Skip::Malformed, "bad %-escape in query"))?;
+        params.insert(k, v);
+    }
+    Ok(params)
 }
 
 fn ip_text(ip: IpAddr) -> String {
