@@ -284,6 +284,12 @@ where
     .await?;
     // Closed with a lingering close: the peer gets to read every answer (see `linger`).
     let io = TokioIo::new(Lingering::new(Prefixed::new(buf, io), LINGER));
+    let http2 = match detected {
+        Detected::Http1 => false,
+        Detected::Http2 => true,
+        // Nothing to serve: the peer closed, or `detect` answered a head it refused.
+        Detected::Closed | Detected::Rejected(_) => return Ok(()),
+    };
     let activity = Arc::new(Activity::new());
     let share = (opts.limits.max_in_flight_per_connection > 0).then(|| {
         ConnShare(Arc::new(tokio::sync::Semaphore::new(
@@ -291,12 +297,6 @@ where
         )))
     });
     let svc = conn_service(handler, activity.clone(), caller, share);
-    let http2 = match detected {
-        Detected::Http1 => false,
-        Detected::Http2 => true,
-        // Nothing to serve: the peer closed, or `detect` answered a head it refused.
-        Detected::Closed | Detected::Rejected(_) => return Ok(()),
-    };
     let (_watcher, mut stop) = watch(lifecycle, &activity, opts.limits.idle_timeout);
     if !http2 {
         let conn = h1_server(opts).serve_connection(io, svc);
