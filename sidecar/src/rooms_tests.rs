@@ -52,7 +52,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("process", &["config", "tls", "http", "app"]),
 ];
 
-/// The `.rs` files under `dir`, tests aside.
+/// The `.rs` files under `dir`, tests (`tests.rs`, `*_tests.rs`, `tests/`) aside.
 fn sources(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).expect("a room's directory") {
@@ -61,7 +61,7 @@ fn sources(dir: &Path) -> Vec<PathBuf> {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
-        if path.is_dir() {
+        if path.is_dir() && name != "tests" {
             out.extend(sources(&path));
         } else if name.ends_with(".rs") && name != "tests.rs" && !name.ends_with("_tests.rs") {
             out.push(path);

@@ -2,19 +2,21 @@
 //! and POST alternating), one fault per test, every request counted by outcome and path.
 //!
 //! The tests run one at a time (they share two cores with the sidecars they measure).
+//!
+//! What needs no real process is tested in process with paused time: an app started while its
+//! sidecar is down, a sick sidecar bypassed, a provider's own errors leaving the link alone
+//! (`sidecar/src/outbound/tests/sdk.rs`).
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
 use std::time::Duration;
 
 use detour_kit::load::Stats;
-use detour_proto::AppProtocol;
 use detour_registry::now_unix_ms;
-use detour_tests::scenario::{self, at, hello, spawn_load};
+use detour_tests::scenario::{self, at, spawn_load};
 use detour_tests::{Mesh, Offer, ProviderProcess, caller_and_provider};
 use detour_thin_sdk::Client;
 use detour_thin_sdk::LinkState;
-use detour_thin_sdk::body::{empty, full};
 use nix::sys::signal::Signal;
 use tokio::sync::Mutex;
 
@@ -177,124 +179,6 @@ async fn sigstop_ca_is_detected_by_probes() {
         "an idempotent request waited {max_idem} ms on the hung sidecar"
     );
     assert_went_and_came_back(&s, "direct", end);
-}
-
-#[tokio::test]
-async fn app_started_while_its_sidecar_is_down_calls_directly_then_mesh() {
-    let _serial = SERIAL.lock().await;
-    let (mut mesh, _p) = caller_and_provider(FAST_LINK).await;
-    let snap = mesh.root().join("sdk-snapshot.json");
-    drop(detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await); // an earlier run of the app left its snapshot file
-    mesh.stop_with("h1", Signal::SIGTERM).await;
-    let client = Client::builder(mesh.sidecar("h1").outbound())
-        .app("late-app")
-        .timeout(Duration::from_secs(20))
-        .snapshot_file(&snap)
-        .build();
-    let t0 = tokio::time::Instant::now();
-    let load = start_load(client.clone());
-    at(t0, 4.0).await;
-    mesh.restart("h1").await;
-    let healed = now_unix_ms();
-    let s = load.await.unwrap();
-    let end = now_unix_ms();
-    summary(
-        "app-before-sidecar",
-        &s,
-        s.first_off_mesh_unix_ms.unwrap_or(0),
-        healed,
-    );
-    assert_full_load(&s);
-    assert_eq!(s.failed, 0, "{:?}", s.failures);
-    assert!(
-        s.paths.get("mesh").copied().unwrap_or(0) > 0,
-        "{:?}",
-        s.paths
-    );
-    assert_went_and_came_back(&s, "direct", end);
-
-    // With neither a sidecar nor a snapshot, the error names the cause.
-    mesh.stop_with("h1", Signal::SIGTERM).await;
-    let bare = Client::builder(mesh.sidecar("h1").outbound()).build();
-    let err = bare
-        .send(&hello(), http::Request::get("/").body(empty()).unwrap())
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), "no_route", "{err}");
-    assert!(
-        err.to_string().contains("no endpoint of hello is known"),
-        "{err}"
-    );
-}
-
-#[tokio::test]
-async fn a_sick_sidecar_is_bypassed_while_direct_calls_succeed() {
-    let _serial = SERIAL.lock().await;
-    let (mut mesh, p) = caller_and_provider(FAST_LINK).await;
-    // h9's sidecar looks at an empty registry: it answers every call with its own mesh error.
-    let cfg = mesh
-        .config("h9", "127.0.0.9", &[], "")
-        .replace("/registry\"", "/empty-registry\"");
-    mesh.start_config("h9", &cfg).await;
-    let snap = mesh.root().join("h9-snapshot.json");
-    let endpoint = serde_json::json!({
-        "service": "hello", "instance": "h2-hello", "host": "h2",
-        "app_address": p.addr().to_string(), "pa_address": null,
-    });
-    let file = serde_json::json!({"format": 1, "services": {"hello": [endpoint]}});
-    std::fs::write(&snap, file.to_string()).unwrap();
-    let client = Client::builder(mesh.sidecar("h9").outbound())
-        .snapshot_file(&snap)
-        .timeout(Duration::from_secs(10))
-        .build();
-    assert!(client.wait_ready(Duration::from_secs(10)).await);
-    let before = p.served();
-    for i in 0..200 {
-        let req = if i % 2 == 0 {
-            http::Request::get("/").body(empty()).unwrap()
-        } else {
-            http::Request::post("/").body(full("x")).unwrap()
-        };
-        let resp = client.send(&hello(), req).await.unwrap();
-        // The sidecar's own routing error means the call never reached a provider: it goes
-        // direct at once, whatever its method.
-        assert_eq!(detour_thin_sdk::mesh_error(&resp), None);
-        assert_eq!(
-            detour_thin_sdk::path_taken(&resp),
-            Some(detour_thin_sdk::PathTaken::Direct)
-        );
-        assert_eq!(resp.status(), 200);
-    }
-    assert_eq!(
-        p.served() - before,
-        200,
-        "each call reached the provider once"
-    );
-    // After a window of such errors the link leaves the sick sidecar: it stops being asked.
-    let admin = mesh.admin("h9");
-    let asked = detour_tests::metric(&admin, "detour_mesh_errors_total", "unknown-service")
-        .await
-        .unwrap_or(0.0);
-    println!("sick-sidecar: the sidecar answered {asked} of 200 calls with its own error");
-    assert!(
-        (20.0..=60.0).contains(&asked),
-        "the window trips after about 20 of the sidecar's own errors: {asked}"
-    );
-    assert_ne!(client.link_state(), LinkState::Primary);
-    // A provider's own errors never move the link.
-    let (mesh2, _p2) = caller_and_provider(FAST_LINK).await;
-    let healthy = mesh2.client("h1", AppProtocol::Http1);
-    for _ in 0..60 {
-        let resp = healthy
-            .send(
-                &hello(),
-                http::Request::get("/status/500").body(empty()).unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 500);
-    }
-    assert_eq!(healthy.link_state(), LinkState::Primary);
 }
 
 #[tokio::test]

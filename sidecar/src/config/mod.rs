@@ -392,6 +392,32 @@ impl RawConfig {
     /// Checks every value, section by section, collecting every problem.
     pub fn validate(self) -> Result<Config, Vec<String>> {
         let mut p = Vec::new();
+        let sections = self.sections(&mut p);
+        let handshake = self.tls.handshake_limits();
+        let (Some(host), Some(registry), Some(inbound), Some(admin), Some(balance)) = (
+            sections.host.clone(),
+            sections.registry.clone(),
+            sections.inbound.addr,
+            sections.admin,
+            sections.proxy.balance,
+        ) else {
+            return Err(p);
+        };
+        if !p.is_empty() {
+            return Err(p);
+        }
+        let required = Required {
+            host,
+            registry,
+            inbound,
+            admin,
+            balance,
+        };
+        Ok(sections.into_config(self.run_dir, handshake, required))
+    }
+
+    /// Each section checked on its own; its problems are added to `p`.
+    fn sections(&self, p: &mut Vec<String>) -> Sections {
         let host = HostId::new(self.host.clone())
             .map_err(|e| p.push(format!("host: {e}")))
             .ok();
@@ -400,88 +426,144 @@ impl RawConfig {
             &self.registry_dir,
             &self.registry_etcd,
             &self.run_dir,
-            &mut p,
+            p,
         );
         let state_dir = detour_registry::client_config::state_dir(&self.run_dir, &self.state_dir);
-        let outbound = self.outbound.validate(&self.run_dir, &mut p);
-        let inbound = self.inbound.validate(&mut p);
-        let admin = self.admin.validate(&mut p);
-        let metrics = self.metrics.validate(&self.run_dir, &mut p);
-        let access_log = self.access_log.validate(&self.run_dir, &mut p);
-        let tracing = self.tracing.validate(&self.host, &mut p);
-        let proxy = self.proxy.validate(&mut p);
-        let limits = self.limits.validate(&mut p);
-        let outlier = self.outlier.validate(&mut p);
-        let tls = self.tls.validate(&self.run_dir, &mut p);
-        let retry_budget = self.retry.validate(&mut p);
-        let policies = self.policy.validate(&mut p);
-        let (drain_timeout, announce) = self.lifecycle.validate(&mut p);
-        let protection = self.protection.validate(&mut p);
-        let catalog_cache = under(&state_dir, &self.catalog_cache);
-        let link = self.link.validate(&mut p);
-        let log_format = self.log.validate(&mut p);
-        let (watchdog_socket, watchdog_takeover) =
-            self.watchdog.validate(registry.as_ref(), &mut p);
-        let provide = provide::validate(
-            &self.provide,
-            &self.host,
-            &tls,
-            &self.tls.trust_domain,
-            &mut p,
-        );
-        let zone = provide::zone(&self.zone, proxy.zone_min_healthy_percent, &mut p);
-        let (Some(host), Some(registry), Some(inbound_addr), Some(admin), Some(balance)) =
-            (host, registry, inbound.addr, admin, proxy.balance)
-        else {
-            return Err(p);
-        };
-        if !p.is_empty() {
-            return Err(p);
-        }
-        Ok(Config {
+        // In the order of the sections' problems in an error.
+        let outbound = self.outbound.validate(&self.run_dir, p);
+        let inbound = self.inbound.validate(p);
+        let admin = self.admin.validate(p);
+        let metrics = self.metrics.validate(&self.run_dir, p);
+        let access_log = self.access_log.validate(&self.run_dir, p);
+        let tracing = self.tracing.validate(&self.host, p);
+        let proxy = self.proxy.validate(p);
+        let limits = self.limits.validate(p);
+        let outlier = self.outlier.validate(p);
+        let tls = self.tls.validate(&self.run_dir, p);
+        let retry_budget = self.retry.validate(p);
+        let policies = self.policy.validate(p);
+        let lifecycle = self.lifecycle.validate(p);
+        let protection = self.protection.validate(p);
+        let link = self.link.validate(p);
+        let log_format = self.log.validate(p);
+        let watchdog = self.watchdog.validate(registry.as_ref(), p);
+        let trust_domain = &self.tls.trust_domain;
+        let provide = provide::validate(&self.provide, &self.host, &tls, trust_domain, p);
+        let zone = provide::zone(&self.zone, proxy.zone_min_healthy_percent, p);
+        Sections {
             host,
-            run_dir: self.run_dir,
-            state_dir,
             registry,
-            outbound_tcp: outbound.tcp,
-            outbound_unix: outbound.unix,
-            outbound_unix_group: outbound.unix_group,
-            inbound: inbound_addr,
-            provider_check_interval: inbound.check_interval,
-            provider_check_timeout: inbound.check_timeout,
+            catalog_cache: under(&state_dir, &self.catalog_cache),
+            state_dir,
+            outbound,
+            inbound,
             admin,
-            balance,
+            metrics,
+            access_log,
+            tracing,
+            proxy,
+            limits,
+            outlier,
+            tls,
+            retry_budget,
+            policies,
+            lifecycle,
+            protection,
+            link,
+            log_format,
+            watchdog,
+            provide,
+            zone,
+        }
+    }
+}
+
+/// The values a sidecar cannot run without, once present.
+struct Required {
+    host: HostId,
+    registry: RegistryClient,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    balance: Balance,
+}
+
+/// Every section's checked values, before they are known to be complete.
+struct Sections {
+    host: Option<HostId>,
+    registry: Option<RegistryClient>,
+    state_dir: PathBuf,
+    catalog_cache: Option<PathBuf>,
+    outbound: listen::OutboundListen,
+    inbound: listen::InboundListen,
+    admin: Option<SocketAddr>,
+    metrics: MetricsListen,
+    access_log: AccessLogSettings,
+    tracing: Option<detour_core::trace::TraceConfig>,
+    proxy: proxy::ProxySettings,
+    limits: limits::Limits,
+    outlier: limits::Outlier,
+    tls: tls::TlsMode,
+    retry_budget: limits::BudgetConfig,
+    policies: std::collections::HashMap<ServiceName, detour_registry::policy::PolicyOverride>,
+    /// The drain timeout and the announce time.
+    lifecycle: (Duration, Duration),
+    protection: ProtectionPolicy,
+    link: proxy::LinkSettings,
+    log_format: LogFormat,
+    /// The watchdog's socket and the take-over time.
+    watchdog: (Option<PathBuf>, Duration),
+    provide: Vec<Provide>,
+    zone: Option<ZonePreference>,
+}
+
+impl Sections {
+    /// The `Config` of sections that all checked.
+    fn into_config(self, run_dir: PathBuf, handshake: tls::HandshakeLimits, r: Required) -> Config {
+        let (proxy, link) = (self.proxy, self.link);
+        Config {
+            host: r.host,
+            run_dir,
+            state_dir: self.state_dir,
+            registry: r.registry,
+            outbound_tcp: self.outbound.tcp,
+            outbound_unix: self.outbound.unix,
+            outbound_unix_group: self.outbound.unix_group,
+            inbound: r.inbound,
+            provider_check_interval: self.inbound.check_interval,
+            provider_check_timeout: self.inbound.check_timeout,
+            admin: r.admin,
+            balance: r.balance,
             connect_timeout: proxy.connect_timeout,
             request_timeout: proxy.request_timeout,
             try_timeout: proxy.try_timeout,
             max_concurrent_per_endpoint: proxy.max_concurrent_per_endpoint,
-            policies,
+            policies: self.policies,
             max_header_bytes: proxy.max_header_bytes,
             eject: proxy.eject,
             max_replay_bytes: proxy.max_replay_bytes,
             pa_protocol: proxy.pa_protocol,
-            limits,
-            outlier,
-            tls,
-            handshake: self.tls.handshake_limits(),
-            retry_budget,
-            drain_timeout,
-            announce,
+            limits: self.limits,
+            outlier: self.outlier,
+            tls: self.tls,
+            handshake,
+            retry_budget: self.retry_budget,
+            drain_timeout: self.lifecycle.0,
+            announce: self.lifecycle.1,
             link: link.machine,
             probe_interval: link.probe_interval,
             probe_timeout: link.probe_timeout,
-            catalog_cache,
-            protection,
-            provide,
-            watchdog_socket,
-            watchdog_takeover,
-            log_format,
-            metrics,
-            access_log,
-            tracing,
-            zone,
+            catalog_cache: self.catalog_cache,
+            protection: self.protection,
+            provide: self.provide,
+            watchdog_socket: self.watchdog.0,
+            watchdog_takeover: self.watchdog.1,
+            log_format: self.log_format,
+            metrics: self.metrics,
+            access_log: self.access_log,
+            tracing: self.tracing,
+            zone: self.zone,
             warnings: Vec::new(),
-        })
+        }
     }
 }
 
