@@ -11,7 +11,7 @@ use detour_proto::HostId;
 use serde::Deserialize;
 
 use crate::dir::{DirOptions, DirRegistry};
-use crate::etcd::{EtcdOptions, EtcdRegistry};
+use crate::etcd::{EtcdOptions, EtcdRegistry, Follows};
 use crate::etcd_security::{EtcdSecurity, EtcdSecurityFiles};
 use crate::{Registry, RegistryError, RegistrySpec};
 
@@ -158,6 +158,16 @@ impl RegistryClient {
 
     /// Opens a client of this registry for `host`.
     pub async fn open(&self, host: HostId) -> Result<Arc<dyn Registry>, RegistryError> {
+        self.open_following(host, Follows::Everything).await
+    }
+
+    /// [`Self::open`], an etcd client listing and watching only what `follows` says (a
+    /// directory registry reads what it is asked for anyway).
+    pub async fn open_following(
+        &self,
+        host: HostId,
+        follows: Follows,
+    ) -> Result<Arc<dyn Registry>, RegistryError> {
         Ok(match &self.spec {
             RegistrySpec::Dir(dir) => Arc::new(DirRegistry::open(dir, host, self.dir).await?),
             RegistrySpec::Etcd(endpoints) => {
@@ -169,7 +179,7 @@ impl RegistryClient {
                     watch_check: self.etcd_watch_check,
                     security: self.etcd_security.clone(),
                 };
-                Arc::new(EtcdRegistry::open(host, opts).await?)
+                Arc::new(EtcdRegistry::open_following(host, opts, follows).await?)
             }
         })
     }

@@ -53,6 +53,33 @@ pub struct EtcdOptions {
     pub security: crate::etcd_security::EtcdSecurity,
 }
 
+/// What a client lists and watches of the prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Follows {
+    /// Everything: services, hosts, documents (a sidecar's catalog).
+    #[default]
+    Everything,
+    /// Only the gray rules (a watchdog: it writes its host's keys and reads nothing else). Its
+    /// watch gets no event for the fleet's endpoints and host statuses; its services and hosts
+    /// stay empty and the other documents unknown.
+    GrayRules,
+}
+
+impl Follows {
+    /// The part of the prefix followed, after `{prefix}/`.
+    fn under(self) -> &'static str {
+        match self {
+            Follows::Everything => "",
+            Follows::GrayRules => crate::registry::RULES_DOC,
+        }
+    }
+
+    /// Whether `doc` is followed.
+    fn doc(self, doc: DocName) -> bool {
+        self == Follows::Everything || doc == DocName::GrayRules
+    }
+}
+
 /// A service key's value (also written by the registry-sync agent's mirror).
 #[derive(Serialize, Deserialize)]
 pub struct EndpointValue {
@@ -77,6 +104,8 @@ struct Own {
 
 struct Inner {
     opts: EtcdOptions,
+    /// What of the prefix is listed and watched.
+    follows: Follows,
     host: HostId,
     /// The cluster's members.
     members: Members,
@@ -127,6 +156,15 @@ impl EtcdRegistry {
     /// Starts the client: gives the first listing of the prefix up to 100 ms (so watchers
     /// usually start from a full view), then keeps the lease and the watch in the background.
     pub async fn open(host: HostId, opts: EtcdOptions) -> Result<Self, RegistryError> {
+        Self::open_following(host, opts, Follows::Everything).await
+    }
+
+    /// [`Self::open`], listing and watching only what `follows` says.
+    pub async fn open_following(
+        host: HostId,
+        opts: EtcdOptions,
+        follows: Follows,
+    ) -> Result<Self, RegistryError> {
         if opts.endpoints.is_empty() {
             return Err(RegistryError::InvalidSpec {
                 spec: "etcd:".into(),
@@ -140,6 +178,7 @@ impl EtcdRegistry {
         );
         let inner = Arc::new(Inner {
             opts,
+            follows,
             host,
             members,
             own: Mutex::new(Own::default()),
@@ -254,11 +293,16 @@ impl Inner {
         pairs
     }
 
-    /// Reads the whole prefix and replaces the view.
+    /// The keys followed: the whole prefix, or the part of it [`Follows`] names.
+    fn followed(&self) -> String {
+        format!("{}/{}", self.opts.prefix, self.follows.under())
+    }
+
+    /// Reads what is followed of the prefix and replaces the view.
     async fn relist(&self) -> Result<(), RegistryError> {
         // In pages at one revision: a whole large prefix does not fit one gRPC message.
         const PAGE: i64 = 2000;
-        let prefix = format!("{}/", self.opts.prefix);
+        let prefix = self.followed();
         let mut end = prefix.clone().into_bytes();
         if let Some(last) = end.last_mut() {
             *last += 1;
@@ -300,7 +344,7 @@ impl Inner {
         *view = View {
             known,
             revision,
-            docs_dirty: [true; DocName::ALL.len()],
+            docs_dirty: DocName::ALL.map(|d| self.follows.doc(d)),
             ..View::default()
         };
         for (k, v, rev) in &pairs {

@@ -162,11 +162,11 @@ fn quiet(check: Duration) -> Duration {
     check.mul_f64(1.0 + fastrand::f64() / 4.0)
 }
 
-/// Follows the whole prefix: resumes after the last revision seen (never listing again for a
+/// Follows what the client follows of the prefix (all of it but for a watchdog): resumes after the last revision seen (never listing again for a
 /// disconnect); re-lists when that revision was compacted away; reopens it on another member
 /// when it stalls. Every retry waits with [`Backoff`], reset by the first message of a watch.
 pub(super) async fn watch_loop(inner: Arc<Inner>) {
-    let prefix = format!("{}/", inner.opts.prefix);
+    let prefix = inner.followed();
     let mut backoff = Backoff::REGISTRY;
     loop {
         if !inner.synced.load(std::sync::atomic::Ordering::SeqCst)

@@ -1,7 +1,7 @@
 //! The etcd back-end against a real etcd: registration under a lease, watches, host status,
 //! garbage values, lease expiry, an etcd restart, a watcher cut off (resumed without a list) or
-//! away during a compaction (listed again), one keep-alive stream per lease, and a sidecar
-//! routing from it.
+//! away during a compaction (listed again), one keep-alive stream per lease, a client that
+//! follows only the gray rules (a watchdog's), and a sidecar routing from it.
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
@@ -416,4 +416,73 @@ async fn a_frozen_member_stalls_neither_writes_nor_watches() {
     })
     .await;
     cluster.signal(0, nix::sys::signal::Signal::SIGCONT);
+}
+
+#[tokio::test]
+async fn a_client_following_only_the_gray_rules_writes_its_keys_and_hears_nothing_else() {
+    use detour_registry::etcd::Follows;
+    use detour_registry::{DocName, DocState};
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let full = EtcdRegistry::open(HostId::new("h1").unwrap(), opts(&etcd.url))
+        .await
+        .unwrap();
+    let h2 = HostId::new("h2").unwrap();
+    let narrow = EtcdRegistry::open_following(h2, opts(&etcd.url), Follows::GrayRules)
+        .await
+        .unwrap();
+    let echo = ServiceName::new("echo").unwrap();
+    let mut everything = full.watch(&echo).await.unwrap();
+    let mut nothing = narrow.watch(&echo).await.unwrap();
+    let mut rules = narrow.watch_doc(DocName::GrayRules);
+    // What the narrow client registers is seen by everyone else.
+    narrow.register(ep("h2", "n1", 1)).await.unwrap();
+    full.register(ep("h1", "f1", 2)).await.unwrap();
+    until(&mut everything, "both instances", |s| {
+        s.endpoints.len() == 2
+    })
+    .await;
+    // The rules reach it; the policy document (not followed) stays unknown.
+    let mut raw = etcd.raw().await;
+    let doc = br#"{"version":1,"rules":[]}"#;
+    raw.put("/detour/test/gray/rules", doc.to_vec(), None)
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let DocState::Known(d) = &*rules.borrow_and_update()
+                && d.bytes.as_deref() == Some(&doc[..])
+            {
+                return;
+            }
+            rules.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the rules never reached the narrow client");
+    assert_eq!(
+        *narrow.watch_doc(DocName::Policy).borrow(),
+        DocState::Unknown
+    );
+    // A host status both write: the full client sees both, the narrow one neither.
+    for (client, host) in [(&full, "h1"), (&narrow, "h2")] {
+        let status = HostStatus {
+            host: HostId::new(host).unwrap(),
+            sidecar: SidecarState::Ready,
+            version: "t".into(),
+            updated_unix_ms: now_unix_ms(),
+            watchdog: None,
+            metrics: None,
+        };
+        client.set_host_status(status).await.unwrap();
+    }
+    let mut hosts = full.watch_hosts();
+    tokio::time::timeout(Duration::from_secs(10), hosts.wait_for(|h| h.len() == 2))
+        .await
+        .unwrap()
+        .unwrap();
+    // Its view stayed empty: no event of the services or the hosts came to it.
+    assert!(nothing.borrow_and_update().endpoints.is_empty());
+    assert!(narrow.watch_hosts().borrow().is_empty());
+    assert_eq!(narrow.lists(), 1);
 }

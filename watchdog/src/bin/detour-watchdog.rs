@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use clap::Parser;
 use detour_registry::docs::Followed;
 use detour_registry::docs::{self, DocStore};
+use detour_registry::etcd::Follows;
 use detour_registry::telemetry;
 use detour_registry::{DocName, gray::RuleSet};
 use detour_watchdog::agent::{Agent, Stopped};
@@ -141,7 +142,11 @@ async fn start(cfg: Config) -> Result<Stopped, Failed> {
 async fn open_registry(cfg: &Config) -> Result<(Rules, Arc<Held>), Failed> {
     let host = cfg.sidecar.host.clone();
     let state_dir = &cfg.sidecar.state_dir;
-    let registry = (cfg.sidecar.registry.open(host.clone()).await)
+    // The watchdog writes its host's keys and reads only the gray rules: its etcd watch is not
+    // told of the fleet's endpoints and host statuses.
+    let registry = (cfg.sidecar.registry)
+        .open_following(host.clone(), Follows::GrayRules)
+        .await
         .map_err(|e| Failed(format!("registry: {e}")))?;
     // The rules are saved in the state directory: a watchdog restarted while the registry is
     // unreachable keeps the host on the binary the last rules it knew chose.
