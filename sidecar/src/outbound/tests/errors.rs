@@ -28,10 +28,7 @@ async fn a_provider_that_is_down_gets_502_from_the_callers_sidecar() {
 
 #[tokio::test(start_paused = true)]
 async fn an_unknown_service_gets_503_from_the_callers_sidecar() {
-    let mut w = World::new();
-    w.provider("p2", "10.0.2.1:80", P::Ok);
-    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
-    w.ca();
+    let w = World::one_pa(P::Ok).await;
     let resp = w.call_to("nosuch", Method::GET, &[]).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
@@ -44,10 +41,7 @@ async fn an_unknown_service_gets_503_from_the_callers_sidecar() {
 
 #[tokio::test(start_paused = true)]
 async fn a_providers_own_errors_are_not_marked_as_mesh_errors() {
-    let mut w = World::new();
-    w.provider("p2", "10.0.2.1:80", P::Fails);
-    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
-    w.ca();
+    let w = World::one_pa(P::Fails).await;
     for m in [Method::GET, Method::POST] {
         let resp = w.call(m.clone()).await;
         assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);

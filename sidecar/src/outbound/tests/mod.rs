@@ -109,6 +109,21 @@ impl World {
         }
     }
 
+    /// A caller host h1 with its CA, and a provider host h2 (PA at 10.0.2.9:4143) whose provider
+    /// p2 answers as `how` says.
+    async fn one_pa(how: P) -> World {
+        let mut w = World::new();
+        w.provider("p2", "10.0.2.1:80", how);
+        w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
+        w.ca();
+        w
+    }
+
+    /// An app's SDK on this network, in front of the CA.
+    fn app(&self) -> detour_thin_sdk::ClientBuilder {
+        detour_thin_sdk::Client::builder(Dial::Unix(CA.into())).connector(self.net.clone())
+    }
+
     /// A provider `name` at `at`.
     fn provider(&self, name: &'static str, at: &str, how: P) {
         let seen = self.seen.clone();

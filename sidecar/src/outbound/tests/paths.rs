@@ -79,10 +79,7 @@ async fn a_pa_that_refuses_or_drops_sends_what_is_safe_straight_to_the_provider(
 
 #[tokio::test(start_paused = true)]
 async fn a_hung_pa_holds_no_idempotent_request() {
-    let mut w = World::new();
-    w.provider("p2", "10.0.2.1:80", P::Ok);
-    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
-    w.ca();
+    let w = World::one_pa(P::Ok).await;
     assert_eq!(text(w.call(Method::GET).await).await, "p2");
     // The PA stops (SIGSTOP): its open connections, the pooled HTTP/2 one included, stall.
     w.net.freeze(&Dial::Tcp(addr("10.0.2.9:4143")), true);
@@ -113,10 +110,7 @@ async fn a_hung_pa_holds_no_idempotent_request() {
 
 #[tokio::test(start_paused = true)]
 async fn a_service_switched_off_goes_straight_to_its_providers_and_comes_back() {
-    let mut w = World::new();
-    w.provider("p2", "10.0.2.1:80", P::Ok);
-    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
-    w.ca();
+    let w = World::one_pa(P::Ok).await;
     assert_eq!(w.call(Method::GET).await.headers()[PATH_HEADER], "mesh");
     w.gray.apply(Some(
         br#"{"version":1,"rules":[{"id":"rb","mesh":"off","service":"hello","origin":"rollback"}]}"#,
@@ -146,6 +140,13 @@ impl std::io::Write for Captured {
 
 /// Debug logs of this thread, into a buffer, while the guard lives.
 fn debug_log() -> (Captured, tracing::subscriber::DefaultGuard) {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    // A callsite's interest is cached process-wide: one first reached by another test's thread
+    // while no subscriber wanted it would stay silent here too. A global subscriber that is
+    // "sometimes" interested in everything makes every callsite ask the thread's own.
+    QUIET.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(Quiet);
+    });
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -154,6 +155,32 @@ fn debug_log() -> (Captured, tracing::subscriber::DefaultGuard) {
         .with_writer(move || writer.clone())
         .finish();
     (captured, tracing::subscriber::set_default(subscriber))
+}
+
+/// Enables nothing, but leaves every callsite to be asked again (see [`debug_log`]).
+struct Quiet;
+
+impl tracing::Subscriber for Quiet {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 #[tokio::test(start_paused = true)]

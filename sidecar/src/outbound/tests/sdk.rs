@@ -9,15 +9,9 @@ use super::*;
 
 #[tokio::test(start_paused = true)]
 async fn an_sdk_goes_around_a_ca_that_is_gone_and_comes_back_when_it_is_served_again() {
-    let mut w = World::new();
-    w.provider("p2", "10.0.2.1:80", P::Ok);
-    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
-    w.ca();
+    let mut w = World::one_pa(P::Ok).await;
     // The app's SDK, on the same in-memory network: C→CA→PA→P.
-    let client = Client::builder(Dial::Unix(CA.into()))
-        .connector(w.net.clone())
-        .timeout(Duration::from_secs(5))
-        .build();
+    let client = w.app().timeout(Duration::from_secs(5)).build();
     assert!(client.wait_ready(Duration::from_secs(5)).await);
     let resp = client.send(&svc(), app_request(Method::GET)).await.unwrap();
     assert_eq!(path_taken(&resp), Some(PathTaken::Mesh));
@@ -56,8 +50,7 @@ async fn an_sdk_goes_around_a_ca_that_is_gone_and_comes_back_when_it_is_served_a
 
 /// An SDK for `hello` on `w`'s network that keeps its snapshot in `file`.
 fn sdk(w: &World, file: &std::path::Path) -> Client {
-    Client::builder(Dial::Unix(CA.into()))
-        .connector(w.net.clone())
+    w.app()
         .app("late-app")
         .timeout(Duration::from_secs(20))
         .snapshot_file(file)
@@ -68,10 +61,7 @@ fn sdk(w: &World, file: &std::path::Path) -> Client {
 async fn an_app_started_while_its_ca_is_down_calls_directly_then_through_the_mesh() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sdk-snapshot.json");
-    let mut w = World::new();
-    w.provider("p2", "10.0.2.1:80", P::Ok);
-    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
-    w.ca();
+    let mut w = World::one_pa(P::Ok).await;
     // An earlier run of the app left its snapshot file.
     let earlier = sdk(&w, &file);
     assert!(earlier.wait_ready(Duration::from_secs(5)).await);
@@ -125,9 +115,7 @@ async fn an_app_started_while_its_ca_is_down_calls_directly_then_through_the_mes
     assert_eq!(client.link_state(), LinkState::Primary);
     // With neither a CA nor a snapshot, the error names the cause.
     w.net.set(Dial::Unix(CA.into()), Upstream::Refuse);
-    let bare = Client::builder(Dial::Unix(CA.into()))
-        .connector(w.net.clone())
-        .build();
+    let bare = w.app().build();
     let err = bare
         .send(&svc(), app_request(Method::GET))
         .await
@@ -187,13 +175,8 @@ async fn a_sick_ca_is_bypassed_while_direct_calls_succeed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_providers_own_errors_never_move_the_link() {
-    let mut w = World::new();
-    w.provider("p2", "10.0.2.1:80", P::Fails);
-    w.pa("h2", "10.0.2.9:4143", "10.0.2.1:80").await;
-    w.ca();
-    let client = Client::builder(Dial::Unix(CA.into()))
-        .connector(w.net.clone())
-        .build();
+    let w = World::one_pa(P::Fails).await;
+    let client = w.app().build();
     assert!(client.wait_ready(Duration::from_secs(5)).await);
     for _ in 0..60 {
         let resp = client.send(&svc(), app_request(Method::GET)).await.unwrap();
