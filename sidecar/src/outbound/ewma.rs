@@ -13,6 +13,9 @@ use tokio::time::Instant;
 /// The time constant of the average.
 pub const DECAY: Duration = Duration::from_secs(10);
 
+/// How slow an attempt that ended without an answer counts, at least.
+pub const FAILED_ATTEMPT: Duration = Duration::from_millis(100);
+
 /// The estimate after `rtt_ns` was seen `elapsed_ns` after an estimate of `prev_ns`: the peak
 /// when slower, else the decayed average.
 pub fn observe(prev_ns: f64, elapsed_ns: u64, rtt_ns: f64) -> f64 {

@@ -232,6 +232,7 @@ impl Outbound {
                 }
                 Err(f) => f,
             };
+            balancer.record_failure(&in_flight);
             let other_endpoint = tried.len() + 1 < set.endpoints.len();
             let options = retry::Options {
                 around_pa: via_pa && t.direct_ok,
