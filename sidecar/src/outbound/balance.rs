@@ -251,13 +251,12 @@ impl Balancer {
     }
 
     /// Records an attempt on the endpoint `flight` went to that ended without an answer (reset,
-    /// timed out, refused): for the latency-aware balancer, an answer no faster than
-    /// [`ewma::FAILED_ATTEMPT`]. Otherwise an endpoint that fails at once, never answering, would
-    /// keep the lowest estimate and draw every first attempt.
+    /// timed out, refused). For the latency-aware balancer it weighs as a 100 ms answer for a
+    /// few seconds ([`ewma::FAILED_ATTEMPT`]): otherwise an endpoint that fails at once, never
+    /// answering, would keep the lowest estimate and draw every first attempt.
     pub fn record_failure(&self, flight: &InFlight) {
-        if let Some(started) = flight.started {
-            let took = started.elapsed().max(ewma::FAILED_ATTEMPT);
-            flight.load.latency.observe(took);
+        if flight.started.is_some() {
+            flight.load.latency.failed();
         }
     }
 
