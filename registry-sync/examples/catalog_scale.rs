@@ -86,17 +86,17 @@ async fn main() -> Res<()> {
 }
 
 async fn from_etcd(url: String, n: usize, m: usize, cache_path: &std::path::Path) -> Res<()> {
-    let opts = EtcdOptions {
-        endpoints: vec![url.clone()],
-        prefix: "/detour/v1".into(),
-        ttl: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(5),
-        watch_check: Duration::from_secs(1),
-        security: Default::default(),
-    };
-
-    let t = Instant::now();
     let raw = etcd_client::Client::connect([url.as_str()], None).await?;
+    write_services(&raw, n, m).await?;
+    let (catalog, mut receivers) = load(url, n, m, cache_path).await?;
+    propagation(&raw, &mut receivers, n).await?;
+    catalog.flush_cache();
+    Ok(())
+}
+
+/// Writes `n` services of `m` endpoints each, one transaction per service, 64 at a time.
+async fn write_services(raw: &etcd_client::Client, n: usize, m: usize) -> Res<()> {
+    let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for s in 0..n {
         let mut c = raw.clone();
@@ -127,10 +127,28 @@ async fn from_etcd(url: String, n: usize, m: usize, cache_path: &std::path::Path
         n * m,
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
 
+/// The registry listed from etcd and a catalog subscribed to every service; its time and memory
+/// printed.
+async fn load(
+    url: String,
+    n: usize,
+    m: usize,
+    cache_path: &std::path::Path,
+) -> Res<(Catalog, Vec<Receiver>)> {
+    let opts = EtcdOptions {
+        endpoints: vec![url],
+        prefix: "/detour/v1".into(),
+        ttl: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(5),
+        watch_check: Duration::from_secs(1),
+        security: Default::default(),
+    };
     let rss0 = rss_kib();
     let t = Instant::now();
-    let reg = EtcdRegistry::open(HostId::new("bench").expect("name"), opts.clone()).await?;
+    let reg = EtcdRegistry::open(HostId::new("bench").expect("name"), opts).await?;
     while !detour_registry::Registry::synced(&reg) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -144,12 +162,10 @@ async fn from_etcd(url: String, n: usize, m: usize, cache_path: &std::path::Path
             ..CatalogOptions::default()
         },
     );
-    let services: Vec<ServiceName> = (0..n)
-        .map(|s| ServiceName::new(format!("svc{s}")).expect("name"))
-        .collect();
     let mut receivers = Vec::with_capacity(n);
-    for s in &services {
-        receivers.push(catalog.subscribe(s).await?);
+    for s in 0..n {
+        let name = ServiceName::new(format!("svc{s}")).expect("name");
+        receivers.push(catalog.subscribe(&name).await?);
     }
     let loaded = t.elapsed();
     let total: usize = receivers.iter().map(|r| r.borrow().endpoints.len()).sum();
@@ -163,8 +179,11 @@ async fn from_etcd(url: String, n: usize, m: usize, cache_path: &std::path::Path
         rss1 / 1024,
         rss_view / 1024,
     );
+    Ok((catalog, receivers))
+}
 
-    // Propagation: one instance changes; time until the catalog shows it.
+/// Propagation: one instance changes, 200 times; the time until the catalog shows it.
+async fn propagation(raw: &etcd_client::Client, receivers: &mut [Receiver], n: usize) -> Res<()> {
     let mut c = raw.clone();
     let mut delays = Vec::new();
     let mut commits = Vec::new();
@@ -200,9 +219,11 @@ async fn from_etcd(url: String, n: usize, m: usize, cache_path: &std::path::Path
         pct(&mut commits, 0.99),
         pct(&mut commits, 1.0)
     );
-    catalog.flush_cache();
     Ok(())
 }
+
+/// A catalog's view of one service.
+type Receiver = tokio::sync::watch::Receiver<Arc<detour_proto::EndpointSet>>;
 
 /// A fresh process with etcd unreachable: everything from the disk cache.
 async fn from_cache(cache_path: &std::path::Path, n: usize, m: usize) -> Res<()> {

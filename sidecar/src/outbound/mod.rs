@@ -233,10 +233,9 @@ impl Outbound {
                 Err(f) => f,
             };
             balancer.record_failure(&in_flight);
-            let other_endpoint = tried.len() + 1 < set.endpoints.len();
             let options = retry::Options {
                 around_pa: via_pa && t.direct_ok,
-                other_endpoint,
+                other_endpoint: tried.len() + 1 < set.endpoints.len(),
             };
             let step = next_step(&per, &failed, flight.kind(), options, deadline);
             retry_event(hop, &step, attempts, &failed);
