@@ -176,7 +176,7 @@ impl RegistryClient {
                     prefix: self.etcd_prefix.clone(),
                     ttl: self.etcd_ttl,
                     request_timeout: self.etcd_request_timeout,
-                    watch_check: self.etcd_watch_check,
+                    watch_check: follows.watch_check(self.etcd_watch_check),
                     security: self.etcd_security.clone(),
                 };
                 Arc::new(EtcdRegistry::open_following(host, opts, follows).await?)
@@ -259,5 +259,13 @@ mod tests {
         .unwrap();
         assert_eq!(ok.ttl(), Duration::from_secs(10));
         assert_eq!(ok.etcd_prefix, "/detour/v1");
+    }
+
+    #[test]
+    fn a_client_of_the_gray_rules_alone_checks_its_watch_five_times_less_often() {
+        let check = Duration::from_millis(1000);
+        for (follows, want) in [(Follows::Everything, 1000), (Follows::GrayRules, 5000)] {
+            assert_eq!(follows.watch_check(check), Duration::from_millis(want));
+        }
     }
 }
