@@ -176,7 +176,7 @@ impl RegistryClient {
                     prefix: self.etcd_prefix.clone(),
                     ttl: self.etcd_ttl,
                     request_timeout: self.etcd_request_timeout,
-                    watch_check: follows.watch_check(self.etcd_watch_check),
+                    watch_check: self.etcd_watch_check,
                     security: self.etcd_security.clone(),
                 };
                 Arc::new(EtcdRegistry::open_following(host, opts, follows).await?)

@@ -170,12 +170,17 @@ impl EtcdRegistry {
         Self::open_following(host, opts, Follows::Everything).await
     }
 
-    /// [`Self::open`], listing and watching only what `follows` says.
+    /// [`Self::open`], listing and watching only what `follows` says (and checking the watch
+    /// as often as [`Follows::watch_check`] says).
     pub async fn open_following(
         host: HostId,
         opts: EtcdOptions,
         follows: Follows,
     ) -> Result<Self, RegistryError> {
+        let opts = EtcdOptions {
+            watch_check: follows.watch_check(opts.watch_check),
+            ..opts
+        };
         if opts.endpoints.is_empty() {
             return Err(RegistryError::InvalidSpec {
                 spec: "etcd:".into(),

@@ -22,12 +22,10 @@ async fn an_sdk_goes_around_a_ca_that_is_gone_and_comes_back_when_it_is_served_a
     w.net.set(Dial::Unix(CA.into()), Upstream::Refuse);
     let posts = w.got("p2", Method::POST);
     for i in 0..20 {
-        let method = if i % 2 == 0 {
-            Method::GET
-        } else {
-            Method::POST
-        };
-        let resp = client.send(&svc(), app_request(method)).await.unwrap();
+        let resp = client
+            .send(&svc(), app_request(alternating(i)))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(path_taken(&resp), Some(PathTaken::Direct));
     }
@@ -87,12 +85,10 @@ async fn an_app_started_while_its_ca_is_down_calls_directly_then_through_the_mes
         if i == 40 {
             w.ca();
         }
-        let method = if i % 2 == 0 {
-            Method::GET
-        } else {
-            Method::POST
-        };
-        let resp = client.send(&svc(), app_request(method)).await.unwrap();
+        let resp = client
+            .send(&svc(), app_request(alternating(i)))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "call {i}");
         paths.push(path_taken(&resp).unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -145,12 +141,10 @@ async fn a_sick_ca_is_bypassed_while_direct_calls_succeed() {
     let client = sdk(&w, &file);
     assert!(client.wait_ready(Duration::from_secs(10)).await);
     for i in 0..200 {
-        let method = if i % 2 == 0 {
-            Method::GET
-        } else {
-            Method::POST
-        };
-        let resp = client.send(&svc(), app_request(method)).await.unwrap();
+        let resp = client
+            .send(&svc(), app_request(alternating(i)))
+            .await
+            .unwrap();
         // The CA's own routing error means the call never reached a provider: it goes direct
         // at once, whatever its method.
         assert_eq!(resp.status(), StatusCode::OK);
@@ -185,4 +179,13 @@ async fn a_providers_own_errors_never_move_the_link() {
     }
     assert_eq!(client.link_state(), LinkState::Primary);
     assert_eq!(w.got("p2", Method::GET), 60);
+}
+
+/// GET for even calls, POST for odd ones.
+fn alternating(i: usize) -> Method {
+    if i.is_multiple_of(2) {
+        Method::GET
+    } else {
+        Method::POST
+    }
 }
