@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The latency-aware balancer against the default: two provider hosts, one of them slow (its
-# provider waits DELAY_MS before every answer), and two caller hosts, one with `proxy.balance =
-# "p2c"` (the default: fewest requests in flight of two), one with `"peak-ewma"` (lower latency
-# estimate times requests in flight). Interleaved rounds of steady load through each caller's
+# The latency-aware balancer against the least-loaded one: two provider hosts, one of them slow
+# (its provider waits DELAY_MS before every answer), and two caller hosts, one with
+# `proxy.balance = "p2c"` (fewest requests in flight of two), one with `"peak-ewma"` (the
+# default: lower latency estimate times requests in flight). Interleaved rounds of steady load through each caller's
 # sidecar: latency percentiles, and the share of answers the slow provider gave.
 #
 #   bench/balance.sh [RATE] [SECONDS] [ROUNDS] [DELAY_MS]     (defaults: 500 15 3 10)

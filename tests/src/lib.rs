@@ -445,6 +445,14 @@ pub async fn admin_get_json(client: &Client, path: &str) -> serde_json::Value {
 }
 
 /// GETs `path` from an admin API, returning status and body text.
+/// Holds the one lock of the load timelines: a test holding it runs no other test holding it
+/// beside it (they measure losses and times on two cores shared with the processes they start).
+/// A test that panics lets it go.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 /// Waits until `cond` holds, checking every 10 ms; panics naming `what` after `within`.
 pub async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;

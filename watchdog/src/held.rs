@@ -266,7 +266,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn publications_marks_and_restarts_of_the_watchdog() {
+    async fn publications_and_marks_of_the_watchdog() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("kept.json");
         let registry = Arc::new(MemoryRegistry::new());
@@ -316,6 +316,23 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("claims host h2"), "{err}");
         assert_eq!(rx.borrow().endpoints.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_watchdog_republishes_what_was_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kept.json");
+        let host = HostId::new("h1").unwrap();
+        let held = Held::restore(Arc::new(MemoryRegistry::new()), host.clone(), file.clone()).await;
+        let svc = ServiceName::new("hello").unwrap();
+        held.apply(HostPublication {
+            pid: 7,
+            status: status(SidecarState::Ready),
+            endpoints: vec![ep("h1", "a")],
+            ..HostPublication::default()
+        })
+        .await
+        .unwrap();
         // A new watchdog (a fresh registry client) republishes what was kept.
         let fresh = Arc::new(MemoryRegistry::new());
         let again = Held::restore(fresh.clone(), host.clone(), file.clone()).await;

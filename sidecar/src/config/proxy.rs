@@ -13,8 +13,8 @@ use super::positive;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct ProxyRaw {
-    /// `p2c` (least loaded of two random picks), `peak-ewma` (of two random picks, the lower
-    /// latency estimate times requests in flight) or `round-robin`.
+    /// `peak-ewma` (the default: of two random picks, the lower latency estimate times requests
+    /// in flight), `p2c` (least loaded of two random picks) or `round-robin`.
     pub balance: String,
     /// Upstream connect timeout.
     pub connect_timeout_ms: u64,
@@ -41,7 +41,7 @@ pub struct ProxyRaw {
 impl Default for ProxyRaw {
     fn default() -> Self {
         Self {
-            balance: "p2c".into(),
+            balance: "peak-ewma".into(),
             connect_timeout_ms: 1000,
             request_timeout_ms: 30_000,
             try_timeout_ms: 0,

@@ -5,7 +5,7 @@ use super::*;
 #[test]
 fn minimal_config_gets_defaults() {
     let cfg = Config::parse("t", "host = \"h1\"\n", Vec::new()).unwrap();
-    assert_eq!(cfg.balance, Balance::P2c);
+    assert_eq!(cfg.balance, Balance::PeakEwma);
     assert_eq!(cfg.outbound_unix, Some(PathBuf::from("run/outbound.sock")));
     assert_eq!(cfg.drain_timeout, Duration::from_secs(10));
     assert_eq!(cfg.pa_protocol, AppProtocol::Http2);

@@ -212,15 +212,11 @@ impl Balancer {
                         if b >= a {
                             b += 1;
                         }
-                        let cost = match self.policy {
-                            Balance::PeakEwma => latency_cost,
-                            _ => cost,
+                        let first = match self.policy {
+                            Balance::PeakEwma => latency_prefers(&pool[a], &pool[b]),
+                            _ => cost(&pool[a]) <= cost(&pool[b]),
                         };
-                        if cost(&pool[a]) <= cost(&pool[b]) {
-                            a
-                        } else {
-                            b
-                        }
+                        if first { a } else { b }
                     }
                 },
             };
@@ -322,12 +318,21 @@ fn load_in(loads: &mut FastMap<InstanceId, Arc<Load>>, id: &InstanceId) -> Arc<L
     loads.entry(id.clone()).or_default().clone()
 }
 
-/// The latency-aware cost: the endpoint's peak-EWMA latency (plus 1 µs, so that endpoints not
-/// measured yet compare by load) times its requests in flight plus one, per unit of weight.
-fn latency_cost((ep, load): &(&Endpoint, Arc<Load>)) -> u64 {
-    let ns = load.latency.get() + 1_000.0;
-    let cost = ns * (load.in_flight() as f64 + 1.0) / f64::from(ep.weight.max(1));
-    cost.min(u64::MAX as f64) as u64
+/// Whether the latency-aware balancer takes `a` over `b`: by in-flight requests per unit of
+/// weight (as `p2c`) when their estimates are alike ([`ewma::alike`]), else by the latency
+/// cost — the estimate times the requests in flight plus one, per unit of weight.
+fn latency_prefers(a: &(&Endpoint, Arc<Load>), b: &(&Endpoint, Arc<Load>)) -> bool {
+    let (la, lb) = (a.1.latency.get(), b.1.latency.get());
+    if ewma::alike(la, lb) {
+        return cost(a) <= cost(b);
+    }
+    latency_cost(a, la) <= latency_cost(b, lb)
+}
+
+/// The latency-aware cost of an endpoint whose estimate is `ns` (plus 1 µs, so that an endpoint
+/// not measured yet still costs more the more requests it has in flight).
+fn latency_cost((ep, load): &(&Endpoint, Arc<Load>), ns: f64) -> f64 {
+    (ns + 1_000.0) * (load.in_flight() as f64 + 1.0) / f64::from(ep.weight.max(1))
 }
 
 /// In-flight requests per unit of weight (scaled to stay in integers).

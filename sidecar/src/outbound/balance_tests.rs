@@ -304,4 +304,62 @@ async fn an_endpoint_that_fails_at_once_does_not_draw_the_latency_aware_picks() 
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn endpoints_alike_share_the_latency_aware_picks_one_request_at_a_time() {
+    let b = Balancer::new(Balance::PeakEwma);
+    let e = eps(2);
+    let outlier = Outlier::default();
+    // One request at a time, every 10 ms; i0 answers in 300 µs, i1 in 400 µs. Without a band
+    // of alike estimates the whole load would move from one to the other every second or two
+    // (the one not drawn decays toward 0 until it is the cheaper).
+    fastrand::seed(7);
+    for window in 0..20 {
+        let mut to_i0 = 0;
+        for _ in 0..100 {
+            let (ep, flight) = b.pick(&e, &[]).unwrap();
+            let i0 = ep.instance.as_str() == "i0";
+            to_i0 += usize::from(i0);
+            tokio::time::advance(Duration::from_micros(if i0 { 300 } else { 400 })).await;
+            b.record_answer(&flight, false, 2, outlier);
+            drop(flight);
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert!(
+            (35..=65).contains(&to_i0),
+            "window {window}: {to_i0} of 100 to i0"
+        );
+    }
+}
+
+/// One request on `e[i]` alone, answered in `us` µs.
+async fn answer(b: &Balancer, e: &[Endpoint], i: usize, us: u64) {
+    let (_, flight) = b.pick(&e[i..=i], &[]).unwrap();
+    tokio::time::advance(Duration::from_micros(us)).await;
+    b.record_answer(&flight, false, e.len(), Outlier::default());
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_slow_answer_keeps_an_endpoint_out_for_about_two_seconds() {
+    let b = Balancer::new(Balance::PeakEwma);
+    let e = eps(2);
+    answer(&b, &e, 1, 300).await;
+    answer(&b, &e, 0, 4_000).await; // a spike
+    // One request every 10 ms, answered in 300 µs: i0 is drawn again once its peak has
+    // decayed to within twice i1's estimate plus 1 ms (≈ 1.8 s with a 2 s time constant).
+    let mut again = None;
+    for tick in 1..=1000 {
+        tokio::time::advance(Duration::from_millis(10)).await;
+        if b.pick(&e, &[]).unwrap().0.instance.as_str() == "i0" {
+            again = Some(Duration::from_millis(10 * tick));
+            break;
+        }
+        answer(&b, &e, 1, 300).await;
+    }
+    let again = again.expect("i0 is drawn again within 10 s");
+    assert!(
+        (Duration::from_secs(1)..=Duration::from_secs(3)).contains(&again),
+        "drawn again after {again:?}"
+    );
+}
+
 const FAILED: Duration = ewma::FAILED_ATTEMPT;

@@ -15,9 +15,6 @@ use detour_tests::etcd::Etcd;
 use detour_tests::scenario::{hello, spawn_load};
 use detour_tests::{Mesh, Offer, admin_get_json, metric, wait_value};
 use nix::sys::signal::Signal;
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 fn registrar_opts(url: &str) -> EtcdOptions {
     EtcdOptions {
@@ -46,7 +43,7 @@ fn line(name: &str, s: &Stats) -> String {
 
 #[tokio::test]
 async fn a_full_outage_with_a_sidecar_restart_loses_nothing_and_converges() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mut mesh = Mesh::new();
     let mut etcd = Etcd::start(mesh.root()).await;
     mesh.use_registry(&format!("etcd:{}", etcd.url));
@@ -158,7 +155,7 @@ async fn five(mesh: &mut Mesh, etcd: &Etcd, h1_extra: &str) -> (EtcdRegistry, Ve
 
 #[tokio::test]
 async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mut mesh = Mesh::new();
     let etcd = Etcd::start(mesh.root()).await;
     let checked = "[protection]\ncheck_path = \"/healthz\"\n";
@@ -220,7 +217,7 @@ async fn a_mass_deregistration_engages_protection_and_loses_nothing() {
 
 #[tokio::test]
 async fn a_deliberate_deregistration_stops_traffic_within_a_second() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mut mesh = Mesh::new();
     let etcd = Etcd::start(mesh.root()).await;
     let (reg, ps) = five(&mut mesh, &etcd, "").await;
@@ -256,7 +253,7 @@ async fn a_deliberate_deregistration_stops_traffic_within_a_second() {
 
 #[tokio::test]
 async fn losing_etcd_members_fails_nothing_and_watches_continue() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mut mesh = Mesh::new();
     let mut cluster = detour_tests::etcd::EtcdCluster::start(mesh.root()).await;
     mesh.use_registry(&cluster.spec());

@@ -21,9 +21,6 @@ use detour_tests::scenario::{at, spawn_load};
 use detour_tests::{Mesh, Offer, admin_get_json, detourctl, dir_registry, metric, wait_value};
 use detour_thin_sdk::{Client, LinkState, PathTaken};
 use serde_json::Value;
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 /// Provider host h2 (`hello` and `world`), caller hosts h1, h3, h4 — each with an SDK whose
 /// snapshot of `hello` is ready.
@@ -200,13 +197,13 @@ async fn rollback_and_undo(name: &str, scope: &[&str]) {
 
 #[tokio::test]
 async fn rollback_of_one_service_moves_every_caller_off_the_mesh_and_undo_brings_them_back() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     rollback_and_undo("service", &["--service", "hello"]).await;
 }
 
 #[tokio::test]
 async fn rollback_of_everything_and_its_undo_lose_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     rollback_and_undo("global", &[]).await;
 }
 
@@ -260,7 +257,7 @@ async fn on_hosts(reg: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn a_percentage_keeps_the_same_hosts_and_only_grows() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
         .await
         .unwrap();
@@ -358,7 +355,7 @@ fn rules_file(mesh: &Mesh) -> Option<Vec<u8>> {
 
 #[tokio::test]
 async fn malformed_rules_and_an_unreachable_registry_change_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
         .await
         .unwrap();

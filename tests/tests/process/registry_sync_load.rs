@@ -13,9 +13,6 @@ use detour_tests::scenario::spawn_load;
 use detour_tests::sync::{PREFIX, SyncProcess, providers, synced, url, wait_synced, zk_config};
 use detour_tests::zookeeper::{Registrar, ZooKeeper};
 use detour_tests::{Mesh, ProviderProcess, wait_value};
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const HELLO: &str = "com.acme.Hello";
 const MAP_HELLO: &str = "\n[source.services]\n\"com.acme.Hello\" = \"hello\"\n";
@@ -81,7 +78,7 @@ async fn release_setup() -> Release {
 
 #[tokio::test]
 async fn an_instance_removed_from_zookeeper_before_its_process_stops_loses_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mut r = release_setup().await;
     let grace_ms: u64 = std::env::var("SYNC_RELEASE_GRACE_MS")
         .ok()
@@ -125,7 +122,7 @@ async fn an_instance_removed_from_zookeeper_before_its_process_stops_loses_nothi
 
 #[tokio::test]
 async fn a_zookeeper_outage_deletes_nothing_and_traffic_rides_through() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mut r = release_setup().await;
     let outage_s: u64 = std::env::var("SYNC_ZK_OUTAGE_S")
         .ok()
@@ -196,7 +193,7 @@ async fn a_zookeeper_outage_deletes_nothing_and_traffic_rides_through() {
 
 #[tokio::test]
 async fn a_mass_removal_of_live_providers_is_held_and_health_checked() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mut r = release_setup().await;
     let mut ps: Vec<DemoProvider> =
         providers((0..10).map(|i| (format!("127.0.1.{}", i + 1), format!("p{i}")))).await;

@@ -19,13 +19,10 @@ use detour_thin_sdk::{Client, Dial};
 use http::Method;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 #[tokio::test]
 async fn a_sidecar_over_its_memory_ceiling_is_replaced_without_loss() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     // A ceiling every sidecar passes: it is replaced at every probe, by hand-over.
     let (mesh, _p, client) = watched_caller(&format!("{FAST}[memory]\nlimit_mb = 1\n")).await;
     let w = mesh.watched("h1");
@@ -79,7 +76,7 @@ fn sidecars_running(config: &Path) -> usize {
 
 #[tokio::test]
 async fn a_restarted_watchdog_adopts_the_running_sidecar() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let (mut mesh, _p, client) = watched_caller(FAST).await;
     let sidecar_config = mesh.root().join("h1").join("sidecar.toml");
     let pid = mesh.watched("h1").sidecar_pid().unwrap();
@@ -138,7 +135,7 @@ async fn a_restarted_watchdog_adopts_the_running_sidecar() {
 
 #[tokio::test]
 async fn both_binaries_start_with_their_documented_variables_set() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mesh = Mesh::new();
     let run_dir = mesh.root().join("h1");
     std::fs::create_dir_all(&run_dir).unwrap();

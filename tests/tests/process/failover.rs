@@ -18,9 +18,6 @@ use detour_tests::{Mesh, Offer, ProviderProcess, caller_and_provider};
 use detour_thin_sdk::Client;
 use detour_thin_sdk::LinkState;
 use nix::sys::signal::Signal;
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const RATE: u32 = 500;
 const SECS: u64 = 11;
@@ -94,7 +91,7 @@ fn assert_only_in_flight_lost(s: &Stats) {
 
 #[tokio::test]
 async fn sigterm_ca_then_restart_loses_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let (s, _mesh, client) = stop_and_restart("ca-sigterm", "h1", Signal::SIGTERM, "direct").await;
     assert_eq!(s.failed, 0, "{:?}", s.failures);
     assert_eq!(client.link_state(), LinkState::Primary);
@@ -102,14 +99,14 @@ async fn sigterm_ca_then_restart_loses_nothing() {
 
 #[tokio::test]
 async fn kill9_ca_then_restart_loses_no_idempotent_request() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let (s, _mesh, _client) = stop_and_restart("ca-kill9", "h1", Signal::SIGKILL, "direct").await;
     assert_only_in_flight_lost(&s);
 }
 
 #[tokio::test]
 async fn sigterm_pa_then_restart_loses_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let (s, mesh, _client) =
         stop_and_restart("pa-sigterm", "h2", Signal::SIGTERM, "ca_direct").await;
     assert_eq!(s.failed, 0, "{:?}", s.failures);
@@ -135,7 +132,7 @@ async fn sigterm_pa_then_restart_loses_nothing() {
 
 #[tokio::test]
 async fn kill9_pa_then_restart_loses_no_idempotent_request() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let (s, mesh, _client) = stop_and_restart("pa-kill9", "h2", Signal::SIGKILL, "ca_direct").await;
     assert_only_in_flight_lost(&s);
     // The failover in the caller's per-service metrics, by path: as many answers straight
@@ -151,7 +148,7 @@ async fn kill9_pa_then_restart_loses_no_idempotent_request() {
 
 #[tokio::test]
 async fn sigstop_ca_is_detected_by_probes() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let (mesh, _p) = caller_and_provider(FAST_LINK).await;
     let snap = mesh.root().join("sdk-snapshot.json");
     let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
@@ -183,7 +180,7 @@ async fn sigstop_ca_is_detected_by_probes() {
 
 #[tokio::test]
 async fn a_provider_killed_behind_a_live_pa_loses_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mut mesh = Mesh::new();
     let dir = mesh.root().to_path_buf();
     let mut p2 = ProviderProcess::start("127.0.0.2:0".parse().unwrap(), "h2-hello", &dir).await;

@@ -16,13 +16,10 @@ use detour_tests::gray::{ok, path_of, set_h1_off, status};
 use detour_tests::scenario::{at, spawn_load};
 use detour_tests::{Mesh, Offer, admin_get_json, detourctl, dir_registry, wait_value};
 use serde_json::Value;
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 #[tokio::test]
 async fn a_version_rule_moves_one_host_and_rollback_version_moves_it_back() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
         .await
         .unwrap();
@@ -239,7 +236,7 @@ async fn a_version_rule_moves_one_host_and_rollback_version_moves_it_back() {
 /// The bytes of the directory registry's rules document.
 #[tokio::test]
 async fn rules_in_etcd_hold_through_its_outage() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let mut mesh = Mesh::new();
     let mut etcd = detour_tests::etcd::Etcd::start(mesh.root()).await;
     let reg = format!("etcd:{}", etcd.url);

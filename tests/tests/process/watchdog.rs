@@ -22,9 +22,6 @@ use detour_tests::{Mesh, Offer, admin_get_json, wait_value};
 use detour_thin_sdk::Client;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 fn assert_only_in_flight_lost(s: &Stats) {
     assert_eq!(s.sent, 5000, "every request was sent");
@@ -35,7 +32,7 @@ fn assert_only_in_flight_lost(s: &Stats) {
 
 #[tokio::test]
 async fn a_killed_sidecar_is_restarted_by_its_watchdog() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let (mesh, _p, client) = watched_caller(FAST).await;
     let w = mesh.watched("h1");
     let old = w.sidecar_pid().unwrap();
@@ -69,7 +66,7 @@ async fn a_killed_sidecar_is_restarted_by_its_watchdog() {
 
 #[tokio::test]
 async fn a_hung_sidecar_is_killed_and_replaced() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let (mesh, _p, client) = watched_caller(FAST).await;
     let w = mesh.watched("h1");
     let old = w.sidecar_pid().unwrap();
@@ -161,7 +158,7 @@ async fn flaky_provider_host(ttl_ms: u64, watchdog_extra: &str) -> (Mesh, DemoPr
 
 #[tokio::test]
 async fn a_crash_looping_host_is_marked_failed_and_its_providers_stay_reachable() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let extra = "[crash_loop]\ncrashes = 3\nretry_ms = 1000\nclear_after_ms = 2000\n";
     let (mesh, _p, client) = flaky_provider_host(10_000, extra).await;
     let w = mesh.watched("h2");
@@ -213,7 +210,7 @@ async fn a_crash_looping_host_is_marked_failed_and_its_providers_stay_reachable(
 
 #[tokio::test]
 async fn a_sidecar_down_for_three_ttls_keeps_its_providers_registered_and_reachable() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let extra = "[crash_loop]\ncrashes = 100\n[restart]\nmax_backoff_ms = 400\n";
     let (mesh, _p, client) = flaky_provider_host(1000, extra).await;
     let w = mesh.watched("h2");
@@ -277,7 +274,7 @@ async fn detourctl_upgrade(socket: &Path, args: &[&str]) -> (bool, String, Strin
 
 #[tokio::test]
 async fn upgrades_and_rollbacks_lose_nothing_and_a_bad_binary_changes_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
         .await
         .unwrap();

@@ -14,9 +14,6 @@ use detour_tests::wait_value;
 use detour_tests::zookeeper::{Registrar, ZooKeeper};
 use etcd_client::{EventType, WatchOptions};
 use nix::sys::signal::Signal;
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const HELLO: &str = "com.acme.Hello";
 const MAP_HELLO: &str = "\n[source.services]\n\"com.acme.Hello\" = \"hello\"\n";
@@ -33,7 +30,7 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
 
 #[tokio::test]
 async fn a_thousand_providers_are_mirrored_and_changes_follow_with_their_lag_measured() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let root = tempfile::tempdir().unwrap();
     let zk = ZooKeeper::start(root.path()).await;
     let etcd = Etcd::start(root.path()).await;
@@ -148,7 +145,7 @@ async fn a_thousand_providers_are_mirrored_and_changes_follow_with_their_lag_mea
 
 #[tokio::test]
 async fn malformed_urls_and_unknown_protocols_are_skipped_and_counted_while_the_rest_syncs() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let root = tempfile::tempdir().unwrap();
     let zk = ZooKeeper::start(root.path()).await;
     let etcd = Etcd::start(root.path()).await;
@@ -203,7 +200,7 @@ async fn malformed_urls_and_unknown_protocols_are_skipped_and_counted_while_the_
 
 #[tokio::test]
 async fn a_leader_killed_with_sigkill_is_replaced_and_the_entries_never_drop() {
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let root = tempfile::tempdir().unwrap();
     let zk = ZooKeeper::start(root.path()).await;
     let etcd = Etcd::start(root.path()).await;
@@ -305,7 +302,7 @@ async fn a_leader_killed_with_sigkill_is_replaced_and_the_entries_never_drop() {
 async fn a_directory_registry_is_mirrored_too() {
     use detour_registry::Registry;
     use detour_registry::dir::{DirOptions, DirRegistry};
-    let _serial = SERIAL.lock().await;
+    let _serial = detour_tests::serial().await;
     let root = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(root.path()).await;
     let legacy = root.path().join("legacy");
