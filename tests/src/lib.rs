@@ -444,7 +444,6 @@ pub async fn admin_get_json(client: &Client, path: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
 
-/// GETs `path` from an admin API, returning status and body text.
 /// Holds the one lock of the load timelines: a test holding it runs no other test holding it
 /// beside it (they measure losses and times on two cores shared with the processes they start).
 /// A test that panics lets it go.

@@ -41,11 +41,7 @@ pub const ALIKE_FACTOR: f64 = 2.0;
 /// estimate alone: the endpoint not drawn decays toward 0 until it is the cheaper, and the
 /// whole load moves from one endpoint to the other every few seconds.
 pub fn alike(a_ns: f64, b_ns: f64) -> bool {
-    let (lo, hi) = if a_ns <= b_ns {
-        (a_ns, b_ns)
-    } else {
-        (b_ns, a_ns)
-    };
+    let (lo, hi) = (a_ns.min(b_ns), a_ns.max(b_ns));
     hi <= lo * ALIKE_FACTOR + ALIKE_WITHIN.as_nanos() as f64
 }
 
