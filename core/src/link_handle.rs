@@ -3,6 +3,8 @@
 //! and the sidecar's CA half (scope `ca`).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::link::{Event, Link, LinkConfig, LinkState};
 
@@ -57,6 +59,19 @@ pub struct LinkHandle {
     link: Mutex<Link>,
     /// Follows the state, for requests that wait on the primary path.
     watch: tokio::sync::watch::Sender<LinkState>,
+    /// Requests on this link, for the probes' pace.
+    use_: Usage,
+}
+
+/// When requests last chose a path on a link, and the wake-up of probes resting meanwhile.
+#[derive(Debug)]
+struct Usage {
+    born: tokio::time::Instant,
+    /// The last request's time, in ms after `born`.
+    last_ms: AtomicU64,
+    /// Set while the probes wait at their idle pace: the next request wakes them.
+    resting: AtomicBool,
+    woken: tokio::sync::Notify,
 }
 
 impl LinkHandle {
@@ -72,6 +87,12 @@ impl LinkHandle {
             peer,
             watch: tokio::sync::watch::channel(link.state()).0,
             link: Mutex::new(link),
+            use_: Usage {
+                born: now(),
+                last_ms: AtomicU64::new(0),
+                resting: AtomicBool::new(false),
+                woken: tokio::sync::Notify::new(),
+            },
         };
         h.publish(h.state());
         h
@@ -120,11 +141,41 @@ impl LinkHandle {
         }
     }
 
-    /// Whether this request should take the primary path (drives the ramp, too).
+    /// Whether this request should take the primary path (drives the ramp, too). Counts as
+    /// the link's use: probes resting at their idle pace are woken.
     pub fn choose_primary(&self) -> bool {
+        let t = now();
+        let u = &self.use_;
+        let ms = u64::try_from(t.saturating_duration_since(u.born).as_millis()).unwrap_or(u64::MAX);
+        u.last_ms.store(ms, Ordering::Relaxed);
+        if u.resting.load(Ordering::Relaxed) && u.resting.swap(false, Ordering::AcqRel) {
+            u.woken.notify_one();
+        }
         self.event(Event::Tick);
-        let share = self.lock().primary_share(now());
+        let share = self.lock().primary_share(t);
         share >= 1.0 || (share > 0.0 && fastrand::f64() < share)
+    }
+
+    /// How long since a request last chose a path on this link (since it was made, if none).
+    pub fn idle_for(&self) -> Duration {
+        let u = &self.use_;
+        let last = u.born + Duration::from_millis(u.last_ms.load(Ordering::Relaxed));
+        now().saturating_duration_since(last)
+    }
+
+    /// Resolves at the next request on this link: the probes' idle wait, cut short.
+    pub async fn next_use(&self) {
+        let u = &self.use_;
+        let woken = u.woken.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        u.resting.store(true, Ordering::Release);
+        woken.await;
+    }
+
+    /// The probes wait at their busy pace again (no request needs to wake them).
+    pub fn busy(&self) {
+        self.use_.resting.store(false, Ordering::Release);
     }
 
     fn publish(&self, state: LinkState) {

@@ -62,6 +62,8 @@ struct Fake {
     switch: watch::Sender<Option<bool>>,
     /// App requests the sidecar received.
     at_sidecar: Arc<AtomicUsize>,
+    /// Probes the sidecar answered or held.
+    pings: Arc<AtomicUsize>,
     /// Requests the provider received, by method.
     at_provider: Arc<Mutex<BTreeMap<Method, usize>>>,
     /// The mesh header the provider forges, if any.
@@ -76,6 +78,7 @@ impl Fake {
             state: watch::channel(PbState::Ready).0,
             switch: watch::channel(None).0,
             at_sidecar: Arc::default(),
+            pings: Arc::default(),
             at_provider: Arc::default(),
             provider_forges: Arc::default(),
         };
@@ -107,13 +110,16 @@ impl Fake {
             switch: self.switch.subscribe(),
         };
         let (mode, got) = (self.mode.clone(), self.at_sidecar.clone());
+        let pings = self.pings.clone();
         self.net.set(
             Self::sidecar(),
             Upstream::serve(move |req: Request<Incoming>| {
                 let (ctl, mode, got) = (ctl.clone(), *mode.lock().unwrap(), got.clone());
+                let pings = pings.clone();
                 async move {
                     if authority(&req) == Some(CONTROL_AUTHORITY) {
                         if req.uri().path() == PING_PATH {
+                            pings.fetch_add(1, Ordering::SeqCst);
                             if mode == Mode::Hang {
                                 std::future::pending::<()>().await;
                             }
@@ -385,6 +391,58 @@ async fn a_hung_sidecar_stalls_no_idempotent_call_and_never_repeats_a_post() {
     }
     assert_eq!(fake.provider_got(Method::GET), 10);
     assert_eq!(fake.provider_got(Method::POST), 0, "no POST was sent twice");
+    assert_eq!(client.link_state(), LinkState::Fallback);
+}
+
+/// Probes of the sidecar during the next `d`.
+async fn pings_during(fake: &Fake, d: Duration) -> usize {
+    let before = fake.pings.load(Ordering::SeqCst);
+    tokio::time::sleep(d).await;
+    fake.pings.load(Ordering::SeqCst) - before
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_client_probes_its_sidecar_every_thirty_seconds_until_its_next_call() {
+    let fake = Fake::new(Mode::Answer);
+    let client = fake.ready_client().await;
+    // Used a moment ago: every 200 ms.
+    let busy = pings_during(&fake, Duration::from_secs(5)).await;
+    assert!(
+        (24..=26).contains(&busy),
+        "{busy} probes in 5 s while in use"
+    );
+    // No call for 10 s: every 30 s (at 10, 40, 70 and 100 s; the window ends between two).
+    tokio::time::sleep(Duration::from_millis(12_500)).await;
+    let idle = pings_during(&fake, Duration::from_secs(90)).await;
+    assert_eq!(idle, 3, "{idle} probes in 90 s while idle");
+    // The next call probes at once and brings the fast pace back.
+    let before = fake.pings.load(Ordering::SeqCst);
+    client.send(&svc(), get()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(fake.pings.load(Ordering::SeqCst) - before, 1);
+    let again = pings_during(&fake, Duration::from_secs(1)).await;
+    assert!(
+        (4..=6).contains(&again),
+        "{again} probes in 1 s after a call"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sidecar_that_hung_while_the_client_was_idle_is_left_as_fast_as_under_load() {
+    let fake = Fake::new(Mode::Answer);
+    let client = fake.ready_client().await;
+    // Idle, between two probes at the idle pace.
+    tokio::time::sleep(Duration::from_millis(62_500)).await;
+    fake.set(Mode::Hang);
+    let t = Instant::now();
+    let resp = client.send(&svc(), get()).await.unwrap();
+    assert_eq!(path_taken(&resp), Some(PathTaken::Direct));
+    let took = t.elapsed();
+    // The call's own probe and the next one time out back to back (250 ms each).
+    assert!(
+        took <= Duration::from_millis(800),
+        "the GET waited {took:?}"
+    );
     assert_eq!(client.link_state(), LinkState::Fallback);
 }
 

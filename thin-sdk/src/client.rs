@@ -11,6 +11,7 @@ use detour_core::body::{BoxBody, BoxError, boxed};
 use detour_core::connect::{Connect, NetConnect};
 use detour_core::link::{LinkConfig, LinkState};
 use detour_core::link_handle::{LinkHandle, SDK_NAMES};
+use detour_core::probe::ProbePace;
 use detour_core::trace::{SpanKind, TraceConfig, Tracer};
 use detour_core::{Dial, PathTaken, Pool, PoolOptions};
 use detour_proto::{AppProtocol, ServiceName, SidecarState};
@@ -36,7 +37,7 @@ pub struct ClientBuilder {
     snapshot_file: Option<PathBuf>,
     max_replay_bytes: u64,
     link: LinkConfig,
-    probe_interval: Duration,
+    probe_pace: ProbePace,
     probe_timeout: Duration,
     connector: Arc<dyn Connect>,
     tracing: Option<TraceConfig>,
@@ -104,10 +105,20 @@ impl ClientBuilder {
         self
     }
 
-    /// How often and how patiently the sidecar is probed (200 ms / 250 ms by default).
+    /// How often and how patiently the sidecar is probed while the client makes calls (200 ms
+    /// / 250 ms by default).
     pub fn probe(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.probe_interval = interval;
+        self.probe_pace.interval = interval;
         self.probe_timeout = timeout;
+        self
+    }
+
+    /// How often the sidecar is probed once no call went to it for `after` (every 30 s after
+    /// 10 s by default; never less often than [`ClientBuilder::probe`]'s interval). The next
+    /// call probes at once and brings the fast pace back.
+    pub fn idle_probe(mut self, after: Duration, interval: Duration) -> Self {
+        self.probe_pace.idle_after = after;
+        self.probe_pace.idle_interval = interval;
         self
     }
 
@@ -155,7 +166,7 @@ impl ClientBuilder {
                 self.sidecar.clone(),
                 AppProtocol::Http1,
                 link.clone(),
-                self.probe_interval,
+                self.probe_pace,
                 self.probe_timeout,
             ));
             (Some(c), Some(p))
@@ -242,7 +253,11 @@ impl Client {
             snapshot_file: None,
             max_replay_bytes: 64 * 1024,
             link: LinkConfig::default(),
-            probe_interval: Duration::from_millis(200),
+            probe_pace: ProbePace {
+                interval: Duration::from_millis(200),
+                idle_interval: Duration::from_secs(30),
+                idle_after: Duration::from_secs(10),
+            },
             probe_timeout: Duration::from_millis(250),
             connector: Arc::new(NetConnect),
             tracing: None,

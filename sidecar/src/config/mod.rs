@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use detour_core::link::LinkConfig;
+use detour_core::probe::ProbePace;
 use detour_proto::config_file::{self, ConfigError};
 use detour_proto::{AppProtocol, HostId, ServiceName};
 use detour_registry::client_config::{RegistryClient, RegistryDirRaw, RegistryEtcdRaw};
@@ -326,8 +327,8 @@ pub struct Config {
     pub announce: Duration,
     /// The CA link machine's thresholds.
     pub link: LinkConfig,
-    /// Probe interval to PAs.
-    pub probe_interval: Duration,
+    /// How often PAs are probed.
+    pub probe: ProbePace,
     /// Probe timeout.
     pub probe_timeout: Duration,
     /// The catalog's disk cache.
@@ -550,7 +551,7 @@ impl Sections {
             drain_timeout: self.lifecycle.0,
             announce: self.lifecycle.1,
             link: link.machine,
-            probe_interval: link.probe_interval,
+            probe: link.probe,
             probe_timeout: link.probe_timeout,
             catalog_cache: self.catalog_cache,
             protection: self.protection,

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use detour_core::link::LinkConfig;
+use detour_core::probe::ProbePace;
 use detour_proto::AppProtocol;
 use serde::Deserialize;
 
@@ -176,6 +177,10 @@ impl LifecycleRaw {
 pub struct LinkRaw {
     /// Interval of active probes to each PA in use.
     pub probe_interval_ms: u64,
+    /// A link no request used for this long is probed at the idle pace.
+    pub idle_after_ms: u64,
+    /// Interval of active probes to a PA whose link is idle.
+    pub idle_probe_interval_ms: u64,
     /// Time a probe may take.
     pub probe_timeout_ms: u64,
     /// Consecutive failed probes before going straight to the provider.
@@ -190,6 +195,8 @@ impl Default for LinkRaw {
     fn default() -> Self {
         Self {
             probe_interval_ms: 200,
+            idle_after_ms: 10_000,
+            idle_probe_interval_ms: 30_000,
             probe_timeout_ms: 250,
             fail_after: 2,
             recover_after: 3,
@@ -203,8 +210,8 @@ impl Default for LinkRaw {
 pub struct LinkSettings {
     /// The link machine's thresholds.
     pub machine: LinkConfig,
-    /// Probe interval to PAs.
-    pub probe_interval: Duration,
+    /// How often PAs are probed.
+    pub probe: ProbePace,
     /// Probe timeout.
     pub probe_timeout: Duration,
 }
@@ -213,6 +220,15 @@ impl LinkRaw {
     /// Validates `[link]`.
     pub fn validate(&self, p: &mut Vec<String>) -> LinkSettings {
         let probe_interval = positive(p, "link.probe_interval_ms", self.probe_interval_ms);
+        let idle_after = positive(p, "link.idle_after_ms", self.idle_after_ms);
+        let idle_interval = positive(
+            p,
+            "link.idle_probe_interval_ms",
+            self.idle_probe_interval_ms,
+        );
+        if idle_interval < probe_interval {
+            p.push("link.idle_probe_interval_ms: must be at least link.probe_interval_ms".into());
+        }
         let probe_timeout = positive(p, "link.probe_timeout_ms", self.probe_timeout_ms);
         if self.fail_after == 0 || self.recover_after == 0 {
             p.push("link.fail_after and link.recover_after: must be at least 1".into());
@@ -224,7 +240,11 @@ impl LinkRaw {
                 ramp_start: 0.1,
                 ramp: Duration::from_millis(self.ramp_ms),
             },
-            probe_interval,
+            probe: ProbePace {
+                interval: probe_interval,
+                idle_interval,
+                idle_after,
+            },
             probe_timeout,
         }
     }

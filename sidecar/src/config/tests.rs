@@ -30,6 +30,20 @@ fn the_protocol_to_remote_pas_is_chosen_by_name() {
 }
 
 #[test]
+fn idle_links_are_probed_at_their_own_pace_never_faster_than_busy_ones() {
+    let cfg = Config::parse("t", "host = \"h1\"\n", Vec::new()).unwrap();
+    assert_eq!(cfg.probe.interval, Duration::from_millis(200));
+    assert_eq!(cfg.probe.idle_after, Duration::from_secs(10));
+    assert_eq!(cfg.probe.idle_interval, Duration::from_secs(30));
+    let text = "host = \"h1\"\n[link]\nprobe_interval_ms = 500\nidle_probe_interval_ms = 100\n";
+    let err = Config::parse("t", text, Vec::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("link.idle_probe_interval_ms"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_traffic_policy_defaults_and_limits() {
     let cfg = Config::parse("t", "host = \"h1\"\n", Vec::new()).unwrap();
     assert_eq!(cfg.try_timeout, None);

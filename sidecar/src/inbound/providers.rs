@@ -1,6 +1,7 @@
 //! The PA's local providers: registering them with this host's inbound address, and checking
 //! each every `inbound.check_interval_ms` — at once, too, when real traffic finds it refusing
-//! connections. A provider that fails its check is marked unhealthy in the registry (callers
+//! connections. Providers with the same address, protocol and check (an application serving
+//! several services on one port) are checked once for all of them. A provider that fails its check is marked unhealthy in the registry (callers
 //! pass it over while any healthy endpoint is left) and marked healthy again once it answers.
 //! `/state` and `detour_provider_healthy{service}` show the verdicts.
 //!
@@ -52,8 +53,29 @@ struct Local {
     check: CheckSpec,
     /// The last verdict.
     healthy: AtomicBool,
-    /// Wakes its check early (traffic found it refusing).
-    wake: Notify,
+    /// Wakes its check early (traffic found it refusing); shared by the providers checked
+    /// together.
+    wake: Arc<Notify>,
+}
+
+/// What makes two providers' checks the same check.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CheckKey {
+    address: SocketAddr,
+    protocol: detour_proto::AppProtocol,
+    path: Option<String>,
+    timeout: Duration,
+}
+
+impl Local {
+    fn key(&self) -> CheckKey {
+        CheckKey {
+            address: self.local.app_address,
+            protocol: self.local.protocol,
+            path: self.check.http_path.clone(),
+            timeout: self.check.timeout,
+        }
+    }
 }
 
 /// The local providers of one sidecar.
@@ -83,6 +105,7 @@ impl LocalProviders {
         registry: Arc<dyn Registry>,
         checker: Arc<dyn HealthCheck>,
     ) -> Self {
+        let mut wakes: HashMap<CheckKey, Arc<Notify>> = HashMap::new();
         let by_service = cfg
             .provide
             .iter()
@@ -118,13 +141,14 @@ impl LocalProviders {
                     timeout: cfg.provider_check_timeout,
                     http_path: p.check_path.clone(),
                 };
-                let local = Local {
+                let mut local = Local {
                     endpoint,
                     local,
                     check,
                     healthy: AtomicBool::new(true),
-                    wake: Notify::new(),
+                    wake: Arc::default(),
                 };
+                local.wake = wakes.entry(local.key()).or_default().clone();
                 (p.service.clone(), Arc::new(local))
             })
             .collect();
@@ -136,21 +160,36 @@ impl LocalProviders {
         }
     }
 
+    /// The providers grouped by check, each group in service order.
+    fn groups(&self) -> Vec<Vec<Arc<Local>>> {
+        let mut groups: HashMap<CheckKey, Vec<Arc<Local>>> = HashMap::new();
+        for local in self.by_service.values() {
+            groups.entry(local.key()).or_default().push(local.clone());
+        }
+        let mut groups: Vec<_> = groups.into_values().collect();
+        for g in &mut groups {
+            g.sort_by(|a, b| a.endpoint.service.cmp(&b.endpoint.service));
+        }
+        groups
+    }
+
     /// Checks every provider once and registers it with that verdict.
     pub async fn register_all(&self) -> Result<(), RegistryError> {
-        for local in self.by_service.values() {
-            let healthy = self.checker.check(&local.local, &local.check).await;
-            local.healthy.store(healthy, Ordering::Relaxed);
-            self.publish(local, healthy).await?;
+        for group in self.groups() {
+            let healthy = self.checker.check(&group[0].local, &group[0].check).await;
+            for local in &group {
+                local.healthy.store(healthy, Ordering::Relaxed);
+                self.publish(local, healthy).await?;
+            }
         }
         Ok(())
     }
 
-    /// Starts one check loop per provider.
+    /// Starts one check loop per group of providers checked together.
     pub fn spawn_checks(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
-        self.by_service
-            .values()
-            .map(|local| tokio::spawn(self.clone().check_loop(local.clone())))
+        self.groups()
+            .into_iter()
+            .map(|group| tokio::spawn(self.clone().check_loop(group)))
             .collect()
     }
 
@@ -178,29 +217,39 @@ impl LocalProviders {
         v
     }
 
-    async fn check_loop(self: Arc<Self>, local: Arc<Local>) {
+    async fn check_loop(self: Arc<Self>, group: Vec<Arc<Local>>) {
+        let Some(first) = group.first().cloned() else {
+            return;
+        };
         loop {
             tokio::select! {
                 () = tokio::time::sleep(self.interval) => {}
-                () = local.wake.notified() => {}
+                () = first.wake.notified() => {}
             }
-            let healthy = self.checker.check(&local.local, &local.check).await;
-            if local.healthy.swap(healthy, Ordering::Relaxed) == healthy {
-                continue;
+            let healthy = self.checker.check(&first.local, &first.check).await;
+            for local in &group {
+                self.apply(local, healthy).await;
             }
-            let service = &local.endpoint.service;
-            if healthy {
-                tracing::info!(%service, address = %local.local.app_address, "local provider answers again: marked healthy");
-            } else {
-                tracing::warn!(%service, address = %local.local.app_address, "local provider failed its health check: marked unhealthy");
-            }
-            metrics::counter!("detour_provider_health_changes_total",
-                "service" => detour_registry::labels::service(service), "healthy" => if healthy { "true" } else { "false" })
-            .increment(1);
-            if let Err(e) = self.publish(&local, healthy).await {
-                // The registry back-end keeps the write and retries it when it is reachable.
-                tracing::warn!(%service, error = %e, "could not publish the provider's health");
-            }
+        }
+    }
+
+    /// Records `local`'s verdict; a change is logged, counted and published.
+    async fn apply(&self, local: &Local, healthy: bool) {
+        if local.healthy.swap(healthy, Ordering::Relaxed) == healthy {
+            return;
+        }
+        let service = &local.endpoint.service;
+        if healthy {
+            tracing::info!(%service, address = %local.local.app_address, "local provider answers again: marked healthy");
+        } else {
+            tracing::warn!(%service, address = %local.local.app_address, "local provider failed its health check: marked unhealthy");
+        }
+        metrics::counter!("detour_provider_health_changes_total",
+            "service" => detour_registry::labels::service(service), "healthy" => if healthy { "true" } else { "false" })
+        .increment(1);
+        if let Err(e) = self.publish(local, healthy).await {
+            // The registry back-end keeps the write and retries it when it is reachable.
+            tracing::warn!(%service, error = %e, "could not publish the provider's health");
         }
     }
 
@@ -262,5 +311,88 @@ mod tests {
         assert!(!p.states()[0].healthy);
         *verdicts.0.lock().unwrap() = true;
         rx2.wait_for(|s| s.endpoints[0].healthy).await.unwrap();
+    }
+
+    /// Verdicts per address, and the checks made of each.
+    #[derive(Default, Clone)]
+    struct PerAddress {
+        down: Arc<Mutex<Vec<SocketAddr>>>,
+        checks: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+    }
+
+    impl HealthCheck for PerAddress {
+        fn check(
+            &self,
+            ep: &Endpoint,
+            _: &CheckSpec,
+        ) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+            *self
+                .checks
+                .lock()
+                .unwrap()
+                .entry(ep.app_address)
+                .or_default() += 1;
+            let ok = !self.down.lock().unwrap().contains(&ep.app_address);
+            Box::pin(async move { ok })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn providers_on_one_address_are_checked_once_for_all_and_share_the_verdict() {
+        let provide =
+            |svc: &str, at: &str| format!("[[provide]]\nservice = \"{svc}\"\naddress = \"{at}\"\n");
+        let text = format!(
+            "host = \"h1\"\n{}{}{}",
+            provide("a", "127.0.0.1:9"),
+            provide("b", "127.0.0.1:9"),
+            provide("c", "127.0.0.1:10")
+        );
+        let cfg = crate::config::Config::parse("t", &text, Vec::new()).unwrap();
+        let registry = Arc::new(MemoryRegistry::default());
+        let checker = PerAddress::default();
+        let inbound = "127.0.0.1:4143".parse().unwrap();
+        let p = Arc::new(LocalProviders::new(
+            &cfg,
+            inbound,
+            registry.clone(),
+            Arc::new(checker.clone()),
+        ));
+        p.register_all().await.unwrap();
+        let (nine, ten): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.1:10".parse().unwrap(),
+        );
+        let checks = |at| {
+            checker
+                .checks
+                .lock()
+                .unwrap()
+                .get(&at)
+                .copied()
+                .unwrap_or(0)
+        };
+        assert_eq!((checks(nine), checks(ten)), (1, 1));
+        let _tasks = p.spawn_checks();
+        tokio::time::sleep(Duration::from_millis(10_500)).await;
+        // One check a second per address, however many services it serves.
+        assert_eq!((checks(nine), checks(ten)), (11, 11));
+        // Traffic finds `b` refusing: the check runs at once and marks `a` too, not `c`.
+        checker.down.lock().unwrap().push(nine);
+        let b = ServiceName::new("b").unwrap();
+        let mut rx_a = registry
+            .watch(&ServiceName::new("a").unwrap())
+            .await
+            .unwrap();
+        p.suspect(&b);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(checks(nine), 12);
+        rx_a.wait_for(|s| !s.endpoints[0].healthy).await.unwrap();
+        let healthy: Vec<(String, bool)> = p
+            .states()
+            .into_iter()
+            .map(|s| (s.service.to_string(), s.healthy))
+            .collect();
+        let want = [("a", false), ("b", false), ("c", true)].map(|(s, h)| (s.to_string(), h));
+        assert_eq!(healthy, want);
     }
 }

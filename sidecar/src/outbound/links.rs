@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use detour_core::link::{Event, Reason};
 use detour_core::link_handle::{LinkHandle, StateNames};
-use detour_core::probe::{Probed, probe};
+use detour_core::probe::{ProbePace, Probed, probe, until_next};
 use detour_core::{Dial, Pool, PoolOptions};
 use detour_proto::{AppProtocol, HostId, SidecarState};
 use detour_registry::HostStatuses;
@@ -101,7 +101,7 @@ impl Links {
             self.pool.clone(),
             pa.clone(),
             link.clone(),
-            self.cfg.probe_interval,
+            self.cfg.probe,
             self.cfg.probe_timeout,
         ));
         entries.insert(
@@ -184,14 +184,14 @@ async fn probe_loop(
     pool: Arc<Pool>,
     pa: Arc<Mutex<SocketAddr>>,
     link: Arc<LinkHandle>,
-    interval: std::time::Duration,
+    pace: ProbePace,
     timeout: std::time::Duration,
 ) {
-    // As the SDK's probes: every `interval`, or at once after a probe that took longer.
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // As the SDK's probes: at `pace`, or at once after a probe that took longer.
+    let (mut started, mut ok) = (tokio::time::Instant::now(), true);
     loop {
-        ticks.tick().await;
+        until_next(&link, &pace, started, ok).await;
+        started = tokio::time::Instant::now();
         let addr = *pa.lock().unwrap_or_else(|p| p.into_inner());
         // A PA that answers and is not trusted is reachable: the link stays on it, and the
         // requests sent there are refused (`untrusted-peer`) rather than sent around it.
@@ -199,6 +199,7 @@ async fn probe_loop(
             Probed::Ok | Probed::Untrusted => Event::ProbeOk,
             Probed::Failed => Event::ProbeFailed,
         };
+        ok = event == Event::ProbeOk;
         link.event(event);
     }
 }

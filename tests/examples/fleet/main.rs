@@ -2,8 +2,9 @@
 //! sidecar processes started together, each on its own loopback address and providing a few
 //! services. It measures the registration storm, how long one provider change takes to reach
 //! every sidecar, etcd's cost at rest and under churn, each sidecar's own CPU and memory, the
-//! recovery from a whole-cluster etcd outage under steady load, and (with `--catalog N`) what
-//! N services × 5 endpoints cost each sidecar. Prints `key: value` lines.
+//! recovery from a whole-cluster etcd outage under steady load, each sidecar's CPU at rest after
+//! that load, and (with `--catalog N`) what N services × 5 endpoints cost each sidecar. Prints
+//! `key: value` lines.
 //!
 //! `fleet HOSTS [SERVICES] [--per-host K] [--outage-secs S] [--catalog N] [--watch-check-ms N]
 //! [--watched] [--bin DIR]`
@@ -359,6 +360,7 @@ async fn main() {
     // 5. The whole etcd cluster stopped for a while, under steady load.
     if a.outage_secs > 0 {
         outage(&a, &mut etcd, &urls, &fleet, rest_rate).await;
+        rest_after_load(&fleet).await;
     }
 
     // 6. What a large catalog costs each sidecar.
@@ -445,6 +447,27 @@ async fn outage(a: &Args, etcd: &mut EtcdCluster, urls: &[String], fleet: &[Host
             .unwrap_or("load: -");
         println!("outage_load_{i}: {summary}");
     }
+}
+
+/// Each sidecar's CPU over 20 s at rest after the outage's load, from 12 s after it ended (the
+/// links went idle after 10 s): the four callers still hold a link to every host of the service
+/// they called, the other hosts were called or not.
+async fn rest_after_load(fleet: &[Host]) {
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (p0, t0) = (hosts::sample(fleet), Instant::now());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (p1, dt) = (hosts::sample(fleet), t0.elapsed().as_secs_f64());
+    let mut cpu: Vec<f64> = p0
+        .iter()
+        .zip(&p1)
+        .map(|(a, b)| 100.0 * (b.cpu_secs - a.cpu_secs) / dt)
+        .collect();
+    let mut others = cpu.split_off(4.min(cpu.len()));
+    println!(
+        "rest_after_load: callers_cpu_pct_{} others_cpu_pct_{}",
+        spread_f(&mut cpu),
+        spread_f(&mut others)
+    );
 }
 
 /// Writes `catalog` services × 5 endpoints and measures each sidecar's RSS before and after.

@@ -109,6 +109,23 @@ async fn a_hung_pa_holds_no_idempotent_request() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pa_that_hung_while_its_link_was_idle_holds_a_get_no_longer_than_under_load() {
+    let w = World::one_pa(P::Ok).await;
+    assert_eq!(text(w.call(Method::GET).await).await, "p2");
+    // No request for a minute: the PA is probed every 30 s; it stops between two probes.
+    tokio::time::sleep(Duration::from_millis(62_500)).await;
+    w.net.freeze(&Dial::Tcp(addr("10.0.2.9:4143")), true);
+    let t = Instant::now();
+    let resp = w.call(Method::GET).await;
+    assert_eq!(resp.headers()[PATH_HEADER], "ca-direct");
+    let took = t.elapsed();
+    assert!(
+        took <= Duration::from_millis(800),
+        "the GET waited {took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_service_switched_off_goes_straight_to_its_providers_and_comes_back() {
     let w = World::one_pa(P::Ok).await;
     assert_eq!(w.call(Method::GET).await.headers()[PATH_HEADER], "mesh");
