@@ -418,19 +418,31 @@ impl Inner {
             }
         }
         let revision = u64::try_from(view.revision).unwrap_or(0);
-        if all || hosts_dirty {
-            let hosts: HostStatuses = view
-                .hosts
-                .values()
-                .map(|s| (s.host.clone(), s.clone()))
-                .collect();
+        if all {
             self.hosts.send_if_modified(|cur| {
-                if **cur == hosts {
+                if **cur == view.hosts {
                     false
                 } else {
-                    *cur = Arc::new(hosts);
+                    *cur = Arc::new(view.hosts.clone());
                     true
                 }
+            });
+        } else if !hosts_dirty.is_empty() {
+            // Copied only when a subscriber still holds the last publication.
+            self.hosts.send_if_modified(|cur| {
+                let mut modified = false;
+                for host in &hosts_dirty {
+                    let next = view.hosts.get(host);
+                    if cur.get(host) != next {
+                        let map = Arc::make_mut(cur);
+                        match next {
+                            Some(s) => map.insert(host.clone(), s.clone()),
+                            None => map.remove(host),
+                        };
+                        modified = true;
+                    }
+                }
+                modified
             });
         }
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());

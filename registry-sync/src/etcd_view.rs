@@ -5,28 +5,29 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use detour_proto::{Endpoint, EndpointSet, HostStatus, ServiceName};
+use detour_proto::{Endpoint, EndpointSet, HostId, ServiceName};
 use etcd_client::{EventType, WatchOptions, WatchResponse, WatchStream};
 
 use super::{EndpointValue, HostValue, Inner};
 use crate::backoff::Backoff;
-use crate::registry::DocName;
+use crate::registry::{DocName, HostStatuses};
 
 /// What the prefix watch has seen, indexed by service so that one change costs one service.
 #[derive(Default)]
 pub(super) struct View {
     /// Parsed endpoints by service, then by key.
     pub(super) services: HashMap<ServiceName, BTreeMap<String, Endpoint>>,
-    /// Host statuses by key.
-    pub(super) hosts: BTreeMap<String, HostStatus>,
+    /// Host statuses, each from the key of its own host.
+    pub(super) hosts: HostStatuses,
     /// Services that ever had a key (a service once seen stays known).
     pub(super) known: HashSet<ServiceName>,
     /// The last revision applied.
     pub(super) revision: i64,
     /// Services changed since the last publish.
     pub(super) dirty: HashSet<ServiceName>,
-    /// Whether host statuses changed since the last publish.
-    pub(super) hosts_dirty: bool,
+    /// Hosts whose status changed since the last publish: only those are published again, so a
+    /// storm of N hosts costs each sidecar O(N) updates, not N copies of N statuses.
+    pub(super) hosts_dirty: HashSet<HostId>,
     /// Whether everything must be published (after a re-list).
     pub(super) all_dirty: bool,
     /// The documents (by `DocName as usize`), while there is one.
@@ -47,7 +48,8 @@ impl View {
 /// What a key is about.
 enum KeyKind {
     Service(ServiceName),
-    Host,
+    /// A host status: the host its key names (`None`: not a host name).
+    Host(Option<HostId>),
     Doc(DocName),
 }
 
@@ -57,8 +59,8 @@ fn classify<'k>(prefix: &str, key: &'k [u8]) -> Option<(&'k str, KeyKind)> {
     if let Some(svc) = rest.strip_prefix("services/") {
         let name = ServiceName::new(svc.split('/').next()?).ok()?;
         Some((key, KeyKind::Service(name)))
-    } else if rest.starts_with("hosts/") {
-        Some((key, KeyKind::Host))
+    } else if let Some(host) = rest.strip_prefix("hosts/") {
+        Some((key, KeyKind::Host(HostId::new(host).ok())))
     } else if let Some(doc) = DocName::from_key(rest) {
         Some((key, KeyKind::Doc(doc)))
     } else {
@@ -111,21 +113,33 @@ pub(super) fn apply_put(prefix: &str, view: &mut View, key: &[u8], value: &[u8],
                 view.doc_revisions[doc as usize] = u64::try_from(revision).unwrap_or(0);
             }
         }
-        KeyKind::Host => {
-            view.hosts_dirty = true;
-            match serde_json::from_slice::<HostValue>(value) {
+        KeyKind::Host(None) => bad(key, "not a host name"),
+        KeyKind::Host(Some(host)) => {
+            let status = match serde_json::from_slice::<HostValue>(value) {
+                // A status speaks for the host its key names only: a host allowed to write its
+                // own key cannot mark another one draining.
+                Ok(v) if v.version == 1 && v.status.host == host => Some(v.status),
                 Ok(v) if v.version == 1 => {
-                    view.hosts.insert(key.to_owned(), v.status);
+                    bad(
+                        key,
+                        &format!("the status of host {} under this key", v.status.host),
+                    );
+                    None
                 }
                 Ok(v) => {
-                    view.hosts.remove(key);
                     bad(key, &format!("unknown version {}", v.version));
+                    None
                 }
                 Err(e) => {
-                    view.hosts.remove(key);
                     bad(key, &e.to_string());
+                    None
                 }
-            }
+            };
+            match status {
+                Some(s) => view.hosts.insert(host.clone(), s),
+                None => view.hosts.remove(&host),
+            };
+            view.hosts_dirty.insert(host);
         }
     }
 }
@@ -143,10 +157,11 @@ fn apply_delete(prefix: &str, view: &mut View, key: &[u8], revision: i64) {
             }
             view.dirty.insert(name);
         }
-        Some((key, KeyKind::Host)) => {
-            view.hosts.remove(key);
-            view.hosts_dirty = true;
+        Some((_, KeyKind::Host(Some(host)))) => {
+            view.hosts.remove(&host);
+            view.hosts_dirty.insert(host);
         }
+        Some((_, KeyKind::Host(None))) => {}
         Some((_, KeyKind::Doc(doc))) => {
             view.docs[doc as usize] = None;
             view.doc_revisions[doc as usize] = u64::try_from(revision).unwrap_or(0);
@@ -344,5 +359,61 @@ mod tests {
         apply_put(prefix, &mut view, b"/detour/v1/policy/services", &big, 12);
         assert_eq!(view.docs[policy].as_deref(), Some(&b"good"[..]));
         assert_eq!(view.doc_revisions[policy], 11);
+    }
+
+    fn status(host: &str, state: &str) -> Vec<u8> {
+        format!(
+            "{{\"version\":1,\"status\":{{\"host\":\"{host}\",\"sidecar\":\"{state}\",\"version\":\"1\",\"updated_unix_ms\":1}}}}"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_host_status_counts_under_its_own_hosts_key_only_and_marks_that_host_changed() {
+        let (prefix, mut view) = ("/detour/v1", View::default());
+        let (h1, h2) = (HostId::new("h1").unwrap(), HostId::new("h2").unwrap());
+        apply_put(
+            prefix,
+            &mut view,
+            b"/detour/v1/hosts/h1",
+            &status("h1", "ready"),
+            2,
+        );
+        apply_put(
+            prefix,
+            &mut view,
+            b"/detour/v1/hosts/h2",
+            &status("h2", "ready"),
+            3,
+        );
+        assert_eq!(view.hosts.len(), 2);
+        assert_eq!(view.hosts_dirty, HashSet::from([h1.clone(), h2.clone()]));
+        view.hosts_dirty.clear();
+        // h2 writes, under its own key, a status that speaks for h1: refused, and h2's own
+        // status is gone with it; h1 stays ready.
+        apply_put(
+            prefix,
+            &mut view,
+            b"/detour/v1/hosts/h2",
+            &status("h1", "draining"),
+            4,
+        );
+        assert_eq!(view.hosts_dirty, HashSet::from([h2.clone()]));
+        assert!(!view.hosts.contains_key(&h2));
+        let ready = detour_proto::SidecarState::Ready;
+        assert_eq!(view.hosts[&h1].sidecar, ready);
+        // A key that names no valid host is refused; a delete marks its host changed.
+        apply_put(
+            prefix,
+            &mut view,
+            b"/detour/v1/hosts/bad host",
+            &status("h1", "ready"),
+            5,
+        );
+        assert_eq!(view.hosts.len(), 1);
+        view.hosts_dirty.clear();
+        apply_delete(prefix, &mut view, b"/detour/v1/hosts/h1", 6);
+        assert!(view.hosts.is_empty());
+        assert_eq!(view.hosts_dirty, HashSet::from([h1]));
     }
 }
