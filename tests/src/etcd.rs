@@ -40,6 +40,46 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port in 20000..32000")
 }
 
+/// The command of etcd member `name`: data in `data`, clients served at `url`, peers at `peer`,
+/// in the initial cluster `cluster` (`name=peer,…`); no output but to a log it is given.
+pub(crate) fn member_command(
+    name: &str,
+    data: &Path,
+    url: &str,
+    peer: &str,
+    cluster: &str,
+) -> Command {
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", name, "--data-dir"])
+        .arg(data)
+        .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", cluster])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// The peer URL on loopback `port`, and the initial cluster of member `name` alone.
+pub(crate) fn alone(name: &str, port: u16) -> (String, String) {
+    let peer = format!("http://127.0.0.1:{port}");
+    let cluster = format!("{name}={peer}");
+    (peer, cluster)
+}
+
+/// Starts etcd member `cmd` as `what`; panics naming the package to install when there is no
+/// `etcd`.
+pub(crate) fn spawn_member(cmd: Command, what: &str) -> ChildGuard {
+    ChildGuard::spawn(cmd, what)
+        .unwrap_or_else(|e| panic!("{e} — install Debian's etcd-server (tests/setup.sh does it)"))
+}
+
 impl Etcd {
     /// Starts a member with its data under `dir`; waits until it answers `/health`.
     pub async fn start(dir: &Path) -> Etcd {
@@ -50,33 +90,9 @@ impl Etcd {
 
     async fn launch(data: PathBuf, client_port: u16, peer_port: u16) -> Etcd {
         let url = format!("http://127.0.0.1:{client_port}");
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "t1", "--data-dir"])
-            .arg(&data)
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{peer_port}"),
-            ])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer_port}"),
-            ])
-            .args([
-                "--initial-cluster",
-                &format!("t1=http://127.0.0.1:{peer_port}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = ChildGuard::spawn(cmd, "etcd").unwrap_or_else(|e| {
-            panic!("{e} — install Debian's etcd-server (tests/setup.sh does it)")
-        });
+        let (peer, cluster) = alone("t1", peer_port);
+        let cmd = member_command("t1", &data, &url, &peer, &cluster);
+        let child = spawn_member(cmd, "etcd");
         let etcd = Etcd {
             child,
             url,
@@ -197,32 +213,14 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) {
         let cluster: Vec<String> = (0..3).map(|j| format!("e{j}={}", self.peers[j])).collect();
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", &format!("e{i}"), "--data-dir"])
-            .arg(self.dir.join(format!("e{i}")))
-            .args([
-                "--listen-client-urls",
-                &self.urls[i],
-                "--advertise-client-urls",
-                &self.urls[i],
-            ])
-            .args([
-                "--listen-peer-urls",
-                &self.peers[i],
-                "--initial-advertise-peer-urls",
-                &self.peers[i],
-            ])
-            .args(["--initial-cluster", &cluster.join(",")])
-            .args([
-                "--initial-cluster-token",
-                "detour-test",
-                "--initial-cluster-state",
-                "new",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let name = format!("e{i}");
+        let data = self.dir.join(&name);
+        let (url, peer) = (&self.urls[i], &self.peers[i]);
+        let mut cmd = member_command(&name, &data, url, peer, &cluster.join(","));
+        cmd.args(["--initial-cluster-token", "detour-test"])
+            .args(["--initial-cluster-state", "new"])
             .stderr(log_file(&self.log(i)));
-        self.members[i] = Some(ChildGuard::spawn(cmd, format!("etcd e{i}")).expect("etcd starts"));
+        self.members[i] = Some(spawn_member(cmd, &format!("etcd {name}")));
     }
 
     fn log(&self, i: usize) -> PathBuf {

@@ -3,13 +3,12 @@
 //! are written under the test's directory. Killed by its PID when the guard drops.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use detour_kit::certs::Authority;
 use detour_kit::process::ChildGuard;
 
-use crate::etcd::free_port;
+use crate::etcd::{alone, free_port, member_command, spawn_member};
 
 /// A running single-member etcd over TLS.
 pub struct SecureEtcd {
@@ -50,36 +49,17 @@ impl SecureEtcd {
         let client_key = write("client-key.pem", &client.key_pem);
         let (client_port, peer_port) = (free_port(), free_port());
         let url = format!("https://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "s1", "--data-dir"])
-            .arg(dir.join("etcd-tls-data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("s1={peer}")])
-            .arg("--cert-file")
+        let (peer, cluster) = alone("s1", peer_port);
+        let data = dir.join("etcd-tls-data");
+        let mut cmd = member_command("s1", &data, &url, &peer, &cluster);
+        cmd.arg("--cert-file")
             .arg(&server_cert)
             .arg("--key-file")
             .arg(&server_key)
             .arg("--trusted-ca-file")
             .arg(&ca_file)
-            .arg("--client-cert-auth")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = ChildGuard::spawn(cmd, "etcd-tls").unwrap_or_else(|e| {
-            panic!("{e} — install Debian's etcd-server (tests/setup.sh does it)")
-        });
+            .arg("--client-cert-auth");
+        let child = spawn_member(cmd, "etcd-tls");
         let etcd = SecureEtcd {
             child,
             url,

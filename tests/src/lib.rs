@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod etcd_tls;
 pub mod gray;
 pub mod grpc;
+mod hello_mesh;
 pub mod otlp;
 mod provider_process;
 pub mod proxy;
@@ -17,6 +18,7 @@ pub mod sync;
 pub mod watchdog_host;
 pub mod zookeeper;
 
+pub use hello_mesh::hello_mesh;
 pub use provider_process::ProviderProcess;
 
 use std::collections::BTreeMap;

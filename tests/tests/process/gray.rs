@@ -258,14 +258,7 @@ async fn on_hosts(reg: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_percentage_keeps_the_same_hosts_and_only_grows() {
     let _serial = detour_tests::serial().await;
-    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
+    let (_provider, mesh) = detour_tests::hello_mesh("127.0.0.2", "h2-hello").await;
     let client =
         detour_tests::ready_sdk(&mesh, "h1", "hello", &mesh.root().join("snap.json")).await;
     // Ten hosts: the two sidecars and eight more records.
@@ -356,14 +349,7 @@ fn rules_file(mesh: &Mesh) -> Option<Vec<u8>> {
 #[tokio::test]
 async fn malformed_rules_and_an_unreachable_registry_change_nothing() {
     let _serial = detour_tests::serial().await;
-    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
+    let (_provider, mesh) = detour_tests::hello_mesh("127.0.0.2", "h2-hello").await;
     let reg = dir_registry(&mesh);
     let admin = mesh.admin("h1");
     set_h1_off(&reg).await;

@@ -261,14 +261,7 @@ async fn allow_lists_refuse_other_callers_and_the_provider_learns_who_called() {
 
 #[tokio::test]
 async fn certificates_rotated_under_load_lose_no_request() {
-    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "p")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
+    let (_provider, mesh) = detour_tests::hello_mesh("127.0.0.2", "p").await;
     let client = mesh.client("h1", AppProtocol::Http1);
     let start = tokio::time::Instant::now();
     let load = spawn_load(&client, 200, 8);

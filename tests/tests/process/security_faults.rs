@@ -114,14 +114,7 @@ async fn a_pa_with_a_certificate_of_another_authority_gets_no_request_by_any_pat
 #[tokio::test]
 async fn a_provider_on_its_hosts_loopback_is_reached_through_its_pa_only() {
     // h2 (127.0.0.2) offers a provider listening on 127.0.0.1: another host's own loopback.
-    let provider = DemoProvider::start("127.0.0.1:0".parse().unwrap(), "h2-hello")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
+    let (provider, mut mesh) = detour_tests::hello_mesh("127.0.0.1", "h2-hello").await;
     let admin = mesh.admin("h1");
     let st = admin_get_json(&admin, "/state").await;
     assert_eq!(
@@ -469,14 +462,7 @@ fn client_hello() -> Vec<u8> {
 #[tokio::test]
 async fn a_flood_of_client_hellos_is_turned_away_before_the_handshake() {
     use tokio::io::AsyncWriteExt;
-    let provider = DemoProvider::start("127.0.0.2:0".parse().unwrap(), "h2-hello")
-        .await
-        .unwrap();
-    let mut mesh = Mesh::new();
-    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", provider.addr())])
-        .await;
-    mesh.start("h1", "127.0.0.1", &[]).await;
-    mesh.wait_endpoints("h1", "hello", 1).await;
+    let (_provider, mesh) = detour_tests::hello_mesh("127.0.0.2", "h2-hello").await;
     let client = plain(&mesh, "h1");
     assert_eq!(get(&client, &[]).await.0, 200);
     let pa = mesh.sidecar("h2").addrs.inbound;
