@@ -12,4 +12,5 @@ pub mod process;
 pub mod provider;
 pub mod sidecar;
 pub mod sidecar_config;
+mod started;
 pub mod watched;

@@ -3,17 +3,14 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 
-use detour_core::body::empty;
-use detour_core::transport::set_target;
-use detour_core::{Dial, Pool, PoolOptions};
-use detour_proto::{ADDRESS_FILE, AppProtocol, SidecarAddresses};
-use http::Request;
+use detour_core::Dial;
+use detour_proto::{ADDRESS_FILE, SidecarAddresses};
 
 use crate::process::ChildGuard;
+pub use crate::started::is_ready;
+use crate::started::{Announced, Start};
 
 /// Where the `detour-sidecar` binary is: `$DETOUR_SIDECAR_BIN`, else beside the current
 /// executable, else one directory up (test binaries live in `target/<profile>/deps`).
@@ -81,15 +78,14 @@ impl SidecarProcess {
         config: &Path,
         within: Duration,
     ) -> io::Result<SidecarProcess> {
-        let _ = std::fs::remove_file(run_dir.join(ADDRESS_FILE));
-        let mut child = ChildGuard::spawn_with_config(
+        let start = Start {
+            kind: "sidecar",
             binary,
             config,
             run_dir,
-            "sidecar.log",
-            format!("sidecar {}", run_dir.display()),
-        )?;
-        let addrs = wait_ready(&mut child, run_dir, within).await?;
+            announce: ADDRESS_FILE,
+        };
+        let (child, addrs) = start.ready::<SidecarAddresses>(within).await?;
         Ok(SidecarProcess {
             child,
             addrs,
@@ -108,55 +104,11 @@ impl SidecarProcess {
     }
 }
 
-/// Waits for the address file, then for `/ready` to answer 200.
-async fn wait_ready(
-    child: &mut ChildGuard,
-    run_dir: &Path,
-    within: Duration,
-) -> io::Result<SidecarAddresses> {
-    let deadline = Instant::now() + within;
-    let pool = Pool::new(PoolOptions::default());
-    loop {
-        if let Some(st) = child.try_wait()? {
-            let log = std::fs::read_to_string(run_dir.join("sidecar.log")).unwrap_or_default();
-            return Err(io::Error::other(format!(
-                "sidecar exited during start-up ({st}); its log:\n{log}"
-            )));
-        }
-        if let Ok(bytes) = std::fs::read(run_dir.join(ADDRESS_FILE))
-            && let Ok(addrs) = serde_json::from_slice::<SidecarAddresses>(&bytes)
-            && addrs.pid == child.pid()
-            && is_ready(&pool, addrs.admin).await
-        {
-            return Ok(addrs);
-        }
-        if Instant::now() >= deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "sidecar in {} not ready within {within:?}",
-                    run_dir.display()
-                ),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+impl Announced for SidecarAddresses {
+    fn pid(&self) -> u32 {
+        self.pid
     }
-}
-
-/// Whether the admin API at `admin` answers `GET /ready` with 200.
-pub async fn is_ready(pool: &Arc<Pool>, admin: std::net::SocketAddr) -> bool {
-    let Ok(req) = Request::get("/ready").body(empty()) else {
-        return false;
-    };
-    let Ok(req) = set_target("localhost", AppProtocol::Http1, req) else {
-        return false;
-    };
-    match pool.send(&Dial::Tcp(admin), AppProtocol::Http1, req).await {
-        Ok(resp) => {
-            let ok = resp.status().is_success();
-            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-            ok
-        }
-        Err(_) => false,
+    fn admin(&self) -> std::net::SocketAddr {
+        self.admin
     }
 }

@@ -6,7 +6,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::time::Instant;
 
 use detour_core::body::{empty, full};
 use detour_core::{BoxBody, Dial, Pool, PoolOptions};
@@ -17,6 +16,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::process::ChildGuard;
+use crate::started::{Announced, Start};
 use detour_watchdog::api::{UpgradeDone, UpgradeRequest};
 use detour_watchdog::proc::{PID_FILE, PidFile};
 
@@ -41,6 +41,15 @@ struct Info {
     pid: u32,
     admin: SocketAddr,
     unix: PathBuf,
+}
+
+impl Announced for Info {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn admin(&self) -> SocketAddr {
+        self.admin
+    }
 }
 
 impl WatchdogProcess {
@@ -74,48 +83,21 @@ impl WatchdogProcess {
         config: &Path,
         within: Duration,
     ) -> io::Result<WatchdogProcess> {
-        let _ = std::fs::remove_file(run_dir.join("watchdog.json"));
-        let mut child = ChildGuard::spawn_with_config(
+        let start = Start {
+            kind: "watchdog",
             binary,
             config,
             run_dir,
-            "watchdog.log",
-            format!("watchdog {}", run_dir.display()),
-        )?;
-        let deadline = Instant::now() + within;
-        let pool = Pool::new(PoolOptions::default());
-        loop {
-            if let Some(st) = child.try_wait()? {
-                let log = std::fs::read_to_string(run_dir.join("watchdog.log")).unwrap_or_default();
-                return Err(io::Error::other(format!(
-                    "watchdog exited during start-up ({st}); its log:\n{log}"
-                )));
-            }
-            if let Ok(bytes) = std::fs::read(run_dir.join("watchdog.json"))
-                && let Ok(info) = serde_json::from_slice::<Info>(&bytes)
-                && info.pid == child.pid()
-                && get(&pool, &Dial::Tcp(info.admin), "/ready").await.0 == StatusCode::OK
-            {
-                return Ok(WatchdogProcess {
-                    child,
-                    run_dir: run_dir.to_owned(),
-                    config: config.to_owned(),
-                    unix: info.unix,
-                    admin: info.admin,
-                });
-            }
-            if Instant::now() >= deadline {
-                let log = std::fs::read_to_string(run_dir.join("sidecar.log")).unwrap_or_default();
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the watchdog in {} did not report a ready sidecar within {within:?}; the sidecar's log:\n{log}",
-                        run_dir.display()
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            announce: "watchdog.json",
+        };
+        let (child, info) = start.ready::<Info>(within).await?;
+        Ok(WatchdogProcess {
+            child,
+            run_dir: run_dir.to_owned(),
+            config: config.to_owned(),
+            unix: info.unix,
+            admin: info.admin,
+        })
     }
 
     /// The sidecar's addresses (from its address file), once it has written them.
@@ -216,28 +198,6 @@ pub async fn call(
             format!("{dial}: no answer within {within:?}"),
         )
     })?
-}
-
-async fn get(pool: &std::sync::Arc<Pool>, dial: &Dial, path: &str) -> (StatusCode, String) {
-    let Ok(req) = Request::get(path)
-        .header(http::header::HOST, "localhost")
-        .body(empty())
-    else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, String::new());
-    };
-    match pool.send(dial, AppProtocol::Http1, req).await {
-        Ok(resp) => {
-            let status = resp.status();
-            let text = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                .unwrap_or_default();
-            (status, text)
-        }
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, String::new()),
-    }
 }
 
 /// Asks the watchdog behind `socket` for an upgrade (or rollback) and waits for its outcome.
