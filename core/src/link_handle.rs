@@ -2,7 +2,7 @@
 //! counted, and the `detour_link_state` gauge kept current. Shared by the SDK (scope `sdk`)
 //! and the sidecar's CA half (scope `ca`).
 
-use std::sync::Mutex;
+use detour_proto::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -99,7 +99,7 @@ impl LinkHandle {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Link> {
-        self.link.lock().unwrap_or_else(|p| p.into_inner())
+        self.link.lock()
     }
 
     /// The current state.

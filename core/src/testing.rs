@@ -3,12 +3,13 @@
 //! never answer (a hung process). With tokio's paused clock, the SDK's and the sidecar's
 //! retry, probe and fallback logic runs in milliseconds and deterministically.
 
+use detour_proto::sync::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use http::{Request, Response};
@@ -109,7 +110,7 @@ impl MemoryNet {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock()
 }
 
 impl Connect for MemoryNet {

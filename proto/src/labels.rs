@@ -3,8 +3,9 @@
 //! [`OTHER`], so neither a registry with very many services nor a stream of names from the
 //! network can grow a process's metrics without bound.
 
+use crate::sync::Mutex;
 use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use crate::ServiceName;
 
@@ -21,11 +22,7 @@ fn seen() -> &'static Mutex<HashSet<ServiceName>> {
 
 /// The `service` label value of `service`.
 pub fn service(service: &ServiceName) -> String {
-    label_in(
-        &mut seen().lock().unwrap_or_else(|p| p.into_inner()),
-        service,
-        MAX_SERVICE_LABELS,
-    )
+    label_in(&mut seen().lock(), service, MAX_SERVICE_LABELS)
 }
 
 fn label_in(seen: &mut HashSet<ServiceName>, service: &ServiceName, cap: usize) -> String {

@@ -9,6 +9,7 @@ pub mod fastmap;
 pub mod files;
 pub mod labels;
 pub mod service_doc;
+pub mod sync;
 pub mod types;
 pub mod utc;
 

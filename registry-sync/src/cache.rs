@@ -3,9 +3,10 @@
 //! by a [`CacheWriter`] off the request path. A cache that cannot be opened, or a value that
 //! does not parse, is reported and ignored — never fatal.
 
+use detour_proto::sync::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::net::SocketAddr;
@@ -189,9 +190,9 @@ impl DiskCache {
     pub fn load_all(&self) -> Vec<(ServiceName, Cached)> {
         let out = Mutex::new(Vec::new());
         self.stream(512, |part| {
-            out.lock().unwrap_or_else(|p| p.into_inner()).extend(part);
+            out.lock().extend(part);
         });
-        out.into_inner().unwrap_or_else(|p| p.into_inner())
+        out.into_inner()
     }
 
     /// Hands every readable cached service to `sink`, `chunk` at a time, as they are parsed:
@@ -206,7 +207,7 @@ impl DiskCache {
             for _ in 0..workers {
                 s.spawn(|| {
                     loop {
-                        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let next = rx.lock().recv();
                         let Ok(raw) = next else { return };
                         sink(raw.iter().filter_map(parse_entry).collect());
                     }
@@ -418,10 +419,7 @@ impl CacheWriter {
         let Some(bytes) = encode(set, now_ms) else {
             return;
         };
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(service.clone(), bytes);
+        self.pending.lock().insert(service.clone(), bytes);
         self.wake.notify_one();
     }
 
@@ -440,9 +438,7 @@ impl Drop for CacheWriter {
 }
 
 fn drain(cache: &DiskCache, pending: &Mutex<HashMap<ServiceName, Vec<u8>>>) {
-    let batch: Vec<_> = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()))
-        .into_iter()
-        .collect();
+    let batch: Vec<_> = std::mem::take(&mut *pending.lock()).into_iter().collect();
     if !batch.is_empty() {
         cache.write(batch);
     }

@@ -8,8 +8,9 @@
 //! protected, its kept instances are health-checked every second.
 
 use detour_proto::fastmap::FastMap;
+use detour_proto::sync::Mutex;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -328,7 +329,7 @@ impl Catalog {
         self.read()
             .iter()
             .map(|(k, slot)| {
-                let meta = slot.meta.lock().unwrap_or_else(|p| p.into_inner());
+                let meta = slot.meta.lock();
                 let view = ServiceView {
                     set: slot.tx.borrow().clone(),
                     source: meta.source,
@@ -346,7 +347,7 @@ impl Catalog {
         let Some(slot) = services.get(service) else {
             return false;
         };
-        let mut meta = slot.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let mut meta = slot.meta.lock();
         let Some(change) = meta.protection.end_by_operator() else {
             return false;
         };
@@ -403,7 +404,7 @@ async fn feed(
     let registry = &ctx.registry;
     let publish = |set: Arc<EndpointSet>, source: DataSource| {
         {
-            let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = meta.lock();
             m.source = source;
             m.updated_unix_ms = now_unix_ms();
         }
@@ -414,14 +415,9 @@ async fn feed(
         tx.send_replace(set);
     };
     // A registry reached since the slot was made counts as a change.
-    let mut pending = registry.synced()
-        && meta.lock().unwrap_or_else(|p| p.into_inner()).source == DataSource::DiskCache;
+    let mut pending = registry.synced() && meta.lock().source == DataSource::DiskCache;
     loop {
-        let protected = meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .protection
-            .is_protected();
+        let protected = meta.lock().protection.is_protected();
         if !pending {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
@@ -437,7 +433,7 @@ async fn feed(
         }
         let set = rx.borrow_and_update().clone();
         let (out, change) = {
-            let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = meta.lock();
             m.protection.on_registry(&set, Instant::now())
         };
         if let Some(c) = &change {
@@ -454,24 +450,16 @@ async fn check_kept(
     tx: &watch::Sender<Arc<EndpointSet>>,
     ctx: &Feed,
 ) {
-    let kept = meta
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .protection
-        .kept();
+    let kept = meta.lock().protection.kept();
     for ep in kept {
         let healthy = ctx.health.check(&ep, &ctx.policy.check).await;
-        let next = meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .protection
-            .on_health(&ep.instance, healthy);
+        let next = meta.lock().protection.on_health(&ep.instance, healthy);
         if let Some(set) = next {
             tracing::info!(%service, instance = %ep.instance, healthy, "kept instance health changed");
             tx.send_replace(set);
         }
     }
-    let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = meta.lock();
     if let Some(change) = m.protection.expire(Instant::now()) {
         report(service, &change);
         tx.send_replace(m.protection.output());

@@ -6,9 +6,10 @@
 //! of the time-to-live, and readers treat a record whose heartbeat is older than its TTL as gone.
 //! Every client rescans the directory every `poll_interval` and tells its watchers what changed.
 
+use detour_proto::sync::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -180,7 +181,7 @@ impl Inner {
     fn write_own_blocking(&self) -> Result<(), RegistryError> {
         let path = self.own_path();
         let bytes = {
-            let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+            let own = self.own.lock();
             if own.withdrawn {
                 return match std::fs::remove_file(&path) {
                     Ok(()) => Ok(()),
@@ -218,7 +219,7 @@ impl Inner {
             }
         }
         {
-            let watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+            let watchers = self.watchers.lock();
             for (service, tx) in watchers.iter() {
                 let mut next = view.services.get(service).cloned().unwrap_or_default();
                 tx.send_if_modified(|cur| {
@@ -272,7 +273,7 @@ impl Inner {
     }
 
     fn report_bad(&self, path: &Path, len: usize, why: &str) {
-        let mut bad = self.bad_files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bad = self.bad_files.lock();
         if bad.insert(path.to_owned(), len as u64) != Some(len as u64) {
             tracing::warn!(file = %path.display(), error = why, "ignoring unreadable registry record");
             metrics::counter!("detour_registry_invalid_records_total").increment(1);
@@ -403,7 +404,7 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
     loop {
         tokio::time::sleep(period).await;
         let has_content = {
-            let own = inner.own.lock().unwrap_or_else(|p| p.into_inner());
+            let own = inner.own.lock();
             !own.withdrawn && (!own.endpoints.is_empty() || own.status.is_some())
         };
         if has_content && let Err(e) = inner.write_own().await {
@@ -423,7 +424,7 @@ impl Registry for DirRegistry {
             )));
         }
         {
-            let mut own = self.inner.own.lock().unwrap_or_else(|p| p.into_inner());
+            let mut own = self.inner.own.lock();
             own.withdrawn = false;
             own.endpoints
                 .retain(|e| !(e.service == endpoint.service && e.instance == endpoint.instance));
@@ -438,7 +439,7 @@ impl Registry for DirRegistry {
         instance: &InstanceId,
     ) -> Result<(), RegistryError> {
         {
-            let mut own = self.inner.own.lock().unwrap_or_else(|p| p.into_inner());
+            let mut own = self.inner.own.lock();
             own.endpoints
                 .retain(|e| !(&e.service == service && &e.instance == instance));
         }
@@ -449,11 +450,7 @@ impl Registry for DirRegistry {
         &self,
         service: &ServiceName,
     ) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
-        let mut watchers = self
-            .inner
-            .watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut watchers = self.inner.watchers.lock();
         Ok(subscribe_or_insert(&mut watchers, service, || {
             let view = self.inner.view.read().unwrap_or_else(|p| p.into_inner());
             view.services.get(service).cloned().unwrap_or_default()
@@ -462,7 +459,7 @@ impl Registry for DirRegistry {
 
     async fn set_host_status(&self, status: HostStatus) -> Result<(), RegistryError> {
         {
-            let mut own = self.inner.own.lock().unwrap_or_else(|p| p.into_inner());
+            let mut own = self.inner.own.lock();
             own.withdrawn = false;
             own.status = Some(status);
         }
@@ -480,7 +477,7 @@ impl Registry for DirRegistry {
 
     async fn withdraw(&self) -> Result<(), RegistryError> {
         {
-            let mut own = self.inner.own.lock().unwrap_or_else(|p| p.into_inner());
+            let mut own = self.inner.own.lock();
             own.endpoints.clear();
             own.status = None;
             own.withdrawn = true;
@@ -494,7 +491,7 @@ impl Registry for DirRegistry {
 
     async fn release(&self) -> Result<(), RegistryError> {
         // The file stays as written; with nothing of its own, the heartbeat stops writing it.
-        let mut own = self.inner.own.lock().unwrap_or_else(|p| p.into_inner());
+        let mut own = self.inner.own.lock();
         own.endpoints.clear();
         own.status = None;
         Ok(())

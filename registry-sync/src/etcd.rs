@@ -13,8 +13,9 @@
 //! fails nothing; every retry waits an exponential backoff with full jitter
 //! ([`crate::backoff`]), so a fleet does not come back in step after an outage.
 
+use detour_proto::sync::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -259,7 +260,7 @@ impl Inner {
     /// etcd cannot be reached, the lease loop writes everything owned as soon as it can (a
     /// sidecar must start and serve while etcd is down).
     async fn put_owned(&self, key: String, value: Vec<u8>) -> Result<(), RegistryError> {
-        let Some(lease) = *self.lease.lock().unwrap_or_else(|p| p.into_inner()) else {
+        let Some(lease) = *self.lease.lock() else {
             self.own_changed.notify_one();
             return Ok(());
         };
@@ -282,13 +283,13 @@ impl Inner {
 
     /// Whether this client owns no key.
     fn owns_nothing(&self) -> bool {
-        let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        let own = self.own.lock();
         own.endpoints.is_empty() && own.status.is_none()
     }
 
     /// Everything this client owns, as key/value pairs.
     fn owned_pairs(&self) -> Vec<(String, Vec<u8>)> {
-        let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        let own = self.own.lock();
         let mut pairs: Vec<(String, Vec<u8>)> = own
             .endpoints
             .iter()
@@ -358,7 +359,7 @@ impl Inner {
         }
         self.lists
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let mut view = self.view.lock();
         let known = std::mem::take(&mut view.known);
         *view = View {
             known,
@@ -381,11 +382,11 @@ impl Inner {
 
     /// Tells every watcher its service's current set, and publishes host statuses.
     fn publish(&self) {
-        let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let mut view = self.view.lock();
         let all = std::mem::take(&mut view.all_dirty);
         let dirty = std::mem::take(&mut view.dirty);
         let hosts_dirty = std::mem::take(&mut view.hosts_dirty);
-        let watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        let watchers = self.watchers.lock();
         let send = |service: &ServiceName, tx: &watch::Sender<Arc<EndpointSet>>| {
             let next = service_set(&view, service);
             tx.send_if_modified(|cur| {
@@ -445,7 +446,7 @@ impl Inner {
                 modified
             });
         }
-        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let mut published = self.published.lock();
         if published.revision != revision {
             *published = Applied {
                 revision,
@@ -475,7 +476,6 @@ impl Registry for EtcdRegistry {
         self.inner
             .own
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .endpoints
             .insert(key.clone(), endpoint);
         self.inner.put_owned(key, value).await
@@ -488,12 +488,7 @@ impl Registry for EtcdRegistry {
     ) -> Result<(), RegistryError> {
         let key = self.inner.service_key(service, instance);
         let _writing = self.inner.writes.lock().await;
-        self.inner
-            .own
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .endpoints
-            .remove(&key);
+        self.inner.own.lock().endpoints.remove(&key);
         self.inner
             .call("delete", |mut c| {
                 let key = key.clone();
@@ -507,16 +502,9 @@ impl Registry for EtcdRegistry {
         &self,
         service: &ServiceName,
     ) -> Result<watch::Receiver<Arc<EndpointSet>>, RegistryError> {
-        let mut watchers = self
-            .inner
-            .watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut watchers = self.inner.watchers.lock();
         Ok(subscribe_or_insert(&mut watchers, service, || {
-            service_set(
-                &self.inner.view.lock().unwrap_or_else(|p| p.into_inner()),
-                service,
-            )
+            service_set(&self.inner.view.lock(), service)
         }))
     }
 
@@ -527,11 +515,7 @@ impl Registry for EtcdRegistry {
             status: status.clone(),
         })
         .map_err(|e| RegistryError::Refused(e.to_string()))?;
-        self.inner
-            .own
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .status = Some(status);
+        self.inner.own.lock().status = Some(status);
         self.inner.put_owned(key, value).await
     }
 
@@ -552,29 +536,20 @@ impl Registry for EtcdRegistry {
     }
 
     fn applied(&self) -> Applied {
-        *self
-            .inner
-            .published
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        *self.inner.published.lock()
     }
 
     async fn release(&self) -> Result<(), RegistryError> {
         // The lease stays: a key the other client has not re-written yet stays attached to it,
         // alive, until that write moves it.
         let _writing = self.inner.writes.lock().await;
-        *self.inner.own.lock().unwrap_or_else(|p| p.into_inner()) = Own::default();
+        *self.inner.own.lock() = Own::default();
         Ok(())
     }
 
     async fn withdraw(&self) -> Result<(), RegistryError> {
-        let lease = self
-            .inner
-            .lease
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        *self.inner.own.lock().unwrap_or_else(|p| p.into_inner()) = Own::default();
+        let lease = self.inner.lease.lock().take();
+        *self.inner.own.lock() = Own::default();
         if let Some(id) = lease {
             self.inner
                 .call("revoke", |mut c| async move { c.lease_revoke(id).await })

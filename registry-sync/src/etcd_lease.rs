@@ -37,7 +37,7 @@ pub(super) async fn lease_loop(inner: Arc<Inner>) {
                 continue;
             }
         };
-        *inner.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+        *inner.lease.lock() = Some(id);
         tracing::info!(lease = id, ttl_secs, "etcd lease granted");
         let mut keeper = None;
         let mut dirty = true;
@@ -78,7 +78,7 @@ pub(super) async fn lease_loop(inner: Arc<Inner>) {
                 _ = inner.own_changed.notified() => dirty = true,
             }
         }
-        *inner.lease.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *inner.lease.lock() = None;
     }
 }
 

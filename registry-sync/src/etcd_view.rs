@@ -208,12 +208,7 @@ pub(super) async fn watch_loop(inner: Arc<Inner>) {
 
 /// A watch of `prefix` from the revision after the last one applied.
 async fn open_watch(inner: &Inner, prefix: &str) -> Result<WatchStream, crate::RegistryError> {
-    let from = inner
-        .view
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .revision
-        + 1;
+    let from = inner.view.lock().revision + 1;
     let options = WatchOptions::new().with_prefix().with_start_revision(from);
     inner
         .call("watch", |mut c| {
@@ -300,7 +295,7 @@ async fn stalled(
 
 /// Applies a watch message's events to the view.
 fn apply_events(inner: &Inner, msg: &WatchResponse) {
-    let mut view = inner.view.lock().unwrap_or_else(|p| p.into_inner());
+    let mut view = inner.view.lock();
     // The revision applied before this message: every key of one transaction carries the same
     // revision, so it is compared with this, not with the last event's.
     let before = view.revision;

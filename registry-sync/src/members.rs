@@ -2,7 +2,7 @@
 //! last, then to the others, so one dead or frozen member fails nothing (etcd-client fails a
 //! request as soon as one listed endpoint is down; its maintainers leave this to the caller).
 
-use std::sync::Mutex;
+use detour_proto::sync::Mutex;
 use std::time::Duration;
 
 use etcd_client::Client;
@@ -40,7 +40,7 @@ impl Members {
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let n = self.endpoints.len();
-        let start = *self.preferred.lock().unwrap_or_else(|p| p.into_inner());
+        let start = *self.preferred.lock();
         let mut last = String::from("no member tried");
         for i in 0..n {
             let idx = (start + i) % n;
@@ -53,7 +53,7 @@ impl Members {
             };
             match tokio::time::timeout(self.request_timeout, op(client)).await {
                 Ok(Ok(v)) => {
-                    *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = idx;
+                    *self.preferred.lock() = idx;
                     return Ok(v);
                 }
                 Ok(Err(e)) => last = format!("{}: {e}", self.endpoints[idx]),
@@ -75,7 +75,7 @@ impl Members {
     pub async fn distrust_preferred(&self) {
         let n = self.endpoints.len();
         let idx = {
-            let mut p = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
+            let mut p = self.preferred.lock();
             let idx = *p;
             *p = (idx + 1) % n.max(1);
             idx

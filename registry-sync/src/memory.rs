@@ -1,9 +1,10 @@
 //! An in-memory [`Registry`] for unit tests of the layers above the trait. Records never
 //! expire; every client made from one store sees the same data at once.
 
+use detour_proto::sync::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use detour_proto::{Endpoint, EndpointSet, HostId, HostStatus, InstanceId, ServiceName};
@@ -108,7 +109,7 @@ impl MemoryRegistry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
+        self.store.lock()
     }
 }
 

@@ -4,9 +4,9 @@
 //! lines go through a bounded queue to one writer task, so a slow disk drops lines (counted)
 //! and never holds a request.
 
+use detour_proto::sync::Mutex;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use detour_core::trace::{TraceId, TraceParent};
@@ -98,10 +98,7 @@ impl AccessLog {
             return false;
         }
         if let Some(cap) = &self.cap {
-            let ok = cap
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .try_take(tokio::time::Instant::now());
+            let ok = cap.lock().try_take(tokio::time::Instant::now());
             if !ok {
                 metrics::counter!("detour_access_log_dropped_total", "reason" => "rate")
                     .increment(1);

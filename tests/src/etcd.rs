@@ -28,8 +28,8 @@ fn log_file(path: &Path) -> Stdio {
 /// Linux's ephemeral range (32768–60999), so that no outgoing connection made meanwhile by any
 /// test process can take it before etcd binds it; never handed out twice by one test process.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    static GIVEN: detour_proto::sync::Mutex<Vec<u16>> = detour_proto::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock();
     for _ in 0..1000 {
         let port = fastrand::u16(20_000..32_000);
         if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {

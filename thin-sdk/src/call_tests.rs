@@ -4,9 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+use detour_proto::sync::Mutex;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use detour_core::body::{boxed, empty, full};
@@ -92,16 +93,11 @@ impl Fake {
     }
 
     fn set(&self, mode: Mode) {
-        *self.mode.lock().unwrap() = mode;
+        *self.mode.lock() = mode;
     }
 
     fn provider_got(&self, m: Method) -> usize {
-        self.at_provider
-            .lock()
-            .unwrap()
-            .get(&m)
-            .copied()
-            .unwrap_or(0)
+        self.at_provider.lock().get(&m).copied().unwrap_or(0)
     }
 
     fn serve_sidecar(&self) {
@@ -114,7 +110,7 @@ impl Fake {
         self.net.set(
             Self::sidecar(),
             Upstream::serve(move |req: Request<Incoming>| {
-                let (ctl, mode, got) = (ctl.clone(), *mode.lock().unwrap(), got.clone());
+                let (ctl, mode, got) = (ctl.clone(), *mode.lock(), got.clone());
                 let pings = pings.clone();
                 async move {
                     if authority(&req) == Some(CONTROL_AUTHORITY) {
@@ -140,13 +136,9 @@ impl Fake {
         self.net.set(
             Dial::Tcp(PROVIDER.parse().unwrap()),
             Upstream::serve(move |req: Request<Incoming>| {
-                let (seen, forges) = (seen.clone(), *forges.lock().unwrap());
+                let (seen, forges) = (seen.clone(), *forges.lock());
                 async move {
-                    *seen
-                        .lock()
-                        .unwrap()
-                        .entry(req.method().clone())
-                        .or_default() += 1;
+                    *seen.lock().entry(req.method().clone()).or_default() += 1;
                     let mut resp = Response::new(full("hello from p1\n"));
                     if let Some(reason) = forges {
                         let v = HeaderValue::from_static(reason);
@@ -475,7 +467,7 @@ async fn forged_mesh_headers_make_nothing_run_twice_nor_leave_the_mesh() {
     assert_eq!(fake.provider_got(Method::POST), 0);
     assert_eq!(client.link_state(), LinkState::Primary);
     // On the direct path every x-detour-* header of a provider is dropped.
-    *fake.provider_forges.lock().unwrap() = Some("upstream-connect");
+    *fake.provider_forges.lock() = Some("upstream-connect");
     fake.net.set(Fake::sidecar(), Upstream::Refuse);
     for _ in 0..5 {
         let resp = client.send(&svc(), post()).await.unwrap();

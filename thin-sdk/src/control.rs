@@ -11,11 +11,12 @@
 //! services the sidecar switched off the mesh (a gray rule or a rollback), so an app restarted
 //! while its sidecar is away keeps calling them direct until the sidecar says otherwise.
 
+use detour_proto::sync::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -324,21 +325,13 @@ impl ControlSession {
     /// Notes that the app calls `service`; the first time, tells the sidecar.
     pub(crate) fn interest(&self, service: &ServiceName) {
         {
-            let interest = self
-                .shared
-                .interest
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let interest = self.shared.interest.lock();
             if interest.contains(service) {
                 return;
             }
         }
-        self.shared
-            .interest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(service.clone());
-        if let Some(tx) = &*self.shared.tx.lock().unwrap_or_else(|p| p.into_inner()) {
+        self.shared.interest.lock().insert(service.clone());
+        if let Some(tx) = &*self.shared.tx.lock() {
             let _ = tx.send(SessionRequest {
                 app: String::new(),
                 services: vec![service.to_string()],
@@ -358,7 +351,7 @@ async fn run(
         match session(&channel, &app, &shared, &state).await {
             Ok(Ended::HandedOver) => {
                 tracing::info!(sidecar = %channel.sidecar, "the sidecar hands over to its successor: reconnecting");
-                *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *shared.tx.lock() = None;
                 backoff = Duration::from_millis(50);
                 continue;
             }
@@ -369,7 +362,7 @@ async fn run(
                 tracing::debug!(sidecar = %channel.sidecar, error = %e, "control session failed")
             }
         }
-        *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *shared.tx.lock() = None;
         state.send_replace(None);
         // Without a session the SDK cannot hear a drain announcement: leave the mesh until the
         // sidecar is back and ready (its probes and a new session bring the link back).
@@ -396,12 +389,12 @@ async fn session(
     let (tx, rx) = mpsc::unbounded_channel();
     {
         // Announce everything known so far, then let `interest` add to it.
-        let interest = shared.interest.lock().unwrap_or_else(|p| p.into_inner());
+        let interest = shared.interest.lock();
         let _ = tx.send(SessionRequest {
             app: app.to_owned(),
             services: interest.iter().map(ToString::to_string).collect(),
         });
-        *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        *shared.tx.lock() = Some(tx);
     }
     let mut client = LocalControlClient::new(channel.clone());
     let mut events = client

@@ -6,9 +6,9 @@
 //! comes last, and none is ever skipped altogether — except those reached through their PA
 //! only (`no_direct`), which the direct path never calls.
 
+use detour_proto::sync::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -74,7 +74,7 @@ impl Direct {
             }
         };
         let now = Instant::now();
-        let ejected = self.ejected.lock().unwrap_or_else(|p| p.into_inner());
+        let ejected = self.ejected.lock();
         let refused = |e: &Endpoint| {
             ejected
                 .get(&e.app_address)
@@ -103,10 +103,7 @@ impl Direct {
 
     /// Notes that the provider at `addr` refused a connection.
     pub(crate) fn refused(&self, addr: SocketAddr) {
-        self.ejected
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr, Instant::now() + EJECT_FOR);
+        self.ejected.lock().insert(addr, Instant::now() + EJECT_FOR);
     }
 }
 

@@ -2,8 +2,8 @@
 //! carries — and the window of recent errors the local sidecar blamed on itself ("sick
 //! sidecar").
 
+use detour_proto::sync::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use detour_core::{MeshErrorKind, PathTaken};
 use http::Response;
@@ -35,7 +35,7 @@ impl ErrorWindow {
     /// Records one mesh response; returns true when errors reached half of a full-enough
     /// window (the window then starts again).
     pub(crate) fn record(&self, local_error: bool) -> bool {
-        let mut w = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.recent.lock();
         if !local_error && w.is_empty() {
             return false;
         }

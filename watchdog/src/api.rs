@@ -11,10 +11,11 @@
 //! | `POST /v1/upgrade` | Unix | `{"binary": PATH}` or `{"rollback": true}`: an upgrade without loss; answers when it is done or abandoned |
 //! | `POST /v1/shutdown` | Unix | drains the sidecar, withdraws the host's registrations, stops the watchdog |
 
+use detour_proto::sync::Mutex;
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use detour_core::BoxBody;
@@ -265,10 +266,7 @@ impl Api {
     }
 
     fn status(&self) -> Status {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.lock().clone()
     }
 
     async fn state(&self) -> Response<BoxBody> {

@@ -12,6 +12,9 @@
 //! the second accepts HTTP/2 and sends HTTP/1.1) or a plain chain (`h1 → h1 → h1`). The
 //! request's `Host` (or `:authority`) is kept; a failed upstream answers 502.
 
+// std's mutex, as a bare hyper proxy would have it: the floor takes nothing from Detour.
+#![allow(clippy::disallowed_types)]
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use detour_proto::sync::Mutex;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use tokio::sync::Notify;
 
@@ -219,7 +219,7 @@ impl Exporter {
 
     pub(super) fn submit(&self, span: Finished) {
         let q = &self.queue;
-        let mut spans = q.spans.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spans = q.spans.lock();
         if spans.len() >= q.capacity {
             drop(spans);
             self.counts.dropped.fetch_add(1, Ordering::Relaxed);
@@ -257,7 +257,7 @@ async fn run(queue: Arc<Queue>, cfg: TraceConfig, counts: Arc<Counts>) {
     let mut warned = false;
     loop {
         let batch: Vec<Finished> = {
-            let mut spans = queue.spans.lock().unwrap_or_else(|p| p.into_inner());
+            let mut spans = queue.spans.lock();
             let n = spans.len().min(MAX_BATCH);
             spans.drain(..n).collect()
         };
@@ -291,7 +291,7 @@ async fn run(queue: Arc<Queue>, cfg: TraceConfig, counts: Arc<Counts>) {
             }
         }
         // Less than a whole batch left: wait for the next interval.
-        let left = queue.spans.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let left = queue.spans.lock().len();
         if left < MAX_BATCH && !queue.closed.load(Ordering::Relaxed) {
             tokio::select! {
                 () = tokio::time::sleep(cfg.flush) => {}

@@ -1,7 +1,8 @@
 //! The tracer: propagation when off, sampling, parent/child, and export to a receiver.
 
+use detour_proto::sync::Mutex;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -98,9 +99,7 @@ async fn receiver(status: u16) -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
                     async move {
                         assert_eq!(req.uri().path(), "/v1/traces");
                         let body = req.into_body().collect().await.unwrap().to_bytes();
-                        kept.lock()
-                            .unwrap()
-                            .push(serde_json::from_slice(&body).unwrap());
+                        kept.lock().push(serde_json::from_slice(&body).unwrap());
                         let resp = Response::builder().status(status);
                         Ok::<_, Infallible>(resp.body(Full::new(Bytes::new())).unwrap())
                     }
@@ -124,7 +123,6 @@ async fn spans_of(got: &Arc<Mutex<Vec<serde_json::Value>>>, n: usize) -> Vec<ser
     for _ in 0..200 {
         let spans: Vec<_> = got
             .lock()
-            .unwrap()
             .iter()
             .flat_map(|b| {
                 b["resourceSpans"][0]["scopeSpans"][0]["spans"]
@@ -173,7 +171,7 @@ async fn a_sampled_hop_and_its_attempt_are_exported_as_parent_and_child() {
     assert_eq!(attempt["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(attempt["status"]["code"], 2);
     assert_eq!(attempt["attributes"][0]["value"]["stringValue"], "mesh");
-    let resource = &got.lock().unwrap()[0]["resourceSpans"][0]["resource"];
+    let resource = &got.lock()[0]["resourceSpans"][0]["resource"];
     assert_eq!(resource["attributes"][0]["value"]["stringValue"], "unit");
     assert_eq!(tracer.counts(), (2, 0));
 }

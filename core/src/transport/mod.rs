@@ -7,9 +7,10 @@
 //! request ever left: see [`Failed::outcome`].
 
 use detour_proto::fastmap::FastMap;
+use detour_proto::sync::Mutex;
 use std::fmt;
 use std::io;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use detour_proto::AppProtocol;
@@ -28,6 +29,29 @@ mod pooled;
 
 use pooled::{PooledBody, Return};
 
+/// The name a request is sent to, parsed once: the `:authority` of an HTTP/2 request, the
+/// `Host` of an HTTP/1.1 one.
+#[derive(Debug, Clone)]
+pub struct Target {
+    authority: http::uri::Authority,
+    host: http::HeaderValue,
+}
+
+impl Target {
+    /// Parses `authority` (`name` or `name:port`).
+    pub fn new(authority: &str) -> Result<Target, http::Error> {
+        Ok(Target {
+            authority: authority.parse::<http::uri::Authority>()?,
+            host: http::HeaderValue::from_str(authority)?,
+        })
+    }
+
+    /// The authority as text.
+    pub fn as_str(&self) -> &str {
+        self.authority.as_str()
+    }
+}
+
 /// Rewrites a request's target for `protocol`: origin-form plus `Host: authority` for HTTP/1.1,
 /// an absolute `http://authority/...` URI (`:authority`) for HTTP/2.
 pub fn set_target(
@@ -35,28 +59,37 @@ pub fn set_target(
     protocol: AppProtocol,
     req: Request<BoxBody>,
 ) -> Result<Request<BoxBody>, http::Error> {
+    to_target(&Target::new(authority)?, protocol, req)
+}
+
+/// [`set_target`] with the name parsed already.
+pub fn to_target(
+    target: &Target,
+    protocol: AppProtocol,
+    req: Request<BoxBody>,
+) -> Result<Request<BoxBody>, http::Error> {
     let (mut parts, body) = req.into_parts();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .cloned()
+    let pq = std::mem::take(&mut parts.uri)
+        .into_parts()
+        .path_and_query
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     // The version follows the protocol of the next hop, not the one the request arrived on:
     // hyper only chunks an HTTP/1.1 body of unknown length when the request says HTTP/1.1.
     match protocol {
         AppProtocol::Http1 => {
             parts.version = http::Version::HTTP_11;
-            parts.uri = http::Uri::builder().path_and_query(pq).build()?;
-            let host = http::HeaderValue::from_str(authority)?;
-            parts.headers.insert(http::header::HOST, host);
+            parts.uri = http::Uri::from(pq);
+            parts
+                .headers
+                .insert(http::header::HOST, target.host.clone());
         }
         AppProtocol::Http2 => {
             parts.version = http::Version::HTTP_2;
-            parts.uri = http::Uri::builder()
-                .scheme("http")
-                .authority(authority)
-                .path_and_query(pq)
-                .build()?;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(target.authority.clone());
+            uri.path_and_query = Some(pq);
+            parts.uri = http::Uri::from_parts(uri)?;
             parts.headers.remove(http::header::HOST);
         }
     }
@@ -230,7 +263,7 @@ impl Pool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<Dial, Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        self.entries.lock()
     }
 
     /// Sends `req` to `dial` over `proto`; a pooled connection found closed before the

@@ -54,3 +54,36 @@ async fn a_request_can_carry_its_own_connect_timeout() {
         assert!(err.request.is_some(), "it never left");
     }
 }
+
+#[test]
+fn a_target_rewrites_the_request_for_the_next_hops_protocol() {
+    let target = Target::new("hello").unwrap();
+    let forms = [
+        "/a/b?c=1",
+        "http://caller.example:8080/a/b?c=1",
+        "https://other/a/b?c=1",
+    ];
+    for uri in forms {
+        let req = || {
+            Request::get(uri)
+                .header(http::header::HOST, "caller.example")
+                .body(crate::body::empty())
+                .unwrap()
+        };
+        let h1 = to_target(&target, AppProtocol::Http1, req()).unwrap();
+        assert_eq!(h1.uri().to_string(), "/a/b?c=1", "{uri}");
+        assert_eq!(h1.headers()[http::header::HOST], "hello", "{uri}");
+        assert_eq!(h1.version(), http::Version::HTTP_11);
+        let h2 = to_target(&target, AppProtocol::Http2, req()).unwrap();
+        assert_eq!(h2.uri().to_string(), "http://hello/a/b?c=1", "{uri}");
+        assert!(h2.headers().get(http::header::HOST).is_none(), "{uri}");
+        assert_eq!(h2.version(), http::Version::HTTP_2);
+    }
+    // A request without a path goes to "/"; a target may carry a port.
+    let bare = Request::get("http://caller.example")
+        .body(crate::body::empty())
+        .unwrap();
+    let h2 = set_target("hello:8080", AppProtocol::Http2, bare).unwrap();
+    assert_eq!(h2.uri().to_string(), "http://hello:8080/");
+    assert!(Target::new("not a name").is_err());
+}

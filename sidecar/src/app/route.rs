@@ -233,8 +233,8 @@ fn follow_documents(
     (documents, tasks)
 }
 
-/// Connection options of the outbound listeners and of the inbound one (mutual TLS, and the
-/// handshake guard, on the inbound only).
+/// Connection options of the outbound listeners and of the inbound one (mutual TLS, the
+/// handshake guard and each connection's share of the providers on the inbound only).
 fn conn_options(cfg: &Config, tls: Option<Arc<TlsState>>) -> (Arc<ConnOptions>, Arc<ConnOptions>) {
     let opts = ConnOptions {
         max_header_bytes: cfg.max_header_bytes,
@@ -243,6 +243,7 @@ fn conn_options(cfg: &Config, tls: Option<Arc<TlsState>>) -> (Arc<ConnOptions>, 
         limits: cfg.limits.clone(),
         tls: None,
         handshakes: None,
+        provider_share: false,
     };
     let inbound = ConnOptions {
         tls,
@@ -250,6 +251,7 @@ fn conn_options(cfg: &Config, tls: Option<Arc<TlsState>>) -> (Arc<ConnOptions>, 
             cfg.handshake,
             tokio::time::Instant::now(),
         ))),
+        provider_share: true,
         ..opts.clone()
     };
     (Arc::new(opts), Arc::new(inbound))

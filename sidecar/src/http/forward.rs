@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use detour_core::decide::{Outcome, Part};
 use detour_core::failure::MeshErrorKind;
-use detour_core::transport::{TransportError, set_target};
+use detour_core::transport::{Target, TransportError, to_target};
 use detour_core::{BoxBody, Dial, Pool};
-use detour_proto::AppProtocol;
+use detour_proto::{AppProtocol, ServiceName};
 use http::{Request, Response};
 
 use crate::http::headers::strip_hop_by_hop;
@@ -28,16 +28,23 @@ pub struct AttemptFailed {
     pub error: MeshError,
 }
 
+/// The error of a request to a service whose name cannot be a request's target (a
+/// [`Target`]: a service name always can, so this is a guard, not a path).
+pub fn not_a_target(service: &ServiceName) -> MeshError {
+    let why = format!("{service} cannot be a request's authority");
+    MeshError::new(MeshErrorKind::MalformedRequest, why)
+}
+
 /// Logs a refusal of an untrusted peer, once a minute per peer at most (an attacker must not be
 /// able to flood the log), and counts every one.
 fn warn_untrusted(target: &Dial, reason: &str) {
+    use detour_proto::sync::Mutex;
     use std::collections::HashMap;
-    use std::sync::Mutex;
     use tokio::time::Instant;
     static LAST: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
     metrics::counter!("detour_untrusted_peer_refusals_total").increment(1);
     let key = target.to_string();
-    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let mut last = LAST.lock();
     let map = last.get_or_insert_with(HashMap::new);
     if map.len() > 1024 {
         map.clear();
@@ -52,18 +59,18 @@ fn warn_untrusted(target: &Dial, reason: &str) {
     }
 }
 
-/// Sends `req` to `dial` over `protocol` with `authority` as its target; `part` says what the
+/// Sends `req` to `dial` over `protocol` with `target` as its target; `part` says what the
 /// upstream is (a sidecar or a provider).
 pub async fn attempt(
     pool: &Arc<Pool>,
     dial: &Dial,
     protocol: AppProtocol,
-    authority: &str,
+    target: &Target,
     req: Request<BoxBody>,
     timeout: Duration,
     part: Part,
 ) -> Result<Response<BoxBody>, AttemptFailed> {
-    let req = set_target(authority, protocol, req).map_err(|e| AttemptFailed {
+    let req = to_target(target, protocol, req).map_err(|e| AttemptFailed {
         outcome: Outcome::Answered,
         request: None,
         refused: false,

@@ -48,6 +48,10 @@ pub struct ConnOptions {
     pub tls: Option<Arc<crate::tls::TlsState>>,
     /// Which connections get a TLS handshake (with `tls`).
     pub handshakes: Option<Arc<crate::tls::guard::HandshakeGuard>>,
+    /// Whether each connection gets its share of the local providers
+    /// (`limits.max_in_flight_per_connection`): on the inbound listener, whose requests go to
+    /// them; the outbound ones send none there.
+    pub provider_share: bool,
 }
 
 /// How long an idle HTTP/2 connection closed by the idle timeout may take to finish its
@@ -291,7 +295,8 @@ where
         Detected::Closed | Detected::Rejected(_) => return Ok(()),
     };
     let activity = Arc::new(Activity::new());
-    let share = (opts.limits.max_in_flight_per_connection > 0).then(|| {
+    let shared = opts.provider_share && opts.limits.max_in_flight_per_connection > 0;
+    let share = shared.then(|| {
         ConnShare(Arc::new(tokio::sync::Semaphore::new(
             opts.limits.max_in_flight_per_connection,
         )))

@@ -30,6 +30,7 @@ fn options() -> ConnOptions {
         limits,
         tls: None,
         handshakes: None,
+        provider_share: true,
     }
 }
 

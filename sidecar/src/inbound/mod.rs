@@ -13,8 +13,9 @@
 
 pub mod providers;
 
+use detour_proto::sync::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use tokio::time::Instant;
 
 use detour_core::body::boxed;
@@ -22,7 +23,9 @@ use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide
 use detour_core::failure::{MeshErrorKind, strip_mesh_headers};
 use detour_core::replay::is_idempotent;
 use detour_core::trace::{Span, SpanKind, Tracer};
+use detour_core::transport::Target;
 use detour_core::{BoxBody, Dial, Pool};
+use detour_proto::fastmap::FastMap;
 use detour_proto::{CALLER_HEADER, CONTROL_AUTHORITY, PING_PATH, ServiceName};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -30,7 +33,7 @@ use tracing::Instrument;
 
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::{Config, Provide};
-use crate::http::forward::{AttemptFailed, attempt};
+use crate::http::forward::{AttemptFailed, attempt, not_a_target};
 use crate::http::headers::{authority, service_of, strip_hop_by_hop};
 use crate::http::respond::{MeshError, is_grpc};
 use crate::http::server::{Caller, Handler, ping_response};
@@ -45,9 +48,7 @@ pub struct Inbound {
     /// Validated config (timeouts, limits).
     cfg: Arc<Config>,
     /// Local providers by service.
-    providers: HashMap<ServiceName, Provide>,
-    /// Their golden metrics.
-    metrics: HashMap<ServiceName, Arc<ServiceMetrics>>,
+    providers: FastMap<ServiceName, Served>,
     /// Their health checks (woken when traffic finds one refusing).
     health: Arc<LocalProviders>,
     /// Connections to local providers.
@@ -62,6 +63,17 @@ pub struct Inbound {
     access_log: Option<Arc<AccessLog>>,
     /// Spans of the hop and its attempt.
     tracer: Tracer,
+}
+
+/// A local provider as the PA serves it.
+struct Served {
+    /// Its config.
+    provide: Provide,
+    /// Its golden metrics.
+    metrics: Arc<ServiceMetrics>,
+    /// Its service's name as requests carry it to the provider, parsed once (`None` for a name
+    /// that is no authority, which its requests then fail on).
+    target: Option<Target>,
 }
 
 /// The PA's token buckets.
@@ -86,23 +98,19 @@ impl Inbound {
         health: Arc<LocalProviders>,
         policies: Arc<Policies>,
     ) -> Self {
-        let providers = cfg
-            .provide
-            .iter()
-            .map(|p| (p.service.clone(), p.clone()))
-            .collect();
-        let metrics = cfg
-            .provide
-            .iter()
+        let providers = (cfg.provide.iter())
             .map(|p| {
-                let m = ServiceMetrics::new(Direction::Inbound, &p.service);
-                (p.service.clone(), Arc::new(m))
+                let served = Served {
+                    provide: p.clone(),
+                    metrics: Arc::new(ServiceMetrics::new(Direction::Inbound, &p.service)),
+                    target: Target::new(p.service.as_str()).ok(),
+                };
+                (p.service.clone(), served)
             })
             .collect();
         Self {
             cfg,
             providers,
-            metrics,
             health,
             pool,
             lifecycle,
@@ -139,14 +147,14 @@ impl Inbound {
         if limits.generation != Some(generation) {
             let now = Instant::now();
             let mut buckets = HashMap::new();
-            for p in self.providers.values() {
+            for p in self.providers.values().map(|s| &s.provide) {
                 let Some(made_with) = self.policies.rate_limit(&p.service, p.rate_limit) else {
                     continue;
                 };
                 let kept = limits
                     .buckets
                     .remove(&p.service)
-                    .filter(|b| b.lock().unwrap_or_else(|e| e.into_inner()).made_with == made_with);
+                    .filter(|b| b.lock().made_with == made_with);
                 let bucket = kept.unwrap_or_else(|| {
                     Arc::new(Mutex::new(Bucket {
                         bucket: TokenBucket::new(made_with.0, made_with.1, now),
@@ -183,11 +191,7 @@ impl Inbound {
             ));
         }
         if let Some(bucket) = self.bucket(provider)
-            && !bucket
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .bucket
-                .try_take(Instant::now())
+            && !bucket.lock().bucket.try_take(Instant::now())
         {
             metrics::counter!("detour_rate_limited_total", "service" => detour_registry::labels::service(service))
                 .increment(1);
@@ -247,13 +251,16 @@ impl Inbound {
             hop.rename(format!("pa {service}"));
             hop.attr("detour.service", service.to_string());
         }
-        metrics.clone_from(&self.metrics.get(&service).cloned());
-        let provider = self.providers.get(&service).ok_or_else(|| {
+        let served = self.providers.get(&service);
+        metrics.clone_from(&served.map(|s| s.metrics.clone()));
+        let served = served.ok_or_else(|| {
             MeshError::new(
                 MeshErrorKind::UnknownService,
                 format!("{service} is not provided on {}", self.cfg.host),
             )
         })?;
+        let provider = &served.provide;
+        let target = (served.target.as_ref()).ok_or_else(|| not_a_target(&service))?;
         let caller = parts.extensions.get::<Caller>();
         self.admit(&service, provider, caller)?;
         let caller = caller.map(|c| &c.0);
@@ -275,7 +282,7 @@ impl Inbound {
             &self.pool,
             &dial,
             proto,
-            service.as_str(),
+            target,
             req,
             timeout,
             Part::Provider,
@@ -391,6 +398,6 @@ impl Inbound {
     /// The instance id of the local provider of `service` (a metrics label: bounded).
     fn instance_of(&self, service: &str) -> Option<String> {
         let name = ServiceName::new(service).ok()?;
-        Some(self.providers.get(&name)?.instance.to_string())
+        Some(self.providers.get(&name)?.provide.instance.to_string())
     }
 }

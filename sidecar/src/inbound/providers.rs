@@ -265,10 +265,10 @@ impl LocalProviders {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use detour_proto::sync::Mutex;
     use detour_registry::memory::MemoryRegistry;
     use std::future::Future;
     use std::pin::Pin;
-    use std::sync::Mutex;
 
     /// Verdicts set by the test.
     #[derive(Default, Clone)]
@@ -276,7 +276,7 @@ mod tests {
 
     impl HealthCheck for Verdicts {
         fn check(&self, _: &Endpoint, _: &CheckSpec) -> Pin<Box<dyn Future<Output = bool> + Send>> {
-            let ok = *self.0.lock().unwrap();
+            let ok = *self.0.lock();
             Box::pin(async move { ok })
         }
     }
@@ -291,7 +291,7 @@ mod tests {
         .unwrap();
         let registry = Arc::new(MemoryRegistry::default());
         let verdicts = Verdicts::default();
-        *verdicts.0.lock().unwrap() = true;
+        *verdicts.0.lock() = true;
         let inbound = "127.0.0.1:4143".parse().unwrap();
         let p = Arc::new(LocalProviders::new(
             &cfg,
@@ -304,12 +304,12 @@ mod tests {
         let rx = registry.watch(&svc).await.unwrap();
         assert!(rx.borrow().endpoints[0].healthy);
         let _tasks = p.spawn_checks();
-        *verdicts.0.lock().unwrap() = false;
+        *verdicts.0.lock() = false;
         p.suspect(&svc);
         let mut rx2 = rx.clone();
         rx2.wait_for(|s| !s.endpoints[0].healthy).await.unwrap();
         assert!(!p.states()[0].healthy);
-        *verdicts.0.lock().unwrap() = true;
+        *verdicts.0.lock() = true;
         rx2.wait_for(|s| s.endpoints[0].healthy).await.unwrap();
     }
 
@@ -326,13 +326,8 @@ mod tests {
             ep: &Endpoint,
             _: &CheckSpec,
         ) -> Pin<Box<dyn Future<Output = bool> + Send>> {
-            *self
-                .checks
-                .lock()
-                .unwrap()
-                .entry(ep.app_address)
-                .or_default() += 1;
-            let ok = !self.down.lock().unwrap().contains(&ep.app_address);
+            *self.checks.lock().entry(ep.app_address).or_default() += 1;
+            let ok = !self.down.lock().contains(&ep.app_address);
             Box::pin(async move { ok })
         }
     }
@@ -362,22 +357,14 @@ mod tests {
             "127.0.0.1:9".parse().unwrap(),
             "127.0.0.1:10".parse().unwrap(),
         );
-        let checks = |at| {
-            checker
-                .checks
-                .lock()
-                .unwrap()
-                .get(&at)
-                .copied()
-                .unwrap_or(0)
-        };
+        let checks = |at| checker.checks.lock().get(&at).copied().unwrap_or(0);
         assert_eq!((checks(nine), checks(ten)), (1, 1));
         let _tasks = p.spawn_checks();
         tokio::time::sleep(Duration::from_millis(10_500)).await;
         // One check a second per address, however many services it serves.
         assert_eq!((checks(nine), checks(ten)), (11, 11));
         // Traffic finds `b` refusing: the check runs at once and marks `a` too, not `c`.
-        checker.down.lock().unwrap().push(nine);
+        checker.down.lock().push(nine);
         let b = ServiceName::new("b").unwrap();
         let mut rx_a = registry
             .watch(&ServiceName::new("a").unwrap())

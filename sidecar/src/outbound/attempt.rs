@@ -10,6 +10,7 @@ use detour_core::link::{Event, Reason};
 use detour_core::link_handle::LinkHandle;
 use detour_core::replay::Held;
 use detour_core::trace::{Span, SpanKind};
+use detour_core::transport::Target;
 use detour_core::{BoxBody, Dial, PathTaken};
 use detour_proto::{Endpoint, ServiceName};
 use http::Response;
@@ -25,6 +26,8 @@ pub(super) type Tried = Result<(Response<BoxBody>, PathTaken), AttemptFailed>;
 /// Where attempt `n` of a request goes, and how long it may take.
 pub(super) struct Try<'a> {
     pub(super) service: &'a ServiceName,
+    /// The service's name as the next hop gets it.
+    pub(super) target: &'a Target,
     pub(super) ep: &'a Endpoint,
     pub(super) n: u32,
     pub(super) timeout: Duration,
@@ -64,8 +67,8 @@ impl Outbound {
         trace.inject(req.headers_mut());
         let dial = Dial::Tcp(pa);
         let proto = self.cfg.pa_protocol;
-        let (pool, name) = (&self.pools.pas, service.as_str());
-        let sent = attempt(pool, &dial, proto, name, req, t.timeout, Part::Sidecar);
+        let pool = &self.pools.pas;
+        let sent = attempt(pool, &dial, proto, t.target, req, t.timeout, Part::Sidecar);
         let result = if t.direct_ok && flight.idempotent() && flight.has_copy() {
             // A PA the link gives up on (hung: probes time out) holds no idempotent request:
             // it is abandoned there and sent straight to the provider.
@@ -119,12 +122,12 @@ impl Outbound {
         let mut req = flight.take().ok_or_else(|| consumed(ep))?;
         trace.inject(req.headers_mut());
         let dial = Dial::Tcp(ep.app_address);
-        let (pool, name) = (&self.pools.providers, t.service.as_str());
+        let pool = &self.pools.providers;
         let sent = attempt(
             pool,
             &dial,
             ep.protocol,
-            name,
+            t.target,
             req,
             t.timeout,
             Part::Provider,

@@ -9,8 +9,10 @@
 //! and from every zone otherwise (counted in `detour_zone_spillover_total`).
 
 use detour_proto::fastmap::FastMap;
+use detour_proto::sync::Mutex;
+use smallvec::SmallVec;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use detour_core::route::rendezvous_best;
@@ -78,7 +80,7 @@ pub struct Pick<'a> {
 /// Keeps only `pool`'s candidates in `zone` when at least its share of them is `usable` (and
 /// one at least); leaves the pool whole (spills over to every zone) otherwise.
 fn stay_in_zone(
-    pool: &mut Vec<(&Endpoint, Arc<Load>)>,
+    pool: &mut Candidates<'_>,
     zone: &ZonePreference,
     usable: impl Fn(&(&Endpoint, Arc<Load>)) -> bool,
 ) {
@@ -96,6 +98,10 @@ fn stay_in_zone(
         metrics::counter!("detour_zone_spillover_total").increment(1);
     }
 }
+
+/// The endpoints a pick draws from, with their loads: on the stack up to 8 of them (a
+/// request's pick allocates nothing for most services).
+type Candidates<'a> = SmallVec<[(&'a Endpoint, Arc<Load>); 8]>;
 
 /// Why [`Balancer::pick_limited`] found no endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +135,7 @@ impl Balancer {
     }
 
     fn load_of(&self, id: &InstanceId) -> Arc<Load> {
-        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loads = self.loads.lock();
         load_in(&mut loads, id)
     }
 
@@ -173,8 +179,8 @@ impl Balancer {
     ) -> Result<(&'a Endpoint, InFlight), NoPick> {
         let (limit, panic_percent, key) = (how.limit, how.panic_percent, how.key);
         let now = now_unix_ms();
-        let mut pool: Vec<(&Endpoint, Arc<Load>)> = {
-            let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool: Candidates<'a> = {
+            let mut loads = self.loads.lock();
             endpoints
                 .iter()
                 .filter(|e| !exclude.contains(&e.instance))
@@ -189,7 +195,7 @@ impl Balancer {
         }
         let left = pool.iter().filter(|x| usable(x)).count();
         if left > 0 && left * 100 >= pool.len() * usize::from(panic_percent) {
-            pool.retain(usable);
+            pool.retain(|x| usable(x));
         } else if left < pool.len() {
             metrics::counter!("detour_lb_panic_total").increment(1);
         }
@@ -283,7 +289,7 @@ impl Balancer {
         load.consecutive_5xx.store(0, Ordering::Relaxed);
         let now = now_unix_ms();
         let ejected = {
-            let loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+            let loads = self.loads.lock();
             loads.values().filter(|l| l.ejected(now)).count()
         };
         if (ejected + 1) * 100 > total * usize::from(o.max_ejected_percent) {
@@ -305,7 +311,7 @@ impl Balancer {
         if self.pruned_for.swap(addr, Ordering::Relaxed) == addr {
             return;
         }
-        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loads = self.loads.lock();
         loads.retain(|id, _| set.endpoints.iter().any(|e| &e.instance == id));
     }
 }

@@ -4,9 +4,10 @@
 //! fallback, requests for that host's providers go C→CA→P.
 
 use detour_proto::fastmap::FastMap;
+use detour_proto::sync::Mutex;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use detour_core::link::{Event, Reason};
 use detour_core::link_handle::{LinkHandle, StateNames};
@@ -78,9 +79,9 @@ impl Links {
 
     /// The link to `host`, whose PA is at `pa`; created (and probed from then on) on first use.
     pub fn get(&self, host: &HostId, pa: SocketAddr) -> Arc<LinkHandle> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.entries.lock();
         if let Some(e) = entries.get(host) {
-            let old = std::mem::replace(&mut *e.pa.lock().unwrap_or_else(|p| p.into_inner()), pa);
+            let old = std::mem::replace(&mut *e.pa.lock(), pa);
             if old != pa {
                 self.pa_hosts.set(host, pa, Some(old));
             }
@@ -124,7 +125,7 @@ impl Links {
     /// Forgets the links (and their probes) and PA address claims of every host `keep` does
     /// not name: the state per remote host follows the catalog, whatever names came and went.
     pub fn prune(&self, keep: &std::collections::HashSet<HostId>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.entries.lock();
         let before = entries.len();
         entries.retain(|h, _| keep.contains(h));
         if entries.len() < before {
@@ -139,7 +140,7 @@ impl Links {
 
     /// Every link's state, for `/state`.
     pub fn states(&self) -> BTreeMap<String, &'static str> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = self.entries.lock();
         entries
             .iter()
             .map(|(h, e)| (h.to_string(), e.link.state_name()))
@@ -147,7 +148,7 @@ impl Links {
     }
 
     fn apply(&self, statuses: &HostStatuses) {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = self.entries.lock();
         for (host, e) in entries.iter() {
             if let Some(ev) = status_event(statuses.get(host).map(|s| s.sidecar)) {
                 e.link.event(ev);
@@ -192,7 +193,7 @@ async fn probe_loop(
     loop {
         until_next(&link, &pace, started, ok).await;
         started = tokio::time::Instant::now();
-        let addr = *pa.lock().unwrap_or_else(|p| p.into_inner());
+        let addr = *pa.lock();
         // A PA that answers and is not trusted is reachable: the link stays on it, and the
         // requests sent there are refused (`untrusted-peer`) rather than sent around it.
         let event = match probe(&pool, &Dial::Tcp(addr), AppProtocol::Http2, timeout).await {

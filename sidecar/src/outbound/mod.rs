@@ -31,7 +31,8 @@ use detour_proto::fastmap::FastMap;
 pub use state::{Documents, Upstreams};
 use state::{PerService, PerState};
 
-use std::sync::{Arc, Mutex};
+use detour_proto::sync::Mutex;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 use detour_core::body::{boxed, with_guard};
@@ -39,7 +40,7 @@ use detour_core::failure::{MeshErrorKind, PATH_HEADER, strip_mesh_headers};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
 use detour_core::route::RequestView;
 use detour_core::trace::{Span, SpanKind, Tracer};
-use detour_core::transport::ConnectTimeout;
+use detour_core::transport::{ConnectTimeout, Target};
 use detour_core::{BoxBody, PathTaken};
 use detour_proto::control::local_control_server::LocalControlServer;
 use detour_proto::{CONTROL_AUTHORITY, Endpoint, InstanceId, ServiceName};
@@ -51,7 +52,7 @@ use tracing::Instrument;
 
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::Config;
-use crate::http::forward::AttemptFailed;
+use crate::http::forward::{AttemptFailed, not_a_target};
 use crate::http::headers::{authority, service_of, strip_hop_by_hop};
 use crate::http::respond::{MeshError, is_grpc};
 use crate::http::server::{Handler, ping_response};
@@ -156,7 +157,7 @@ impl Outbound {
     }
 
     fn service(&self, service: &ServiceName) -> Arc<PerService> {
-        let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.services.lock();
         if let Some(b) = map.get(service) {
             return b.clone();
         }
@@ -165,6 +166,7 @@ impl Outbound {
                 let generation = self.policies.generation();
                 let policy = Arc::new(self.policies.of(service));
                 Arc::new(PerService {
+                    target: Target::new(service.as_str()).ok(),
                     balancer: Balancer::new(self.cfg.balance),
                     metrics: ServiceMetrics::new(Direction::Outbound, service),
                     state: Mutex::new(PerState {
@@ -177,20 +179,21 @@ impl Outbound {
             .clone()
     }
 
-    /// Routes one request; returns the response and the path it took.
+    /// Routes one request, which arrived at `start`; returns the response and the path it
+    /// took.
     async fn route(
         &self,
-        parts: http::request::Parts,
-        body: Incoming,
+        (parts, body): (http::request::Parts, Incoming),
+        start: Instant,
         info: &mut RouteInfo,
         hop: &mut Span,
     ) -> Result<(Response<BoxBody>, PathTaken), MeshError> {
-        let start = Instant::now();
         let service = service_of(&parts, self.cfg.max_header_bytes)?;
         let logged = self.note_service(&service, hop, info);
         let set = self.endpoints_of(&service).await?;
         let per = self.service(&service);
         info.per = Some(per.clone());
+        let target = (per.target.as_ref()).ok_or_else(|| not_a_target(&service))?;
         let policy = per.begin(&self.policies, &service, start);
         let deadline = start + policy.request_timeout;
         let balancer = &per.balancer;
@@ -218,6 +221,7 @@ impl Outbound {
             info.attempt(attempts, ep, logged);
             let t = Try {
                 service: &service,
+                target,
                 ep,
                 n: attempts,
                 timeout: policy.try_timeout.map_or(left, |t| t.min(left)),
@@ -363,7 +367,7 @@ impl Handler for Outbound {
             .map(|_| Pending::of("outbound", &parts, None, hop.trace_id()));
         let mut info = RouteInfo::default();
         let method = hop.is_recording().then(|| parts.method.to_string());
-        let routed = (self.route(parts, body, &mut info, &mut hop))
+        let routed = (self.route((parts, body), start, &mut info, &mut hop))
             .instrument(span)
             .await;
         let (resp, path, error) = match routed {

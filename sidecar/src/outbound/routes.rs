@@ -9,9 +9,10 @@
 //! (its subset had no healthy endpoint) in `detour_route_fallbacks_total{service}`.
 
 use detour_proto::fastmap::FastMap;
+use detour_proto::sync::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use detour_core::route::{RequestView, RouteDoc, ServiceRoutes};
 use detour_proto::{Endpoint, EndpointSet, InstanceId, ServiceName};
@@ -204,7 +205,7 @@ impl Routes {
     /// `service`'s routes compiled over `set` (compiled again when either changed).
     fn compiled_for(&self, service: &ServiceName, set: &Arc<EndpointSet>) -> Option<Arc<Compiled>> {
         let generation = self.generation.load(Ordering::Acquire);
-        let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        let mut compiled = self.compiled.lock();
         if let Some(c) = compiled.get(service)
             && c.generation == generation
             && Arc::ptr_eq(&c.set, set)
@@ -233,7 +234,6 @@ impl Routes {
         let tally = self
             .tallies
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(service.clone())
             .or_insert_with(|| Arc::new(Tally::new(service, &routes)))
             .clone();
@@ -286,10 +286,7 @@ impl Routes {
         self.any.store(!services.is_empty(), Ordering::Release);
         *current = Arc::new(services);
         drop(current);
-        self.tallies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.tallies.lock().clear();
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.changed.send_replace(g);
     }
@@ -298,7 +295,7 @@ impl Routes {
     /// since they last changed.
     pub fn state(&self) -> serde_json::Value {
         let doc = self.doc.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let tallies = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
+        let tallies = self.tallies.lock();
         let services: serde_json::Map<String, serde_json::Value> = doc
             .iter()
             .map(|(service, r)| {

@@ -2,10 +2,12 @@
 //! connection pools, and per service routed its balancer, golden metrics, policy and retry
 //! budget.
 
-use std::sync::{Arc, Mutex};
+use detour_proto::sync::Mutex;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 use detour_core::Pool;
+use detour_core::transport::Target;
 use detour_proto::ServiceName;
 
 use crate::outbound::balance::Balancer;
@@ -38,6 +40,9 @@ pub struct Upstreams {
 
 /// What the CA keeps per service it routes.
 pub(super) struct PerService {
+    /// The service's name as requests carry it to the next hop, parsed once (`None` for a
+    /// name that is no authority, which the service's requests then fail on).
+    pub(super) target: Option<Target>,
     /// Endpoint selection, ejections and outliers.
     pub(super) balancer: Balancer,
     /// The service's golden metrics.
@@ -63,7 +68,7 @@ impl PerService {
         service: &ServiceName,
         now: Instant,
     ) -> Arc<ServicePolicy> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock();
         let generation = policies.generation();
         if state.generation != generation {
             let policy = policies.of(service);
@@ -88,7 +93,7 @@ impl PerService {
         if !plan.budgeted {
             return plan.step;
         }
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock();
         let granted = state.budget.try_retry(Instant::now());
         match granted {
             true => metrics::counter!("detour_retries_total").increment(1),

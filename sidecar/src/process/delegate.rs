@@ -18,10 +18,11 @@
 //! that does not state a protocol (version 1) is not trusted with that: the sidecar keeps its
 //! copies alive too.
 
+use detour_proto::sync::Mutex;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -75,9 +76,7 @@ struct Shared {
 impl Shared {
     /// The publication to push now, saying whether this sidecar holds the registrations.
     fn publication(&self, self_held: bool) -> HostPublication {
-        let mut p = (self.publication.lock())
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let mut p = (self.publication.lock()).clone();
         p.protocol = PUBLICATION_PROTOCOL;
         p.self_held = self_held;
         p
@@ -127,11 +126,7 @@ impl Delegated {
 
     async fn change(&self, edit: impl FnOnce(&mut HostPublication)) {
         {
-            let mut p = self
-                .shared
-                .publication
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut p = self.shared.publication.lock();
             edit(&mut p);
         }
         let mine = self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1;

@@ -8,11 +8,12 @@
 //! or that proved another identity, is a refusal ([`UntrustedPeer`]): the request is answered
 //! `untrusted-peer` and goes nowhere else.
 
+use detour_proto::sync::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use detour_core::connect::{Connect, Connecting, UntrustedPeer, timed_out};
@@ -46,7 +47,7 @@ struct Claim {
 
 impl PaHosts {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Claim>> {
-        self.by_addr.lock().unwrap_or_else(|p| p.into_inner())
+        self.by_addr.lock()
     }
 
     /// Records that `host` says its PA is at `pa`, no longer at `old`.

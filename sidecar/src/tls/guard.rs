@@ -11,9 +11,10 @@
 //! A connection not admitted is closed before any byte of TLS, and counted
 //! (`detour_tls_handshakes_refused_total{reason}`). Pure apart from the clock it is given.
 
+use detour_proto::sync::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -89,7 +90,7 @@ impl HandshakeGuard {
     /// until dropped.
     pub fn admit(&self, source: IpAddr, now: Instant) -> Result<OwnedSemaphorePermit, Refused> {
         {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock();
             let known = st
                 .known
                 .get(&source)
@@ -122,7 +123,7 @@ impl HandshakeGuard {
 
     /// `source` completed a handshake at `now`: a known peer from now on.
     pub fn completed(&self, source: IpAddr, now: Instant) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock();
         if st.known.len() >= MAX_SOURCES && !st.known.contains_key(&source) {
             st.known
                 .retain(|_, t| now.saturating_duration_since(*t) < KNOWN_FOR);

@@ -9,9 +9,10 @@ pub mod identity;
 pub mod offload;
 pub mod verify;
 
+use detour_proto::sync::Mutex;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use detour_proto::HostId;
@@ -143,7 +144,7 @@ impl TlsState {
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let now = stamp(&self.files);
         {
-            let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self.stamp.lock();
             if *last == now {
                 return Ok(false);
             }

@@ -6,7 +6,8 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::sync::{Arc, Mutex};
+use detour_proto::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use detour_kit::certs::{Authority, DEFAULT_VALIDITY};
@@ -182,7 +183,7 @@ async fn recording(ip: &str) -> (RawProvider, Arc<Mutex<Vec<String>>>) {
     let heads = Arc::new(Mutex::new(Vec::new()));
     let h = heads.clone();
     let p = RawProvider::start(ip, Duration::ZERO, move |head| {
-        h.lock().unwrap().push(head.to_owned());
+        h.lock().push(head.to_owned());
         raw::ok("ok")
     })
     .await;
@@ -190,7 +191,7 @@ async fn recording(ip: &str) -> (RawProvider, Arc<Mutex<Vec<String>>>) {
 }
 
 fn last_head(heads: &Arc<Mutex<Vec<String>>>) -> String {
-    heads.lock().unwrap().last().cloned().unwrap()
+    heads.lock().last().cloned().unwrap()
 }
 
 #[tokio::test]
@@ -275,10 +276,7 @@ async fn a_host_cannot_take_another_hosts_pa_address() {
             "call {i}"
         );
     }
-    assert!(
-        impostor_heads.lock().unwrap().is_empty(),
-        "the impostor got nothing"
-    );
+    assert!(impostor_heads.lock().is_empty(), "the impostor got nothing");
     let admin = mesh.admin("h1");
     assert!(
         metric(&admin, "detour_pa_address_conflicts_total", "")

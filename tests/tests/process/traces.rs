@@ -5,9 +5,10 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
+use detour_proto::sync::Mutex;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use detour_core::trace::{OtlpEndpoint, TraceConfig};
@@ -25,7 +26,7 @@ async fn provider() -> (RawProvider, Arc<Mutex<Vec<String>>>) {
     let s = seen.clone();
     let p = RawProvider::start("127.0.0.2", Duration::ZERO, move |head| {
         let lines: Vec<&str> = head.lines().filter(|l| l.starts_with("trace")).collect();
-        s.lock().unwrap().push(lines.join("\n"));
+        s.lock().push(lines.join("\n"));
         raw::ok("ok")
     })
     .await;
@@ -100,7 +101,7 @@ async fn one_call_is_one_trace_from_the_sdk_through_the_ca_and_the_pa_to_the_pro
 
     // No context from the app: the SDK starts the trace.
     assert_eq!(client.send(&hello, get()).await.unwrap().status(), 200);
-    let (trace, parent) = traceparent(&seen.lock().unwrap().last().cloned().unwrap());
+    let (trace, parent) = traceparent(&seen.lock().last().cloned().unwrap());
     let spans = rx.trace(&trace, 6).await;
     let call = spans.iter().find(|s| s.parent.is_none()).unwrap();
     assert_eq!(
@@ -133,7 +134,7 @@ async fn one_call_is_one_trace_from_the_sdk_through_the_ca_and_the_pa_to_the_pro
         .body(empty())
         .unwrap();
     assert_eq!(client.send(&hello, req).await.unwrap().status(), 200);
-    let got = seen.lock().unwrap().last().cloned().unwrap();
+    let got = seen.lock().last().cloned().unwrap();
     assert_eq!(got, format!("traceparent: {unsampled}"));
     let sampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let req = http::Request::get("/")
@@ -142,7 +143,7 @@ async fn one_call_is_one_trace_from_the_sdk_through_the_ca_and_the_pa_to_the_pro
         .body(empty())
         .unwrap();
     assert_eq!(client.send(&hello, req).await.unwrap().status(), 200);
-    let got = seen.lock().unwrap().last().cloned().unwrap();
+    let got = seen.lock().last().cloned().unwrap();
     assert!(got.contains("tracestate: congo=t61rcwkgmze"), "{got}");
     let (trace, _) = traceparent(&got);
     assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
@@ -297,7 +298,7 @@ async fn a_call_sent_direct_while_its_sidecar_is_killed_is_one_trace_to_the_prov
         .unwrap_or_else(|| panic!("no direct attempt under {call:#?}: {spans:#?}"));
     assert!(!direct.failed);
     assert_eq!(direct.attr("server.address"), p.addr.to_string());
-    let heads = seen.lock().unwrap().clone();
+    let heads = seen.lock().clone();
     let reached = heads
         .iter()
         .any(|h| traceparent(h) == (call.trace_id.clone(), direct.span_id.clone()));
@@ -318,11 +319,7 @@ async fn without_export_the_mesh_passes_trace_context_on_as_it_came() {
     let client = mesh.client("h1", detour_thin_sdk::AppProtocol::Http1);
     let hello = ServiceName::new("hello").unwrap();
     assert_eq!(client.send(&hello, get()).await.unwrap().status(), 200);
-    assert_eq!(
-        seen.lock().unwrap().last().unwrap(),
-        "",
-        "no trace is started"
-    );
+    assert_eq!(seen.lock().last().unwrap(), "", "no trace is started");
     // Even a malformed context is the app's business when nothing here traces.
     let odd = "00-zz-00f067aa0ba902b7-01";
     let req = http::Request::get("/")
@@ -331,6 +328,6 @@ async fn without_export_the_mesh_passes_trace_context_on_as_it_came() {
         .body(empty())
         .unwrap();
     assert_eq!(client.send(&hello, req).await.unwrap().status(), 200);
-    let got = seen.lock().unwrap().last().cloned().unwrap();
+    let got = seen.lock().last().cloned().unwrap();
     assert_eq!(got, format!("traceparent: {odd}\ntracestate: a=1"));
 }

@@ -8,7 +8,8 @@
 //! streams (a GET answered with [`STREAM_CHUNKS`] chunks, one every [`STREAM_EVERY_MS`] ms; it
 //! fails when cut or short). `SOAK` mixes all of them.
 
-use std::sync::{Arc, Mutex};
+use detour_proto::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -250,7 +251,7 @@ async fn finish(total: Arc<Mutex<Stats>>, sem: Arc<Semaphore>, spec: &LoadSpec) 
 }
 
 fn lock(m: &Mutex<Stats>) -> std::sync::MutexGuard<'_, Stats> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock()
 }
 
 fn build(kind: MethodKind, path: &str, body: &Bytes) -> Result<Request<BoxBody>, http::Error> {

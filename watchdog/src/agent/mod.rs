@@ -10,9 +10,10 @@ mod probe;
 mod upgrade;
 mod watch;
 
+use detour_proto::sync::Mutex;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -113,7 +114,7 @@ impl Agent {
             })
         });
         {
-            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = status.lock();
             s.restarts = kept.restarts;
             s.last_exit = kept.last_exit.clone();
             s.last_upgrade = kept.last_upgrade.clone();
@@ -258,7 +259,7 @@ impl Agent {
     }
 
     fn set(&self, f: impl FnOnce(&mut Status)) {
-        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut self.status.lock());
     }
 
     fn run_dir(&self) -> &Path {
@@ -270,7 +271,7 @@ impl Agent {
         let mut k = Kept::new(self.binaries.clone());
         k.set_memory(&self.sup.memory(Instant::now()));
         {
-            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            let s = self.status.lock();
             k.restarts = s.restarts;
             k.last_exit = s.last_exit.clone();
             k.last_upgrade = s.last_upgrade.clone();

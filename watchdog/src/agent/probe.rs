@@ -14,7 +14,7 @@ impl Agent {
     /// Publishes what the watchdog reports beside the host status.
     pub(super) async fn report(&self) {
         let (restarts, rule_version, last_upgrade) = {
-            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            let s = self.status.lock();
             (s.restarts, s.rule_version.clone(), s.last_upgrade.clone())
         };
         let report = WatchdogReport {

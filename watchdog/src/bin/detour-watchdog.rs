@@ -6,10 +6,11 @@
 //! mesh). `detourctl shutdown` drains the sidecar, withdraws the host's registrations and stops
 //! the watchdog. A bad config exits 64, a failed start 70.
 
+use detour_proto::sync::Mutex;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use clap::Parser;
 use detour_registry::docs::Followed;

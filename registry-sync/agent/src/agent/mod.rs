@@ -1,7 +1,8 @@
 //! `detour-registry-sync`, the agent: a legacy source, the mirror loop into etcd, the admin API,
 //! and a clean stop on SIGTERM/SIGINT (resigning, leaving the entries for a standby to adopt).
 
-use std::sync::{Arc, Mutex};
+use detour_proto::sync::Mutex;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -52,16 +53,12 @@ struct Shared {
 
 impl admin::StateSource for Shared {
     fn ready(&self) -> bool {
-        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.status.lock();
         s.role == "leader" || s.role == "standby"
     }
 
     fn state(&self) -> serde_json::Value {
-        let status: Status = self
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let status: Status = self.status.lock().clone();
         let view = self.source.borrow().clone();
         let endpoints: usize = view.providers.values().map(|m| m.len()).sum();
         serde_json::json!({

@@ -2,8 +2,9 @@
 //! source (through self-protection) says, health-check held instances, and re-read the target
 //! now and then; step down as soon as the election is lost.
 
+use detour_proto::sync::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -110,7 +111,7 @@ impl Lags {
 pub type SharedStatus = Arc<Mutex<Status>>;
 
 fn set_status(status: &SharedStatus, f: impl FnOnce(&mut Status)) {
-    f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
+    f(&mut status.lock());
 }
 
 /// Runs until `stop` turns true; then resigns (the entries stay, for the successor to adopt).
@@ -563,7 +564,7 @@ fn removes_any(old: &Providers, new: &Providers) -> bool {
 }
 
 fn current_conflicts(status: &SharedStatus) -> usize {
-    status.lock().unwrap_or_else(|p| p.into_inner()).conflicts
+    status.lock().conflicts
 }
 
 /// Logs and counts protection changes.

@@ -12,11 +12,12 @@ mod errors;
 mod paths;
 mod sdk;
 
+use detour_proto::sync::Mutex;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use detour_core::body::{empty, full};
@@ -134,7 +135,6 @@ impl World {
                 async move {
                     *seen
                         .lock()
-                        .unwrap()
                         .entry((name.to_owned(), req.method().clone()))
                         .or_default() += 1;
                     let mut resp = Response::new(full(name));
@@ -153,7 +153,7 @@ impl World {
     }
 
     fn got(&self, name: &str, m: Method) -> usize {
-        let seen = self.seen.lock().unwrap();
+        let seen = self.seen.lock();
         seen.get(&(name.to_owned(), m)).copied().unwrap_or(0)
     }
 

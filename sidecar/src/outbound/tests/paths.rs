@@ -147,7 +147,7 @@ struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        self.0.lock().extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -207,7 +207,7 @@ async fn a_request_and_each_of_its_attempts_have_a_span() {
     let w = broken_pa(Upstream::Refuse).await;
     let resp = w.call(Method::POST).await;
     assert_eq!(resp.headers()[PATH_HEADER], "ca-direct");
-    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let log = String::from_utf8(captured.0.lock().clone()).unwrap();
     let request = r#"request{direction="outbound" method=POST service="hello"}"#;
     let first = format!(r#"{request}:attempt{{n=1 instance=h2-hello path="pa"}}"#);
     assert!(log.contains(&first), "no {first} in:\n{log}");
@@ -227,7 +227,7 @@ async fn a_ca_that_traces_names_the_trace_in_its_request_span() {
     w.tracer = Tracer::start(cfg);
     w.ca();
     assert_eq!(w.call(Method::GET).await.status(), StatusCode::OK);
-    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let log = String::from_utf8(captured.0.lock().clone()).unwrap();
     let at = log
         .find("trace_id=")
         .unwrap_or_else(|| panic!("no trace_id in:\n{log}"));
