@@ -19,8 +19,10 @@ use crate::http::respond::MeshError;
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Most headers accepted in one request head.
-pub const MAX_HEADERS: usize = 128;
+/// Most headers accepted in one request head: hyper's own bound for the heads after the first,
+/// which it parses on the stack (with a larger `max_headers`, hyper allocates and fills two
+/// arrays of that many entries for every head). Envoy's default is the same.
+pub const MAX_HEADERS: usize = 100;
 
 /// What the first bytes of a connection said.
 #[derive(Debug, PartialEq, Eq)]

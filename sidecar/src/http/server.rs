@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::http::detect::{Detected, MAX_HEADERS, Prefixed, detect};
+use crate::http::detect::{Detected, Prefixed, detect};
 use crate::http::linger::Lingering;
 use crate::process::lifecycle::Lifecycle;
 
@@ -367,13 +367,13 @@ fn conn_service<H: Handler>(
     })
 }
 
-/// The HTTP/1.1 server of a connection: head timeout and size limits from `opts`.
+/// The HTTP/1.1 server of a connection: head timeout and size limits from `opts`; at most
+/// [`MAX_HEADERS`](crate::http::detect::MAX_HEADERS) headers a head, hyper's default.
 fn h1_server(opts: &ConnOptions) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(opts.head_timeout)
-        .max_buf_size((opts.max_header_bytes * 2).max(64 * 1024))
-        .max_headers(MAX_HEADERS);
+        .max_buf_size((opts.max_header_bytes * 2).max(64 * 1024));
     b
 }
 

@@ -1,6 +1,7 @@
-//! An HTTP/2 connection to a sidecar that stalled (SIGSTOP, a host frozen) while its caller gave
-//! up on many requests and reset their streams: once it runs again, the requests still waiting
-//! on the connection are answered, not dropped with it.
+//! A connection as the listeners serve it: an HTTP/2 connection to a sidecar that stalled
+//! (SIGSTOP, a host frozen) while its caller gave up on many requests and reset their streams
+//! (once it runs again, the requests still waiting on the connection are answered, not dropped
+//! with it); the bound on headers in every HTTP/1.1 head.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,4 +112,49 @@ fn a_stalled_sidecar_keeps_the_requests_its_caller_still_waits_for() {
     // The connection closes with the client's runtime; the sidecar's thread ends.
     drop(rt);
     server.join().unwrap().unwrap();
+}
+
+/// A raw HTTP/1.1 head with `n` headers besides `Host`.
+fn head_with(n: usize) -> String {
+    let mut head = String::from("GET / HTTP/1.1\r\nhost: hello\r\n");
+    for i in 1..n {
+        head.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    head + "\r\n"
+}
+
+/// The status of each answer read from `io` until it closes.
+async fn statuses(io: &mut tokio::net::TcpStream) -> Vec<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut text = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut text)).await;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    (text.match_indices("HTTP/1.1 "))
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_http1_head_may_carry_a_hundred_headers_and_no_more() {
+    use tokio::io::AsyncWriteExt;
+    let max = crate::http::detect::MAX_HEADERS;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let lifecycle = Lifecycle::new();
+        let opts = options();
+        while let Ok((io, _)) = listener.accept().await {
+            let _ = serve_conn(io, Arc::new(Answer), &lifecycle, &opts, None).await;
+        }
+    });
+    // The first head (read by the protocol detection), then two more on the same connection
+    // (read by hyper): the one over the bound ends the connection with 431.
+    let mut io = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let heads = [head_with(max), head_with(max), head_with(max + 1)].concat();
+    io.write_all(heads.as_bytes()).await.unwrap();
+    assert_eq!(statuses(&mut io).await, [200, 200, 431]);
+    // Over the bound in the first head.
+    let mut io = tokio::net::TcpStream::connect(addr).await.unwrap();
+    io.write_all(head_with(max + 1).as_bytes()).await.unwrap();
+    assert_eq!(statuses(&mut io).await, [431]);
 }
