@@ -13,7 +13,16 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-pub use detour_proto::{ERROR_HEADER, PATH_HEADER, PROXY_HEADER};
+pub use detour_proto::{CALLER_HEADER, ERROR_HEADER, PATH_HEADER, PROXY_HEADER};
+
+/// [`ERROR_HEADER`] as a header name: a map looks it up without parsing the text.
+pub const ERROR_NAME: HeaderName = HeaderName::from_static(ERROR_HEADER);
+/// [`PATH_HEADER`] as a header name.
+pub const PATH_NAME: HeaderName = HeaderName::from_static(PATH_HEADER);
+/// [`PROXY_HEADER`] as a header name.
+pub const PROXY_NAME: HeaderName = HeaderName::from_static(PROXY_HEADER);
+/// [`CALLER_HEADER`] as a header name.
+pub const CALLER_NAME: HeaderName = HeaderName::from_static(CALLER_HEADER);
 
 /// Every reason the mesh itself can fail a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -199,7 +208,7 @@ impl MeshErrorKind {
     /// does not know. Only call it on headers from a sidecar (see the module docs).
     pub fn from_headers(headers: &HeaderMap) -> Option<MeshErrorKind> {
         headers
-            .get(ERROR_HEADER)
+            .get(ERROR_NAME)
             .and_then(|v| MeshErrorKind::from_reason(v.as_bytes()))
     }
 }
@@ -244,7 +253,7 @@ impl PathTaken {
     /// The path named by `x-detour-path` in a response from the caller's own sidecar; a
     /// response without one came over the mesh.
     pub fn from_headers(headers: &HeaderMap) -> PathTaken {
-        match headers.get(PATH_HEADER).map(HeaderValue::as_bytes) {
+        match headers.get(PATH_NAME).map(HeaderValue::as_bytes) {
             Some(b"ca-direct") => PathTaken::CaDirect,
             _ => PathTaken::Mesh,
         }

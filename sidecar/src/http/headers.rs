@@ -110,10 +110,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     if present[0] {
         // The names `Connection` lists go too; its values are taken out first.
-        let listed: Vec<http::HeaderValue> = match headers.entry(header::CONNECTION) {
-            header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
-            header::Entry::Vacant(_) => Vec::new(),
-        };
+        // On the stack: an answer's `Connection` is one value (`keep-alive`) nearly always.
+        let listed: smallvec::SmallVec<[http::HeaderValue; 2]> =
+            match headers.entry(header::CONNECTION) {
+                header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+                header::Entry::Vacant(_) => smallvec::SmallVec::new(),
+            };
         for v in &listed {
             for name in v.to_str().unwrap_or("").split(',') {
                 let name = name.trim();

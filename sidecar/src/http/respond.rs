@@ -8,7 +8,7 @@
 use detour_core::BoxBody;
 use detour_core::body::{empty, full};
 use detour_core::decide::Failure;
-use detour_core::failure::{ERROR_HEADER, MeshErrorKind, PROXY_HEADER};
+use detour_core::failure::{ERROR_NAME, MeshErrorKind, PROXY_NAME};
 use http::{HeaderMap, HeaderValue, Response, header};
 
 /// An error produced by a sidecar rather than by a provider.
@@ -93,9 +93,9 @@ impl MeshError {
             r
         };
         let h = resp.headers_mut();
-        h.insert(ERROR_HEADER, self.kind.header_value());
+        h.insert(ERROR_NAME, self.kind.header_value());
         if let Ok(v) = HeaderValue::from_str(proxy) {
-            h.insert(PROXY_HEADER, v);
+            h.insert(PROXY_NAME, v);
         }
         resp
     }
@@ -135,8 +135,8 @@ mod tests {
     fn http_callers_get_status_and_header() {
         let r = err(MeshErrorKind::UnknownService).respond(false, "h1");
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(r.headers()[ERROR_HEADER], "unknown-service");
-        assert_eq!(r.headers()[PROXY_HEADER], "h1");
+        assert_eq!(r.headers()[ERROR_NAME], "unknown-service");
+        assert_eq!(r.headers()[PROXY_NAME], "h1");
         let r = err(MeshErrorKind::HeaderTooLarge).respond(false, "h1");
         assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         let r = err(MeshErrorKind::Timeout).respond(false, "h1");
@@ -159,7 +159,7 @@ mod tests {
         let r = MeshError::new(MeshErrorKind::NoEndpoint, "échо").respond(is_grpc(&h), "h1");
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["grpc-status"], "14");
-        assert_eq!(r.headers()[ERROR_HEADER], "no-endpoint");
+        assert_eq!(r.headers()[ERROR_NAME], "no-endpoint");
         assert!(
             r.headers()["grpc-message"]
                 .to_str()

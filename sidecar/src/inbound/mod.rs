@@ -20,13 +20,14 @@ use tokio::time::Instant;
 
 use detour_core::body::boxed;
 use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
+use detour_core::failure::CALLER_NAME;
 use detour_core::failure::{MeshErrorKind, strip_mesh_headers};
 use detour_core::replay::is_idempotent;
 use detour_core::trace::{Span, SpanKind, Tracer};
 use detour_core::transport::Target;
 use detour_core::{BoxBody, Dial, Pool};
 use detour_proto::fastmap::FastMap;
-use detour_proto::{CALLER_HEADER, CONTROL_AUTHORITY, PING_PATH, ServiceName};
+use detour_proto::{CONTROL_AUTHORITY, PING_PATH, ServiceName};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tracing::Instrument;
@@ -313,7 +314,7 @@ fn to_provider(mut req: Request<BoxBody>, caller: Option<HeaderValue>) -> Reques
     strip_hop_by_hop(req.headers_mut());
     detour_core::failure::strip_mesh_headers(req.headers_mut());
     if let Some(v) = caller {
-        req.headers_mut().insert(CALLER_HEADER, v);
+        req.headers_mut().insert(CALLER_NAME, v);
     }
     req
 }

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use detour_core::body::{boxed, with_guard};
-use detour_core::failure::{MeshErrorKind, PATH_HEADER, strip_mesh_headers};
+use detour_core::failure::{MeshErrorKind, PATH_NAME, strip_mesh_headers};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
 use detour_core::route::RequestView;
 use detour_core::trace::{Span, SpanKind, Tracer};
@@ -372,7 +372,7 @@ impl Handler for Outbound {
             .await;
         let (resp, path, error) = match routed {
             Ok((mut resp, path)) => {
-                resp.headers_mut().insert(PATH_HEADER, path.header_value());
+                resp.headers_mut().insert(PATH_NAME, path.header_value());
                 let label = match path {
                     PathTaken::Mesh => PathLabel::Mesh,
                     _ => PathLabel::CaDirect,
