@@ -1,6 +1,9 @@
 //! A small builder language for integration tests: a [`Mesh`] of real sidecar processes on
 //! loopback sharing one directory registry, real providers (HTTP and gRPC), and SDK clients.
 //!
+//! It may import every Detour crate (with the sidecar binary, the one place that links the
+//! sidecar library); nothing imports it.
+//!
 //! Every process is owned by a guard and killed by PID when the mesh drops; every port is
 //! chosen by the OS; readiness is probed, never slept on.
 

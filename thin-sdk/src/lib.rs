@@ -1,6 +1,9 @@
 //! The thin SDK: a small client that applications link to call other services through the
 //! Detour sidecar on their own host.
 //!
+//! It imports `detour-proto` and `detour-core` only: never the sidecar, the registry or the
+//! watchdog, so an application links none of them.
+//!
 //! A [`Client`] sends `http::Request`s to a named service via the local sidecar (Unix socket or
 //! loopback TCP), over HTTP/1.1 or HTTP/2, with streaming bodies. It holds a control session
 //! with the sidecar that reports the sidecar's state and streams endpoint snapshots of the

@@ -195,8 +195,7 @@ impl Outbound {
         info.per = Some(per.clone());
         let target = (per.target.as_ref()).ok_or_else(|| not_a_target(&service))?;
         let policy = per.begin(&self.policies, &service, start);
-        let deadline = start + policy.request_timeout;
-        let balancer = &per.balancer;
+        let (deadline, balancer) = (start + policy.request_timeout, &per.balancer);
         balancer.retain(&set);
         let routed = self.routes.route(&service, &RequestView::of(&parts), &set);
         let mut flight = self.flight(parts, body, &policy).await?;

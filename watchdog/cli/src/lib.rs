@@ -3,6 +3,9 @@
 //! arguments and exit statuses), per-service numbers from the sidecars' metrics ([`stat`],
 //! [`cli_stat`]) and the audit trail they write ([`audit`]). The binary adds the
 //! demo, load and provider commands from the test kit.
+//!
+//! It imports the libraries, the watchdog's API and the test kit, never the sidecar library:
+//! it talks to sidecars and watchdogs over their sockets and admin ports.
 
 pub mod audit;
 pub mod cli_ops;

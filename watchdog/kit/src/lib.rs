@@ -3,6 +3,10 @@
 //! ([`certs`]), finding and starting sidecars ([`sidecar`], [`process`]), the one writer of their configs
 //! ([`sidecar_config`]), watched hosts
 //! ([`watched`]) and the demo mesh ([`demo`]). The watchdog agent never links it.
+//!
+//! It imports the libraries it starts or drives (`detour-core`, `detour-proto`,
+//! `detour-registry`, `detour-thin-sdk`, the watchdog's API), never the sidecar library: the
+//! sidecar is a process it starts.
 
 pub mod certs;
 pub mod demo;
