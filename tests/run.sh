@@ -12,25 +12,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
-cargo build --locked --workspace --bins
-cargo test --locked --workspace --no-run
+# One build of every target: binaries, tests and examples with the same features (the
+# dev-dependencies' too), so that no test run below builds anything again.
+cargo build --locked --workspace --all-targets
 
 TIMELINES=(etcd_mesh failover gray gray_versions registry_sync_load watchdog watchdog_adopt)
-take=() skip=()
-for m in "${TIMELINES[@]}"; do
-  take+=("$m::")
-  skip+=(--skip "$m::")
-done
-
-# Every process test runs in exactly one of the two halves.
-process_list() { cargo test --locked -q -p detour-tests --test process -- --list "$@" 2>/dev/null | grep -c ': test$' || true; }
-all=$(process_list)
-in_timelines=$(process_list "${take[@]}")
-in_rest=$(process_list "${skip[@]}")
-if [ "$all" -eq 0 ] || [ $((in_timelines + in_rest)) -ne "$all" ]; then
-  echo "tests/run.sh: the process tests do not split cleanly: $all in all, $in_timelines timelines, $in_rest others" >&2
+# Both halves select the whole workspace, as the build above did: the same features, nothing
+# built again. The timelines are named exactly, so no other test binary's names can match.
+timelines=()
+while read -r name; do
+  for m in "${TIMELINES[@]}"; do
+    if [[ $name == "$m::"* ]]; then timelines+=("$name"); fi
+  done
+done < <(cargo test --locked -q --workspace --test process -- --list 2>/dev/null | sed -n 's/: test$//p')
+if [ "${#timelines[@]}" -eq 0 ]; then
+  echo "tests/run.sh: no process test found in the modules ${TIMELINES[*]}" >&2
   exit 1
 fi
+skip=()
+for name in "${timelines[@]}"; do
+  skip+=(--skip "$name")
+done
 
 log=$(mktemp) timeline_log=$(mktemp)
 timeline_pid=
@@ -41,15 +43,14 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-setsid cargo test --locked -p detour-tests --test process --no-fail-fast -- "${take[@]}" \
+setsid cargo test --locked --workspace --test process --no-fail-fast -- --exact "${timelines[@]}" \
   --test-threads=1 >"$timeline_log" 2>&1 &
 timeline_pid=$!
-echo "tests/run.sh: $in_timelines load timelines run in the background; their output follows the rest's"
+echo "tests/run.sh: ${#timelines[@]} load timelines run in the background; their output follows the rest's"
 
 status=0
-cargo test --locked --workspace --exclude detour-tests --no-fail-fast 2>&1 | tee "$log" || status=$?
-cargo test --locked -p detour-tests --no-fail-fast -- "${skip[@]}" --test-threads=1 2>&1 |
-  tee -a "$log" || status=$?
+cargo test --locked --workspace --no-fail-fast -- --exact "${skip[@]}" --test-threads=1 2>&1 |
+  tee "$log" || status=$?
 timeline_status=0
 wait "$timeline_pid" || timeline_status=$?
 timeline_pid=
