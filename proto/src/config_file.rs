@@ -56,6 +56,33 @@ impl<T> Loaded<T> {
             }
         }
     }
+
+    /// [`Loaded::validate`], then gives the config the environment's warnings (`keep` stores
+    /// them, to be logged at start).
+    pub fn validate_keeping_warnings<C>(
+        self,
+        source_name: &str,
+        check: impl FnOnce(T) -> Result<C, Vec<String>>,
+        keep: impl FnOnce(&mut C, Vec<String>),
+    ) -> Result<C, ConfigError> {
+        let warnings = self.warnings.clone();
+        let mut config = self.validate(source_name, check)?;
+        keep(&mut config, warnings);
+        Ok(config)
+    }
+}
+
+/// The text of the config file at `path`, and the name its problems are reported under (the
+/// path); a file that cannot be read is an error with that one problem.
+pub fn read(path: &std::path::Path) -> Result<(String, String), ConfigError> {
+    let name = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((name, text)),
+        Err(e) => Err(ConfigError {
+            source_name: name,
+            problems: vec![format!("cannot read: {e}")],
+        }),
+    }
 }
 
 /// Parses `text` (TOML) as `T`, after applying environment overrides from `env` whose names

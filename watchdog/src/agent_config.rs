@@ -310,10 +310,7 @@ pub struct Config {
 impl Config {
     /// Reads `path` with the process environment and validates it (the sidecar's config too).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source_name: path.display().to_string(),
-            problems: vec![format!("cannot read: {e}")],
-        })?;
+        let (_, text) = config_file::read(path)?;
         Self::parse(path, &text, std::env::vars())
     }
 

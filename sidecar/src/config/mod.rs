@@ -361,15 +361,7 @@ impl Config {
     /// Reads `path` (or only defaults and environment when `None`) and validates it.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (name, text) = match path {
-            Some(p) => match std::fs::read_to_string(p) {
-                Ok(t) => (p.display().to_string(), t),
-                Err(e) => {
-                    return Err(ConfigError {
-                        source_name: p.display().to_string(),
-                        problems: vec![format!("cannot read: {e}")],
-                    });
-                }
-            },
+            Some(p) => config_file::read(p)?,
             None => ("defaults".to_owned(), String::new()),
         };
         Self::parse(&name, &text, std::env::vars())
@@ -382,10 +374,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let loaded = config_file::load::<RawConfig>(name, text, ENV_PREFIX, env)?;
-        let warnings = loaded.warnings.clone();
-        let mut cfg = loaded.validate(name, RawConfig::validate)?;
-        cfg.warnings = warnings;
-        Ok(cfg)
+        loaded.validate_keeping_warnings(name, RawConfig::validate, |c, w| c.warnings = w)
     }
 }
 

@@ -231,11 +231,7 @@ pub struct Config {
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source_name: name.clone(),
-            problems: vec![format!("cannot read: {e}")],
-        })?;
+        let (name, text) = config_file::read(path)?;
         Self::parse(&name, &text, std::env::vars())
     }
 
@@ -246,10 +242,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let loaded = config_file::load::<RawConfig>(name, text, ENV_PREFIX, env)?;
-        let warnings = loaded.warnings.clone();
-        let mut cfg = loaded.validate(name, RawConfig::validate)?;
-        cfg.warnings = warnings;
-        Ok(cfg)
+        loaded.validate_keeping_warnings(name, RawConfig::validate, |c, w| c.warnings = w)
     }
 }
 
