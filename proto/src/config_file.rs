@@ -286,4 +286,21 @@ mod tests {
         let err = load::<Cfg>("t", "host = ", "D_", env(&[])).unwrap_err();
         assert_eq!(err.problems.len(), 1);
     }
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_one_problem_named_by_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        let e = read(&missing).unwrap_err();
+        assert_eq!(e.source_name, missing.display().to_string());
+        assert_eq!(e.problems.len(), 1);
+        assert!(e.problems[0].starts_with("cannot read: "), "{e:?}");
+        let there = dir.path().join("there.toml");
+        std::fs::write(&there, "a = 1\n").unwrap();
+        let (name, text) = read(&there).unwrap();
+        assert_eq!(
+            (name.as_str(), text.as_str()),
+            (there.to_str().unwrap(), "a = 1\n")
+        );
+    }
 }
