@@ -20,8 +20,7 @@ use tokio::time::Instant;
 
 use detour_core::body::boxed;
 use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
-use detour_core::failure::CALLER_NAME;
-use detour_core::failure::{MeshErrorKind, strip_mesh_headers};
+use detour_core::failure::{CALLER_NAME, MeshErrorKind, strip_mesh_headers};
 use detour_core::replay::is_idempotent;
 use detour_core::trace::{Span, SpanKind, Tracer};
 use detour_core::transport::Target;
