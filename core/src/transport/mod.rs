@@ -327,10 +327,13 @@ impl Pool {
                 break (s, true);
             }
             match self.admit_h1(dial, queued.is_some()) {
-                Admit::Open(slot) => match self.connect_h1(dial, slot, connect_timeout).await {
-                    Ok(s) => break (s, false),
-                    Err(e) => return Err(Failed::never_sent(e, req, false)),
-                },
+                // Connecting is rare and its future large: boxed, it does not grow every send's.
+                Admit::Open(slot) => {
+                    match Box::pin(self.connect_h1(dial, slot, connect_timeout)).await {
+                        Ok(s) => break (s, false),
+                        Err(e) => return Err(Failed::never_sent(e, req, false)),
+                    }
+                }
                 Admit::Overloaded(e) => return Err(Failed::never_sent(e, req, false)),
                 Admit::Wait(freed) => {
                     if queued.is_none() {
@@ -533,7 +536,8 @@ impl Pool {
                 match (fresh, failed) {
                     (Some(s), _) => s,
                     (None, Some(e)) => return Err(Failed::never_sent(e, req, false)),
-                    (None, None) => match self.connect_h2(dial, connect_timeout).await {
+                    // Boxed for the same reason as in `send_h1`.
+                    (None, None) => match Box::pin(self.connect_h2(dial, connect_timeout)).await {
                         Ok(s) => s,
                         Err(e) => {
                             self.lock().entry(dial.clone()).or_default().h2_failed =
