@@ -358,8 +358,12 @@ for k in sorted(kinds):
     print(f"{k:<24}{d['count']:>6}{d['failed']:>8}{d['tail']:>17.1f}")
 if soak["failed_list"]:
     print("\nfailed requests (due, caller, method, kind, faults active):")
-    for f in soak["failed_list"][:200]:
-        lost = " (a stream no kill -9 explains)" if f["method"] == "Stream" and not explained(f) else ""
+    # The first 200, and after them every stream failure no kill -9 explains (the losses).
+    for i, f in enumerate(soak["failed_list"]):
+        unexplained = f["method"] == "Stream" and not explained(f)
+        if i >= 200 and not unexplained:
+            continue
+        lost = " (a stream no kill -9 explains)" if unexplained else ""
         print(f"  {int(f['due_unix_ms']) - start:>8} ms  {f['caller']}  {f['method']:<6} {f['kind']:<24} {' '.join(active(int(f['due_unix_ms']), int(f['ended_unix_ms']))) or '-'}{lost}")
 print(f"\ngRPC calls: {soak['grpc']} ({soak['grpc_failed']} failed); long streams: {soak['streams']} ({soak['streams_failed']} failed, "
       f"{soak['streams_failed'] - stream_losses(soak)} of them cut by a kill -9 of a process carrying them; longest {soak['stream_max']:.0f} ms)")

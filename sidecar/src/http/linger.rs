@@ -57,20 +57,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
-    // Passed through so that hyper writes a head and its body in one `writev` rather than
-    // copying the body behind the head first.
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
@@ -125,22 +111,6 @@ mod tests {
         }
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.map(|_| got)
-    }
-
-    #[tokio::test]
-    async fn vectored_writes_pass_through() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        let mut server = Lingering::new(accepted.unwrap().0, Duration::from_millis(200));
-        assert!(server.is_write_vectored());
-        let bufs = [io::IoSlice::new(b"head "), io::IoSlice::new(b"body")];
-        let n = server.write_vectored(&bufs).await.unwrap();
-        assert_eq!(n, 9, "both slices in one write");
-        server.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        client.unwrap().read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"head body");
     }
 
     #[tokio::test]
