@@ -192,11 +192,11 @@ pub async fn run(
         // starts later was held back (by the concurrency cap or a stalled loop) and is timed
         // from when it was due.
         let started = Instant::now();
-        let origin = if started.duration_since(due) <= TIMER_SLACK {
-            started
-        } else {
-            due
-        };
+        let lag = started.saturating_duration_since(due);
+        let late = lag > TIMER_SLACK;
+        let origin = if late { due } else { started };
+        lock(&total).record_start(lag, late);
+        lock(&window).record_start(lag, late);
         tokio::spawn(async move {
             let outcome = match req {
                 Ok(req) => {

@@ -31,8 +31,6 @@ pub struct Stats {
     /// Long streams that failed or were cut (also in `failed`, not in `failed_idempotent`: a
     /// stream whose body the caller has begun to read cannot be sent again).
     pub failed_streams: u64,
-    /// How long each long stream took, head to last byte, in microseconds (long streams are not
-    /// in the latency histograms).
     /// Failures by kind (`sidecar_unavailable`, `mesh:upstream-connect`, `http_500`, …).
     pub failures: BTreeMap<String, u64>,
     /// Which instance answered (from `x-served-by`), when the provider says.
@@ -50,7 +48,15 @@ pub struct Stats {
     /// Answers over the mesh path per 10 ms (by the Unix ms the 10 ms start at): when callers
     /// left the mesh and came back.
     pub mesh_answers: BTreeMap<u64, u64>,
+    /// How long each long stream took, head to last byte, in microseconds (long streams are not
+    /// in the latency histograms).
     pub stream_us: Histogram<u64>,
+    /// How late each request started after it was due, in microseconds: the load generator's
+    /// own lag (its timer, its scheduling, the concurrency cap).
+    pub start_lag_us: Histogram<u64>,
+    /// Requests that started more than the timer's slack after they were due: their latency
+    /// counts from when they were due, the lag included.
+    pub late_starts: u64,
     /// Latency in microseconds, from when each request was due (long streams apart).
     pub latency_us: Histogram<u64>,
     /// The same, of idempotent requests only (GET, PUT).
@@ -105,6 +111,8 @@ impl Default for Stats {
             streams: 0,
             failed_streams: 0,
             stream_us: histogram(),
+            start_lag_us: histogram(),
+            late_starts: 0,
             failures: BTreeMap::new(),
             served_by: BTreeMap::new(),
             served_last_unix_ms: BTreeMap::new(),
@@ -160,7 +168,7 @@ impl Stats {
     /// The `load: …` summary line.
     pub fn summary(&self, prefix: &str) -> String {
         format!(
-            "{prefix}: sent={} ok={} failed={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2}",
+            "{prefix}: sent={} ok={} failed={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} late_starts={}",
             self.sent,
             self.ok,
             self.failed,
@@ -169,11 +177,12 @@ impl Stats {
             self.ms(0.99),
             self.ms(0.999),
             self.latency_us.max() as f64 / 1000.0,
+            self.late_starts,
         )
     }
 
-    /// Latency by idempotency: `latency: p99_idem_ms=… max_idem_ms=… p99_non_idem_ms=…
-    /// max_non_idem_ms=…`.
+    /// Latency by idempotency, and the load generator's own start lag: `latency: p99_idem_ms=…
+    /// max_idem_ms=… p99_non_idem_ms=… max_non_idem_ms=… p99_start_lag_ms=… max_start_lag_ms=…`.
     pub fn latency_line(&self) -> String {
         let q = |h: &Histogram<u64>, q: f64| {
             if h.is_empty() {
@@ -184,11 +193,13 @@ impl Stats {
         };
         let max = |h: &Histogram<u64>| h.max() as f64 / 1000.0;
         format!(
-            "latency: p99_idem_ms={:.2} max_idem_ms={:.2} p99_non_idem_ms={:.2} max_non_idem_ms={:.2}",
+            "latency: p99_idem_ms={:.2} max_idem_ms={:.2} p99_non_idem_ms={:.2} max_non_idem_ms={:.2} p99_start_lag_ms={:.2} max_start_lag_ms={:.2}",
             q(&self.latency_idem_us, 0.99),
             max(&self.latency_idem_us),
             q(&self.latency_non_idem_us, 0.99),
             max(&self.latency_non_idem_us),
+            q(&self.start_lag_us, 0.99),
+            max(&self.start_lag_us),
         )
     }
 
@@ -260,6 +271,12 @@ impl Stats {
             self.failed_idempotent,
             self.unknown_outcome
         )
+    }
+
+    /// Counts how late one request started after it was due; `late`: past the timer's slack.
+    pub(crate) fn record_start(&mut self, lag: Duration, late: bool) {
+        let _ = self.start_lag_us.record((lag.as_micros() as u64).max(1));
+        self.late_starts += u64::from(late);
     }
 
     pub(crate) fn record(&mut self, outcome: &Outcome, kind: MethodKind, latency: Duration) {
@@ -390,6 +407,27 @@ mod tests {
             "{}",
             s.kinds_line()
         );
+    }
+
+    #[test]
+    fn the_generators_own_lag_is_counted_apart() {
+        let mut s = Stats::default();
+        s.record_start(Duration::from_micros(300), false);
+        s.record_start(Duration::from_micros(700), false);
+        s.record_start(Duration::from_millis(5), true);
+        assert_eq!(s.late_starts, 1);
+        assert!(
+            s.summary("t=1s").ends_with(" late_starts=1"),
+            "{}",
+            s.summary("t=1s")
+        );
+        let line = s.latency_line();
+        assert!(
+            line.ends_with("p99_start_lag_ms=5.00 max_start_lag_ms=5.00"),
+            "{line}"
+        );
+        // A start lag is no request: sent and the latencies stay as they were.
+        assert_eq!((s.sent, s.latency_us.len()), (0, 0));
     }
 
     #[test]
