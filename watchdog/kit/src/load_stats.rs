@@ -54,8 +54,8 @@ pub struct Stats {
     /// How late each request started after it was due, in microseconds: the load generator's
     /// own lag (its timer, its scheduling, the concurrency cap).
     pub start_lag_us: Histogram<u64>,
-    /// Requests that started more than the timer's slack after they were due: their latency
-    /// counts from when they were due, the lag included.
+    /// Requests that started more than the timer's slack (5 ms) after they were due: their
+    /// latency counts from when they were due, the lag included.
     pub late_starts: u64,
     /// Latency in microseconds, from when each request was due (long streams apart).
     pub latency_us: Histogram<u64>,
