@@ -79,15 +79,16 @@ ctl_retry() {
   echo "soak: $what refused for 60 s" >&2; return 1
 }
 
-# load PHASE SECONDS: one load per caller host, in the background; pids in LOADS.
+# load PHASE SECONDS [ARGS…]: one load per caller host, in the background; pids in LOADS.
 load() {
   local phase=$1 secs=$2 h proto
+  shift 2
   LOADS=()
   for h in "${CALLERS[@]}"; do
     proto=http1; [ "$h" = hc ] && proto=http2
     "$BIN/detourctl" load --sidecar "unix:$TMP/$h/outbound.sock" --service hello \
       --rate $(( RATE / 2 )) --duration "$secs" --method SOAK --body-bytes 256 --protocol "$proto" \
-      --concurrency 8192 --timeout-ms 20000 --progress >"$TMP/$phase-$h.out" 2>"$TMP/$phase-$h.err" &
+      --concurrency 8192 --timeout-ms 20000 --progress "$@" >"$TMP/$phase-$h.out" 2>"$TMP/$phase-$h.err" &
     LOADS+=($!); EXTRA_PIDS+=($!)
   done
 }
@@ -251,9 +252,20 @@ fault() {
 }
 
 echo "soak: ${SOAK}s with faults" >&2
+# Every request of the soak over the p99 target (twice the baseline's p99, of the slower
+# caller) is listed, so the report can say which faults make the tail.
+SLOW_MS=$(cat "$TMP"/baseline-*.out | python3 -c '
+import sys
+p99 = [float(kv[7:]) for l in sys.stdin if l.startswith("load:") for kv in l.split() if kv.startswith("p99_ms=")]
+print(f"{2 * max(p99):.3f}" if p99 and max(p99) > 0 else "")')
 : >"$TMP/faults.log"
 SOAK_START=$(now_ms)
-load soak "$SOAK"
+if [ -n "$SLOW_MS" ]; then
+  echo "$SLOW_MS" >"$TMP/slow_ms"
+  load soak "$SOAK" --list-slow-ms "$SLOW_MS"
+else
+  load soak "$SOAK"
+fi
 while read -r at kind target hold; do
   now=$(( $(now_ms) - SOAK_START ))
   [ "$at" -gt "$now" ] && sleep "$(awk -v d=$(( at - now )) 'BEGIN { printf "%.3f", d / 1000 }')"

@@ -23,6 +23,7 @@ pub fn spec(rate: u32, secs: u64) -> LoadSpec {
         concurrency: 4096,
         path: "/".into(),
         timeout: Duration::from_secs(20),
+        slow: None,
     }
 }
 

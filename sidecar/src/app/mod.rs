@@ -240,14 +240,18 @@ async fn open(
     if !successor {
         publish_status(&*registry, cfg, bound, SidecarState::Starting).await?;
     }
+    // One process at a time has the disk cache: a successor takes it once its predecessor has
+    // gone (`take_cache_when_gone`).
+    let cache = match (successor, cfg.catalog_cache.clone()) {
+        (false, Some(path)) => tokio::task::spawn_blocking(move || DiskCache::open(&path))
+            .await
+            .ok()
+            .flatten(),
+        _ => None,
+    };
     let catalog_opts = CatalogOptions {
         policy: Arc::new(cfg.protection.clone()),
-        // sled allows one process per cache: a successor takes it once its predecessor has
-        // gone (`take_cache_when_gone`).
-        cache: match successor {
-            true => None,
-            false => cfg.catalog_cache.as_deref().and_then(DiskCache::open),
-        },
+        cache,
         ..CatalogOptions::default()
     };
     let catalog = Arc::new(Catalog::with_options(registry.clone(), catalog_opts));
@@ -335,9 +339,10 @@ pub async fn open_registry(cfg: &Config) -> Result<Arc<dyn Registry>, RegistryEr
 async fn take_cache_when_gone(p: Predecessor, catalog: Arc<Catalog>, path: Option<PathBuf>) {
     p.gone().await;
     tracing::info!("the predecessor is gone");
-    if let Some(path) = path
-        && let Some(cache) = DiskCache::open(&path)
-    {
+    let Some(path) = path else { return };
+    // Opening checks the file and may wait out the predecessor's lock (its process can still
+    // be exiting): off the runtime's thread, which serves every request meanwhile.
+    if let Ok(Some(cache)) = tokio::task::spawn_blocking(move || DiskCache::open(&path)).await {
         catalog.attach_cache(cache);
     }
 }

@@ -110,6 +110,7 @@ pub async fn run(
         concurrency: 256,
         path: "/".into(),
         timeout: Duration::from_secs(5),
+        slow: None,
     };
     let stats = load::run(&spec, &Target::Sdk(client), print_tick, stop).await;
     for w in &hosts {

@@ -24,7 +24,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::load_stats::Outcome;
-pub use crate::load_stats::{FailedRequest, MAX_LISTED_FAILURES, Stats};
+pub use crate::load_stats::{
+    FailedRequest, MAX_LISTED_FAILURES, MAX_LISTED_SLOW, SlowRequest, Stats,
+};
 use crate::provider::{GRPC_STATUS, SERVED_BY};
 
 /// The chunks of a long stream.
@@ -145,6 +147,8 @@ pub struct LoadSpec {
     pub path: String,
     /// Time allowed per request (head and body).
     pub timeout: Duration,
+    /// List every answered request slower than this, one by one (`None`: list none).
+    pub slow: Option<Duration>,
 }
 
 /// Runs `spec` against `target`; `tick` is called about once a second with that second's
@@ -192,7 +196,8 @@ pub async fn run(
         let kind = spec.methods.kind(i);
         let req = build(kind, &spec.path, &body);
         let (target, service, pool) = (target.clone(), spec.service.clone(), pool.clone());
-        let (total, window, timeout) = (total.clone(), window.clone(), spec.timeout);
+        let (total, window, timeout, slow) =
+            (total.clone(), window.clone(), spec.timeout, spec.slow);
         // Open loop without timer noise: a request that starts within TIMER_SLACK of its due
         // time is timed from its start (tokio's timer has millisecond granularity); one that
         // starts later was held back (by the concurrency cap or a stalled loop) and is timed
@@ -216,6 +221,7 @@ pub async fn run(
             };
             let latency = origin.elapsed();
             record(&total, &window, &outcome, kind, latency);
+            list_slow(&total, slow, &outcome, kind, latency);
             drop(permit);
         });
         i += 1;
@@ -246,6 +252,31 @@ fn record(
     }
     lock(total).record(outcome, kind, latency);
     lock(window).record(outcome, kind, latency);
+}
+
+/// Lists one answered request that took longer than `slow` (long streams, which take seconds by
+/// design, apart), up to [`MAX_LISTED_SLOW`].
+fn list_slow(
+    total: &Mutex<Stats>,
+    slow: Option<Duration>,
+    outcome: &Outcome,
+    kind: MethodKind,
+    latency: Duration,
+) {
+    let over = slow.is_some_and(|s| latency > s);
+    if !over || outcome.failure.is_some() || kind == MethodKind::Stream {
+        return;
+    }
+    let mut t = lock(total);
+    if t.slow_requests.len() < MAX_LISTED_SLOW {
+        let ended = detour_registry::now_unix_ms();
+        t.slow_requests.push(SlowRequest {
+            due_unix_ms: ended.saturating_sub(latency.as_millis() as u64),
+            latency_us: latency.as_micros() as u64,
+            method: kind,
+            path: outcome.path.map_or("-", PathTaken::as_str),
+        });
+    }
 }
 
 async fn finish(total: Arc<Mutex<Stats>>, sem: Arc<Semaphore>, spec: &LoadSpec) -> Stats {
@@ -426,6 +457,41 @@ mod tests {
             Some("grpc_status_14")
         );
         assert_eq!(grpc_failure(None).as_deref(), Some("grpc_no_status"));
+    }
+
+    #[test]
+    fn only_answered_requests_over_the_threshold_are_listed_as_slow() {
+        let total = Mutex::new(Stats::default());
+        let ok = Outcome {
+            path: Some(PathTaken::CaDirect),
+            ..Outcome::default()
+        };
+        let ms = Duration::from_millis;
+        let two = Some(ms(2));
+        list_slow(&total, two, &ok, MethodKind::Get, ms(3));
+        list_slow(&total, two, &ok, MethodKind::Post, ms(2));
+        list_slow(
+            &total,
+            two,
+            &Outcome::failed("timeout"),
+            MethodKind::Get,
+            ms(9),
+        );
+        list_slow(&total, two, &ok, MethodKind::Stream, ms(2000));
+        list_slow(&total, None, &ok, MethodKind::Get, ms(9));
+        let listed = lock(&total).slow_requests.clone();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(
+            (listed[0].latency_us, listed[0].method),
+            (3000, MethodKind::Get)
+        );
+        assert!(
+            listed[0]
+                .line()
+                .ends_with("latency_us=3000 method=Get path=ca_direct"),
+            "{}",
+            listed[0].line()
+        );
     }
 
     /// A provider that answers a stream with `body` (chunked) and then closes, cleanly or not.

@@ -65,10 +65,41 @@ pub struct Stats {
     pub latency_non_idem_us: Histogram<u64>,
     /// The first [`MAX_LISTED_FAILURES`] failed requests, one by one.
     pub failed_requests: Vec<FailedRequest>,
+    /// The first [`MAX_LISTED_SLOW`] answered requests slower than [`LoadSpec::slow`]
+    /// (long streams apart), one by one.
+    ///
+    /// [`LoadSpec::slow`]: crate::load::LoadSpec::slow
+    pub slow_requests: Vec<SlowRequest>,
 }
 
 /// Failed requests listed one by one at most (the counts cover all of them).
 pub const MAX_LISTED_FAILURES: usize = 100_000;
+
+/// Slow requests listed one by one at most (about 4 MB).
+pub const MAX_LISTED_SLOW: usize = 100_000;
+
+/// One answered request slower than the threshold asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlowRequest {
+    /// When it was due (ms since the epoch).
+    pub due_unix_ms: u64,
+    /// How long it took, from its start (or from when it was due, for a late start).
+    pub latency_us: u64,
+    /// Its method.
+    pub method: MethodKind,
+    /// The path its answer came over (`mesh`, `ca_direct`, `direct`; `-` when not told).
+    pub path: &'static str,
+}
+
+impl SlowRequest {
+    /// `slow: due_unix_ms=… latency_us=… method=… path=…`
+    pub fn line(&self) -> String {
+        format!(
+            "slow: due_unix_ms={} latency_us={} method={:?} path={}",
+            self.due_unix_ms, self.latency_us, self.method, self.path
+        )
+    }
+}
 
 /// One failed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +156,7 @@ impl Default for Stats {
             latency_idem_us: histogram(),
             latency_non_idem_us: histogram(),
             failed_requests: Vec::new(),
+            slow_requests: Vec::new(),
         }
     }
 }

@@ -264,6 +264,20 @@ struct LoadArgs {
     /// NAME=COUNT@LAST_UNIX_MS …`).
     #[arg(long)]
     progress: bool,
+    /// List every answered request slower than this many milliseconds, one `slow:` line each
+    /// (long streams apart; at most 100,000).
+    #[arg(long, value_parser = slow_ms)]
+    list_slow_ms: Option<f64>,
+}
+
+/// `--list-slow-ms`: a finite, positive number of milliseconds.
+fn slow_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 3_600_000.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?}: expected milliseconds, more than 0 and under an hour"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
@@ -510,6 +524,9 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         concurrency: args.concurrency,
         path: args.path.clone(),
         timeout: Duration::from_millis(args.timeout_ms),
+        slow: args
+            .list_slow_ms
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0)),
     };
     let progress = args.progress;
     let stats = load::run(
@@ -538,6 +555,9 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
     println!("{}", stats.failure_line());
     for f in &stats.failed_requests {
         println!("{}", f.line());
+    }
+    for s in &stats.slow_requests {
+        println!("{}", s.line());
     }
     Ok(exit_for(&stats))
 }
