@@ -202,6 +202,12 @@ impl Catalog {
         }
     }
 
+    /// Whether the catalog writes its sets to a disk cache (a successor's only once its
+    /// predecessor let the cache go).
+    pub fn has_disk_cache(&self) -> bool {
+        self.writer.get().is_some()
+    }
+
     /// The registry this catalog watches.
     pub fn registry(&self) -> &Arc<dyn Registry> {
         &self.registry

@@ -125,7 +125,7 @@ impl Sidecar {
                 tracing::warn!(error = %e, "could not tell the predecessor; it may serve on");
             }
             serving.tasks.push(tokio::spawn(take_cache_when_gone(
-                p,
+                p.gone(),
                 opened.catalog.clone(),
                 cfg.catalog_cache.clone(),
             )));
@@ -336,8 +336,12 @@ pub async fn open_registry(cfg: &Config) -> Result<Arc<dyn Registry>, RegistryEr
 
 /// Once the predecessor has exited (it held the catalog's disk cache), opens the cache and
 /// gives it to the catalog.
-async fn take_cache_when_gone(p: Predecessor, catalog: Arc<Catalog>, path: Option<PathBuf>) {
-    p.gone().await;
+async fn take_cache_when_gone(
+    gone: impl std::future::Future<Output = ()>,
+    catalog: Arc<Catalog>,
+    path: Option<PathBuf>,
+) {
+    gone.await;
     tracing::info!("the predecessor is gone");
     let Some(path) = path else { return };
     // Opening checks the file and may wait out the predecessor's lock (its process can still
@@ -385,4 +389,41 @@ fn write_address_file(run_dir: &Path, bound: &SidecarAddresses) -> std::io::Resu
         &serde_json::to_vec_pretty(bound)?,
         0o644,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detour_registry::memory::MemoryRegistry;
+
+    /// The predecessor can still hold the disk cache's lock when its hand-over connection
+    /// closes: the successor's open waits for it, and every request it serves meanwhile runs on
+    /// the same one thread. Here the lock is released only by a task of that thread: an open
+    /// that blocked the thread would wait for it in vain and give up.
+    #[test]
+    fn a_successor_waits_for_the_disk_cache_without_holding_its_thread() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.redb");
+        let held = DiskCache::open(&path).expect("the predecessor's cache");
+        rt.block_on(async {
+            let catalog = Arc::new(Catalog::new(Arc::new(MemoryRegistry::new())));
+            let take = tokio::spawn(take_cache_when_gone(
+                std::future::ready(()),
+                catalog.clone(),
+                Some(path.clone()),
+            ));
+            // The predecessor's process exits a moment after its connection closed.
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            drop(held);
+            take.await.expect("the task ends");
+            assert!(
+                catalog.has_disk_cache(),
+                "the successor took the cache over"
+            );
+        });
+    }
 }
