@@ -171,8 +171,19 @@ else
   echo "soak: delay and loss on a host's address: skipped (not built: no netem fault kind yet)" >&2
 fi
 
-sidecar_of() { watched_sidecar_pid "$1" 2>/dev/null || true; }
-watchdog_of() { json_field "$TMP/$1/watchdog.json" pid 2>/dev/null || true; }
+# pid_in FILE: the "pid" field of a JSON file the mesh wrote, read by bash itself. A fault's
+# target is looked up at the fault's moment, and a python3 started then took a core from the
+# mesh: the requests due in the 150 ms before each sidecar kill -9 were slowed by it
+# (docs/availability.md).
+pid_in() {
+  local text re='"pid"[[:space:]]*:[[:space:]]*([0-9]+)'
+  [ -r "$1" ] || return 0
+  text=$(<"$1")
+  if [[ $text =~ $re ]]; then echo "${BASH_REMATCH[1]}"; fi
+  return 0
+}
+sidecar_of() { pid_in "$TMP/$1/sidecar.pid"; }
+watchdog_of() { pid_in "$TMP/$1/watchdog.json"; }
 etcd_of() { pgrep -f -- "--name e$1 --data-dir $TMP/etcd-e$1" || true; }
 ip_of() { case "$1" in h1) echo 127.0.0.1 ;; hc) echo 127.0.0.30 ;; h*) echo "127.0.0.${1#h}" ;; esac; }
 note() { echo "$(now_ms) $*" >>"$TMP/faults.log"; }
