@@ -9,7 +9,7 @@ use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 
-use crate::body::{BoxBody, full};
+use crate::body::{BoxBody, CallerBodyFault, full};
 use crate::decide::RequestKind;
 use crate::transport::ConnectTimeout;
 
@@ -64,16 +64,31 @@ pub struct Held {
     req: Option<Request<BoxBody>>,
     replay: Option<Replay>,
     idempotent: bool,
+    /// Set when the caller's own body failed as it streamed ([`crate::body::watched`]).
+    body_fault: Option<CallerBodyFault>,
 }
 
 impl Held {
-    /// `req` (prepared by [`prepare`], which gave `replay`).
-    pub fn new(req: Request<BoxBody>, replay: Option<Replay>, idempotent: bool) -> Self {
+    /// `req` (prepared by [`prepare`], which gave `replay`); `body_fault` watches its body
+    /// when it streams from the caller.
+    pub fn new(
+        req: Request<BoxBody>,
+        replay: Option<Replay>,
+        idempotent: bool,
+        body_fault: Option<CallerBodyFault>,
+    ) -> Self {
         Self {
             req: Some(req),
             replay,
             idempotent,
+            body_fault,
         }
+    }
+
+    /// The watch on the caller's own body, when it streams: if it failed while an attempt sent
+    /// it, the attempt's failure is the caller's, whatever the upstream made of it.
+    pub fn body_fault(&self) -> Option<&CallerBodyFault> {
+        self.body_fault.as_ref()
     }
 
     /// The request for the next attempt: the original if still held, else a fresh copy.

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use detour_core::body::BoxBody;
+use detour_core::body::{BoxBody, CallerBodyFault, watched};
 use detour_core::decide::{Alternatives, Failure, Next, Outcome, Part, decide};
 use detour_core::failure::{Blame, Delivery, strip_mesh_headers};
 use detour_core::link::{Event, LinkState, Reason};
@@ -104,6 +104,10 @@ impl Client {
     ) -> Result<Response<BoxBody>, Error> {
         let direct_allowed = self.inner.control.is_some();
         let idempotent = is_idempotent(&req);
+        // The app's own body failing as it streams is the app's doing: no path is blamed.
+        let (parts, body) = req.into_parts();
+        let (body, body_fault) = watched(body);
+        let req = Request::from_parts(parts, body);
         let (req, replay) = if direct_allowed {
             prepare(req, self.inner.max_replay, self.inner.timeout)
                 .await
@@ -117,7 +121,7 @@ impl Client {
         let mut call = Call {
             service,
             protocol,
-            held: Held::new(req, replay, idempotent),
+            held: Held::new(req, replay, idempotent, body_fault),
             direct_allowed,
             mesh_tried: false,
             direct: None,
@@ -257,6 +261,9 @@ impl Client {
                 Outcome::of_mesh_error(kind)
             }
             Err(failed) => {
+                if let Some(step) = body_failed(call) {
+                    return step;
+                }
                 let reason = match failed.error {
                     TransportError::Refused { .. } => Reason::DrainAnnounced,
                     _ => Reason::ConnectFailed,
@@ -349,6 +356,9 @@ impl Client {
             Err(f) => f,
         };
         attempt.fail(|| failed.error.to_string());
+        if let Some(step) = body_failed(call) {
+            return step;
+        }
         let outcome = failed.outcome(Part::Provider);
         if matches!(outcome, Outcome::NeverReached(_)) {
             self.inner.direct.refused(ep.app_address);
@@ -440,6 +450,16 @@ impl Client {
             },
         }
     }
+}
+
+/// The end of a call whose attempt failed because the app's own request body failed while it
+/// was sent: the call's error, with neither the sidecar nor the provider blamed (no link
+/// event, no provider passed over) and nothing sent again.
+fn body_failed(call: &Call<'_>) -> Option<Step> {
+    let why = call.held.body_fault().and_then(CallerBodyFault::get)?;
+    Some(Step::Invalid(Error::InvalidRequest(format!(
+        "reading the request body: {why}"
+    ))))
 }
 
 /// Whether a sidecar's response is an answer to keep (no mesh error, or one the request caused).

@@ -8,7 +8,9 @@ use detour_proto::ServiceName;
 /// Why a call failed before the application got a response.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The request could not be built into something the mesh can carry.
+    /// The request could not be built into something the mesh can carry, or its body (the
+    /// app's own stream) failed as it was sent: nothing was sent again, and neither the sidecar
+    /// nor any provider was taken for sick.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// The local sidecar could not be reached; the request never left, so a retry is safe.

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use detour_core::body::CallerBodyFault;
 use detour_core::decide::{Outcome, Part};
 use detour_core::failure::MeshErrorKind;
 use detour_core::transport::{Target, TransportError, to_target};
@@ -59,17 +60,50 @@ fn warn_untrusted(target: &Dial, reason: &str) {
     }
 }
 
-/// Sends `req` to `dial` over `protocol` with `target` as its target; `part` says what the
-/// upstream is (a sidecar or a provider).
+/// The failure of an attempt whose request body failed on the caller's side (`why`) while it
+/// was sent: the caller's doing, whatever the upstream made of the broken stream. The answer is
+/// final (nothing goes elsewhere), and no link, outlier or health state hears of it.
+fn caller_body_failed(why: &str) -> AttemptFailed {
+    AttemptFailed {
+        outcome: Outcome::Answered,
+        request: None,
+        refused: false,
+        error: MeshError::new(
+            MeshErrorKind::MalformedRequest,
+            format!("reading the request body: {why}"),
+        ),
+    }
+}
+
+/// Where an attempt goes: `dial`, from `pool`, over `protocol`, with `target` as the request's
+/// target.
+pub struct Upstream<'a> {
+    /// The pool of connections to it.
+    pub pool: &'a Arc<Pool>,
+    /// Its address.
+    pub dial: &'a Dial,
+    /// What it speaks.
+    pub protocol: AppProtocol,
+    /// The service's name as it gets it.
+    pub target: &'a Target,
+}
+
+/// Sends `req` to `to`; `part` says what the upstream is (a sidecar or a provider);
+/// `caller_body` watches the body the caller streams.
 pub async fn attempt(
-    pool: &Arc<Pool>,
-    dial: &Dial,
-    protocol: AppProtocol,
-    target: &Target,
+    to: Upstream<'_>,
     req: Request<BoxBody>,
     timeout: Duration,
     part: Part,
+    caller_body: Option<&CallerBodyFault>,
 ) -> Result<Response<BoxBody>, AttemptFailed> {
+    let Upstream {
+        pool,
+        dial,
+        protocol,
+        target,
+    } = to;
+    let body_failed = || caller_body.and_then(CallerBodyFault::get);
     let req = to_target(target, protocol, req).map_err(|e| AttemptFailed {
         outcome: Outcome::Answered,
         request: None,
@@ -77,6 +111,7 @@ pub async fn attempt(
         error: MeshError::new(MeshErrorKind::MalformedRequest, e.to_string()),
     })?;
     match tokio::time::timeout(timeout, pool.send(dial, protocol, req)).await {
+        Err(_) if let Some(why) = body_failed() => Err(caller_body_failed(why)),
         Err(_) => Err(AttemptFailed {
             outcome: Outcome::TimedOut,
             request: None,
@@ -104,6 +139,9 @@ pub async fn attempt(
                         format!("{target}: {reason}"),
                     ),
                 });
+            }
+            if let Some(why) = body_failed() {
+                return Err(caller_body_failed(why));
             }
             let outcome = failed.outcome(part);
             let kind = match outcome {

@@ -69,8 +69,9 @@ pub fn head_size(parts: &Parts) -> usize {
 }
 
 /// The service a request names, after its head passed the size limit (`max_header_bytes`):
-/// `header-too-large`, or `malformed-request` when it names none that is valid. Records the
-/// name in the current span's `service` field.
+/// `header-too-large`, or `malformed-request` when it names none that is valid or is a
+/// `CONNECT` (a tunnel, which the mesh does not carry). Records the name in the current span's
+/// `service` field.
 pub fn service_of(
     parts: &Parts,
     max_header_bytes: usize,
@@ -85,6 +86,12 @@ pub fn service_of(
         ));
     }
     let malformed = |detail: String| MeshError::new(MeshErrorKind::MalformedRequest, detail);
+    if parts.method == http::Method::CONNECT {
+        // A tunnel is no request to route: no service answers it, and the upstream would only
+        // see a broken exchange (taken for a sick link or provider).
+        let why = "CONNECT is not supported: the mesh carries requests, not tunnels";
+        return Err(malformed(why.into()));
+    }
     let name = target(parts).map_err(|e| malformed(e.into()))?;
     let service = detour_proto::ServiceName::new(name).map_err(|e| malformed(e.to_string()))?;
     tracing::Span::current().record("service", service.as_str());
@@ -165,6 +172,19 @@ mod tests {
         assert_eq!(authority(&p), Some("echo"));
         let p = parts(http::Request::get("/x").body(()).unwrap());
         assert_eq!(authority(&p), None);
+    }
+
+    #[test]
+    fn a_connect_names_no_service() {
+        let p = parts(
+            http::Request::connect("hello:80")
+                .header("host", "hello:80")
+                .body(())
+                .unwrap(),
+        );
+        let e = service_of(&p, 64 * 1024).unwrap_err();
+        assert_eq!(e.kind, detour_core::MeshErrorKind::MalformedRequest);
+        assert!(e.to_string().contains("CONNECT is not supported"), "{e}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::time::Instant;
 
-use detour_core::body::boxed;
+use detour_core::body::watched;
 use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
 use detour_core::failure::{CALLER_NAME, MeshErrorKind, strip_mesh_headers};
 use detour_core::replay::is_idempotent;
@@ -33,7 +33,7 @@ use tracing::Instrument;
 
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::{Config, Provide};
-use crate::http::forward::{AttemptFailed, attempt, not_a_target};
+use crate::http::forward::{AttemptFailed, Upstream, attempt, not_a_target};
 use crate::http::headers::{authority, service_of, strip_hop_by_hop};
 use crate::http::respond::{MeshError, is_grpc};
 use crate::http::server::{Caller, Handler, ping_response};
@@ -266,7 +266,8 @@ impl Inbound {
         let caller = caller.map(|c| &c.0);
         let share = self.share_of(&parts).await?;
         let caller_value = caller.and_then(|c| HeaderValue::from_str(c.as_str()).ok());
-        let mut req = to_provider(Request::from_parts(parts, boxed(body)), caller_value);
+        let (body, body_fault) = watched(body);
+        let mut req = to_provider(Request::from_parts(parts, body), caller_value);
         let idempotent = is_idempotent(&req);
         let mut try_span = hop.child("attempt", SpanKind::Client);
         try_span.inject(req.headers_mut());
@@ -278,17 +279,13 @@ impl Inbound {
         let dial = Dial::Tcp(provider.address);
         let timeout = self.cfg.request_timeout;
         let proto = provider.protocol;
-        let failed = match attempt(
-            &self.pool,
-            &dial,
-            proto,
+        let to = Upstream {
+            pool: &self.pool,
+            dial: &dial,
+            protocol: proto,
             target,
-            req,
-            timeout,
-            Part::Provider,
-        )
-        .await
-        {
+        };
+        let failed = match attempt(to, req, timeout, Part::Provider, body_fault.as_ref()).await {
             Ok(mut resp) => {
                 strip_mesh_headers(resp.headers_mut());
                 return Ok(match share {

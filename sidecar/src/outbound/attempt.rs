@@ -17,7 +17,7 @@ use http::Response;
 use tracing::Instrument;
 
 use super::Outbound;
-use crate::http::forward::{AttemptFailed, attempt};
+use crate::http::forward::{AttemptFailed, Upstream, attempt};
 use crate::http::respond::MeshError;
 
 /// An attempt's answer and the path it took, or why it failed.
@@ -66,9 +66,13 @@ impl Outbound {
         let mut req = flight.take().ok_or_else(|| consumed(ep))?;
         trace.inject(req.headers_mut());
         let dial = Dial::Tcp(pa);
-        let proto = self.cfg.pa_protocol;
-        let pool = &self.pools.pas;
-        let sent = attempt(pool, &dial, proto, t.target, req, t.timeout, Part::Sidecar);
+        let to = Upstream {
+            pool: &self.pools.pas,
+            dial: &dial,
+            protocol: self.cfg.pa_protocol,
+            target: t.target,
+        };
+        let sent = attempt(to, req, t.timeout, Part::Sidecar, flight.body_fault());
         let result = if t.direct_ok && flight.idempotent() && flight.has_copy() {
             // A PA the link gives up on (hung: probes time out) holds no idempotent request:
             // it is abandoned there and sent straight to the provider.
@@ -122,16 +126,13 @@ impl Outbound {
         let mut req = flight.take().ok_or_else(|| consumed(ep))?;
         trace.inject(req.headers_mut());
         let dial = Dial::Tcp(ep.app_address);
-        let pool = &self.pools.providers;
-        let sent = attempt(
-            pool,
-            &dial,
-            ep.protocol,
-            t.target,
-            req,
-            t.timeout,
-            Part::Provider,
-        );
+        let to = Upstream {
+            pool: &self.pools.providers,
+            dial: &dial,
+            protocol: ep.protocol,
+            target: t.target,
+        };
+        let sent = attempt(to, req, t.timeout, Part::Provider, flight.body_fault());
         match sent.await {
             Ok(mut resp) => {
                 strip_mesh_headers(resp.headers_mut());

@@ -35,7 +35,7 @@ use detour_proto::sync::Mutex;
 use std::sync::Arc;
 use tokio::time::Instant;
 
-use detour_core::body::{boxed, with_guard};
+use detour_core::body::{boxed, watched, with_guard};
 use detour_core::failure::{MeshErrorKind, PATH_NAME, strip_mesh_headers};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
 use detour_core::route::RequestView;
@@ -235,7 +235,10 @@ impl Outbound {
                 }
                 Err(f) => f,
             };
-            balancer.record_failure(&in_flight);
+            // The caller's own broken body says nothing of the endpoint.
+            if flight.body_fault().and_then(|f| f.get()).is_none() {
+                balancer.record_failure(&in_flight);
+            }
             let options = retry::Options {
                 around_pa: via_pa && t.direct_ok,
                 other_endpoint: tried.len() + 1 < set.endpoints.len(),
@@ -305,7 +308,8 @@ impl Outbound {
         body: Incoming,
         policy: &ServicePolicy,
     ) -> Result<Held, MeshError> {
-        let mut req = Request::from_parts(parts, boxed(body));
+        let (body, body_fault) = watched(body);
+        let mut req = Request::from_parts(parts, body);
         strip_hop_by_hop(req.headers_mut());
         strip_mesh_headers(req.headers_mut());
         if policy.connect_timeout != self.cfg.connect_timeout {
@@ -323,7 +327,7 @@ impl Outbound {
                     MeshError::new(MeshErrorKind::MalformedRequest, e.to_string())
                 }
             })?;
-        Ok(Held::new(req, replay, idempotent))
+        Ok(Held::new(req, replay, idempotent, body_fault))
     }
 
     /// Whether this request to `ep` goes through its PA (the link to its host decides).

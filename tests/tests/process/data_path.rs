@@ -256,6 +256,97 @@ async fn malformed_and_oversized_requests_get_clear_errors_and_break_nothing() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// A body that yields one chunk and then fails, as an app's upload source that breaks.
+struct BreaksAfterOneChunk(bool);
+
+impl http_body::Body for BreaksAfterOneChunk {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        let first = !std::mem::replace(&mut self.0, true);
+        std::task::Poll::Ready(Some(match first {
+            true => Ok(http_body::Frame::data(Bytes::from_static(b"part"))),
+            false => Err(std::io::Error::other("the upload source broke")),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_caller_whose_body_breaks_or_who_asks_for_a_tunnel_is_answered_and_nothing_is_blamed() {
+    let (mesh, provider) = caller_and_provider("").await;
+    let addr = mesh.sidecar("h1").addrs.outbound_tcp.unwrap();
+    let client = mesh.client("h1", AppProtocol::Http1);
+    assert_eq!(get(&client, "hello", "/").await.status(), StatusCode::OK);
+    let admin = mesh.admin("h1");
+    let blamed = || async {
+        let links = detour_tests::metric(&admin, "detour_link_transitions_total", "").await;
+        let ejected = detour_tests::metric(&admin, "detour_outlier_ejections_total", "").await;
+        (links.unwrap_or(0.0), ejected.unwrap_or(0.0))
+    };
+    assert_eq!(blamed().await, (0.0, 0.0));
+
+    // A chunked body whose framing breaks: it streams (its size is unknown), so it is found
+    // broken only once on its way to the PA. Before, the PA took the blame (the link to h2
+    // went straight to the provider).
+    let out = raw_exchange(
+        addr,
+        b"POST / HTTP/1.1\r\nhost: hello\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("x-detour-error: malformed-request"), "{out}");
+    assert!(out.contains("reading the request body"), "{out}");
+
+    // A caller that goes away in the middle of a large upload (it streams: over 64 KiB).
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = b"POST /upload HTTP/1.1\r\nhost: hello\r\ncontent-length: 1000000\r\n\r\n";
+    s.write_all(head).await.unwrap();
+    s.write_all(&[0x5a; 200_000]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the CA ends the exchange");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
+
+    // A tunnel is no request to route.
+    let out = raw_exchange(
+        addr,
+        b"CONNECT hello:80 HTTP/1.1\r\nhost: hello:80\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("CONNECT is not supported"), "{out}");
+
+    // The SDK: the app's own body breaks on its way through the sidecar.
+    let req = Request::post("/upload")
+        .body(BreaksAfterOneChunk(false))
+        .unwrap();
+    match client.send(&svc("hello"), req).await {
+        Err(detour_thin_sdk::Error::InvalidRequest(why)) => {
+            assert!(why.contains("the upload source broke"), "{why}")
+        }
+        other => panic!("expected the app's own body error, got {other:?}"),
+    }
+    assert_eq!(client.link_state(), detour_thin_sdk::LinkState::Primary);
+
+    // Nothing was blamed: no link left the mesh path, no endpoint was ejected, and the next
+    // requests go the way they went before.
+    assert_eq!(blamed().await, (0.0, 0.0));
+    let before = provider.received();
+    for _ in 0..5 {
+        let resp = get(&client, "hello", "/").await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let path = detour_thin_sdk::path_taken(&resp);
+        assert_eq!(path, Some(detour_thin_sdk::PathTaken::Mesh));
+    }
+    assert_eq!(provider.received() - before, 5);
+}
+
 #[tokio::test]
 async fn a_256_mib_upload_streams_without_growing_the_sidecars() {
     const TOTAL: u64 = 256 << 20;
