@@ -348,6 +348,18 @@ impl Client {
         attempt.inject(req.headers_mut());
         let dial = Dial::Tcp(ep.app_address);
         let failed = match self.inner.pool.send(&dial, ep.protocol, req).await {
+            // The call asked for no protocol switch: a 1xx as the answer is the provider's
+            // garbage (the mesh path answers `upstream-reset` for it).
+            Ok(resp) if resp.status().is_informational() => {
+                let detail = format!(
+                    "{} answered {}, which ends no request (no protocol switch was asked for)",
+                    ep.app_address,
+                    resp.status()
+                );
+                attempt.fail(|| detail.clone());
+                let service = call.service.clone();
+                return Step::Invalid(Error::OutcomeUnknown { service, detail });
+            }
             Ok(mut resp) => {
                 strip_mesh_headers(resp.headers_mut());
                 resp.extensions_mut().insert(PathTaken::Direct);

@@ -121,6 +121,21 @@ pub async fn attempt(
                 format!("{dial}: no answer within {} ms", timeout.as_millis()),
             ),
         }),
+        // No request of the mesh asks for a protocol switch (`Upgrade` is removed as hop by
+        // hop): a 1xx as the answer is the upstream's garbage, and passed on it would break the
+        // HTTP/2 stream it went back on — which the CA would take for a broken PA.
+        Ok(Ok(resp)) if resp.status().is_informational() => Err(AttemptFailed {
+            outcome: Outcome::Lost(part),
+            request: None,
+            refused: false,
+            error: MeshError::new(
+                MeshErrorKind::UpstreamReset,
+                format!(
+                    "{dial} answered {}, which ends no request here (the mesh switches no protocol)",
+                    resp.status()
+                ),
+            ),
+        }),
         Ok(Ok(mut resp)) => {
             strip_hop_by_hop(resp.headers_mut());
             Ok(resp)

@@ -1,6 +1,7 @@
 //! Resilience policies on real sidecars: the CA's retry budget caps resends when a provider
 //! fails, and the per-endpoint connection cap keeps one client connection with a thousand
-//! streams from opening a thousand provider connections.
+//! streams from opening a thousand provider connections; a provider that answers garbage (a
+//! 101 nobody asked for) is blamed, not the sidecars in front of it.
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
@@ -120,4 +121,52 @@ async fn a_thousand_streams_on_one_connection_open_at_most_the_cap_of_provider_c
         opened <= 20,
         "{opened} provider connections > the cap of 20"
     );
+}
+
+#[tokio::test]
+async fn a_provider_that_answers_101_gets_the_blame_and_no_sidecar_does() {
+    // A provider that answers every request with a protocol switch nobody asked for.
+    let switch =
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n";
+    let bad = RawProvider::start("127.0.0.2", Duration::ZERO, move |_| {
+        Reply::Send(switch.to_vec())
+    })
+    .await;
+    let mut mesh = Mesh::new();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", bad.addr)])
+        .await;
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = mesh.client("h1", detour_proto::AppProtocol::Http1);
+    let admin = mesh.admin("h1");
+    for post in [false, true, false, true] {
+        let method = if post {
+            http::Method::POST
+        } else {
+            http::Method::GET
+        };
+        // The provider may have processed it: an unknown outcome, the PA's `upstream-reset`.
+        let req = http::Request::builder().method(method).uri("/");
+        match client.send(&hello(), req.body(empty()).unwrap()).await {
+            Err(detour_thin_sdk::Error::OutcomeUnknown { detail, .. }) => {
+                assert!(detail.contains("upstream-reset"), "{detail}")
+            }
+            other => panic!("expected an unknown outcome, got {other:?}"),
+        }
+    }
+    // Before, the PA's HTTP/2 stream broke on the 101 and the CA took h2's PA for broken.
+    let links = metric(&admin, "detour_link_transitions_total", "").await;
+    assert_eq!(links.unwrap_or(0.0), 0.0, "the link to h2 stayed on its PA");
+    assert_eq!(client.link_state(), detour_thin_sdk::LinkState::Primary);
+
+    // Without h1's sidecar the SDK calls the provider itself: the same answer is an error.
+    mesh.stop_with("h1", nix::sys::signal::Signal::SIGTERM)
+        .await;
+    let req = http::Request::post("/").body(empty()).unwrap();
+    match client.send(&hello(), req).await {
+        Err(detour_thin_sdk::Error::OutcomeUnknown { detail, .. }) => {
+            assert!(detail.contains("101"), "{detail}")
+        }
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
 }
