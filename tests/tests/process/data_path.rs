@@ -256,25 +256,6 @@ async fn malformed_and_oversized_requests_get_clear_errors_and_break_nothing() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
-/// A body that yields one chunk and then fails, as an app's upload source that breaks.
-struct BreaksAfterOneChunk(bool);
-
-impl http_body::Body for BreaksAfterOneChunk {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
-        let first = !std::mem::replace(&mut self.0, true);
-        std::task::Poll::Ready(Some(match first {
-            true => Ok(http_body::Frame::data(Bytes::from_static(b"part"))),
-            false => Err(std::io::Error::other("the upload source broke")),
-        }))
-    }
-}
-
 #[tokio::test]
 async fn a_caller_whose_body_breaks_or_who_asks_for_a_tunnel_is_answered_and_nothing_is_blamed() {
     let (mesh, provider) = caller_and_provider("").await;
@@ -322,17 +303,25 @@ async fn a_caller_whose_body_breaks_or_who_asks_for_a_tunnel_is_answered_and_not
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("CONNECT is not supported"), "{out}");
 
-    // The SDK: the app's own body breaks on its way through the sidecar.
-    let req = Request::post("/upload")
-        .body(BreaksAfterOneChunk(false))
-        .unwrap();
-    match client.send(&svc("hello"), req).await {
-        Err(detour_thin_sdk::Error::InvalidRequest(why)) => {
-            assert!(why.contains("the upload source broke"), "{why}")
+    // The SDK, over HTTP/1.1 and HTTP/2: the app's own body breaks on its way through the
+    // sidecar (over HTTP/2 the CA sees the stream reset).
+    let h2 = mesh.client("h1", AppProtocol::Http2);
+    for c in [&client, &h2] {
+        let frames = futures_util::stream::iter([
+            Ok(http_body::Frame::data(Bytes::from_static(b"part"))),
+            Err(std::io::Error::other("the upload source broke")),
+        ]);
+        let req = Request::post("/upload")
+            .body(http_body_util::StreamBody::new(frames))
+            .unwrap();
+        match c.send(&svc("hello"), req).await {
+            Err(detour_thin_sdk::Error::InvalidRequest(why)) => {
+                assert!(why.contains("the upload source broke"), "{why}")
+            }
+            other => panic!("expected the app's own body error, got {other:?}"),
         }
-        other => panic!("expected the app's own body error, got {other:?}"),
+        assert_eq!(c.link_state(), detour_thin_sdk::LinkState::Primary);
     }
-    assert_eq!(client.link_state(), detour_thin_sdk::LinkState::Primary);
 
     // Nothing was blamed: no link left the mesh path, no endpoint was ejected, and the next
     // requests go the way they went before.
