@@ -368,12 +368,16 @@ fn conn_service<H: Handler>(
 }
 
 /// The HTTP/1.1 server of a connection: head timeout and size limits from `opts`; at most
-/// [`MAX_HEADERS`](crate::http::detect::MAX_HEADERS) headers a head, hyper's default.
+/// [`MAX_HEADERS`](crate::http::detect::MAX_HEADERS) headers a head, hyper's default. A caller
+/// that shuts down its sending side after a whole request still gets its answer (RFC 9112,
+/// 9.6: a half-closed connection does not mean the caller lost interest); hyper's default
+/// dropped the request unanswered.
 fn h1_server(opts: &ConnOptions) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(opts.head_timeout)
-        .max_buf_size((opts.max_header_bytes * 2).max(64 * 1024));
+        .max_buf_size((opts.max_header_bytes * 2).max(64 * 1024))
+        .half_close(true);
     b
 }
 

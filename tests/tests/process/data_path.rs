@@ -205,6 +205,47 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Writes `bytes`, shuts the sending side down (as `shutdown(SHUT_WR)`), and reads the answer
+/// to its end.
+async fn half_closed_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("sidecar answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_caller_that_half_closes_after_its_request_gets_the_answer() {
+    let (mesh, _p) = caller_and_provider("").await;
+    let addr = mesh.sidecar("h1").addrs.outbound_tcp.unwrap();
+    // RFC 9112, 9.6: a half-closed connection does not mean the caller lost interest.
+    let requests: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nhost: hello\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nhost:hello\r\ncontent-length: 5\r\n\r\nhello",
+        b"GET / HTTP/1.0\r\nhost: hello\r\n\r\n",
+    ];
+    for req in requests {
+        let out = half_closed_exchange(addr, req).await;
+        assert!(
+            out.starts_with("HTTP/1.") && out.contains(" 200 OK"),
+            "{out}"
+        );
+        assert!(out.contains("x-detour-path: mesh"), "{out}");
+    }
+    // Two requests, then the half-close: both answered, in order.
+    let two = b"GET /a HTTP/1.1\r\nhost: hello\r\n\r\nGET /b HTTP/1.1\r\nhost: hello\r\n\r\n";
+    let out = half_closed_exchange(addr, two).await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    // Garbage, half-closed, gets its 400 as before.
+    let out = half_closed_exchange(addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+}
+
 #[tokio::test]
 async fn malformed_and_oversized_requests_get_clear_errors_and_break_nothing() {
     let (mesh, _p) = caller_and_provider("").await;
@@ -282,17 +323,14 @@ async fn a_caller_whose_body_breaks_or_who_asks_for_a_tunnel_is_answered_and_not
     assert!(out.contains("x-detour-error: malformed-request"), "{out}");
     assert!(out.contains("reading the request body"), "{out}");
 
-    // A caller that goes away in the middle of a large upload (it streams: over 64 KiB).
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // A caller that stops sending in the middle of a large upload (it streams: over 64 KiB)
+    // and waits for the answer.
     let head = b"POST /upload HTTP/1.1\r\nhost: hello\r\ncontent-length: 1000000\r\n\r\n";
-    s.write_all(head).await.unwrap();
-    s.write_all(&[0x5a; 200_000]).await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    assert!(read.is_ok(), "the CA ends the exchange");
-    let out = String::from_utf8_lossy(&out);
-    assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
+    let mut partial = head.to_vec();
+    partial.extend_from_slice(&[0x5a; 200_000]);
+    let out = half_closed_exchange(addr, &partial).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("reading the request body"), "{out}");
 
     // A tunnel is no request to route.
     let out = raw_exchange(
