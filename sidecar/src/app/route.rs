@@ -234,7 +234,8 @@ fn follow_documents(
 }
 
 /// Connection options of the outbound listeners and of the inbound one (mutual TLS, the
-/// handshake guard and each connection's share of the providers on the inbound only).
+/// handshake guard and each connection's share of the providers on the inbound only). The
+/// outbound Unix socket takes the outbound options without half-close (`ConnOptions`).
 fn conn_options(cfg: &Config, tls: Option<Arc<TlsState>>) -> (Arc<ConnOptions>, Arc<ConnOptions>) {
     let opts = ConnOptions {
         max_header_bytes: cfg.max_header_bytes,
@@ -244,6 +245,7 @@ fn conn_options(cfg: &Config, tls: Option<Arc<TlsState>>) -> (Arc<ConnOptions>, 
         tls: None,
         handshakes: None,
         provider_share: false,
+        half_close: true,
     };
     let inbound = ConnOptions {
         tls,

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::StartError;
 use super::route::Routing;
-use crate::http::server::{Listener, accept_loop};
+use crate::http::server::{ConnOptions, Listener, accept_loop};
 use crate::inbound::providers::LocalProviders;
 use crate::process::lifecycle::Lifecycle;
 use crate::process::listeners::{BindError, Listeners};
@@ -87,12 +87,17 @@ impl Serving {
             )));
         }
         if let Some(l) = listeners.outbound_unix {
+            // The SDK's socket: a connection it closes carries only what it abandoned.
+            let unix_opts = ConnOptions {
+                half_close: false,
+                ..(*outbound_opts).clone()
+            };
             accepting.push(Box::pin(accept_loop(
                 Listener::Unix(l),
                 "outbound-unix",
                 outbound,
                 lc.clone(),
-                outbound_opts,
+                Arc::new(unix_opts),
             )));
         }
         Ok(Serving {

@@ -52,6 +52,12 @@ pub struct ConnOptions {
     /// (`limits.max_in_flight_per_connection`): on the inbound listener, whose requests go to
     /// them; the outbound ones send none there.
     pub provider_share: bool,
+    /// Whether an HTTP/1.1 caller that shuts down its sending side after a request still gets
+    /// the answer (RFC 9112, 9.6), rather than the request being dropped at once as one the
+    /// caller gave up on. On the TCP listeners, which any HTTP client may use; not on the
+    /// outbound Unix socket, the SDK's, which closes a connection only to abandon what is on
+    /// it (an attempt it hedged, a call the app gave up on).
+    pub half_close: bool,
 }
 
 /// How long an idle HTTP/2 connection closed by the idle timeout may take to finish its
@@ -368,16 +374,14 @@ fn conn_service<H: Handler>(
 }
 
 /// The HTTP/1.1 server of a connection: head timeout and size limits from `opts`; at most
-/// [`MAX_HEADERS`](crate::http::detect::MAX_HEADERS) headers a head, hyper's default. A caller
-/// that shuts down its sending side after a whole request still gets its answer (RFC 9112,
-/// 9.6: a half-closed connection does not mean the caller lost interest); hyper's default
-/// dropped the request unanswered.
+/// [`MAX_HEADERS`](crate::http::detect::MAX_HEADERS) headers a head, hyper's default; half-closed
+/// connections answered as `opts.half_close` says (hyper's default drops the request).
 fn h1_server(opts: &ConnOptions) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(opts.head_timeout)
         .max_buf_size((opts.max_header_bytes * 2).max(64 * 1024))
-        .half_close(true);
+        .half_close(opts.half_close);
     b
 }
 

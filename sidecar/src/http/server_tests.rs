@@ -32,6 +32,7 @@ fn options() -> ConnOptions {
         tls: None,
         handshakes: None,
         provider_share: true,
+        half_close: true,
     }
 }
 
