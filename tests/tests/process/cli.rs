@@ -106,3 +106,38 @@ async fn load_reports_outcomes_through_the_mesh_and_direct() {
     assert_eq!(out.status.code(), Some(2), "{stdout}");
     assert!(stdout.contains("mesh:unknown-service=50"), "{stdout}");
 }
+
+#[test]
+fn status_shows_registry_text_escaped_never_raw_to_the_terminal() {
+    // A host record whose free text would clear the operator's screen, retitle the window and
+    // forge a row of a healthy host.
+    let dir = tempfile::tempdir().unwrap();
+    let now = detour_registry::now_unix_ms();
+    let evil = "1.0\u{1b}[2J\u{1b}]0;pwned\u{7}\nh8    ready";
+    let record = serde_json::json!({
+        "format": 1, "host": "h9", "heartbeat_unix_ms": now, "ttl_ms": 600_000,
+        "status": {
+            "host": "h9", "sidecar": "ready", "version": evil, "updated_unix_ms": now,
+            "watchdog": {
+                "binary": "/bin/x\u{1b}[31m", "since_unix_ms": now, "restarts": 0,
+                "links": {}, "refused": "refused\u{1b}[1A\rh7 ok"
+            }
+        },
+        "endpoints": []
+    });
+    std::fs::write(dir.path().join("h9.json"), record.to_string()).unwrap();
+    let registry = format!("dir:{}", dir.path().display());
+    let out = detourctl()
+        .args(["status", "--registry", registry.as_str()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(!stdout.contains(['\u{1b}', '\u{7}', '\r']), "{stdout:?}");
+    assert!(stdout.contains("1.0\\u{1b}[2J"), "{stdout}");
+    assert!(stdout.contains("/bin/x\\u{1b}[31m"), "{stdout}");
+    assert!(
+        !stdout.lines().any(|l| l.starts_with("h8")),
+        "a forged row: {stdout}"
+    );
+}

@@ -121,11 +121,12 @@ pub fn print_doc<T>(
 ) -> std::process::ExitCode {
     match result {
         Ok(doc) if json => {
-            println!("{}", String::from_utf8_lossy(&bytes(&doc)));
+            let text = String::from_utf8_lossy(&bytes(&doc)).into_owned();
+            println!("{}", crate::ops_view::terminal_safe(&text));
             std::process::ExitCode::SUCCESS
         }
         Ok(doc) => {
-            print!("{}", table(&doc));
+            print!("{}", crate::ops_view::terminal_safe(&table(&doc)));
             std::process::ExitCode::SUCCESS
         }
         Err(e) => crate::cli_ops::fail(&e),
@@ -200,13 +201,14 @@ pub fn line(r: &AuditRecord) -> String {
     } else {
         format!(" reason={:?}", r.reason)
     };
+    use crate::ops_view::printable;
     format!(
         "{}\t{}\t{}\t{}\t{}{}",
-        r.id,
+        printable(&r.id),
         crate::ops_view::utc(r.at_unix_ms),
-        r.user,
-        r.command,
-        r.document,
-        reason
+        printable(&r.user),
+        printable(&r.command),
+        printable(&r.document),
+        printable(&reason)
     )
 }

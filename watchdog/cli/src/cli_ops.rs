@@ -176,7 +176,8 @@ pub(crate) fn spec_and_security(
 }
 
 pub(crate) fn fail(e: &OpsError) -> ExitCode {
-    eprintln!("detourctl: {e}");
+    // An error may quote the registry (a malformed document, a refused rule).
+    eprintln!("detourctl: {}", ops_view::terminal_safe(&e.to_string()));
     ExitCode::from(e.exit_code())
 }
 
@@ -289,7 +290,10 @@ async fn gray_list(ops: &Ops, json: bool) -> ExitCode {
     } else {
         print!("{}", ops_view::rules_table(&r.set));
         for m in &r.malformed {
-            println!("malformed (left out): {m}");
+            println!(
+                "malformed (left out): {}",
+                ops_view::printable(&m.to_string())
+            );
         }
     }
     ExitCode::SUCCESS
@@ -406,7 +410,7 @@ pub async fn status(reg: RegistryArgs, admin: Option<std::net::SocketAddr>) -> E
     if reg.json {
         println!("{}", ops_view::json(&report));
     } else {
-        print!("{}", report.table());
+        print!("{}", ops_view::terminal_safe(&report.table()));
     }
     ExitCode::SUCCESS
 }

@@ -202,6 +202,7 @@ pub fn table(doc: &PolicyDoc) -> String {
         out.push_str(&format!("{service}\t{}\n", keys.join(" ")));
     }
     for m in &doc.malformed {
+        let m = crate::ops_view::printable(&m.to_string()).into_owned();
         out.push_str(&format!("malformed (left out): {m}\n"));
     }
     out

@@ -156,6 +156,7 @@ pub fn table(doc: &RouteDoc) -> String {
         out.push_str(&format!("{service}\t{}\n", r.json));
     }
     for m in &doc.malformed {
+        let m = crate::ops_view::printable(&m.to_string()).into_owned();
         out.push_str(&format!("malformed (left out): {m}\n"));
     }
     out

@@ -1,6 +1,8 @@
 //! How the operator's commands show what they read: the status tables, the rules table, a
 //! rollback record as one line, and JSON for `--json`.
 
+use std::borrow::Cow;
+
 use detour_registry::gray::{Mesh, Rule, RuleSet};
 use serde::Serialize;
 
@@ -76,10 +78,44 @@ impl StatusReport {
     }
 }
 
-/// A plain text table.
+/// `s` as one cell or field of a terminal's output: every control character written as its
+/// escape (`\u{1b}`), newlines and tabs included. Registry values are any host's or operator's
+/// writing: raw, an escape sequence would reach the operator's terminal (moving the cursor,
+/// rewriting what the table showed, retitling the window) and a newline would forge a row.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    escaped(s, |_| true)
+}
+
+/// A whole output for a terminal: control characters escaped as in [`printable`], except the
+/// newlines and tabs that lay it out.
+pub fn terminal_safe(s: &str) -> Cow<'_, str> {
+    escaped(s, |c| c != '\n' && c != '\t')
+}
+
+fn escaped(s: &str, escape: impl Fn(char) -> bool) -> Cow<'_, str> {
+    let bad = |c: char| c.is_control() && escape(c);
+    if !s.chars().any(bad) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if bad(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A plain text table; every cell [`printable`].
 pub fn render(head: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<Cow<'_, str>>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
     let mut width: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             if let Some(w) = width.get_mut(i) {
                 *w = (*w).max(c.chars().count());
@@ -99,8 +135,8 @@ pub fn render(head: &[&str], rows: &[Vec<String>]) -> String {
         l
     };
     let mut out = line(head.to_vec());
-    for r in rows {
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    for r in &rows {
+        out.push_str(&line(r.iter().map(|c| c.as_ref()).collect()));
     }
     out
 }
@@ -118,7 +154,7 @@ pub fn record_line(r: &RollbackRecord) -> String {
     let undone = r.undone.as_ref().map_or(String::new(), |u| {
         format!(" (undone by {} at {})", u.user, utc(u.at_unix_ms))
     });
-    format!(
+    let line = format!(
         "{} {} {} by {} at {}: {}{undone}",
         r.id,
         r.kind,
@@ -126,7 +162,8 @@ pub fn record_line(r: &RollbackRecord) -> String {
         r.user,
         utc(r.at_unix_ms),
         if r.reason.is_empty() { "-" } else { &r.reason }
-    )
+    );
+    printable(&line).into_owned()
 }
 
 /// Every rule of `set`, as a table.
@@ -190,6 +227,19 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(utc(1_796_245_109_327), "2026-12-02T20:58:29Z");
+    }
+
+    #[test]
+    fn registry_text_reaches_the_terminal_escaped() {
+        // A version string that would clear the screen and forge a row.
+        let evil = "1.0\u{1b}[2J\nh9  ready";
+        let t = render(&["HOST", "VERSION"], &[vec!["h1".into(), evil.into()]]);
+        assert!(!t.contains('\u{1b}'), "{t:?}");
+        assert_eq!(t.lines().count(), 2, "{t:?}");
+        assert!(t.contains("1.0\\u{1b}[2J\\u{a}h9  ready"), "{t:?}");
+        assert_eq!(printable("plain"), Cow::Borrowed("plain"));
+        let out = terminal_safe("a\tb\n\u{7}\u{9b}c\n");
+        assert_eq!(out, "a\tb\n\\u{7}\\u{9b}c\n");
     }
 
     #[test]
