@@ -298,7 +298,8 @@ async fn prune_links(links: Arc<Links>, catalog: Arc<Catalog>) {
 }
 
 /// Creates the run directory, readable by its owner and group only (it holds the admin token
-/// and the sockets), and the state directory. When the outbound Unix socket's group is set and
+/// and the sockets), and the state directory; either must be this process's user's
+/// (`files::own_dir`). When the outbound Unix socket's group is set and
 /// the socket is in the run directory, the run directory belongs to that group: its members can
 /// reach the socket (the files they must not read are mode 0600).
 fn prepare_run_dir(cfg: &Config) -> Result<(), StartError> {
@@ -308,7 +309,7 @@ fn prepare_run_dir(cfg: &Config) -> Result<(), StartError> {
             path: dir.clone(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(err)?;
+        detour_proto::files::own_dir(dir).map_err(err)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(err)?;
     }
     let in_run_dir = cfg

@@ -98,7 +98,7 @@ async fn start(cfg: Config) -> Result<Stopped, Failed> {
     };
     let run_dir = cfg.sidecar.run_dir.clone();
     for dir in [&run_dir, &cfg.sidecar.state_dir] {
-        std::fs::create_dir_all(dir)
+        detour_proto::files::own_dir(dir)
             .map_err(|e| Failed(format!("directory {}: {e}", dir.display())))?;
     }
     let (rules, held) = open_registry(&cfg).await?;
