@@ -23,6 +23,21 @@ pub const PATH_NAME: HeaderName = HeaderName::from_static(PATH_HEADER);
 pub const PROXY_NAME: HeaderName = HeaderName::from_static(PROXY_HEADER);
 /// [`CALLER_HEADER`] as a header name.
 pub const CALLER_NAME: HeaderName = HeaderName::from_static(CALLER_HEADER);
+/// How many sidecars a request has passed: each sets it one higher on the request it sends on
+/// (to a PA or a provider). A provider address that leads back into the mesh (another host's
+/// CA or PA) makes a forwarding loop, which the count ends ([`MAX_HOPS`]).
+pub const HOPS_NAME: HeaderName = HeaderName::from_static("x-detour-hops");
+/// A sidecar refuses a request that has passed this many sidecars already: a forwarding loop
+/// (a call chain through the mesh passes two a service).
+pub const MAX_HOPS: u32 = 16;
+
+/// Takes the hop count ([`HOPS_NAME`]) out of `headers`: 0 when absent or unreadable.
+pub fn take_hops(headers: &mut HeaderMap) -> u32 {
+    headers
+        .remove(HOPS_NAME)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0)
+}
 
 /// Every reason the mesh itself can fail a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

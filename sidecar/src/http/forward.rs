@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use detour_core::body::CallerBodyFault;
 use detour_core::decide::{Outcome, Part};
-use detour_core::failure::MeshErrorKind;
+use detour_core::failure::{HOPS_NAME, MAX_HOPS, MeshErrorKind};
 use detour_core::transport::{Target, TransportError, to_target};
 use detour_core::{BoxBody, Dial, Pool};
 use detour_proto::{AppProtocol, ServiceName};
@@ -27,6 +27,21 @@ pub struct AttemptFailed {
     pub refused: bool,
     /// What to answer if the request is given up after this attempt.
     pub error: MeshError,
+}
+
+/// Sets the hop count of the request this sidecar sends on one higher than `hops`, the count
+/// it arrived with (`take_hops`, before its mesh headers are removed); a request that has
+/// passed [`MAX_HOPS`] sidecars already is refused as a forwarding loop (`malformed-request`:
+/// final, sent nowhere, and no sign of sickness).
+pub fn next_hop(hops: u32, headers: &mut http::HeaderMap) -> Result<(), MeshError> {
+    if hops >= MAX_HOPS {
+        let why = format!(
+            "forwarding loop: the request has passed {hops} sidecars (a provider address leads back into the mesh)"
+        );
+        return Err(MeshError::new(MeshErrorKind::MalformedRequest, why));
+    }
+    headers.insert(HOPS_NAME, http::HeaderValue::from(hops + 1));
+    Ok(())
 }
 
 /// The error of a request to a service whose name cannot be a request's target (a

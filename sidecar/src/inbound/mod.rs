@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use detour_core::body::watched;
 use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
-use detour_core::failure::{CALLER_NAME, MeshErrorKind, strip_mesh_headers};
+use detour_core::failure::{CALLER_NAME, MeshErrorKind, strip_mesh_headers, take_hops};
 use detour_core::replay::is_idempotent;
 use detour_core::trace::{Span, SpanKind, Tracer};
 use detour_core::transport::Target;
@@ -33,7 +33,7 @@ use tracing::Instrument;
 
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::{Config, Provide};
-use crate::http::forward::{AttemptFailed, Upstream, attempt, not_a_target};
+use crate::http::forward::{AttemptFailed, Upstream, attempt, next_hop, not_a_target};
 use crate::http::headers::{authority, service_of, strip_hop_by_hop};
 use crate::http::respond::{MeshError, is_grpc};
 use crate::http::server::{Caller, Handler, ping_response};
@@ -241,12 +241,13 @@ impl Inbound {
 
     async fn route(
         &self,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         body: Incoming,
         metrics: &mut Option<Arc<ServiceMetrics>>,
         hop: &mut Span,
     ) -> Result<Response<BoxBody>, MeshError> {
         let service = service_of(&parts, self.cfg.max_header_bytes)?;
+        let hops = take_hops(&mut parts.headers);
         if hop.is_recording() {
             hop.rename(format!("pa {service}"));
             hop.attr("detour.service", service.to_string());
@@ -268,6 +269,7 @@ impl Inbound {
         let caller_value = caller.and_then(|c| HeaderValue::from_str(c.as_str()).ok());
         let (body, body_fault) = watched(body);
         let mut req = to_provider(Request::from_parts(parts, body), caller_value);
+        next_hop(hops, req.headers_mut())?;
         let idempotent = is_idempotent(&req);
         let mut try_span = hop.child("attempt", SpanKind::Client);
         try_span.inject(req.headers_mut());

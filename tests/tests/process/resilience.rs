@@ -170,3 +170,24 @@ async fn a_provider_that_answers_101_gets_the_blame_and_no_sidecar_does() {
         other => panic!("expected an unknown outcome, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_provider_address_that_leads_back_into_the_mesh_is_answered_as_a_loop() {
+    // h2 provides `hello` at h1's own CA: every request would go CA → PA → CA → … for ever.
+    let mut mesh = Mesh::new();
+    mesh.start("h1", "127.0.0.1", &[]).await;
+    let ca = mesh.sidecar("h1").addrs.outbound_tcp.unwrap();
+    mesh.start("h2", "127.0.0.2", &[Offer::http1("hello", ca)])
+        .await;
+    mesh.wait_endpoints("h1", "hello", 1).await;
+    let client = mesh.client("h1", AppProtocol::Http1);
+    let req = http::Request::get("/").body(empty()).unwrap();
+    let resp = client.send(&hello(), req).await.unwrap();
+    assert_eq!(resp.status(), http::StatusCode::BAD_REQUEST);
+    let body = detour_tests::body_text(resp).await;
+    assert!(body.contains("forwarding loop"), "{body}");
+    assert!(body.contains("passed 16 sidecars"), "{body}");
+    // Nothing was taken for sick on the way.
+    let links = metric(&mesh.admin("h1"), "detour_link_transitions_total", "").await;
+    assert_eq!(links.unwrap_or(0.0), 0.0);
+}

@@ -219,17 +219,22 @@ async fn mesh_headers_from_an_app_never_reach_a_provider() {
         !head.contains("host/admin") && !head.contains("x-detour-anything"),
         "{head}"
     );
+    // The mesh's own hop count: the CA's, then the PA's.
+    assert!(head.contains("x-detour-hops: 2"), "{head}");
     // An SDK that has its snapshot, for the direct path later.
     let snap = mesh.root().join("sdk-snapshot.json");
     let sdk = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
-    // Around the PA (mesh off for the service): no mesh header at all.
+    // Around the PA (mesh off for the service): no mesh header but the CA's hop count.
     let (code, _, err) = detourctl(&dir_registry(&mesh), &["rollback", "--service", "hello"]).await;
     assert_eq!(code, 0, "{err}");
     wait_rules(&mesh, "h1", 1).await;
     let (status, _, path, _) = get(&client, &forged).await;
     assert_eq!((status, path), (200, Some(PathTaken::CaDirect)));
     let head = last_head(&heads);
-    assert!(!head.contains("x-detour-"), "{head}");
+    let mesh_lines: Vec<&str> = (head.lines())
+        .filter(|l| l.to_ascii_lowercase().starts_with("x-detour-"))
+        .collect();
+    assert_eq!(mesh_lines, ["x-detour-hops: 1"], "{head}");
     // Straight from the SDK (its sidecar gone): none either.
     mesh.stop_with("h1", Signal::SIGKILL).await;
     let (status, _, path, body) = get(&sdk, &forged).await;
