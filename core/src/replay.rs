@@ -91,6 +91,11 @@ impl Held {
         self.body_fault.as_ref()
     }
 
+    /// How the caller's own body failed, if it did ([`Held::body_fault`]).
+    pub fn caller_body_failed(&self) -> Option<&str> {
+        self.body_fault.as_ref().and_then(CallerBodyFault::get)
+    }
+
     /// The request for the next attempt: the original if still held, else a fresh copy.
     pub fn take(&mut self) -> Option<Request<BoxBody>> {
         self.req

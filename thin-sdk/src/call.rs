@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use detour_core::body::{BoxBody, CallerBodyFault, watched};
+use detour_core::body::{BoxBody, watched};
 use detour_core::decide::{Alternatives, Failure, Next, Outcome, Part, decide};
 use detour_core::failure::{Blame, Delivery, strip_mesh_headers};
 use detour_core::link::{Event, LinkState, Reason};
@@ -468,7 +468,7 @@ impl Client {
 /// was sent: the call's error, with neither the sidecar nor the provider blamed (no link
 /// event, no provider passed over) and nothing sent again.
 fn body_failed(call: &Call<'_>) -> Option<Step> {
-    let why = call.held.body_fault().and_then(CallerBodyFault::get)?;
+    let why = call.held.caller_body_failed()?;
     Some(Step::Invalid(Error::InvalidRequest(format!(
         "reading the request body: {why}"
     ))))

@@ -236,7 +236,7 @@ impl Outbound {
                 Err(f) => f,
             };
             // The caller's own broken body says nothing of the endpoint.
-            if flight.body_fault().and_then(|f| f.get()).is_none() {
+            if flight.caller_body_failed().is_none() {
                 balancer.record_failure(&in_flight);
             }
             let options = retry::Options {
