@@ -128,10 +128,13 @@ stop_sidecar() {
 
 # start_provider HOST LISTEN: the demo provider of HOST (instance HOST-hello) on LISTEN
 # (ip:0 for any port); its address goes to $TMP/HOST.provider.addr, its pid to PROVIDER_PID.
+# PROVIDER_ARGS (an array) is passed on to every demo provider (`--dedupe-dir DIR`).
 declare -A PROVIDER_PID=()
+PROVIDER_ARGS=()
 start_provider() {
   rm -f "$TMP/$1.provider.addr"
-  "$BIN/detourctl" provider --listen "$2" --instance "$1-hello" --addr-file "$TMP/$1.provider.addr" >/dev/null &
+  "$BIN/detourctl" provider --listen "$2" --instance "$1-hello" --addr-file "$TMP/$1.provider.addr" \
+    "${PROVIDER_ARGS[@]}" >/dev/null &
   PROVIDER_PID[$1]=$!
   EXTRA_PIDS+=($!)
   wait_file "$TMP/$1.provider.addr" 10
@@ -382,7 +385,7 @@ stop_zookeeper() { kill -KILL "$ZK_PID" 2>/dev/null || true; wait "$ZK_PID" 2>/d
 start_zk_provider() {
   rm -f "$TMP/$1.provider.addr"
   "$BIN/detourctl" provider --listen "$2:0" --instance "$1" --addr-file "$TMP/$1.provider.addr" \
-    --zookeeper "$ZK_ADDR" --interface com.acme.Hello --release-grace-ms "${3:-0}" >/dev/null 2>>"$TMP/$1.provider.log" &
+    --zookeeper "$ZK_ADDR" --interface com.acme.Hello --release-grace-ms "${3:-0}" "${PROVIDER_ARGS[@]}" >/dev/null 2>>"$TMP/$1.provider.log" &
   PROVIDER_PID[$1]=$!
   EXTRA_PIDS+=($!)
   wait_file "$TMP/$1.provider.addr" 10

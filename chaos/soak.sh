@@ -3,13 +3,17 @@
 # kinds, overlapping as in real incidents; reports requests lost per million and availability in
 # nines (docs/availability.md).
 #
-#   chaos/soak.sh [--duration 2m] [--rate 1000] [--seed N] [--hosts 3] [--legacy]
+#   chaos/soak.sh [--duration 2m] [--rate 1000] [--seed N] [--hosts 3] [--legacy] [--no-keys]
 #
 # The mesh: a 3-member etcd; HOSTS provider hosts (h2.., a demo provider each) and two caller
 # hosts (h1 on 127.0.0.1, hc on 127.0.0.30), every host under its watchdog, mutual TLS between
 # sidecars. Load: `detourctl load --method SOAK` through the SDK on each caller host, RATE/2
 # each: of every 20 requests one long stream (20 chunks over about 2 s), two gRPC unary calls
-# and GET and POST alternating; HTTP/1.1 from h1 and HTTP/2 from hc (gRPC is HTTP/2 from both). First a fault-free baseline (a quarter
+# and GET and POST alternating; HTTP/1.1 from h1 and HTTP/2 from hc (gRPC is HTTP/2 from both).
+# Every POST and gRPC call carries an idempotency key (`detourctl load --keys`) and the demo
+# providers keep the keys' records in one directory they share (`--dedupe-dir`), so a POST
+# whose outcome a kill -9 left unknown is sent again and carried out once, and counts as
+# idempotent; with --no-keys they carry none, and such POSTs end as outcome unknown. First a fault-free baseline (a quarter
 # of the duration, at most 60 s), then the soak proper with faults scheduled from SEED (the
 # schedule is printed first: the same seed, duration and hosts replay it). With --legacy, also
 # ZooKeeper with two providers registered as a Dubbo application does (com.acme.Hello) and two
@@ -22,7 +26,7 @@ set -euo pipefail
 # Read whole before it runs (bash reads a script as it goes): editing it during a long soak
 # changes nothing of the run.
 {
-DURATION=2m RATE_ARG=1000 SEED=$(date +%Y%m%d) HOSTS=3 LEGACY=no
+DURATION=2m RATE_ARG=1000 SEED=$(date +%Y%m%d) HOSTS=3 LEGACY=no KEYS=yes
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
@@ -30,6 +34,7 @@ while [ $# -gt 0 ]; do
     --seed) SEED=$2; shift 2 ;;
     --hosts) HOSTS=$2; shift 2 ;;
     --legacy) LEGACY=yes; shift ;;
+    --no-keys) KEYS=no; shift ;;
     -h|--help) sed -n '2,/^set -euo pipefail$/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "soak: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -52,9 +57,11 @@ trap soak_cleanup EXIT
 WATCHED=yes
 MOVES=no
 ensure_binaries
+LOAD_KEYS=()
+if [ "$KEYS" = yes ]; then PROVIDER_ARGS=(--dedupe-dir "$TMP/dedupe" --dedupe-ttl-secs 120); LOAD_KEYS=(--keys); fi
 command -v etcd >/dev/null || { echo "soak: etcd is required (tests/setup.sh installs it)" >&2; exit 1; }
 
-echo "soak: seed=$SEED duration=${TOTAL}s (baseline ${BASE}s, faults ${SOAK}s) rate=$RATE hosts=$HOSTS tmp=$TMP" >&2
+echo "soak: seed=$SEED duration=${TOTAL}s (baseline ${BASE}s, faults ${SOAK}s) rate=$RATE hosts=$HOSTS keys=$KEYS tmp=$TMP" >&2
 start_etcd 3
 if [ "$LEGACY" = yes ]; then
   start_zookeeper
@@ -88,7 +95,7 @@ load() {
     proto=http1; [ "$h" = hc ] && proto=http2
     "$BIN/detourctl" load --sidecar "unix:$TMP/$h/outbound.sock" --service hello \
       --rate $(( RATE / 2 )) --duration "$secs" --method SOAK --body-bytes 256 --protocol "$proto" \
-      --concurrency 8192 --timeout-ms 20000 --progress "$@" >"$TMP/$phase-$h.out" 2>"$TMP/$phase-$h.err" &
+      --concurrency 8192 --timeout-ms 20000 --progress "${LOAD_KEYS[@]}" "$@" >"$TMP/$phase-$h.out" 2>"$TMP/$phase-$h.err" &
     LOADS+=($!); EXTRA_PIDS+=($!)
   done
 }
@@ -209,7 +216,7 @@ fault() {
       pkill -KILL -f -- "--instance $t-hello --addr-file $TMP/" || true
       sleep "$hold_s"
       "$BIN/detourctl" provider --listen "${PROVIDER_ADDR[$t]}" --instance "$t-hello" \
-        --addr-file "$TMP/$t.provider.addr2" >/dev/null 2>&1 & ;;
+        --addr-file "$TMP/$t.provider.addr2" "${PROVIDER_ARGS[@]}" >/dev/null 2>&1 & ;;
     etcd_member_kill)
       pid=$(etcd_of "${t#e}"); [ -n "$pid" ] && kill -KILL "$pid"
       sleep "$hold_s"; start_etcd_member "${t#e}" ;;

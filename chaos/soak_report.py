@@ -22,7 +22,7 @@ except (OSError, ValueError) as e:
 def fields(line):
     return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
 def read(phase):
-    out = {"sent": 0, "ok": 0, "failed": 0, "failed_idem": 0, "unknown": 0, "p50": 0.0, "p99": 0.0,
+    out = {"sent": 0, "ok": 0, "failed": 0, "failed_idem": 0, "unknown": 0, "replayed": 0, "p50": 0.0, "p99": 0.0,
            "p999": 0.0, "max": 0.0, "max_idem": 0.0, "gap": 0, "failed_list": [], "seconds": [], "mesh": 0, "off": 0,
            "grpc": 0, "grpc_failed": 0, "streams": 0, "streams_failed": 0, "stream_max": 0.0,
            "late": 0, "callers": {}, "slow_list": []}
@@ -47,6 +47,7 @@ def read(phase):
                 f = fields(l)
                 out["failed_idem"] += int(f.get("failed_idempotent", 0))
                 out["unknown"] += int(f.get("unknown_outcome", 0))
+                out["replayed"] += int(f.get("replayed", 0))
                 out["mesh"] += int(f.get("mesh", 0))
                 out["off"] += int(f.get("ca_direct", 0)) + int(f.get("direct", 0))
             elif l.startswith("kinds:"):
@@ -197,7 +198,7 @@ if soak["failed_list"]:
 print(f"\ngRPC calls: {soak['grpc']} ({soak['grpc_failed']} failed); long streams: {soak['streams']} ({soak['streams_failed']} failed, "
       f"{soak['streams_failed'] - stream_losses(soak)} of them cut by a kill -9 of a process carrying them; longest {soak['stream_max']:.0f} ms)")
 print(f"\nRESULT soak: seed={seed} sent={sent} ok={soak['ok']} failed={failed} failed_idempotent={soak['failed_idem']} "
-      f"unknown_outcome={soak['unknown']} lost_per_million={lpm:.2f} nines={nines} p50_ms={soak['p50']:.2f} "
+      f"unknown_outcome={soak['unknown']} replayed={soak['replayed']} lost_per_million={lpm:.2f} nines={nines} p50_ms={soak['p50']:.2f} "
       f"p99_ms={soak['p99']:.2f} p999_ms={soak['p999']:.2f} max_ms={soak['max']:.2f} max_idem_ms={soak['max_idem']:.2f} baseline_p99_ms={base['p99']:.2f} "
       f"p99_ratio={ratio:.2f} worst_off_mesh_ms={soak['gap']} faults={scheduled} off_mesh={soak['off']} "
       f"grpc={soak['grpc']} grpc_failed={soak['grpc_failed']} streams={soak['streams']} streams_failed={soak['streams_failed']} "

@@ -18,6 +18,29 @@ use crate::transport::ConnectTimeout;
 #[derive(Debug, Clone, Copy)]
 pub struct Idempotent;
 
+/// The header by which a caller names one operation, so that its provider carries it out once
+/// however often the request arrives (`Idempotency-Key`, as in the IETF HTTPAPI draft). The
+/// mesh never removes it.
+pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+/// The longest idempotency key taken.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The request's idempotency key: one `Idempotency-Key` header of 1 to
+/// [`MAX_IDEMPOTENCY_KEY`] visible ASCII characters. Anything else (absent, empty, too long,
+/// other bytes, the header twice) is no key.
+pub fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let bytes = value.as_bytes();
+    let valid = !bytes.is_empty()
+        && bytes.len() <= MAX_IDEMPOTENCY_KEY
+        && bytes.iter().all(|b| b.is_ascii_graphic());
+    valid.then(|| value.to_str().ok()).flatten()
+}
+
 /// A request that can be rebuilt.
 #[derive(Debug, Clone)]
 pub struct Replay {
@@ -146,12 +169,15 @@ impl Held {
     }
 }
 
-/// Whether `req` may be sent again after it left: its method is idempotent, or the app said so.
+/// Whether `req` may be sent again after it left: its method is idempotent, the app said so
+/// ([`Idempotent`]), or it carries an idempotency key ([`idempotency_key`]): a caller that
+/// names its operation says its provider carries each key out once.
 pub fn is_idempotent<B>(req: &Request<B>) -> bool {
     matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     ) || req.extensions().get::<Idempotent>().is_some()
+        || idempotency_key(req.headers()).is_some()
 }
 
 /// Why a small body could not be kept.
@@ -282,5 +308,38 @@ mod tests {
         let mut post = Request::post("/").body(()).unwrap();
         post.extensions_mut().insert(Idempotent);
         assert!(is_idempotent(&post));
+    }
+
+    #[test]
+    fn a_valid_idempotency_key_makes_a_post_idempotent_and_nothing_else_does() {
+        let keyed = |values: &[&[u8]]| {
+            let mut post = Request::post("/").body(()).unwrap();
+            for v in values {
+                post.headers_mut().append(
+                    IDEMPOTENCY_KEY,
+                    http::HeaderValue::from_bytes(v).expect("a header value"),
+                );
+            }
+            post
+        };
+        assert!(is_idempotent(&keyed(&[b"order-42"])));
+        assert_eq!(
+            idempotency_key(keyed(&[b"order-42"]).headers()),
+            Some("order-42")
+        );
+        let long = vec![b'k'; MAX_IDEMPOTENCY_KEY];
+        assert!(is_idempotent(&keyed(&[&long])));
+        let too_long = vec![b'k'; MAX_IDEMPOTENCY_KEY + 1];
+        for bad in [
+            keyed(&[]),
+            keyed(&[b""]),
+            keyed(&[&too_long]),
+            keyed(&[b"two words"]),
+            keyed(&[b"tab\tin"]),
+            keyed(&[b"caf\xc3\xa9"]),
+            keyed(&[b"a", b"b"]),
+        ] {
+            assert!(!is_idempotent(&bad), "{:?}", bad.headers());
+        }
     }
 }

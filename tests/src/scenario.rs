@@ -24,6 +24,7 @@ pub fn spec(rate: u32, secs: u64) -> LoadSpec {
         path: "/".into(),
         timeout: Duration::from_secs(20),
         slow: None,
+        keys: None,
     }
 }
 

@@ -12,13 +12,17 @@
 //!
 //! The public surface is the client: [`Client`] and its builder, [`GrpcChannel`] for tonic
 //! clients, [`Error`], the markers a response carries ([`PathTaken`], [`mesh_error`]) and the
-//! [`Idempotent`] mark for requests, trace export ([`TraceConfig`]), plus the types these name. Everything the client is built
-//! from lives in the workspace-internal `detour-core` crate, shared with the sidecar.
+//! [`Idempotent`] mark for requests, trace export ([`TraceConfig`]), plus the types these name;
+//! and for providers, [`dedupe`]: carrying out each request with an `Idempotency-Key` once,
+//! however often the mesh sends it. Everything the client is built from lives in the
+//! workspace-internal `detour-core` crate, shared with the sidecar.
 
 pub mod body;
 mod call;
 mod client;
 mod control;
+pub mod dedupe;
+mod dedupe_store;
 mod direct;
 mod error;
 mod grpc;

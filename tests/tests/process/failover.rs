@@ -146,6 +146,78 @@ async fn kill9_pa_then_restart_loses_no_idempotent_request() {
     assert_eq!(counted as u64, seen, "{:?}", s.paths);
 }
 
+/// POSTs and gRPC calls that carry an idempotency key are sent again when a kill -9 leaves
+/// their outcome unknown, and the provider carries each key out once: a slow provider (300 ms
+/// a request, about 30 in flight), its host's sidecar killed at 2 s, the caller's sidecar
+/// killed at 5 s, both restarted 1.5 s later. Without keys such POSTs end as outcome unknown
+/// (`kill9_*_then_restart_loses_no_idempotent_request`).
+#[tokio::test]
+async fn keyed_requests_in_flight_at_a_kill9_are_all_answered_and_carried_out_once() {
+    use detour_kit::load::{self, LoadSpec, MethodKind, MethodMix, Target};
+    let _serial = detour_tests::serial().await;
+    let (mut mesh, provider) = caller_and_provider(FAST_LINK).await;
+    provider.set_delay_ms(300);
+    let snap = mesh.root().join("sdk-snapshot.json");
+    let client = detour_tests::ready_sdk(&mesh, "h1", "hello", &snap).await;
+    let t0 = tokio::time::Instant::now();
+    let loads: Vec<_> = [MethodKind::Post, MethodKind::Grpc]
+        .into_iter()
+        .map(|kind| {
+            let spec = LoadSpec {
+                methods: MethodMix::One(kind),
+                keys: Some(format!("kill9-{kind:?}")),
+                ..scenario::spec(50, 9)
+            };
+            let c = client.clone();
+            tokio::spawn(async move {
+                load::run(&spec, &Target::Sdk(c), |_, _| {}, std::future::pending()).await
+            })
+        })
+        .collect();
+    at(t0, 2.0).await;
+    let fault = now_unix_ms();
+    mesh.stop_with("h2", Signal::SIGKILL).await;
+    at(t0, 3.5).await;
+    mesh.restart("h2").await;
+    at(t0, 5.0).await;
+    mesh.stop_with("h1", Signal::SIGKILL).await;
+    at(t0, 6.5).await;
+    mesh.restart("h1").await;
+    let healed = now_unix_ms();
+    for (load, name) in loads
+        .into_iter()
+        .zip(["keyed-post-kill9", "keyed-grpc-kill9"])
+    {
+        let s = load.await.unwrap();
+        summary(name, &s, fault, healed);
+        assert_eq!(s.sent, 450, "{name}: every request was sent");
+        assert_eq!((s.ok, s.failed), (450, 0), "{name}: {:?}", s.failures);
+        assert!(
+            s.paths.get("ca_direct").copied().unwrap_or(0) > 0,
+            "{name}: {:?}",
+            s.paths
+        );
+        assert!(
+            s.paths.get("direct").copied().unwrap_or(0) > 0,
+            "{name}: {:?}",
+            s.paths
+        );
+    }
+    // Some were sent again (the provider received more than 900), and every key was carried
+    // out once: its repeat waited for it or got its record.
+    assert_eq!(
+        provider.carried_out(),
+        900,
+        "replayed {}",
+        provider.replayed()
+    );
+    assert!(
+        provider.received() > 900,
+        "no request was in flight at either kill: received {}",
+        provider.received()
+    );
+}
+
 #[tokio::test]
 async fn sigstop_ca_is_detected_by_probes() {
     let _serial = detour_tests::serial().await;

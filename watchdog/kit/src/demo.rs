@@ -111,6 +111,7 @@ pub async fn run(
         path: "/".into(),
         timeout: Duration::from_secs(5),
         slow: None,
+        keys: None,
     };
     let stats = load::run(&spec, &Target::Sdk(client), print_tick, stop).await;
     for w in &hosts {

@@ -27,7 +27,7 @@ use crate::load_stats::Outcome;
 pub use crate::load_stats::{
     FailedRequest, MAX_LISTED_FAILURES, MAX_LISTED_SLOW, SlowRequest, Stats,
 };
-use crate::provider::{GRPC_STATUS, SERVED_BY};
+use crate::provider::{GRPC_STATUS, REPLAYED, SERVED_BY};
 
 /// The chunks of a long stream.
 pub const STREAM_CHUNKS: u32 = 20;
@@ -149,6 +149,10 @@ pub struct LoadSpec {
     pub timeout: Duration,
     /// List every answered request slower than this, one by one (`None`: list none).
     pub slow: Option<Duration>,
+    /// When set, every POST, PUT and gRPC call carries `idempotency-key: {keys}-{n}` (`n` the
+    /// request's number): its provider carries each out once, and the mesh may send it again
+    /// when its outcome is unknown. Its failure then counts as an idempotent one.
+    pub keys: Option<String>,
 }
 
 /// Runs `spec` against `target`; `tick` is called about once a second with that second's
@@ -194,7 +198,13 @@ pub async fn run(
             break;
         };
         let kind = spec.methods.kind(i);
-        let req = build(kind, &spec.path, &body);
+        let key = spec
+            .keys
+            .as_ref()
+            .filter(|_| matches!(kind, MethodKind::Post | MethodKind::Put | MethodKind::Grpc))
+            .map(|prefix| format!("{prefix}-{i}"));
+        let idempotent = kind.idempotent() || key.is_some();
+        let req = build(kind, &spec.path, &body, key);
         let (target, service, pool) = (target.clone(), spec.service.clone(), pool.clone());
         let (total, window, timeout, slow) =
             (total.clone(), window.clone(), spec.timeout, spec.slow);
@@ -220,7 +230,7 @@ pub async fn run(
                 Err(e) => Outcome::failed(format!("invalid_request:{e}")),
             };
             let latency = origin.elapsed();
-            record(&total, &window, &outcome, kind, latency);
+            record(&total, &window, &outcome, (kind, idempotent), latency);
             list_slow(&total, slow, &outcome, kind, latency);
             drop(permit);
         });
@@ -235,7 +245,7 @@ fn record(
     total: &Mutex<Stats>,
     window: &Mutex<Stats>,
     outcome: &Outcome,
-    kind: MethodKind,
+    (kind, idempotent): (MethodKind, bool),
     latency: Duration,
 ) {
     if let Some(failure) = &outcome.failure {
@@ -250,8 +260,8 @@ fn record(
             });
         }
     }
-    lock(total).record(outcome, kind, latency);
-    lock(window).record(outcome, kind, latency);
+    lock(total).record(outcome, kind, idempotent, latency);
+    lock(window).record(outcome, kind, idempotent, latency);
 }
 
 /// Lists one answered request that took longer than `slow` (long streams, which take seconds by
@@ -291,7 +301,27 @@ fn lock(m: &Mutex<Stats>) -> std::sync::MutexGuard<'_, Stats> {
     m.lock()
 }
 
-fn build(kind: MethodKind, path: &str, body: &Bytes) -> Result<Request<BoxBody>, http::Error> {
+/// The request of `kind`, carrying `key` as its idempotency key when given.
+fn build(
+    kind: MethodKind,
+    path: &str,
+    body: &Bytes,
+    key: Option<String>,
+) -> Result<Request<BoxBody>, http::Error> {
+    let mut req = build_unkeyed(kind, path, body)?;
+    if let Some(key) = key {
+        let value = HeaderValue::try_from(key)?;
+        req.headers_mut()
+            .insert(detour_thin_sdk::dedupe::IDEMPOTENCY_KEY, value);
+    }
+    Ok(req)
+}
+
+fn build_unkeyed(
+    kind: MethodKind,
+    path: &str,
+    body: &Bytes,
+) -> Result<Request<BoxBody>, http::Error> {
     let (method, uri, body) = match kind {
         MethodKind::Get => (Method::GET, path.to_owned(), empty()),
         MethodKind::Post => (Method::POST, path.to_owned(), full(body.clone())),
@@ -335,6 +365,7 @@ async fn send(
         .get(SERVED_BY)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let replayed = resp.headers().get(REPLAYED).is_some_and(|v| v == "true");
     let path = match target {
         Target::Sdk(_) => path_taken(&resp),
         Target::Direct { .. } => Some(PathTaken::Direct),
@@ -367,6 +398,7 @@ async fn send(
         }
     };
     Outcome {
+        replayed: replayed && failure.is_none(),
         failure,
         served_by,
         path,
@@ -445,9 +477,9 @@ mod tests {
     #[test]
     fn requests_of_each_kind_are_shaped_for_the_demo_provider() {
         let body = Bytes::from_static(b"abc");
-        let s = build(MethodKind::Stream, "/x?a=1", &body).expect("valid");
+        let s = build(MethodKind::Stream, "/x?a=1", &body, None).expect("valid");
         assert_eq!(s.uri(), "/x?a=1&chunks=20&every_ms=100");
-        let g = build(MethodKind::Grpc, "/", &body).expect("valid");
+        let g = build(MethodKind::Grpc, "/", &body, None).expect("valid");
         assert_eq!(g.method(), Method::POST);
         assert_eq!(g.uri(), GRPC_PATH);
         assert_eq!(g.headers()[header::CONTENT_TYPE], "application/grpc");
@@ -524,7 +556,7 @@ mod tests {
                 dial: Dial::Tcp(one_answer("1\n2\n3\n", finish).await),
                 protocol: AppProtocol::Http1,
             };
-            let req = build(MethodKind::Stream, "/", &Bytes::new()).expect("valid");
+            let req = build(MethodKind::Stream, "/", &Bytes::new(), None).expect("valid");
             let out = send(&target, &pool, &service, MethodKind::Stream, req).await;
             assert_eq!(out.failure.as_deref(), Some(want));
         }

@@ -18,8 +18,12 @@ pub struct Stats {
     pub ok: u64,
     /// Everything else.
     pub failed: u64,
-    /// Failures of idempotent requests (GET, PUT).
+    /// Failures of idempotent requests (GET, PUT, and POSTs and gRPC calls that carry an
+    /// idempotency key).
     pub failed_idempotent: u64,
+    /// Keyed requests the provider answered from its record of the key, not carrying them
+    /// out again (`idempotent-replayed: true`): repeats the mesh sent after an unknown outcome.
+    pub replayed: u64,
     /// Failures whose outcome at the provider is unknown.
     pub unknown_outcome: u64,
     /// gRPC calls started (also in `sent`).
@@ -136,6 +140,7 @@ impl Default for Stats {
             ok: 0,
             failed: 0,
             failed_idempotent: 0,
+            replayed: 0,
             unknown_outcome: 0,
             grpc: 0,
             failed_grpc: 0,
@@ -240,14 +245,15 @@ impl Stats {
         let n = |k| self.paths.get(k).copied().unwrap_or(0);
         let t = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
         format!(
-            "paths: mesh={} ca_direct={} direct={} first_off_mesh_unix_ms={} last_off_mesh_unix_ms={} failed_idempotent={} unknown_outcome={}",
+            "paths: mesh={} ca_direct={} direct={} first_off_mesh_unix_ms={} last_off_mesh_unix_ms={} failed_idempotent={} unknown_outcome={} replayed={}",
             n("mesh"),
             n("ca_direct"),
             n("direct"),
             t(self.first_off_mesh_unix_ms),
             t(self.last_off_mesh_unix_ms),
             self.failed_idempotent,
-            self.unknown_outcome
+            self.unknown_outcome,
+            self.replayed
         )
     }
 
@@ -311,15 +317,23 @@ impl Stats {
         self.late_starts += u64::from(late);
     }
 
-    pub(crate) fn record(&mut self, outcome: &Outcome, kind: MethodKind, latency: Duration) {
+    /// Counts one request of `kind`; `idempotent`: it may be sent twice (its method, or a key).
+    pub(crate) fn record(
+        &mut self,
+        outcome: &Outcome,
+        kind: MethodKind,
+        idempotent: bool,
+        latency: Duration,
+    ) {
         self.sent += 1;
+        self.replayed += u64::from(outcome.replayed);
         let us = (latency.as_micros() as u64).max(1);
         if kind == MethodKind::Stream {
             self.streams += 1;
             let _ = self.stream_us.record(us);
         } else {
             let _ = self.latency_us.record(us);
-            let by_kind = if kind.idempotent() {
+            let by_kind = if idempotent {
                 &mut self.latency_idem_us
             } else {
                 &mut self.latency_non_idem_us
@@ -351,7 +365,7 @@ impl Stats {
             None => self.ok += 1,
             Some(failure) => {
                 self.failed += 1;
-                if kind.idempotent() {
+                if idempotent {
                     self.failed_idempotent += 1;
                 }
                 match kind {
@@ -377,6 +391,8 @@ pub(crate) struct Outcome {
     pub served_by: Option<String>,
     /// The path that answered.
     pub path: Option<PathTaken>,
+    /// The provider answered from its record of the request's idempotency key.
+    pub replayed: bool,
 }
 
 impl Outcome {
@@ -399,15 +415,27 @@ mod tests {
             failure: None,
             served_by: Some("a".into()),
             path: Some(PathTaken::Direct),
+            replayed: false,
         };
-        let bad = Outcome {
-            failure: Some("outcome_unknown".into()),
-            served_by: None,
-            path: None,
-        };
-        s.record(&ok, MethodKind::Get, Duration::from_millis(2));
-        s.record(&bad, MethodKind::Post, Duration::from_millis(4));
-        s.record(&bad, MethodKind::Get, Duration::from_millis(4));
+        let bad = Outcome::failed("outcome_unknown");
+        s.record(
+            &ok,
+            MethodKind::Get,
+            MethodKind::Get.idempotent(),
+            Duration::from_millis(2),
+        );
+        s.record(
+            &bad,
+            MethodKind::Post,
+            MethodKind::Post.idempotent(),
+            Duration::from_millis(4),
+        );
+        s.record(
+            &bad,
+            MethodKind::Get,
+            MethodKind::Get.idempotent(),
+            Duration::from_millis(4),
+        );
         assert_eq!((s.sent, s.ok, s.failed), (3, 1, 2));
         assert_eq!(s.failed_idempotent, 1);
         assert_eq!(s.unknown_outcome, 2);
@@ -423,9 +451,24 @@ mod tests {
             "{}",
             s.latency_line()
         );
-        s.record(&ok, MethodKind::Stream, Duration::from_millis(2000));
-        s.record(&bad, MethodKind::Stream, Duration::from_millis(700));
-        s.record(&bad, MethodKind::Grpc, Duration::from_millis(1));
+        s.record(
+            &ok,
+            MethodKind::Stream,
+            MethodKind::Stream.idempotent(),
+            Duration::from_millis(2000),
+        );
+        s.record(
+            &bad,
+            MethodKind::Stream,
+            MethodKind::Stream.idempotent(),
+            Duration::from_millis(700),
+        );
+        s.record(
+            &bad,
+            MethodKind::Grpc,
+            MethodKind::Grpc.idempotent(),
+            Duration::from_millis(1),
+        );
         assert_eq!((s.sent, s.failed, s.failed_idempotent), (6, 4, 1));
         assert_eq!(
             (s.streams, s.failed_streams, s.grpc, s.failed_grpc),
@@ -439,6 +482,14 @@ mod tests {
             "{}",
             s.kinds_line()
         );
+        // A keyed POST is idempotent; an answer from the key's record is counted.
+        let replayed = Outcome {
+            replayed: true,
+            ..Outcome::default()
+        };
+        s.record(&replayed, MethodKind::Post, true, Duration::from_millis(1));
+        s.record(&bad, MethodKind::Post, true, Duration::from_millis(1));
+        assert_eq!((s.failed_idempotent, s.replayed), (2, 1));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | `/status/NNN` | answers with status NNN |
 //! | `…?forge=REASON` | adds `x-detour-error: REASON` to the answer (as a provider forging the mesh's header would) |
 //! | `GET /healthz` | 200 `ok`, or 503 after [`DemoProvider::set_healthy`]`(false)`; not counted |
+//! | `idempotency-key: K` on a POST, PUT or gRPC call | carried out once per key ([`Dedupe`]): a POST's answer is `{bytes} carried out by {instance}`; a repeat of the key gets the first answer with `idempotent-replayed: true`; a bad key gets 400 |
 //!
 //! Every answer carries `x-served-by: {instance}`.
 
@@ -23,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use detour_core::BoxBody;
 use detour_core::body::{boxed, full};
+use detour_thin_sdk::dedupe::{Dedupe, IdempotencyKey, MemoryStore};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -36,6 +38,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 /// The header naming the instance that answered.
 pub const SERVED_BY: &str = "x-served-by";
+/// On the answer to a repeated idempotency key: the key's first answer, not carried out again.
+pub const REPLAYED: &str = "idempotent-replayed";
 /// The gRPC status header (in the trailers, or in the head of a trailers-only answer).
 pub const GRPC_STATUS: &str = "grpc-status";
 /// The largest gRPC request echoed.
@@ -59,13 +63,27 @@ impl Drop for DemoProvider {
 }
 
 impl DemoProvider {
-    /// Binds `addr` (port 0 for any) and serves as `instance`.
+    /// Binds `addr` (port 0 for any) and serves as `instance`, keeping the records of
+    /// idempotency keys in its memory.
     pub async fn start(addr: SocketAddr, instance: &str) -> std::io::Result<DemoProvider> {
+        DemoProvider::start_with(addr, instance, Dedupe::new(MemoryStore::default())).await
+    }
+
+    /// As [`DemoProvider::start`], with the records of idempotency keys in `dedupe` (shared
+    /// with other instances when its store is).
+    pub async fn start_with(
+        addr: SocketAddr,
+        instance: &str,
+        dedupe: Dedupe,
+    ) -> std::io::Result<DemoProvider> {
         // A deep accept queue, as a real server has: bursts of connects (a caller's retries
         // when its sidecar hangs) must not be dropped by the kernel.
         let listener = detour_core::listen_tcp(addr)?;
         let addr = listener.local_addr()?;
-        let counts = Arc::new(Counts::default());
+        let counts = Arc::new(Counts {
+            dedupe: Some(dedupe),
+            ..Counts::default()
+        });
         let instance = HeaderValue::from_str(instance)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let task = tokio::spawn(serve(listener, instance, counts.clone()));
@@ -80,6 +98,16 @@ impl DemoProvider {
     /// Requests answered so far.
     pub fn served(&self) -> u64 {
         self.counts.served.load(Ordering::Relaxed)
+    }
+
+    /// Keyed requests answered with their key's first answer (not carried out again).
+    pub fn replayed(&self) -> u64 {
+        self.counts.replayed.load(Ordering::Relaxed)
+    }
+
+    /// Keyed requests carried out (their work done and their record made).
+    pub fn carried_out(&self) -> u64 {
+        self.counts.carried_out.load(Ordering::Relaxed)
     }
 
     /// Requests whose head arrived so far (answered or not yet).
@@ -110,6 +138,12 @@ struct Counts {
     unhealthy: AtomicBool,
     /// Waited before every answer (ms).
     delay_ms: AtomicU64,
+    /// Keyed requests answered from their key's record.
+    replayed: AtomicU64,
+    /// Keyed requests carried out.
+    carried_out: AtomicU64,
+    /// Where keyed requests are carried out once.
+    dedupe: Option<Dedupe>,
 }
 
 async fn serve(listener: TcpListener, instance: HeaderValue, served: Arc<Counts>) {
@@ -170,19 +204,42 @@ async fn answer(
         .and_then(|s| s.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok());
     let is_post = req.method() == Method::POST || req.method() == Method::PUT;
+    let key = match IdempotencyKey::of(req.headers()) {
+        Ok(key) => key.filter(|_| grpc || is_post),
+        Err(e) => {
+            counts.served.fetch_add(1, Ordering::Relaxed);
+            let mut resp = Response::new(full(Bytes::from(format!("{e}\n"))));
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+            return resp;
+        }
+    };
     let (received, kept) = read_body(req.into_body(), grpc).await;
     let delay = counts.delay_ms.load(Ordering::Relaxed) + wait_ms.unwrap_or(0);
+    if let Some(key) = key {
+        let resp = keyed_answer(&counts, &key, grpc, (received, kept), delay, &instance).await;
+        return finish(resp, forced, instance, forged);
+    }
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     counts.served.fetch_add(1, Ordering::Relaxed);
-    let mut resp = if grpc {
+    let resp = if grpc {
         grpc_answer(kept, received)
     } else if let Some(n) = chunks.filter(|_| !is_post) {
         stream_answer(n, Duration::from_millis(every_ms))
     } else {
         plain_answer(is_post, received, &instance)
     };
+    finish(resp, forced, instance, forged)
+}
+
+/// `resp` with the status a request forced and the headers every answer carries.
+fn finish(
+    mut resp: Response<BoxBody>,
+    forced: Option<StatusCode>,
+    instance: HeaderValue,
+    forged: Option<HeaderValue>,
+) -> Response<BoxBody> {
     if let Some(s) = forced {
         *resp.status_mut() = s;
     }
@@ -192,6 +249,61 @@ async fn answer(
             .insert(detour_core::failure::ERROR_HEADER, v);
     }
     resp
+}
+
+/// The answer to a keyed request: carried out (after `delay_ms`) the first time its key is
+/// seen, its record replayed after that. A gRPC call's record is the message it echoed; a
+/// call over the size limit stores nothing.
+async fn keyed_answer(
+    counts: &Counts,
+    key: &IdempotencyKey,
+    grpc: bool,
+    (received, kept): (u64, Vec<u8>),
+    delay_ms: u64,
+    instance: &HeaderValue,
+) -> Response<BoxBody> {
+    let Some(dedupe) = &counts.dedupe else {
+        return plain_answer(true, received, instance);
+    };
+    let ok = !grpc || received as usize == kept.len();
+    let run = || async move {
+        if delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        }
+        if !ok {
+            return Err("the gRPC message is over the limit");
+        }
+        counts.carried_out.fetch_add(1, Ordering::Relaxed);
+        Ok(if grpc {
+            Bytes::from(kept)
+        } else {
+            let by = instance.to_str().unwrap_or("?");
+            Bytes::from(format!("{received} carried out by {by}\n"))
+        })
+    };
+    let once = dedupe.once(key, run).await;
+    counts.served.fetch_add(1, Ordering::Relaxed);
+    match once {
+        Ok(once) => {
+            let mut resp = if grpc {
+                grpc_answer(once.record.to_vec(), once.record.len() as u64)
+            } else {
+                Response::new(full(once.record))
+            };
+            if once.replayed {
+                counts.replayed.fetch_add(1, Ordering::Relaxed);
+                resp.headers_mut()
+                    .insert(REPLAYED, HeaderValue::from_static("true"));
+            }
+            resp
+        }
+        Err(_) if grpc => grpc_answer(Vec::new(), 1),
+        Err(e) => {
+            let mut resp = Response::new(full(Bytes::from(format!("{e}\n"))));
+            *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            resp
+        }
+    }
 }
 
 /// The answer to `/healthz`: 200, or 503 while the provider is told to be unhealthy.
@@ -277,4 +389,54 @@ fn stream_answer(n: u64, every: Duration) -> Response<BoxBody> {
         }
     });
     Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use detour_thin_sdk::dedupe::DirStore;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One HTTP/1.1 exchange on a new connection: the answer as text.
+    async fn exchange(addr: SocketAddr, head: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn post(key: &str) -> String {
+        format!(
+            "POST / HTTP/1.1\r\nhost: x\r\nidempotency-key: {key}\r\ncontent-length: 3\r\n\
+             connection: close\r\n\r\nabc"
+        )
+    }
+
+    #[tokio::test]
+    async fn instances_sharing_a_dedupe_directory_carry_a_key_out_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let start = |name: &'static str| {
+            let store = DirStore::open(dir.path(), hour).unwrap();
+            DemoProvider::start_with("127.0.0.1:0".parse().unwrap(), name, Dedupe::new(store))
+        };
+        let (a, b) = (start("a").await.unwrap(), start("b").await.unwrap());
+        let first = exchange(a.addr(), &post("order-1")).await;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        assert!(first.ends_with("3 carried out by a\n"), "{first}");
+        assert!(!first.contains(REPLAYED), "{first}");
+        let again = exchange(b.addr(), &post("order-1")).await;
+        assert!(again.ends_with("3 carried out by a\n"), "{again}");
+        assert!(again.contains("idempotent-replayed: true"), "{again}");
+        assert!(again.contains("x-served-by: b"), "{again}");
+        assert_eq!((a.carried_out(), b.carried_out(), b.replayed()), (1, 0, 1));
+        // Another key runs; a bad key is refused, not carried out unprotected.
+        let other = exchange(b.addr(), &post("order-2")).await;
+        assert!(other.ends_with("3 carried out by b\n"), "{other}");
+        let bad = exchange(b.addr(), &post("two\tparts")).await;
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+        assert_eq!(b.carried_out(), 1);
+    }
 }

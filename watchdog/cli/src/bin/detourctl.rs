@@ -153,6 +153,15 @@ enum Command {
         /// Wait this long before every answer, milliseconds (a slow provider).
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Keep the records of idempotency keys in this directory, which instances share
+        /// (a request repeated at another instance is not carried out again); default: in
+        /// memory, for this instance alone.
+        #[arg(long)]
+        dedupe_dir: Option<std::path::PathBuf>,
+        /// How long a record of an idempotency key is kept, seconds (a repeat after that runs
+        /// again).
+        #[arg(long, default_value_t = 3600)]
+        dedupe_ttl_secs: u64,
     },
     /// Print a sidecar config for a trial host (what tests, chaos and bench scripts start):
     /// every listener on --ip, port 0; the outbound Unix socket; mutual TLS from
@@ -268,6 +277,11 @@ struct LoadArgs {
     /// (long streams apart; at most 100,000).
     #[arg(long, value_parser = slow_ms)]
     list_slow_ms: Option<f64>,
+    /// Give every POST, PUT and gRPC call an idempotency key (`idempotency-key: RUN-N`, RUN
+    /// random per run): the provider carries each out once, and the mesh may send it again
+    /// when its outcome is unknown. Their failures then count as idempotent ones.
+    #[arg(long)]
+    keys: bool,
 }
 
 /// `--list-slow-ms`: a finite, positive number of milliseconds.
@@ -329,6 +343,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             interface,
             release_grace_ms,
             delay_ms,
+            dedupe_dir,
+            dedupe_ttl_secs,
         } => {
             let zk = zookeeper.zip(interface);
             provider_cmd(
@@ -337,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 addr_file,
                 zk,
                 (release_grace_ms, delay_ms),
+                (dedupe_dir, std::time::Duration::from_secs(dedupe_ttl_secs)),
             )
             .await
         }
@@ -397,8 +414,17 @@ async fn provider_cmd(
     addr_file: Option<std::path::PathBuf>,
     zk: Option<(String, String)>,
     (release_grace_ms, delay_ms): (u64, u64),
+    (dedupe_dir, dedupe_ttl): (Option<std::path::PathBuf>, std::time::Duration),
 ) -> anyhow::Result<ExitCode> {
-    let provider = DemoProvider::start(listen, instance).await?;
+    use detour_thin_sdk::dedupe::{Dedupe, DirStore, MemoryStore};
+    let dedupe = match dedupe_dir {
+        Some(dir) => Dedupe::new(
+            DirStore::open(&dir, dedupe_ttl)
+                .map_err(|e| anyhow::anyhow!("dedupe directory {}: {e}", dir.display()))?,
+        ),
+        None => Dedupe::new(MemoryStore::new(100_000, dedupe_ttl)),
+    };
+    let provider = DemoProvider::start_with(listen, instance, dedupe).await?;
     provider.set_delay_ms(delay_ms);
     let registration = zk.map(|(servers, iface)| {
         let url = zk_publish::provider_url(provider.addr(), &iface, instance, 100);
@@ -420,7 +446,11 @@ async fn provider_cmd(
         println!("provider: {instance} de-registered; serving {release_grace_ms} ms more");
         tokio::time::sleep(std::time::Duration::from_millis(release_grace_ms)).await;
     }
-    println!("provider: {instance} served {}", provider.served());
+    println!(
+        "provider: {instance} served {} ({} keyed requests replayed)",
+        provider.served(),
+        provider.replayed()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -527,6 +557,9 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         slow: args
             .list_slow_ms
             .map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+        keys: args
+            .keys
+            .then(|| detour_thin_sdk::dedupe::IdempotencyKey::random().to_string()),
     };
     let progress = args.progress;
     let stats = load::run(
