@@ -11,7 +11,8 @@
 # each: of every 20 requests one long stream (20 chunks over about 2 s), two gRPC unary calls
 # and GET and POST alternating; HTTP/1.1 from h1 and HTTP/2 from hc (gRPC is HTTP/2 from both).
 # Every POST and gRPC call carries an idempotency key (`detourctl load --keys`) and the demo
-# providers keep the keys' records in one directory they share (`--dedupe-dir`), so a POST
+# providers keep the keys' records in one directory they share (`--dedupe-dir`, on /dev/shm
+# when there is one), so a POST
 # whose outcome a kill -9 left unknown is sent again and carried out once, and counts as
 # idempotent; with --no-keys they carry none, and such POSTs end as outcome unknown. First a fault-free baseline (a quarter
 # of the duration, at most 60 s), then the soak proper with faults scheduled from SEED (the
@@ -52,13 +53,21 @@ SOAK=$(( TOTAL - BASE ))
 RATE=$RATE_ARG
 source "$(dirname "$0")/lib.sh"
 # Processes restarted by a fault run in subshells: stop everything of this run by its path too.
-soak_cleanup() { { pkill -KILL -f -- "$TMP/" || true; cleanup; } 2>/dev/null; }
+soak_cleanup() {
+  { pkill -KILL -f -- "$TMP/" || true; cleanup; } 2>/dev/null
+  case "${DEDUPE_DIR:-}" in /dev/shm/detour-dedupe.*) rm -rf "$DEDUPE_DIR" ;; esac
+}
 trap soak_cleanup EXIT
 WATCHED=yes
 MOVES=no
 ensure_binaries
-LOAD_KEYS=()
-if [ "$KEYS" = yes ]; then PROVIDER_ARGS=(--dedupe-dir "$TMP/dedupe" --dedupe-ttl-secs 120); LOAD_KEYS=(--keys); fi
+LOAD_KEYS=() DEDUPE_DIR=
+if [ "$KEYS" = yes ]; then
+  # The providers' shared record of keys, in memory (tmpfs) where the machine has one: as a
+  # provider's database would, it keeps its files off the disk's journal.
+  if [ -d /dev/shm ] && [ -w /dev/shm ]; then DEDUPE_DIR=$(mktemp -d /dev/shm/detour-dedupe.XXXXXX); else DEDUPE_DIR=$TMP/dedupe; fi
+  PROVIDER_ARGS=(--dedupe-dir "$DEDUPE_DIR" --dedupe-ttl-secs 120); LOAD_KEYS=(--keys)
+fi
 command -v etcd >/dev/null || { echo "soak: etcd is required (tests/setup.sh installs it)" >&2; exit 1; }
 
 echo "soak: seed=$SEED duration=${TOTAL}s (baseline ${BASE}s, faults ${SOAK}s) rate=$RATE hosts=$HOSTS keys=$KEYS tmp=$TMP" >&2

@@ -165,36 +165,56 @@ impl Dedupe {
                 replayed: true,
             });
         }
-        let cell = self.running.lock().entry(key.clone()).or_default().clone();
+        let held = Held {
+            running: &self.running,
+            key,
+            cell: Some(self.running.lock().entry(key.clone()).or_default().clone()),
+        };
+        let cell = held.cell.as_ref().expect("held until dropped");
         let ran = AtomicBool::new(false);
-        let result = cell
-            .get_or_try_init(|| async {
-                ran.store(true, Ordering::Relaxed);
-                // Looked up again: the key may have been stored since the first look.
-                if let Some(record) = self.store.get(key)? {
-                    return Ok((record, true));
-                }
-                let record = run().await.map_err(|e| DedupeError::Run(e.to_string()))?;
-                if record.len() > MAX_RECORD {
-                    return Err(DedupeError::TooLarge(record.len()));
-                }
-                let (stored, first) = self.store.put_first(key, record)?;
-                Ok((stored, !first))
-            })
-            .await
-            .map(|(record, before)| Once {
-                record: record.clone(),
-                replayed: *before || !ran.load(Ordering::Relaxed),
-            });
-        self.forget(key, &cell);
-        result
+        cell.get_or_try_init(|| async {
+            ran.store(true, Ordering::Relaxed);
+            // Looked up again: the key may have been stored since the first look.
+            if let Some(record) = self.store.get(key)? {
+                return Ok((record, true));
+            }
+            let record = run().await.map_err(|e| DedupeError::Run(e.to_string()))?;
+            if record.len() > MAX_RECORD {
+                return Err(DedupeError::TooLarge(record.len()));
+            }
+            let (stored, first) = self.store.put_first(key, record)?;
+            Ok((stored, !first))
+        })
+        .await
+        .map(|(record, before)| Once {
+            record: record.clone(),
+            replayed: *before || !ran.load(Ordering::Relaxed),
+        })
     }
+}
 
-    /// Drops `key`'s running entry once nobody else holds it (its record is in the store).
-    fn forget(&self, key: &IdempotencyKey, cell: &Running) {
+/// One request's hold on its key's running entry. The last request to let go (answered,
+/// failed, or dropped with its caller gone) removes the entry: by then the record is in the
+/// store, or nobody waits for it.
+struct Held<'a> {
+    running: &'a Mutex<HashMap<IdempotencyKey, Running>>,
+    key: &'a IdempotencyKey,
+    cell: Option<Running>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let Some(cell) = self.cell.take() else {
+            return;
+        };
+        let ours = Arc::as_ptr(&cell);
+        drop(cell);
         let mut running = self.running.lock();
-        if running.get(key).is_some_and(|c| Arc::ptr_eq(c, cell)) && Arc::strong_count(cell) <= 2 {
-            running.remove(key);
+        if running
+            .get(self.key)
+            .is_some_and(|c| Arc::as_ptr(c) == ours && Arc::strong_count(c) == 1)
+        {
+            running.remove(self.key);
         }
     }
 }

@@ -94,6 +94,28 @@ async fn futures_join(tasks: Vec<tokio::task::JoinHandle<Once>>) -> Vec<Once> {
 }
 
 #[tokio::test]
+async fn a_request_dropped_while_it_runs_leaves_nothing_behind_and_its_key_runs_again() {
+    let dedupe = Dedupe::new(MemoryStore::default());
+    let runs = Arc::new(AtomicU32::new(0));
+    let first = {
+        let (dedupe, runs) = (dedupe.clone(), runs.clone());
+        tokio::spawn(async move { run_once(&dedupe, "gone", &runs, 10_000).await })
+    };
+    while runs.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    first.abort();
+    assert!(first.await.is_err(), "aborted");
+    assert!(
+        dedupe.running.lock().is_empty(),
+        "the dropped request's entry is gone"
+    );
+    let again = run_once(&dedupe, "gone", &runs, 0).await;
+    assert!(!again.replayed && again.record.as_ref() == b"run 2");
+    assert!(dedupe.running.lock().is_empty());
+}
+
+#[tokio::test]
 async fn a_failed_run_stores_nothing_and_the_key_runs_again() {
     let dedupe = Dedupe::new(MemoryStore::default());
     let failed = dedupe
