@@ -26,7 +26,7 @@ declare -A ZONE_OF=() # a host's zone (`zone` in its sidecar config), when set
 EXTRA_PIDS=()
 declare -A WATCHDOG_PID=()
 cleanup() {
-  local watched=() f
+  local status=$? watched=() f
   # Sidecars run by a watchdog are not this shell's children: their pid files name them.
   for f in "$TMP"/*/sidecar.pid; do
     [ -f "$f" ] && watched+=("$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$f")")
@@ -35,7 +35,12 @@ cleanup() {
     kill -CONT "$p" 2>/dev/null || true; kill -KILL "$p" 2>/dev/null || true
   done
   for p in "${PID_OF[@]}" "${WATCHDOG_PID[@]}" "${EXTRA_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  [ -n "${KEEP_TMP:-}" ] || rm -rf "$TMP"
+  # A failed scenario keeps its directory (every process's log, the load's output) to be read.
+  if [ -n "${KEEP_TMP:-}" ] || [ "$status" -ne 0 ]; then
+    echo "chaos: the run's directory is kept: $TMP" >&2
+  else
+    rm -rf "$TMP"
+  fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
