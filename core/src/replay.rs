@@ -34,11 +34,17 @@ pub fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
     if values.next().is_some() {
         return None;
     }
-    let bytes = value.as_bytes();
-    let valid = !bytes.is_empty()
+    valid_idempotency_key(value.as_bytes())
+        .then(|| value.to_str().ok())
+        .flatten()
+}
+
+/// Whether `bytes` are an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] visible ASCII
+/// characters.
+pub fn valid_idempotency_key(bytes: &[u8]) -> bool {
+    !bytes.is_empty()
         && bytes.len() <= MAX_IDEMPOTENCY_KEY
-        && bytes.iter().all(|b| b.is_ascii_graphic());
-    valid.then(|| value.to_str().ok()).flatten()
+        && bytes.iter().all(|b| b.is_ascii_graphic())
 }
 
 /// A request that can be rebuilt.

@@ -44,10 +44,7 @@ pub struct IdempotencyKey(String);
 impl IdempotencyKey {
     /// The key `s`, when valid.
     pub fn new(s: &str) -> Result<Self, DedupeError> {
-        let valid = !s.is_empty()
-            && s.len() <= MAX_IDEMPOTENCY_KEY
-            && s.bytes().all(|b| b.is_ascii_graphic());
-        if valid {
+        if detour_core::replay::valid_idempotency_key(s.as_bytes()) {
             Ok(IdempotencyKey(s.to_owned()))
         } else {
             Err(DedupeError::BadKey(format!(
@@ -137,6 +134,13 @@ pub struct Dedupe {
 impl std::fmt::Debug for Dedupe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dedupe").finish_non_exhaustive()
+    }
+}
+
+impl Default for Dedupe {
+    /// Over a [`MemoryStore`] of its defaults.
+    fn default() -> Self {
+        Dedupe::new(MemoryStore::default())
     }
 }
 

@@ -121,7 +121,9 @@ impl RecordStore for MemoryStore {
 /// error, never its record). A record is written to a file of its own and then linked to the
 /// key's name, which succeeds for one writer only. Files are not synced to disk: a record
 /// outlives its process, not its machine. A thread removes the files older than the store's
-/// time to live, every quarter of it, while the store is open.
+/// time to live, every quarter of it, while the store is open. `get` and `put_first` are
+/// blocking file operations made on the caller's thread: a few system calls each, meant for a
+/// local or memory-backed file system.
 #[derive(Debug)]
 pub struct DirStore {
     dir: PathBuf,

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use detour_core::BoxBody;
 use detour_core::body::{boxed, full};
-use detour_thin_sdk::dedupe::{Dedupe, IdempotencyKey, MemoryStore};
+use detour_thin_sdk::dedupe::{Dedupe, IdempotencyKey};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -66,7 +66,7 @@ impl DemoProvider {
     /// Binds `addr` (port 0 for any) and serves as `instance`, keeping the records of
     /// idempotency keys in its memory.
     pub async fn start(addr: SocketAddr, instance: &str) -> std::io::Result<DemoProvider> {
-        DemoProvider::start_with(addr, instance, Dedupe::new(MemoryStore::default())).await
+        DemoProvider::start_with(addr, instance, Dedupe::default()).await
     }
 
     /// As [`DemoProvider::start`], with the records of idempotency keys in `dedupe` (shared
@@ -81,7 +81,7 @@ impl DemoProvider {
         let listener = detour_core::listen_tcp(addr)?;
         let addr = listener.local_addr()?;
         let counts = Arc::new(Counts {
-            dedupe: Some(dedupe),
+            dedupe,
             ..Counts::default()
         });
         let instance = HeaderValue::from_str(instance)
@@ -143,7 +143,7 @@ struct Counts {
     /// Keyed requests carried out.
     carried_out: AtomicU64,
     /// Where keyed requests are carried out once.
-    dedupe: Option<Dedupe>,
+    dedupe: Dedupe,
 }
 
 async fn serve(listener: TcpListener, instance: HeaderValue, served: Arc<Counts>) {
@@ -262,9 +262,6 @@ async fn keyed_answer(
     delay_ms: u64,
     instance: &HeaderValue,
 ) -> Response<BoxBody> {
-    let Some(dedupe) = &counts.dedupe else {
-        return plain_answer(true, received, instance);
-    };
     let ok = !grpc || received as usize == kept.len();
     let run = || async move {
         if delay_ms > 0 {
@@ -281,7 +278,7 @@ async fn keyed_answer(
             Bytes::from(format!("{received} carried out by {by}\n"))
         })
     };
-    let once = dedupe.once(key, run).await;
+    let once = counts.dedupe.once(key, run).await;
     counts.served.fetch_add(1, Ordering::Relaxed);
     match once {
         Ok(once) => {
