@@ -85,6 +85,13 @@ macro_rules! name_type {
             }
         }
 
+        /// Looked up by its text (the derived `Hash` and `Eq` are the text's).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)

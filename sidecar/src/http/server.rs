@@ -26,11 +26,25 @@ use crate::process::lifecycle::Lifecycle;
 
 /// Something that answers proxied requests.
 pub trait Handler: Send + Sync + 'static {
-    /// Answers one request; mesh failures are answered, never returned.
+    /// Answers one request, which came on a connection `conn` describes; mesh failures are
+    /// answered, never returned.
     fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        conn: ConnInfo,
     ) -> impl Future<Output = Response<BoxBody>> + Send;
+}
+
+/// What a request's connection says of it: the verified identity of its caller (mutual TLS)
+/// and the connection's share of the providers, when there are. Handed to the handler with
+/// each request (two reference counts), not put in the request's extensions (which would
+/// allocate a map and a box for each).
+#[derive(Debug, Clone, Default)]
+pub struct ConnInfo {
+    /// The sidecar at the other end, as its certificate proved.
+    pub caller: Option<Caller>,
+    /// The connection's share of the providers.
+    pub share: Option<ConnShare>,
 }
 
 /// What every proxy connection needs to know.
@@ -260,8 +274,8 @@ fn spawn_conn<S, H>(
 #[derive(Debug, Clone)]
 pub struct ConnShare(pub Arc<tokio::sync::Semaphore>);
 
-/// The verified identity of the sidecar at the other end of a mutual-TLS connection, in every
-/// request's extensions.
+/// The verified identity of the sidecar at the other end of a mutual-TLS connection, in the
+/// [`ConnInfo`] of each of its requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller(pub crate::tls::identity::SpiffeId);
 
@@ -307,9 +321,9 @@ where
             opts.limits.max_in_flight_per_connection,
         )))
     });
-    let svc = conn_service(handler, activity.clone(), caller, share);
     let (_watcher, mut stop) = watch(lifecycle, &activity, opts.limits.idle_timeout);
     if !http2 {
+        let svc = conn_service::<H, Inline>(handler, activity, ConnInfo { caller, share });
         let conn = h1_server(opts).serve_connection(io, svc);
         tokio::pin!(conn);
         tokio::select! {
@@ -319,6 +333,7 @@ where
         conn.as_mut().graceful_shutdown();
         return Ok(conn.await?);
     }
+    let svc = conn_service::<H, Boxed>(handler, activity, ConnInfo { caller, share });
     let conn = h2_server(opts).serve_connection(io, svc);
     tokio::pin!(conn);
     let idled = tokio::select! {
@@ -336,41 +351,63 @@ where
     }
 }
 
-/// The service of one connection: each request gets the caller's identity and the
-/// connection's share (when there are), and counts as in flight until its response body has
-/// been sent or dropped.
-fn conn_service<H: Handler>(
+/// The service of one connection: each request goes to the handler with the connection's
+/// `conn`, and counts as in flight until its response body has been sent or dropped.
+fn conn_service<H: Handler, P: Place>(
     handler: Arc<H>,
     active: Arc<Activity>,
-    caller: Option<Caller>,
-    share: Option<ConnShare>,
+    conn: ConnInfo,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<BoxBody>,
     Error = Infallible,
     Future: Send + 'static,
 > + Clone {
-    service_fn(move |mut req: Request<Incoming>| {
+    service_fn(move |req: Request<Incoming>| {
         let h = handler.clone();
         let active = active.clone();
-        if let Some(c) = &caller {
-            req.extensions_mut().insert(c.clone());
-        }
-        if let Some(s) = &share {
-            req.extensions_mut().insert(s.clone());
-        }
+        let conn = conn.clone();
         async move {
             // In flight until its response *body* has been sent (or dropped): a stream whose
             // head went out long ago — a gRPC stream, a long download — keeps the connection
             // from counting as idle.
             active.begin();
             let guard = InFlight(active);
-            // Boxed: the handler's future is large, and hyper moves this one several times
-            // (into its dispatcher, into a task per HTTP/2 stream); a pointer moves instead.
-            let resp = Box::pin(h.handle(req)).await;
+            let resp = P::place(h.handle(req, conn)).await;
             Ok::<_, Infallible>(resp.map(|b| detour_core::body::with_guard(b, guard)))
         }
     })
+}
+
+/// Where a connection's service keeps the handler's future of each request. The future is
+/// large (several KiB: the route, its attempt and the pool's send, all inline).
+trait Place {
+    /// The future the service awaits.
+    type Out<F: Future + Send + 'static>: Future<Output = F::Output> + Send + 'static;
+    fn place<F: Future + Send + 'static>(f: F) -> Self::Out<F>;
+}
+
+/// Inline, for HTTP/1.1: hyper's HTTP/1.1 dispatcher keeps one request's future at a time in
+/// a box it allocated once for the connection, so a box per request would only add an
+/// allocation.
+struct Inline;
+
+impl Place for Inline {
+    type Out<F: Future + Send + 'static> = F;
+    fn place<F: Future + Send + 'static>(f: F) -> F {
+        f
+    }
+}
+
+/// Boxed, for HTTP/2: hyper moves each stream's future into a task of its own; a pointer
+/// moves instead of the whole future.
+struct Boxed;
+
+impl Place for Boxed {
+    type Out<F: Future + Send + 'static> = std::pin::Pin<Box<F>>;
+    fn place<F: Future + Send + 'static>(f: F) -> Self::Out<F> {
+        Box::pin(f)
+    }
 }
 
 /// The HTTP/1.1 server of a connection: head timeout and size limits from `opts`; at most

@@ -15,7 +15,11 @@ use super::*;
 struct Answer;
 
 impl Handler for Answer {
-    async fn handle(self: Arc<Self>, _req: Request<Incoming>) -> Response<BoxBody> {
+    async fn handle(
+        self: Arc<Self>,
+        _req: Request<Incoming>,
+        _conn: ConnInfo,
+    ) -> Response<BoxBody> {
         Response::new(detour_core::body::full("ok"))
     }
 }

@@ -34,9 +34,9 @@ use tracing::Instrument;
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::{Config, Provide};
 use crate::http::forward::{AttemptFailed, Upstream, attempt, next_hop, not_a_target};
-use crate::http::headers::{authority, service_of, strip_hop_by_hop};
+use crate::http::headers::{authority, service_name, strip_hop_by_hop, valid_service};
 use crate::http::respond::{MeshError, is_grpc};
-use crate::http::server::{Caller, Handler, ping_response};
+use crate::http::server::{Caller, ConnInfo, Handler, ping_response};
 use crate::inbound::providers::LocalProviders;
 use crate::policy::Policies;
 use crate::process::lifecycle::Lifecycle;
@@ -207,65 +207,68 @@ impl Inbound {
     /// request's time) rather than take them all; `None` when the connection has no share.
     async fn share_of(
         &self,
-        parts: &http::request::Parts,
+        conn: &ConnInfo,
     ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, MeshError> {
-        Ok(
-            match parts.extensions.get::<crate::http::server::ConnShare>() {
-                Some(s) => match s.0.clone().try_acquire_owned() {
-                    // A permit at hand: no timer.
-                    Ok(p) => Some(p),
-                    Err(_) => match tokio::time::timeout(
-                        self.cfg.request_timeout,
-                        s.0.clone().acquire_owned(),
-                    )
-                    .await
-                    {
-                        Ok(Ok(p)) => Some(p),
-                        _ => {
-                            metrics::counter!("detour_connection_share_exhausted_total")
-                                .increment(1);
-                            return Err(MeshError::new(
-                                MeshErrorKind::Overloaded,
-                                format!(
-                                    "this connection has {} requests with the providers of {}",
-                                    self.cfg.limits.max_in_flight_per_connection, self.cfg.host
-                                ),
-                            ));
-                        }
-                    },
+        Ok(match &conn.share {
+            Some(s) => match s.0.clone().try_acquire_owned() {
+                // A permit at hand: no timer.
+                Ok(p) => Some(p),
+                Err(_) => match tokio::time::timeout(
+                    self.cfg.request_timeout,
+                    s.0.clone().acquire_owned(),
+                )
+                .await
+                {
+                    Ok(Ok(p)) => Some(p),
+                    _ => {
+                        metrics::counter!("detour_connection_share_exhausted_total").increment(1);
+                        return Err(MeshError::new(
+                            MeshErrorKind::Overloaded,
+                            format!(
+                                "this connection has {} requests with the providers of {}",
+                                self.cfg.limits.max_in_flight_per_connection, self.cfg.host
+                            ),
+                        ));
+                    }
                 },
-                None => None,
             },
-        )
+            None => None,
+        })
     }
 
     async fn route(
         &self,
         mut parts: http::request::Parts,
         body: Incoming,
+        conn: &ConnInfo,
         metrics: &mut Option<Arc<ServiceMetrics>>,
         hop: &mut Span,
     ) -> Result<Response<BoxBody>, MeshError> {
-        let service = service_of(&parts, self.cfg.max_header_bytes)?;
+        let name = service_name(&parts, self.cfg.max_header_bytes)?;
+        let Some(served) = self.providers.get(name) else {
+            let service = valid_service(name)?;
+            if hop.is_recording() {
+                hop.rename(format!("pa {service}"));
+                hop.attr("detour.service", service.to_string());
+            }
+            return Err(MeshError::new(
+                MeshErrorKind::UnknownService,
+                format!("{service} is not provided on {}", self.cfg.host),
+            ));
+        };
+        let service = &served.provide.service;
         let hops = take_hops(&mut parts.headers);
         if hop.is_recording() {
             hop.rename(format!("pa {service}"));
             hop.attr("detour.service", service.to_string());
         }
-        let served = self.providers.get(&service);
-        metrics.clone_from(&served.map(|s| s.metrics.clone()));
-        let served = served.ok_or_else(|| {
-            MeshError::new(
-                MeshErrorKind::UnknownService,
-                format!("{service} is not provided on {}", self.cfg.host),
-            )
-        })?;
+        *metrics = Some(served.metrics.clone());
         let provider = &served.provide;
-        let target = (served.target.as_ref()).ok_or_else(|| not_a_target(&service))?;
-        let caller = parts.extensions.get::<Caller>();
-        self.admit(&service, provider, caller)?;
+        let target = (served.target.as_ref()).ok_or_else(|| not_a_target(service))?;
+        let caller = conn.caller.as_ref();
+        self.admit(service, provider, caller)?;
         let caller = caller.map(|c| &c.0);
-        let share = self.share_of(&parts).await?;
+        let share = self.share_of(conn).await?;
         let caller_value = caller.and_then(|c| HeaderValue::from_str(c.as_str()).ok());
         let (body, body_fault) = watched(body);
         let mut req = to_provider(Request::from_parts(parts, body), caller_value);
@@ -299,7 +302,7 @@ impl Inbound {
         };
         try_span.fail(|| failed.error.to_string());
         if let Outcome::NeverReached(_) = failed.outcome {
-            self.health.suspect(&service);
+            self.health.suspect(service);
         }
         Err(gave_up(failed, idempotent))
     }
@@ -335,7 +338,7 @@ fn gave_up(failed: AttemptFailed, idempotent: bool) -> MeshError {
 }
 
 impl Handler for Inbound {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<BoxBody> {
         let start = Instant::now();
         let (mut parts, body) = req.into_parts();
         if authority(&parts) == Some(CONTROL_AUTHORITY) && parts.uri.path() == PING_PATH {
@@ -353,12 +356,12 @@ impl Handler for Inbound {
             span.record("trace_id", tracing::field::display(t));
         }
         let pending = (self.access_log.as_ref()).filter(|l| l.wants()).map(|_| {
-            let caller = parts.extensions.get::<Caller>().map(|c| c.0.to_string());
+            let caller = conn.caller.as_ref().map(|c| c.0.to_string());
             Pending::of("inbound", &parts, caller, hop.trace_id())
         });
         let mut metrics = None;
         let method = hop.is_recording().then(|| parts.method.to_string());
-        let routed = (self.route(parts, body, &mut metrics, &mut hop))
+        let routed = (self.route(parts, body, &conn, &mut metrics, &mut hop))
             .instrument(span)
             .await;
         let (resp, path, error) = match routed {

@@ -45,8 +45,11 @@ impl Load {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    fn ejected(&self, now_ms: u64) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    /// Whether ejected at the time `now_ms` gives, which is read only for an endpoint ever
+    /// ejected (the usual pick reads no clock).
+    fn ejected(&self, now_ms: impl FnOnce() -> u64) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > now_ms()
     }
 }
 
@@ -178,7 +181,7 @@ impl Balancer {
         how: &Pick<'_>,
     ) -> Result<(&'a Endpoint, InFlight), NoPick> {
         let (limit, panic_percent, key) = (how.limit, how.panic_percent, how.key);
-        let now = now_unix_ms();
+        let now = std::cell::OnceCell::new();
         let mut pool: Candidates<'a> = {
             let mut loads = self.loads.lock();
             endpoints
@@ -189,7 +192,9 @@ impl Balancer {
         };
         // Ejected endpoints, and those their PA marked unhealthy, are passed over unless too
         // few are left (panic mode).
-        let usable = |(e, l): &(&Endpoint, Arc<Load>)| e.healthy && !l.ejected(now);
+        let usable = |(e, l): &(&Endpoint, Arc<Load>)| {
+            e.healthy && !l.ejected(|| *now.get_or_init(now_unix_ms))
+        };
         if let Some(zone) = how.zone {
             stay_in_zone(&mut pool, zone, usable);
         }
@@ -290,7 +295,7 @@ impl Balancer {
         let now = now_unix_ms();
         let ejected = {
             let loads = self.loads.lock();
-            loads.values().filter(|l| l.ejected(now)).count()
+            loads.values().filter(|l| l.ejected(|| now)).count()
         };
         if (ejected + 1) * 100 > total * usize::from(o.max_ejected_percent) {
             return false;

@@ -53,9 +53,9 @@ use tracing::Instrument;
 use crate::access_log::{AccessLog, Pending, Routed};
 use crate::config::Config;
 use crate::http::forward::{AttemptFailed, next_hop, not_a_target};
-use crate::http::headers::{authority, service_of, strip_hop_by_hop};
+use crate::http::headers::{authority, service_name, strip_hop_by_hop, valid_service};
 use crate::http::respond::{MeshError, is_grpc};
-use crate::http::server::{Handler, ping_response};
+use crate::http::server::{ConnInfo, Handler, ping_response};
 use crate::outbound::balance::{Balancer, InFlight, NoPick};
 use crate::outbound::budget::RetryBudget;
 use crate::outbound::control::ControlService;
@@ -166,6 +166,7 @@ impl Outbound {
                 let generation = self.policies.generation();
                 let policy = Arc::new(self.policies.of(service));
                 Arc::new(PerService {
+                    name: service.clone(),
                     target: Target::new(service.as_str()).ok(),
                     balancer: Balancer::new(self.cfg.balance),
                     metrics: ServiceMetrics::new(Direction::Outbound, service),
@@ -188,26 +189,37 @@ impl Outbound {
         info: &mut RouteInfo,
         hop: &mut Span,
     ) -> Result<(Response<BoxBody>, PathTaken), MeshError> {
-        let service = service_of(&parts, self.cfg.max_header_bytes)?;
-        let logged = self.note_service(&service, hop, info);
-        let set = self.endpoints_of(&service).await?;
-        let per = self.service(&service);
+        let name = service_name(&parts, self.cfg.max_header_bytes)?;
+        // A service routed before is found by the request's text, with its name: no name is
+        // allocated, and none validated again.
+        let known = self.services.lock().get(name).cloned();
+        let new_name;
+        let service = match &known {
+            Some(per) => &per.name,
+            None => {
+                new_name = valid_service(name)?;
+                &new_name
+            }
+        };
+        let logged = self.note_service(service, hop, info);
+        let set = self.endpoints_of(service).await?;
+        let per = known.clone().unwrap_or_else(|| self.service(service));
         info.per = Some(per.clone());
-        let target = (per.target.as_ref()).ok_or_else(|| not_a_target(&service))?;
-        let policy = per.begin(&self.policies, &service, start);
+        let target = (per.target.as_ref()).ok_or_else(|| not_a_target(service))?;
+        let policy = per.begin(&self.policies, service, start);
         let (deadline, balancer) = (start + policy.request_timeout, &per.balancer);
         balancer.retain(&set);
-        let routed = self.routes.route(&service, &RequestView::of(&parts), &set);
+        let routed = self.routes.route(service, &RequestView::of(&parts), &set);
         let mut flight = self.flight(parts, body, &policy).await?;
         let mut tried: Vec<InstanceId> = Vec::new();
         let zone = self.cfg.zone.as_ref();
         let pick = |tried: &[InstanceId]| routed.pick(balancer, &set, tried, &policy, zone);
         let (mut ep, mut in_flight) = (pick(&tried))
-            .map_err(|why| no_pick(&service, policy.max_concurrent_per_endpoint, why))?;
+            .map_err(|why| no_pick(service, policy.max_concurrent_per_endpoint, why))?;
         // Switched off by a gray rule or a rollback: straight to the providers (C→CA→P) —
         // except those reached through their PA only (the endpoint says so, or the service's
         // policy forbids paths that skip the PA): those always go through their PA.
-        let mesh_on = self.gray.mesh_on(&service);
+        let mesh_on = self.gray.mesh_on(service);
         let direct_ok = |ep: &Endpoint| policy.direct && ep.direct_allowed();
         let path_for = |ep: &Endpoint| !direct_ok(ep) || (mesh_on && self.via_pa_chosen(ep));
         let mut via_pa = path_for(ep);
@@ -215,11 +227,11 @@ impl Outbound {
         loop {
             let left = (deadline.checked_duration_since(Instant::now()))
                 .filter(|left| !left.is_zero())
-                .ok_or_else(|| timed_out(&service, &policy))?;
+                .ok_or_else(|| timed_out(service, &policy))?;
             attempts += 1;
             info.attempt(attempts, ep, logged);
             let t = Try {
-                service: &service,
+                service,
                 target,
                 ep,
                 n: attempts,
@@ -230,7 +242,7 @@ impl Outbound {
             let failed = match self.one_attempt(&t, &mut flight, hop).await {
                 Ok((resp, path)) => {
                     let eps = set.endpoints.len();
-                    let resp = answered(resp, balancer, in_flight, eps, &policy, (&service, ep));
+                    let resp = answered(resp, balancer, in_flight, eps, &policy, (service, ep));
                     return Ok((resp, path));
                 }
                 Err(f) => f,
@@ -350,7 +362,7 @@ impl Outbound {
 }
 
 impl Handler for Outbound {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, _conn: ConnInfo) -> Response<BoxBody> {
         let (mut parts, body) = req.into_parts();
         if authority(&parts) == Some(CONTROL_AUTHORITY) {
             return self.serve_control(Request::from_parts(parts, body)).await;

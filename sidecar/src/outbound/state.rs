@@ -40,6 +40,8 @@ pub struct Upstreams {
 
 /// What the CA keeps per service it routes.
 pub(super) struct PerService {
+    /// The service's name.
+    pub(super) name: ServiceName,
     /// The service's name as requests carry it to the next hop, parsed once (`None` for a
     /// name that is no authority, which the service's requests then fail on).
     pub(super) target: Option<Target>,

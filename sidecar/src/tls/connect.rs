@@ -8,8 +8,8 @@
 //! or that proved another identity, is a refusal ([`UntrustedPeer`]): the request is answered
 //! `untrusted-peer` and goes nowhere else.
 
+use detour_proto::fastmap::FastMap;
 use detour_proto::sync::Mutex;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ const MAX_CLAIMANTS: usize = 4;
 /// host claims any more is forgotten (`retain`, with the catalog).
 #[derive(Debug, Default)]
 pub struct PaHosts {
-    by_addr: Mutex<HashMap<SocketAddr, Claim>>,
+    by_addr: Mutex<FastMap<SocketAddr, Claim>>,
 }
 
 /// The hosts that claim one address, and the one proven to be there.
@@ -46,7 +46,7 @@ struct Claim {
 }
 
 impl PaHosts {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Claim>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<SocketAddr, Claim>> {
         self.by_addr.lock()
     }
 
@@ -69,7 +69,7 @@ impl PaHosts {
         }
     }
 
-    fn unclaim(map: &mut HashMap<SocketAddr, Claim>, host: &HostId, pa: SocketAddr) {
+    fn unclaim(map: &mut FastMap<SocketAddr, Claim>, host: &HostId, pa: SocketAddr) {
         if let Some(c) = map.get_mut(&pa) {
             c.claimants.retain(|h| h != host);
             if c.owner.as_ref() == Some(host) {
@@ -101,10 +101,13 @@ impl PaHosts {
     /// Whether `host`'s endpoints may use the PA at `pa`: not when the address has been proven
     /// to be another host's.
     pub fn may_use(&self, host: &HostId, pa: SocketAddr) -> Result<(), HostId> {
-        match self.lock().get(&pa).and_then(|c| c.owner.clone()) {
-            Some(owner) if &owner != host => {
+        // The owner is cloned only when it is another host (a request on the usual path
+        // allocates nothing here).
+        let map = self.lock();
+        match map.get(&pa).and_then(|c| c.owner.as_ref()) {
+            Some(owner) if owner != host => {
                 metrics::counter!("detour_pa_address_conflicts_total").increment(1);
-                Err(owner)
+                Err(owner.clone())
             }
             _ => Ok(()),
         }

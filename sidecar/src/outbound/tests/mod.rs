@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use super::{Outbound, Upstreams};
 use crate::config::Config;
-use crate::http::server::Handler;
+use crate::http::server::{ConnInfo, Handler};
 use crate::inbound::Inbound;
 use crate::inbound::providers::LocalProviders;
 use crate::outbound::control::ControlService;
@@ -245,7 +245,7 @@ impl World {
             Upstream::serve(move |req: Request<Incoming>| {
                 let (h, errors) = (outbound.clone(), errors.clone());
                 async move {
-                    let resp = h.handle(req).await;
+                    let resp = h.handle(req, ConnInfo::default()).await;
                     if resp.headers().contains_key(ERROR_HEADER) {
                         errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -292,7 +292,7 @@ fn serve<H: Handler>(net: &MemoryNet, at: Dial, handler: Arc<H>) {
         at,
         Upstream::serve(move |req: Request<Incoming>| {
             let h = handler.clone();
-            async move { Ok::<_, Abort>(h.handle(req).await) }
+            async move { Ok::<_, Abort>(h.handle(req, ConnInfo::default()).await) }
         }),
     );
 }
