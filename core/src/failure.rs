@@ -39,6 +39,18 @@ pub fn take_hops(headers: &mut HeaderMap) -> u32 {
         .unwrap_or(0)
 }
 
+/// Removes every mesh header ([`strip_mesh_headers`]) and returns the hop count among them
+/// ([`take_hops`]): one pass over the names, and no lookup, for a request that carries none (an
+/// app's usual request).
+pub fn take_mesh_headers(headers: &mut HeaderMap) -> u32 {
+    if !headers.keys().any(is_mesh_header) {
+        return 0;
+    }
+    let hops = take_hops(headers);
+    strip_mesh_headers(headers);
+    hops
+}
+
 /// Every reason the mesh itself can fail a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MeshErrorKind {
@@ -299,6 +311,21 @@ fn is_mesh_header(name: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mesh_headers_go_and_the_hop_count_among_them_is_read() {
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        assert_eq!(take_mesh_headers(&mut h), 0);
+        assert_eq!(h.len(), 1);
+        h.insert(HOPS_NAME, HeaderValue::from_static("3"));
+        h.insert("x-detour-anything", HeaderValue::from_static("x"));
+        assert_eq!(take_mesh_headers(&mut h), 3);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+        h.insert(HOPS_NAME, HeaderValue::from_static("many"));
+        assert_eq!(take_mesh_headers(&mut h), 0);
+        assert_eq!(h.len(), 1);
+    }
 
     #[test]
     fn every_kind_round_trips_through_its_header() {

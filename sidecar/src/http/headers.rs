@@ -14,6 +14,9 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// The lengths of the names in [`HOP_BY_HOP`] and of `te`.
+const HOP_BY_HOP_LENGTHS: [usize; 6] = [2, 7, 10, 16, 17, 19];
+
 /// The request's target authority without a port: `:authority` for HTTP/2, `Host` for
 /// HTTP/1.1.
 pub fn authority(parts: &Parts) -> Option<&str> {
@@ -138,9 +141,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; HOP_BY_HOP.len()];
     let mut te = false;
     for k in headers.keys() {
+        let name = k.as_str();
+        // Only a name of a hop-by-hop header's length is compared (most names are not).
+        if !HOP_BY_HOP_LENGTHS.contains(&name.len()) {
+            continue;
+        }
         if k == header::TE {
             te = true;
-        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h.as_str() == name) {
             present[i] = true;
         }
     }
@@ -319,6 +327,15 @@ mod tests {
         assert_eq!(p.headers["te"], "trailers");
         assert_eq!(p.headers["x-keep"], "1");
         assert!(head_size(&p) > 10);
+    }
+
+    #[test]
+    fn the_lengths_are_those_of_the_hop_by_hop_names() {
+        let mut lengths: Vec<usize> = HOP_BY_HOP.iter().map(|h| h.as_str().len()).collect();
+        lengths.push(header::TE.as_str().len());
+        lengths.sort_unstable();
+        lengths.dedup();
+        assert_eq!(lengths, HOP_BY_HOP_LENGTHS);
     }
 
     #[test]

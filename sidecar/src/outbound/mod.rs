@@ -36,7 +36,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use detour_core::body::{boxed, watched, with_guard};
-use detour_core::failure::{MeshErrorKind, PATH_NAME, strip_mesh_headers, take_hops};
+use detour_core::failure::{MeshErrorKind, PATH_NAME, take_mesh_headers};
 use detour_core::replay::{Held, PrepareError, is_idempotent, prepare};
 use detour_core::route::RequestView;
 use detour_core::trace::{Span, SpanKind, Tracer};
@@ -323,8 +323,7 @@ impl Outbound {
         let (body, body_fault) = watched(body);
         let mut req = Request::from_parts(parts, body);
         strip_hop_by_hop(req.headers_mut());
-        let hops = take_hops(req.headers_mut());
-        strip_mesh_headers(req.headers_mut());
+        let hops = take_mesh_headers(req.headers_mut());
         next_hop(hops, req.headers_mut())?;
         if policy.connect_timeout != self.cfg.connect_timeout {
             req.extensions_mut()
