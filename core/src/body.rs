@@ -80,15 +80,16 @@ impl CallerBodyFault {
     }
 }
 
-/// `body`, boxed, and watched for a failure of its own when it has anything to stream (an
-/// ended body can fail no more: no watch, no allocation).
+/// `body`, boxed, and watched for a failure of its own when it has anything to stream. An
+/// ended body can fail no more and has nothing to send: it is replaced by an empty one (no
+/// watch, and no allocation: the empty body has no size to box).
 pub fn watched<B>(body: B) -> (BoxBody, Option<CallerBodyFault>)
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     if body.is_end_stream() {
-        return (boxed(body), None);
+        return (empty(), None);
     }
     let fault = CallerBodyFault::default();
     let body = Watched {

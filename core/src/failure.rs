@@ -39,6 +39,15 @@ pub fn take_hops(headers: &mut HeaderMap) -> u32 {
         .unwrap_or(0)
 }
 
+/// The hop count `headers` carry ([`HOPS_NAME`]), left in place for the sidecar to set one
+/// higher where it is: 0 when absent or unreadable.
+pub fn hops_of(headers: &HeaderMap) -> u32 {
+    headers
+        .get(HOPS_NAME)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Removes every mesh header ([`strip_mesh_headers`]) and returns the hop count among them
 /// ([`take_hops`]): one pass over the names, and no lookup, for a request that carries none (an
 /// app's usual request).
@@ -290,15 +299,18 @@ impl PathTaken {
 /// Removes every `x-detour-*` header (those of a provider, or of a hop whose word has already
 /// been read): only the sidecar that hands a response on may set them.
 pub fn strip_mesh_headers(headers: &mut HeaderMap) {
+    strip_mesh_headers_but(headers, None);
+}
+
+/// [`strip_mesh_headers`], but the header `keep` stays (the hop count, which the sidecar sets
+/// one higher in place: one lookup instead of a removal and an insertion).
+pub fn strip_mesh_headers_but(headers: &mut HeaderMap, keep: Option<&HeaderName>) {
+    let goes = |n: &HeaderName| is_mesh_header(n) && Some(n) != keep;
     // Fast path: nothing to do on the usual provider response.
-    if !headers.keys().any(is_mesh_header) {
+    if !headers.keys().any(goes) {
         return;
     }
-    let names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_mesh_header(n))
-        .cloned()
-        .collect();
+    let names: Vec<HeaderName> = headers.keys().filter(|n| goes(n)).cloned().collect();
     for n in names {
         headers.remove(n);
     }
@@ -325,6 +337,22 @@ mod tests {
         h.insert(HOPS_NAME, HeaderValue::from_static("many"));
         assert_eq!(take_mesh_headers(&mut h), 0);
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn the_hop_count_can_stay_while_every_other_mesh_header_goes() {
+        let mut h = HeaderMap::new();
+        h.insert(HOPS_NAME, HeaderValue::from_static("4"));
+        h.insert("x-detour-path", HeaderValue::from_static("mesh"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        assert_eq!(hops_of(&h), 4);
+        strip_mesh_headers_but(&mut h, Some(&HOPS_NAME));
+        let mut keys: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["x-detour-hops", "x-keep"]);
+        strip_mesh_headers(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+        assert_eq!(hops_of(&h), 0);
     }
 
     #[test]

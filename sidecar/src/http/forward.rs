@@ -30,7 +30,7 @@ pub struct AttemptFailed {
 }
 
 /// Sets the hop count of the request this sidecar sends on one higher than `hops`, the count
-/// it arrived with (`take_hops`, before its mesh headers are removed); a request that has
+/// it arrived with (`take_hops` or `hops_of`, before its mesh headers are removed); a request that has
 /// passed [`MAX_HOPS`] sidecars already is refused as a forwarding loop (`malformed-request`:
 /// final, sent nowhere, and no sign of sickness).
 pub fn next_hop(hops: u32, headers: &mut http::HeaderMap) -> Result<(), MeshError> {
@@ -44,10 +44,17 @@ pub fn next_hop(hops: u32, headers: &mut http::HeaderMap) -> Result<(), MeshErro
     const COUNTS: [&str; MAX_HOPS as usize] = [
         "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
     ];
-    headers.insert(
-        HOPS_NAME,
-        http::HeaderValue::from_static(COUNTS[hops as usize]),
-    );
+    let value = http::HeaderValue::from_static(COUNTS[hops as usize]);
+    // Where the request still carries its count (a PA's), set in place, every other value of
+    // it gone: one lookup.
+    match headers.entry(HOPS_NAME) {
+        http::header::Entry::Occupied(mut e) => {
+            e.insert(value);
+        }
+        http::header::Entry::Vacant(e) => {
+            e.insert(value);
+        }
+    }
     Ok(())
 }
 
@@ -207,6 +214,13 @@ mod tests {
             let expected = (hops + 1).to_string();
             assert_eq!(h.get(HOPS_NAME).unwrap().to_str().unwrap(), expected);
         }
+        // A count already there is replaced, every value of it.
+        let mut h = http::HeaderMap::new();
+        h.append(HOPS_NAME, http::HeaderValue::from_static("2"));
+        h.append(HOPS_NAME, http::HeaderValue::from_static("0"));
+        next_hop(2, &mut h).unwrap();
+        let all: Vec<_> = h.get_all(HOPS_NAME).iter().collect();
+        assert_eq!(all, ["3"]);
         let mut h = http::HeaderMap::new();
         let e = next_hop(MAX_HOPS, &mut h).unwrap_err();
         assert_eq!(e.kind, MeshErrorKind::MalformedRequest);

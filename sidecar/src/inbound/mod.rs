@@ -20,7 +20,9 @@ use tokio::time::Instant;
 
 use detour_core::body::watched;
 use detour_core::decide::{Alternatives, Next, Outcome, Part, RequestKind, decide};
-use detour_core::failure::{CALLER_NAME, MeshErrorKind, strip_mesh_headers, take_hops};
+use detour_core::failure::{
+    CALLER_NAME, HOPS_NAME, MeshErrorKind, hops_of, strip_mesh_headers, strip_mesh_headers_but,
+};
 use detour_core::replay::is_idempotent;
 use detour_core::trace::{Span, SpanKind, Tracer};
 use detour_core::transport::Target;
@@ -238,7 +240,7 @@ impl Inbound {
 
     async fn route(
         &self,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         body: Incoming,
         conn: &ConnInfo,
         metrics: &mut Option<Arc<ServiceMetrics>>,
@@ -257,7 +259,7 @@ impl Inbound {
             ));
         };
         let service = &served.provide.service;
-        let hops = take_hops(&mut parts.headers);
+        let hops = hops_of(&parts.headers);
         if hop.is_recording() {
             hop.rename(format!("pa {service}"));
             hop.attr("detour.service", service.to_string());
@@ -313,7 +315,8 @@ impl Inbound {
 /// from this PA only, never from the caller.
 fn to_provider(mut req: Request<BoxBody>, caller: Option<HeaderValue>) -> Request<BoxBody> {
     strip_hop_by_hop(req.headers_mut());
-    detour_core::failure::strip_mesh_headers(req.headers_mut());
+    // The hop count stays: `next_hop` sets it one higher in place.
+    strip_mesh_headers_but(req.headers_mut(), Some(&HOPS_NAME));
     if let Some(v) = caller {
         req.headers_mut().insert(CALLER_NAME, v);
     }
