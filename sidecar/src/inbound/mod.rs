@@ -249,10 +249,7 @@ impl Inbound {
         let name = service_name(&parts, self.cfg.max_header_bytes)?;
         let Some(served) = self.providers.get(name) else {
             let service = valid_service(name)?;
-            if hop.is_recording() {
-                hop.rename(format!("pa {service}"));
-                hop.attr("detour.service", service.to_string());
-            }
+            name_hop(hop, &service);
             return Err(MeshError::new(
                 MeshErrorKind::UnknownService,
                 format!("{service} is not provided on {}", self.cfg.host),
@@ -260,10 +257,7 @@ impl Inbound {
         };
         let service = &served.provide.service;
         let hops = hops_of(&parts.headers);
-        if hop.is_recording() {
-            hop.rename(format!("pa {service}"));
-            hop.attr("detour.service", service.to_string());
-        }
+        name_hop(hop, service);
         *metrics = Some(served.metrics.clone());
         let provider = &served.provide;
         let target = (served.target.as_ref()).ok_or_else(|| not_a_target(service))?;
@@ -310,8 +304,17 @@ impl Inbound {
     }
 }
 
-/// The request as it goes to the local provider: hop-by-hop headers and every mesh header
-/// removed, then the caller's verified identity (`caller`) set. The provider learns who called
+/// Names the hop's span after `service` (when it is recorded).
+fn name_hop(hop: &mut Span, service: &ServiceName) {
+    if hop.is_recording() {
+        hop.rename(format!("pa {service}"));
+        hop.attr("detour.service", service.to_string());
+    }
+}
+
+/// The request as it goes to the local provider: hop-by-hop headers and every mesh header but
+/// the hop count (which `next_hop` then sets one higher in place) removed, then the caller's
+/// verified identity (`caller`) set. The provider learns who called
 /// from this PA only, never from the caller.
 fn to_provider(mut req: Request<BoxBody>, caller: Option<HeaderValue>) -> Request<BoxBody> {
     strip_hop_by_hop(req.headers_mut());
